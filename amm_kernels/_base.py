@@ -1,0 +1,219 @@
+"""torch.optim plumbing shared by AMSGD and AMAdamW: groups, lazy state, scopes, state_dict, AMP.
+
+The classes in amsgd.py / amadamw.py only declare their hyperparameters and state tensors; this
+module turns `param_groups` into a `StepBatch` and hands it to the chosen backend.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from . import backends
+from ._hyper import BETA_SCOPES, check_choice, check_group
+from ._step import ScopeState, StepBatch
+
+STATE_DICT_KEY = "amm"
+FORMAT_VERSION = 1
+GROUP_KEYS = ("params", "lr", "weight_decay")  # what a param group may set; the rest is optimizer-wide
+
+
+class AMOptimizer(torch.optim.Optimizer):
+    """Base class. Subclasses set STATE_NAMES, `_hyper`, and `_backend_step(module, batch)`."""
+
+    STATE_NAMES: tuple[str, ...] = ()
+    # GradScaler hands us grad_scale and found_inf (as attributes) instead of unscaling on the host.
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, defaults: dict[str, Any], beta_scope: str, backend: str):
+        name = type(self).__name__
+        check_choice(name, "beta_scope", beta_scope, BETA_SCOPES)
+        check_choice(name, "backend", backend, backends.BACKEND_NAMES)
+        check_group(name, defaults["lr"], defaults["weight_decay"])
+        self.beta_scope = beta_scope
+        self.backend = backend
+        self._scopes: ScopeState | None = None
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------------------------------------
+    # param groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        name = type(self).__name__
+        extra = sorted(k for k in param_group if k not in GROUP_KEYS)
+        if extra:
+            raise ValueError(
+                f"{name}: a param group may set only lr and weight_decay; {', '.join(extra)} "
+                f"{'is' if len(extra) == 1 else 'are'} optimizer-wide (pass it to the constructor)"
+            )
+        check_group(name, param_group.get("lr", self.defaults["lr"]), param_group.get("weight_decay", self.defaults["weight_decay"]))
+        super().add_param_group(param_group)
+
+    # ----------------------------------------------------------------------------------------------
+    # scopes
+    def _scope_counts(self) -> tuple[int, int]:
+        n_groups = len(self.param_groups)
+        n_scopes = {
+            "global": 1,
+            "group": n_groups,
+            "tensor": sum(len(g["params"]) for g in self.param_groups),
+        }[self.beta_scope]
+        return n_scopes, n_groups
+
+    def _scope_state(self, device: torch.device, dtype: torch.dtype) -> ScopeState:
+        n_scopes, n_groups = self._scope_counts()
+        beta_max = self._hyper.beta_max
+        if self._scopes is None:
+            self._scopes = ScopeState.create(n_scopes, n_groups, beta_max, device, dtype)
+        if self._scopes.step.device != device or self._scopes.step.dtype != dtype:
+            self._scopes = ScopeState.from_dict(self._scopes.to_dict(), device, dtype)
+        if self._scopes.step.numel() != n_scopes or self._scopes.prev_lr.numel() != n_groups:
+            self._scopes.grow(n_scopes, n_groups, beta_max)
+        return self._scopes
+
+    @property
+    def beta(self) -> Tensor:
+        """The last beta on the parameters' device: 0-d for beta_scope="global", else one per group /
+        per parameter tensor (groups in order). A copy; reading it never synchronises."""
+        if self._scopes is None:
+            n_scopes, _ = self._scope_counts()
+            beta = torch.full((n_scopes,), float(self._hyper.beta_max))
+        else:
+            beta = self._scopes.beta.clone()
+        return beta.reshape(()) if self.beta_scope == "global" else beta
+
+    # ----------------------------------------------------------------------------------------------
+    # the step
+    def _check_closure(self, closure):
+        return None
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """Perform one optimization step. `closure` re-evaluates the model and returns the loss."""
+        self._check_closure(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        batch = self._build_batch(loss)
+        if batch is not None:
+            module = backends.resolve(self.backend, batch.params[0].device, {p.dtype for p in batch.params}, type(self).__name__)
+            self._backend_step(module, batch)
+        return loss
+
+    def _build_batch(self, loss) -> StepBatch | None:
+        """Collect every parameter with a gradient, validate all of it, then (only then) create state."""
+        name = type(self).__name__
+        entries = []  # (param, grad, group index, scope index)
+        tensor_index = 0
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                scope = {"global": 0, "group": gi, "tensor": tensor_index}[self.beta_scope]
+                tensor_index += 1
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{name} does not support sparse gradients")
+                if not p.is_floating_point():
+                    raise TypeError(f"{name}: parameters must be floating point, got {p.dtype}")
+                entries.append((p, p.grad, gi, scope))
+        if not entries:
+            return None
+
+        device = entries[0][0].device
+        for p, g, gi, scope in entries:
+            if p.device != device or g.device != device:
+                where = {"global": "the global beta scope", "group": f"param group {gi}", "tensor": "this optimizer"}
+                raise RuntimeError(
+                    f"{name}: all parameters and gradients must be on one device; found {device} and "
+                    f"{p.device if p.device != device else g.device} in {where[self.beta_scope]} "
+                    "(one optimizer per device is supported)"
+                )
+        if self._uses_loss() and loss is None:
+            raise RuntimeError(f"{name}: delta_f='loss' needs step(closure) returning the loss")
+
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p, *_ in entries) else torch.float32
+        scopes = self._scope_state(device, dtype)
+        lrs = [g["lr"] for g in self.param_groups]
+        if any(isinstance(lr, Tensor) for lr in lrs):
+            lr = torch.stack([torch.as_tensor(x, dtype=dtype).to(device).reshape(()) for x in lrs])
+        else:
+            lr = torch.tensor(lrs, dtype=dtype).to(device, non_blocking=True)
+
+        for p, *_ in entries:  # lazy state, created only after every check above has passed
+            st = self.state[p]
+            for key in self.STATE_NAMES:
+                if key not in st:
+                    st[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+        scope_of = [e[3] for e in entries]
+        present_scopes, scope_lengths = [], []
+        for s in scope_of:
+            if present_scopes and present_scopes[-1] == s:
+                scope_lengths[-1] += 1
+            else:
+                present_scopes.append(s), scope_lengths.append(1)
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if loss is not None and not isinstance(loss, Tensor):
+            loss = torch.tensor(float(loss), dtype=dtype, device=device)
+        return StepBatch(
+            params=[e[0] for e in entries],
+            grads=[e[1] for e in entries],
+            d=[self.state[e[0]][self.STATE_NAMES[0]] for e in entries],
+            v=[self.state[e[0]][self.STATE_NAMES[1]] for e in entries] if len(self.STATE_NAMES) > 1 else None,
+            group_of=[e[2] for e in entries],
+            scope_of=scope_of,
+            scope_lengths=scope_lengths,
+            present_scopes=present_scopes,
+            present_groups=sorted(set(e[2] for e in entries)),
+            lr=lr,
+            weight_decay=[float(g["weight_decay"]) for g in self.param_groups],
+            scopes=scopes,
+            loss=loss if self._uses_loss() else None,
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+        )
+
+    def _uses_loss(self) -> bool:
+        return False
+
+    # ----------------------------------------------------------------------------------------------
+    # state_dict
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd[STATE_DICT_KEY] = {
+            "format_version": FORMAT_VERSION,
+            "optimizer": type(self).__name__,
+            "beta_scope": self.beta_scope,
+            "scopes": None if self._scopes is None else self._scopes.to_dict(),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        name = type(self).__name__
+        meta = state_dict.get(STATE_DICT_KEY)
+        if meta is None:
+            raise ValueError(
+                f"{name}.load_state_dict: this state_dict has no {STATE_DICT_KEY!r} entry, so it was not "
+                f"saved by an amm_kernels optimizer (keys: {sorted(state_dict)})"
+            )
+        if meta.get("optimizer") != name:
+            raise ValueError(f"{name}.load_state_dict: this state_dict was saved by {meta.get('optimizer')}, not {name}")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{name}.load_state_dict: format_version {meta.get('format_version')!r} is not supported "
+                f"(this version reads {FORMAT_VERSION})"
+            )
+        if meta.get("beta_scope") != self.beta_scope:
+            raise ValueError(
+                f"{name}.load_state_dict: saved with beta_scope={meta.get('beta_scope')!r}, "
+                f"this optimizer has beta_scope={self.beta_scope!r}"
+            )
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != STATE_DICT_KEY})
+        saved = meta["scopes"]
+        if saved is None:
+            self._scopes = None
+        else:
+            device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+            self._scopes = ScopeState.from_dict(saved, device, saved["step"].dtype)

@@ -1,0 +1,117 @@
+"""What one optimizer step hands to a backend: the tensors, their bookkeeping, and the scope state.
+
+Every backend (the pure-PyTorch reference, the C++/CUDA kernels, Triton) receives the same
+`StepBatch` and implements the same two passes of SPEC.md: per-tensor sums, then beta per scope,
+then the elementwise update. The optimizer classes build the batch; backends never look at
+`param_groups`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class ScopeState:
+    """Optimizer-wide scalars, kept on the parameters' device so that step() never syncs.
+
+    step[s]:      steps that beta scope s has taken (float, like torch.optim's `step`).
+    beta[s]:      the last beta of scope s (beta_max before the first step).
+    beta_prod[s]: product of the betas of all earlier steps of scope s (AMAdamW's bias correction).
+    prev_lr[g]:   the lr group g moved with on its previous step (0 before it first moved).
+    prev_loss:    the closure's loss at the previous step (delta_f="loss").
+    """
+
+    step: Tensor
+    beta: Tensor
+    beta_prod: Tensor
+    prev_lr: Tensor
+    prev_loss: Tensor
+
+    FIELDS = ("step", "beta", "beta_prod", "prev_lr", "prev_loss")
+
+    @classmethod
+    def create(cls, n_scopes: int, n_groups: int, beta_max: float, device, dtype) -> "ScopeState":
+        z = dict(device=device, dtype=dtype)
+        return cls(
+            step=torch.zeros(n_scopes, **z),
+            beta=torch.full((n_scopes,), beta_max, **z),
+            beta_prod=torch.ones(n_scopes, **z),
+            prev_lr=torch.zeros(n_groups, **z),
+            prev_loss=torch.zeros((), **z),
+        )
+
+    def grow(self, n_scopes: int, n_groups: int, beta_max: float) -> None:
+        """Extend for scopes and groups added by add_param_group (new entries start fresh)."""
+        fresh = ScopeState.create(n_scopes, n_groups, beta_max, self.step.device, self.step.dtype)
+        for name in ("step", "beta", "beta_prod"):
+            old = getattr(self, name)
+            getattr(fresh, name)[: old.numel()] = old
+        fresh.prev_lr[: self.prev_lr.numel()] = self.prev_lr
+        fresh.prev_loss.copy_(self.prev_loss)
+        self.__dict__.update(fresh.__dict__)
+
+    def to_dict(self) -> dict:
+        return {name: getattr(self, name).clone() for name in self.FIELDS}
+
+    @classmethod
+    def from_dict(cls, saved: dict, device, dtype) -> "ScopeState":
+        return cls(**{name: saved[name].to(device=device, dtype=dtype).clone() for name in cls.FIELDS})
+
+
+@dataclass
+class StepBatch:
+    """The tensors of one step, in scope order (each scope's tensors are contiguous).
+
+    params, grads: the parameters that have a gradient this step, and those gradients as given
+        (before grad_scale, maximize or weight decay are applied: backends do that in their kernels).
+    d, v: the momentum / first moment (d) and AMAdamW's second moment (v), one per parameter.
+    group_of[i], scope_of[i]: host ints, the param group and beta scope of tensor i.
+    scope_lengths: how many consecutive tensors each present scope has (present_scopes order).
+    present_scopes, present_groups: scopes / groups with at least one tensor in this step.
+    lr: this step's lr per group, a device tensor [G] (an lr given as a tensor stays on device).
+    weight_decay: per group, host floats.
+    loss: the closure's loss (0-d tensor) in delta_f="loss" mode, else None.
+    grad_scale, found_inf: from torch.amp.GradScaler (or None): grads are divided by grad_scale,
+        and a found_inf > 0 skips the whole step, leaving every state tensor unchanged.
+    """
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    d: list[Tensor]
+    v: list[Tensor] | None
+    group_of: list[int]
+    scope_of: list[int]
+    scope_lengths: list[int]
+    present_scopes: list[int]
+    present_groups: list[int]
+    lr: Tensor
+    weight_decay: list[float]
+    scopes: ScopeState
+    loss: Tensor | None = None
+    grad_scale: Tensor | None = None
+    found_inf: Tensor | None = None
+    index_cache: dict = field(default_factory=dict)
+
+    def index(self, name: str) -> Tensor:
+        """A host list of this batch (present_scopes, scope_of, ...) as a device int64 tensor."""
+        if name not in self.index_cache:
+            values = getattr(self, name)
+            self.index_cache[name] = torch.tensor(values, dtype=torch.long).to(
+                self.scopes.step.device, non_blocking=True
+            )
+        return self.index_cache[name]
+
+    @property
+    def scope_pos(self) -> list[int]:
+        """For each tensor, the position of its scope in present_scopes."""
+        return [i for i, n in enumerate(self.scope_lengths) for _ in range(n)]
+
+    @property
+    def skip(self) -> Tensor | None:
+        """A 0-d bool device tensor: True when the GradScaler found an inf (step skipped)."""
+        if self.found_inf is None:
+            return None
+        return self.found_inf.reshape(()).to(self.scopes.step.device, non_blocking=True) > 0

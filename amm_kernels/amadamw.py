@@ -1,0 +1,72 @@
+"""AMAdamW: AdamW with Adaptive Memory Momentum (SPEC.md section 2)."""
+from __future__ import annotations
+
+from ._base import AMOptimizer
+from ._hyper import AMAdamWHyper
+
+
+class AMAdamW(AMOptimizer):
+    r"""AdamW whose first-moment coefficient beta_t is recomputed every step, in closed form.
+
+    .. math::
+        \begin{aligned}
+        &v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2, \qquad
+         p_t = (1 - \beta_{max} \textstyle\prod_{s<t} \beta_s)\,(\epsilon + \sqrt{v_t / (1 - \beta_2^t)}), \qquad
+         w_t = 1 / ((1 + \lambda p_t) p_t)\\
+        &\beta_t = \mathrm{clamp}\Big(\frac{\sum \eta_{t-1} \langle g_t, \mu x_t + d_{t-1}/p_t\rangle
+              - \sum c\,(\langle w_t (d_{t-1} - g_t), g_t + \lambda p_t d_{t-1}\rangle + \mu \langle d_{t-1} - g_t, x_t\rangle)}
+              {\sum c\,\langle w_t (d_{t-1} - g_t), d_{t-1} - g_t\rangle},\ \beta_{min}, \beta_{max}\Big),
+              \quad c = \frac{\eta_t}{1 + \mu \eta_t}\\
+        &d_t = \frac{\beta_t d_{t-1} + \lambda p_t d_{t-1} + (1 - \beta_t) g_t}{1 + \lambda p_t}, \qquad
+         x_{t+1} = (1 - \eta_t \mu) x_t - \eta_t d_t / p_t
+        \end{aligned}
+
+    beta = beta_max on the first step and where the denominator is 0. The sums run over every
+    parameter in the beta scope. With ``adaptive=False`` and ``lam=0`` this is exactly
+    ``torch.optim.AdamW`` with the same lr, betas, eps and weight_decay.
+
+    Args:
+        params: iterable of parameters or dicts defining param groups (a group may set ``lr`` and
+            ``weight_decay``; the other arguments are optimizer-wide).
+        lr (float or Tensor, default 1e-3): learning rate eta, >= 0.
+        betas (tuple, default (0.9, 0.999)): (beta_max, beta2). beta_max in [0, 1] plays Adam's beta1
+            (the clamp's upper end and the first step's beta); beta2 in [0, 1) is the second-moment decay.
+        lam (float, default 0.1): proximal weight lambda, >= 0.
+        eps (float, default 1e-8): added to sqrt(v_hat), > 0 (outside the square root, as AdamW).
+        weight_decay (float, default 1e-2): decoupled weight decay mu, >= 0.
+        beta_min (float, default 0.0): lower clamp of beta, in [0, beta_max].
+        adaptive (bool, default True): False fixes beta = beta_max.
+        beta_scope (str, default "global"): "global", "group" or "tensor" (see AMSGD).
+        maximize (bool, default False): maximize the objective instead of minimizing.
+        backend (str, default "auto"): "torch" (the reference), "cpu", "cuda", "triton", or "auto".
+
+    ``optimizer.beta`` is the last beta as a device tensor. State per parameter: ``exp_avg`` (d) and
+    ``exp_avg_sq`` (v). Bias corrections count the steps of the beta scope.
+    """
+
+    STATE_NAMES = ("exp_avg", "exp_avg_sq")
+
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        lam: float = 0.1,
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        beta_min: float = 0.0,
+        adaptive: bool = True,
+        beta_scope: str = "global",
+        maximize: bool = False,
+        backend: str = "auto",
+    ):
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"AMAdamW: betas must be a pair (beta_max, beta2), got {betas!r}")
+        self._hyper = AMAdamWHyper(
+            lam=lam, beta_max=betas[0], beta_min=beta_min, beta2=betas[1], eps=eps,
+            adaptive=bool(adaptive), maximize=bool(maximize),
+        )
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay), beta_scope, backend)
+
+    def _backend_step(self, module, batch) -> None:
+        module.amadamw_step(batch, self._hyper)

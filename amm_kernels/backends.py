@@ -1,0 +1,81 @@
+"""Backend dispatch: which implementations of the two-pass step exist, where they run, and "auto".
+
+A backend is a pair of functions `amsgd_step(batch, hp)` and `amadamw_step(batch, hp)` that take a
+`StepBatch` (amm_kernels/_step.py) and update it in place, exactly as the reference does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import reference
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    device_types: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    load: Callable[[], object]  # returns a module with amsgd_step / amadamw_step, or raises ImportError
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        if device.type not in self.device_types:
+            return f"it runs on {', '.join(self.device_types)} tensors, not {device.type}"
+        try:
+            self.load()
+        except ImportError as err:
+            return str(err)
+        return None
+
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+_BACKENDS: dict[str, Backend] = {
+    "torch": Backend("torch", ("cpu", "cuda", "mps", "xpu", "meta"), (torch.float64, *_FLOATS), lambda: reference),
+}
+
+# What "auto" tries, fastest first, for each device type; the reference runs everywhere.
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+BACKEND_NAMES = ("auto", "torch", "cpu", "cuda", "triton")
+
+
+def register(backend: Backend) -> None:
+    _BACKENDS[backend.name] = backend
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Names of the backends that can run a step on tensors of `device`, fastest first."""
+    device = torch.device(device)
+    order = _AUTO_ORDER.get(device.type, ("torch",))
+    names = [n for n in order if n in _BACKENDS] + [n for n in _BACKENDS if n not in order]
+    return [n for n in names if _BACKENDS[n].unavailable_reason(device) is None]
+
+
+def backend_supports_dtype(name: str, dtype: torch.dtype) -> bool:
+    return name in _BACKENDS and dtype in _BACKENDS[name].dtypes
+
+
+def resolve(name: str, device: torch.device, dtypes: set[torch.dtype], owner: str):
+    """The module implementing backend `name` for these tensors, or a clear error naming the fallbacks."""
+    if name == "auto":
+        for candidate in available_backends(device):
+            if all(backend_supports_dtype(candidate, dt) for dt in dtypes):
+                return _BACKENDS[candidate].load()
+        raise RuntimeError(f"{owner}: no backend supports parameters of dtype {sorted(map(str, dtypes))} on {device}")
+    backend = _BACKENDS.get(name)
+    fallbacks = ", ".join(repr(n) for n in available_backends(device))
+    if backend is None:
+        raise RuntimeError(f"{owner}: backend {name!r} is not built in this installation; available here: {fallbacks}")
+    reason = backend.unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(f"{owner}: backend {name!r} cannot run here ({reason}); use one of {fallbacks}")
+    unsupported = [dt for dt in dtypes if dt not in backend.dtypes]
+    if unsupported:
+        raise TypeError(
+            f"{owner}: backend {name!r} does not support parameters of dtype {unsupported[0]}; "
+            f"it supports {', '.join(map(str, backend.dtypes))}"
+        )
+    return backend.load()

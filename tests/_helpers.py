@@ -1,0 +1,91 @@
+"""Shared helpers of the conformance tests: where the SPEC.md vectors live, and the tolerances."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+# The one tolerance table: (rtol, atol) by parameter dtype name. The vectors' parameters are O(1).
+TOLERANCES = {
+    "float64": (1e-10, 0.0),
+    "float32": (1e-5, 1e-6),
+    "bfloat16": (2e-2, 2e-2),
+    "float16": (5e-3, 5e-3),
+}
+
+
+def tolerance(dtype):
+    """(rtol, atol) for a torch dtype, a NumPy dtype or a dtype name such as "float32"."""
+    name = str(dtype).rsplit(".", 1)[-1]
+    if name not in TOLERANCES:
+        name = np.dtype(dtype).name
+    return TOLERANCES[name]
+
+
+def vectors_dir():
+    """/work/shared/vectors (the repo is /work/main), or $AMM_VECTORS_DIR."""
+    env = os.environ.get("AMM_VECTORS_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "shared" / "vectors"
+
+
+class MissingVectors(Exception):
+    pass
+
+
+def vector_files(prefix="am"):
+    """The vector files named ``{prefix}*.json``, sorted; MissingVectors if there are none."""
+    folder = vectors_dir()
+    if not folder.is_dir():
+        raise MissingVectors(
+            f"conformance vectors folder {folder} does not exist; set AMM_VECTORS_DIR to the folder "
+            "holding SPEC.md's vectors (amsgd_*.json, amadamw_*.json)"
+        )
+    files = sorted(folder.glob(f"{prefix}*.json"))
+    if not files:
+        raise MissingVectors(f"no {prefix}*.json conformance vectors in {folder}")
+    return files
+
+
+def vector_params(prefix="am"):
+    """pytest parameters: one per vector file, or a single one that fails when the folder is missing
+    (an empty parametrization would only skip, and a missing oracle must not pass silently)."""
+    import pytest
+
+    try:
+        return [pytest.param(f, id=f.stem) for f in vector_files(prefix)]
+    except MissingVectors as exc:
+        return [pytest.param(exc, id="vectors-missing")]
+
+
+def load_vector(path_or_error):
+    """The JSON of one vector file; fails the test with the reason when the vectors are missing."""
+    if isinstance(path_or_error, Exception):
+        import pytest
+
+        pytest.fail(str(path_or_error), pytrace=False)
+    with open(path_or_error) as fh:
+        return json.load(fh)
+
+
+def vector_spec_kwargs(vec):
+    """Constructor keyword arguments (API names) of a vector's optimizer, less lr and weight decay."""
+    h = vec["hyper"]
+    if vec["optimizer"] == "AMSGD":
+        return dict(lam=h["lam"], beta_max=h["beta_max"], beta_min=h["beta_min"],
+                    delta_f=h.get("delta_f", "first_order"), beta_scope=h["beta_scope"])
+    if vec["optimizer"] == "AMAdamW":
+        return dict(lam=h["lam"], betas=(h["beta_max"], h["beta2"]), eps=h["eps"],
+                    beta_min=h["beta_min"], beta_scope=h["beta_scope"])
+    raise ValueError(f"not an AM optimizer: {vec['optimizer']}")
+
+
+def vector_initial_params(vec):
+    """[[np.ndarray float64 of its shape, ...] per group]."""
+    out = []
+    for group in vec["groups"]:
+        shapes = group.get("shapes") or [[len(p)] for p in group["params"]]
+        out.append([np.asarray(p, dtype=np.float64).reshape(s) for p, s in zip(group["params"], shapes)])
+    return out

@@ -1,0 +1,325 @@
+"""torch.optim behaviour of AMSGD and AMAdamW: errors, groups, state_dict, AMP skip, schedulers."""
+import copy
+import io
+
+import pytest
+import torch
+
+import amm_kernels
+from amm_kernels import AMAdamW, AMSGD
+
+BACKENDS = amm_kernels.available_backends("cpu")
+OPTIMIZERS = [AMSGD, AMAdamW]
+
+
+def model_params(seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in [(4, 3), (7,), (1,), (0,)]]
+
+
+def set_grads(params, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+
+
+def snapshot(opt, params):
+    return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+
+
+def assert_same_state(a, b):
+    (pa, sa), (pb, sb) = a, b
+    for x, y in zip(pa, pb):
+        assert torch.equal(x, y)
+    assert sa["state"].keys() == sb["state"].keys()
+    for k in sa["state"]:
+        for name, t in sa["state"][k].items():
+            assert torch.equal(t, sb["state"][k][name]), name
+    for name, t in sa["amm"]["scopes"].items():
+        assert torch.equal(t, sb["amm"]["scopes"][name]), name
+
+
+# --------------------------------------------------------------------------------------------------
+# bad input: ValueError naming the argument and its range, before anything changes
+BAD_ARGS = [
+    (AMSGD, dict(lr=-1.0), "lr must be in [0.0, inf]"),
+    (AMSGD, dict(beta_max=1.5), "beta_max must be in [0.0, 1.0]"),
+    (AMSGD, dict(beta_max=-0.1), "beta_max must be in [0.0, 1.0]"),
+    (AMSGD, dict(beta_min=0.95, beta_max=0.9), "beta_min must be <= beta_max"),
+    (AMSGD, dict(lam=-0.1), "lam must be in [0.0, inf]"),
+    (AMSGD, dict(weight_decay=-1e-3), "weight_decay must be in [0.0, inf]"),
+    (AMSGD, dict(beta_scope="layer"), "beta_scope must be one of"),
+    (AMSGD, dict(backend="gpu"), "backend must be one of"),
+    (AMSGD, dict(delta_f="exact"), "delta_f must be one of"),
+    (AMSGD, dict(delta_f="loss", beta_scope="group"), "needs beta_scope='global'"),
+    (AMSGD, dict(lr=float("nan")), "lr must be in"),
+    (AMAdamW, dict(lr=-1e-3), "lr must be in [0.0, inf]"),
+    (AMAdamW, dict(betas=(1.2, 0.999)), "betas[0] (beta_max) must be in [0.0, 1.0]"),
+    (AMAdamW, dict(betas=(0.9, 1.0)), "betas[1] (beta2) must be in [0.0, 1.0)"),
+    (AMAdamW, dict(betas=(0.9, -0.1)), "betas[1] (beta2) must be in [0.0, 1.0)"),
+    (AMAdamW, dict(betas=(0.9,)), "betas must be a pair"),
+    (AMAdamW, dict(eps=0.0), "eps must be in (0.0, inf]"),
+    (AMAdamW, dict(lam=-1.0), "lam must be in [0.0, inf]"),
+    (AMAdamW, dict(weight_decay=-0.1), "weight_decay must be in [0.0, inf]"),
+    (AMAdamW, dict(beta_min=0.95), "beta_min must be <= betas[0] (beta_max)"),
+    (AMAdamW, dict(beta_scope="param"), "beta_scope must be one of"),
+    (AMAdamW, dict(backend="rocm"), "backend must be one of"),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs,message", BAD_ARGS, ids=[f"{c.__name__}-{list(k)[0]}" for c, k, _ in BAD_ARGS])
+def test_bad_arguments_raise_value_error_naming_them(cls, kwargs, message):
+    with pytest.raises(ValueError) as err:
+        cls(model_params(), **kwargs)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_bad_param_group_is_rejected(cls):
+    opt = cls(model_params())
+    with pytest.raises(ValueError, match="lr must be in"):
+        opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], "lr": -1.0})
+    with pytest.raises(ValueError, match="optimizer-wide"):
+        opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], "lam": 0.5})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_sparse_gradient_raises_before_any_state_changes(cls):
+    params = model_params()
+    opt = cls(params)
+    set_grads(params, 0)
+    opt.step()
+    before = snapshot(opt, params)
+    set_grads(params, 1)
+    params[1].grad = params[1].grad.to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert_same_state(before, snapshot(opt, params))
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_params_on_two_devices_in_one_scope_raise(cls):
+    cpu = torch.zeros(3, requires_grad=True)
+    meta = torch.zeros(3, device="meta", requires_grad=True)
+    opt = cls([cpu, meta])
+    cpu.grad, meta.grad = torch.ones(3), torch.ones(3, device="meta")
+    with pytest.raises(RuntimeError, match="one device"):
+        opt.step()
+    assert len(opt.state) == 0 and torch.equal(cpu.detach(), torch.zeros(3))
+
+
+def test_loss_mode_needs_a_closure():
+    params = model_params()
+    opt = AMSGD(params, delta_f="loss")
+    set_grads(params, 0)
+    with pytest.raises(RuntimeError, match="closure"):
+        opt.step()
+
+
+# --------------------------------------------------------------------------------------------------
+# behaviour
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+@pytest.mark.parametrize("scope", ["global", "group", "tensor"])
+def test_state_dict_resume_is_bit_identical(backend, cls, scope):
+    def build(params):
+        return cls([{"params": params[:2], "lr": 0.03}, {"params": params[2:], "lr": 0.01, "weight_decay": 0.1}],
+                   beta_scope=scope, backend=backend)
+
+    ref_params = model_params()
+    ref = build(ref_params)
+    for s in range(8):
+        set_grads(ref_params, s)
+        ref.step()
+
+    params = model_params()
+    opt = build(params)
+    for s in range(4):
+        set_grads(params, s)
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    saved_params = [p.detach().clone() for p in params]
+
+    resumed_params = [p.clone().requires_grad_() for p in saved_params]
+    resumed = build(resumed_params)
+    buf.seek(0)
+    resumed.load_state_dict(torch.load(buf))
+    for s in range(4, 8):
+        set_grads(resumed_params, s)
+        resumed.step()
+    assert_same_state(snapshot(ref, ref_params), snapshot(resumed, resumed_params))
+    assert torch.equal(ref.beta, resumed.beta)
+
+
+def test_loading_another_optimizers_state_is_a_clear_error():
+    params = model_params()
+    sgd, adamw = AMSGD(params), AMAdamW(params)
+    set_grads(params, 0)
+    sgd.step()
+    with pytest.raises(ValueError, match="saved by AMSGD, not AMAdamW"):
+        adamw.load_state_dict(sgd.state_dict())
+    with pytest.raises(ValueError, match="not saved by an amm_kernels optimizer"):
+        adamw.load_state_dict(torch.optim.AdamW(params).state_dict())
+    with pytest.raises(ValueError, match="beta_scope"):
+        AMSGD(params, beta_scope="tensor").load_state_dict(sgd.state_dict())
+    bad_version = sgd.state_dict()
+    bad_version["amm"]["format_version"] = 99
+    with pytest.raises(ValueError, match="format_version 99"):
+        AMSGD(params).load_state_dict(bad_version)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_found_inf_skips_the_step_and_leaves_state_intact(backend, cls):
+    params = model_params()
+    opt = cls(params, backend=backend)
+    for s in range(3):
+        set_grads(params, s)
+        opt.step()
+    before = snapshot(opt, params)
+    set_grads(params, 9)
+    params[0].grad[0, 0] = float("inf")
+    opt.grad_scale, opt.found_inf = torch.tensor(1024.0), torch.tensor(1.0)
+    opt.step()
+    assert_same_state(before, snapshot(opt, params))
+    # and with found_inf = 0 the scaled step equals an unscaled one
+    twin_params = [p.detach().clone().requires_grad_() for p in params]
+    twin = cls(twin_params, backend=backend)
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    set_grads(params, 10)
+    set_grads(twin_params, 10)
+    for p in params:
+        p.grad *= 1024.0
+    opt.found_inf = torch.tensor(0.0)
+    opt.step()
+    del opt.grad_scale, opt.found_inf
+    twin.step()
+    for a, b in zip(params, twin_params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_grad_scaler_skips_inf_steps(cls):
+    model = torch.nn.Linear(5, 3)
+    opt = cls(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    x = torch.randn(16, 5)
+    scaler.scale(model(x).square().mean()).backward()
+    scaler.step(opt)
+    scaler.update()
+    before = snapshot(opt, list(model.parameters()))
+    opt.zero_grad()
+    scaler.scale(model(x).square().mean() * float("inf")).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert_same_state(before, snapshot(opt, list(model.parameters())))
+    assert scaler.get_scale() == 2.0**7
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_params_without_grad_are_skipped(cls):
+    params = model_params()
+    opt = cls(params, beta_scope="tensor")
+    set_grads(params, 0)
+    params[1].grad = None
+    frozen = params[1].detach().clone()
+    opt.step()
+    assert torch.equal(params[1].detach(), frozen)
+    assert params[1] not in opt.state
+    assert opt.beta.shape == (4,)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_beta_shape_follows_scope_and_is_a_copy(cls):
+    params = model_params()
+    shapes = {"global": (), "group": (2,), "tensor": (4,)}
+    for scope, shape in shapes.items():
+        opt = cls([{"params": params[:1]}, {"params": params[1:]}], beta_scope=scope)
+        set_grads(params, 0)
+        opt.step()
+        beta = opt.beta
+        assert beta.shape == shape and beta.device == params[0].device
+        set_grads(params, 1)
+        opt.step()
+        assert torch.all(beta == (0.9 if cls is AMSGD else 0.9))  # the first step's beta, not overwritten
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_zero_grad_scheduler_closure_and_add_param_group(cls):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = cls(model[0].parameters(), lr=0.05)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    losses = []
+    for _ in range(3):
+        losses.append(opt.step(closure).item())
+        sched.step()
+    opt.add_param_group({"params": model[2].parameters(), "lr": 0.02})
+    for _ in range(5):
+        losses.append(opt.step(closure).item())
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5**4)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    assert model[2].weight in opt.state
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_loss_mode_uses_the_closures_loss():
+    # On a quadratic, loss mode and first-order mode take different betas after the first step.
+    target = torch.tensor([1.0, -2.0, 3.0])
+    results = {}
+    for mode in ("first_order", "loss"):
+        x = torch.zeros(3, requires_grad=True)
+        opt = AMSGD([x], lr=0.1, lam=0.0, beta_max=1.0, delta_f=mode)
+
+        def closure():
+            opt.zero_grad()
+            loss = ((x - target) ** 2 * torch.tensor([1.0, 10.0, 0.1])).sum()
+            loss.backward()
+            return loss
+
+        betas = []
+        for _ in range(5):
+            opt.step(closure)
+            betas.append(opt.beta.item())
+        results[mode] = betas
+    assert results["loss"][0] == results["first_order"][0] == 1.0
+    assert results["loss"][1:] != pytest.approx(results["first_order"][1:], abs=1e-4)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_params_keep_dtype(cls, dtype):
+    params = model_params(dtype=dtype)
+    opt = cls(params)
+    for s in range(3):
+        set_grads(params, s)
+        opt.step()
+    for p in params:
+        assert p.dtype == dtype and torch.isfinite(p).all()
+        assert all(t.dtype == dtype for t in opt.state[p].values()) if p.numel() else True
+    assert opt.beta.dtype == torch.float32 and torch.isfinite(opt.beta)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_nonfinite_gradient_gives_nonfinite_beta(cls):
+    params = model_params()
+    opt = cls(params)
+    set_grads(params, 0)
+    opt.step()
+    set_grads(params, 1)
+    params[0].grad[0, 0] = float("nan")
+    opt.step()
+    assert torch.isnan(opt.beta)
+    assert torch.isnan(params[0]).any()

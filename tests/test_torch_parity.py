@@ -1,0 +1,73 @@
+"""The degenerate cases of SPEC.md against torch's own optimizers, on every backend that runs here.
+
+AMSGD(adaptive=False, lam=0) == torch.optim.SGD(momentum=b, dampening=b);
+AMAdamW(adaptive=False, lam=0) == torch.optim.AdamW (same lr, betas, eps, weight_decay).
+20 steps, odd and empty shapes, two param groups with different lr and weight decay.
+"""
+import pytest
+import torch
+from _helpers import tolerance
+
+import amm_kernels
+from amm_kernels import AMAdamW, AMSGD
+
+SHAPES = [(1,), (7,), (4097,), (0,), (3, 5), (2, 3, 4)]
+BACKENDS = amm_kernels.available_backends("cpu")
+
+
+def make_groups(dtype, seed, weight_decays):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in SHAPES]
+    return [
+        {"params": params[:3], "lr": 0.05, "weight_decay": weight_decays[0]},
+        {"params": params[3:], "lr": 0.02, "weight_decay": weight_decays[1]},
+    ]
+
+
+def run_pair(ours_cls, ours_kw, torch_cls, torch_kw, dtype, seed, weight_decays, steps=20):
+    groups = make_groups(dtype, seed, weight_decays)
+    mine = [{**g, "params": [p.clone().requires_grad_() for p in g["params"]]} for g in groups]
+    theirs = [{**g, "params": [p.clone().requires_grad_() for p in g["params"]]} for g in groups]
+    opt_a, opt_b = ours_cls(mine, **ours_kw), torch_cls(theirs, **torch_kw)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for step in range(steps):
+        for ga, gb in zip(mine, theirs):
+            for pa, pb in zip(ga["params"], gb["params"]):
+                g = torch.randn(pa.shape, generator=gen, dtype=torch.float64).to(dtype)
+                pa.grad, pb.grad = g.clone(), g.clone()
+        if step == 10:  # an lr change mid-run, as a scheduler would make
+            for g in mine + theirs:
+                g["lr"] *= 0.5
+        opt_a.step(), opt_b.step()
+    rtol, atol = tolerance(dtype)
+    for ga, gb in zip(mine, theirs):
+        for pa, pb in zip(ga["params"], gb["params"]):
+            torch.testing.assert_close(pa, pb, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_amsgd_fixed_beta_is_torch_sgd(backend, dtype, maximize):
+    if not amm_kernels.backend_supports_dtype(backend, dtype):
+        pytest.skip(f"{backend} does not support {dtype}")
+    b = 0.85
+    run_pair(
+        AMSGD, dict(adaptive=False, lam=0.0, beta_max=b, maximize=maximize, backend=backend),
+        torch.optim.SGD, dict(momentum=b, dampening=b, maximize=maximize),
+        dtype, seed=3, weight_decays=(0.0, 0.01),
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("weight_decays", [(0.0, 0.0), (0.01, 0.1)])
+def test_amadamw_fixed_beta_is_torch_adamw(backend, dtype, weight_decays):
+    if not amm_kernels.backend_supports_dtype(backend, dtype):
+        pytest.skip(f"{backend} does not support {dtype}")
+    betas = (0.8, 0.99)
+    run_pair(
+        AMAdamW, dict(adaptive=False, lam=0.0, betas=betas, eps=1e-8, backend=backend),
+        torch.optim.AdamW, dict(betas=betas, eps=1e-8, foreach=False),
+        dtype, seed=5, weight_decays=weight_decays,
+    )
