@@ -32,8 +32,33 @@ class Backend:
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
+
+
+def _load_compiled():
+    """The C++/CUDA extension's ops (amm_kernels/compiled_backend.py); ImportError if not built."""
+    from . import compiled_backend
+
+    return compiled_backend
+
+
+def _load_cuda():
+    module = _load_compiled()
+    if not module.has_cuda_kernels():
+        raise ImportError("amm_kernels._C was built without its CUDA kernels (no nvcc or a CPU-only torch at build time)")
+    return module
+
+
+def _load_triton():
+    from . import triton_backend
+
+    return triton_backend
+
+
 _BACKENDS: dict[str, Backend] = {
     "torch": Backend("torch", ("cpu", "cuda", "mps", "xpu", "meta"), (torch.float64, *_FLOATS), lambda: reference),
+    "cpu": Backend("cpu", ("cpu",), _FLOATS, _load_compiled),
+    "cuda": Backend("cuda", ("cuda",), _FLOATS, _load_cuda),
+    "triton": Backend("triton", ("cuda", "cpu"), _FLOATS, _load_triton),
 }
 
 # What "auto" tries, fastest first, for each device type; the reference runs everywhere.
