@@ -157,6 +157,8 @@ class AMOptimizer(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         if loss is not None and not isinstance(loss, Tensor):
             loss = torch.tensor(float(loss), dtype=dtype, device=device)
+        if loss is not None and self._hyper.maximize:
+            loss = -loss  # backends see the objective being minimised, so F = prev - loss keeps its sign
         return StepBatch(
             params=[e[0] for e in entries],
             grads=[e[1] for e in entries],

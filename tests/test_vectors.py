@@ -1,0 +1,91 @@
+"""Replay SPEC.md's conformance vectors (am*.json) through the package, on every available backend.
+
+Every step's beta(s) and parameters are compared: float64 (on backends that support it) to the
+float64 tolerance, float32 to the float32 tolerance of _helpers.TOLERANCES.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from amm_kernels import AMAdamW, AMSGD, available_backends, backend_supports_dtype
+
+from _helpers import load_vector, tolerance, vector_initial_params, vector_params, vector_spec_kwargs
+
+CPU = torch.device("cpu")
+
+
+def _backend_dtype_params():
+    out = []
+    for name in available_backends(CPU):
+        if backend_supports_dtype(name, torch.float64):
+            out.append(pytest.param(name, torch.float64, id=f"{name}-float64"))
+        out.append(pytest.param(name, torch.float32, id=f"{name}-float32"))
+    return out
+
+
+def test_reference_backend_is_available_in_float64():
+    names = available_backends(CPU)
+    assert "torch" in names, f"available_backends(cpu) = {names!r} lacks the 'torch' reference"
+    assert backend_supports_dtype("torch", torch.float64) is True
+
+
+def scope_shape(vec):
+    scope = vec["hyper"]["beta_scope"]
+    if scope == "global":
+        return ()
+    if scope == "group":
+        return (len(vec["groups"]),)
+    return (sum(len(g["params"]) for g in vec["groups"]),)
+
+
+def build(vec, backend, dtype):
+    params = [[torch.tensor(x, dtype=dtype) for x in group] for group in vector_initial_params(vec)]
+    groups = [{"params": ps, "weight_decay": g["weight_decay"], "lr": vec["steps"][0]["lr"][gi]}
+              for gi, (ps, g) in enumerate(zip(params, vec["groups"]))]
+    cls = {"AMSGD": AMSGD, "AMAdamW": AMAdamW}[vec["optimizer"]]
+    return cls(groups, backend=backend, **vector_spec_kwargs(vec)), params
+
+
+@pytest.mark.parametrize("backend,dtype", _backend_dtype_params())
+@pytest.mark.parametrize("path", vector_params("am"))
+def test_vector(path, backend, dtype):
+    vec = load_vector(path)
+    rtol, atol = tolerance(dtype)
+    opt, params = build(vec, backend, dtype)
+    loss_mode = vec["hyper"].get("delta_f") == "loss"
+    where = f"{vec['name']} backend={backend} {dtype}"
+
+    for i, rec in enumerate(vec["steps"]):
+        for gi, lr in enumerate(rec["lr"]):
+            opt.param_groups[gi]["lr"] = lr
+
+        def set_grads():
+            for ps, gs in zip(params, rec["grads"]):
+                for p, g in zip(ps, gs):
+                    p.grad = torch.tensor(g, dtype=dtype).reshape(p.shape)
+
+        if loss_mode:
+            def closure():
+                set_grads()
+                return torch.tensor(rec["loss"], dtype=dtype)
+
+            opt.step(closure)
+        else:
+            set_grads()
+            opt.step()
+
+        beta = opt.beta
+        assert isinstance(beta, torch.Tensor), f"{where} step {i}: optimizer.beta is {type(beta)}"
+        assert tuple(beta.shape) == scope_shape(vec), (
+            f"{where} step {i}: optimizer.beta has shape {tuple(beta.shape)}, "
+            f"expected {scope_shape(vec)} for beta_scope={vec['hyper']['beta_scope']!r}")
+        np.testing.assert_allclose(beta.detach().to(torch.float64).reshape(-1).numpy(), rec["beta"],
+                                   rtol=rtol, atol=atol, err_msg=f"{where} step {i}: beta")
+        for gi, group in enumerate(rec["params_after"]):
+            for ti, expected in enumerate(group):
+                p = params[gi][ti]
+                assert p.dtype == dtype
+                np.testing.assert_allclose(p.detach().to(torch.float64).reshape(-1).numpy(), expected,
+                                           rtol=rtol, atol=atol,
+                                           err_msg=f"{where} step {i}: param [{gi}][{ti}]")
