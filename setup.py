@@ -30,11 +30,11 @@ def extension_modules():
     with_cuda = bool(cuda_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if os.environ.get("AMM_KERNELS_NO_CUDA") == "1":
         with_cuda = False
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3"]  # the C++ standard is left to torch (C++20 in torch 2.13, C++17 in older)
     define = [("AMM_WITH_CUDA", "1")] if with_cuda else []
     if with_cuda:
         archs = os.environ.get("AMM_CUDA_ARCHS", "80;90").split(";")
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math" if os.environ.get("AMM_FAST_MATH") else "-lineinfo"]
+        nvcc = ["-O3", "--use_fast_math" if os.environ.get("AMM_FAST_MATH") else "-lineinfo"]
         nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         ext = cpp_extension.CUDAExtension(
             "amm_kernels._C", cpu_sources + cuda_sources, include_dirs=[os.path.join(ROOT, "csrc")],

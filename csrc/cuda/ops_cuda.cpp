@@ -1,0 +1,279 @@
+// TORCH_LIBRARY_IMPL(amm_kernels, CUDA): amsgd_step / amadamw_step of csrc/OPS.md on CUDA tensors.
+// Builds the TensorTables (tensor_plan.h), one workspace tensor, and calls the launchers of
+// launchers.h on the current stream. No host sync, nothing copied host-to-device: the step is
+// CUDA-graph capturable (NOTE [tensor table in kernel arguments] in launchers.h).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <stdexcept>
+#include <vector>
+
+#include "amm_math.h"
+#include "cuda/launchers.h"
+#include "cuda/tensor_plan.h"
+
+namespace amm_cuda {
+namespace {
+
+DType dtype_code(const at::Tensor& t, const char* what) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return kFloat32;
+    case at::kBFloat16: return kBFloat16;
+    case at::kHalf: return kFloat16;
+    default:
+      TORCH_CHECK(false, "amm_kernels (CUDA): ", what, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+  return kFloat32;  // unreachable
+}
+
+// State tensors: float32, on the step's device, contiguous (they are written in place).
+const at::Tensor& check_state(const at::Tensor& t, const at::Device& device, const char* what) {
+  TORCH_CHECK(t.device() == device, "amm_kernels (CUDA): ", what, " must be on ", device, ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "amm_kernels (CUDA): ", what, " must be float32");
+  TORCH_CHECK(t.is_contiguous(), "amm_kernels (CUDA): ", what, " must be contiguous");
+  return t;
+}
+
+// An optional scalar input (loss, grad_scale, found_inf) as a float32 device tensor with one element.
+// A conversion, if needed, is an ordinary stream-ordered op: no host sync.
+std::optional<at::Tensor> scalar_input(const std::optional<at::Tensor>& t, const at::Device& device, const char* what) {
+  if (!t.has_value() || !t->defined()) return std::nullopt;
+  TORCH_CHECK(t->numel() == 1, "amm_kernels (CUDA): ", what, " must have one element");
+  return t->to(device, at::kFloat).contiguous();
+}
+
+const float* ptr_or_null(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
+
+// Elementwise partners of a parameter: same device, shape and memory layout (dense), so that
+// element i of every list is the same element. Grads with another layout are copied into the
+// parameter's layout (a stream-ordered copy); state is written in place, so it must match.
+void check_partner(const at::Tensor& p, const at::Tensor& t, const char* what, size_t i) {
+  TORCH_CHECK(t.device() == p.device(), "amm_kernels (CUDA): ", what, "[", i, "] is on ", t.device(),
+              ", its parameter on ", p.device());
+  TORCH_CHECK(t.sizes() == p.sizes(), "amm_kernels (CUDA): ", what, "[", i, "] has shape ", t.sizes(),
+              ", its parameter ", p.sizes());
+  TORCH_CHECK(t.strides() == p.strides(), "amm_kernels (CUDA): ", what, "[", i,
+              "] must have its parameter's memory layout");
+}
+
+struct Batch {
+  std::vector<TensorDesc> descs;
+  std::vector<at::Tensor> keep_alive;  // grads copied into their parameter's layout
+  int64_t n_groups = 0;
+  int64_t n_scopes = 0;
+};
+
+Batch describe(at::TensorList params, at::TensorList grads, at::TensorList d, const at::TensorList* v,
+               at::IntArrayRef group_of, at::IntArrayRef scope_of, at::ArrayRef<double> weight_decay,
+               const at::Device& device, int64_t n_groups, int64_t n_scopes) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && d.size() == n && (v == nullptr || v->size() == n) && group_of.size() == n &&
+                  scope_of.size() == n,
+              "amm_kernels (CUDA): the tensor lists, group_of and scope_of must have the same length");
+  Batch b;
+  b.n_groups = n_groups;
+  b.n_scopes = n_scopes;
+  b.descs.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.device() == device, "amm_kernels (CUDA): params[", i, "] is on ", p.device(), ", expected ", device);
+    TORCH_CHECK(p.is_non_overlapping_and_dense(), "amm_kernels (CUDA): params[", i, "] must be dense");
+    TORCH_CHECK(!grads[i].is_sparse(), "amm_kernels (CUDA): sparse gradients are not supported");
+    at::Tensor g = grads[i];
+    if (g.strides() != p.strides() && g.sizes() == p.sizes() && g.device() == p.device()) {
+      at::Tensor copy = at::empty_strided(p.sizes(), p.strides(), g.options());
+      copy.copy_(g);
+      b.keep_alive.push_back(copy);
+      g = copy;
+    }
+    check_partner(p, g, "grads", i);
+    check_partner(p, d[i], "momentum", i);
+    TORCH_CHECK(d[i].scalar_type() == (v ? (*v)[i].scalar_type() : d[i].scalar_type()),
+                "amm_kernels (CUDA): exp_avg[", i, "] and exp_avg_sq[", i, "] must have the same dtype");
+    const int64_t group = group_of[i], scope = scope_of[i];
+    TORCH_CHECK(group >= 0 && group < n_groups && group < static_cast<int64_t>(weight_decay.size()),
+                "amm_kernels (CUDA): group_of[", i, "] = ", group, " is out of range");
+    TORCH_CHECK(scope >= 0 && scope < n_scopes, "amm_kernels (CUDA): scope_of[", i, "] = ", scope, " is out of range");
+
+    TensorDesc& desc = b.descs[i];
+    desc.numel = p.numel();
+    desc.group = static_cast<int32_t>(group);
+    desc.scope = static_cast<int32_t>(scope);
+    desc.weight_decay = weight_decay[group];
+    desc.ptr[kX] = p.data_ptr();
+    desc.dtype[kX] = dtype_code(p, "params");
+    desc.ptr[kG] = g.data_ptr();
+    desc.dtype[kG] = dtype_code(g, "grads");
+    desc.ptr[kD] = d[i].data_ptr();
+    desc.dtype[kD] = dtype_code(d[i], "state");
+    if (v != nullptr) {
+      check_partner(p, (*v)[i], "exp_avg_sq", i);
+      desc.ptr[kV] = (*v)[i].data_ptr();
+      desc.dtype[kV] = dtype_code((*v)[i], "state");
+    }
+  }
+  return b;
+}
+
+LaunchPlan plan_or_throw(const std::vector<TensorDesc>& descs, bool one_block_per_tensor) {
+  try {
+    return plan_launches(descs, one_block_per_tensor);
+  } catch (const std::invalid_argument& err) {
+    TORCH_CHECK(false, err.what());
+  }
+  return LaunchPlan{};  // unreachable
+}
+
+// The whole step on the current stream: pass 1 (or the meta-only launch), finalize, pass 2.
+void run_step(int algorithm, const Batch& batch, const at::Device& device, PassArgs pass, FinalizeArgs fin,
+              bool adaptive) {
+  // The current stream (at::cuda::getCurrentCUDAStream is this function; c10 keeps the include light).
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
+  const int n_sums = algorithm == kAlgoAmsgd ? static_cast<int>(amm::kAmsgdSums) : static_cast<int>(amm::kAmadamwSums);
+  const LaunchPlan chunks = plan_or_throw(batch.descs, /*one_block_per_tensor=*/false);
+  const LaunchPlan meta_only = adaptive ? LaunchPlan{} : plan_or_throw(batch.descs, /*one_block_per_tensor=*/true);
+  const int64_t n_slots = adaptive ? chunks.total_blocks : 0;
+  const int64_t n_tensors = static_cast<int64_t>(batch.descs.size());
+  const WorkspaceLayout layout = workspace_layout(n_slots, n_sums, n_tensors, batch.n_scopes);
+  // The caching allocator makes this stream-ordered and capture-safe; every byte read is written first.
+  at::Tensor workspace = at::empty({layout.total_bytes}, at::TensorOptions().device(device).dtype(at::kByte));
+  char* base = static_cast<char*>(workspace.data_ptr());
+  pass.slots = adaptive ? reinterpret_cast<float*>(base + layout.slots_offset) : nullptr;
+  pass.meta = reinterpret_cast<TensorMeta*>(base + layout.meta_offset);
+  pass.scratch = reinterpret_cast<const ScopeScratch*>(base + layout.scratch_offset);
+  fin.slots = pass.slots;
+  fin.meta = pass.meta;
+  fin.tensor_terms = reinterpret_cast<double*>(base + layout.terms_offset);
+  fin.scratch = reinterpret_cast<ScopeScratch*>(base + layout.scratch_offset);
+  fin.num_tensors = static_cast<int32_t>(n_tensors);
+  fin.algorithm = algorithm;
+
+  if (adaptive) {
+    for (const TensorTable& table : chunks.tables) {
+      C10_CUDA_CHECK(algorithm == kAlgoAmsgd ? launch_amsgd_sums(table, pass, stream.stream())
+                                             : launch_amadamw_sums(table, pass, stream.stream()));
+    }
+  } else {
+    for (const TensorTable& table : meta_only.tables) C10_CUDA_CHECK(launch_write_meta(table, pass.meta, stream.stream()));
+  }
+  C10_CUDA_CHECK(launch_finalize(fin, stream.stream()));
+  for (const TensorTable& table : chunks.tables) {
+    C10_CUDA_CHECK(algorithm == kAlgoAmsgd ? launch_amsgd_update(table, pass, stream.stream())
+                                           : launch_amadamw_update(table, pass, stream.stream()));
+  }
+}
+
+void amsgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum, at::IntArrayRef group_of,
+                     at::IntArrayRef scope_of, const at::Tensor& lr, at::ArrayRef<double> weight_decay,
+                     const at::Tensor& step, const at::Tensor& beta, const at::Tensor& prev_lr,
+                     const at::Tensor& prev_loss, const std::optional<at::Tensor>& loss,
+                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                     double lam, double beta_max, double beta_min, bool adaptive, bool maximize) {
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  check_state(step, device, "step");
+  check_state(beta, device, "beta");
+  check_state(prev_lr, device, "prev_lr");
+  check_state(prev_loss, device, "prev_loss");
+  TORCH_CHECK(beta.numel() == step.numel() && prev_loss.numel() == 1, "amm_kernels (CUDA): scope state sizes differ");
+  const at::Tensor lr_f = lr.to(device, at::kFloat).contiguous();
+  TORCH_CHECK(prev_lr.numel() == lr_f.numel(), "amm_kernels (CUDA): lr and prev_lr must have one entry per group");
+  const auto loss_f = scalar_input(loss, device, "loss");
+  const auto scale_f = scalar_input(grad_scale, device, "grad_scale");
+  const auto inf_f = scalar_input(found_inf, device, "found_inf");
+  const Batch batch = describe(params, grads, momentum, nullptr, group_of, scope_of, weight_decay, device,
+                               lr_f.numel(), step.numel());
+
+  PassArgs pass{};
+  pass.lr = lr_f.data_ptr<float>();
+  pass.grad_scale = ptr_or_null(scale_f);
+  pass.found_inf = ptr_or_null(inf_f);
+  pass.step = step.data_ptr<float>();
+  pass.beta_prod = nullptr;
+  pass.lam = static_cast<float>(lam);
+  pass.beta_max = static_cast<float>(beta_max);
+  pass.beta_max_d = beta_max;
+  pass.maximize = maximize;
+
+  FinalizeArgs fin{};
+  fin.step = step.data_ptr<float>();
+  fin.beta = beta.data_ptr<float>();
+  fin.beta_prod = nullptr;
+  fin.prev_lr = prev_lr.data_ptr<float>();
+  fin.prev_loss = prev_loss.data_ptr<float>();
+  fin.loss = ptr_or_null(loss_f);
+  fin.lr = pass.lr;
+  fin.found_inf = pass.found_inf;
+  fin.lam = lam;
+  fin.beta_max = beta_max;
+  fin.beta_min = beta_min;
+  fin.adaptive = adaptive;
+  run_step(kAlgoAmsgd, batch, device, pass, fin, adaptive);
+}
+
+void amadamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
+                       at::IntArrayRef group_of, at::IntArrayRef scope_of, const at::Tensor& lr,
+                       at::ArrayRef<double> weight_decay, const at::Tensor& step, const at::Tensor& beta,
+                       const at::Tensor& beta_prod, const at::Tensor& prev_lr,
+                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                       double lam, double beta_max, double beta_min, double beta2, double eps, bool adaptive,
+                       bool maximize) {
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  check_state(step, device, "step");
+  check_state(beta, device, "beta");
+  check_state(beta_prod, device, "beta_prod");
+  check_state(prev_lr, device, "prev_lr");
+  TORCH_CHECK(beta.numel() == step.numel() && beta_prod.numel() == step.numel(),
+              "amm_kernels (CUDA): scope state sizes differ");
+  const at::Tensor lr_f = lr.to(device, at::kFloat).contiguous();
+  TORCH_CHECK(prev_lr.numel() == lr_f.numel(), "amm_kernels (CUDA): lr and prev_lr must have one entry per group");
+  const auto scale_f = scalar_input(grad_scale, device, "grad_scale");
+  const auto inf_f = scalar_input(found_inf, device, "found_inf");
+  const Batch batch = describe(params, grads, exp_avg, &exp_avg_sq, group_of, scope_of, weight_decay, device,
+                               lr_f.numel(), step.numel());
+
+  PassArgs pass{};
+  pass.lr = lr_f.data_ptr<float>();
+  pass.grad_scale = ptr_or_null(scale_f);
+  pass.found_inf = ptr_or_null(inf_f);
+  pass.step = step.data_ptr<float>();
+  pass.beta_prod = beta_prod.data_ptr<float>();
+  pass.lam = static_cast<float>(lam);
+  pass.beta_max = static_cast<float>(beta_max);
+  pass.beta_max_d = beta_max;
+  pass.beta2_d = beta2;
+  pass.beta2 = static_cast<float>(beta2);
+  pass.eps = static_cast<float>(eps);
+  pass.maximize = maximize;
+
+  FinalizeArgs fin{};
+  fin.step = step.data_ptr<float>();
+  fin.beta = beta.data_ptr<float>();
+  fin.beta_prod = beta_prod.data_ptr<float>();
+  fin.prev_lr = prev_lr.data_ptr<float>();
+  fin.prev_loss = nullptr;
+  fin.loss = nullptr;
+  fin.lr = pass.lr;
+  fin.found_inf = pass.found_inf;
+  fin.lam = lam;
+  fin.beta_max = beta_max;
+  fin.beta_min = beta_min;
+  fin.beta2 = beta2;
+  fin.adaptive = adaptive;
+  run_step(kAlgoAmadamw, batch, device, pass, fin, adaptive);
+}
+
+}  // namespace
+}  // namespace amm_cuda
+
+TORCH_LIBRARY_IMPL(amm_kernels, CUDA, m) {
+  m.impl("amsgd_step", &amm_cuda::amsgd_step_cuda);
+  m.impl("amadamw_step", &amm_cuda::amadamw_step_cuda);
+}
