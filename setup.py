@@ -72,7 +72,7 @@ setup(
     description="Adaptive Memory Momentum optimizers (AMSGD, AMAdamW) for PyTorch, with fused kernels",
     long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["amm_kernels", "amm_kernels.*", "triton_kernels", "triton_kernels.*"]),
+    packages=find_packages(include=["amm_kernels", "amm_kernels.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
     extras_require={

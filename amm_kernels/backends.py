@@ -24,10 +24,12 @@ class Backend:
         if device.type not in self.device_types:
             return f"it runs on {', '.join(self.device_types)} tensors, not {device.type}"
         try:
-            self.load()
+            module = self.load()
         except ImportError as err:
             return str(err)
-        return None
+        # A backend module may refine by device (triton: CPU tensors only in its interpreter mode).
+        check = getattr(module, "unavailable_reason", None)
+        return check(device) if callable(check) else None
 
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)

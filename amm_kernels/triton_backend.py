@@ -1,0 +1,197 @@
+"""Backend "triton": the two-pass step of SPEC.md as Triton kernels (amm_kernels/triton_kernels/).
+
+Per step, for the whole parameter list at once (no per-tensor launches):
+    [AMAdamW] bias corrections per scope, in float64 on the device (two tiny torch ops, see below)
+    pass 1    reduce kernel: per block of BLOCK elements, float32 sums into the block's own slot
+              (skipped when adaptive=False: beta is beta_max)
+    finalize  one program per present scope: beta in float64 from the slots, in a fixed order;
+              commits step / beta / beta_prod unless found_inf
+    pass 2    update kernel: d (and v) and x with the scope's beta; commits prev_lr / prev_loss
+One launch per pass and dtype bucket (tensor_table.py NOTE [pointer table]). The tables are cached
+across steps and rebuilt when the parameter list (addresses, sizes, dtypes, groups) changes. Nothing
+is read back to the host, there are no float atomics (runs are bit-identical), and every value of
+the step (lr, beta, grad_scale, found_inf, loss) is read through a pointer, so a step can be
+captured in a CUDA graph once the tables are built (grads must keep their addresses: zero_grad with
+set_to_none=False).
+
+Runs on CUDA tensors, or on CPU tensors in Triton's interpreter when TRITON_INTERPRET=1 was set
+before this module was first imported (slow: for tests).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+_FALLBACKS = "use backend='torch' (the reference, any device) or the compiled kernels ('cpu' / 'cuda')"
+
+
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+import importlib.util
+import sys
+
+# NOTE [import order]: Triton picks interpreter or compiler per function when it is decorated, and its
+# own library (tl.sum, ...) is decorated when triton is first imported. So the checks come before
+# `import triton`: an unusable configuration must not import triton in the wrong mode for the process.
+if importlib.util.find_spec("triton") is None:  # pragma: no cover - depends on the installation
+    raise ImportError(f"backend 'triton' needs the triton package, which is not installed; {_FALLBACKS}")
+if not _interpreter_on() and not torch.cuda.is_available():
+    raise ImportError(
+        "backend 'triton' needs a CUDA GPU, or TRITON_INTERPRET=1 set before triton is first imported to run "
+        f"its kernels on CPU tensors in Triton's (slow) interpreter; {_FALLBACKS}"
+    )
+try:
+    import triton
+    import triton.language as tl
+except ImportError as _err:  # pragma: no cover
+    raise ImportError(f"backend 'triton' could not import triton ({_err}); {_FALLBACKS}") from _err
+if _interpreter_on() and type(tl.sum).__name__ != "InterpretedFunction":
+    raise ImportError(
+        "backend 'triton': TRITON_INTERPRET=1 is set, but triton was imported before it was (its library is "
+        f"compiled-mode); set TRITON_INTERPRET=1 before anything imports triton; {_FALLBACKS}"
+    )
+
+from ._hyper import AMAdamWHyper, AMSGDHyper  # noqa: E402
+from ._step import StepBatch  # noqa: E402
+from .triton_kernels.finalize_kernel import finalize_kernel  # noqa: E402
+from .triton_kernels.reduce_kernels import amadamw_reduce_kernel, amsgd_reduce_kernel  # noqa: E402
+from .triton_kernels.tensor_table import get_table  # noqa: E402
+from .triton_kernels.update_kernels import amadamw_update_kernel, amsgd_update_kernel  # noqa: E402
+
+# The kernels were decorated (at import) for the interpreter or for the compiler; which one is fixed.
+INTERPRETED = _interpreter_on()
+# Elements per program. The interpreter runs each program as NumPy calls: fewer, larger blocks.
+BLOCK = 4096 if INTERPRETED else 1024
+CHUNK = 64  # slots summed per vector step in the finalize kernel
+NUM_WARPS = 4
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why this backend cannot run on tensors of `device` in this process (None: it can)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        if not INTERPRETED:
+            return ("its kernels were built for the GPU; CPU tensors need TRITON_INTERPRET=1 set before "
+                    "amm_kernels.triton_backend is first imported")
+        if not _interpreter_on():
+            return "CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)"
+        return None
+    if device.type == "cuda":
+        if INTERPRETED:
+            return "TRITON_INTERPRET=1 was set when it was imported; its interpreted kernels take CPU tensors only"
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        return None
+    return f"it runs on cuda (or cpu with TRITON_INTERPRET=1) tensors, not {device.type}"
+
+
+def _flat_tensors(batch: StepBatch):
+    """params, grads, d, v as dense tensors the kernels can walk as flat arrays, and the write-backs.
+
+    The kernels index storage linearly, so a non-contiguous tensor is replaced for this step by a
+    contiguous copy, copied back after the update (rare; such a step is not graph-capturable)."""
+    writeback = []
+
+    def flat(t, write):
+        if t.is_contiguous():
+            return t
+        c = t.contiguous()
+        if write:
+            writeback.append((t, c))
+        return c
+
+    params = [flat(t, True) for t in batch.params]
+    grads = [flat(t, False) for t in batch.grads]
+    d = [flat(t, True) for t in batch.d]
+    v = None if batch.v is None else [flat(t, True) for t in batch.v]
+    return params, grads, d, v, writeback
+
+
+def _step(batch: StepBatch, hp, amadamw: bool) -> None:
+    params, grads, d, v, writeback = _flat_tensors(batch)
+    n_sums = 4 if amadamw else 3
+    table = get_table(params, grads, d, v, batch, BLOCK, n_sums)
+    state = batch.scopes
+    device = params[0].device
+    n_scopes = len(batch.present_scopes)
+    scratch = table.scope_scratch
+    dummy = scratch  # stands in for absent optional pointers (never read: their flags are off)
+
+    has_scale = batch.grad_scale is not None
+    grad_scale = batch.grad_scale.to(device) if has_scale else dummy
+    has_inf = batch.found_inf is not None
+    found_inf = batch.found_inf.to(device) if has_inf else dummy
+    loss_mode = (not amadamw) and hp.delta_f == "loss"
+    loss = batch.loss.detach().reshape(1).to(device=device, dtype=torch.float32) if loss_mode else dummy
+    lam, beta_min, beta_max = float(hp.lam), float(hp.beta_min), float(hp.beta_max)
+    adaptive, maximize = bool(hp.adaptive), bool(hp.maximize)
+    kw = {} if INTERPRETED else {"num_warps": NUM_WARPS}
+
+    if amadamw:
+        # NOTE [bias corrections in float64] (amadamw_reference.py): 1 - beta2^t cancels in float32, so
+        # both corrections are formed in float64 and rounded once, as the reference does; this takes two
+        # small device ops (no host sync) rather than float64 pow in a kernel, whose accuracy differs
+        # between Triton versions and targets.
+        sp = table.present_scopes
+        scratch[2].copy_(1 - beta_max * state.beta_prod[sp].double())
+        scratch[3].copy_(1 - float(hp.beta2) ** (state.step[sp].double() + 1))
+
+    # pass 1
+    if adaptive:
+        for bucket in table.buckets:
+            if bucket.n_blocks == 0:
+                continue
+            cx, cg, cd, cv = bucket.codes
+            if amadamw:
+                amadamw_reduce_kernel[(bucket.n_blocks,)](
+                    table.meta, bucket.blocks, table.partials, table.weight_decay, grad_scale, scratch[2:],
+                    n_scopes, lam, float(hp.beta2), float(hp.eps),
+                    HAS_GRAD_SCALE=has_scale, MAXIMIZE=maximize, X_CODE=cx, G_CODE=cg, D_CODE=cd, V_CODE=cv,
+                    BLOCK=BLOCK, **kw)
+            else:
+                amsgd_reduce_kernel[(bucket.n_blocks,)](
+                    table.meta, bucket.blocks, table.partials, table.weight_decay, grad_scale, lam,
+                    HAS_GRAD_SCALE=has_scale, MAXIMIZE=maximize, X_CODE=cx, G_CODE=cg, D_CODE=cd,
+                    BLOCK=BLOCK, **kw)
+
+    # beta per scope, scope-state commit
+    finalize_kernel[(n_scopes,)](
+        table.meta, table.slot_start, table.tensor_start, table.present_scopes, table.partials, scratch,
+        n_scopes, batch.lr, state.prev_lr, table.weight_decay, state.step, state.beta, state.beta_prod,
+        found_inf, state.prev_loss, loss, lam, beta_min, beta_max,
+        AMADAMW=amadamw, ADAPTIVE=adaptive, FIRST_ORDER=(not amadamw) and hp.delta_f == "first_order",
+        LOSS_MODE=loss_mode, HAS_FOUND_INF=has_inf, CHUNK=CHUNK, **kw)
+
+    # pass 2 (the first bucket's launch also commits prev_lr / prev_loss, so it always has a program)
+    n_groups = len(batch.present_groups)
+    for i, bucket in enumerate(table.buckets):
+        commit = i == 0
+        grid = (max(bucket.n_blocks, 1) if commit else bucket.n_blocks,)
+        if grid[0] == 0:
+            continue
+        cx, cg, cd, cv = bucket.codes
+        common = (table.meta, bucket.blocks, bucket.n_blocks, scratch, n_scopes, batch.lr, table.weight_decay,
+                  grad_scale, found_inf, table.present_groups, n_groups, state.prev_lr, state.prev_loss, loss, lam)
+        flags = dict(HAS_GRAD_SCALE=has_scale, HAS_FOUND_INF=has_inf, MAXIMIZE=maximize, COMMIT_GROUPS=commit,
+                     LOSS_MODE=loss_mode, GROUPS_P2=triton.next_power_of_2(max(n_groups, 1)),
+                     X_CODE=cx, G_CODE=cg, D_CODE=cd, BLOCK=BLOCK, **kw)
+        if amadamw:
+            amadamw_update_kernel[grid](*common, float(hp.beta2), float(hp.eps), V_CODE=cv, **flags)
+        else:
+            amsgd_update_kernel[grid](*common, **flags)
+
+    for dst, src in writeback:
+        dst.copy_(src)
+
+
+@torch.no_grad()
+def amsgd_step(batch: StepBatch, hp: AMSGDHyper) -> None:
+    _step(batch, hp, amadamw=False)
+
+
+@torch.no_grad()
+def amadamw_step(batch: StepBatch, hp: AMAdamWHyper) -> None:
+    _step(batch, hp, amadamw=True)

@@ -1,0 +1,110 @@
+"""The per-element math of SPEC.md as @triton.jit functions, once, for every Triton kernel.
+
+Mirrors csrc/amm_math.h function by function (same names, same operation order) so that the Triton,
+C++ and CUDA kernels round the same way. All arithmetic is float32; the caller converts loads.
+"""
+import triton
+import triton.language as tl
+
+# Slots of the per-block sums (as AmsgdSum / AdamwSum in amm_math.h).
+SGD_GD, SGD_B, SGD_D, AMSGD_SUMS = 0, 1, 2, 3
+ADAM_A, ADAM_B, ADAM_C, ADAM_D, AMADAMW_SUMS = 0, 1, 2, 3, 4
+
+
+@triton.jit
+def effective_grad(grad, x, grad_scale, HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, coupled_wd):
+    """grad / grad_scale, negated if maximize, plus coupled L2 (AMSGD; AMAdamW passes 0)."""
+    g = grad
+    if HAS_GRAD_SCALE:
+        g = g / grad_scale  # a division, as the reference (not a multiply by 1 / grad_scale)
+    if MAXIMIZE:
+        g = -g
+    return g + coupled_wd * x
+
+
+# ---------------------------------------------------------------------------------------------
+# AM-SGD (SPEC.md section 1)
+@triton.jit
+def amsgd_terms(g, d, lam):
+    """<g, d>, <d - g, g + lam d>, <d - g, d - g> per element (D as a square, never expanded)."""
+    diff = d - g
+    return g * d, diff * (g + lam * d), diff * diff
+
+
+@triton.jit
+def amsgd_momentum(g, d, beta, lam, first_step):
+    return tl.where(first_step, g, ((beta + lam) * d + (1.0 - beta) * g) / (1.0 + lam))
+
+
+@triton.jit
+def sgd_param(x, d_new, lr):
+    return x - lr * d_new
+
+
+@triton.jit
+def amsgd_weighted(gd, b, dd, lr, prev_lr, lam, FIRST_ORDER: tl.constexpr):
+    """Per-tensor weighting (float64): num = (lam + 1) eta_prev <g,d> - eta B, den = eta D."""
+    num = -lr * b
+    if FIRST_ORDER:
+        num = (lam + 1.0) * prev_lr * gd + num
+    return num, lr * dd
+
+
+# ---------------------------------------------------------------------------------------------
+# AM-AdamW (SPEC.md section 2); bias1, bias2 are float32 values formed in float64 by the driver.
+@triton.jit
+def adamw_second_moment(g, v, beta2):
+    return beta2 * v + (1.0 - beta2) * g * g
+
+
+@triton.jit
+def adamw_precond(v_new, bias1, bias2, eps):
+    return bias1 * (eps + tl.sqrt(v_new / bias2))
+
+
+@triton.jit
+def amadamw_terms(g, d, x, p, lam, mu):
+    """<g, mu x + d/p>, <w (d-g), g + lam p d>, <d - g, x>, <w (d-g), d-g> per element."""
+    w = 1.0 / ((1.0 + lam * p) * p)
+    diff = d - g
+    return g * (mu * x + d / p), w * diff * (g + lam * p * d), diff * x, w * diff * diff
+
+
+@triton.jit
+def amadamw_momentum(g, d, p, beta, lam):
+    return (beta * d + lam * p * d + (1.0 - beta) * g) / (1.0 + lam * p)
+
+
+@triton.jit
+def adamw_param(x, d_new, p, lr, mu):
+    return (1.0 - lr * mu) * x - lr * d_new / p
+
+
+@triton.jit
+def amadamw_weighted(a, b, c, dd, lr, prev_lr, mu):
+    """Per-tensor weighting (float64): num = eta_prev A - c (B + mu C), den = c D, c = eta / (1 + mu eta)."""
+    cw = lr / (1.0 + mu * lr)
+    return prev_lr * a - cw * (b + mu * c), cw * dd
+
+
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def is_finite(x):
+    """x is neither inf nor NaN (written without isinf/isnan so every Triton version accepts it)."""
+    return (x == x) & (tl.abs(x) <= 1.7976931348623157e308)
+
+
+@triton.jit
+def scope_beta(num, den, beta_min, beta_max, first_step, ADAPTIVE: tl.constexpr):
+    """Beta of one scope from its float64 sums (amm_math.h scope_beta): NaN for non-finite sums,
+    beta_max where den is not > 0, on the first step, and when adaptive=False."""
+    if ADAPTIVE:
+        ratio = num / tl.where(den > 0.0, den, 1.0)
+        ratio = tl.where(ratio < beta_min, beta_min, ratio)  # NaN-propagating clamp
+        ratio = tl.where(ratio > beta_max, beta_max, ratio)
+        beta = tl.where(den > 0.0, ratio, beta_max)
+        beta = tl.where(is_finite(num) & is_finite(den), beta, float("nan"))
+        beta = tl.where(first_step, beta_max, beta)
+    else:
+        beta = tl.where(first_step, beta_max, beta_max + 0.0 * num)
+    return beta

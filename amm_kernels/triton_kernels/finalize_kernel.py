@@ -1,0 +1,81 @@
+"""Beta per scope on the device (SPEC.md sections 1-3 and 5), and the commit of the scope scalars.
+
+Grid: one program per present scope. Program s walks its tensors in order; per tensor it sums the
+block slots (float32 values, summed in float64 in fixed CHUNK-wide vectors, so the order is fixed and
+runs are bit-identical), weights the tensor's sums by its group's step sizes in float64
+(amsgd_weighted / amadamw_weighted), and accumulates num and den of the scope in float64 in tensor
+order. Then beta (scope_beta), written to scratch row 0 (read by the update kernel) and, unless
+found_inf is set, committed: step += 1, beta, beta_prod *= beta (AMAdamW). Scratch row 1 gets the
+first-step flag that AMSGD's update needs (step is already advanced when the update runs).
+prev_lr and prev_loss are committed by the update kernel: this kernel still reads them.
+"""
+import triton
+import triton.language as tl
+
+from .am_math import amadamw_weighted, amsgd_weighted, scope_beta
+
+
+@triton.jit
+def _tensor_sum(partials, first, last, k, N_SUMS: tl.constexpr, CHUNK: tl.constexpr):
+    acc = tl.zeros([CHUNK], tl.float64)
+    for c in range(first, last, CHUNK):
+        idx = c + tl.arange(0, CHUNK).to(tl.int64)
+        acc += tl.load(partials + idx * N_SUMS + k, mask=idx < last, other=0.0).to(tl.float64)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def finalize_kernel(
+    meta, slot_start, tensor_start, present_scopes, partials, scratch, n_scopes,
+    lr_ptr, prev_lr_ptr, weight_decay, step_ptr, beta_ptr, beta_prod_ptr, found_inf_ptr,
+    prev_loss_ptr, loss_ptr, lam, beta_min, beta_max,
+    AMADAMW: tl.constexpr, ADAPTIVE: tl.constexpr, FIRST_ORDER: tl.constexpr, LOSS_MODE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr,
+):
+    s = tl.program_id(0).to(tl.int64)
+    scope = tl.load(present_scopes + s)
+    step = tl.load(step_ptr + scope)
+    first_step = step == 0.0
+    num = tl.sum(tl.zeros([CHUNK], tl.float64), axis=0)
+    den = num
+    if ADAPTIVE:
+        N_SUMS: tl.constexpr = 4 if AMADAMW else 3
+        for t in range(tl.load(tensor_start + s), tl.load(tensor_start + s + 1)):
+            group = tl.load(meta + t * 8 + 5)
+            first = tl.load(slot_start + t)
+            last = tl.load(slot_start + t + 1)
+            lr = tl.load(lr_ptr + group).to(tl.float64)
+            prev_lr = tl.load(prev_lr_ptr + group).to(tl.float64)
+            if AMADAMW:
+                mu = tl.load(weight_decay + group).to(tl.float64)
+                tn, td = amadamw_weighted(
+                    _tensor_sum(partials, first, last, 0, N_SUMS, CHUNK),
+                    _tensor_sum(partials, first, last, 1, N_SUMS, CHUNK),
+                    _tensor_sum(partials, first, last, 2, N_SUMS, CHUNK),
+                    _tensor_sum(partials, first, last, 3, N_SUMS, CHUNK),
+                    lr, prev_lr, mu)
+            else:
+                tn, td = amsgd_weighted(
+                    _tensor_sum(partials, first, last, 0, N_SUMS, CHUNK),
+                    _tensor_sum(partials, first, last, 1, N_SUMS, CHUNK),
+                    _tensor_sum(partials, first, last, 2, N_SUMS, CHUNK),
+                    lr, prev_lr, lam, FIRST_ORDER)
+            num += tn
+            den += td
+        if LOSS_MODE:
+            # (lam + 1) (prev_loss - loss), formed in float32 as the reference does, then float64
+            extra = (lam + 1.0) * (tl.load(prev_loss_ptr) - tl.load(loss_ptr))
+            num += extra.to(tl.float64)
+    beta = scope_beta(num, den, beta_min, beta_max, first_step, ADAPTIVE)  # f32 scalars promote to f64
+    beta = beta.to(tl.float32)
+    tl.store(scratch + s, beta)
+    tl.store(scratch + n_scopes + s, first_step.to(tl.float32))
+    commit = True
+    if HAS_FOUND_INF:
+        commit = tl.load(found_inf_ptr).to(tl.float32) <= 0.0
+        commit = commit | (tl.load(found_inf_ptr).to(tl.float32) != tl.load(found_inf_ptr).to(tl.float32))
+    if commit:
+        tl.store(step_ptr + scope, step + 1.0)
+        tl.store(beta_ptr + scope, beta)
+        if AMADAMW:
+            tl.store(beta_prod_ptr + scope, tl.load(beta_prod_ptr + scope) * beta)

@@ -1,0 +1,75 @@
+"""Pass 1: per block, the float32 sums of beta's terms, written to the block's own slot (no atomics).
+
+Grid: one program per row of a bucket's block table. Slot k of block b holds sum k of SPEC.md
+(amm_math.h AmsgdSum / AdamwSum order). AMAdamW's second moment is formed in registers, not stored.
+"""
+import triton
+import triton.language as tl
+
+from .am_math import adamw_precond, adamw_second_moment, amadamw_terms, amsgd_terms, effective_grad
+from .tensor_table import as_ptr
+
+
+@triton.jit
+def _block_rows(meta, blocks, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(blocks + pid * 2)
+    j = tl.load(blocks + pid * 2 + 1)
+    row = meta + t * 8  # META_COLS (a literal: globals in @jit must be constexpr)
+    numel = tl.load(row + 4)
+    offs = j * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < numel
+    slot = tl.load(row + 7) + j
+    return row, offs, mask, slot
+
+
+@triton.jit
+def amsgd_reduce_kernel(
+    meta, blocks, partials, weight_decay, grad_scale_ptr, lam,
+    HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr,
+    X_CODE: tl.constexpr, G_CODE: tl.constexpr, D_CODE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row, offs, mask, slot = _block_rows(meta, blocks, BLOCK)
+    x = tl.load(as_ptr(tl.load(row + 0), X_CODE) + offs, mask=mask, other=0.0).to(tl.float32)
+    grad = tl.load(as_ptr(tl.load(row + 1), G_CODE) + offs, mask=mask, other=0.0).to(tl.float32)
+    d = tl.load(as_ptr(tl.load(row + 2), D_CODE) + offs, mask=mask, other=0.0).to(tl.float32)
+    wd = tl.load(weight_decay + tl.load(row + 5))
+    scale = 1.0
+    if HAS_GRAD_SCALE:
+        scale = tl.load(grad_scale_ptr).to(tl.float32)
+    g = effective_grad(grad, x, scale, HAS_GRAD_SCALE, MAXIMIZE, wd)
+    gd, b, dd = amsgd_terms(g, d, lam)
+    out = partials + slot * 3
+    tl.store(out + 0, tl.sum(tl.where(mask, gd, 0.0), axis=0))
+    tl.store(out + 1, tl.sum(tl.where(mask, b, 0.0), axis=0))
+    tl.store(out + 2, tl.sum(tl.where(mask, dd, 0.0), axis=0))
+
+
+@triton.jit
+def amadamw_reduce_kernel(
+    meta, blocks, partials, weight_decay, grad_scale_ptr, bias, n_scopes, lam, beta2, eps,
+    HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr,
+    X_CODE: tl.constexpr, G_CODE: tl.constexpr, D_CODE: tl.constexpr, V_CODE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row, offs, mask, slot = _block_rows(meta, blocks, BLOCK)
+    x = tl.load(as_ptr(tl.load(row + 0), X_CODE) + offs, mask=mask, other=0.0).to(tl.float32)
+    grad = tl.load(as_ptr(tl.load(row + 1), G_CODE) + offs, mask=mask, other=0.0).to(tl.float32)
+    d = tl.load(as_ptr(tl.load(row + 2), D_CODE) + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(as_ptr(tl.load(row + 3), V_CODE) + offs, mask=mask, other=0.0).to(tl.float32)
+    mu = tl.load(weight_decay + tl.load(row + 5))
+    s = tl.load(row + 6)
+    bias1 = tl.load(bias + s)
+    bias2 = tl.load(bias + n_scopes + s)
+    scale = 1.0
+    if HAS_GRAD_SCALE:
+        scale = tl.load(grad_scale_ptr).to(tl.float32)
+    g = effective_grad(grad, x, scale, HAS_GRAD_SCALE, MAXIMIZE, 0.0)
+    v_new = adamw_second_moment(g, v, beta2)
+    p = adamw_precond(v_new, bias1, bias2, eps)
+    a, b, c, dd = amadamw_terms(g, d, x, p, lam, mu)
+    out = partials + slot * 4
+    tl.store(out + 0, tl.sum(tl.where(mask, a, 0.0), axis=0))
+    tl.store(out + 1, tl.sum(tl.where(mask, b, 0.0), axis=0))
+    tl.store(out + 2, tl.sum(tl.where(mask, c, 0.0), axis=0))
+    tl.store(out + 3, tl.sum(tl.where(mask, dd, 0.0), axis=0))

@@ -1,0 +1,149 @@
+"""The device tables the kernels walk: one row per tensor, one row per block, built once per parameter
+list and cached across steps.
+
+NOTE [pointer table]: a launch covers every tensor of the step, so the kernels cannot receive the
+tensors as arguments. Each tensor row holds the int64 addresses of x, grad, d, v (`data_ptr()`), and a
+kernel turns an address into a typed pointer with `addr.to(tl.pointer_type(dtype))` (`as_ptr` below).
+This works both compiled (an inttoptr) and in the interpreter (TRITON_INTERPRET=1, where loads read
+raw host addresses, so CPU tensors work). A pointer's element type is a compile-time property, so
+tensors are grouped into buckets by their (param, grad, d, v) dtypes: one launch per bucket and pass,
+i.e. exactly one launch per pass in the usual single-dtype model. All buckets write the same partial-sum
+buffer, in slots numbered in tensor order, so the finalize kernel sees the step as one list.
+
+Layout (int64):
+    meta[T, META_COLS]: x, grad, d, v addresses, numel, group, scope position, first slot
+    blocks[nb, 2] per bucket: tensor index, block index within the tensor (elements j*BLOCK ...)
+    slot_start[T + 1]: partial-sum slots of tensor t are slot_start[t] .. slot_start[t+1]-1
+    tensor_start[S + 1]: tensors of present scope s are tensor_start[s] .. tensor_start[s+1]-1
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+META_X, META_G, META_D, META_V, META_NUMEL, META_GROUP, META_SCOPE, META_SLOT, META_COLS = range(9)
+
+# dtype codes (constexpr kernel arguments)
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@triton.jit
+def as_ptr(addr, CODE: tl.constexpr):
+    """An int64 address as a typed pointer (NOTE [pointer table])."""
+    if CODE == 1:
+        ptr = addr.to(tl.pointer_type(tl.bfloat16))
+    elif CODE == 2:
+        ptr = addr.to(tl.pointer_type(tl.float16))
+    else:
+        ptr = addr.to(tl.pointer_type(tl.float32))
+    return ptr
+
+
+@dataclass
+class Bucket:
+    codes: tuple[int, int, int, int]  # x, grad, d, v dtype codes
+    blocks: torch.Tensor  # int64 [nb, 2]
+    n_blocks: int
+
+
+@dataclass
+class Table:
+    meta: torch.Tensor
+    slot_start: torch.Tensor
+    tensor_start: torch.Tensor
+    present_scopes: torch.Tensor
+    present_groups: torch.Tensor
+    weight_decay: torch.Tensor  # float32 [G]
+    buckets: list[Bucket]
+    n_slots: int
+    # Scratch reused every step (fixed addresses, so a captured CUDA graph stays valid).
+    partials: torch.Tensor  # float32 [max(n_slots, 1), n_sums]
+    scope_scratch: torch.Tensor  # float32 [4, S]: beta, first-step flag, bias1, bias2
+
+
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_SIZE = 8
+
+
+def _key(params, grads, d, v, batch, block, n_sums):
+    rows = tuple(
+        (p.data_ptr(), g.data_ptr(), dd.data_ptr(), 0 if v is None else v[i].data_ptr(), p.numel(),
+         p.dtype, g.dtype, dd.dtype, None if v is None else v[i].dtype)
+        for i, (p, g, dd) in enumerate(zip(params, grads, d))
+    )
+    return (rows, tuple(batch.group_of), tuple(batch.scope_of), tuple(batch.present_groups),
+            tuple(batch.weight_decay), str(params[0].device), block, n_sums)
+
+
+def get_table(params, grads, d, v, batch, block: int, n_sums: int) -> Table:
+    """The cached table for this exact list of tensors (rebuilt when any address, size or dtype changes)."""
+    key = _key(params, grads, d, v, batch, block, n_sums)
+    table = _CACHE.get(key)
+    if table is not None:
+        _CACHE.move_to_end(key)
+        return table
+    table = _build(params, grads, d, v, batch, block, n_sums)
+    _CACHE[key] = table
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return table
+
+
+def _build(params, grads, d, v, batch, block, n_sums) -> Table:
+    device = params[0].device
+    scope_pos = batch.scope_pos
+    meta, slot_start, buckets = [], [0], {}
+    for i, (p, g, dd) in enumerate(zip(params, grads, d)):
+        vv = None if v is None else v[i]
+        n = p.numel()
+        n_blocks = triton.cdiv(n, block)
+        meta.append([p.data_ptr(), g.data_ptr(), dd.data_ptr(), 0 if vv is None else vv.data_ptr(), n,
+                     batch.group_of[i], scope_pos[i], slot_start[-1]])
+        slot_start.append(slot_start[-1] + n_blocks)
+        codes = (DTYPE_CODES[p.dtype], DTYPE_CODES[g.dtype], DTYPE_CODES[dd.dtype],
+                 0 if vv is None else DTYPE_CODES[vv.dtype])
+        rows = buckets.setdefault(codes, [])
+        rows.extend([i, j] for j in range(n_blocks))
+    tensor_start = [0]
+    for n in batch.scope_lengths:
+        tensor_start.append(tensor_start[-1] + n)
+
+    def dev(values, dtype=torch.int64):
+        return torch.tensor(values, dtype=dtype).to(device)
+
+    n_slots = slot_start[-1]
+    n_scopes = len(batch.present_scopes)
+    return Table(
+        meta=dev(meta).reshape(-1, META_COLS),
+        slot_start=dev(slot_start),
+        tensor_start=dev(tensor_start),
+        present_scopes=dev(batch.present_scopes),
+        present_groups=dev(batch.present_groups),
+        weight_decay=dev(batch.weight_decay, torch.float32),
+        buckets=[Bucket(codes, dev(rows).reshape(-1, 2), len(rows)) for codes, rows in buckets.items()],
+        n_slots=n_slots,
+        partials=torch.zeros((max(n_slots, 1), n_sums), dtype=torch.float32, device=device),
+        scope_scratch=torch.zeros((4, n_scopes), dtype=torch.float32, device=device),
+    )
+
+
+@triton.jit
+def store_as(addr, offs, value, mask, CODE: tl.constexpr):
+    """Store float32 `value` at the tensor of address `addr` (dtype CODE), rounding to nearest even.
+
+    NOTE [bfloat16 rounding]: Triton's interpreter converts float32 to bfloat16 by truncation (about half
+    of all values land one ulp off torch's round-to-nearest-even), so bfloat16 is rounded here with
+    integer operations, identically compiled and interpreted: add 0x7FFF plus the lowest kept bit, keep
+    the high 16 bits; NaN is stored as the canonical quiet NaN (the add could carry it into infinity)."""
+    if CODE == 1:
+        bits = value.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(value != value, 0x7FC0, rounded)
+        tl.store(addr.to(tl.pointer_type(tl.uint16)) + offs, rounded.to(tl.uint16), mask=mask)
+    else:
+        ptr = as_ptr(addr, CODE) + offs
+        tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,303 @@
+"""backend="triton" against the reference (backend="torch"), like a kernel parity test.
+
+Without a GPU the kernels run on CPU tensors in Triton's interpreter: TRITON_INTERPRET=1 must be set
+before the kernels are decorated (at the first import of amm_kernels.triton_backend). This module sets
+it for that import only and, through an autouse fixture, for its own tests; the variable is restored
+afterwards so other test files see the environment they were started with. Small sizes and few steps
+on CPU (the interpreter is slow), full sizes and 10 steps on CUDA.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    # Before triton's first import in this process (NOTE [import order] in amm_kernels/triton_backend.py).
+    _saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import amm_kernels.triton_backend as triton_backend  # noqa: E402,F401  (decorates the kernels)
+    except ImportError as err:
+        pytest.skip(f"triton's interpreter is not usable here: {err}", allow_module_level=True)
+    finally:
+        if _saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = _saved
+else:
+    import amm_kernels.triton_backend as triton_backend  # noqa: E402,F401
+
+from _helpers import tolerance  # noqa: E402
+
+from amm_kernels import AMAdamW, AMSGD  # noqa: E402
+
+DEV = torch.device("cuda" if CUDA else "cpu")
+STEPS = 10 if CUDA else 3
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+if CUDA:
+    SHAPES = [(1,), (7,), (4097,), (0,), (1024, 1024), (3, 5), (0, 4), (33, 4097), (17,), (2, 3, 4), (65536,),
+              (1000, 7), (5, 3)]
+else:
+    SHAPES = [(1,), (7,), (4097,), (0,), (3, 5), (0, 4), (17,), (2, 3, 4), (257,), (64, 3), (9, 9), (5, 3)]
+OPTS = {"AMSGD": AMSGD, "AMAdamW": AMAdamW}
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield
+
+
+def make_params(shapes, dtype, seed=0, transposed_last=True):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i, s in enumerate(shapes):
+        t = torch.randn(s, generator=gen)
+        if transposed_last and i == len(shapes) - 1 and len(s) == 2:
+            t = torch.randn(tuple(reversed(s)), generator=gen).t()  # a non-contiguous parameter
+        out.append(t.to(DEV, dtype).requires_grad_())
+    return out
+
+
+def grads_for(params, step, seed=0, scale=1.0):
+    gen = torch.Generator().manual_seed(1000 * seed + step)
+    return [(scale * torch.randn(p.shape, generator=gen)).to(DEV, p.dtype) for p in params]
+
+
+def groups_of(params, n_groups=3, lrs=(0.05, 0.02, 0.1), wds=(0.0, 0.01, 0.1)):
+    split = [params[i::n_groups] for i in range(n_groups)]
+    return [{"params": ps, "lr": lrs[i], "weight_decay": wds[i]} for i, ps in enumerate(split)]
+
+
+def run(cls, backend, dtype, steps=STEPS, shapes=SHAPES, kwargs=None, hook=None, seed=0, groups=None):
+    """Train from a fixed start with fixed gradients; returns (params, opt, betas per step)."""
+    params = make_params(shapes, dtype, seed)
+    opt = cls(groups_of(params) if groups is None else groups(params), backend=backend, **(kwargs or {}))
+    betas = []
+    for step in range(steps):
+        if hook is not None:
+            hook(opt, step)
+        for p, g in zip(params, grads_for(params, step, seed)):
+            p.grad = g
+        opt.step()
+        betas.append(opt.beta.detach().clone())
+    return params, opt, betas
+
+
+def assert_same_run(ref, got, dtype, what):
+    rtol, atol = tolerance(dtype)
+    (p_ref, o_ref, b_ref), (p_got, o_got, b_got) = ref, got
+    for i, (br, bg) in enumerate(zip(b_ref, b_got)):
+        torch.testing.assert_close(bg.cpu(), br.cpu(), rtol=rtol, atol=atol, equal_nan=True,
+                                   msg=lambda m: f"{what} step {i} beta: {m}")
+    for i, (a, b) in enumerate(zip(p_ref, p_got)):
+        torch.testing.assert_close(b.detach().float().cpu(), a.detach().float().cpu(), rtol=rtol, atol=atol,
+                                   equal_nan=True, msg=lambda m: f"{what} param {i}: {m}")
+        for key, sr in o_ref.state[a].items():
+            sg = o_got.state[b][key]
+            assert sg.dtype == sr.dtype
+            torch.testing.assert_close(sg.float().cpu(), sr.float().cpu(), rtol=rtol, atol=atol, equal_nan=True,
+                                       msg=lambda m: f"{what} state {key} of param {i}: {m}")
+    for name in ("step", "beta", "beta_prod", "prev_lr", "prev_loss"):
+        torch.testing.assert_close(getattr(o_got._scopes, name).cpu(), getattr(o_ref._scopes, name).cpu(),
+                                   rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what} scope {name}: {m}")
+
+
+def parity(cls, dtype, **kw):
+    ref = run(cls, "torch", dtype, **kw)
+    got = run(cls, "triton", dtype, **kw)
+    assert_same_run(ref, got, dtype, f"{cls.__name__} {dtype} {kw.get('kwargs')}")
+    return got
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scope", ["global", "group", "tensor"])
+@pytest.mark.parametrize("name", list(OPTS))
+def test_parity_scopes_dtypes(name, scope, dtype):
+    parity(OPTS[name], dtype, kwargs=dict(beta_scope=scope))
+
+
+@pytest.mark.parametrize("name", list(OPTS))
+def test_parity_fixed_beta(name):
+    parity(OPTS[name], torch.float32, kwargs=dict(adaptive=False))
+
+
+@pytest.mark.parametrize("shapes", [[(1,)], [(7,)], [(4097,)], [(0,)], [(0,), (0, 3)]], ids=str)
+@pytest.mark.parametrize("name", list(OPTS))
+def test_parity_single_shapes(name, shapes):
+    parity(OPTS[name], torch.float32, shapes=shapes, groups=lambda ps: [{"params": ps, "lr": 0.05}])
+
+
+def test_parity_loss_mode():
+    def closure_run(backend):
+        params = make_params(SHAPES, torch.float32)
+        opt = AMSGD(groups_of(params), backend=backend, delta_f="loss", lam=0.2)
+        betas = []
+        for step in range(STEPS):
+            def closure():
+                for p, g in zip(params, grads_for(params, step)):
+                    p.grad = g
+                return torch.tensor(5.0 / (step + 1) + 0.3 * (step % 2), device=DEV)
+            opt.step(closure)
+            betas.append(opt.beta.clone())
+        return params, opt, betas
+
+    assert_same_run(closure_run("torch"), closure_run("triton"), torch.float32, "loss mode")
+
+
+@pytest.mark.parametrize("name", list(OPTS))
+def test_parity_grad_scale_and_found_inf(name):
+    def hook(opt, step):
+        opt.grad_scale = torch.tensor(4.0, device=DEV)
+        opt.found_inf = torch.tensor([1.0 if step in (0, 2) else 0.0], device=DEV)
+
+    params, opt, betas = parity(OPTS[name], torch.float32, hook=hook, kwargs=dict(beta_scope="group"))
+    # skipped steps change nothing: step 0 skipped leaves beta at beta_max, step count excludes skips
+    assert torch.equal(opt._scopes.step.cpu(), torch.full_like(opt._scopes.step.cpu(), STEPS - 2))
+
+
+@pytest.mark.parametrize("name", list(OPTS))
+def test_found_inf_changes_nothing(name):
+    params, opt, _ = run(OPTS[name], "triton", torch.float32, steps=2)
+    before = ([p.detach().clone() for p in params], {k: v.clone() for k, v in opt._scopes.to_dict().items()},
+              [{k: v.clone() for k, v in opt.state[p].items()} for p in params])
+    opt.found_inf = torch.tensor([1.0], device=DEV)
+    for p, g in zip(params, grads_for(params, 7)):
+        p.grad = g
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before[0], params))
+    assert all(torch.equal(v, getattr(opt._scopes, k)) for k, v in before[1].items())
+    assert all(torch.equal(v, opt.state[p][k]) for s, p in zip(before[2], params) for k, v in s.items())
+
+
+@pytest.mark.parametrize("name", list(OPTS))
+def test_parity_lr_tensor_and_lr_change(name):
+    def groups(ps):
+        g = groups_of(ps)
+        g[1]["lr"] = torch.tensor(0.02, device=DEV)
+        return g
+
+    def hook(opt, step):
+        if step == 2:
+            opt.param_groups[0]["lr"] = 0.01
+            opt.param_groups[1]["lr"] = torch.tensor(0.07, device=DEV)
+
+    parity(OPTS[name], torch.float32, groups=groups, hook=hook)
+
+
+@pytest.mark.parametrize("name", list(OPTS))
+def test_parity_nonfinite_grad(name):
+    def groups(ps):
+        return [{"params": ps[:2], "lr": 0.05}, {"params": ps[2:], "lr": 0.02}]
+
+    def poisoned(backend):
+        params = make_params([(7,), (4,), (5,)], torch.float32)
+        opt = OPTS[name](groups(params), backend=backend, beta_scope="group")
+        betas = []
+        for step in range(3):
+            for p, g in zip(params, grads_for(params, step)):
+                p.grad = g
+            if step == 2:
+                params[2].grad[1] = float("nan")
+            opt.step()
+            betas.append(opt.beta.clone())
+        return params, opt, betas
+
+    ref, got = poisoned("torch"), poisoned("triton")
+    assert torch.isnan(got[2][-1][1]) and not torch.isnan(got[2][-1][0])
+    assert_same_run(ref, got, torch.float32, "non-finite grad")
+
+
+def test_parity_mixed_dtypes():
+    def groups(ps):
+        return [{"params": ps[:3], "lr": 0.05}, {"params": ps[3:], "lr": 0.02, "weight_decay": 0.01}]
+
+    for cls in OPTS.values():
+        def run_mixed(backend):
+            params = make_params([(7,), (4097,), (3, 3), (5,), (0,), (40,)], torch.float32)
+            params = [p.detach().to(dt).requires_grad_() for p, dt in
+                      zip(params, [torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.bfloat16,
+                                   torch.float16])]
+            opt = cls(groups(params), backend=backend)
+            betas = []
+            for step in range(3):
+                for p, g in zip(params, grads_for(params, step)):
+                    p.grad = g
+                opt.step()
+                betas.append(opt.beta.clone())
+            return params, opt, betas
+
+        assert_same_run(run_mixed("torch"), run_mixed("triton"), torch.bfloat16, f"{cls.__name__} mixed dtypes")
+
+
+@pytest.mark.parametrize("name", list(OPTS))
+def test_bit_identical_runs(name):
+    a = run(OPTS[name], "triton", torch.float32, kwargs=dict(beta_scope="tensor"))
+    b = run(OPTS[name], "triton", torch.float32, kwargs=dict(beta_scope="tensor"))
+    assert all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
+    assert all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+
+
+def test_table_rebuilt_when_param_list_changes():
+    params = make_params([(7,), (9,)], torch.float32)
+    opt = AMSGD([{"params": params, "lr": 0.1}], backend="triton")
+    ref_params = [p.detach().clone().requires_grad_() for p in params]
+    ref = AMSGD([{"params": ref_params, "lr": 0.1}], backend="torch")
+    for step in range(4):
+        for ps in (params, ref_params):
+            for i, (p, g) in enumerate(zip(ps, grads_for(ps, step))):
+                p.grad = None if (step == 2 and i == 0) else g  # a parameter without grad: a shorter list
+        opt.step(), ref.step()
+        torch.testing.assert_close(opt.beta, ref.beta, rtol=1e-5, atol=1e-6)
+    for a, b in zip(params, ref_params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+_NO_BACKEND = """
+import sys, torch
+from amm_kernels import AMSGD
+p = torch.zeros(3, requires_grad=True); p.grad = torch.ones(3)
+for case in ("no_triton", "no_interpreter"):
+    sys.modules["triton"] = None if case == "no_triton" else sys.modules.pop("triton", None)
+    if case == "no_interpreter":
+        del sys.modules["triton"]
+    try:
+        AMSGD([p], backend="triton").step()
+        print(case, "NO ERROR")
+    except RuntimeError as err:
+        print(case, "ERR", err)
+"""
+
+
+def test_clear_error_without_triton_or_interpreter():
+    """backend="triton" with triton missing, or on CPU tensors without the interpreter: a clear error
+    naming the fallbacks (one subprocess: the interpreter setting is fixed at triton's first import)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                         env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", _NO_BACKEND], env=env, capture_output=True, text=True, timeout=120)
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.startswith("no_"))
+    assert set(lines) == {"no_triton", "no_interpreter"}, out.stdout + out.stderr
+    for case, expected in (("no_triton", "triton package"), ("no_interpreter", "TRITON_INTERPRET=1")):
+        msg = lines[case]
+        assert msg.startswith("ERR") and "'triton'" in msg and "'torch'" in msg and expected in msg, msg
+
+
+def test_available_backends_follows_interpreter(monkeypatch):
+    import amm_kernels
+
+    if CUDA:
+        assert "triton" in amm_kernels.available_backends("cuda")
+        return
+    assert "triton" in amm_kernels.available_backends("cpu")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert "triton" not in amm_kernels.available_backends("cpu")
