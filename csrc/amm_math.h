@@ -59,7 +59,11 @@ AMM_HD void amsgd_weighted(const float* sums, double lr, double prev_lr, double 
 // ---------------------------------------------------------------------------------------------
 // AM-AdamW (SPEC.md section 2). bias1 = 1 - beta_max * beta_prod, bias2 = 1 - beta2^t, both formed
 // in double by the caller (NOTE [bias corrections in float64] in amadamw_reference.py).
-AMM_HD float adamw_second_moment(float g, float v, float beta2) { return beta2 * v + (1.f - beta2) * g * g; }
+// NOTE [1 - beta2]: one_minus_beta2 is formed by the caller in double and rounded once: 1.f - beta2
+// from a float32 beta2 = 0.999 is 1.3e-5 off 0.001, which the float32 tolerance notices.
+AMM_HD float adamw_second_moment(float g, float v, float beta2, float one_minus_beta2) {
+  return beta2 * v + one_minus_beta2 * g * g;
+}
 
 AMM_HD float adamw_precond(float v_new, float bias1, float bias2, float eps) {
   return bias1 * (eps + sqrtf(v_new / bias2));

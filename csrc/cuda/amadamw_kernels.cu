@@ -8,11 +8,12 @@ namespace {
 struct AdamwElement {
   float inv_scale, lam, mu, beta2, eps, bias1, bias2;
   bool maximize;
+  float one_minus_beta2;  // formed in double (NOTE [1 - beta2] in amm_math.h)
 
   // g, the new v and the preconditioner p of one element.
   __device__ __forceinline__ void precondition(float grad, float v, float* g, float* v_new, float* p) const {
     *g = amm::effective_grad(grad, 0.f, inv_scale, maximize, 0.f);  // decoupled decay: no L2 term
-    *v_new = amm::adamw_second_moment(*g, v, beta2);
+    *v_new = amm::adamw_second_moment(*g, v, beta2, one_minus_beta2);
     *p = amm::adamw_precond(*v_new, bias1, bias2, eps);
   }
 };
@@ -66,7 +67,7 @@ amadamw_sums_kernel(const __grid_constant__ TensorTable table, const PassArgs ar
   const float step = args.step[e.scope];
   AmadamwSumsOp op{};
   op.el = AdamwElement{inv_grad_scale(args.grad_scale), args.lam, static_cast<float>(e.weight_decay), args.beta2,
-                       args.eps, 1.f, 1.f, args.maximize};
+                       args.eps, 1.f, 1.f, args.maximize, static_cast<float>(1.0 - args.beta2_d)};
   adamw_bias(step, args.beta_prod[e.scope], args.beta_max_d, args.beta2_d, &op.el.bias1, &op.el.bias2);
   // On a scope's first step beta is beta_max whatever the sums: skip reading the chunk.
   if (step != 0.f) apply_chunk(e, work.chunk, kAllLists, 0u, op);
@@ -86,7 +87,8 @@ amadamw_update_kernel(const __grid_constant__ TensorTable table, const PassArgs 
   // The bias corrections of this step, as pass 1 formed them (NOTE [scope scratch] in finalize_kernels.cu).
   const ScopeScratch sc = args.scratch[e.scope];
   AmadamwUpdateOp op{AdamwElement{inv_grad_scale(args.grad_scale), args.lam, static_cast<float>(e.weight_decay),
-                                  args.beta2, args.eps, sc.bias1, sc.bias2, args.maximize},
+                                  args.beta2, args.eps, sc.bias1, sc.bias2, args.maximize,
+                                  static_cast<float>(1.0 - args.beta2_d)},
                      sc.beta, args.lr[e.group]};
   apply_chunk(e, work.chunk, kAllLists, kStateLists, op);
 }

@@ -1,0 +1,127 @@
+"""Times optimizer.step() on the CPU: AMAdamW / AMSGD backend "cpu" against the reference ("torch")
+and torch's own optimizers, on a model-shaped list of ~16M float32 parameters, with 2 threads.
+
+    .venv/bin/python bench/bench_cpu_step.py [--threads 2] [--repeats 30] [--numel 16000000]
+
+Prints a table (median ms per step, ratio to torch.optim.AdamW(fused=True) / SGD) and appends rows to
+bench/results/cpu_step.csv with the CPU model, torch version and date.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+import amm_kernels
+from amm_kernels import AMAdamW, AMSGD
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def model_shapes(target: int) -> list[tuple[int, ...]]:
+    """A transformer-like list: per layer 4 (h, h) attention matrices, 2 MLP matrices, biases, norms."""
+    h = 256
+    shapes: list[tuple[int, ...]] = [(8192, h)]  # embedding
+    while sum(torch.Size(s).numel() for s in shapes) < target:
+        shapes += [(h, h)] * 4 + [(h,)] * 4 + [(4 * h, h), (4 * h,), (h, 4 * h), (h,), (h,), (h,)]
+    return shapes
+
+
+def make(shapes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+    return params
+
+
+def time_step(make_opt, shapes, repeats, warmup=3) -> float:
+    params = make(shapes)
+    opt = make_opt(params)
+    for _ in range(warmup):
+        opt.step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--numel", type=int, default=16_000_000)
+    ap.add_argument("--csv", default=os.path.join(HERE, "results", "cpu_step.csv"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    shapes = model_shapes(args.numel)
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    have_cpu = "cpu" in amm_kernels.available_backends("cpu")
+
+    cases = []  # (name, family, factory)
+    if have_cpu:
+        cases.append(("AMAdamW backend=cpu", "adamw", lambda p: AMAdamW(p, lr=1e-3, backend="cpu")))
+    cases += [
+        ("AMAdamW backend=torch", "adamw", lambda p: AMAdamW(p, lr=1e-3, backend="torch")),
+        ("torch AdamW fused", "adamw", lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True)),
+        ("torch AdamW foreach", "adamw", lambda p: torch.optim.AdamW(p, lr=1e-3, foreach=True)),
+    ]
+    if have_cpu:
+        cases.append(("AMSGD backend=cpu", "sgd", lambda p: AMSGD(p, lr=1e-2, backend="cpu")))
+    cases += [
+        ("AMSGD backend=torch", "sgd", lambda p: AMSGD(p, lr=1e-2, backend="torch")),
+        ("torch SGD momentum foreach", "sgd", lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, foreach=True)),
+    ]
+    baseline = {"adamw": "torch AdamW fused", "sgd": "torch SGD momentum foreach"}
+
+    results = {}
+    for name, family, factory in cases:
+        results[name] = time_step(factory, shapes, args.repeats)
+        print(f"  {name:28s} {results[name]:9.2f} ms", flush=True)
+
+    model = cpu_model()
+    print(f"\n{numel / 1e6:.1f}M float32 parameters in {len(shapes)} tensors, {args.threads} threads, "
+          f"median of {args.repeats} steps; {model}; torch {torch.__version__}")
+    print(f"{'optimizer':30s} {'ms/step':>9s} {'vs baseline':>12s} {'vs reference':>13s}")
+    rows = []
+    date = datetime.datetime.now().isoformat(timespec="seconds")
+    for name, family, _ in cases:
+        ms = results[name]
+        base = results[baseline[family]]
+        ref = results["AMAdamW backend=torch" if family == "adamw" else "AMSGD backend=torch"]
+        print(f"{name:30s} {ms:9.2f} {ms / base:11.2f}x {ref / ms:12.2f}x")
+        rows.append(dict(date=date, cpu=model, torch=torch.__version__, threads=args.threads, numel=numel,
+                         tensors=len(shapes), optimizer=name, ms_per_step=f"{ms:.3f}",
+                         ratio_to_baseline=f"{ms / base:.3f}", baseline=baseline[family],
+                         speedup_vs_reference=f"{ref / ms:.3f}"))
+    os.makedirs(os.path.dirname(args.csv), exist_ok=True)
+    new = not os.path.exists(args.csv)
+    with open(args.csv, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    print(f"\nrows appended to {args.csv}")
+
+
+if __name__ == "__main__":
+    main()

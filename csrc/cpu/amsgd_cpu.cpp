@@ -1,0 +1,105 @@
+// AM-SGD on CPU: pass 1 (the per-tensor sums of beta) and pass 2 (momentum and parameter update).
+// The per-element math is amm_math.h's; the loops are written over kLanes independent lanes so that
+// the compiler vectorizes them without reassociating any float sum (the order is fixed at compile
+// time, so results do not depend on the thread count or the run).
+#include "cpu_kernels.h"
+
+#include <ATen/Parallel.h>
+
+#include "amm_math.h"
+
+namespace amm {
+namespace cpu {
+namespace {
+
+template <class TX, class TG, class TS, bool Coupled>
+void sums_chunk(const TX* __restrict__ x, const TG* __restrict__ g, const TS* __restrict__ d, int64_t n,
+                float inv_scale, float wd, float lam, float* out) {
+  float acc_gd[kLanes] = {}, acc_b[kLanes] = {}, acc_d[kLanes] = {};
+  // Coupled == (wd != 0): without weight decay x is not read at all (and an inf x adds no NaN).
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      float xv = 0.f;
+      if constexpr (Coupled) xv = ld(x[i + j]);
+      const float gv = amm::effective_grad(ld(g[i + j]), xv, inv_scale, false, wd);
+      const amm::AmsgdTerms t = amm::amsgd_terms(gv, ld(d[i + j]), lam);
+      acc_gd[j] += t.gd;
+      acc_b[j] += t.b;
+      acc_d[j] += t.d;
+    }
+  }
+  for (int j = 0; i < n; ++i, ++j) {
+    float xv = 0.f;
+    if constexpr (Coupled) xv = ld(x[i]);
+    const float gv = amm::effective_grad(ld(g[i]), xv, inv_scale, false, wd);
+    const amm::AmsgdTerms t = amm::amsgd_terms(gv, ld(d[i]), lam);
+    acc_gd[j] += t.gd;
+    acc_b[j] += t.b;
+    acc_d[j] += t.d;
+  }
+  out[amm::kSgdGD] = lane_sum(acc_gd);
+  out[amm::kSgdB] = lane_sum(acc_b);
+  out[amm::kSgdD] = lane_sum(acc_d);
+}
+
+template <class TX, class TG, class TS>
+void update_chunk(TX* __restrict__ x, const TG* __restrict__ g, TS* __restrict__ d, int64_t n, float inv_scale,
+                  float wd, float lam, float beta, bool first, float lr) {
+  const bool coupled = wd != 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float xv = ld(x[i]);
+    const float gv = amm::effective_grad(ld(g[i]), coupled ? xv : 0.f, inv_scale, false, wd);
+    const float dn = amm::amsgd_momentum(gv, ld(d[i]), beta, lam, first);
+    d[i] = st<TS>(dn);
+    x[i] = st<TX>(amm::sgd_param(xv, dn, lr));
+  }
+}
+
+}  // namespace
+
+void amsgd_sums(const std::vector<StepTensor>& ts, const CommonArgs& a, std::vector<float>& sums) {
+  sums.assign(ts.size() * amm::kAmsgdSums, 0.f);
+  const ChunkPlan plan = make_plan(ts, [](const StepTensor& t) { return t.need_sums && t.numel > 0; });
+  std::vector<float> partial(plan.tensor.size() * amm::kAmsgdSums, 0.f);
+  for_each_chunk(plan, [&](int64_t c) {
+    const StepTensor& t = ts[plan.tensor[c]];
+    const int64_t b = plan.begin[c], n = plan.end[c] - b;
+    float* out = partial.data() + c * amm::kAmsgdSums;
+    with_step_types(t.x.scalar_type(), t.g.scalar_type(), t.d.scalar_type(), [&](auto tx, auto tg, auto ts_) {
+      using TX = decltype(tx);
+      using TG = decltype(tg);
+      using TS = decltype(ts_);
+      auto* kernel = t.wd != 0.f ? &sums_chunk<TX, TG, TS, true> : &sums_chunk<TX, TG, TS, false>;
+      kernel(t.x.const_data_ptr<TX>() + b, t.g.const_data_ptr<TG>() + b, t.d.const_data_ptr<TS>() + b, n,
+             a.inv_grad_scale, t.wd, a.lam, out);
+    });
+  });
+  // Per tensor: its chunks' partial sums in chunk order, in double, rounded once to float32.
+  for (size_t t = 0; t < ts.size(); ++t) {
+    for (int k = 0; k < amm::kAmsgdSums; ++k) {
+      double s = 0.0;
+      for (int64_t c = plan.first_slot[t]; c < plan.first_slot[t + 1]; ++c) s += partial[c * amm::kAmsgdSums + k];
+      sums[t * amm::kAmsgdSums + k] = static_cast<float>(s);
+    }
+  }
+}
+
+void amsgd_update(const std::vector<StepTensor>& ts, const CommonArgs& a) {
+  const ChunkPlan plan = make_plan(ts, [](const StepTensor& t) { return t.numel > 0; });
+  for_each_chunk(plan, [&](int64_t c) {
+    const StepTensor& t = ts[plan.tensor[c]];
+    const int64_t b = plan.begin[c], n = plan.end[c] - b;
+    with_step_types(t.x.scalar_type(), t.g.scalar_type(), t.d.scalar_type(), [&](auto tx, auto tg, auto ts_) {
+      using TX = decltype(tx);
+      using TG = decltype(tg);
+      using TS = decltype(ts_);
+      update_chunk<TX, TG, TS>(t.x.mutable_data_ptr<TX>() + b, t.g.const_data_ptr<TG>() + b,
+                               t.d.mutable_data_ptr<TS>() + b, n, a.inv_grad_scale, t.wd, a.lam,
+                               t.beta, t.first, t.lr);
+    });
+  });
+}
+
+}  // namespace cpu
+}  // namespace amm

@@ -1,0 +1,137 @@
+// Interface between the CPU step driver (step_driver_cpu.cpp) and the two passes of each optimizer
+// (amsgd_cpu.cpp, amadamw_cpu.cpp). Internal to csrc/cpu/.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <functional>
+#include <type_traits>
+#include <vector>
+
+namespace amm {
+namespace cpu {
+
+// Elements per work chunk. Chunks are the unit of parallel work and of the float32 partial sums:
+// every chunk's sums land in a fixed slot, and the slots are combined in a fixed order, so the sums
+// (and beta) are bit-identical whatever the thread count. A multiple of the lane count below.
+constexpr int64_t kChunk = 8192;
+// Independent float32 accumulators per sum inside a chunk (lane j takes elements j, j + kLanes, ...).
+constexpr int kLanes = 16;
+
+// One tensor of the step, as the passes see it: contiguous working tensors (the driver makes
+// contiguous copies of non-contiguous inputs and writes them back after pass 2).
+struct StepTensor {
+  at::Tensor x, g, d, v;  // v undefined for AMSGD
+  int64_t numel = 0;
+  // per-tensor scalars (float32, as the math is)
+  float lr = 0.f;        // this step's lr of the tensor's group
+  float wd = 0.f;        // weight decay of the tensor's group (coupled for AMSGD, decoupled for AMAdamW)
+  float bias1 = 1.f;     // AMAdamW: 1 - beta_max * beta_prod (formed in double, rounded)
+  float bias2 = 1.f;     // AMAdamW: 1 - beta2^t
+  float beta = 0.f;      // pass 2: the tensor's scope's beta
+  bool first = false;    // AMSGD pass 2: the scope's first step (d <- g)
+  bool need_sums = false;  // pass 1 runs for this tensor
+};
+
+struct CommonArgs {
+  float inv_grad_scale = 1.f;  // 1 / grad_scale, negated when maximize
+  bool maximize = false;      // always false here: folded into inv_grad_scale's sign
+  float lam = 0.f;
+  float beta2 = 0.f;  // AMAdamW
+  float one_minus_beta2 = 1.f;  // AMAdamW: 1 - beta2 formed in double, rounded once
+  float eps = 0.f;    // AMAdamW
+};
+
+// Pass 1: per-tensor float32 sums (kAmsgdSums / kAmadamwSums per tensor, row-major [T][K]); tensors
+// with need_sums == false get zeros. Reads only.
+void amsgd_sums(const std::vector<StepTensor>& ts, const CommonArgs& a, std::vector<float>& sums);
+void amadamw_sums(const std::vector<StepTensor>& ts, const CommonArgs& a, std::vector<float>& sums);
+
+// Pass 2: the update, in place on the working tensors.
+void amsgd_update(const std::vector<StepTensor>& ts, const CommonArgs& a);
+void amadamw_update(const std::vector<StepTensor>& ts, const CommonArgs& a);
+
+// Chunked parallel loop shared by the passes: calls fn(tensor_index, begin, end, chunk_slot) for
+// every chunk of every tensor with include(t) true, in parallel over chunks; chunk_slot numbers the
+// chunks 0..n-1 in (tensor, offset) order. Returns the number of chunks and, per tensor, its first slot.
+struct ChunkPlan {
+  std::vector<int32_t> tensor;  // per chunk
+  std::vector<int64_t> begin;   // per chunk
+  std::vector<int64_t> end;     // per chunk
+  std::vector<int64_t> first_slot;  // per tensor (size T + 1)
+  int64_t total_elements = 0;
+};
+
+template <class Include>
+ChunkPlan make_plan(const std::vector<StepTensor>& ts, Include include) {
+  ChunkPlan plan;
+  plan.first_slot.resize(ts.size() + 1);
+  for (size_t t = 0; t < ts.size(); ++t) {
+    plan.first_slot[t] = static_cast<int64_t>(plan.tensor.size());
+    if (!include(ts[t])) continue;
+    const int64_t n = ts[t].numel;
+    plan.total_elements += n;
+    for (int64_t b = 0; b < n; b += kChunk) {
+      plan.tensor.push_back(static_cast<int32_t>(t));
+      plan.begin.push_back(b);
+      plan.end.push_back(b + kChunk < n ? b + kChunk : n);
+    }
+  }
+  plan.first_slot[ts.size()] = static_cast<int64_t>(plan.tensor.size());
+  return plan;
+}
+
+// Runs fn(chunk) for chunk in [0, plan size), in parallel when the step is large enough.
+void for_each_chunk(const ChunkPlan& plan, const std::function<void(int64_t)>& fn);
+
+// Element types: the parameter type TX (float, BFloat16, Half); the gradient TG and the state TS are
+// TX or float (the driver converts other gradient dtypes to float32). Loads convert to float.
+inline float ld(float v) { return v; }
+inline float ld(c10::BFloat16 v) { return static_cast<float>(v); }
+inline float ld(c10::Half v) { return static_cast<float>(v); }
+template <class T>
+inline T st(float v) { return static_cast<T>(v); }
+
+template <class F>
+void with_float_type(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    default: TORCH_CHECK(false, "amm_kernels (cpu): unsupported dtype ", t);
+  }
+}
+
+// Calls f(TX{}, TG{}, TS{}) with TG, TS each TX or float (the dtypes of the tensor's x, g and state).
+template <class F>
+void with_step_types(at::ScalarType x, at::ScalarType g, at::ScalarType s, F&& f) {
+  with_float_type(x, [&](auto tx) {
+    using TX = decltype(tx);
+    const bool g_same = g == x, s_same = s == x;
+    TORCH_CHECK(g_same || g == at::kFloat, "amm_kernels (cpu): gradient dtype ", g, " for a ", x, " parameter");
+    TORCH_CHECK(s_same || s == at::kFloat, "amm_kernels (cpu): state dtype ", s, " for a ", x, " parameter");
+    if constexpr (std::is_same_v<TX, float>) {
+      f(tx, float{}, float{});
+    } else {
+      if (g_same && s_same) f(tx, tx, tx);
+      else if (g_same) f(tx, tx, float{});
+      else if (s_same) f(tx, float{}, tx);
+      else f(tx, float{}, float{});
+    }
+  });
+}
+
+// Sum of kLanes lane accumulators in a fixed (pairwise) order.
+inline float lane_sum(const float* acc) {
+  float tmp[kLanes];
+  for (int j = 0; j < kLanes; ++j) tmp[j] = acc[j];
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int j = 0; j < w; ++j) tmp[j] += tmp[j + w];
+  return tmp[0];
+}
+
+}  // namespace cpu
+}  // namespace amm

@@ -1,0 +1,300 @@
+// The CPU implementation of the two ops of csrc/OPS.md: validates the lists, builds the per-tensor
+// work (contiguous working copies where needed), runs pass 1, turns the per-tensor sums into one beta
+// per scope (weighted and combined in double, in tensor order), runs pass 2, and writes the scope
+// state. With found_inf > 0 nothing at all is written (as the reference's commit()).
+#include "cpu_kernels.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+
+#include "amm_math.h"
+
+namespace amm {
+namespace cpu {
+
+// Steps smaller than this run on the calling thread (the thread pool's start-up costs more).
+constexpr int64_t kSerialElements = 1 << 17;
+
+void for_each_chunk(const ChunkPlan& plan, const std::function<void(int64_t)>& fn) {
+  const int64_t n = static_cast<int64_t>(plan.tensor.size());
+  if (n == 0) return;
+  if (plan.total_elements < kSerialElements || n == 1 || at::get_num_threads() == 1) {
+    for (int64_t c = 0; c < n; ++c) fn(c);
+    return;
+  }
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) fn(c);
+  });
+}
+
+namespace {
+
+const char* kOwner = "amm_kernels (cpu)";
+
+bool is_supported_float(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
+
+void check_scope_tensor(const at::Tensor& t, const char* name, int64_t min_numel) {
+  TORCH_CHECK(t.device().is_cpu(), kOwner, ": ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, kOwner, ": ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), kOwner, ": ", name, " must be contiguous");
+  TORCH_CHECK(t.numel() >= min_numel, kOwner, ": ", name, " has ", t.numel(), " elements, needs ", min_numel);
+}
+
+// A float read of a 0-d / 1-element tensor (CPU here; no device sync involved).
+float scalar_of(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.numel() == 1, kOwner, ": ", name, " must have one element, got ", t.numel());
+  return t.to(at::kCPU).to(at::kFloat).item<float>();
+}
+
+struct Prepared {
+  std::vector<StepTensor> ts;
+  // Originals to copy back to when a working tensor is a contiguous copy.
+  std::vector<std::pair<at::Tensor, at::Tensor>> write_back;  // (original, working)
+  std::vector<int64_t> group_of, scope_of;
+  // Present scopes as runs of consecutive tensors: (scope index, first tensor, end tensor).
+  std::vector<std::array<int64_t, 3>> runs;
+  std::vector<int64_t> present_groups;
+  CommonArgs common;
+  bool skip = false;
+};
+
+at::Tensor working(const at::Tensor& t, bool mutated, Prepared& p) {
+  if (t.is_contiguous()) return t;
+  at::Tensor w = t.contiguous();
+  if (mutated) p.write_back.emplace_back(t, w);
+  return w;
+}
+
+Prepared prepare(at::TensorList params, at::TensorList grads, at::TensorList d, const at::TensorList* v,
+                 at::IntArrayRef group_of, at::IntArrayRef scope_of, const at::Tensor& lr,
+                 at::ArrayRef<double> weight_decay, const at::Tensor& step, int64_t n_scope_min_from_state,
+                 const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                 bool maximize) {
+  Prepared p;
+  const size_t T = params.size();
+  TORCH_CHECK(grads.size() == T && d.size() == T && (v == nullptr || v->size() == T), kOwner,
+              ": params, grads and state lists must have the same length");
+  TORCH_CHECK(group_of.size() == T && scope_of.size() == T, kOwner,
+              ": group_of and scope_of must have one entry per parameter");
+  TORCH_CHECK(lr.device().is_cpu() && lr.dim() == 1, kOwner, ": lr must be a 1-D CPU tensor [G]");
+  const int64_t G = lr.numel();
+  TORCH_CHECK(static_cast<int64_t>(weight_decay.size()) >= G, kOwner, ": weight_decay needs one entry per group");
+  const at::Tensor lr_f = lr.to(at::kFloat).contiguous();
+  const float* lr_ptr = lr_f.const_data_ptr<float>();
+  (void)n_scope_min_from_state;
+  const int64_t S = step.numel();
+
+  if (found_inf.has_value() && found_inf->defined()) {
+    // NaN is not > 0: not skipped, as the reference's `found_inf > 0`.
+    p.skip = scalar_of(*found_inf, "found_inf") > 0.f;
+    if (p.skip) return p;
+  }
+  if (grad_scale.has_value() && grad_scale->defined()) p.common.inv_grad_scale = 1.f / scalar_of(*grad_scale, "grad_scale");
+  // maximize is folded into the sign of the scale: grad * (-s) == -(grad * s) exactly, and the
+  // kernels' loops then have no branch (they call amm::effective_grad with maximize = false).
+  if (maximize) p.common.inv_grad_scale = -p.common.inv_grad_scale;
+  p.common.maximize = false;
+
+  p.group_of.assign(group_of.begin(), group_of.end());
+  p.scope_of.assign(scope_of.begin(), scope_of.end());
+  std::vector<char> group_seen(G, 0), scope_seen(S, 0);
+  p.ts.resize(T);
+  for (size_t i = 0; i < T; ++i) {
+    const int64_t gi = group_of[i], si = scope_of[i];
+    TORCH_CHECK(gi >= 0 && gi < G, kOwner, ": group_of[", i, "] = ", gi, " is out of range [0, ", G, ")");
+    TORCH_CHECK(si >= 0 && si < S, kOwner, ": scope_of[", i, "] = ", si, " is out of range [0, ", S, ")");
+    const at::Tensor& x = params[i];
+    TORCH_CHECK(x.device().is_cpu() && grads[i].device().is_cpu() && d[i].device().is_cpu() &&
+                    (v == nullptr || (*v)[i].device().is_cpu()),
+                kOwner, ": tensor ", i, " is not on the CPU");
+    TORCH_CHECK(is_supported_float(x.scalar_type()), kOwner, ": parameter ", i, " has unsupported dtype ",
+                x.scalar_type(), " (float32, bfloat16, float16 are supported)");
+    const int64_t n = x.numel();
+    TORCH_CHECK(grads[i].numel() == n && d[i].numel() == n && (v == nullptr || (*v)[i].numel() == n), kOwner,
+                ": tensor ", i, ": grad and state must have as many elements as the parameter");
+    TORCH_CHECK(v == nullptr || (*v)[i].scalar_type() == d[i].scalar_type(), kOwner,
+                ": tensor ", i, ": exp_avg and exp_avg_sq must have one dtype");
+    StepTensor& t = p.ts[i];
+    t.numel = n;
+    t.x = working(x, true, p);
+    at::Tensor g = grads[i];
+    if (g.scalar_type() != x.scalar_type() && g.scalar_type() != at::kFloat) g = g.to(at::kFloat);
+    // grads and state are indexed like the parameter: flat in the parameter's (contiguous) order.
+    t.g = g.is_contiguous() && g.sizes() == x.sizes() ? g : g.reshape(x.sizes()).contiguous();
+    t.d = working(d[i], true, p);
+    if (v != nullptr) t.v = working((*v)[i], true, p);
+    t.lr = lr_ptr[gi];
+    t.wd = static_cast<float>(weight_decay[gi]);
+    group_seen[gi] = 1;
+    // Scopes: runs of consecutive tensors; a scope may not appear in two runs.
+    if (p.runs.empty() || p.runs.back()[0] != si) {
+      TORCH_CHECK(!scope_seen[si], kOwner, ": the tensors of scope ", si, " are not contiguous in the lists");
+      scope_seen[si] = 1;
+      p.runs.push_back({si, static_cast<int64_t>(i), static_cast<int64_t>(i) + 1});
+    } else {
+      p.runs.back()[2] = static_cast<int64_t>(i) + 1;
+    }
+  }
+  for (int64_t gi = 0; gi < G; ++gi)
+    if (group_seen[gi]) p.present_groups.push_back(gi);
+  return p;
+}
+
+void finish(Prepared& p) {
+  for (auto& [orig, work] : p.write_back) orig.copy_(work);
+}
+
+void amsgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum, at::IntArrayRef group_of,
+                    at::IntArrayRef scope_of, const at::Tensor& lr, at::ArrayRef<double> weight_decay,
+                    const at::Tensor& step, const at::Tensor& beta, const at::Tensor& prev_lr,
+                    const at::Tensor& prev_loss, const std::optional<at::Tensor>& loss,
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                    double lam, double beta_max, double beta_min, bool adaptive, bool maximize) {
+  check_scope_tensor(step, "step", 1);
+  check_scope_tensor(beta, "beta", step.numel());
+  check_scope_tensor(prev_lr, "prev_lr", lr.numel());
+  check_scope_tensor(prev_loss, "prev_loss", 1);
+  Prepared p = prepare(params, grads, momentum, nullptr, group_of, scope_of, lr, weight_decay, step, 0, grad_scale,
+                       found_inf, maximize);
+  if (p.skip) return;
+  p.common.lam = static_cast<float>(lam);
+  const bool loss_mode = loss.has_value() && loss->defined();
+  float* step_p = step.mutable_data_ptr<float>();
+  float* beta_p = beta.mutable_data_ptr<float>();
+  float* prev_lr_p = prev_lr.mutable_data_ptr<float>();
+  float* prev_loss_p = prev_loss.mutable_data_ptr<float>();
+  const float loss_value = loss_mode ? scalar_of(*loss, "loss") : 0.f;
+
+  for (const auto& run : p.runs) {
+    const bool first = step_p[run[0]] == 0.f;
+    for (int64_t i = run[1]; i < run[2]; ++i) {
+      p.ts[i].first = first;
+      p.ts[i].need_sums = adaptive && !first;
+    }
+  }
+  std::vector<float> sums;
+  if (adaptive) amsgd_sums(p.ts, p.common, sums);
+
+  std::vector<float> scope_betas(p.runs.size());
+  for (size_t r = 0; r < p.runs.size(); ++r) {
+    const auto& run = p.runs[r];
+    const bool first = step_p[run[0]] == 0.f;
+    double num = 0.0, den = 0.0;
+    if (adaptive && !first) {
+      for (int64_t i = run[1]; i < run[2]; ++i) {
+        double n_t = 0.0, d_t = 0.0;
+        amm::amsgd_weighted(sums.data() + i * amm::kAmsgdSums, p.ts[i].lr, prev_lr_p[p.group_of[i]], lam,
+                            !loss_mode, &n_t, &d_t);
+        num += n_t;
+        den += d_t;
+      }
+      if (loss_mode) {
+        // (lam + 1) * (prev_loss - loss) in float32, as the reference forms it.
+        const float extra = static_cast<float>(lam + 1.0) * (*prev_loss_p - loss_value);
+        num += static_cast<double>(extra);
+      }
+    }
+    scope_betas[r] = amm::scope_beta(num, den, static_cast<float>(beta_min), static_cast<float>(beta_max), first,
+                                     adaptive);
+    for (int64_t i = run[1]; i < run[2]; ++i) p.ts[i].beta = scope_betas[r];
+  }
+
+  amsgd_update(p.ts, p.common);
+  finish(p);
+
+  for (size_t r = 0; r < p.runs.size(); ++r) {
+    const int64_t s = p.runs[r][0];
+    step_p[s] += 1.f;
+    beta_p[s] = scope_betas[r];
+  }
+  const float* lr_new = nullptr;
+  const at::Tensor lr_f = lr.to(at::kFloat).contiguous();
+  lr_new = lr_f.const_data_ptr<float>();
+  for (int64_t g : p.present_groups) prev_lr_p[g] = lr_new[g];
+  if (loss_mode) *prev_loss_p = loss_value;
+}
+
+void amadamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
+                      at::IntArrayRef group_of, at::IntArrayRef scope_of, const at::Tensor& lr,
+                      at::ArrayRef<double> weight_decay, const at::Tensor& step, const at::Tensor& beta,
+                      const at::Tensor& beta_prod, const at::Tensor& prev_lr,
+                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                      double lam, double beta_max, double beta_min, double beta2, double eps, bool adaptive,
+                      bool maximize) {
+  check_scope_tensor(step, "step", 1);
+  check_scope_tensor(beta, "beta", step.numel());
+  check_scope_tensor(beta_prod, "beta_prod", step.numel());
+  check_scope_tensor(prev_lr, "prev_lr", lr.numel());
+  Prepared p = prepare(params, grads, exp_avg, &exp_avg_sq, group_of, scope_of, lr, weight_decay, step, 0, grad_scale,
+                       found_inf, maximize);
+  if (p.skip) return;
+  p.common.lam = static_cast<float>(lam);
+  p.common.beta2 = static_cast<float>(beta2);
+  p.common.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  p.common.eps = static_cast<float>(eps);
+  float* step_p = step.mutable_data_ptr<float>();
+  float* beta_p = beta.mutable_data_ptr<float>();
+  float* beta_prod_p = beta_prod.mutable_data_ptr<float>();
+  float* prev_lr_p = prev_lr.mutable_data_ptr<float>();
+
+  for (const auto& run : p.runs) {
+    const int64_t s = run[0];
+    const bool first = step_p[s] == 0.f;
+    // NOTE [bias corrections in float64] (amadamw_reference.py): formed in double, then rounded.
+    const float bias1 = static_cast<float>(1.0 - beta_max * static_cast<double>(beta_prod_p[s]));
+    const float bias2 = static_cast<float>(1.0 - std::pow(beta2, static_cast<double>(step_p[s]) + 1.0));
+    for (int64_t i = run[1]; i < run[2]; ++i) {
+      p.ts[i].bias1 = bias1;
+      p.ts[i].bias2 = bias2;
+      p.ts[i].first = first;
+      p.ts[i].need_sums = adaptive && !first;
+    }
+  }
+  std::vector<float> sums;
+  if (adaptive) amadamw_sums(p.ts, p.common, sums);
+
+  std::vector<float> scope_betas(p.runs.size());
+  for (size_t r = 0; r < p.runs.size(); ++r) {
+    const auto& run = p.runs[r];
+    const bool first = step_p[run[0]] == 0.f;
+    double num = 0.0, den = 0.0;
+    if (adaptive && !first) {
+      for (int64_t i = run[1]; i < run[2]; ++i) {
+        double n_t = 0.0, d_t = 0.0;
+        amm::amadamw_weighted(sums.data() + i * amm::kAmadamwSums, p.ts[i].lr, prev_lr_p[p.group_of[i]],
+                              weight_decay[p.group_of[i]], &n_t, &d_t);
+        num += n_t;
+        den += d_t;
+      }
+    }
+    scope_betas[r] = amm::scope_beta(num, den, static_cast<float>(beta_min), static_cast<float>(beta_max), first,
+                                     adaptive);
+    for (int64_t i = run[1]; i < run[2]; ++i) p.ts[i].beta = scope_betas[r];
+  }
+
+  amadamw_update(p.ts, p.common);
+  finish(p);
+
+  for (size_t r = 0; r < p.runs.size(); ++r) {
+    const int64_t s = p.runs[r][0];
+    step_p[s] += 1.f;
+    beta_p[s] = scope_betas[r];
+    beta_prod_p[s] *= scope_betas[r];
+  }
+  const at::Tensor lr_f = lr.to(at::kFloat).contiguous();
+  const float* lr_new = lr_f.const_data_ptr<float>();
+  for (int64_t g : p.present_groups) prev_lr_p[g] = lr_new[g];
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace amm
+
+TORCH_LIBRARY_IMPL(amm_kernels, CPU, m) {
+  m.impl("amsgd_step", &amm::cpu::amsgd_step_cpu);
+  m.impl("amadamw_step", &amm::cpu::amadamw_step_cpu);
+}

@@ -1,0 +1,40 @@
+// The op schemas of amm_kernels._C (csrc/OPS.md), defined once; the CPU kernels register in
+// csrc/cpu/, the CUDA kernels in csrc/cuda/. Also the Python module stub, so that
+// `import amm_kernels._C` loads this library (which runs the registrations) and exposes `has_cuda`.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(amm_kernels, m) {
+  m.def(
+      "amsgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum, "
+      "int[] group_of, int[] scope_of, Tensor lr, float[] weight_decay, "
+      "Tensor(c!) step, Tensor(d!) beta, Tensor(e!) prev_lr, Tensor(f!) prev_loss, "
+      "Tensor? loss, Tensor? grad_scale, Tensor? found_inf, "
+      "float lam, float beta_max, float beta_min, bool adaptive, bool maximize) -> ()");
+  m.def(
+      "amadamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg, Tensor(c!)[] exp_avg_sq, "
+      "int[] group_of, int[] scope_of, Tensor lr, float[] weight_decay, "
+      "Tensor(d!) step, Tensor(e!) beta, Tensor(f!) beta_prod, Tensor(g!) prev_lr, "
+      "Tensor? grad_scale, Tensor? found_inf, "
+      "float lam, float beta_max, float beta_min, float beta2, float eps, "
+      "bool adaptive, bool maximize) -> ()");
+}
+
+#ifdef AMM_WITH_CUDA
+static constexpr long kHasCuda = 1;
+#else
+static constexpr long kHasCuda = 0;
+#endif
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "amm_kernels custom ops (torch.ops.amm_kernels.*)", -1, nullptr,
+  };
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  if (PyModule_AddIntConstant(module, "has_cuda", kHasCuda) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

@@ -1,0 +1,252 @@
+"""The C++ backends ("cpu", and "cuda" where built and a GPU exists) against the reference ("torch").
+
+Every case runs 10 steps on both backends from the same random start (seeded by the case) and
+compares beta, every state tensor, the scope state and the parameters: float32 to the float32
+tolerance, bfloat16 / float16 against the reference run in the same dtype to that dtype's tolerance
+(tests/_helpers.py). Also: determinism (bit-identical reruns, 1 vs 2 threads) on the CPU.
+"""
+import zlib
+
+import pytest
+import torch
+from _helpers import tolerance
+
+import amm_kernels
+from amm_kernels import AMAdamW, AMSGD
+
+
+def _cuda_ok():
+    return torch.cuda.is_available() and "cuda" in amm_kernels.available_backends("cuda")
+
+
+BACKENDS = [
+    pytest.param("cpu", marks=pytest.mark.skipif("cpu" not in amm_kernels.available_backends("cpu"),
+                                                 reason="amm_kernels._C is not built")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not _cuda_ok(), reason="no CUDA device or no CUDA kernels")),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(1,), (7,), (4097,), (0,), (3, 5)]
+MIXED = [(1,), (7,), (33,), (4097,), (0,), (16, 9), (2, 3, 5), (130,), (64, 64), (5,)] * 6  # 60 tensors
+
+
+def _seed(*parts) -> int:
+    return zlib.crc32(repr(parts).encode())
+
+
+def _device(backend):
+    return torch.device("cuda" if backend == "cuda" else "cpu")
+
+
+def make_groups(shapes_per_group, dtype, device, seed, lrs=None, wds=None):
+    gen = torch.Generator().manual_seed(seed)
+    groups = []
+    for gi, shapes in enumerate(shapes_per_group):
+        params = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
+        group = {"params": params}
+        if lrs is not None:
+            group["lr"] = lrs[gi]
+        if wds is not None:
+            group["weight_decay"] = wds[gi]
+        groups.append(group)
+    return groups
+
+
+def run(backend, cls, kwargs, shapes_per_group, dtype, seed, steps=10, lrs=None, wds=None, hook=None,
+        loss_mode=False, grad_scale=None, lr_tensor=False):
+    """Runs `steps` steps; returns (betas per step, params, state tensors, scope state)."""
+    device = _device(backend)
+    groups = make_groups(shapes_per_group, dtype, device, seed, lrs, wds)
+    groups = [{**g, "params": [p.clone().requires_grad_() for p in g["params"]]} for g in groups]
+    if lr_tensor:
+        for g in groups:
+            g["lr"] = torch.tensor(g.get("lr", kwargs.get("lr", 1e-2)))
+    opt = cls(groups, backend=backend, **kwargs)
+    params = [p for g in groups for p in g["params"]]
+    gen = torch.Generator().manual_seed(seed + 1)
+    betas = []
+    for step in range(steps):
+        grads = [torch.randn(p.shape, generator=gen).to(device=device, dtype=dtype) for p in params]
+        loss_value = torch.rand((), generator=gen).item() * 10
+        if grad_scale is not None:
+            grads = [g * grad_scale for g in grads]
+            opt.grad_scale = torch.tensor(grad_scale, device=device)
+            opt.found_inf = torch.zeros((), device=device)
+        for p, g in zip(params, grads):
+            p.grad = g
+        if hook is not None:
+            hook(opt, step)
+        if loss_mode:
+            opt.step(lambda: torch.tensor(loss_value, device=device, dtype=dtype))
+        else:
+            opt.step()
+        betas.append(opt.beta.detach().clone())
+    state = [{k: v.detach().clone() for k, v in opt.state[p].items()} for p in params]
+    scopes = opt._scopes.to_dict() if opt._scopes is not None else {}
+    return betas, [p.detach().clone() for p in params], state, scopes
+
+
+def assert_runs_close(ours, ref, dtype, where):
+    rtol, atol = tolerance(dtype)
+    b_ours, p_ours, s_ours, sc_ours = ours
+    b_ref, p_ref, s_ref, sc_ref = ref
+    for i, (a, b) in enumerate(zip(b_ours, b_ref)):
+        torch.testing.assert_close(a.cpu().float(), b.cpu().float(), rtol=rtol, atol=atol, equal_nan=True,
+                                   msg=lambda m: f"{where}: beta at step {i}: {m}")
+    for i, (a, b) in enumerate(zip(p_ours, p_ref)):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.cpu(), b.cpu(), rtol=rtol, atol=atol, equal_nan=True,
+                                   msg=lambda m: f"{where}: param {i}: {m}")
+    for i, (a, b) in enumerate(zip(s_ours, s_ref)):
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k].cpu(), b[k].cpu(), rtol=rtol, atol=atol, equal_nan=True,
+                                       msg=lambda m: f"{where}: state {k} of param {i}: {m}")
+    for k in sc_ref:
+        torch.testing.assert_close(sc_ours[k].cpu(), sc_ref[k].cpu(), rtol=rtol, atol=atol, equal_nan=True,
+                                   msg=lambda m: f"{where}: scope state {k}: {m}")
+
+
+def check(backend, cls, kwargs, shapes_per_group, dtype, case, **run_kw):
+    seed = _seed(case, cls.__name__, str(dtype))
+    ours = run(backend, cls, kwargs, shapes_per_group, dtype, seed, **run_kw)
+    ref = run("torch", cls, kwargs, shapes_per_group, dtype, seed, **run_kw) if backend != "cuda" else \
+        _ref_on_device(cls, kwargs, shapes_per_group, dtype, seed, **run_kw)
+    assert_runs_close(ours, ref, dtype, f"{case} {cls.__name__} {backend} {dtype}")
+    return ours
+
+
+def _ref_on_device(cls, kwargs, shapes_per_group, dtype, seed, **run_kw):
+    # The reference on the same device as the CUDA backend (so the random data are identical).
+    import unittest.mock as mock
+
+    with mock.patch(f"{__name__}._device", lambda backend: torch.device("cuda")):
+        return run("torch", cls, kwargs, shapes_per_group, dtype, seed, **run_kw)
+
+
+OPT_CASES = [
+    pytest.param(AMSGD, dict(lr=0.05, lam=0.1, beta_max=0.9), id="AMSGD"),
+    pytest.param(AMAdamW, dict(lr=1e-2, weight_decay=0.05), id="AMAdamW"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cls,kwargs", OPT_CASES)
+def test_shapes(backend, dtype, cls, kwargs):
+    check(backend, cls, kwargs, [SHAPES], dtype, "shapes")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cls,kwargs", OPT_CASES)
+def test_many_tensors(backend, dtype, cls, kwargs):
+    check(backend, cls, kwargs, [MIXED], dtype, "many")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scope", ["global", "group", "tensor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cls,kwargs", OPT_CASES)
+def test_groups_and_scopes(backend, scope, dtype, cls, kwargs):
+    shapes = [[(7,), (4097,)], [(1,), (0,), (3, 5)], [(130,), (16, 9)]]
+    check(backend, cls, {**kwargs, "beta_scope": scope}, shapes, dtype, f"groups-{scope}",
+          lrs=[0.05, 0.01, 0.002], wds=[0.0, 0.01, 0.1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ["non_adaptive", "maximize", "lr_tensor", "grad_scale", "lr_change"])
+@pytest.mark.parametrize("cls,kwargs", OPT_CASES)
+def test_variants(backend, variant, cls, kwargs):
+    kw, run_kw = dict(kwargs), {}
+    if variant == "non_adaptive":
+        kw["adaptive"] = False
+    elif variant == "maximize":
+        kw["maximize"] = True
+    elif variant == "lr_tensor":
+        run_kw["lr_tensor"] = True
+    elif variant == "grad_scale":
+        run_kw["grad_scale"] = 1024.0
+    elif variant == "lr_change":
+        def hook(opt, step):
+            if step == 5:
+                for g in opt.param_groups:
+                    g["lr"] = g["lr"] * 0.3
+        run_kw["hook"] = hook
+    check(backend, cls, kw, [SHAPES, [(33,), (2, 3, 5)]], torch.float32, variant, lrs=[0.03, 0.01],
+          wds=[0.01, 0.0], **run_kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_amsgd_loss_mode(backend, dtype):
+    check(backend, AMSGD, dict(lr=0.05, delta_f="loss"), [SHAPES], dtype, "loss", loss_mode=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,kwargs", OPT_CASES)
+def test_found_inf_skips_the_step(backend, cls, kwargs):
+    pairs = []  # (state before, state after) of each run's skipped step
+
+    def hook(opt, step):
+        device = opt.param_groups[0]["params"][0].device
+        opt.grad_scale = torch.tensor(1.0, device=device)
+        opt.found_inf = torch.tensor(1.0 if step == 4 else 0.0, device=device)
+        if step == 4:
+            pairs.append([_snapshot(opt)])
+
+    class Spy(cls):  # records the state right after the skipped step
+        def step(self, closure=None):
+            out = super().step(closure)
+            if pairs and len(pairs[-1]) == 1:
+                pairs[-1].append(_snapshot(self))
+            return out
+
+    check(backend, Spy, kwargs, [SHAPES], torch.float32, "found_inf", hook=hook)
+    assert len(pairs) == 2
+    for before, after in pairs:
+        assert len(before) == len(after)
+        for a, b in zip(before, after):
+            assert torch.equal(a, b), "a step with found_inf > 0 changed the optimizer's state"
+
+
+def _snapshot(opt):
+    out = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    for st in opt.state.values():
+        out += [t.clone() for t in st.values()]
+    if opt._scopes is not None:
+        out += list(opt._scopes.to_dict().values())
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,kwargs", OPT_CASES)
+def test_non_finite_gradient_gives_nan_beta(backend, cls, kwargs):
+    def hook(opt, step):
+        if step == 6:
+            opt.param_groups[0]["params"][2].grad[5] = float("nan")
+
+    ours = check(backend, cls, kwargs, [SHAPES], torch.float32, "nan", hook=hook, steps=8)
+    assert torch.isnan(ours[0][6]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,kwargs", OPT_CASES)
+def test_deterministic(backend, cls, kwargs):
+    """Bit-identical beta and parameters on reruns, and (CPU) with 1 thread vs 2."""
+    shapes = [[(300_000,), (70_001,), (5,), (64, 257)]]
+    seed = _seed("determinism", cls.__name__)
+    first = run(backend, cls, kwargs, shapes, torch.float32, seed, steps=4)
+    runs = [run(backend, cls, kwargs, shapes, torch.float32, seed, steps=4)]
+    if backend == "cpu":
+        threads = torch.get_num_threads()
+        try:
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                runs.append(run(backend, cls, kwargs, shapes, torch.float32, seed, steps=4))
+        finally:
+            torch.set_num_threads(threads)
+    for other in runs:
+        for a, b in zip(first[0], other[0]):
+            assert torch.equal(a, b)
+        for a, b in zip(first[1], other[1]):
+            assert torch.equal(a, b)
