@@ -5,7 +5,8 @@
 """
 from .amadamw import AMAdamW
 from .amsgd import AMSGD
+from .rllc import RLLC
 from .backends import available_backends, backend_supports_dtype
 
-__all__ = ["AMSGD", "AMAdamW", "available_backends", "backend_supports_dtype"]
+__all__ = ["AMSGD", "AMAdamW", "RLLC", "available_backends", "backend_supports_dtype"]
 __version__ = "0.1.0"

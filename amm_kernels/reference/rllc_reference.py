@@ -1,0 +1,106 @@
+"""RLLC (SPEC.md section 4), written for reading. The yardstick every RLLC kernel is tested against.
+
+Memory M (n x k, one state tensor per parameter holding its k units as rows: memory[a] = column a
+of M), learning law L (k numbers per scope), propagator U (k x k) and input b (k):
+
+    g    = grad / grad_scale
+    pass 1, per tensor:  the k(k+1)/2 Gram entries <m_a, m_b> (a <= b) of the previous memory, and
+                         the k entries <m_a, g>, accumulated in float64 (see NOTE [Gram precision])
+    law, per scope:      the tensors' sums combined in a fixed order in float64, then, not on the
+                         scope's first step,
+                             L <- L + c2 * pinv(M^T M) (M^T g)
+                         pinv by torch.linalg.eigh of the k x k Gram matrix in float64, dropping the
+                         eigenvalues below rcond * the largest (minimum-norm least squares)
+    pass 2, per tensor:  M <- M U + g b^T        (every unit from the previous memory)
+                         theta <- theta - c1 * M L        (c1 = the tensor's group lr, L the new law)
+
+NOTE [Gram precision]: pinv(M^T M) amplifies the rounding of the Gram entries by cond(M^T M), which
+is 1e4 already in the J(0.8,2)+M(0) conformance vector. With float32 partial sums (SPEC.md section 5)
+the law there is off by 1.4e-4 relative after 4 steps; with the products of the float32 values
+(exact in float64) summed in float64 it is off by 2e-7, the float32 memory's own rounding. So the
+RLLC sums are float64 whatever the parameter dtype; the arithmetic of the updates stays float32.
+
+Nothing is read back to the host: first steps, non-finite sums and the GradScaler's found_inf are
+all handled with torch.where on device tensors.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._step import StepBatch
+from .beta import commit, compute_dtype, per_tensor
+
+SUM_DTYPE = torch.float64  # the dtype of the Gram and M^T g sums (NOTE [Gram precision])
+
+
+def gram_pairs(k: int) -> list[tuple[int, int]]:
+    """The (a, b) index pairs, a <= b, of the Gram entries pass 1 sums, in their fixed order."""
+    return [(a, b) for a in range(k) for b in range(a, k)]
+
+
+def law_correction(gram_entries: Tensor, mg: Tensor, k: int, rcond: float) -> Tensor:
+    """pinv(G) r for each scope: gram_entries [S, k(k+1)/2] (gram_pairs order), mg [S, k], float64.
+
+    Non-finite sums give a NaN correction (so that a NaN gradient gives a NaN law, as torch's own
+    optimizers give NaN parameters), without handing NaN to the eigensolver.
+    """
+    S = mg.shape[0]
+    rows, cols = zip(*gram_pairs(k))
+    G = gram_entries.new_zeros(S, k, k)
+    G[:, rows, cols] = gram_entries
+    G[:, cols, rows] = gram_entries
+    finite = torch.isfinite(G).all(dim=(1, 2)) & torch.isfinite(mg).all(dim=1)  # [S]
+    G = torch.where(finite[:, None, None], G, 0.0)
+    w, V = torch.linalg.eigh(G)  # ascending eigenvalues, orthonormal eigenvectors
+    cutoff = rcond * w[:, -1:]  # relative to the largest eigenvalue
+    inv_w = torch.where(w > cutoff, 1.0 / torch.where(w > cutoff, w, 1.0), 0.0)
+    coeff = V @ (inv_w[:, :, None] * (V.transpose(1, 2) @ mg[:, :, None]))  # V diag(1/w) V^T r
+    return torch.where(finite[:, None], coeff[:, :, 0], float("nan"))
+
+
+@torch.no_grad()
+def rllc_step(batch: StepBatch, hp) -> None:
+    """One RLLC step. batch.d[i] is tensor i's memory, shape (k, *param.shape); batch.scopes holds
+    `step` [S] and `law` [S, k]; hp has law_lr, U (k x k), b (k), k and rcond."""
+    state, k = batch.scopes, hp.k
+    pairs = gram_pairs(k)
+    xs, gs, ms, sums = [], [], [], []
+    # Pass 1: the effective gradient and each tensor's Gram and M^T g sums of the previous memory.
+    for i, param in enumerate(batch.params):
+        cd = compute_dtype(param)
+        x = param.to(cd)
+        m = batch.d[i].to(cd)
+        g = batch.grads[i].to(cd)
+        if batch.grad_scale is not None:
+            g = g / batch.grad_scale.to(cd)
+        xs.append(x), gs.append(g), ms.append(m)
+        md, gd = m.to(SUM_DTYPE), g.to(SUM_DTYPE)  # float32 products are exact in float64
+        entries = [(md[a] * md[b]).sum() for a, b in pairs] + [(md[a] * gd).sum() for a in range(k)]
+        sums.append(torch.stack(entries))
+
+    # The law, per present scope: sums combined in a fixed order in float64, then the correction.
+    per_scope = torch.stack([run.sum(0) for run in torch.stack(sums).split(batch.scope_lengths)])  # [S, P]
+    scopes = batch.index("present_scopes")
+    law_old = state.law[scopes]  # [S, k], the scope-state dtype
+    correction = law_correction(per_scope[:, : len(pairs)], per_scope[:, len(pairs):], k, hp.rcond)
+    first_step = state.step[scopes] == 0
+    law_new = torch.where(first_step[:, None], law_old.double(), law_old.double() + hp.law_lr * correction)
+    law_new = law_new.to(state.law.dtype)
+
+    # Pass 2: the memory update and the parameter step with each tensor's (new) law.
+    skip = batch.skip
+    for i, law in enumerate(per_tensor(batch, law_new)):
+        x, g, m = xs[i], gs[i], ms[i]
+        # column a of M U + g b^T: b_a g + sum_c U[c][a] m_c, every term from the previous memory
+        # (all k terms, zeros included, so that inf/NaN propagate exactly as in the matrix product)
+        m_new = torch.stack([sum((hp.U[c][a] * m[c] for c in range(k)), hp.b[a] * g) for a in range(k)])
+        law = law.to(x.dtype)
+        direction = sum(law[a] * m_new[a] for a in range(k))
+        x_new = x - batch.lr[batch.group_of[i]].to(x.dtype) * direction
+        commit(batch.d[i], m_new, skip)
+        commit(batch.params[i], x_new, skip)
+
+    for name, new in (("step", state.step[scopes] + 1), ("law", law_new)):
+        field = getattr(state, name)
+        field[scopes] = new if skip is None else torch.where(skip, field[scopes], new.to(field.dtype))

@@ -1,0 +1,609 @@
+"""RLLC (SPEC.md section 4): memory grammar, conformance vectors, the float64 oracle, torch parity,
+basis invariance, rank-deficient memories, and the torch.optim behaviour shared with AMSGD/AMAdamW."""
+import copy
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from amm_kernels.memory import MemorySyntaxError, memory_rule, parse_memory
+from amm_kernels.rllc import RLLC, rllc_backends
+
+from _helpers import load_vector, tolerance, vector_initial_params, vector_params
+from spec_rllc_f64 import RLLCSpec, memory_matrices
+
+CPU = torch.device("cpu")
+BACKENDS = rllc_backends(CPU)
+MEMORIES = ["M(0.9)+M(0)", "M(0.9)+M(0.8)+M(0.7)", "J(0.8,2)+M(0)", "C(0.9,0.3)+M(0)"]
+
+
+def test_reference_backend_runs_rllc():
+    assert "torch" in BACKENDS, f"rllc_backends(cpu) = {BACKENDS!r} lacks the 'torch' reference"
+
+
+# --------------------------------------------------------------------------------------------------
+# memory grammar
+def test_memory_units_give_the_spec_matrices():
+    U, b = parse_memory("M(0.9)+M(0)")
+    assert U == ((0.9, 0.0), (0.0, 0.0)) and b == (1.0, 1.0)
+    U, b = parse_memory("J(0.8,2)+M(0)")
+    assert U == ((0.8, 1.0, 0.0), (0.0, 0.8, 0.0), (0.0, 0.0, 0.0)) and b == (1.0, 0.0, 1.0)
+    U, b = parse_memory("J(0.5, 3)")  # m_i takes the previous m_{i-1}: U[i-1][i] = 1
+    assert np.array_equal(np.array(U), 0.5 * np.eye(3) + np.eye(3, k=1)) and b == (1.0, 0.0, 0.0)
+    U, b = parse_memory(" C( 0.9 , 0.3 ) + M(-0.5) ")
+    c, s = 0.9 * np.cos(0.3), 0.9 * np.sin(0.3)
+    np.testing.assert_allclose(np.array(U), [[c, s, 0], [-s, c, 0], [0, 0, -0.5]], rtol=1e-15)
+    assert b == (1.0, 0.0, 1.0)
+    assert parse_memory("M(1e-1)+M(.5)+M(+2.)")[0] == ((0.1, 0, 0), (0, 0.5, 0), (0, 0, 2.0))
+
+
+def test_rotation_unit_rotates_the_pair():
+    # (m1, m2) <- r (cos phi m1 - sin phi m2, sin phi m1 + cos phi m2) + (g, 0), written as M U + g b^T
+    U, b = (np.array(x) for x in parse_memory("C(0.7,0.4)"))
+    m, g = np.array([[1.5, -2.0]]), np.array([0.3])
+    new = m @ U + np.outer(g, b)
+    r, phi = 0.7, 0.4
+    expected = [r * (np.cos(phi) * 1.5 - np.sin(phi) * -2.0) + 0.3, r * (np.sin(phi) * 1.5 + np.cos(phi) * -2.0)]
+    np.testing.assert_allclose(new[0], expected, rtol=1e-14)
+
+
+@pytest.mark.parametrize("text", MEMORIES + ["J(0.7,3)+C(0.5,1.2)+M(0.1)", "M(0.9)+M(0.8)+M(0.7)+M(0)"])
+def test_parser_agrees_with_the_oracles_reading_of_the_spec(text):
+    U, b = parse_memory(text)
+    U_spec, b_spec = memory_matrices(text)
+    np.testing.assert_array_equal(np.array(U), U_spec)
+    np.testing.assert_array_equal(np.array(b), b_spec)
+
+
+BAD_MEMORIES = [
+    ("M(0.9)+", 7, "expected a memory unit"),
+    ("M(0.9)+X(1)", 7, "expected a memory unit"),
+    ("M(0.9", 5, "expected ')'"),
+    ("M 0.9)", 2, "expected '('"),
+    ("M(0.9))", 6, "expected '+' or the end"),
+    ("M(0.9)M(0)", 6, "expected '+' or the end"),
+    ("M(abc)", 2, "expected a number for beta"),
+    ("M(0.9.1)", 5, "expected ')'"),
+    ("J(0.8)", 5, "expected ','"),
+    ("J(0.8, 2.5)", 7, "j must be an integer"),
+    ("J(0.8, 0)", 7, "must be >= 1"),
+    ("C(0.9)", 5, "expected ','"),
+    ("M(0.9)+M(1e999)", 9, "must be finite"),
+    ("", 0, "expected a memory unit"),
+    ("m(0.9)", 0, "expected a memory unit"),
+]
+
+
+@pytest.mark.parametrize("text,position,what", BAD_MEMORIES, ids=[repr(t) for t, _, _ in BAD_MEMORIES])
+def test_bad_memory_string_points_at_the_offending_character(text, position, what):
+    with pytest.raises(MemorySyntaxError) as err:
+        RLLC([torch.zeros(2, requires_grad=True)], memory=text)
+    assert isinstance(err.value, ValueError) and err.value.position == position
+    message = str(err.value)
+    assert what in message and message.startswith("RLLC: bad memory string")
+    lines = message.splitlines()
+    shown = lines.index("    " + text)
+    assert lines[shown + 1] == "    " + " " * position + "^", message
+
+
+def test_explicit_memory_matrices():
+    U, b = memory_rule(([[0.9, 0.0], [0.0, 0.0]], [1.0, 1.0]))
+    assert U == ((0.9, 0.0), (0.0, 0.0)) and b == (1.0, 1.0)
+    U2, b2 = memory_rule((torch.tensor([[0.9, 0.0], [0.0, 0.0]], dtype=torch.float64), np.array([1.0, 1.0])))
+    assert (U2, b2) == (U, b)
+    for bad, message in [
+        (([[0.9]], [1.0, 1.0]), "k x k matrix with k = len(b) = 2"),
+        (([[0.9, 0], [0, 0]], []), "1-D sequence of k >= 1"),
+        (([[0.9, float("nan")], [0, 0]], [1, 1]), "memory U must be finite"),
+        (([[0.9, 0], [0, 0]], [1, "x"]), "memory b must hold real numbers"),
+        ((1, 2, 3), "a pair (U, b)"),
+        (42, "a pair (U, b)"),
+    ]:
+        with pytest.raises(ValueError) as err:
+            RLLC([torch.zeros(2, requires_grad=True)], memory=bad)
+        assert message in str(err.value), str(err.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# conformance vectors
+def _backend_dtype_params():
+    out = []
+    for name in BACKENDS:
+        for dtype in (torch.float64, torch.float32):
+            out.append(pytest.param(name, dtype, id=f"{name}-{str(dtype).split('.')[-1]}"))
+    return out
+
+
+@pytest.mark.parametrize("backend,dtype", _backend_dtype_params())
+@pytest.mark.parametrize("path", vector_params("rllc"))
+def test_vector(path, backend, dtype):
+    from amm_kernels.backends import backend_supports_dtype
+
+    if not backend_supports_dtype(backend, dtype):
+        pytest.skip(f"backend {backend} has no {dtype}")
+    vec = load_vector(path)
+    h = vec["hyper"]
+    assert np.array_equal(np.array(parse_memory(h["memory"])[0]), np.array(h["U"]))
+    assert np.array_equal(np.array(parse_memory(h["memory"])[1]), np.array(h["b"]))
+    rtol, atol = tolerance(dtype)
+    params = [[torch.tensor(x, dtype=dtype) for x in group] for group in vector_initial_params(vec)]
+    lrs = [g.get("lr", h["lr"]) for g in vec["groups"]]
+    opt = RLLC([{"params": ps, "lr": lr} for ps, lr in zip(params, lrs)], law_lr=h["law_lr"], memory=h["memory"],
+               law_init=h["law_init"], scope=h.get("scope", "global"), backend=backend)
+    where = f"{vec['name']} backend={backend} {dtype}"
+    for i, rec in enumerate(vec["steps"]):
+        for gi, lr in enumerate(rec.get("lr", [])):
+            opt.param_groups[gi]["lr"] = lr
+        for ps, gs in zip(params, rec["grads"]):
+            for p, g in zip(ps, gs):
+                p.grad = torch.tensor(g, dtype=dtype).reshape(p.shape)
+        opt.step()
+        law = opt.law
+        assert isinstance(law, torch.Tensor) and law.shape == (len(h["b"]),)
+        np.testing.assert_allclose(law.to(torch.float64).numpy(), np.array(rec["law_after"]).reshape(law.shape),
+                                   rtol=rtol, atol=atol, err_msg=f"{where} step {i}: law")
+        for gi, group in enumerate(rec["params_after"]):
+            for ti, expected in enumerate(group):
+                p = params[gi][ti]
+                assert p.dtype == dtype
+                np.testing.assert_allclose(p.detach().to(torch.float64).reshape(-1).numpy(), expected,
+                                           rtol=rtol, atol=atol, err_msg=f"{where} step {i}: param [{gi}][{ti}]")
+
+
+# --------------------------------------------------------------------------------------------------
+# against the independent float64 oracle
+SHAPES = [[(4, 3), (7,)], [(1,), (0,), (2, 5)], [(6,)]]
+LRS = [0.05, 0.02, 0.0]
+
+
+def _random_groups(seed, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=gen, dtype=dtype) for s in shapes] for shapes in SHAPES]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scope", ["global", "group", "tensor"])
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_package_matches_the_float64_oracle(memory, scope, backend):
+    init = _random_groups(1)
+    params = [[x.clone().requires_grad_() for x in g] for g in init]
+    k = len(parse_memory(memory)[1])
+    law_init = [0.8] + [0.1] * (k - 1)
+    opt = RLLC([{"params": ps, "lr": lr} for ps, lr in zip(params, LRS)], lr=0.03, law_lr=0.2, memory=memory,
+               law_init=law_init, scope=scope, backend=backend)
+    U, b = memory_matrices(memory)
+    spec = RLLCSpec([{"params": [x.numpy() for x in g], "lr": lr} for g, lr in zip(init, LRS)], U, b, 0.2,
+                    law_init, scope)
+    gen = torch.Generator().manual_seed(2)
+    for step in range(20):
+        grads = [[torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in g] for g in init]
+        if step == 7:
+            grads[0][1] = None  # a tensor without a gradient this step
+        if step == 12:
+            for gi in range(len(LRS)):
+                opt.param_groups[gi]["lr"] = spec.groups[gi]["lr"] = 0.04 - 0.01 * gi
+        for ps, gs in zip(params, grads):
+            for p, g in zip(ps, gs):
+                p.grad = g
+        opt.step()
+        spec.step([[None if g is None else g.numpy() for g in gs] for gs in grads])
+        law = opt.law.numpy()
+        np.testing.assert_allclose(law, spec.law, rtol=1e-9, atol=1e-9, err_msg=f"step {step}: law")
+        for gi, ps in enumerate(params):
+            for ti, p in enumerate(ps):
+                np.testing.assert_allclose(p.detach().numpy(), spec.groups[gi]["params"][ti], rtol=1e-9, atol=1e-9,
+                                           err_msg=f"step {step}: param [{gi}][{ti}]")
+
+
+# --------------------------------------------------------------------------------------------------
+# degenerate cases: torch.optim.SGD
+PARITY_SHAPES = [(3, 5), (7,), (1,), (0,), (2, 0, 3), (1, 1, 1)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", ["momentum", "nesterov", "plain"])
+def test_frozen_law_is_torch_sgd(case, dtype, backend):
+    beta = 0.85
+    law = {"momentum": (1.0, 0.0), "nesterov": (beta, 1.0), "plain": (0.0, 1.0)}[case]
+    sgd_kwargs = {"momentum": dict(momentum=beta), "nesterov": dict(momentum=beta, nesterov=True), "plain": {}}[case]
+    gen = torch.Generator().manual_seed(3)
+    init = [torch.randn(s, generator=gen, dtype=dtype) for s in PARITY_SHAPES]
+    ours = [x.clone().requires_grad_() for x in init]
+    theirs = [x.clone().requires_grad_() for x in init]
+    opt = RLLC([{"params": ours[:3], "lr": 0.03}, {"params": ours[3:], "lr": 0.1}], law_lr=0.0,
+               memory=f"M({beta})+M(0)", law_init=law, backend=backend)
+    ref = torch.optim.SGD([{"params": theirs[:3], "lr": 0.03}, {"params": theirs[3:], "lr": 0.1}], **sgd_kwargs)
+    rtol, atol = (1e-12, 1e-14) if dtype == torch.float64 else tolerance(dtype)
+    for step in range(20):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape, generator=gen, dtype=dtype)
+            b.grad = a.grad.clone()
+        opt.step()
+        ref.step()
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"step {step} tensor {i}: {m}")
+    torch.testing.assert_close(opt.law, torch.tensor(law, dtype=dtype), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# basis invariance (the paper's Lemma 3.8)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_change_of_memory_basis_gives_the_same_parameters(scope, backend):
+    U, b = (np.array(x) for x in parse_memory("M(0.9)+C(0.8,0.5)+M(0)"))
+    k = len(b)
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(8, 3), (11,)]
+    params = [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_() for s in shapes]
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(16)]
+
+    def run(opt, ps, steps):
+        for step in steps:
+            for p, g in zip(ps, grads[step]):
+                p.grad = g.clone()
+            opt.step()
+
+    opt = RLLC(params, lr=0.05, law_lr=0.3, memory=(U, b), law_init=[0.5, 0.2, -0.1, 0.4], scope=scope,
+               backend=backend)
+    run(opt, params, range(6))  # by now M has full column rank k in every scope
+    Q = np.eye(k) + 0.4 * np.random.default_rng(5).standard_normal((k, k))
+    Qinv = np.linalg.inv(Q)
+    sd = copy.deepcopy(opt.state_dict())
+    Qt = torch.from_numpy(Q)
+    for st in sd["state"].values():  # M -> M Q: new unit a = sum_c M[c] Q[c, a]
+        st["memory"] = torch.tensordot(Qt, st["memory"], dims=([0], [0]))
+    sd["amm"]["scopes"]["law"] = sd["amm"]["scopes"]["law"] @ torch.from_numpy(Qinv).T  # L -> Q^{-1} L per scope
+    twin_params = [p.detach().clone().requires_grad_() for p in params]
+    twin = RLLC(twin_params, lr=0.05, law_lr=0.3, memory=(Qinv @ U @ Q, Q.T @ b), law_init=[1, 0, 0, 0],
+                scope=scope, backend=backend)
+    twin.load_state_dict(sd)
+    run(opt, params, range(6, 16))
+    run(twin, twin_params, range(6, 16))
+    for a, b_ in zip(params, twin_params):
+        torch.testing.assert_close(a, b_, rtol=1e-9, atol=1e-11)
+    law, twin_law = opt.law.reshape(-1, k).numpy(), twin.law.reshape(-1, k).numpy()
+    np.testing.assert_allclose(twin_law, law @ Qinv.T, rtol=1e-8, atol=1e-10)
+    assert not np.allclose(law, [0.5, 0.2, -0.1, 0.4])  # the law did move
+
+
+# --------------------------------------------------------------------------------------------------
+# rank-deficient memories
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("memory", ["M(0.9)+M(0.8)+M(0.7)+M(0)", "J(0.8,2)+M(0)", "M(0.5)+M(0.5)", "J(0.9,4)"])
+def test_rank_deficient_memory_gives_finite_minimum_norm_corrections(memory, dtype, backend):
+    gen = torch.Generator().manual_seed(6)
+    params = [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in [(5, 2), (3,), (0,)]]
+    opt = RLLC(params, lr=0.02, law_lr=0.1, memory=memory, backend=backend)
+    k = opt.k
+    for step in range(6):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=dtype)
+        opt.step()
+        assert torch.isfinite(opt.law).all(), f"step {step}: law {opt.law}"
+        assert all(torch.isfinite(p).all() for p in params)
+        assert all(torch.isfinite(opt.state[p]["memory"]).all() for p in params)
+        if memory == "M(0.5)+M(0.5)":  # two equal units forever: the minimum-norm correction splits evenly
+            law = opt.law.double()
+            torch.testing.assert_close(law[0] - 1.0, law[1], rtol=1e-5, atol=1e-6)
+    assert opt.law.shape == (k,)
+    # and a zero gradient (a zero Gram matrix later on too) leaves the law as it is
+    zero = [torch.zeros(3, dtype=dtype, requires_grad=True)]
+    opt0 = RLLC(zero, memory=memory, backend=backend)
+    for _ in range(3):
+        zero[0].grad = torch.zeros(3, dtype=dtype)
+        opt0.step()
+    assert torch.equal(opt0.law, torch.tensor([1.0] + [0.0] * (k - 1), dtype=opt0.law.dtype))
+
+
+def test_step_never_reads_device_values_back():
+    # On the meta device every .item() / bool(tensor) raises: the whole step is host-sync free.
+    params = [torch.zeros(3, 4, device="meta", requires_grad=True), torch.zeros(5, device="meta", requires_grad=True)]
+    opt = RLLC(params, memory="J(0.8,2)+C(0.9,0.3)", scope="tensor")
+    opt.grad_scale, opt.found_inf = torch.ones((), device="meta"), torch.zeros((), device="meta")
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert opt.law.shape == (2, 4) and opt.law.device.type == "meta"
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.optim behaviour
+def model_params(seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in [(4, 3), (7,), (1,), (0,)]]
+
+
+def set_grads(params, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+
+
+def snapshot(opt, params):
+    return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+
+
+def assert_same_state(a, b):
+    (pa, sa), (pb, sb) = a, b
+    for x, y in zip(pa, pb):
+        assert torch.equal(x, y)
+    assert sa["state"].keys() == sb["state"].keys()
+    for key in sa["state"]:
+        for name, t in sa["state"][key].items():
+            assert torch.equal(t, sb["state"][key][name]), name
+    if sa["amm"]["scopes"] is not None:
+        for name, t in sa["amm"]["scopes"].items():
+            assert torch.equal(t, sb["amm"]["scopes"][name]), name
+
+
+BAD_ARGS = [
+    (dict(lr=-1.0), ValueError, "lr must be in [0.0, inf]"),
+    (dict(lr=float("nan")), ValueError, "lr must be in"),
+    (dict(law_lr=-0.1), ValueError, "law_lr must be in [0.0, inf]"),
+    (dict(law_lr=float("nan")), ValueError, "law_lr must be in"),
+    (dict(law_lr="0.1"), ValueError, "law_lr must be a number"),
+    (dict(scope="layer"), ValueError, "scope must be one of 'global', 'group', 'tensor'"),
+    (dict(backend="gpu"), ValueError, "backend must be one of"),
+    (dict(law_init=(1.0,)), ValueError, "law_init must be a sequence of k = 2 numbers"),
+    (dict(law_init=(1.0, float("inf"))), ValueError, "law_init[1] must be a finite number"),
+    (dict(memory="M(0.9)+"), ValueError, "bad memory string"),
+    (dict(memory=None), ValueError, "memory must be a string"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,message", BAD_ARGS, ids=[f"{list(k)[0]}-{i}" for i, (k, _, _) in enumerate(BAD_ARGS)])
+def test_bad_arguments_raise_naming_them(kwargs, exc, message):
+    with pytest.raises(exc) as err:
+        RLLC(model_params(), **kwargs)
+    assert message in str(err.value)
+
+
+def test_bad_param_group_is_rejected():
+    opt = RLLC(model_params())
+    with pytest.raises(ValueError, match="lr must be in"):
+        opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], "lr": -1.0})
+    with pytest.raises(ValueError, match="may set only lr; law_lr is optimizer-wide"):
+        opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], "law_lr": 0.5})
+    with pytest.raises(ValueError, match="may set only lr; weight_decay"):
+        RLLC([{"params": model_params(), "weight_decay": 0.1}])
+    assert len(opt.param_groups) == 1
+
+
+def test_backend_without_rllc_is_a_clear_error_before_any_state_changes():
+    import amm_kernels
+
+    others = [n for n in amm_kernels.available_backends(CPU) if n not in BACKENDS]
+    if not others:
+        pytest.skip("every available backend implements RLLC")
+    params = model_params()
+    opt = RLLC(params, backend=others[0])
+    set_grads(params, 0)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match="no RLLC kernels"):
+        opt.step()
+    assert len(opt.state) == 0 and all(torch.equal(a, b) for a, b in zip(params, before))
+
+
+def test_sparse_gradient_raises_before_any_state_changes():
+    params = model_params()
+    opt = RLLC(params)
+    set_grads(params, 0)
+    opt.step()
+    before = snapshot(opt, params)
+    set_grads(params, 1)
+    params[1].grad = params[1].grad.to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert_same_state(before, snapshot(opt, params))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scope", ["global", "group", "tensor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_resume_is_bit_identical(scope, dtype, backend):
+    def build(params):
+        return RLLC([{"params": params[:2], "lr": 0.03}, {"params": params[2:], "lr": 0.01}], law_lr=0.1,
+                    memory="J(0.8,2)+M(0)", scope=scope, backend=backend)
+
+    ref_params = model_params(dtype=dtype)
+    ref = build(ref_params)
+    for s in range(8):
+        set_grads(ref_params, s)
+        ref.step()
+
+    params = model_params(dtype=dtype)
+    opt = build(params)
+    for s in range(4):
+        set_grads(params, s)
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    resumed_params = [p.detach().clone().requires_grad_() for p in params]
+    resumed = build(resumed_params)
+    buf.seek(0)
+    resumed.load_state_dict(torch.load(buf))
+    for s in range(4, 8):
+        set_grads(resumed_params, s)
+        resumed.step()
+    assert_same_state(snapshot(ref, ref_params), snapshot(resumed, resumed_params))
+    assert torch.equal(ref.law, resumed.law)
+
+
+def test_loading_a_mismatched_state_is_a_clear_error():
+    from amm_kernels import AMSGD
+
+    params = model_params()
+    opt = RLLC(params)
+    set_grads(params, 0)
+    opt.step()
+    sd = opt.state_dict()
+    with pytest.raises(ValueError, match="saved with k = 2 memory units, this optimizer's memory has k = 3"):
+        RLLC(params, memory="M(0.9)+M(0.5)+M(0)").load_state_dict(sd)
+    with pytest.raises(ValueError, match="scope"):
+        RLLC(params, scope="tensor").load_state_dict(sd)
+    with pytest.raises(ValueError, match="saved by AMSGD, not RLLC"):
+        sgd = AMSGD(params)
+        sgd.step()
+        RLLC(params).load_state_dict(sgd.state_dict())
+    with pytest.raises(ValueError, match="not saved by an amm_kernels optimizer"):
+        RLLC(params).load_state_dict(torch.optim.SGD(params).state_dict())
+    bad = copy.deepcopy(sd)
+    bad["amm"]["format_version"] = 99
+    with pytest.raises(ValueError, match="format_version 99"):
+        RLLC(params).load_state_dict(bad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_found_inf_skips_the_step_and_leaves_state_intact(backend):
+    params = model_params()
+    opt = RLLC(params, law_lr=0.1, scope="tensor", backend=backend)
+    for s in range(3):
+        set_grads(params, s)
+        opt.step()
+    before = snapshot(opt, params)
+    set_grads(params, 9)
+    params[0].grad[0, 0] = float("inf")
+    opt.grad_scale, opt.found_inf = torch.tensor(1024.0), torch.tensor(1.0)
+    opt.step()
+    assert_same_state(before, snapshot(opt, params))
+    # and with found_inf = 0 the scaled step equals an unscaled one
+    twin_params = [p.detach().clone().requires_grad_() for p in params]
+    twin = RLLC(twin_params, law_lr=0.1, scope="tensor", backend=backend)
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    set_grads(params, 10)
+    set_grads(twin_params, 10)
+    for p in params:
+        p.grad *= 1024.0
+    opt.found_inf = torch.tensor(0.0)
+    opt.step()
+    del opt.grad_scale, opt.found_inf
+    twin.step()
+    for a, b in zip(params, twin_params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(opt.law, twin.law, rtol=1e-6, atol=1e-7)
+
+
+def test_grad_scaler_skips_inf_steps():
+    model = torch.nn.Linear(5, 3)
+    opt = RLLC(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    x = torch.randn(16, 5)
+    for _ in range(2):
+        opt.zero_grad()
+        scaler.scale(model(x).square().mean()).backward()
+        scaler.step(opt)
+        scaler.update()
+    before = snapshot(opt, list(model.parameters()))
+    opt.zero_grad()
+    scaler.scale(model(x).square().mean() * float("inf")).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert_same_state(before, snapshot(opt, list(model.parameters())))
+    assert scaler.get_scale() == 2.0**7
+
+
+def test_law_shape_follows_scope_and_is_a_copy():
+    params = model_params()
+    shapes = {"global": (3,), "group": (2, 3), "tensor": (4, 3)}
+    for scope, shape in shapes.items():
+        opt = RLLC([{"params": params[:1]}, {"params": params[1:]}], memory="J(0.9,2)+M(0)", scope=scope)
+        assert opt.law.shape == shape and torch.equal(opt.law.reshape(-1, 3)[0], torch.tensor([1.0, 0, 0]))
+        set_grads(params, 0)
+        opt.step()
+        law = opt.law
+        assert law.shape == shape and law.device == params[0].device
+        for s in (1, 2):
+            set_grads(params, s)
+            opt.step()
+        assert torch.equal(law, torch.tensor([1.0, 0, 0]).expand(shape))  # the first step's law, not overwritten
+        assert not torch.equal(opt.law, law)
+    with pytest.raises(AttributeError, match="optimizer.law"):
+        opt.beta
+
+
+def test_params_without_grad_are_skipped():
+    params = model_params()
+    opt = RLLC(params, scope="tensor")
+    for s in range(3):
+        set_grads(params, s)
+        params[1].grad = None
+        opt.step()
+    assert torch.equal(params[1].detach(), model_params()[1].detach())
+    assert params[1] not in opt.state
+    assert torch.equal(opt.law[1], torch.tensor([1.0, 0.0]))
+    assert opt.state[params[0]]["memory"].shape == (2, 4, 3)
+
+
+def test_zero_grad_scheduler_closure_and_add_param_group():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = RLLC(model[0].parameters(), lr=0.05, scope="tensor")
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    losses = []
+    for _ in range(3):
+        losses.append(opt.step(closure).item())
+        sched.step()
+    opt.add_param_group({"params": model[2].parameters(), "lr": 0.02})
+    for _ in range(5):
+        losses.append(opt.step(closure).item())
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5**4)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    assert model[2].weight in opt.state and opt.law.shape == (4, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_params_keep_dtype(dtype):
+    params = model_params(dtype=dtype)
+    opt = RLLC(params, memory="M(0.9)+M(0.8)+M(0)")
+    for s in range(4):
+        set_grads(params, s)
+        opt.step()
+    for p in params:
+        assert p.dtype == dtype and torch.isfinite(p).all()
+        assert opt.state[p]["memory"].dtype == dtype
+    assert opt.law.dtype == torch.float32 and torch.isfinite(opt.law).all()
+
+
+def test_low_precision_tracks_float32():
+    p32 = model_params(dtype=torch.float32)
+    p16 = [p.detach().to(torch.bfloat16).requires_grad_() for p in p32]
+    p32 = [p.detach().to(torch.bfloat16).to(torch.float32).requires_grad_() for p in p32]
+    opts = [RLLC(ps, lr=0.01, law_lr=0.05) for ps in (p32, p16)]
+    for s in range(5):
+        set_grads(p32, s)
+        for a, b in zip(p16, p32):
+            a.grad = b.grad.to(torch.bfloat16)
+        for o in opts:
+            o.step()
+    rtol, atol = tolerance(torch.bfloat16)
+    for a, b in zip(p16, p32):
+        torch.testing.assert_close(a.float(), b, rtol=rtol, atol=atol)
+
+
+def test_nonfinite_gradient_gives_nonfinite_law():
+    params = model_params()
+    opt = RLLC(params)
+    set_grads(params, 0)
+    opt.step()
+    set_grads(params, 1)
+    params[0].grad[0, 0] = float("nan")
+    opt.step()
+    assert torch.isnan(opt.law).all()
+    assert torch.isnan(params[0]).any()
+    set_grads(params, 2)  # a NaN memory afterwards: still no error from the eigensolver
+    opt.step()
+    assert torch.isnan(opt.law).all()
