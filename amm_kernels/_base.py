@@ -14,9 +14,19 @@ from . import backends
 from ._hyper import BETA_SCOPES, check_choice, check_group
 from ._step import ScopeState, StepBatch
 
+try:  # DTensor parameters (FSDP2 fully_shard, tensor parallel)
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = ()
+
 STATE_DICT_KEY = "amm"
 FORMAT_VERSION = 1
 GROUP_KEYS = ("params", "lr", "weight_decay")  # what a param group may set; the rest is optimizer-wide
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (the same storage: in-place updates reach the DTensor); else t itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class AMOptimizer(torch.optim.Optimizer):
@@ -26,15 +36,21 @@ class AMOptimizer(torch.optim.Optimizer):
     # GradScaler hands us grad_scale and found_inf (as attributes) instead of unscaling on the host.
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, defaults: dict[str, Any], beta_scope: str, backend: str):
+    def __init__(self, params, defaults: dict[str, Any], beta_scope: str, backend: str,
+                 process_group=None, capturable: bool = False):
         name = type(self).__name__
         check_choice(name, "beta_scope", beta_scope, BETA_SCOPES)
         check_choice(name, "backend", backend, backends.BACKEND_NAMES)
         check_group(name, defaults["lr"], defaults["weight_decay"])
         self.beta_scope = beta_scope
         self.backend = backend
+        self.process_group = process_group
+        self.capturable = bool(capturable)
         self._scopes: ScopeState | None = None
+        self._index_cache: dict = {}  # device index tensors and lr, reused across steps (no H2D copy once warm)
+        self._resolved: dict = {}  # (backend, device, dtypes) -> backend module
         super().__init__(params, defaults)
+        self._prefill_backend_cache()
 
     # ----------------------------------------------------------------------------------------------
     # param groups
@@ -48,6 +64,8 @@ class AMOptimizer(torch.optim.Optimizer):
             )
         check_group(name, param_group.get("lr", self.defaults["lr"]), param_group.get("weight_decay", self.defaults["weight_decay"]))
         super().add_param_group(param_group)
+        if getattr(self, "_scopes", None) is not None:  # grown here, not in a (possibly compiled) step
+            self._scopes.grow(*self._scope_counts(), self._hyper.beta_max)
 
     # ----------------------------------------------------------------------------------------------
     # scopes
@@ -97,9 +115,62 @@ class AMOptimizer(torch.optim.Optimizer):
                 loss = closure()
         batch = self._build_batch(loss)
         if batch is not None:
-            module = backends.resolve(self.backend, batch.params[0].device, {p.dtype for p in batch.params}, type(self).__name__)
+            # Only the reference all-reduces the sums; "auto" picks it when the model is sharded.
+            backend = "torch" if (batch.process_group is not None and self.backend == "auto") else self.backend
+            module = self._backend_module(backend, batch.params[0].device, {p.dtype for p in batch.params})
             self._backend_step(module, batch)
         return loss
+
+    def _backend_module(self, backend: str, device: torch.device, dtypes: set[torch.dtype]):
+        """backends.resolve, remembered per (backend, device, dtypes). NOTE [compile]: the cache is filled
+        at construction, so torch.compile(opt.step) finds the module in a dict and never traces
+        resolve (which imports optional backends and may fail an import, which dynamo cannot trace)."""
+        key = (backend, str(device), tuple(sorted(map(str, dtypes))))
+        if key not in self._resolved:
+            self._resolved[key] = backends.resolve(backend, device, dtypes, type(self).__name__)
+        return self._resolved[key]
+
+    def _prefill_backend_cache(self) -> None:
+        """The backend module and the scope state for the parameters given, made at construction.
+        NOTE [compile]: torch.compile(opt.step) keeps in-place updates of tensors but drops attributes
+        (re)bound on the optimizer inside the traced step, so nothing the step needs may be created there."""
+        params = [_local(p) for g in self.param_groups for p in g["params"]]
+        if not params:
+            return
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        self._scope_state(params[0].device, dtype)
+        for backend in {self.backend, "torch"}:
+            try:
+                self._backend_module(backend, params[0].device, {p.dtype for p in params})
+            except (RuntimeError, TypeError):
+                pass  # step() raises it, with the same message, if it still applies then
+
+    def _reduce_group(self, params: list[Tensor]):
+        """The group the sums are all-reduced over: `process_group` if given; else, for DTensor
+        parameters, the mesh group of their Shard dimension (FSDP2; the shard group under HSDP); else
+        None (plain parameters are whole on every rank, e.g. DDP: nothing to reduce)."""
+        if self.process_group is not None:
+            return self.process_group
+        name = type(self).__name__
+        groups = []
+        for p in params:
+            if not isinstance(p, DTensor):
+                groups.append(None)
+                continue
+            dims = [i for i, pl in enumerate(p.placements) if pl.is_shard()]
+            if len(dims) > 1:
+                raise NotImplementedError(
+                    f"{name}: a parameter sharded over {len(dims)} mesh dimensions ({p.placements}) is not "
+                    "supported (beta's sums would need a reduction over several groups); shard over one mesh dimension"
+                )
+            groups.append(p.device_mesh.get_group(dims[0]) if dims else None)
+        first = groups[0]
+        if any(g is not first for g in groups):
+            raise RuntimeError(
+                f"{name}: parameters are sharded over different process groups (or some are not sharded); "
+                "beta's sums need one group: pass process_group= explicitly, or use one optimizer per sharding"
+            )
+        return first
 
     def _build_batch(self, loss) -> StepBatch | None:
         """Collect every parameter with a gradient, validate all of it, then (only then) create state."""
@@ -119,6 +190,13 @@ class AMOptimizer(torch.optim.Optimizer):
                 entries.append((p, p.grad, gi, scope))
         if not entries:
             return None
+        if len(self._index_cache) > 256:
+            self._index_cache.clear()
+        keys = [e[0] for e in entries]  # the parameters as the user holds them: the keys of self.state
+        process_group = self._reduce_group(keys)
+        if any(isinstance(e[0], DTensor) for e in entries):
+            # DTensor parameters: the step runs on the local shards (views of the same storage).
+            entries = [(_local(p), _local(g), gi, scope) for p, g, gi, scope in entries]
 
         device = entries[0][0].device
         for p, g, gi, scope in entries:
@@ -133,18 +211,24 @@ class AMOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"{name}: delta_f='loss' needs step(closure) returning the loss")
 
         dtype = torch.float64 if any(p.dtype == torch.float64 for p, *_ in entries) else torch.float32
+        if self.capturable and device.type not in ("cuda", "xpu"):
+            raise RuntimeError(f"{name}: capturable=True needs parameters on a CUDA (or XPU) device, got {device}")
         scopes = self._scope_state(device, dtype)
         lrs = [g["lr"] for g in self.param_groups]
         if any(isinstance(lr, Tensor) for lr in lrs):
             lr = torch.stack([torch.as_tensor(x, dtype=dtype).to(device).reshape(()) for x in lrs])
-        else:
-            lr = torch.tensor(lrs, dtype=dtype).to(device, non_blocking=True)
+        else:  # float lrs: one device copy per distinct set of values (none inside a captured graph)
+            key = ("lr", device, dtype, tuple(lrs))
+            if key not in self._index_cache:
+                self._index_cache = {k: v for k, v in self._index_cache.items() if k[0] != "lr"}
+                self._index_cache[key] = torch.tensor(lrs, dtype=dtype).to(device, non_blocking=True)
+            lr = self._index_cache[key]
 
-        for p, *_ in entries:  # lazy state, created only after every check above has passed
-            st = self.state[p]
+        for gp, (p, *_) in zip(keys, entries):  # lazy state, created only after every check above
+            st = self.state[gp]
             for key in self.STATE_NAMES:
                 if key not in st:
-                    st[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st[key] = torch.zeros_like(gp, memory_format=torch.preserve_format)
 
         scope_of = [e[3] for e in entries]
         present_scopes, scope_lengths = [], []
@@ -162,8 +246,8 @@ class AMOptimizer(torch.optim.Optimizer):
         return StepBatch(
             params=[e[0] for e in entries],
             grads=[e[1] for e in entries],
-            d=[self.state[e[0]][self.STATE_NAMES[0]] for e in entries],
-            v=[self.state[e[0]][self.STATE_NAMES[1]] for e in entries] if len(self.STATE_NAMES) > 1 else None,
+            d=[_local(self.state[k][self.STATE_NAMES[0]]) for k in keys],
+            v=[_local(self.state[k][self.STATE_NAMES[1]]) for k in keys] if len(self.STATE_NAMES) > 1 else None,
             group_of=[e[2] for e in entries],
             scope_of=scope_of,
             scope_lengths=scope_lengths,
@@ -175,6 +259,8 @@ class AMOptimizer(torch.optim.Optimizer):
             loss=loss if self._uses_loss() else None,
             grad_scale=grad_scale,
             found_inf=found_inf,
+            process_group=process_group,
+            index_cache=self._index_cache,
         )
 
     def _uses_loss(self) -> bool:
@@ -216,6 +302,7 @@ class AMOptimizer(torch.optim.Optimizer):
         saved = meta["scopes"]
         if saved is None:
             self._scopes = None
+            self._prefill_backend_cache()
         else:
             device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
             self._scopes = ScopeState.from_dict(saved, device, saved["step"].dtype)

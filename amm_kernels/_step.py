@@ -76,6 +76,11 @@ class StepBatch:
     loss: the closure's loss (0-d tensor) in delta_f="loss" mode, else None.
     grad_scale, found_inf: from torch.amp.GradScaler (or None): grads are divided by grad_scale,
         and a found_inf > 0 skips the whole step, leaving every state tensor unchanged.
+    process_group: None, or the torch.distributed group whose ranks each hold a shard of the model
+        (FSDP2, hand-sharded parameters): the per-scope sums behind beta are all-reduced over it, so
+        beta is the whole model's (SPEC.md section 3). The tensors here are the local shards.
+    index_cache: device copies of the host index lists, shared across steps by the optimizer (so a
+        step copies nothing host-to-device once warm: CUDA-graph capturable).
     """
 
     params: list[Tensor]
@@ -93,16 +98,16 @@ class StepBatch:
     loss: Tensor | None = None
     grad_scale: Tensor | None = None
     found_inf: Tensor | None = None
+    process_group: object | None = None
     index_cache: dict = field(default_factory=dict)
 
     def index(self, name: str) -> Tensor:
         """A host list of this batch (present_scopes, scope_of, ...) as a device int64 tensor."""
-        if name not in self.index_cache:
-            values = getattr(self, name)
-            self.index_cache[name] = torch.tensor(values, dtype=torch.long).to(
-                self.scopes.step.device, non_blocking=True
-            )
-        return self.index_cache[name]
+        values = getattr(self, name)
+        key = (name, self.scopes.step.device, tuple(values))
+        if key not in self.index_cache:
+            self.index_cache[key] = torch.tensor(values, dtype=torch.long).to(self.scopes.step.device, non_blocking=True)
+        return self.index_cache[key]
 
     @property
     def scope_pos(self) -> list[int]:

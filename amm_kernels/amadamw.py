@@ -39,6 +39,13 @@ class AMAdamW(AMOptimizer):
         beta_scope (str, default "global"): "global", "group" or "tensor" (see AMSGD).
         maximize (bool, default False): maximize the objective instead of minimizing.
         backend (str, default "auto"): "torch" (the reference), "cpu", "cuda", "triton", or "auto".
+        process_group (default None): the torch.distributed group over which beta's sums are
+            all-reduced when each rank holds a shard of the parameters (hand-sharded models; the
+            shard group under HSDP). None: DTensor parameters (FSDP2 ``fully_shard``) reduce over
+            their mesh's shard group, plain parameters (DDP: whole on every rank) are not reduced.
+            Only backend "torch" reduces; "auto" picks it then.
+        capturable (bool, default False): the step may be captured in a CUDA graph (parameters on
+            the GPU; pass lr as a device tensor to change it between replays).
 
     ``optimizer.beta`` is the last beta as a device tensor. State per parameter: ``exp_avg`` (d) and
     ``exp_avg_sq`` (v). Bias corrections count the steps of the beta scope.
@@ -59,6 +66,8 @@ class AMAdamW(AMOptimizer):
         beta_scope: str = "global",
         maximize: bool = False,
         backend: str = "auto",
+        process_group=None,
+        capturable: bool = False,
     ):
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"AMAdamW: betas must be a pair (beta_max, beta2), got {betas!r}")
@@ -66,7 +75,7 @@ class AMAdamW(AMOptimizer):
             lam=lam, beta_max=betas[0], beta_min=beta_min, beta2=betas[1], eps=eps,
             adaptive=bool(adaptive), maximize=bool(maximize),
         )
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay), beta_scope, backend)
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay), beta_scope, backend, process_group, capturable)
 
     def _backend_step(self, module, batch) -> None:
         module.amadamw_step(batch, self._hyper)

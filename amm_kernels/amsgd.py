@@ -41,6 +41,13 @@ class AMSGD(AMOptimizer):
         maximize (bool, default False): maximize the objective instead of minimizing.
         backend (str, default "auto"): "torch" (the reference), "cpu", "cuda", "triton", or "auto"
             for the fastest available.
+        process_group (default None): the torch.distributed group over which beta's sums are
+            all-reduced when each rank holds a shard of the parameters (hand-sharded models; the
+            shard group under HSDP). None: DTensor parameters (FSDP2 ``fully_shard``) reduce over
+            their mesh's shard group, plain parameters (DDP: whole on every rank) are not reduced.
+            Only backend "torch" reduces; "auto" picks it then.
+        capturable (bool, default False): the step may be captured in a CUDA graph (parameters on
+            the GPU; pass lr as a device tensor to change it between replays).
 
     ``optimizer.beta`` is the last beta as a device tensor (0-d for the global scope). State per
     parameter: ``momentum_buffer`` (d).
@@ -61,6 +68,8 @@ class AMSGD(AMOptimizer):
         beta_scope: str = "global",
         maximize: bool = False,
         backend: str = "auto",
+        process_group=None,
+        capturable: bool = False,
     ):
         self._hyper = AMSGDHyper(
             lam=lam, beta_max=beta_max, beta_min=beta_min, adaptive=bool(adaptive), maximize=bool(maximize), delta_f=delta_f
@@ -70,7 +79,7 @@ class AMSGD(AMOptimizer):
                 f"AMSGD: delta_f='loss' measures one loss for the whole model, so it needs "
                 f"beta_scope='global'; got beta_scope={beta_scope!r}"
             )
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay), beta_scope, backend)
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay), beta_scope, backend, process_group, capturable)
 
     def _check_closure(self, closure) -> None:
         if self._hyper.delta_f == "loss" and closure is None:

@@ -43,7 +43,16 @@ def _amadamw_step_fake(params, grads, exp_avg, exp_avg_sq, group_of, scope_of, l
     return None
 
 
+def _no_process_group(batch: StepBatch) -> None:
+    if batch.process_group is not None:
+        raise NotImplementedError(
+            "amm_kernels: backend 'cpu'/'cuda' runs the whole step in one fused op and cannot all-reduce beta's sums "
+            "over a process_group (sharded parameters: FSDP2, process_group=); use backend='torch' (or 'auto')"
+        )
+
+
 def _scope_state(batch: StepBatch):
+    _no_process_group(batch)
     state = batch.scopes
     if state.step.dtype != torch.float32:
         raise TypeError(f"amm_kernels compiled backends keep the scope state in float32, got {state.step.dtype}")

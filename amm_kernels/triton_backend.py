@@ -111,6 +111,11 @@ def _flat_tensors(batch: StepBatch):
 
 
 def _step(batch: StepBatch, hp, amadamw: bool) -> None:
+    if batch.process_group is not None:
+        raise NotImplementedError(
+            "amm_kernels: backend 'triton' computes beta inside its finalize kernel and cannot all-reduce beta's "
+            "sums over a process_group (sharded parameters: FSDP2, process_group=); use backend='torch' (or 'auto')"
+        )
     params, grads, d, v, writeback = _flat_tensors(batch)
     n_sums = 4 if amadamw else 3
     table = get_table(params, grads, d, v, batch, BLOCK, n_sums)

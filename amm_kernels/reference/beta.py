@@ -10,6 +10,7 @@ with beta_max where the denominator is not > 0, on the scope's first step, and w
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from .._step import StepBatch
@@ -40,6 +41,12 @@ def scope_beta(batch: StepBatch, hp, num: Tensor | None, den: Tensor | None, ext
         return beta_max
     num_s = segment_sums(num.double(), batch.scope_lengths)
     den_s = segment_sums(den.double(), batch.scope_lengths)
+    if batch.process_group is not None:
+        # Sharded parameters: num and den are sums over tensors, so adding every rank's partial sums
+        # (one small all_reduce, no host sync) gives the whole model's; the loss term is global already.
+        sums = torch.stack([num_s, den_s])
+        dist.all_reduce(sums, group=batch.process_group)
+        num_s, den_s = sums.unbind()
     if extra_num is not None:
         num_s = num_s + extra_num.double()
     beta = torch.where(den_s > 0, (num_s / den_s).clamp(hp.beta_min, hp.beta_max), hp.beta_max)

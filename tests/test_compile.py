@@ -1,0 +1,91 @@
+"""torch.compile: a compiled optimizer step (and a compiled training step) traces without graph
+breaks (fullgraph=True) for each backend that runs here, and matches eager."""
+import os
+
+import pytest
+import torch
+
+import amm_kernels
+from amm_kernels import AMAdamW, AMSGD
+
+BACKENDS = [b for b in amm_kernels.available_backends("cpu") if b != "triton"]  # triton: interpreter only on CPU
+
+
+def run(cls, backend, compile_backend=None, steps=5):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    opt = cls(model.parameters(), lr=0.05, backend=backend)
+    step = opt.step if compile_backend is None else torch.compile(opt.step, fullgraph=True, backend=compile_backend)
+    gen = torch.Generator().manual_seed(1)
+    betas = []
+    for t in range(steps):
+        x, y = torch.randn(16, 6, generator=gen), torch.randn(16, 2, generator=gen)
+        ((-1) ** t * torch.nn.functional.mse_loss(model(x), y)).backward()  # alternating: beta moves
+        step()
+        opt.zero_grad()
+        betas.append(opt.beta.clone())
+    return torch.stack(betas), [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", [AMSGD, AMAdamW])
+def test_compiled_step_has_no_graph_break_and_matches_eager(cls, backend):
+    eager = run(cls, backend)
+    compiled = run(cls, backend, compile_backend="aot_eager")  # fullgraph=True: a graph break is an error
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.all(eager[0] == eager[0][0]), "beta should move"
+
+
+def test_explain_counts_no_graph_breaks():
+    model = torch.nn.Linear(4, 3)
+    opt = AMAdamW(model.parameters(), backend="torch")
+    model(torch.randn(2, 4)).sum().backward()
+    explanation = torch._dynamo.explain(opt.step)()
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("cls", [AMSGD, AMAdamW])
+def test_inductor_compiled_step_of_a_custom_op_backend_matches_eager(cls, backend):
+    """The default compiler (inductor) on the fused custom op (quick to compile: one op)."""
+    eager = run(cls, backend, steps=3)
+    compiled = run(cls, backend, compile_backend="inductor", steps=3)
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(os.environ.get("AMM_SLOW_TESTS") != "1", reason="about a minute of inductor compiling on 2 cores; AMM_SLOW_TESTS=1 runs it")
+def test_inductor_compiled_training_step_matches_eager():
+    """The whole training step (forward, backward, optimizer step) under the default inductor."""
+    def train(compiled):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 2)
+        opt = AMAdamW(model.parameters(), lr=0.05, backend="torch")
+
+        def step(x, y):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return loss
+
+        fn = torch.compile(step) if compiled else step
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            fn(torch.randn(8, 6, generator=gen), torch.randn(8, 2, generator=gen))
+        return opt.beta.clone(), [p.detach().clone() for p in model.parameters()]
+
+    eager, compiled = train(False), train(True)
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

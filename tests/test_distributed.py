@@ -1,0 +1,198 @@
+"""Data parallelism: beta's sums cover the whole model, not one rank's shard (SPEC.md section 3).
+
+Two processes on CPU with the gloo backend (localhost only), started once for the whole module. Each
+case runs 5 steps and must give the betas and the parameters of a single-process run on the full
+model (float32 tolerance):
+- hand-sharded parameters (each rank holds a dim-0 slice of every tensor) with process_group=;
+- FSDP2 fully_shard (DTensor parameters; the group comes from the mesh);
+- DDP (whole parameters on every rank, gradients averaged: nothing to reduce).
+"""
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from amm_kernels import AMAdamW, AMSGD, available_backends
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
+
+STEPS = 5
+SHAPES = [(6, 4), (5,), (3, 3), (1,)]  # (1,) leaves rank 1 an empty shard
+CASES = {  # name: (optimizer class, constructor kwargs)
+    "AMSGD": (AMSGD, dict(lr=0.05, weight_decay=1e-3)),
+    "AMSGD-tensor": (AMSGD, dict(lr=0.05, beta_scope="tensor")),
+    "AMSGD-loss": (AMSGD, dict(lr=0.05, delta_f="loss")),
+    "AMAdamW": (AMAdamW, dict(lr=0.01)),
+    "AMAdamW-group": (AMAdamW, dict(lr=0.01, beta_scope="group")),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# the runs (the same code runs single-process, world = 1, and on each rank)
+def full_params():
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=gen) for s in SHAPES]
+
+
+def full_grads(step):
+    """A gradient that flips sign every step, plus noise: beta moves off its clamp (beta_max)."""
+    base = [torch.randn(s, generator=torch.Generator().manual_seed(7)) for s in SHAPES]
+    gen = torch.Generator().manual_seed(100 + step)
+    return [(-1) ** step * b + 0.3 * torch.randn(s, generator=gen) for b, s in zip(base, SHAPES)]
+
+
+def shard(t, rank, world):
+    return torch.tensor_split(t, world, dim=0)[rank].clone()
+
+
+def run_hand_sharded(name, backend, rank=0, world=1, group=None):
+    cls, kwargs = CASES[name]
+    params = [shard(p, rank, world).requires_grad_() for p in full_params()]
+    groups = [dict(params=params[:2]), dict(params=params[2:], lr=kwargs["lr"] * 0.5)]
+    opt = cls(groups, backend=backend, process_group=group, **kwargs)
+    betas = []
+    for t in range(STEPS):
+        def closure(t=t):
+            for p, g in zip(params, full_grads(t)):
+                p.grad = shard(g, rank, world)
+            return torch.tensor(1.0 / (t + 1))  # the global loss: the same on every rank
+        if kwargs.get("delta_f") == "loss":
+            opt.step(closure)
+        else:
+            closure()
+            opt.step()
+        betas.append(opt.beta.clone())
+    return torch.stack(betas), [p.detach().clone() for p in params]
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+
+def batch(step):
+    gen = torch.Generator().manual_seed(200 + step)
+    return torch.randn(8, 8, generator=gen), torch.randn(8, 3, generator=gen)
+
+
+def train(model, opt, rank=0, world=1):
+    """5 steps on a batch of 8; each rank takes its half (its mean loss; DDP/FSDP average the grads)."""
+    betas = []
+    for t in range(STEPS):
+        x, y = (shard(u, rank, world) for u in batch(t))
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        betas.append(opt.beta.clone())
+    return torch.stack(betas)
+
+
+def run_model(kind, cls_name, rank=0, world=1):
+    cls = {"AMSGD": AMSGD, "AMAdamW": AMAdamW}[cls_name]
+    kwargs = dict(lr=0.05) if cls is AMSGD else dict(lr=0.01)
+    model = make_model()
+    if kind == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in (model[0], model[2]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    elif kind == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    opt = cls(model.parameters(), **kwargs)
+    betas = train(model, opt, rank, world)
+    params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
+    return betas, [p.detach().clone() for p in params]
+
+
+def worker(rank, world, port, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = {}
+        group = dist.new_group(list(range(world)))
+        for name in CASES:
+            for backend in ("torch", "auto"):
+                results[("hand", name, backend)] = run_hand_sharded(name, backend, rank, world, group)
+        for kind in ("fsdp", "ddp"):
+            for cls_name in ("AMSGD", "AMAdamW"):
+                results[(kind, cls_name)] = run_model(kind, cls_name, rank, world)
+        # the fused backends cannot reduce: a clear error naming backend="torch"
+        for backend in [b for b in available_backends("cpu") if b != "torch"]:
+            p = torch.ones(3, requires_grad=True)
+            p.grad = torch.ones(3)
+            try:
+                AMSGD([p], backend=backend, process_group=group).step()
+                results[("error", backend)] = "no error"
+            except NotImplementedError as err:
+                results[("error", backend)] = str(err)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, results)
+        if rank == 0:
+            torch.save(gathered, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    """The results of every case on each of the two ranks (one spawn for the whole module)."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "results.pt")
+        mp.spawn(worker, args=(2, free_port(), out), nprocs=2, join=True)
+        return torch.load(out, weights_only=False)
+
+
+def assert_close(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_hand_sharded_matches_single_process(ranks, name, backend):
+    betas, params = run_hand_sharded(name, "torch")
+    for rank_results in ranks:
+        assert_close(rank_results[("hand", name, backend)][0], betas)  # every rank has the whole-model beta
+    for i, full in enumerate(params):
+        assert_close(torch.cat([r[("hand", name, backend)][1][i] for r in ranks]), full)
+    assert not torch.all(betas[1:] == betas[0]), "beta should move: the test would not see a wrong reduction"
+
+
+@pytest.mark.parametrize("cls_name", ["AMSGD", "AMAdamW"])
+@pytest.mark.parametrize("kind", ["fsdp", "ddp"])
+def test_fsdp2_and_ddp_match_single_process(ranks, kind, cls_name):
+    betas, params = run_model("single", cls_name)
+    for rank_results in ranks:
+        got_betas, got_params = rank_results[(kind, cls_name)]
+        assert_close(got_betas, betas)
+        for a, b in zip(got_params, params):
+            assert_close(a, b)
+
+
+def test_fused_backends_refuse_a_process_group(ranks):
+    errors = {k[1]: v for k, v in ranks[0].items() if k[0] == "error"}
+    for backend, message in errors.items():
+        assert "backend='torch'" in message, (backend, message)
+
+
+@pytest.mark.parametrize("name", ["AMSGD", "AMAdamW"])
+def test_sharded_beta_differs_from_a_local_beta(name):
+    """Guard: without the reduction a shard's beta is not the model's (so the tests above can fail)."""
+    full_betas, _ = run_hand_sharded(name, "torch")
+    local_betas, _ = run_hand_sharded(name, "torch", rank=0, world=2, group=None)
+    assert not torch.allclose(full_betas[1:], local_betas[1:], rtol=1e-4, atol=1e-5)
