@@ -21,7 +21,6 @@ except ImportError:  # pragma: no cover - torch built without distributed
 
 STATE_DICT_KEY = "amm"
 FORMAT_VERSION = 1
-GROUP_KEYS = ("params", "lr", "weight_decay")  # what a param group may set; the rest is optimizer-wide
 
 
 def _local(t: Tensor) -> Tensor:
@@ -30,18 +29,24 @@ def _local(t: Tensor) -> Tensor:
 
 
 class AMOptimizer(torch.optim.Optimizer):
-    """Base class. Subclasses set STATE_NAMES, `_hyper`, and `_backend_step(module, batch)`."""
+    """Base class of every optimizer here. A subclass sets `_hyper` (a frozen dataclass) before calling
+    __init__, and declares what differs through these class attributes and the small hooks below."""
 
-    STATE_NAMES: tuple[str, ...] = ()
+    STATE_NAMES: tuple[str, ...] = ()  # per-parameter state tensors: d (and v), or RLLC's memory
+    STEP_OP: str = ""  # the backend function that runs one step: "amsgd_step", "amadamw_step", ...
+    GROUP_KEYS: tuple[str, ...] = ("params", "lr", "weight_decay")  # what a param group may set
+    SCOPE_ARG = "beta_scope"  # the constructor argument naming the scope
+    SCOPE_STATE = ScopeState  # the optimizer-wide per-scope state
+    SUPPORTS_PROCESS_GROUP = True  # whether its backends all-reduce the sums over a process group
     # GradScaler hands us grad_scale and found_inf (as attributes) instead of unscaling on the host.
     _step_supports_amp_scaling = True
 
     def __init__(self, params, defaults: dict[str, Any], beta_scope: str, backend: str,
                  process_group=None, capturable: bool = False):
         name = type(self).__name__
-        check_choice(name, "beta_scope", beta_scope, BETA_SCOPES)
+        check_choice(name, self.SCOPE_ARG, beta_scope, BETA_SCOPES)
         check_choice(name, "backend", backend, backends.BACKEND_NAMES)
-        check_group(name, defaults["lr"], defaults["weight_decay"])
+        self._check_group_hypers(defaults)
         self.beta_scope = beta_scope
         self.backend = backend
         self.process_group = process_group
@@ -56,16 +61,33 @@ class AMOptimizer(torch.optim.Optimizer):
     # param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         name = type(self).__name__
-        extra = sorted(k for k in param_group if k not in GROUP_KEYS)
+        extra = sorted(k for k in param_group if k not in self.GROUP_KEYS)
         if extra:
+            allowed = " and ".join(k for k in self.GROUP_KEYS if k != "params")
             raise ValueError(
-                f"{name}: a param group may set only lr and weight_decay; {', '.join(extra)} "
-                f"{'is' if len(extra) == 1 else 'are'} optimizer-wide (pass it to the constructor)"
+                f"{name}: a param group may set only {allowed}; {', '.join(extra)} "
+                f"{'is' if len(extra) == 1 else 'are'} optimizer-wide or not an {name} argument"
             )
-        check_group(name, param_group.get("lr", self.defaults["lr"]), param_group.get("weight_decay", self.defaults["weight_decay"]))
+        self._check_group_hypers({**self.defaults, **param_group})
         super().add_param_group(param_group)
         if getattr(self, "_scopes", None) is not None:  # grown here, not in a (possibly compiled) step
-            self._scopes.grow(*self._scope_counts(), self._hyper.beta_max)
+            self._scopes.grow(*self._scope_counts(), self._scope_init())
+
+    def _check_group_hypers(self, group: dict[str, Any]) -> None:
+        """The per-group hyperparameters: lr >= 0 and weight_decay >= 0."""
+        check_group(type(self).__name__, group["lr"], group["weight_decay"])
+
+    def _new_param_state(self, p: Tensor) -> dict[str, Tensor]:
+        """A parameter's state on its first step: zeros like the parameter, one per STATE_NAMES."""
+        return {key: torch.zeros_like(p, memory_format=torch.preserve_format) for key in self.STATE_NAMES}
+
+    def _scope_init(self):
+        """What a new scope starts from (its beta before any step)."""
+        return self._hyper.beta_max
+
+    def _meta_fields(self) -> dict[str, Any]:
+        """Saved in state_dict and checked on load: a mismatch is an error, not a silent reshape."""
+        return {self.SCOPE_ARG: self.beta_scope}
 
     # ----------------------------------------------------------------------------------------------
     # scopes
@@ -78,15 +100,14 @@ class AMOptimizer(torch.optim.Optimizer):
         }[self.beta_scope]
         return n_scopes, n_groups
 
-    def _scope_state(self, device: torch.device, dtype: torch.dtype) -> ScopeState:
+    def _scope_state(self, device: torch.device, dtype: torch.dtype):
         n_scopes, n_groups = self._scope_counts()
-        beta_max = self._hyper.beta_max
         if self._scopes is None:
-            self._scopes = ScopeState.create(n_scopes, n_groups, beta_max, device, dtype)
+            self._scopes = self.SCOPE_STATE.create(n_scopes, n_groups, self._scope_init(), device, dtype)
         if self._scopes.step.device != device or self._scopes.step.dtype != dtype:
-            self._scopes = ScopeState.from_dict(self._scopes.to_dict(), device, dtype)
-        if self._scopes.step.numel() != n_scopes or self._scopes.prev_lr.numel() != n_groups:
-            self._scopes.grow(n_scopes, n_groups, beta_max)
+            self._scopes = self.SCOPE_STATE.from_dict(self._scopes.to_dict(), device, dtype)
+        if not self._scopes.matches(n_scopes, n_groups):
+            self._scopes.grow(n_scopes, n_groups, self._scope_init())
         return self._scopes
 
     @property
@@ -115,11 +136,15 @@ class AMOptimizer(torch.optim.Optimizer):
                 loss = closure()
         batch = self._build_batch(loss)
         if batch is not None:
-            # Only the reference all-reduces the sums; "auto" picks it when the model is sharded.
-            backend = "torch" if (batch.process_group is not None and self.backend == "auto") else self.backend
-            module = self._backend_module(backend, batch.params[0].device, {p.dtype for p in batch.params})
-            self._backend_step(module, batch)
+            module = self._module_for(batch.process_group, batch.params[0].device, {p.dtype for p in batch.params})
+            getattr(module, self.STEP_OP)(batch, self._hyper)
         return loss
+
+    def _module_for(self, process_group, device: torch.device, dtypes: set[torch.dtype]):
+        """The backend module for this step. Only the reference all-reduces the sums, so "auto" picks
+        it when the model is sharded."""
+        backend = "torch" if (process_group is not None and self.backend == "auto") else self.backend
+        return self._backend_module(backend, device, dtypes)
 
     def _backend_module(self, backend: str, device: torch.device, dtypes: set[torch.dtype]):
         """backends.resolve, remembered per (backend, device, dtypes). NOTE [compile]: the cache is filled
@@ -127,7 +152,7 @@ class AMOptimizer(torch.optim.Optimizer):
         resolve (which imports optional backends and may fail an import, which dynamo cannot trace)."""
         key = (backend, str(device), tuple(sorted(map(str, dtypes))))
         if key not in self._resolved:
-            self._resolved[key] = backends.resolve(backend, device, dtypes, type(self).__name__)
+            self._resolved[key] = backends.resolve(backend, device, dtypes, type(self).__name__, op=self.STEP_OP)
         return self._resolved[key]
 
     def _prefill_backend_cache(self) -> None:
@@ -194,6 +219,11 @@ class AMOptimizer(torch.optim.Optimizer):
             self._index_cache.clear()
         keys = [e[0] for e in entries]  # the parameters as the user holds them: the keys of self.state
         process_group = self._reduce_group(keys)
+        if process_group is not None and not self.SUPPORTS_PROCESS_GROUP:
+            raise NotImplementedError(
+                f"{name}: sharded parameters (DTensor / process_group) are not supported yet: its sums would "
+                "cover only this rank's shard"
+            )
         if any(isinstance(e[0], DTensor) for e in entries):
             # DTensor parameters: the step runs on the local shards (views of the same storage).
             entries = [(_local(p), _local(g), gi, scope) for p, g, gi, scope in entries]
@@ -213,6 +243,7 @@ class AMOptimizer(torch.optim.Optimizer):
         dtype = torch.float64 if any(p.dtype == torch.float64 for p, *_ in entries) else torch.float32
         if self.capturable and device.type not in ("cuda", "xpu"):
             raise RuntimeError(f"{name}: capturable=True needs parameters on a CUDA (or XPU) device, got {device}")
+        self._module_for(process_group, device, {p.dtype for p, *_ in entries})  # raises before any state exists
         scopes = self._scope_state(device, dtype)
         lrs = [g["lr"] for g in self.param_groups]
         if any(isinstance(lr, Tensor) for lr in lrs):
@@ -225,10 +256,8 @@ class AMOptimizer(torch.optim.Optimizer):
             lr = self._index_cache[key]
 
         for gp, (p, *_) in zip(keys, entries):  # lazy state, created only after every check above
-            st = self.state[gp]
-            for key in self.STATE_NAMES:
-                if key not in st:
-                    st[key] = torch.zeros_like(gp, memory_format=torch.preserve_format)
+            if not self.state[gp]:
+                self.state[gp].update(self._new_param_state(gp))
 
         scope_of = [e[3] for e in entries]
         present_scopes, scope_lengths = [], []
@@ -241,7 +270,7 @@ class AMOptimizer(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         if loss is not None and not isinstance(loss, Tensor):
             loss = torch.tensor(float(loss), dtype=dtype, device=device)
-        if loss is not None and self._hyper.maximize:
+        if loss is not None and getattr(self._hyper, "maximize", False):
             loss = -loss  # backends see the objective being minimised, so F = prev - loss keeps its sign
         return StepBatch(
             params=[e[0] for e in entries],
@@ -254,7 +283,7 @@ class AMOptimizer(torch.optim.Optimizer):
             present_scopes=present_scopes,
             present_groups=sorted(set(e[2] for e in entries)),
             lr=lr,
-            weight_decay=[float(g["weight_decay"]) for g in self.param_groups],
+            weight_decay=[float(g.get("weight_decay", 0.0)) for g in self.param_groups],
             scopes=scopes,
             loss=loss if self._uses_loss() else None,
             grad_scale=grad_scale,
@@ -273,7 +302,7 @@ class AMOptimizer(torch.optim.Optimizer):
         sd[STATE_DICT_KEY] = {
             "format_version": FORMAT_VERSION,
             "optimizer": type(self).__name__,
-            "beta_scope": self.beta_scope,
+            **self._meta_fields(),
             "scopes": None if self._scopes is None else self._scopes.to_dict(),
         }
         return sd
@@ -293,11 +322,11 @@ class AMOptimizer(torch.optim.Optimizer):
                 f"{name}.load_state_dict: format_version {meta.get('format_version')!r} is not supported "
                 f"(this version reads {FORMAT_VERSION})"
             )
-        if meta.get("beta_scope") != self.beta_scope:
-            raise ValueError(
-                f"{name}.load_state_dict: saved with beta_scope={meta.get('beta_scope')!r}, "
-                f"this optimizer has beta_scope={self.beta_scope!r}"
-            )
+        for key, mine in self._meta_fields().items():
+            if meta.get(key) != mine:
+                raise ValueError(
+                    f"{name}.load_state_dict: saved with {key}={meta.get(key)!r}, this optimizer has {key}={mine!r}"
+                )
         super().load_state_dict({k: v for k, v in state_dict.items() if k != STATE_DICT_KEY})
         saved = meta["scopes"]
         if saved is None:
@@ -305,4 +334,4 @@ class AMOptimizer(torch.optim.Optimizer):
             self._prefill_backend_cache()
         else:
             device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
-            self._scopes = ScopeState.from_dict(saved, device, saved["step"].dtype)
+            self._scopes = self.SCOPE_STATE.from_dict(saved, device, saved["step"].dtype)

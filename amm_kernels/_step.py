@@ -43,6 +43,9 @@ class ScopeState:
             prev_loss=torch.zeros((), **z),
         )
 
+    def matches(self, n_scopes: int, n_groups: int) -> bool:
+        return self.step.numel() == n_scopes and self.prev_lr.numel() == n_groups
+
     def grow(self, n_scopes: int, n_groups: int, beta_max: float) -> None:
         """Extend for scopes and groups added by add_param_group (new entries start fresh)."""
         fresh = ScopeState.create(n_scopes, n_groups, beta_max, self.step.device, self.step.dtype)

@@ -52,6 +52,7 @@ class AMAdamW(AMOptimizer):
     """
 
     STATE_NAMES = ("exp_avg", "exp_avg_sq")
+    STEP_OP = "amadamw_step"
 
     def __init__(
         self,
@@ -76,6 +77,3 @@ class AMAdamW(AMOptimizer):
             adaptive=bool(adaptive), maximize=bool(maximize),
         )
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay), beta_scope, backend, process_group, capturable)
-
-    def _backend_step(self, module, batch) -> None:
-        module.amadamw_step(batch, self._hyper)

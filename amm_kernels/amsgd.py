@@ -54,6 +54,7 @@ class AMSGD(AMOptimizer):
     """
 
     STATE_NAMES = ("momentum_buffer",)
+    STEP_OP = "amsgd_step"
 
     def __init__(
         self,
@@ -87,6 +88,3 @@ class AMSGD(AMOptimizer):
 
     def _uses_loss(self) -> bool:
         return self._hyper.delta_f == "loss"
-
-    def _backend_step(self, module, batch) -> None:
-        module.amsgd_step(batch, self._hyper)

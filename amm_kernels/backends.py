@@ -73,27 +73,30 @@ def register(backend: Backend) -> None:
     _BACKENDS[backend.name] = backend
 
 
-def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Names of the backends that can run a step on tensors of `device`, fastest first."""
+def available_backends(device: torch.device | str = "cpu", op: str | None = None) -> list[str]:
+    """Names of the backends that can run a step on tensors of `device`, fastest first; with `op`
+    (e.g. "rllc_step"), only those whose module implements that optimizer's step."""
     device = torch.device(device)
     order = _AUTO_ORDER.get(device.type, ("torch",))
     names = [n for n in order if n in _BACKENDS] + [n for n in _BACKENDS if n not in order]
-    return [n for n in names if _BACKENDS[n].unavailable_reason(device) is None]
+    names = [n for n in names if _BACKENDS[n].unavailable_reason(device) is None]
+    return [n for n in names if op is None or hasattr(_BACKENDS[n].load(), op)]
 
 
 def backend_supports_dtype(name: str, dtype: torch.dtype) -> bool:
     return name in _BACKENDS and dtype in _BACKENDS[name].dtypes
 
 
-def resolve(name: str, device: torch.device, dtypes: set[torch.dtype], owner: str):
-    """The module implementing backend `name` for these tensors, or a clear error naming the fallbacks."""
+def resolve(name: str, device: torch.device, dtypes: set[torch.dtype], owner: str, op: str | None = None):
+    """The module implementing backend `name` (and, if given, the step function `op`) for these
+    tensors, or a clear error naming the fallbacks."""
     if name == "auto":
-        for candidate in available_backends(device):
+        for candidate in available_backends(device, op):
             if all(backend_supports_dtype(candidate, dt) for dt in dtypes):
                 return _BACKENDS[candidate].load()
         raise RuntimeError(f"{owner}: no backend supports parameters of dtype {sorted(map(str, dtypes))} on {device}")
     backend = _BACKENDS.get(name)
-    fallbacks = ", ".join(repr(n) for n in available_backends(device))
+    fallbacks = ", ".join(repr(n) for n in available_backends(device, op))
     if backend is None:
         raise RuntimeError(f"{owner}: backend {name!r} is not built in this installation; available here: {fallbacks}")
     reason = backend.unavailable_reason(device)
@@ -105,4 +108,7 @@ def resolve(name: str, device: torch.device, dtypes: set[torch.dtype], owner: st
             f"{owner}: backend {name!r} does not support parameters of dtype {unsupported[0]}; "
             f"it supports {', '.join(map(str, backend.dtypes))}"
         )
-    return backend.load()
+    module = backend.load()
+    if op is not None and not hasattr(module, op):
+        raise RuntimeError(f"{owner}: backend {name!r} has no {owner} kernels yet; use one of {fallbacks}")
+    return module

@@ -1,29 +1,26 @@
 """RLLC: Retrospective Learning Law Correction with linear memory (SPEC.md section 4).
 
-The class reuses AMOptimizer's plumbing (torch.optim groups, GradScaler found_inf/grad_scale, scope
-numbering) and overrides the parts that differ from AMSGD/AMAdamW: k memory tensors per parameter
-(one state tensor of shape (k, *param.shape)), a learning law per scope instead of a beta, param
-groups that set only lr, and a backend choice among the backends that implement `rllc_step`.
+The class is AMOptimizer (torch.optim groups, scopes, state_dict, GradScaler found_inf/grad_scale,
+backend dispatch, the StepBatch) with what differs declared through its hooks: k memory tensors per
+parameter (one state tensor of shape (k, *param.shape)), a learning law per scope instead of a beta,
+param groups that set only lr, and backends that implement `rllc_step`.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import backends
-from ._base import FORMAT_VERSION, STATE_DICT_KEY, AMOptimizer
-from ._hyper import check_choice, check_range
-from ._step import StepBatch
+from ._base import STATE_DICT_KEY, AMOptimizer
+from ._hyper import check_range
 from .memory import memory_rule
 
 __all__ = ["RLLC", "RLLCHyper", "RLLCScopeState", "rllc_backends", "supports_rllc"]
 
-SCOPES = ("global", "group", "tensor")
-GROUP_KEYS = ("params", "lr")  # what a param group may set; the rest is optimizer-wide
 RCOND = 1e-6  # relative eigenvalue cutoff of the pseudo-inverse of the k x k Gram matrix (SPEC.md 4)
 
 
@@ -52,13 +49,16 @@ class RLLCScopeState:
     FIELDS = ("step", "law")
 
     @classmethod
-    def create(cls, n_scopes: int, law_init, device, dtype) -> "RLLCScopeState":
+    def create(cls, n_scopes: int, n_groups: int, law_init, device, dtype) -> "RLLCScopeState":
         law = torch.tensor(law_init, dtype=dtype).reshape(1, -1).repeat(n_scopes, 1)
         return cls(step=torch.zeros(n_scopes, dtype=dtype).to(device), law=law.to(device))
 
-    def grow(self, n_scopes: int, law_init) -> None:
+    def matches(self, n_scopes: int, n_groups: int) -> bool:
+        return self.step.numel() == n_scopes
+
+    def grow(self, n_scopes: int, n_groups: int, law_init) -> None:
         """Extend for scopes added by add_param_group (new scopes start at law_init, step 0)."""
-        fresh = RLLCScopeState.create(n_scopes, law_init, self.step.device, self.step.dtype)
+        fresh = RLLCScopeState.create(n_scopes, n_groups, law_init, self.step.device, self.step.dtype)
         fresh.step[: self.step.numel()] = self.step
         fresh.law[: self.law.shape[0]] = self.law
         self.__dict__.update(fresh.__dict__)
@@ -71,42 +71,14 @@ class RLLCScopeState:
         return cls(**{name: saved[name].to(device=device, dtype=dtype).clone() for name in cls.FIELDS})
 
 
-# --------------------------------------------------------------------------------------------------
-# backends: those whose module has an `rllc_step(batch, hp)`; the reference always has one
-def _rllc_step_of(name: str, module) -> Callable | None:
-    step = getattr(module, "rllc_step", None)
-    if step is None and name == "torch":
-        from .reference.rllc_reference import rllc_step as step
-    return step
+def rllc_backends(device: torch.device | str = "cpu") -> list[str]:
+    """The backends of available_backends(device) that implement RLLC, fastest first."""
+    return backends.available_backends(device, op=RLLC.STEP_OP)
 
 
 def supports_rllc(name: str, device: torch.device | str = "cpu") -> bool:
     """True when backend `name` can run RLLC steps on tensors of `device`."""
-    try:
-        module = backends.resolve(name, torch.device(device), set(), "RLLC")
-    except (RuntimeError, TypeError):
-        return False
-    return _rllc_step_of(name, module) is not None
-
-
-def rllc_backends(device: torch.device | str = "cpu") -> list[str]:
-    """The backends of available_backends(device) that implement RLLC, fastest first."""
-    return [name for name in backends.available_backends(device) if supports_rllc(name, device)]
-
-
-def _resolve_rllc(name: str, device: torch.device, dtypes: set) -> Callable:
-    if name == "auto":
-        for candidate in rllc_backends(device):
-            if all(backends.backend_supports_dtype(candidate, dt) for dt in dtypes):
-                return _rllc_step_of(candidate, backends.resolve(candidate, device, dtypes, "RLLC"))
-        raise RuntimeError(f"RLLC: no backend runs RLLC on parameters of dtype {sorted(map(str, dtypes))} on {device}")
-    step = _rllc_step_of(name, backends.resolve(name, device, dtypes, "RLLC"))
-    if step is None:
-        raise RuntimeError(
-            f"RLLC: backend {name!r} has no RLLC kernels yet; use one of "
-            f"{', '.join(map(repr, rllc_backends(device)))} (or backend='auto')"
-        )
-    return step
+    return name in rllc_backends(device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,16 +126,18 @@ class RLLC(AMOptimizer):
     """
 
     STATE_NAMES = ("memory",)
+    STEP_OP = "rllc_step"
+    GROUP_KEYS = ("params", "lr")
+    SCOPE_ARG = "scope"
+    SCOPE_STATE = RLLCScopeState
+    SUPPORTS_PROCESS_GROUP = False  # the reference does not all-reduce the Gram sums yet
 
     def __init__(self, params, lr=0.01, law_lr: float = 0.01, memory="M(0.9)+M(0)", law_init=None,
                  scope: str = "global", backend: str = "auto"):
         name = type(self).__name__
-        check_range(name, "lr", lr, lo=0.0)
         check_range(name, "law_lr", law_lr, lo=0.0)
         if isinstance(law_lr, Tensor):
             raise ValueError(f"{name}: law_lr must be a number, got a tensor")
-        check_choice(name, "scope", scope, SCOPES)
-        check_choice(name, "backend", backend, backends.BACKEND_NAMES)
         U, b = memory_rule(memory, name)
         k = len(b)
         if law_init is None:
@@ -177,29 +151,30 @@ class RLLC(AMOptimizer):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name}: law_init[{i}] must be a finite number, got {value!r}")
         self._hyper = RLLCHyper(law_lr=float(law_lr), U=U, b=b, law_init=tuple(float(v) for v in law_init))
-        self.scope = self.beta_scope = scope  # beta_scope: the name AMOptimizer's scope numbering reads
-        self.backend = backend
-        self._scopes: RLLCScopeState | None = None
-        torch.optim.Optimizer.__init__(self, params, dict(lr=lr))
-        # The scope state is made here, on the parameters' device (so optimizer.law is there from the
-        # start, and a compiled step() finds it instead of creating it; cf. AMOptimizer's NOTE [compile]).
-        first = [p for g in self.param_groups for p in g["params"]]
-        if first:
-            dtype = torch.float64 if any(p.dtype == torch.float64 for p in first) else torch.float32
-            self._scope_state(first[0].device, dtype)
+        super().__init__(params, dict(lr=lr), scope, backend)
+        self.scope = scope
 
-    # ----------------------------------------------------------------------------------------------
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        name = type(self).__name__
-        extra = sorted(k for k in param_group if k not in GROUP_KEYS)
-        if extra:
-            raise ValueError(
-                f"{name}: a param group may set only lr; {', '.join(extra)} "
-                f"{'is' if len(extra) == 1 else 'are'} optimizer-wide or not an {name} argument"
-            )
-        check_range(name, "lr", param_group.get("lr", self.defaults["lr"]), lo=0.0)
-        torch.optim.Optimizer.add_param_group(self, param_group)
+    # hooks of AMOptimizer ------------------------------------------------------------------------
+    def _check_group_hypers(self, group: dict[str, Any]) -> None:
+        check_range(type(self).__name__, "lr", group["lr"], lo=0.0)
 
+    def _new_param_state(self, p: Tensor) -> dict[str, Tensor]:
+        return {"memory": torch.zeros((self.k, *p.shape), dtype=p.dtype, device=p.device)}
+
+    def _scope_init(self):
+        return self._hyper.law_init
+
+    def _meta_fields(self) -> dict[str, Any]:
+        return {"scope": self.beta_scope, "k": self.k}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        meta = state_dict.get(STATE_DICT_KEY) or {}
+        if meta.get("optimizer") == type(self).__name__ and meta.get("k", self.k) != self.k:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: saved with k = {meta['k']} memory units, "
+                             f"this optimizer's memory has k = {self.k}")
+        super().load_state_dict(state_dict)
+
+    # ---------------------------------------------------------------------------------------------
     @property
     def k(self) -> int:
         """The number of memory units."""
@@ -210,138 +185,12 @@ class RLLC(AMOptimizer):
         """The current learning law on the parameters' device: (k,) for scope="global", else one row
         per group / parameter tensor (groups in order). A copy; reading it never synchronises."""
         if self._scopes is None:
-            n_scopes, _ = self._scope_counts()
-            law = RLLCScopeState.create(n_scopes, self._hyper.law_init, "cpu", torch.float32).law
+            n_scopes, n_groups = self._scope_counts()
+            law = RLLCScopeState.create(n_scopes, n_groups, self._hyper.law_init, "cpu", torch.float32).law
         else:
             law = self._scopes.law.clone()
-        return law.reshape(self.k) if self.scope == "global" else law
+        return law.reshape(self.k) if self.beta_scope == "global" else law
 
     @property
     def beta(self):
         raise AttributeError("RLLC has no beta; its per-scope coefficients are optimizer.law")
-
-    def _scope_state(self, device: torch.device, dtype: torch.dtype) -> RLLCScopeState:
-        n_scopes, _ = self._scope_counts()
-        if self._scopes is None:
-            self._scopes = RLLCScopeState.create(n_scopes, self._hyper.law_init, device, dtype)
-        if self._scopes.step.device != device or self._scopes.step.dtype != dtype:
-            self._scopes = RLLCScopeState.from_dict(self._scopes.to_dict(), device, dtype)
-        if self._scopes.step.numel() != n_scopes:
-            self._scopes.grow(n_scopes, self._hyper.law_init)
-        return self._scopes
-
-    # ----------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None):
-        """Perform one optimization step. `closure` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        built = self._build_batch(loss)
-        if built is not None:
-            step_fn, batch = built
-            step_fn(batch, self._hyper)
-        return loss
-
-    def _build_batch(self, loss) -> tuple[Callable, StepBatch] | None:
-        """Collect every parameter with a gradient and validate it, pick the backend, then (only then)
-        create state."""
-        name = type(self).__name__
-        entries = []  # (param, grad, group index, scope index)
-        tensor_index = 0
-        for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                scope = {"global": 0, "group": gi, "tensor": tensor_index}[self.scope]
-                tensor_index += 1
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{name} does not support sparse gradients")
-                if not p.is_floating_point():
-                    raise TypeError(f"{name}: parameters must be floating point, got {p.dtype}")
-                entries.append((p, p.grad, gi, scope))
-        if not entries:
-            return None
-        device = entries[0][0].device
-        for p, g, gi, scope in entries:
-            if p.device != device or g.device != device:
-                raise RuntimeError(
-                    f"{name}: all parameters and gradients must be on one device; found {device} and "
-                    f"{p.device if p.device != device else g.device} (one optimizer per device is supported)"
-                )
-        step_fn = _resolve_rllc(self.backend, device, {p.dtype for p, *_ in entries})
-
-        dtype = torch.float64 if any(p.dtype == torch.float64 for p, *_ in entries) else torch.float32
-        scopes = self._scope_state(device, dtype)
-        lrs = [g["lr"] for g in self.param_groups]
-        if any(isinstance(lr, Tensor) for lr in lrs):
-            lr = torch.stack([torch.as_tensor(x, dtype=dtype).to(device).reshape(()) for x in lrs])
-        else:
-            lr = torch.tensor(lrs, dtype=dtype).to(device, non_blocking=True)
-
-        k = self.k
-        for p, *_ in entries:  # lazy state, created only after every check above has passed
-            st = self.state[p]
-            if "memory" not in st:
-                st["memory"] = torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device)
-
-        scope_of = [e[3] for e in entries]
-        present_scopes, scope_lengths = [], []
-        for s in scope_of:
-            if present_scopes and present_scopes[-1] == s:
-                scope_lengths[-1] += 1
-            else:
-                present_scopes.append(s), scope_lengths.append(1)
-        batch = StepBatch(
-            params=[e[0] for e in entries],
-            grads=[e[1] for e in entries],
-            d=[self.state[e[0]]["memory"] for e in entries],
-            v=None,
-            group_of=[e[2] for e in entries],
-            scope_of=scope_of,
-            scope_lengths=scope_lengths,
-            present_scopes=present_scopes,
-            present_groups=sorted(set(e[2] for e in entries)),
-            lr=lr,
-            weight_decay=[0.0] * len(self.param_groups),
-            scopes=scopes,  # an RLLCScopeState: step and law
-            grad_scale=getattr(self, "grad_scale", None),
-            found_inf=getattr(self, "found_inf", None),
-        )
-        return step_fn, batch
-
-    # ----------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        sd[STATE_DICT_KEY].update(scope=self.scope, k=self.k)
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        name = type(self).__name__
-        meta = state_dict.get(STATE_DICT_KEY)
-        if meta is None:
-            raise ValueError(
-                f"{name}.load_state_dict: this state_dict has no {STATE_DICT_KEY!r} entry, so it was not "
-                f"saved by an amm_kernels optimizer (keys: {sorted(state_dict)})"
-            )
-        if meta.get("optimizer") != name:
-            raise ValueError(f"{name}.load_state_dict: this state_dict was saved by {meta.get('optimizer')}, not {name}")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{name}.load_state_dict: format_version {meta.get('format_version')!r} is not supported "
-                f"(this version reads {FORMAT_VERSION})"
-            )
-        if meta.get("scope") != self.scope:
-            raise ValueError(f"{name}.load_state_dict: saved with scope={meta.get('scope')!r}, "
-                             f"this optimizer has scope={self.scope!r}")
-        if meta.get("k") != self.k:
-            raise ValueError(f"{name}.load_state_dict: saved with k = {meta.get('k')} memory units, "
-                             f"this optimizer's memory has k = {self.k}")
-        torch.optim.Optimizer.load_state_dict(self, {k: v for k, v in state_dict.items() if k != STATE_DICT_KEY})
-        saved = meta["scopes"]
-        if saved is None:
-            self._scopes = None
-        else:
-            device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
-            self._scopes = RLLCScopeState.from_dict(saved, device, saved["step"].dtype)
