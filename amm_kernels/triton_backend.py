@@ -31,7 +31,6 @@ def _interpreter_on() -> bool:
 
 
 import importlib.util
-import sys
 
 # NOTE [import order]: Triton picks interpreter or compiler per function when it is decorated, and its
 # own library (tl.sum, ...) is decorated when triton is first imported. So the checks come before

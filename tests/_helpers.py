@@ -89,3 +89,45 @@ def vector_initial_params(vec):
         shapes = group.get("shapes") or [[len(p)] for p in group["params"]]
         out.append([np.asarray(p, dtype=np.float64).reshape(s) for p, s in zip(group["params"], shapes)])
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# optimizer state helpers shared by the behaviour tests (test_optimizer_api.py, test_rllc.py, ...)
+def model_params(seed=0, dtype=None):
+    """Four parameters of mixed shapes, one of them empty."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    dtype = dtype or torch.float32
+    return [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in [(4, 3), (7,), (1,), (0,)]]
+
+
+def set_grads(params, seed):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+
+
+def snapshot(opt, params):
+    """The parameters and a deep copy of the optimizer's state_dict (torch shares tensors otherwise)."""
+    import copy
+
+    return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+
+
+def assert_same_state(a, b):
+    """Two snapshots are bit-identical: parameters, per-parameter state and the scope state."""
+    import torch
+
+    (pa, sa), (pb, sb) = a, b
+    for x, y in zip(pa, pb):
+        assert torch.equal(x, y)
+    assert sa["state"].keys() == sb["state"].keys()
+    for key in sa["state"]:
+        for name, t in sa["state"][key].items():
+            assert torch.equal(t, sb["state"][key][name]), name
+    if sa["amm"]["scopes"] is not None:
+        for name, t in sa["amm"]["scopes"].items():
+            assert torch.equal(t, sb["amm"]["scopes"][name]), name

@@ -6,37 +6,11 @@ import pytest
 import torch
 
 import amm_kernels
+from _helpers import assert_same_state, model_params, set_grads, snapshot
 from amm_kernels import AMAdamW, AMSGD
 
 BACKENDS = amm_kernels.available_backends("cpu")
 OPTIMIZERS = [AMSGD, AMAdamW]
-
-
-def model_params(seed=0, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in [(4, 3), (7,), (1,), (0,)]]
-
-
-def set_grads(params, seed):
-    gen = torch.Generator().manual_seed(seed)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
-
-
-def snapshot(opt, params):
-    return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
-
-
-def assert_same_state(a, b):
-    (pa, sa), (pb, sb) = a, b
-    for x, y in zip(pa, pb):
-        assert torch.equal(x, y)
-    assert sa["state"].keys() == sb["state"].keys()
-    for k in sa["state"]:
-        for name, t in sa["state"][k].items():
-            assert torch.equal(t, sb["state"][k][name]), name
-    for name, t in sa["amm"]["scopes"].items():
-        assert torch.equal(t, sb["amm"]["scopes"][name]), name
 
 
 # --------------------------------------------------------------------------------------------------

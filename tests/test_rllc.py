@@ -10,7 +10,8 @@ import torch
 from amm_kernels.memory import MemorySyntaxError, memory_rule, parse_memory
 from amm_kernels.rllc import RLLC, rllc_backends
 
-from _helpers import load_vector, tolerance, vector_initial_params, vector_params
+from _helpers import (assert_same_state, load_vector, model_params, set_grads, snapshot, tolerance,
+                      vector_initial_params, vector_params)
 from spec_rllc_f64 import RLLCSpec, memory_matrices
 
 CPU = torch.device("cpu")
@@ -312,34 +313,6 @@ def test_step_never_reads_device_values_back():
 
 # --------------------------------------------------------------------------------------------------
 # torch.optim behaviour
-def model_params(seed=0, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in [(4, 3), (7,), (1,), (0,)]]
-
-
-def set_grads(params, seed):
-    gen = torch.Generator().manual_seed(seed)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
-
-
-def snapshot(opt, params):
-    return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
-
-
-def assert_same_state(a, b):
-    (pa, sa), (pb, sb) = a, b
-    for x, y in zip(pa, pb):
-        assert torch.equal(x, y)
-    assert sa["state"].keys() == sb["state"].keys()
-    for key in sa["state"]:
-        for name, t in sa["state"][key].items():
-            assert torch.equal(t, sb["state"][key][name]), name
-    if sa["amm"]["scopes"] is not None:
-        for name, t in sa["amm"]["scopes"].items():
-            assert torch.equal(t, sb["amm"]["scopes"][name]), name
-
-
 BAD_ARGS = [
     (dict(lr=-1.0), ValueError, "lr must be in [0.0, inf]"),
     (dict(lr=float("nan")), ValueError, "lr must be in"),
