@@ -94,3 +94,7 @@ def amadamw_step(batch: StepBatch, hp: AMAdamWHyper) -> None:
         float(hp.lam), float(hp.beta_max), float(hp.beta_min), float(hp.beta2), float(hp.eps),
         bool(hp.adaptive), bool(hp.maximize),
     )
+
+
+# RLLC on "cpu"/"cuda" (csrc/cpu/rllc_cpu.cpp, csrc/cuda/rllc_kernels.cu); imported last: it needs nothing above.
+from .rllc_compiled import rllc_step  # noqa: E402,F401

@@ -18,6 +18,11 @@ TORCH_LIBRARY(amm_kernels, m) {
       "Tensor? grad_scale, Tensor? found_inf, "
       "float lam, float beta_max, float beta_min, float beta2, float eps, "
       "bool adaptive, bool maximize) -> ()");
+  m.def(
+      "rllc_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] memory, "
+      "int[] group_of, int[] scope_of, Tensor lr, float[] U, float[] b, "
+      "Tensor(c!) step, Tensor(d!) law, Tensor? grad_scale, Tensor? found_inf, "
+      "float law_lr, float rcond) -> ()");
 }
 
 #ifdef AMM_WITH_CUDA

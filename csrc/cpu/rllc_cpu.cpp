@@ -1,0 +1,298 @@
+// The CPU implementation of rllc_step (csrc/OPS.md, SPEC.md section 4), matching
+// amm_kernels/reference/rllc_reference.py: pass 1 (per-chunk double sums of the previous memory's Gram
+// entries and M^T g, each chunk into its own slot), the slots combined per tensor and per scope in a
+// fixed order (bit-identical whatever the thread count), the law update per scope (rllc_math.h's
+// Jacobi pinv), then pass 2 (the k memory rows and the parameter in one sweep). With found_inf > 0
+// nothing at all is written. Self-contained: it shares only the math headers with the other kernels.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "rllc_math.h"
+
+namespace amm {
+namespace rllc_cpu {
+namespace {
+
+const char* kOwner = "amm_kernels rllc_step (cpu)";
+// Elements per chunk: the unit of parallel work and of pass 1's slots.
+constexpr int64_t kChunk = 16384;
+// Steps smaller than this run on the calling thread.
+constexpr int64_t kSerialElements = 1 << 16;
+
+inline float ld(float v) { return v; }
+inline float ld(c10::BFloat16 v) { return static_cast<float>(v); }
+inline float ld(c10::Half v) { return static_cast<float>(v); }
+
+struct Tensor1 {
+  at::Tensor x, g, m;  // contiguous working tensors: param, grad (param dtype or float32), memory (k rows)
+  int64_t n = 0;
+  int64_t scope_pos = 0;  // index into the runs
+  float lr = 0.f;
+  bool sums = false;  // pass 1 reads this tensor (its scope is not on its first step)
+};
+
+struct Chunk {
+  int32_t t;
+  int64_t begin, end;
+};
+
+template <class F>
+void dispatch_k(int64_t k, F&& f) {
+  switch (k) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: TORCH_CHECK(false, kOwner, ": k = ", k, " memory units; the kernels handle 1..", kRllcMaxK);
+  }
+}
+
+// f(TX{}, TG{}) with TX the param (and memory) type, TG the gradient's: TX or float.
+template <class F>
+void dispatch_types(at::ScalarType x, at::ScalarType g, F&& f) {
+  auto with_g = [&](auto tx) {
+    using TX = decltype(tx);
+    if (g == x) f(tx, tx);
+    else f(tx, float{});
+  };
+  switch (x) {
+    case at::kFloat: f(float{}, float{}); break;
+    case at::kBFloat16: with_g(c10::BFloat16{}); break;
+    case at::kHalf: with_g(c10::Half{}); break;
+    default: TORCH_CHECK(false, kOwner, ": unsupported parameter dtype ", x);
+  }
+}
+
+template <class F>
+void for_each(int64_t n, int64_t total_elements, const F& fn) {
+  if (n == 0) return;
+  if (total_elements < kSerialElements || n == 1 || at::get_num_threads() == 1) {
+    for (int64_t c = 0; c < n; ++c) fn(c);
+    return;
+  }
+  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) fn(c);
+  });
+}
+
+// Pass 1 over one chunk: its sums (double) into slot[0 .. rllc_n_sums(K)).
+template <int K, class TX, class TG>
+void sums_chunk(const Tensor1& t, int64_t begin, int64_t end, bool has_scale, float scale, double* slot) {
+  const TX* m = t.m.const_data_ptr<TX>();
+  const TG* g = t.g.const_data_ptr<TG>();
+  const int64_t n = t.n;
+  double acc[rllc_n_sums(K)] = {};
+  for (int64_t i = begin; i < end; ++i) {
+    float mv[K];
+    for (int a = 0; a < K; ++a) mv[a] = ld(m[a * n + i]);
+    rllc_accumulate<K>(mv, rllc_grad(ld(g[i]), has_scale, scale), acc);
+  }
+  for (int p = 0; p < rllc_n_sums(K); ++p) slot[p] = acc[p];
+}
+
+// Pass 2 over one chunk: the memory rows and the parameter.
+template <int K, class TX, class TG>
+void update_chunk(const Tensor1& t, int64_t begin, int64_t end, bool has_scale, float scale, const float* U,
+                  const float* b, const float* law) {
+  TX* x = t.x.mutable_data_ptr<TX>();
+  TX* m = t.m.mutable_data_ptr<TX>();
+  const TG* g = t.g.const_data_ptr<TG>();
+  const int64_t n = t.n;
+  float Uk[K * K], bk[K], lk[K];
+  for (int p = 0; p < K * K; ++p) Uk[p] = U[p];
+  for (int a = 0; a < K; ++a) {
+    bk[a] = b[a];
+    lk[a] = law[a];
+  }
+  const float lr = t.lr;
+  for (int64_t i = begin; i < end; ++i) {
+    float mv[K], mn[K];
+    for (int a = 0; a < K; ++a) mv[a] = ld(m[a * n + i]);
+    const float gv = rllc_grad(ld(g[i]), has_scale, scale);
+    rllc_memory_update<K>(mv, gv, Uk, bk, mn);
+    x[i] = static_cast<TX>(rllc_param<K>(ld(x[i]), mn, lk, lr));
+    for (int a = 0; a < K; ++a) m[a * n + i] = static_cast<TX>(mn[a]);
+  }
+}
+
+float scalar_of(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.numel() == 1, kOwner, ": ", name, " must have one element, got ", t.numel());
+  return t.to(at::kCPU).to(at::kFloat).item<float>();
+}
+
+void rllc_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList memory, at::IntArrayRef group_of,
+                   at::IntArrayRef scope_of, const at::Tensor& lr, at::ArrayRef<double> U, at::ArrayRef<double> b,
+                   const at::Tensor& step, const at::Tensor& law, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf, double law_lr, double rcond) {
+  const size_t T = params.size();
+  const int64_t k = static_cast<int64_t>(b.size());
+  TORCH_CHECK(k >= 1 && k <= kRllcMaxK, kOwner, ": k = ", k, " memory units; the kernels handle 1..", kRllcMaxK);
+  TORCH_CHECK(static_cast<int64_t>(U.size()) == k * k, kOwner, ": U must have k * k = ", k * k, " entries");
+  TORCH_CHECK(grads.size() == T && memory.size() == T && group_of.size() == T && scope_of.size() == T, kOwner,
+              ": params, grads, memory, group_of and scope_of must have the same length");
+  TORCH_CHECK(step.device().is_cpu() && step.scalar_type() == at::kFloat && step.is_contiguous(), kOwner,
+              ": step must be a contiguous float32 CPU tensor");
+  TORCH_CHECK(law.device().is_cpu() && law.scalar_type() == at::kFloat && law.is_contiguous(), kOwner,
+              ": law must be a contiguous float32 CPU tensor");
+  const int64_t S = step.numel();
+  TORCH_CHECK(law.numel() == S * k, kOwner, ": law must have shape [S, k] = [", S, ", ", k, "], got ", law.sizes());
+  TORCH_CHECK(lr.device().is_cpu(), kOwner, ": lr must be a CPU tensor");
+  if (T == 0) return;
+
+  if (found_inf.has_value() && found_inf->defined()) {
+    // NaN is not > 0: not skipped, as the reference's `found_inf > 0`.
+    if (scalar_of(*found_inf, "found_inf") > 0.f) return;
+  }
+  const bool has_scale = grad_scale.has_value() && grad_scale->defined();
+  const float scale = has_scale ? scalar_of(*grad_scale, "grad_scale") : 1.f;
+  const at::Tensor lr_f = lr.to(at::kFloat).contiguous().reshape(-1);
+  const float* lr_p = lr_f.const_data_ptr<float>();
+  const int64_t G = lr_f.numel();
+  float* step_p = step.mutable_data_ptr<float>();
+  float* law_p = law.mutable_data_ptr<float>();
+
+  // The tensors, their working copies, and the scope runs (scope index, first tensor, end tensor).
+  std::vector<Tensor1> ts(T);
+  std::vector<std::pair<at::Tensor, at::Tensor>> write_back;
+  std::vector<std::array<int64_t, 3>> runs;
+  std::vector<char> scope_seen(S, 0);
+  for (size_t i = 0; i < T; ++i) {
+    const int64_t gi = group_of[i], si = scope_of[i];
+    TORCH_CHECK(gi >= 0 && gi < G, kOwner, ": group_of[", i, "] = ", gi, " is out of range [0, ", G, ")");
+    TORCH_CHECK(si >= 0 && si < S, kOwner, ": scope_of[", i, "] = ", si, " is out of range [0, ", S, ")");
+    const at::Tensor& x = params[i];
+    const at::Tensor& mem = memory[i];
+    TORCH_CHECK(x.device().is_cpu() && grads[i].device().is_cpu() && mem.device().is_cpu(), kOwner, ": tensor ", i,
+                " is not on the CPU");
+    const at::ScalarType xt = x.scalar_type();
+    TORCH_CHECK(xt == at::kFloat || xt == at::kBFloat16 || xt == at::kHalf, kOwner, ": parameter ", i,
+                " has unsupported dtype ", xt, " (float32, bfloat16, float16 are supported)");
+    TORCH_CHECK(mem.scalar_type() == xt, kOwner, ": memory[", i, "] must have its parameter's dtype ", xt, ", got ",
+                mem.scalar_type());
+    const int64_t n = x.numel();
+    TORCH_CHECK(grads[i].numel() == n, kOwner, ": grads[", i, "] must have as many elements as its parameter");
+    TORCH_CHECK(mem.dim() >= 1 && mem.size(0) == k && mem.numel() == k * n, kOwner, ": memory[", i,
+                "] must have shape (k, *param.shape) with k = ", k, ", got ", mem.sizes());
+    Tensor1& t = ts[i];
+    t.n = n;
+    if (x.is_contiguous()) {
+      t.x = x;
+    } else {
+      t.x = x.contiguous();
+      write_back.emplace_back(x, t.x);
+    }
+    if (mem.is_contiguous()) {
+      t.m = mem;
+    } else {
+      t.m = mem.contiguous();
+      write_back.emplace_back(mem, t.m);
+    }
+    at::Tensor g = grads[i];
+    if (g.scalar_type() != xt && g.scalar_type() != at::kFloat) g = g.to(at::kFloat);
+    t.g = g.is_contiguous() && g.sizes() == x.sizes() ? g : g.reshape(x.sizes()).contiguous();
+    t.lr = lr_p[gi];
+    if (runs.empty() || runs.back()[0] != si) {
+      TORCH_CHECK(!scope_seen[si], kOwner, ": the tensors of scope ", si, " are not contiguous in the lists");
+      scope_seen[si] = 1;
+      runs.push_back({si, static_cast<int64_t>(i), static_cast<int64_t>(i) + 1});
+    } else {
+      runs.back()[2] = static_cast<int64_t>(i) + 1;
+    }
+    t.scope_pos = static_cast<int64_t>(runs.size()) - 1;
+    t.sums = step_p[si] != 0.f;  // on a scope's first step the sums are not used
+  }
+
+  // Chunks (tensor, offset order); pass 1's slots are numbered by chunk.
+  std::vector<Chunk> chunks;
+  std::vector<int64_t> first_chunk(T + 1);
+  int64_t total = 0, total_sums = 0;
+  for (size_t i = 0; i < T; ++i) {
+    first_chunk[i] = static_cast<int64_t>(chunks.size());
+    total += ts[i].n;
+    if (ts[i].sums) total_sums += ts[i].n;
+    for (int64_t s = 0; s < ts[i].n; s += kChunk)
+      chunks.push_back({static_cast<int32_t>(i), s, s + kChunk < ts[i].n ? s + kChunk : ts[i].n});
+  }
+  first_chunk[T] = static_cast<int64_t>(chunks.size());
+  const int P = rllc_n_sums(static_cast<int>(k));
+  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+
+  // Pass 1.
+  std::vector<double> slots(static_cast<size_t>(n_chunks) * P, 0.0);
+  if (total_sums > 0) {
+    for_each(n_chunks, total_sums, [&](int64_t c) {
+      const Chunk& ch = chunks[c];
+      const Tensor1& t = ts[ch.t];
+      if (!t.sums) return;
+      double* slot = slots.data() + c * P;
+      dispatch_k(k, [&](auto kk) {
+        constexpr int K = decltype(kk)::value;
+        dispatch_types(t.x.scalar_type(), t.g.scalar_type(), [&](auto tx, auto tg) {
+          sums_chunk<K, decltype(tx), decltype(tg)>(t, ch.begin, ch.end, has_scale, scale, slot);
+        });
+      });
+    });
+  }
+
+  // The law per present scope: slots summed per tensor (chunk order), tensors per scope (list order).
+  std::vector<float> law_new(runs.size() * k);
+  std::vector<double> scope_sums(P), tensor_sums(P);
+  for (size_t r = 0; r < runs.size(); ++r) {
+    const int64_t s = runs[r][0];
+    const bool first = step_p[s] == 0.f;
+    std::fill(scope_sums.begin(), scope_sums.end(), 0.0);
+    if (!first) {
+      for (int64_t i = runs[r][1]; i < runs[r][2]; ++i) {
+        std::fill(tensor_sums.begin(), tensor_sums.end(), 0.0);
+        for (int64_t c = first_chunk[i]; c < first_chunk[i + 1]; ++c)
+          for (int p = 0; p < P; ++p) tensor_sums[p] += slots[c * P + p];
+        for (int p = 0; p < P; ++p) scope_sums[p] += tensor_sums[p];
+      }
+    }
+    rllc_law_update(static_cast<int>(k), scope_sums.data(), law_p + s * k, first, law_lr, rcond,
+                    law_new.data() + r * k);
+  }
+
+  // Pass 2.
+  std::vector<float> Uf(k * k), bf(k);
+  for (int64_t p = 0; p < k * k; ++p) Uf[p] = static_cast<float>(U[p]);
+  for (int64_t a = 0; a < k; ++a) bf[a] = static_cast<float>(b[a]);
+  for_each(n_chunks, total, [&](int64_t c) {
+    const Chunk& ch = chunks[c];
+    const Tensor1& t = ts[ch.t];
+    const float* lw = law_new.data() + t.scope_pos * k;
+    dispatch_k(k, [&](auto kk) {
+      constexpr int K = decltype(kk)::value;
+      dispatch_types(t.x.scalar_type(), t.g.scalar_type(), [&](auto tx, auto tg) {
+        update_chunk<K, decltype(tx), decltype(tg)>(t, ch.begin, ch.end, has_scale, scale, Uf.data(), bf.data(), lw);
+      });
+    });
+  });
+  for (auto& [orig, work] : write_back) orig.copy_(work);
+
+  // Scope state.
+  for (size_t r = 0; r < runs.size(); ++r) {
+    const int64_t s = runs[r][0];
+    step_p[s] += 1.f;
+    for (int64_t a = 0; a < k; ++a) law_p[s * k + a] = law_new[r * k + a];
+  }
+}
+
+}  // namespace
+}  // namespace rllc_cpu
+}  // namespace amm
+
+TORCH_LIBRARY_IMPL(amm_kernels, CPU, m) { m.impl("rllc_step", &amm::rllc_cpu::rllc_step_cpu); }
