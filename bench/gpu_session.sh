@@ -34,13 +34,12 @@ PY="${PYTHON:-python3}"
   echo "pytest rc=$test_rc"
   echo "$build_rc $test_rc" > "$OUT/.rc"
 
-  echo "== benchmark"
-  if [ -f bench/bench_gpu_step.py ]; then
-    OUT="$OUT" "$PY" bench/bench_gpu_step.py
-    echo "bench rc=$?"
-  else
-    echo "bench/bench_gpu_step.py not present"
-  fi
+  echo "== benchmarks (rows land in bench/results/, copied to \$OUT)"
+  "$PY" bench/throughput.py; echo "throughput rc=$?"
+  "$PY" bench/train_step_overhead.py --d 1024 --layers 12 --batch 16 --ctx 512; echo "train_step rc=$?"
+  "$PY" bench/conv_lm.py --steps 3000 --seeds 3 --d 512 --layers 8 --batch 32 --ctx 256; echo "conv_lm rc=$?"
+  "$PY" bench/summarize.py > "$OUT/bench_tables.md"
+  tar czf "$OUT/bench_results.tgz" bench/results  # one file: the device tool returns at most 8
   echo "== done $(date -u +%FT%TZ)"
 } 2>&1 | tee "$OUT/log"
 read -r build_rc test_rc < "$OUT/.rc" 2>/dev/null || { build_rc=1; test_rc=1; }

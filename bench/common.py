@@ -1,0 +1,331 @@
+"""Shared helpers for the benchmarks in bench/: what machine this is, how to time a step, how to write
+results (CSV + JSON with the hardware named), plotting, a small LLaMA-style model and its data.
+
+Every script imports this as ``from common import ...`` (bench/ is put on sys.path by the scripts).
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+torch.set_flush_denormal(True)  # iterates that converge to machine precision must not slow to a crawl on subnormals
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+ROOT = HERE.parent
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+
+# --------------------------------------------------------------------------------------------------
+# The machine
+# --------------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load average (what `uptime` prints), so results say what load they ran under."""
+    try:
+        a, b, c = os.getloadavg()
+        return f"{a:.2f} {b:.2f} {c:.2f}"
+    except OSError:
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def device_tag(device: torch.device) -> str:
+    """A short file-name-safe tag: 'cpu' or e.g. 'nvidia_h100_80gb_hbm3'."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower()
+        return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+    return "cpu"
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001 - triton is optional
+        triton_version = "none"
+    return dict(
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        device=device_name(device),
+        device_type=device.type,
+        cpu=cpu_model(),
+        torch=torch.__version__,
+        triton=triton_version,
+        cuda=torch.version.cuda or "none",
+        threads=torch.get_num_threads(),
+        load_before=load_average(),
+        python=platform.python_version(),
+    )
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------
+
+
+def time_fn(fn, device: torch.device, warmup: int = 3, repeats: int = 20) -> float:
+    """Median milliseconds of fn() after warm-up.
+
+    GPU: triton.testing.do_bench (median, it flushes the L2 between calls) when triton is present,
+    else CUDA events around each call. CPU: time.perf_counter around each call.
+    """
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+
+            return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        except ImportError:
+            pass
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def copy_bandwidth(device: torch.device, numel: int, repeats: int = 10) -> float:
+    """GB/s of a large float32 copy (bytes read + bytes written over time): the device's practical peak."""
+    src = torch.empty(numel, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = time_fn(lambda: dst.copy_(src), device, warmup=2, repeats=repeats)
+    return 2 * 4 * numel / (ms * 1e-3) / 1e9
+
+
+# --------------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------------
+
+
+def is_finite_number(value) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def rounded(obj, digits: int = 5):
+    """obj with every float rounded to `digits` significant digits (keeps the JSON curves small)."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}") if math.isfinite(obj) else obj
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [rounded(v, digits) for v in obj]
+    return obj
+
+
+def thinned(curves: dict, points: int = 300) -> dict:
+    """Each list in {name: {key: list}} kept at about `points` evenly spaced entries plus the last one,
+    with the stride recorded, so the JSON stays small; the PNG is drawn from the full curves."""
+    out = {}
+    for name, c in curves.items():
+        n = max((len(v) for v in c.values() if isinstance(v, list)), default=0)
+        stride = max(1, n // points)
+        out[name] = {k: (v[::stride] + ([v[-1]] if (len(v) - 1) % stride else []) if isinstance(v, list) else v)
+                     for k, v in c.items()}
+        out[name]["stride"] = stride
+    return out
+
+
+def write_results(stem: str, rows: list[dict], env: dict, out_dir: Path | str | None = None, extra: dict | None = None):
+    """Writes <out_dir>/<stem>.csv (one row per measurement, environment columns included) and
+    <out_dir>/<stem>.json ({"environment": ..., "rows": [...], **extra}). Returns the two paths."""
+    out = Path(out_dir or RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(env, load_after=load_average())
+    csv_path, json_path = out / f"{stem}.csv", out / f"{stem}.json"
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    env_keys = ["date", "device", "torch", "triton", "load_before", "load_after"]
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys + env_keys)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, **{k: env.get(k, "") for k in env_keys}})
+    with open(json_path, "w") as fh:
+        json.dump({"environment": env, "rows": rows, **rounded(extra or {})}, fh, default=float)
+    return csv_path, json_path
+
+
+def plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+
+    return pyplot
+
+
+def footer(env: dict) -> str:
+    return f"{env['device']} | torch {env['torch']} | load {env['load_before']} | {env['date']}"
+
+
+def progress(iterable=None, **kw):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, dynamic_ncols=True, mininterval=0.5, **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# A small LLaMA-style causal LM (RMSNorm, rotary attention, SwiGLU MLP, untied head) and its data
+# --------------------------------------------------------------------------------------------------
+
+
+def llama_shapes(d_model: int, n_layers: int, vocab: int, ffn: int | None = None) -> list[tuple[int, ...]]:
+    """Parameter shapes of a LLaMA-style transformer, in model order (for throughput benchmarks)."""
+    ffn = ffn or int(8 * d_model / 3 / 64 + 1) * 64
+    shapes: list[tuple[int, ...]] = [(vocab, d_model)]
+    for _ in range(n_layers):
+        shapes += [(d_model,), (d_model, d_model), (d_model, d_model), (d_model, d_model), (d_model, d_model),
+                   (d_model,), (ffn, d_model), (ffn, d_model), (d_model, ffn)]
+    shapes += [(d_model,), (vocab, d_model)]
+    return shapes
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rotary(x, cos, sin):
+    x1, x2 = x[..., ::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        ffn = int(8 * d / 3 / 16 + 1) * 16
+        self.norm1, self.norm2 = RMSNorm(d), RMSNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.gate, self.up, self.down = nn.Linear(d, ffn, bias=False), nn.Linear(d, ffn, bias=False), nn.Linear(ffn, d, bias=False)
+
+    def forward(self, x, cos, sin):
+        b, t, d = x.shape
+        h = self.norm1(x)
+        q, k, v = (lin(h).view(b, t, self.heads, d // self.heads).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(att.transpose(1, 2).reshape(b, t, d))
+        h = self.norm2(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+class TinyLlama(nn.Module):
+    def __init__(self, vocab: int = 256, d: int = 128, layers: int = 2, heads: int = 4, ctx: int = 128):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.norm = RMSNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        hd = d // heads
+        inv = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
+        ang = torch.outer(torch.arange(ctx).float(), inv)
+        self.register_buffer("cos", ang.cos(), persistent=False)
+        self.register_buffer("sin", ang.sin(), persistent=False)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+
+    def forward(self, idx):
+        t = idx.shape[1]
+        x = self.embed(idx)
+        for blk in self.blocks:
+            x = blk(x, self.cos[:t], self.sin[:t])
+        return self.head(self.norm(x))
+
+    def loss(self, idx, targets):
+        logits = self(idx)
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (LLaMA practice): norms' gains get none."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+def stdlib_bytes(limit: int | None = None) -> torch.Tensor:
+    """The bytes of the Python standard library's own *.py files, in sorted path order (no download)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted((p for p in root.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts),
+                   key=lambda p: p.relative_to(root).as_posix())
+    chunks, total = [], 0
+    for path in files:
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        chunks.append(data)
+        total += len(data)
+        if limit and total >= limit:
+            break
+    return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8).long()
+
+
+def batches(data: torch.Tensor, batch: int, ctx: int, gen: torch.Generator, device: torch.device):
+    ix = torch.randint(len(data) - ctx - 1, (batch,), generator=gen)
+    x = torch.stack([data[i : i + ctx] for i in ix.tolist()])
+    y = torch.stack([data[i + 1 : i + ctx + 1] for i in ix.tolist()])
+    return x.to(device), y.to(device)

@@ -1,0 +1,197 @@
+"""Throughput of optimizer.step(): AMAdamW / AMSGD (every available backend) beside torch.optim.AdamW and
+SGD(momentum) (foreach and fused), on one flat tensor and on a LLaMA-shaped list of ~200-300 tensors.
+
+    python bench/throughput.py            # CPU: sizes 1e5..16M (a few minutes); GPU: 1e5..1e9 or memory
+    python bench/throughput.py --quick    # tiny sizes, seconds
+
+Reports ms/step, effective GB/s, the fraction of the device's copy bandwidth (a large float32 copy,
+bytes read + written over time, measured in the same run) and the ratio to torch AdamW (fused where it
+runs). Writes bench/results/throughput_<device>.{csv,json,png}.
+
+Bytes a step must move per float32 parameter (the floor any implementation pays; reads + writes):
+  AdamW          28 = read g, m, v, x (16) + write m, v, x (12)                 (one pass)
+  SGD momentum   20 = read g, buf, x (12) + write buf, x (8)                     (one pass)
+  AMAdamW        40 = pass 1 (the global sums) reads g, d, v (12) + pass 2 as AdamW (28);
+                 44 with weight decay: pass 1 also reads x (the <d - g, x> and mu x terms)
+  AMSGD          28 = pass 1 reads g, d (8) + pass 2 reads g, d, x, writes d, x (20)  (no weight decay)
+The global sums over all parameters must finish before any update, so the AM step is two passes.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from common import RESULTS, copy_bandwidth, device_tag, environment, footer, llama_shapes, plt, progress, time_fn, write_results  # noqa: E402
+
+from amm_kernels import AMSGD, AMAdamW, available_backends  # noqa: E402
+
+WD = 0.01  # AdamW and AMAdamW run with weight decay (AMAdamW: 44 B/param); the SGDs without
+
+
+def cases(device: torch.device):
+    """(name, family, bytes per param, factory). Factories raise if a variant cannot run here."""
+    out = []
+    for b in available_backends(device):
+        out.append((f"AMAdamW[{b}]", "adamw", 44, lambda p, b=b: AMAdamW(p, lr=1e-3, weight_decay=WD, backend=b)))
+    out += [
+        ("AdamW fused", "adamw", 28, lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=WD, fused=True)),
+        ("AdamW foreach", "adamw", 28, lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=WD, foreach=True)),
+    ]
+    for b in available_backends(device):
+        out.append((f"AMSGD[{b}]", "sgd", 28, lambda p, b=b: AMSGD(p, lr=1e-2, backend=b)))
+    out += [
+        ("SGD-momentum fused", "sgd", 20, lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, fused=True)),
+        ("SGD-momentum foreach", "sgd", 20, lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, foreach=True)),
+    ]
+    return out
+
+
+def model_shapes(target: int, layers: int = 24) -> list[tuple[int, ...]]:
+    """LLaMA-style shapes (vocab = 8 d, 24 layers = 219 tensors) with d (a multiple of 8) giving ~target params."""
+    best = None
+    for d in range(8, 16384, 8):
+        shapes = llama_shapes(d, layers, vocab=8 * d)
+        n = sum(torch.Size(s).numel() for s in shapes)
+        if best is None or abs(n - target) < abs(best[0] - target):
+            best = (n, shapes)
+        if n > target:
+            break
+    return best[1]
+
+
+def make_params(shapes, device, seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    params = []
+    for s in shapes:
+        p = torch.randn(s, device=device, generator=gen).requires_grad_()
+        p.grad = torch.randn(s, device=device, generator=gen).mul_(1e-2)
+        params.append(p)
+    return params
+
+
+def free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, a few repeats (smoke test)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--sizes", default=None, help="comma-separated parameter counts, e.g. 1e5,1e6")
+    ap.add_argument("--max-size", type=float, default=None, help="largest size (default 16M on CPU, 1e9 on GPU)")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (on a shared machine 1 gives steadier numbers than oversubscribed cores)")
+    ap.add_argument("--out-dir", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    if args.quick and not args.threads:
+        args.threads = 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.sizes:
+        sizes = [int(float(s)) for s in args.sizes.split(",")]
+    elif args.quick:
+        sizes = [20_000]
+    else:
+        cap = args.max_size or (1e9 if device.type == "cuda" else 16e6)
+        if device.type == "cuda":  # ~16 B/param of state + grads, plus temporaries of the reference: keep 4x slack
+            cap = min(cap, torch.cuda.mem_get_info(device)[0] / (16 * 4))
+        ladder = [1e5, 1e6, 4e6, 16e6, 1e8, 3e8, 1e9]
+        sizes = [int(s) for s in ladder if s <= cap]
+    repeats = args.repeats or (2 if args.quick else (50 if device.type == "cuda" else 10))
+
+    env = environment(device)
+    copy_numel = 10_000 if args.quick else (256 << 20 if device.type == "cuda" else 32 << 20)
+    copy_gbs = copy_bandwidth(device, copy_numel)
+    print(f"{env['device']}: copy bandwidth {copy_gbs:.1f} GB/s ({copy_numel * 8 / 1e6:.0f} MB moved per copy); "
+          f"load {env['load_before']}", flush=True)
+
+    all_cases = cases(device)
+    rows = []
+    jobs = [(layout, n) for n in sizes for layout in ("flat", "model")]
+    bar = progress(total=len(jobs) * len(all_cases), desc="throughput")
+    for layout, n in jobs:
+        shapes = [(n,)] if layout == "flat" else model_shapes(n, layers=2 if args.quick else 24)
+        numel = sum(torch.Size(s).numel() for s in shapes)
+        measured = {}
+        for name, family, bpp, factory in all_cases:
+            bar.set_postfix_str(f"{layout} {numel:.1e} {name}")
+            try:
+                params = make_params(shapes, device)
+                opt = factory(params)
+                ms = time_fn(opt.step, device, warmup=1 if args.quick else 3,
+                             repeats=repeats if "[torch]" not in name else max(2, repeats // 2))
+                status = "ok"
+            except torch.OutOfMemoryError:
+                ms, status = float("nan"), "oom"
+            except (RuntimeError, TypeError, ValueError) as err:  # a variant that does not run here
+                ms, status = float("nan"), f"unsupported: {str(err).splitlines()[0][:80]}"
+            finally:
+                params = opt = None
+                free(device)
+            measured[name] = ms
+            gbs = bpp * numel / (ms * 1e-3) / 1e9 if ms == ms else float("nan")
+            rows.append(dict(layout=layout, numel=numel, tensors=len(shapes), optimizer=name, family=family,
+                             bytes_per_param=bpp, ms_per_step=round(ms, 4), effective_gbs=round(gbs, 2),
+                             frac_of_copy_bw=round(gbs / copy_gbs, 3), copy_gbs=round(copy_gbs, 1), status=status))
+            bar.update()
+        adamw = measured.get("AdamW fused")
+        if adamw is None or adamw != adamw:
+            adamw = measured.get("AdamW foreach")
+        for row in rows[-len(all_cases):]:
+            row["ratio_to_adamw"] = round(row["ms_per_step"] / adamw, 3) if adamw == adamw else float("nan")
+    bar.close()
+
+    tag = device_tag(device)
+    out = Path(args.out_dir)
+    csv_path, _ = write_results(f"throughput_{tag}", rows, env, out, extra=dict(copy_gbs=copy_gbs))
+    print_table(rows, env)
+    png = out / f"throughput_{tag}.png"
+    plot(rows, env, copy_gbs, png)
+    print(f"wrote {csv_path} and {png}")
+    return rows
+
+
+def print_table(rows, env):
+    print(f"\n{env['device']} | torch {env['torch']} | triton {env['triton']} | load {env['load_before']}")
+    print(f"{'layout':6s} {'params':>10s} {'optimizer':22s} {'ms/step':>9s} {'GB/s':>8s} {'of copy':>8s} {'vs AdamW':>9s}")
+    for r in rows:
+        print(f"{r['layout']:6s} {r['numel']:10d} {r['optimizer']:22s} {r['ms_per_step']:9.3f} {r['effective_gbs']:8.1f} "
+              f"{r['frac_of_copy_bw']:8.2f} {r['ratio_to_adamw']:8.2f}x")
+
+
+def plot(rows, env, copy_gbs, path):
+    pyplot = plt()
+    fig, axes = pyplot.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for ax, layout in zip(axes, ("flat", "model")):
+        names = list(dict.fromkeys(r["optimizer"] for r in rows))
+        for name in names:
+            pts = [(r["numel"], r["effective_gbs"]) for r in rows if r["layout"] == layout and r["optimizer"] == name]
+            pts = [p for p in pts if p[1] == p[1]]
+            if pts:
+                style = "-" if name.startswith("AM") else "--"
+                ax.plot(*zip(*pts), style, marker="o", label=name)
+        ax.axhline(copy_gbs, color="k", lw=0.8, ls=":", label=f"copy {copy_gbs:.0f} GB/s")
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters")
+        ax.set_title("one flat tensor" if layout == "flat" else "LLaMA-shaped list (219 tensors)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("effective GB/s (bytes the step must move / time)")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"optimizer.step() throughput\n{footer(env)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Full training-step time (forward + backward + clip + optimizer.step + zero_grad) of a small LLaMA-style
+transformer with torch.optim.AdamW against AMAdamW (every available backend): what the adaptive beta
+costs in a real step, not just in optimizer.step().
+
+    python bench/train_step_overhead.py            # CPU: d=256, 4 layers, batch 8x128
+    python bench/train_step_overhead.py --quick    # seconds
+    python bench/train_step_overhead.py --d 1024 --layers 12 --batch 16 --ctx 512   # a GPU
+
+Writes bench/results/train_step_overhead_<device>.{csv,json} (no plot: one number per optimizer).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from common import RESULTS, TinyLlama, decay_groups, device_tag, environment, progress, time_fn, write_results  # noqa: E402
+
+from amm_kernels import AMAdamW, available_backends  # noqa: E402
+
+
+def optimizers(device):
+    out = {"AdamW fused": lambda g: torch.optim.AdamW(g, lr=1e-3, betas=(0.9, 0.95), fused=True)}
+    out["AdamW foreach"] = lambda g: torch.optim.AdamW(g, lr=1e-3, betas=(0.9, 0.95), foreach=True)
+    for b in available_backends(device):
+        out[f"AMAdamW[{b}]"] = lambda g, b=b: AMAdamW(g, lr=1e-3, betas=(0.9, 0.95), backend=b)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--d", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--ctx", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out-dir", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.d, args.layers, args.batch, args.ctx, args.repeats = 32, 1, 2, 16, 2
+        args.threads = args.threads or 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    env = environment(device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(256, (args.batch, args.ctx), generator=gen).to(device)
+    y = torch.randint(256, (args.batch, args.ctx), generator=gen).to(device)
+
+    cases = []
+    for name, make in optimizers(device).items():
+        torch.manual_seed(0)
+        model = TinyLlama(d=args.d, layers=args.layers, heads=args.heads, ctx=args.ctx).to(device)
+        cases.append((name, model, make(decay_groups(model, 0.1))))
+
+    def train_step(model, opt):
+        loss = model.loss(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def fwd_bwd(model):
+        loss = model.loss(x, y)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    times = {name: dict(step=[], fb=[]) for name, _, _ in cases}
+    if device.type == "cuda":
+        for name, model, opt in cases:
+            times[name]["step"] = [time_fn(lambda: train_step(model, opt), device)]
+            times[name]["fb"] = [time_fn(lambda: fwd_bwd(model), device)]
+    else:  # round-robin, so that a load that drifts during the run hits every optimizer alike
+        for name, model, opt in cases:
+            for _ in range(1 if args.quick else 2):
+                train_step(model, opt)
+        for _ in progress(range(args.repeats), desc="train step (rounds)"):
+            for name, model, opt in cases:
+                t0 = time.perf_counter()
+                train_step(model, opt)
+                t1 = time.perf_counter()
+                fwd_bwd(model)
+                t2 = time.perf_counter()
+                times[name]["step"].append((t1 - t0) * 1e3)
+                times[name]["fb"].append((t2 - t1) * 1e3)
+
+    rows, base = [], None
+    for name, model, opt in cases:
+        ms, ms_fb = statistics.median(times[name]["step"]), statistics.median(times[name]["fb"])
+        opt_ms = statistics.median(a - b for a, b in zip(times[name]["step"], times[name]["fb"])) if device.type != "cuda" else ms - ms_fb
+        base = base if base is not None else ms
+        n = sum(p.numel() for p in model.parameters())
+        rows.append(dict(optimizer=name, params=n, tensors=len(list(model.parameters())), tokens=args.batch * args.ctx,
+                         ms_per_train_step=round(ms, 3), ms_fwd_bwd=round(ms_fb, 3), ms_step_minus_fwd_bwd=round(opt_ms, 3),
+                         ratio_to_adamw_fused=round(ms / base, 3), overhead_pct=round(100 * (ms / base - 1), 1)))
+        print(f"{name:16s} {ms:9.2f} ms/train step (fwd+bwd alone {ms_fb:8.2f}; clip+step+zero_grad {opt_ms:8.2f}) "
+              f"{ms / base:6.2f}x", flush=True)
+    write_results(f"train_step_overhead_{device_tag(device)}", rows, env, args.out_dir)
+    print(f"{env['device']}, {rows[0]['params']} params, {args.batch}x{args.ctx} tokens; load {env['load_before']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Smoke test of the benchmark scripts in bench/: each main() runs with --quick on tiny sizes into a
+temporary directory, and its result files must exist and hold finite numbers. The sklearn-based ones
+skip cleanly when scikit-learn is not installed."""
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+SCRIPTS = [  # (module, files it must write, a numeric CSV column that must be finite in every "ok" row, needs sklearn)
+    ("throughput", ["throughput_cpu.csv", "throughput_cpu.json", "throughput_cpu.png"], "ms_per_step", False),
+    ("train_step_overhead", ["train_step_overhead_cpu.csv", "train_step_overhead_cpu.json"], "ms_per_train_step", False),
+    ("conv_quadratic", ["conv_quadratic.csv", "conv_quadratic.json", "conv_quadratic.png"], "final_gap", False),
+    ("conv_logistic", ["conv_logistic.csv", "conv_logistic.json", "conv_logistic.png"], "final_loss", True),
+    ("conv_digits", ["conv_digits.csv", "conv_digits.json", "conv_digits.png"], "train_loss_final_mean", True),
+    ("conv_lm", ["conv_lm.csv", "conv_lm.json", "conv_lm.png"], "val_loss_final_mean", False),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def bench_on_path():
+    sys.path.insert(0, str(BENCH))
+    yield
+    sys.path.remove(str(BENCH))
+
+
+@pytest.mark.parametrize("module,files,column,needs_sklearn", SCRIPTS, ids=[s[0] for s in SCRIPTS])
+def test_script_quick(module, files, column, needs_sklearn, tmp_path, monkeypatch):
+    if needs_sklearn:
+        pytest.importorskip("sklearn", reason="scikit-learn is not installed (pip install scikit-learn)")
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    argv = ["--quick", "--out-dir", str(tmp_path)]
+    if module in ("throughput", "train_step_overhead", "conv_lm"):
+        argv += ["--device", "cpu"]
+    importlib.import_module(module).main(argv)
+    for name in files:
+        assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0, name
+    rows = list(csv.DictReader(open(tmp_path / files[0])))
+    assert rows, f"{files[0]} has no rows"
+    ok = [r for r in rows if r.get("status", "ok") == "ok"]
+    assert ok, f"{files[0]}: no row ran"
+    for r in ok:
+        assert math.isfinite(float(r[column])), (column, r)
+    data = json.load(open(tmp_path / files[1]))
+    assert data["environment"]["device"] and data["rows"]
