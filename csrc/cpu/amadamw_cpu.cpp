@@ -1,6 +1,11 @@
 // AM-AdamW on CPU: pass 1 (v in registers, the preconditioner p and the four sums of beta; writes
-// nothing) and pass 2 (v, d and x). The per-element math is amm_math.h's; loops run over kLanes
-// independent lanes so they vectorize without reassociating a float sum (see amsgd_cpu.cpp).
+// nothing) and pass 2 (v, d and x). The per-element math is amm_math.h's, with the divisions shared
+// (the helpers below); loops run over kLanes independent lanes so they vectorize without
+// reassociating a float sum (see amsgd_cpu.cpp). Each chunk function exists for three instruction
+// sets (cpu_kernels.h, Isa), identical in results.
+// No a*b+c may become an FMA (the AVX2 / AVX-512 variants would then round differently from the
+// baseline one): setup.py builds every C++ file with -ffp-contract=off.
+
 #include "cpu_kernels.h"
 
 #include <ATen/Parallel.h>
@@ -11,23 +16,61 @@ namespace amm {
 namespace cpu {
 namespace {
 
+// ---------------------------------------------------------------------------------------------
+// The preconditioner and the reciprocals both passes need, with one division where amm_math.h's
+// formulas have three (candidates for amm_math.h; the CUDA kernels pay for the divisions too):
+//   p = bias1 (eps + sqrt(v_new / bias2))   with v_new / bias2 as v_new * inv_bias2 (inv_bias2 =
+//                                            1 / bias2 formed once per tensor, in double)
+//   q = 1 + lam p
+//   r = 1 / (q p)                           = amm::amadamw_terms' w, exactly as it rounds it
+//   1 / p = r q,  1 / q = r p               (two roundings more than a division: ~1.5 ulp)
+struct Precond {
+  float p, q, r;
+};
+
+AMM_ALWAYS_INLINE Precond adamw_precond_shared(float v_new, float bias1, float inv_bias2, float eps, float lam) {
+  const float p = bias1 * (eps + sqrtf(v_new * inv_bias2));
+  const float q = 1.f + lam * p;
+  return {p, q, 1.f / (q * p)};
+}
+
+// amm::amadamw_terms with w = r and d / p = d * (r q).
+AMM_ALWAYS_INLINE AmadamwTerms amadamw_terms_shared(float g, float d, float x, const Precond& k, float lam, float mu) {
+  const float diff = d - g;
+  const float inv_p = k.r * k.q;
+  return {g * (mu * x + d * inv_p), k.r * diff * (g + lam * k.p * d), diff * x, k.r * diff * diff};
+}
+
+// amm::amadamw_momentum: the numerator over q, as (beta d + lam p d + (1 - beta) g) / q.
+// amm::adamw_param: (1 - lr mu) x - lr d_new / p.
+// Pass 2 keeps both divisions of amm_math.h (d and x are the state; their rounding is the reference's).
+
+struct Scalars {
+  float inv_scale, lam, beta2, omb2, eps, bias1, inv_bias2, mu, beta, lr;
+};
+
+Scalars scalars_of(const CommonArgs& a, const StepTensor& t) {
+  return {a.inv_grad_scale, a.lam, a.beta2, a.one_minus_beta2, a.eps, t.bias1,
+          static_cast<float>(1.0 / static_cast<double>(t.bias2)), t.wd, t.beta, t.lr};
+}
+
 template <class TX, class TG, class TS>
-void sums_chunk(const TX* __restrict__ x, const TG* __restrict__ g, const TS* __restrict__ d,
-                const TS* __restrict__ v, int64_t n, const CommonArgs& a, const StepTensor& t, float* out) {
+AMM_ALWAYS_INLINE AmadamwTerms term_at(const TX* __restrict__ x, const TG* __restrict__ g, const TS* __restrict__ d,
+                                       const TS* __restrict__ v, int64_t i, const Scalars& s) {
+  const float gv = amm::effective_grad(ld(g[i]), 0.f, s.inv_scale, false, 0.f);
+  const float vn = amm::adamw_second_moment(gv, ld(v[i]), s.beta2, s.omb2);
+  const Precond k = adamw_precond_shared(vn, s.bias1, s.inv_bias2, s.eps, s.lam);
+  return amadamw_terms_shared(gv, ld(d[i]), ld(x[i]), k, s.lam, s.mu);
+}
+
+template <class TX, class TG, class TS>
+AMM_ALWAYS_INLINE void sums_chunk(const TX* __restrict__ x, const TG* __restrict__ g, const TS* __restrict__ d,
+                                  const TS* __restrict__ v, int64_t n, const Scalars& s, float* out) {
   float acc_a[kLanes] = {}, acc_b[kLanes] = {}, acc_c[kLanes] = {}, acc_d[kLanes] = {};
-  const float inv_scale = a.inv_grad_scale, lam = a.lam, beta2 = a.beta2, omb2 = a.one_minus_beta2, eps = a.eps;
-  const float bias1 = t.bias1, bias2 = t.bias2, mu = t.wd;
-  auto term = [&](int64_t i) {
-    const float xv = ld(x[i]);
-    const float gv = amm::effective_grad(ld(g[i]), 0.f, inv_scale, false, 0.f);
-    const float vn = amm::adamw_second_moment(gv, ld(v[i]), beta2, omb2);
-    const float p = amm::adamw_precond(vn, bias1, bias2, eps);
-    return amm::amadamw_terms(gv, ld(d[i]), xv, p, lam, mu);
-  };
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     for (int j = 0; j < kLanes; ++j) {
-      const amm::AmadamwTerms r = term(i + j);
+      const AmadamwTerms r = term_at(x, g, d, v, i + j, s);
       acc_a[j] += r.a;
       acc_b[j] += r.b;
       acc_c[j] += r.c;
@@ -35,7 +78,7 @@ void sums_chunk(const TX* __restrict__ x, const TG* __restrict__ g, const TS* __
     }
   }
   for (int j = 0; i < n; ++i, ++j) {
-    const amm::AmadamwTerms r = term(i);
+    const AmadamwTerms r = term_at(x, g, d, v, i, s);
     acc_a[j] += r.a;
     acc_b[j] += r.b;
     acc_c[j] += r.c;
@@ -48,20 +91,72 @@ void sums_chunk(const TX* __restrict__ x, const TG* __restrict__ g, const TS* __
 }
 
 template <class TX, class TG, class TS>
-void update_chunk(TX* __restrict__ x, const TG* __restrict__ g, TS* __restrict__ d, TS* __restrict__ v, int64_t n,
-                  const CommonArgs& a, const StepTensor& t) {
-  const float inv_scale = a.inv_grad_scale, lam = a.lam, beta2 = a.beta2, omb2 = a.one_minus_beta2, eps = a.eps;
-  const float bias1 = t.bias1, bias2 = t.bias2, mu = t.wd, beta = t.beta, lr = t.lr;
+AMM_ALWAYS_INLINE void update_chunk(TX* __restrict__ x, const TG* __restrict__ g, TS* __restrict__ d,
+                                    TS* __restrict__ v, int64_t n, const Scalars& s) {
+  const float keep = 1.f - s.lr * s.mu;  // amm::adamw_param's (1 - lr mu), hoisted
+  const float one_minus_beta = 1.f - s.beta;
   for (int64_t i = 0; i < n; ++i) {
     const float xv = ld(x[i]);
-    const float gv = amm::effective_grad(ld(g[i]), 0.f, inv_scale, false, 0.f);
-    const float vn = amm::adamw_second_moment(gv, ld(v[i]), beta2, omb2);
-    const float p = amm::adamw_precond(vn, bias1, bias2, eps);
-    const float dn = amm::amadamw_momentum(gv, ld(d[i]), p, beta, lam);
+    const float dv = ld(d[i]);
+    const float gv = amm::effective_grad(ld(g[i]), 0.f, s.inv_scale, false, 0.f);
+    const float vn = amm::adamw_second_moment(gv, ld(v[i]), s.beta2, s.omb2);
+    const float p = s.bias1 * (s.eps + sqrtf(vn * s.inv_bias2));  // adamw_precond_shared's p
+    const float lp = s.lam * p;
+    const float dn = (s.beta * dv + lp * dv + one_minus_beta * gv) / (1.f + lp);  // amm::amadamw_momentum
     v[i] = st<TS>(vn);
     d[i] = st<TS>(dn);
-    x[i] = st<TX>(amm::adamw_param(xv, dn, p, lr, mu));
+    x[i] = st<TX>(keep * xv - s.lr * dn / p);  // amm::adamw_param
   }
+}
+
+// The three compilations of each chunk function.
+template <class TX, class TG, class TS>
+void sums_base(const TX* x, const TG* g, const TS* d, const TS* v, int64_t n, const Scalars& s, float* out) {
+  sums_chunk(x, g, d, v, n, s, out);
+}
+template <class TX, class TG, class TS>
+void update_base(TX* x, const TG* g, TS* d, TS* v, int64_t n, const Scalars& s) {
+  update_chunk(x, g, d, v, n, s);
+}
+#if AMM_CPU_MULTI_ISA
+template <class TX, class TG, class TS>
+AMM_TARGET_AVX2 void sums_avx2(const TX* x, const TG* g, const TS* d, const TS* v, int64_t n, const Scalars& s,
+                               float* out) {
+  sums_chunk(x, g, d, v, n, s, out);
+}
+template <class TX, class TG, class TS>
+AMM_TARGET_AVX2 void update_avx2(TX* x, const TG* g, TS* d, TS* v, int64_t n, const Scalars& s) {
+  update_chunk(x, g, d, v, n, s);
+}
+template <class TX, class TG, class TS>
+AMM_TARGET_AVX512 void sums_avx512(const TX* x, const TG* g, const TS* d, const TS* v, int64_t n, const Scalars& s,
+                                   float* out) {
+  sums_chunk(x, g, d, v, n, s, out);
+}
+template <class TX, class TG, class TS>
+AMM_TARGET_AVX512 void update_avx512(TX* x, const TG* g, TS* d, TS* v, int64_t n, const Scalars& s) {
+  update_chunk(x, g, d, v, n, s);
+}
+#endif
+
+template <class TX, class TG, class TS>
+auto pick_sums(Isa isa) {
+#if AMM_CPU_MULTI_ISA
+  if (isa == Isa::kAvx512) return &sums_avx512<TX, TG, TS>;
+  if (isa == Isa::kAvx2) return &sums_avx2<TX, TG, TS>;
+#endif
+  (void)isa;
+  return &sums_base<TX, TG, TS>;
+}
+
+template <class TX, class TG, class TS>
+auto pick_update(Isa isa) {
+#if AMM_CPU_MULTI_ISA
+  if (isa == Isa::kAvx512) return &update_avx512<TX, TG, TS>;
+  if (isa == Isa::kAvx2) return &update_avx2<TX, TG, TS>;
+#endif
+  (void)isa;
+  return &update_base<TX, TG, TS>;
 }
 
 }  // namespace
@@ -71,16 +166,18 @@ void amadamw_sums(const std::vector<StepTensor>& ts, const CommonArgs& a, std::v
   sums.assign(ts.size() * K, 0.f);
   const ChunkPlan plan = make_plan(ts, [](const StepTensor& t) { return t.need_sums && t.numel > 0; });
   std::vector<float> partial(plan.tensor.size() * K, 0.f);
+  const Isa isa = cpu_isa();
   for_each_chunk(plan, [&](int64_t c) {
     const StepTensor& t = ts[plan.tensor[c]];
     const int64_t b = plan.begin[c], n = plan.end[c] - b;
+    const Scalars s = scalars_of(a, t);
     with_step_types(t.x.scalar_type(), t.g.scalar_type(), t.d.scalar_type(), [&](auto tx, auto tg, auto ts_) {
       using TX = decltype(tx);
       using TG = decltype(tg);
       using TS = decltype(ts_);
-      sums_chunk<TX, TG, TS>(t.x.const_data_ptr<TX>() + b, t.g.const_data_ptr<TG>() + b,
-                             t.d.const_data_ptr<TS>() + b, t.v.const_data_ptr<TS>() + b, n, a, t,
-                             partial.data() + c * K);
+      pick_sums<TX, TG, TS>(isa)(t.x.const_data_ptr<TX>() + b, t.g.const_data_ptr<TG>() + b,
+                                 t.d.const_data_ptr<TS>() + b, t.v.const_data_ptr<TS>() + b, n, s,
+                                 partial.data() + c * K);
     });
   });
   for (size_t t = 0; t < ts.size(); ++t) {
@@ -94,17 +191,19 @@ void amadamw_sums(const std::vector<StepTensor>& ts, const CommonArgs& a, std::v
 
 void amadamw_update(const std::vector<StepTensor>& ts, const CommonArgs& a) {
   const ChunkPlan plan = make_plan(ts, [](const StepTensor& t) { return t.numel > 0; });
+  const Isa isa = cpu_isa();
   for_each_chunk(plan, [&](int64_t c) {
     const StepTensor& t = ts[plan.tensor[c]];
     const int64_t b = plan.begin[c], n = plan.end[c] - b;
+    const Scalars s = scalars_of(a, t);
     with_step_types(t.x.scalar_type(), t.g.scalar_type(), t.d.scalar_type(), [&](auto tx, auto tg, auto ts_) {
       using TX = decltype(tx);
       using TG = decltype(tg);
       using TS = decltype(ts_);
-      update_chunk<TX, TG, TS>(t.x.mutable_data_ptr<TX>() + b, t.g.const_data_ptr<TG>() + b,
-                               t.d.mutable_data_ptr<TS>() + b, t.v.mutable_data_ptr<TS>() + b, n, a, t);
+      pick_update<TX, TG, TS>(isa)(t.x.mutable_data_ptr<TX>() + b, t.g.const_data_ptr<TG>() + b,
+                                   t.d.mutable_data_ptr<TS>() + b, t.v.mutable_data_ptr<TS>() + b, n, s);
     });
-  });
+  }, /*reverse=*/true);
 }
 
 }  // namespace cpu

@@ -1,7 +1,10 @@
 // AM-SGD on CPU: pass 1 (the per-tensor sums of beta) and pass 2 (momentum and parameter update).
 // The per-element math is amm_math.h's; the loops are written over kLanes independent lanes so that
 // the compiler vectorizes them without reassociating any float sum (the order is fixed at compile
-// time, so results do not depend on the thread count or the run).
+// time, so results do not depend on the thread count or the run). Each chunk function exists for
+// three instruction sets (cpu_kernels.h, Isa), identical in results: setup.py's -ffp-contract=off
+// keeps any a*b+c from becoming an FMA in the AVX2 / AVX-512 variants.
+
 #include "cpu_kernels.h"
 
 #include <ATen/Parallel.h>
@@ -13,7 +16,7 @@ namespace cpu {
 namespace {
 
 template <class TX, class TG, class TS, bool Coupled>
-void sums_chunk(const TX* __restrict__ x, const TG* __restrict__ g, const TS* __restrict__ d, int64_t n,
+AMM_ALWAYS_INLINE void sums_chunk(const TX* __restrict__ x, const TG* __restrict__ g, const TS* __restrict__ d, int64_t n,
                 float inv_scale, float wd, float lam, float* out) {
   float acc_gd[kLanes] = {}, acc_b[kLanes] = {}, acc_d[kLanes] = {};
   // Coupled == (wd != 0): without weight decay x is not read at all (and an inf x adds no NaN).
@@ -44,7 +47,7 @@ void sums_chunk(const TX* __restrict__ x, const TG* __restrict__ g, const TS* __
 }
 
 template <class TX, class TG, class TS>
-void update_chunk(TX* __restrict__ x, const TG* __restrict__ g, TS* __restrict__ d, int64_t n, float inv_scale,
+AMM_ALWAYS_INLINE void update_chunk(TX* __restrict__ x, const TG* __restrict__ g, TS* __restrict__ d, int64_t n, float inv_scale,
                   float wd, float lam, float beta, bool first, float lr) {
   const bool coupled = wd != 0.f;
   for (int64_t i = 0; i < n; ++i) {
@@ -56,12 +59,52 @@ void update_chunk(TX* __restrict__ x, const TG* __restrict__ g, TS* __restrict__
   }
 }
 
+// The three compilations of each chunk function.
+#define AMM_SGD_VARIANTS(SUFFIX, TARGET)                                                                       \
+  template <class TX, class TG, class TS, bool Coupled>                                                        \
+  TARGET void sums_##SUFFIX(const TX* x, const TG* g, const TS* d, int64_t n, float inv_scale, float wd,      \
+                            float lam, float* out) {                                                           \
+    sums_chunk<TX, TG, TS, Coupled>(x, g, d, n, inv_scale, wd, lam, out);                                      \
+  }                                                                                                            \
+  template <class TX, class TG, class TS>                                                                      \
+  TARGET void update_##SUFFIX(TX* x, const TG* g, TS* d, int64_t n, float inv_scale, float wd, float lam,     \
+                              float beta, bool first, float lr) {                                              \
+    update_chunk<TX, TG, TS>(x, g, d, n, inv_scale, wd, lam, beta, first, lr);                                 \
+  }
+AMM_SGD_VARIANTS(base, )
+#if AMM_CPU_MULTI_ISA
+AMM_SGD_VARIANTS(avx2, AMM_TARGET_AVX2)
+AMM_SGD_VARIANTS(avx512, AMM_TARGET_AVX512)
+#endif
+#undef AMM_SGD_VARIANTS
+
+template <class TX, class TG, class TS, bool Coupled>
+auto pick_sums(Isa isa) {
+#if AMM_CPU_MULTI_ISA
+  if (isa == Isa::kAvx512) return &sums_avx512<TX, TG, TS, Coupled>;
+  if (isa == Isa::kAvx2) return &sums_avx2<TX, TG, TS, Coupled>;
+#endif
+  (void)isa;
+  return &sums_base<TX, TG, TS, Coupled>;
+}
+
+template <class TX, class TG, class TS>
+auto pick_update(Isa isa) {
+#if AMM_CPU_MULTI_ISA
+  if (isa == Isa::kAvx512) return &update_avx512<TX, TG, TS>;
+  if (isa == Isa::kAvx2) return &update_avx2<TX, TG, TS>;
+#endif
+  (void)isa;
+  return &update_base<TX, TG, TS>;
+}
+
 }  // namespace
 
 void amsgd_sums(const std::vector<StepTensor>& ts, const CommonArgs& a, std::vector<float>& sums) {
   sums.assign(ts.size() * amm::kAmsgdSums, 0.f);
   const ChunkPlan plan = make_plan(ts, [](const StepTensor& t) { return t.need_sums && t.numel > 0; });
   std::vector<float> partial(plan.tensor.size() * amm::kAmsgdSums, 0.f);
+  const Isa isa = cpu_isa();
   for_each_chunk(plan, [&](int64_t c) {
     const StepTensor& t = ts[plan.tensor[c]];
     const int64_t b = plan.begin[c], n = plan.end[c] - b;
@@ -70,7 +113,7 @@ void amsgd_sums(const std::vector<StepTensor>& ts, const CommonArgs& a, std::vec
       using TX = decltype(tx);
       using TG = decltype(tg);
       using TS = decltype(ts_);
-      auto* kernel = t.wd != 0.f ? &sums_chunk<TX, TG, TS, true> : &sums_chunk<TX, TG, TS, false>;
+      auto* kernel = t.wd != 0.f ? pick_sums<TX, TG, TS, true>(isa) : pick_sums<TX, TG, TS, false>(isa);
       kernel(t.x.const_data_ptr<TX>() + b, t.g.const_data_ptr<TG>() + b, t.d.const_data_ptr<TS>() + b, n,
              a.inv_grad_scale, t.wd, a.lam, out);
     });
@@ -87,6 +130,7 @@ void amsgd_sums(const std::vector<StepTensor>& ts, const CommonArgs& a, std::vec
 
 void amsgd_update(const std::vector<StepTensor>& ts, const CommonArgs& a) {
   const ChunkPlan plan = make_plan(ts, [](const StepTensor& t) { return t.numel > 0; });
+  const Isa isa = cpu_isa();
   for_each_chunk(plan, [&](int64_t c) {
     const StepTensor& t = ts[plan.tensor[c]];
     const int64_t b = plan.begin[c], n = plan.end[c] - b;
@@ -94,11 +138,11 @@ void amsgd_update(const std::vector<StepTensor>& ts, const CommonArgs& a) {
       using TX = decltype(tx);
       using TG = decltype(tg);
       using TS = decltype(ts_);
-      update_chunk<TX, TG, TS>(t.x.mutable_data_ptr<TX>() + b, t.g.const_data_ptr<TG>() + b,
+      pick_update<TX, TG, TS>(isa)(t.x.mutable_data_ptr<TX>() + b, t.g.const_data_ptr<TG>() + b,
                                t.d.mutable_data_ptr<TS>() + b, n, a.inv_grad_scale, t.wd, a.lam,
                                t.beta, t.first, t.lr);
     });
-  });
+  }, /*reverse=*/true);
 }
 
 }  // namespace cpu

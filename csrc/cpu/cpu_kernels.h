@@ -84,16 +84,48 @@ ChunkPlan make_plan(const std::vector<StepTensor>& ts, Include include) {
   return plan;
 }
 
-// Runs fn(chunk) for chunk in [0, plan size), in parallel when the step is large enough.
-void for_each_chunk(const ChunkPlan& plan, const std::function<void(int64_t)>& fn);
+// Runs fn(chunk) for chunk in [0, plan size), in parallel when the step is large enough. Each thread
+// takes one contiguous range of chunks (the same ranges for the same plan size and thread count);
+// with reverse, it walks its range from the end. Pass 2 runs in reverse: what pass 1 read last is
+// still in the caches, and pass 2 uses it first (each chunk is independent in pass 2, so the order
+// changes no result).
+void for_each_chunk(const ChunkPlan& plan, const std::function<void(int64_t)>& fn, bool reverse = false);
+
+// ---------------------------------------------------------------------------------------------
+// Instruction sets of the hot loops. The extension is built for the baseline x86-64 ISA (SSE2); the
+// chunk functions are compiled a second and third time with GCC's target attribute (AVX2+FMA and
+// AVX-512) and one is picked at run time (cpu_isa(), step_driver_cpu.cpp): the best the CPU has,
+// or the one named by the environment variable AMM_CPU_ISA ("avx512", "avx2" or "base"; a level the
+// CPU lacks falls back to the best it has). The files with these loops are compiled with
+// fp-contract=off, so no variant fuses a*b+c into an FMA: every variant does the same float32
+// operations in the same order (the lanes below fix the order of the sums), and the results are
+// bit-identical whichever variant runs.
+enum class Isa : int { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+Isa cpu_isa();
+const char* isa_name(Isa isa);
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define AMM_CPU_MULTI_ISA 1
+#define AMM_TARGET_AVX2 __attribute__((target("avx2,fma,f16c,bmi,bmi2")))
+#define AMM_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,bmi,bmi2")))
+#else
+#define AMM_CPU_MULTI_ISA 0
+#define AMM_TARGET_AVX2
+#define AMM_TARGET_AVX512
+#endif
+#if defined(__GNUC__)
+#define AMM_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define AMM_ALWAYS_INLINE inline
+#endif
 
 // Element types: the parameter type TX (float, BFloat16, Half); the gradient TG and the state TS are
 // TX or float (the driver converts other gradient dtypes to float32). Loads convert to float.
-inline float ld(float v) { return v; }
-inline float ld(c10::BFloat16 v) { return static_cast<float>(v); }
-inline float ld(c10::Half v) { return static_cast<float>(v); }
+AMM_ALWAYS_INLINE float ld(float v) { return v; }
+AMM_ALWAYS_INLINE float ld(c10::BFloat16 v) { return static_cast<float>(v); }
+AMM_ALWAYS_INLINE float ld(c10::Half v) { return static_cast<float>(v); }
 template <class T>
-inline T st(float v) { return static_cast<T>(v); }
+AMM_ALWAYS_INLINE T st(float v) { return static_cast<T>(v); }
 
 template <class F>
 void with_float_type(at::ScalarType t, F&& f) {
@@ -125,7 +157,7 @@ void with_step_types(at::ScalarType x, at::ScalarType g, at::ScalarType s, F&& f
 }
 
 // Sum of kLanes lane accumulators in a fixed (pairwise) order.
-inline float lane_sum(const float* acc) {
+AMM_ALWAYS_INLINE float lane_sum(const float* acc) {
   float tmp[kLanes];
   for (int j = 0; j < kLanes; ++j) tmp[j] = acc[j];
   for (int w = kLanes / 2; w > 0; w /= 2)

@@ -9,6 +9,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 
 #include "amm_math.h"
@@ -19,16 +21,52 @@ namespace cpu {
 // Steps smaller than this run on the calling thread (the thread pool's start-up costs more).
 constexpr int64_t kSerialElements = 1 << 17;
 
-void for_each_chunk(const ChunkPlan& plan, const std::function<void(int64_t)>& fn) {
+void for_each_chunk(const ChunkPlan& plan, const std::function<void(int64_t)>& fn, bool reverse) {
   const int64_t n = static_cast<int64_t>(plan.tensor.size());
   if (n == 0) return;
+  auto range = [&](int64_t begin, int64_t end) {
+    if (reverse) {
+      for (int64_t c = end - 1; c >= begin; --c) fn(c);
+    } else {
+      for (int64_t c = begin; c < end; ++c) fn(c);
+    }
+  };
   if (plan.total_elements < kSerialElements || n == 1 || at::get_num_threads() == 1) {
-    for (int64_t c = 0; c < n; ++c) fn(c);
+    range(0, n);
     return;
   }
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) fn(c);
-  });
+  at::parallel_for(0, n, 1, range);
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "base";
+  }
+}
+
+Isa cpu_isa() {
+  static const Isa isa = [] {
+    Isa best = Isa::kBase;
+#if AMM_CPU_MULTI_ISA
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+        __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2"))
+      best = Isa::kAvx2;
+    if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+      best = Isa::kAvx512;
+#endif
+    const char* env = std::getenv("AMM_CPU_ISA");
+    if (env == nullptr || *env == '\0') return best;
+    Isa want = best;
+    if (std::strcmp(env, "base") == 0) want = Isa::kBase;
+    else if (std::strcmp(env, "avx2") == 0) want = Isa::kAvx2;
+    else if (std::strcmp(env, "avx512") == 0) want = Isa::kAvx512;
+    return static_cast<int>(want) < static_cast<int>(best) ? want : best;
+  }();
+  return isa;
 }
 
 namespace {
