@@ -59,6 +59,7 @@ from .triton_kernels.finalize_kernel import finalize_kernel  # noqa: E402
 from .triton_kernels.reduce_kernels import amadamw_reduce_kernel, amsgd_reduce_kernel  # noqa: E402
 from .triton_kernels.tensor_table import get_table  # noqa: E402
 from .triton_kernels.update_kernels import amadamw_update_kernel, amsgd_update_kernel  # noqa: E402
+from .triton_rllc import rllc_step  # noqa: E402,F401  (RLLC, SPEC.md section 4: amm_kernels/triton_rllc.py)
 
 # The kernels were decorated (at import) for the interpreter or for the compiler; which one is fixed.
 INTERPRETED = _interpreter_on()

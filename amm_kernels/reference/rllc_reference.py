@@ -9,7 +9,8 @@ of M), learning law L (k numbers per scope), propagator U (k x k) and input b (k
     law, per scope:      the tensors' sums combined in a fixed order in float64, then, not on the
                          scope's first step,
                              L <- L + c2 * pinv(M^T M) (M^T g)
-                         pinv by torch.linalg.eigh of the k x k Gram matrix in float64, dropping the
+                         pinv of the k x k Gram matrix in float64 by a fixed number of Jacobi sweeps
+                         (pinv.py: torch.linalg.eigh would sync with the host on CUDA), dropping the
                          eigenvalues below rcond * the largest (minimum-norm least squares)
     pass 2, per tensor:  M <- M U + g b^T        (every unit from the previous memory)
                          theta <- theta - c1 * M L        (c1 = the tensor's group lr, L the new law)
@@ -30,6 +31,7 @@ from torch import Tensor
 
 from .._step import StepBatch
 from .beta import commit, compute_dtype, per_tensor
+from .pinv import gram_pinv_apply
 
 SUM_DTYPE = torch.float64  # the dtype of the Gram and M^T g sums (NOTE [Gram precision])
 
@@ -52,11 +54,8 @@ def law_correction(gram_entries: Tensor, mg: Tensor, k: int, rcond: float) -> Te
     G[:, cols, rows] = gram_entries
     finite = torch.isfinite(G).all(dim=(1, 2)) & torch.isfinite(mg).all(dim=1)  # [S]
     G = torch.where(finite[:, None, None], G, 0.0)
-    w, V = torch.linalg.eigh(G)  # ascending eigenvalues, orthonormal eigenvectors
-    cutoff = rcond * w[:, -1:]  # relative to the largest eigenvalue
-    inv_w = torch.where(w > cutoff, 1.0 / torch.where(w > cutoff, w, 1.0), 0.0)
-    coeff = V @ (inv_w[:, :, None] * (V.transpose(1, 2) @ mg[:, :, None]))  # V diag(1/w) V^T r
-    return torch.where(finite[:, None], coeff[:, :, 0], float("nan"))
+    coeff = gram_pinv_apply(G, mg, rcond)  # Jacobi eigensolver in torch ops: no host sync (pinv.py)
+    return torch.where(finite[:, None], coeff, float("nan"))
 
 
 @torch.no_grad()

@@ -1,0 +1,128 @@
+"""RLLC's step for backend "triton" (SPEC.md section 4): `rllc_step(batch, hp)`, exported by
+amm_kernels/triton_backend.py (rllc.py takes a backend whose module has `rllc_step` as RLLC-capable).
+
+Per step, for the whole parameter list at once (one launch per pass and dtype bucket):
+    pass 1    rllc_reduce_kernel: per block, the Gram entries and M^T g of the previous memory in
+              float64, into the block's own row of a float64 buffer (rllc_reference.py NOTE [Gram
+              precision]: float32 partial sums would cost the law 1e-4 relative on cond 1e4 memories)
+    combine   rllc_combine_kernel: per present scope, its slots summed in a fixed order (no atomics:
+              runs are bit-identical)
+    law       torch ops on the device: the k x k Gram matrix, pinv(G) (M^T g) by
+              reference.pinv.gram_pinv_apply (a fixed Jacobi iteration: no host sync, unlike
+              torch.linalg.eigh on CUDA), L <- L + c2 * correction except on a scope's first step
+    pass 2    rllc_update_kernel: M <- M U + g b^T, theta <- theta - lr M L, with the new law
+    commit    step and law per present scope, unless found_inf (torch.where on the device)
+Nothing is read back to the host. Import this module through amm_kernels.triton_backend: that module
+decides, before triton is first imported, whether the kernels run compiled or interpreted.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._step import StepBatch
+from .reference.pinv import gram_pinv_apply
+from .reference.rllc_reference import gram_pairs
+from .triton_kernels.rllc_kernels import rllc_combine_kernel, rllc_reduce_kernel, rllc_update_kernel
+from .triton_kernels.tensor_table import get_table
+
+CHUNK = 64  # slots per vector step of the combine kernel
+
+
+def _next_p2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class _RLLCScratch:
+    """Per parameter list (attached to its cached tensor_table.Table) and memory rule: U and b as
+    float32 device tensors, the float64 partial sums, the per-scope sums, and the gather index that
+    unfolds the Gram entries into k x k matrices. Fixed addresses across steps (CUDA-graph friendly)."""
+
+    def __init__(self, table, hp, device):
+        k = hp.k
+        self.n_pairs = k * (k + 1) // 2
+        self.n_sums = self.n_pairs + k
+        self.U = torch.tensor(hp.U, dtype=torch.float32).reshape(k, k).to(device)
+        self.b = torch.tensor(hp.b, dtype=torch.float32).reshape(k).to(device)
+        self.partials = torch.zeros((max(table.n_slots, 1), self.n_sums), dtype=torch.float64, device=device)
+        self.sums = torch.zeros((table.present_scopes.numel(), self.n_sums), dtype=torch.float64, device=device)
+        slot = {pair: i for i, pair in enumerate(gram_pairs(k))}
+        full = [slot[(min(a, b), max(a, b))] for a in range(k) for b in range(k)]
+        self.full_index = torch.tensor(full, dtype=torch.long).to(device)
+
+
+def _scratch(table, hp, device) -> _RLLCScratch:
+    cache = table.__dict__.setdefault("_rllc", {})
+    key = (hp.U, hp.b)
+    if key not in cache:
+        cache[key] = _RLLCScratch(table, hp, device)
+    return cache[key]
+
+
+@torch.no_grad()
+def rllc_step(batch: StepBatch, hp) -> None:
+    from . import triton_backend as tb  # fully imported by now (it imports this module at its end)
+
+    if (type(rllc_update_kernel).__name__ == "InterpretedFunction") != tb.INTERPRETED:
+        raise RuntimeError(
+            "amm_kernels.triton_rllc was first imported with a different TRITON_INTERPRET than "
+            "amm_kernels.triton_backend, so its kernels are built for the other mode; import it through "
+            "amm_kernels.triton_backend (or with the same TRITON_INTERPRET)"
+        )
+
+    if batch.process_group is not None:
+        raise NotImplementedError(
+            "amm_kernels: backend 'triton' sums RLLC's Gram matrix in its own kernels and cannot all-reduce it over "
+            "a process_group (sharded parameters); use backend='torch'"
+        )
+    params, grads, d, _, writeback = tb._flat_tensors(batch)
+    k = hp.k
+    KP2 = max(2, _next_p2(k))  # tile rows (a 1-row arange is avoided; rows >= k are masked)
+    table = get_table(params, grads, d, None, batch, tb.BLOCK, 0)  # n_sums 0: the float64 buffer is ours
+    device = params[0].device
+    sc = _scratch(table, hp, device)
+    state = batch.scopes
+    n_scopes = len(batch.present_scopes)
+    kw = {} if tb.INTERPRETED else {"num_warps": tb.NUM_WARPS}
+    has_scale = batch.grad_scale is not None
+    grad_scale = batch.grad_scale.to(device) if has_scale else sc.partials  # dummy: never read
+    has_inf = batch.found_inf is not None
+    found_inf = batch.found_inf.to(device) if has_inf else sc.partials
+
+    # pass 1: per-block float64 sums of the previous memory
+    for bucket in table.buckets:
+        if bucket.n_blocks == 0:
+            continue
+        _, cg, cd, _ = bucket.codes
+        rllc_reduce_kernel[(bucket.n_blocks,)](
+            table.meta, bucket.blocks, sc.partials, grad_scale,
+            HAS_GRAD_SCALE=has_scale, G_CODE=cg, D_CODE=cd, K=k, KP2=KP2, N_SUMS=sc.n_sums, BLOCK=tb.BLOCK, **kw)
+    rllc_combine_kernel[(n_scopes,)](
+        table.slot_start, table.tensor_start, sc.partials, sc.sums,
+        N_SUMS=sc.n_sums, NP2=_next_p2(sc.n_sums), CHUNK=CHUNK, **kw)
+
+    # the law per present scope, on the device
+    gram = sc.sums[:, sc.full_index].reshape(n_scopes, k, k)
+    correction = gram_pinv_apply(gram, sc.sums[:, sc.n_pairs:], hp.rcond)  # NaN for non-finite sums
+    scopes = batch.index("present_scopes")
+    law_old = state.law[scopes].double()
+    first_step = state.step[scopes] == 0
+    law_new = torch.where(first_step[:, None], law_old, law_old + hp.law_lr * correction).to(state.law.dtype)
+    law32 = law_new.to(torch.float32).contiguous()
+
+    # pass 2: memory and parameters
+    for bucket in table.buckets:
+        if bucket.n_blocks == 0:
+            continue
+        cx, cg, cd, _ = bucket.codes
+        rllc_update_kernel[(bucket.n_blocks,)](
+            table.meta, bucket.blocks, bucket.n_blocks, law32, sc.U, sc.b, batch.lr, grad_scale, found_inf,
+            HAS_GRAD_SCALE=has_scale, HAS_FOUND_INF=has_inf, X_CODE=cx, G_CODE=cg, D_CODE=cd, K=k, KP2=KP2,
+            BLOCK=tb.BLOCK, **kw)
+
+    skip = batch.skip
+    for name, new in (("step", state.step[scopes] + 1), ("law", law_new)):
+        field = getattr(state, name)
+        field[scopes] = new if skip is None else torch.where(skip, field[scopes], new.to(field.dtype))
+
+    for dst, src in writeback:
+        dst.copy_(src)

@@ -1,0 +1,246 @@
+"""RLLC with backend="triton" (amm_kernels/triton_rllc.py) against the reference (backend="torch"): law,
+parameters and memory, like a kernel parity test.
+
+Without a GPU the kernels run on CPU tensors in Triton's interpreter, which must be switched on before
+triton is first imported (see tests/test_triton_backend.py, whose set-up this repeats). Small sizes and
+few steps on CPU (the interpreter is slow), larger ones on CUDA.
+"""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    # Before triton's first import in this process (NOTE [import order] in amm_kernels/triton_backend.py).
+    _saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import amm_kernels.triton_backend as triton_backend  # noqa: E402  (decorates the kernels)
+        from amm_kernels import triton_rllc  # noqa: E402  (its kernels too, until triton_backend imports it)
+    except ImportError as err:
+        pytest.skip(f"triton's interpreter is not usable here: {err}", allow_module_level=True)
+    finally:
+        if _saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = _saved
+else:
+    import amm_kernels.triton_backend as triton_backend  # noqa: E402
+    from amm_kernels import triton_rllc  # noqa: E402
+
+if not hasattr(triton_backend, "rllc_step"):  # until triton_backend.py exports it
+    triton_backend.rllc_step = triton_rllc.rllc_step
+
+from _helpers import tolerance  # noqa: E402
+
+from amm_kernels.rllc import RLLC, rllc_backends  # noqa: E402
+
+DEV = torch.device("cuda" if CUDA else "cpu")
+STEPS = 8 if CUDA else 4
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+if CUDA:
+    SHAPES = [(1,), (7,), (4097,), (0,), (1024, 1024), (3, 5), (0, 4), (33, 4097), (2, 3, 4), (5, 3)]
+else:
+    SHAPES = [(1,), (7,), (4097,), (0,), (3, 5), (0, 4), (2, 3, 4), (5, 3)]
+MEMORIES = ["M(0.9)+M(0)", "M(0.9)+M(0.8)+M(0.7)", "J(0.8,2)+M(0)", "C(0.9,0.3)+M(0)"]
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield
+
+
+def make_params(shapes, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i, s in enumerate(shapes):
+        t = torch.randn(s, generator=gen)
+        if i == len(shapes) - 1 and len(s) == 2:
+            t = torch.randn(tuple(reversed(s)), generator=gen).t()  # a non-contiguous parameter
+        out.append(t.to(DEV, dtype).requires_grad_())
+    return out
+
+
+def grads_for(params, step, seed=0):
+    gen = torch.Generator().manual_seed(1000 * seed + step)
+    return [torch.randn(p.shape, generator=gen).to(DEV, p.dtype) for p in params]
+
+
+def groups_of(params, n_groups=3, lrs=(0.05, 0.02, 0.1)):
+    return [{"params": params[i::n_groups], "lr": lrs[i]} for i in range(n_groups)]
+
+
+def run(backend, dtype, memory="M(0.9)+M(0.8)+M(0.7)", scope="global", steps=STEPS, shapes=SHAPES, hook=None,
+        groups=None, seed=0, law_lr=0.2):
+    """Train from a fixed start with fixed gradients; returns (params, opt, laws per step)."""
+    params = make_params(shapes, dtype, seed)
+    opt = RLLC(groups_of(params) if groups is None else groups(params), law_lr=law_lr, memory=memory, scope=scope,
+               backend=backend)
+    laws = []
+    for step in range(steps):
+        if hook is not None:
+            hook(opt, step)
+        for p, g in zip(params, grads_for(params, step, seed)):
+            p.grad = g
+        opt.step()
+        laws.append(opt.law.detach().clone())
+    return params, opt, laws
+
+
+def assert_same_run(ref, got, dtype, what):
+    rtol, atol = tolerance(dtype)
+    (p_ref, o_ref, l_ref), (p_got, o_got, l_got) = ref, got
+    for i, (lr_, lg) in enumerate(zip(l_ref, l_got)):
+        torch.testing.assert_close(lg.cpu(), lr_.cpu(), rtol=rtol, atol=atol, equal_nan=True,
+                                   msg=lambda m: f"{what} step {i} law: {m}")
+    for i, (a, b) in enumerate(zip(p_ref, p_got)):
+        assert b.dtype == a.dtype
+        torch.testing.assert_close(b.detach().float().cpu(), a.detach().float().cpu(), rtol=rtol, atol=atol,
+                                   equal_nan=True, msg=lambda m: f"{what} param {i}: {m}")
+        assert o_ref.state[a].keys() == o_got.state[b].keys()
+        for key, sr in o_ref.state[a].items():
+            sg = o_got.state[b][key]
+            assert sg.dtype == sr.dtype and sg.shape == sr.shape
+            torch.testing.assert_close(sg.float().cpu(), sr.float().cpu(), rtol=rtol, atol=atol, equal_nan=True,
+                                       msg=lambda m: f"{what} state {key} of param {i}: {m}")
+    for name in ("step", "law"):
+        torch.testing.assert_close(getattr(o_got._scopes, name).cpu(), getattr(o_ref._scopes, name).cpu(),
+                                   rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what} scope {name}: {m}")
+
+
+def parity(dtype, **kw):
+    ref = run("torch", dtype, **kw)
+    got = run("triton", dtype, **kw)
+    assert_same_run(ref, got, dtype, f"{dtype} {kw}")
+    return got
+
+
+def test_triton_is_an_rllc_backend():
+    assert "triton" in rllc_backends(DEV)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scope", ["global", "group", "tensor"])
+def test_parity_scopes_dtypes(scope, dtype):
+    _, opt, laws = parity(dtype, scope=scope)
+    assert not torch.equal(laws[-1], laws[0])  # the law moved
+
+
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_parity_memories(memory):
+    parity(torch.float32, memory=memory, scope="group")
+
+
+@pytest.mark.parametrize("shapes", [[(1,)], [(7,)], [(4097,)], [(0,)], [(0,), (0, 3)], [(5000,), (1,)]], ids=str)
+def test_parity_single_shapes(shapes):
+    parity(torch.float32, shapes=shapes, memory="J(0.8,2)+M(0)", groups=lambda ps: [{"params": ps, "lr": 0.05}])
+
+
+def test_parity_two_groups_one_memory_unit_and_mixed_dtypes():
+    def groups(ps):
+        return [{"params": ps[:3], "lr": 0.05}, {"params": ps[3:], "lr": 0.02}]
+
+    def run_mixed(backend, memory):
+        params = make_params([(7,), (4097,), (3, 3), (5,), (0,), (40,)], torch.float32)
+        params = [p.detach().to(dt).requires_grad_() for p, dt in
+                  zip(params, [torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.bfloat16,
+                               torch.float16])]
+        opt = RLLC(groups(params), law_lr=0.1, memory=memory, scope="group", backend=backend)
+        laws = []
+        for step in range(3):
+            for p, g in zip(params, grads_for(params, step)):
+                p.grad = g
+            opt.step()
+            laws.append(opt.law.clone())
+        return params, opt, laws
+
+    for memory in ("M(0.9)+M(0)", "M(0.5)"):
+        assert_same_run(run_mixed("torch", memory), run_mixed("triton", memory), torch.bfloat16, f"mixed {memory}")
+
+
+def test_parity_grad_scale_and_found_inf():
+    def hook(opt, step):
+        opt.grad_scale = torch.tensor(4.0, device=DEV)
+        opt.found_inf = torch.tensor([1.0 if step in (0, 2) else 0.0], device=DEV)
+
+    _, opt, _ = parity(torch.float32, hook=hook, scope="group", memory="C(0.9,0.3)+M(0)")
+    assert torch.equal(opt._scopes.step.cpu(), torch.full_like(opt._scopes.step.cpu(), STEPS - 2))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_found_inf_changes_nothing():
+    params, opt, _ = run("triton", torch.float32, steps=2, scope="tensor")
+    before = ([p.detach().clone() for p in params], {k: v.clone() for k, v in opt._scopes.to_dict().items()},
+              [{k: v.clone() for k, v in opt.state[p].items()} for p in params])
+    opt.found_inf = torch.tensor([1.0], device=DEV)
+    for p, g in zip(params, grads_for(params, 7)):
+        p.grad = g
+    params[0].grad[0] = float("inf")
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before[0], params))
+    assert all(torch.equal(v, getattr(opt._scopes, k)) for k, v in before[1].items())
+    assert all(torch.equal(v, opt.state[p][k]) for s, p in zip(before[2], params) for k, v in s.items())
+
+
+def test_parity_nonfinite_grad():
+    def groups(ps):
+        return [{"params": ps[:2], "lr": 0.05}, {"params": ps[2:], "lr": 0.02}]
+
+    def hook_nan(backend):
+        params = make_params([(7,), (4,), (5,)], torch.float32)
+        opt = RLLC(groups(params), law_lr=0.1, scope="group", backend=backend)
+        laws = []
+        for step in range(4):
+            for p, g in zip(params, grads_for(params, step)):
+                p.grad = g
+            if step == 2:
+                params[2].grad[1] = float("nan")
+            opt.step()
+            laws.append(opt.law.clone())
+        return params, opt, laws
+
+    ref, got = hook_nan("torch"), hook_nan("triton")
+    assert torch.isnan(got[2][2][1]).all() and not torch.isnan(got[2][2][0]).any()
+    assert_same_run(ref, got, torch.float32, "non-finite grad")
+
+
+def test_parity_lr_tensor_and_lr_change():
+    def groups(ps):
+        g = groups_of(ps)
+        g[1]["lr"] = torch.tensor(0.02, device=DEV)
+        return g
+
+    def hook(opt, step):
+        if step == 2:
+            opt.param_groups[0]["lr"] = 0.01
+            opt.param_groups[1]["lr"] = torch.tensor(0.07, device=DEV)
+
+    parity(torch.float32, groups=groups, hook=hook, memory="M(0.9)+M(0)")
+
+
+def test_bit_identical_runs():
+    a = run("triton", torch.float32, scope="tensor", steps=3)
+    b = run("triton", torch.float32, scope="tensor", steps=3)
+    assert all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
+    assert all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+    assert all(torch.equal(a[1].state[x]["memory"], b[1].state[y]["memory"]) for x, y in zip(a[0], b[0]))
+
+
+def test_frozen_law_is_torch_sgd_momentum():
+    params = make_params([(7,), (3, 5)], torch.float32)
+    theirs = [p.detach().clone().requires_grad_() for p in params]
+    opt = RLLC(params, lr=0.03, law_lr=0.0, memory="M(0.85)+M(0)", law_init=(0.85, 1.0), backend="triton")
+    ref = torch.optim.SGD(theirs, lr=0.03, momentum=0.85, nesterov=True)
+    for step in range(STEPS):
+        for a, b, g in zip(params, theirs, grads_for(params, step)):
+            a.grad, b.grad = g, g.clone()
+        opt.step(), ref.step()
+    for a, b in zip(params, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
