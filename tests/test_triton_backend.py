@@ -6,7 +6,6 @@ it for that import only and, through an autouse fixture, for its own tests; the 
 afterwards so other test files see the environment they were started with. Small sizes and few steps
 on CPU (the interpreter is slow), full sizes and 10 steps on CUDA.
 """
-import importlib.util
 import os
 import subprocess
 import sys
@@ -14,31 +13,14 @@ import sys
 import pytest
 import torch
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
+from _triton import CUDA, DEV, grads_for, import_triton_backend, interpreter_env, make_params  # noqa: E402,F401
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    # Before triton's first import in this process (NOTE [import order] in amm_kernels/triton_backend.py).
-    _saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import amm_kernels.triton_backend as triton_backend  # noqa: E402,F401  (decorates the kernels)
-    except ImportError as err:
-        pytest.skip(f"triton's interpreter is not usable here: {err}", allow_module_level=True)
-    finally:
-        if _saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = _saved
-else:
-    import amm_kernels.triton_backend as triton_backend  # noqa: E402,F401
+triton_backend = import_triton_backend()
 
 from _helpers import tolerance  # noqa: E402
 
 from amm_kernels import AMAdamW, AMSGD  # noqa: E402
 
-DEV = torch.device("cuda" if CUDA else "cpu")
 STEPS = 10 if CUDA else 3
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 if CUDA:
@@ -49,27 +31,7 @@ else:
 OPTS = {"AMSGD": AMSGD, "AMAdamW": AMAdamW}
 
 
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    if not CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    yield
 
-
-def make_params(shapes, dtype, seed=0, transposed_last=True):
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for i, s in enumerate(shapes):
-        t = torch.randn(s, generator=gen)
-        if transposed_last and i == len(shapes) - 1 and len(s) == 2:
-            t = torch.randn(tuple(reversed(s)), generator=gen).t()  # a non-contiguous parameter
-        out.append(t.to(DEV, dtype).requires_grad_())
-    return out
-
-
-def grads_for(params, step, seed=0, scale=1.0):
-    gen = torch.Generator().manual_seed(1000 * seed + step)
-    return [(scale * torch.randn(p.shape, generator=gen)).to(DEV, p.dtype) for p in params]
 
 
 def groups_of(params, n_groups=3, lrs=(0.05, 0.02, 0.1), wds=(0.0, 0.01, 0.1)):

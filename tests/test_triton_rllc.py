@@ -2,45 +2,21 @@
 parameters and memory, like a kernel parity test.
 
 Without a GPU the kernels run on CPU tensors in Triton's interpreter, which must be switched on before
-triton is first imported (see tests/test_triton_backend.py, whose set-up this repeats). Small sizes and
+triton is first imported (tests/_triton.py does that for every Triton test). Small sizes and
 few steps on CPU (the interpreter is slow), larger ones on CUDA.
 """
-import importlib.util
-import os
 
 import pytest
 import torch
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
+from _triton import CUDA, DEV, grads_for, import_triton_backend, interpreter_env, make_params  # noqa: E402,F401
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    # Before triton's first import in this process (NOTE [import order] in amm_kernels/triton_backend.py).
-    _saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import amm_kernels.triton_backend as triton_backend  # noqa: E402  (decorates the kernels)
-        from amm_kernels import triton_rllc  # noqa: E402  (its kernels too, until triton_backend imports it)
-    except ImportError as err:
-        pytest.skip(f"triton's interpreter is not usable here: {err}", allow_module_level=True)
-    finally:
-        if _saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = _saved
-else:
-    import amm_kernels.triton_backend as triton_backend  # noqa: E402
-    from amm_kernels import triton_rllc  # noqa: E402
-
-if not hasattr(triton_backend, "rllc_step"):  # until triton_backend.py exports it
-    triton_backend.rllc_step = triton_rllc.rllc_step
+triton_backend = import_triton_backend()
 
 from _helpers import tolerance  # noqa: E402
 
 from amm_kernels.rllc import RLLC, rllc_backends  # noqa: E402
 
-DEV = torch.device("cuda" if CUDA else "cpu")
 STEPS = 8 if CUDA else 4
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 if CUDA:
@@ -50,27 +26,7 @@ else:
 MEMORIES = ["M(0.9)+M(0)", "M(0.9)+M(0.8)+M(0.7)", "J(0.8,2)+M(0)", "C(0.9,0.3)+M(0)"]
 
 
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    if not CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    yield
 
-
-def make_params(shapes, dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for i, s in enumerate(shapes):
-        t = torch.randn(s, generator=gen)
-        if i == len(shapes) - 1 and len(s) == 2:
-            t = torch.randn(tuple(reversed(s)), generator=gen).t()  # a non-contiguous parameter
-        out.append(t.to(DEV, dtype).requires_grad_())
-    return out
-
-
-def grads_for(params, step, seed=0):
-    gen = torch.Generator().manual_seed(1000 * seed + step)
-    return [torch.randn(p.shape, generator=gen).to(DEV, p.dtype) for p in params]
 
 
 def groups_of(params, n_groups=3, lrs=(0.05, 0.02, 0.1)):
