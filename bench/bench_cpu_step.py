@@ -12,8 +12,8 @@ import argparse
 import csv
 import datetime
 import os
-import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -22,17 +22,8 @@ import amm_kernels
 from amm_kernels import AMAdamW, AMSGD
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+sys.path.insert(0, HERE)
+from common import cpu_model  # noqa: E402  (bench/common.py: the machine, named once)
 
 
 def model_shapes(target: int) -> list[tuple[int, ...]]:
