@@ -6,20 +6,13 @@ entries and M^T g), the law update per scope (pinv of the k x k Gram matrix, on 
 pass 2 (memory and parameter), the scope state (step, law), and the GradScaler's found_inf skip.
 Memories of more than 8 units and float64 parameters run on the reference instead.
 
-Raises ImportError when the extension is not built (as compiled_backend.py).
+Raises ImportError when the extension is not built (through compiled_backend.py).
 """
 from __future__ import annotations
 
 import torch
 
-try:
-    from . import _C  # noqa: F401  (loading the library registers torch.ops.amm_kernels.*)
-except ImportError as err:  # pragma: no cover - depends on the build
-    raise ImportError(
-        f"amm_kernels._C is not built ({err}); reinstall with `pip install --no-build-isolation -e .` "
-        "(AMM_KERNELS_STRICT_BUILD=1 shows compiler errors)"
-    ) from err
-
+from . import _C  # noqa: F401  (registers the ops; compiled_backend.py imports this module once _C has loaded)
 from ._step import StepBatch
 
 __all__ = ["rllc_step", "has_rllc_op", "MAX_K"]
