@@ -14,6 +14,8 @@ Bytes a step must move per float32 parameter (the floor any implementation pays;
   AMAdamW        40 = pass 1 (the global sums) reads g, d, v (12) + pass 2 as AdamW (28);
                  44 with weight decay: pass 1 also reads x (the <d - g, x> and mu x terms)
   AMSGD          28 = pass 1 reads g, d (8) + pass 2 reads g, d, x, writes d, x (20)  (no weight decay)
+  RLLC (k units) 4 (4 + 3k) = pass 1 (Gram M^T M and M^T g) reads g, M (4 + 4k) + pass 2 reads g, M, x and
+                 writes M, x (12 + 8k): 40 for the default memory M(0.9)+M(0) (k = 2), 52 for k = 3
 The global sums over all parameters must finish before any update, so the AM step is two passes.
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch  # noqa: E402
 from common import RESULTS, copy_bandwidth, device_tag, environment, footer, llama_shapes, plt, progress, time_fn, write_results  # noqa: E402
 
 from amm_kernels import AMSGD, AMAdamW, available_backends  # noqa: E402
+from amm_kernels.rllc import RLLC, rllc_backends  # noqa: E402
 
 WD = 0.01  # AdamW and AMAdamW run with weight decay (AMAdamW: 44 B/param); the SGDs without
 
@@ -49,6 +52,9 @@ def cases(device: torch.device):
         ("SGD-momentum fused", "sgd", 20, lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, fused=True)),
         ("SGD-momentum foreach", "sgd", 20, lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, foreach=True)),
     ]
+    for mem, k in (("M(0.9)+M(0)", 2), ("M(0.9)+M(0.8)+M(0.7)", 3)):
+        for b in rllc_backends(device):
+            out.append((f"RLLC k={k}[{b}]", "rllc", 4 * (4 + 3 * k), lambda p, b=b, mem=mem: RLLC(p, lr=1e-2, memory=mem, backend=b)))
     return out
 
 
@@ -90,6 +96,10 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (on a shared machine 1 gives steadier numbers than oversubscribed cores)")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated substrings: run only the optimizers whose names contain one, e.g. "
+                         "'RLLC,fused' (the results then go to throughput_<device>_<stem-suffix>)")
+    ap.add_argument("--stem-suffix", default=None, help="appended to the result files' stem (default: 'only' when --only)")
     ap.add_argument("--out-dir", default=str(RESULTS))
     args = ap.parse_args(argv)
     if args.quick and not args.threads:
@@ -116,6 +126,9 @@ def main(argv=None):
           f"load {env['load_before']}", flush=True)
 
     all_cases = cases(device)
+    if args.only:
+        keys = [k.strip() for k in args.only.split(",") if k.strip()]
+        all_cases = [c for c in all_cases if any(k in c[0] for k in keys)]
     rows = []
     jobs = [(layout, n) for n in sizes for layout in ("flat", "model")]
     bar = progress(total=len(jobs) * len(all_cases), desc="throughput")
@@ -152,6 +165,9 @@ def main(argv=None):
     bar.close()
 
     tag = device_tag(device)
+    suffix = args.stem_suffix or ("only" if args.only else "")
+    if suffix:
+        tag = f"{tag}_{suffix}"
     out = Path(args.out_dir)
     csv_path, _ = write_results(f"throughput_{tag}", rows, env, out, extra=dict(copy_gbs=copy_gbs))
     print_table(rows, env)
@@ -178,7 +194,7 @@ def plot(rows, env, copy_gbs, path):
             pts = [(r["numel"], r["effective_gbs"]) for r in rows if r["layout"] == layout and r["optimizer"] == name]
             pts = [p for p in pts if p[1] == p[1]]
             if pts:
-                style = "-" if name.startswith("AM") else "--"
+                style = "-" if name.startswith(("AM", "RLLC")) else "--"
                 ax.plot(*zip(*pts), style, marker="o", label=name)
         ax.axhline(copy_gbs, color="k", lw=0.8, ls=":", label=f"copy {copy_gbs:.0f} GB/s")
         ax.set_xscale("log")

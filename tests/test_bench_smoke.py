@@ -21,6 +21,7 @@ SCRIPTS = [  # (module, files it must write, a numeric CSV column that must be f
     ("conv_logistic", ["conv_logistic.csv", "conv_logistic.json", "conv_logistic.png"], "final_loss", True),
     ("conv_digits", ["conv_digits.csv", "conv_digits.json", "conv_digits.png"], "train_loss_final_mean", True),
     ("conv_lm", ["conv_lm.csv", "conv_lm.json", "conv_lm.png"], "val_loss_final_mean", False),
+    ("conv_rllc", ["conv_rllc.csv", "conv_rllc.json", "conv_rllc.png"], "score", False),  # digits part needs sklearn
 ]
 
 
