@@ -13,14 +13,18 @@ from amm_kernels import AMAdamW, AMSGD, available_backends, backend_supports_dty
 from _helpers import load_vector, tolerance, vector_initial_params, vector_params, vector_spec_kwargs
 
 CPU = torch.device("cpu")
+# Every backend of every device here: on a GPU machine the cuda and triton backends replay them too.
+DEVICES = [CPU] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
 
 
 def _backend_dtype_params():
     out = []
-    for name in available_backends(CPU):
-        if backend_supports_dtype(name, torch.float64):
-            out.append(pytest.param(name, torch.float64, id=f"{name}-float64"))
-        out.append(pytest.param(name, torch.float32, id=f"{name}-float32"))
+    for device in DEVICES:
+        for name in available_backends(device):
+            for dtype in (torch.float64, torch.float32):
+                if backend_supports_dtype(name, dtype):
+                    tag = f"{device.type}-{name}-{str(dtype).split('.')[-1]}"
+                    out.append(pytest.param(device, name, dtype, id=tag))
     return out
 
 
@@ -39,22 +43,22 @@ def scope_shape(vec):
     return (sum(len(g["params"]) for g in vec["groups"]),)
 
 
-def build(vec, backend, dtype):
-    params = [[torch.tensor(x, dtype=dtype) for x in group] for group in vector_initial_params(vec)]
+def build(vec, backend, dtype, device=CPU):
+    params = [[torch.tensor(x, dtype=dtype, device=device) for x in group] for group in vector_initial_params(vec)]
     groups = [{"params": ps, "weight_decay": g["weight_decay"], "lr": vec["steps"][0]["lr"][gi]}
               for gi, (ps, g) in enumerate(zip(params, vec["groups"]))]
     cls = {"AMSGD": AMSGD, "AMAdamW": AMAdamW}[vec["optimizer"]]
     return cls(groups, backend=backend, **vector_spec_kwargs(vec)), params
 
 
-@pytest.mark.parametrize("backend,dtype", _backend_dtype_params())
+@pytest.mark.parametrize("device,backend,dtype", _backend_dtype_params())
 @pytest.mark.parametrize("path", vector_params("am"))
-def test_vector(path, backend, dtype):
+def test_vector(path, device, backend, dtype):
     vec = load_vector(path)
     rtol, atol = tolerance(dtype)
-    opt, params = build(vec, backend, dtype)
+    opt, params = build(vec, backend, dtype, device)
     loss_mode = vec["hyper"].get("delta_f") == "loss"
-    where = f"{vec['name']} backend={backend} {dtype}"
+    where = f"{vec['name']} device={device} backend={backend} {dtype}"
 
     for i, rec in enumerate(vec["steps"]):
         for gi, lr in enumerate(rec["lr"]):
@@ -63,12 +67,12 @@ def test_vector(path, backend, dtype):
         def set_grads():
             for ps, gs in zip(params, rec["grads"]):
                 for p, g in zip(ps, gs):
-                    p.grad = torch.tensor(g, dtype=dtype).reshape(p.shape)
+                    p.grad = torch.tensor(g, dtype=dtype, device=device).reshape(p.shape)
 
         if loss_mode:
             def closure():
                 set_grads()
-                return torch.tensor(rec["loss"], dtype=dtype)
+                return torch.tensor(rec["loss"], dtype=dtype, device=device)
 
             opt.step(closure)
         else:
@@ -80,12 +84,12 @@ def test_vector(path, backend, dtype):
         assert tuple(beta.shape) == scope_shape(vec), (
             f"{where} step {i}: optimizer.beta has shape {tuple(beta.shape)}, "
             f"expected {scope_shape(vec)} for beta_scope={vec['hyper']['beta_scope']!r}")
-        np.testing.assert_allclose(beta.detach().to(torch.float64).reshape(-1).numpy(), rec["beta"],
+        np.testing.assert_allclose(beta.detach().cpu().to(torch.float64).reshape(-1).numpy(), rec["beta"],
                                    rtol=rtol, atol=atol, err_msg=f"{where} step {i}: beta")
         for gi, group in enumerate(rec["params_after"]):
             for ti, expected in enumerate(group):
                 p = params[gi][ti]
                 assert p.dtype == dtype
-                np.testing.assert_allclose(p.detach().to(torch.float64).reshape(-1).numpy(), expected,
+                np.testing.assert_allclose(p.detach().cpu().to(torch.float64).reshape(-1).numpy(), expected,
                                            rtol=rtol, atol=atol,
                                            err_msg=f"{where} step {i}: param [{gi}][{ti}]")
