@@ -186,6 +186,48 @@ void finish(Prepared& p) {
   for (auto& [orig, work] : p.write_back) orig.copy_(work);
 }
 
+// The finalize (SPEC.md section 3): each scope's beta from its tensors' weighted sums, added in tensor
+// order in double (a fixed order: bit-identical runs), and handed to every tensor of the scope.
+// `weighted(i, &num, &den)` weights tensor i's sums; `extra_num` is a scope-level numerator term
+// (loss mode's (lam + 1) (prev_loss - loss)), 0 otherwise. Returns the betas in run order.
+template <class Weighted>
+std::vector<float> assign_scope_betas(Prepared& p, const float* step_p, bool adaptive, double beta_min,
+                                      double beta_max, double extra_num, Weighted weighted) {
+  std::vector<float> betas(p.runs.size());
+  for (size_t r = 0; r < p.runs.size(); ++r) {
+    const auto& run = p.runs[r];
+    const bool first = step_p[run[0]] == 0.f;
+    double num = 0.0, den = 0.0;
+    if (adaptive && !first) {
+      for (int64_t i = run[1]; i < run[2]; ++i) {
+        double n_t = 0.0, d_t = 0.0;
+        weighted(i, &n_t, &d_t);
+        num += n_t;
+        den += d_t;
+      }
+      num += extra_num;
+    }
+    betas[r] = amm::scope_beta(num, den, static_cast<float>(beta_min), static_cast<float>(beta_max), first, adaptive);
+    for (int64_t i = run[1]; i < run[2]; ++i) p.ts[i].beta = betas[r];
+  }
+  return betas;
+}
+
+// After the update: count the step of each present scope, record its beta (and beta_prod when given),
+// and the lr each present group moved with.
+void commit_scope_state(const Prepared& p, const std::vector<float>& betas, float* step_p, float* beta_p,
+                        float* beta_prod_p, const at::Tensor& lr, float* prev_lr_p) {
+  for (size_t r = 0; r < p.runs.size(); ++r) {
+    const int64_t s = p.runs[r][0];
+    step_p[s] += 1.f;
+    beta_p[s] = betas[r];
+    if (beta_prod_p != nullptr) beta_prod_p[s] *= betas[r];
+  }
+  const at::Tensor lr_f = lr.to(at::kFloat).contiguous();
+  const float* lr_new = lr_f.const_data_ptr<float>();
+  for (int64_t g : p.present_groups) prev_lr_p[g] = lr_new[g];
+}
+
 void amsgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum, at::IntArrayRef group_of,
                     at::IntArrayRef scope_of, const at::Tensor& lr, at::ArrayRef<double> weight_decay,
                     const at::Tensor& step, const at::Tensor& beta, const at::Tensor& prev_lr,
@@ -217,42 +259,18 @@ void amsgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   std::vector<float> sums;
   if (adaptive) amsgd_sums(p.ts, p.common, sums);
 
-  std::vector<float> scope_betas(p.runs.size());
-  for (size_t r = 0; r < p.runs.size(); ++r) {
-    const auto& run = p.runs[r];
-    const bool first = step_p[run[0]] == 0.f;
-    double num = 0.0, den = 0.0;
-    if (adaptive && !first) {
-      for (int64_t i = run[1]; i < run[2]; ++i) {
-        double n_t = 0.0, d_t = 0.0;
+  // (lam + 1) * (prev_loss - loss) in float32, as the reference forms it.
+  const double extra = loss_mode ? static_cast<double>(static_cast<float>(lam + 1.0) * (*prev_loss_p - loss_value)) : 0.0;
+  const std::vector<float> scope_betas =
+      assign_scope_betas(p, step_p, adaptive, beta_min, beta_max, extra, [&](int64_t i, double* n, double* d) {
         amm::amsgd_weighted(sums.data() + i * amm::kAmsgdSums, p.ts[i].lr, prev_lr_p[p.group_of[i]], lam,
-                            !loss_mode, &n_t, &d_t);
-        num += n_t;
-        den += d_t;
-      }
-      if (loss_mode) {
-        // (lam + 1) * (prev_loss - loss) in float32, as the reference forms it.
-        const float extra = static_cast<float>(lam + 1.0) * (*prev_loss_p - loss_value);
-        num += static_cast<double>(extra);
-      }
-    }
-    scope_betas[r] = amm::scope_beta(num, den, static_cast<float>(beta_min), static_cast<float>(beta_max), first,
-                                     adaptive);
-    for (int64_t i = run[1]; i < run[2]; ++i) p.ts[i].beta = scope_betas[r];
-  }
+                            !loss_mode, n, d);
+      });
 
   amsgd_update(p.ts, p.common);
   finish(p);
 
-  for (size_t r = 0; r < p.runs.size(); ++r) {
-    const int64_t s = p.runs[r][0];
-    step_p[s] += 1.f;
-    beta_p[s] = scope_betas[r];
-  }
-  const float* lr_new = nullptr;
-  const at::Tensor lr_f = lr.to(at::kFloat).contiguous();
-  lr_new = lr_f.const_data_ptr<float>();
-  for (int64_t g : p.present_groups) prev_lr_p[g] = lr_new[g];
+  commit_scope_state(p, scope_betas, step_p, beta_p, nullptr, lr, prev_lr_p);
   if (loss_mode) *prev_loss_p = loss_value;
 }
 
@@ -295,37 +313,16 @@ void amadamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   std::vector<float> sums;
   if (adaptive) amadamw_sums(p.ts, p.common, sums);
 
-  std::vector<float> scope_betas(p.runs.size());
-  for (size_t r = 0; r < p.runs.size(); ++r) {
-    const auto& run = p.runs[r];
-    const bool first = step_p[run[0]] == 0.f;
-    double num = 0.0, den = 0.0;
-    if (adaptive && !first) {
-      for (int64_t i = run[1]; i < run[2]; ++i) {
-        double n_t = 0.0, d_t = 0.0;
+  const std::vector<float> scope_betas =
+      assign_scope_betas(p, step_p, adaptive, beta_min, beta_max, 0.0, [&](int64_t i, double* n, double* d) {
         amm::amadamw_weighted(sums.data() + i * amm::kAmadamwSums, p.ts[i].lr, prev_lr_p[p.group_of[i]],
-                              weight_decay[p.group_of[i]], &n_t, &d_t);
-        num += n_t;
-        den += d_t;
-      }
-    }
-    scope_betas[r] = amm::scope_beta(num, den, static_cast<float>(beta_min), static_cast<float>(beta_max), first,
-                                     adaptive);
-    for (int64_t i = run[1]; i < run[2]; ++i) p.ts[i].beta = scope_betas[r];
-  }
+                              weight_decay[p.group_of[i]], n, d);
+      });
 
   amadamw_update(p.ts, p.common);
   finish(p);
 
-  for (size_t r = 0; r < p.runs.size(); ++r) {
-    const int64_t s = p.runs[r][0];
-    step_p[s] += 1.f;
-    beta_p[s] = scope_betas[r];
-    beta_prod_p[s] *= scope_betas[r];
-  }
-  const at::Tensor lr_f = lr.to(at::kFloat).contiguous();
-  const float* lr_new = lr_f.const_data_ptr<float>();
-  for (int64_t g : p.present_groups) prev_lr_p[g] = lr_new[g];
+  commit_scope_state(p, scope_betas, step_p, beta_p, beta_prod_p, lr, prev_lr_p);
 }
 
 }  // namespace
