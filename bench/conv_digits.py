@@ -12,6 +12,7 @@ sanity reference. Writes bench/results/conv_digits.{csv,json,png}. Needs scikit-
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -54,12 +55,15 @@ OPTIMIZERS = {
 }
 
 
-def train(name, lr, seed, epochs, batch, xtr, ytr, xte, yte, bar):
+def train_digits(make_opt, lr, seed, epochs, batch, xtr, ytr, xte, yte, trace=lambda opt: None, on_epoch=None):
+    """Train net() with make_opt(params, lr); per epoch the mean train loss and the test accuracy, and
+    per step whatever trace(opt) returns (None: nothing). A diverged run (non-finite loss) stops,
+    its remaining epochs filled with inf. Shared by conv_digits.py and conv_rllc.py."""
     torch.manual_seed(seed)
     model = net()
-    opt = OPTIMIZERS[name](model.parameters(), lr)
+    opt = make_opt(list(model.parameters()), lr)
     gen = torch.Generator().manual_seed(seed)
-    hist = dict(train_loss=[], test_acc=[], betas=[])
+    hist = dict(train_loss=[], test_acc=[], trace=[])
     for _ in range(epochs):
         model.train()
         perm = torch.randperm(len(xtr), generator=gen)
@@ -72,14 +76,27 @@ def train(name, lr, seed, epochs, batch, xtr, ytr, xte, yte, bar):
             opt.step()
             total += float(loss.detach()) * len(idx)
             count += len(idx)
-            if isinstance(opt, AMSGD):
-                hist["betas"].append(float(opt.beta))
+            value = trace(opt)
+            if value is not None:
+                hist["trace"].append(value)
         model.eval()
         with torch.no_grad():
             acc = float((model(xte).argmax(1) == yte).float().mean())
-        hist["train_loss"].append(total / count)
+        hist["train_loss"].append(total / count if math.isfinite(total) else float("inf"))
         hist["test_acc"].append(acc)
-        bar.update()
+        if on_epoch is not None:
+            on_epoch()
+        if not math.isfinite(total):  # diverged: fill the rest
+            hist["train_loss"] += [float("inf")] * (epochs - len(hist["train_loss"]))
+            hist["test_acc"] += [acc] * (epochs - len(hist["test_acc"]))
+            break
+    return hist
+
+
+def train(name, lr, seed, epochs, batch, xtr, ytr, xte, yte, bar):
+    hist = train_digits(OPTIMIZERS[name], lr, seed, epochs, batch, xtr, ytr, xte, yte,
+                        trace=lambda opt: float(opt.beta) if isinstance(opt, AMSGD) else None, on_epoch=bar.update)
+    hist["betas"] = hist.pop("trace")
     return hist
 
 

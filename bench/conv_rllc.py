@@ -29,7 +29,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from common import RESULTS, environment, footer, plt, progress, thinned, write_results  # noqa: E402
 from conv_quadratic import make_problem  # noqa: E402
@@ -87,37 +86,10 @@ def run_quadratic(problem, factory, lr, steps):
 
 # -- the digits CNN -------------------------------------------------------------------------------------------
 def run_digits(factory, lr, seed, epochs, batch, xtr, ytr, xte, yte):
-    from conv_digits import net
+    from conv_digits import train_digits
 
-    torch.manual_seed(seed)
-    model = net()
-    opt = factory(list(model.parameters()), lr)
-    gen = torch.Generator().manual_seed(seed)
-    hist = dict(train_loss=[], test_acc=[], laws=[])
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(len(xtr), generator=gen)
-        total, count = 0.0, 0
-        for i in range(0, len(xtr), batch):
-            idx = perm[i : i + batch]
-            loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
-            law = law_of(opt)
-            if law is not None:
-                hist["laws"].append(law)
-        model.eval()
-        with torch.no_grad():
-            acc = float((model(xte).argmax(1) == yte).float().mean())
-        hist["train_loss"].append(total / count if math.isfinite(total) else float("inf"))
-        hist["test_acc"].append(acc)
-        if not math.isfinite(total):  # diverged: fill the rest
-            hist["train_loss"] += [float("inf")] * (epochs - len(hist["train_loss"]))
-            hist["test_acc"] += [acc] * (epochs - len(hist["test_acc"]))
-            break
+    hist = train_digits(factory, lr, seed, epochs, batch, xtr, ytr, xte, yte, trace=law_of)
+    hist["laws"] = hist.pop("trace")
     return hist
 
 
