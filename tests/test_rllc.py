@@ -118,35 +118,36 @@ def test_explicit_memory_matrices():
 
 # --------------------------------------------------------------------------------------------------
 # conformance vectors
+# Every RLLC backend of every device here: on a GPU machine the cuda and triton kernels replay them too.
+DEVICES = [CPU] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+
+
 def _backend_dtype_params():
-    return dtype_cases(BACKENDS, (torch.float64, torch.float32))
+    return [pytest.param(device, *case.values, id=f"{device.type}-{case.id}")
+            for device in DEVICES for case in dtype_cases(rllc_backends(device), (torch.float64, torch.float32))]
 
 
-@pytest.mark.parametrize("backend,dtype", _backend_dtype_params())
+@pytest.mark.parametrize("device,backend,dtype", _backend_dtype_params())
 @pytest.mark.parametrize("path", vector_params("rllc"))
-def test_vector(path, backend, dtype):
-    from amm_kernels.backends import backend_supports_dtype
-
-    if not backend_supports_dtype(backend, dtype):
-        pytest.skip(f"backend {backend} has no {dtype}")
+def test_vector(path, device, backend, dtype):
     vec = load_vector(path)
     h = vec["hyper"]
     assert np.array_equal(np.array(parse_memory(h["memory"])[0]), np.array(h["U"]))
     assert np.array_equal(np.array(parse_memory(h["memory"])[1]), np.array(h["b"]))
     rtol, atol = tolerance(dtype)
-    params = [[torch.tensor(x, dtype=dtype) for x in group] for group in vector_initial_params(vec)]
+    params = [[torch.tensor(x, dtype=dtype, device=device) for x in group] for group in vector_initial_params(vec)]
     lrs = [g.get("lr", h["lr"]) for g in vec["groups"]]
     opt = RLLC([{"params": ps, "lr": lr} for ps, lr in zip(params, lrs)], law_lr=h["law_lr"], memory=h["memory"],
                law_init=h["law_init"], scope=h.get("scope", "global"), backend=backend)
-    where = f"{vec['name']} backend={backend} {dtype}"
+    where = f"{vec['name']} device={device} backend={backend} {dtype}"
     for i, rec in enumerate(vec["steps"]):
         for gi, lr in enumerate(rec.get("lr", [])):
             opt.param_groups[gi]["lr"] = lr
         for ps, gs in zip(params, rec["grads"]):
             for p, g in zip(ps, gs):
-                p.grad = torch.tensor(g, dtype=dtype).reshape(p.shape)
+                p.grad = torch.tensor(g, dtype=dtype, device=device).reshape(p.shape)
         opt.step()
-        law = opt.law
+        law = opt.law.cpu()
         assert isinstance(law, torch.Tensor) and law.shape == (len(h["b"]),)
         np.testing.assert_allclose(law.to(torch.float64).numpy(), np.array(rec["law_after"]).reshape(law.shape),
                                    rtol=rtol, atol=atol, err_msg=f"{where} step {i}: law")
@@ -154,7 +155,7 @@ def test_vector(path, backend, dtype):
             for ti, expected in enumerate(group):
                 p = params[gi][ti]
                 assert p.dtype == dtype
-                np.testing.assert_allclose(p.detach().to(torch.float64).reshape(-1).numpy(), expected,
+                np.testing.assert_allclose(p.detach().cpu().to(torch.float64).reshape(-1).numpy(), expected,
                                            rtol=rtol, atol=atol, err_msg=f"{where} step {i}: param [{gi}][{ti}]")
 
 
