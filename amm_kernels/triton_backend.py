@@ -153,7 +153,7 @@ def _step(batch: StepBatch, hp, amadamw: bool) -> None:
             if amadamw:
                 amadamw_reduce_kernel[(bucket.n_blocks,)](
                     table.meta, bucket.blocks, table.partials, table.weight_decay, grad_scale, scratch[2:],
-                    n_scopes, lam, float(hp.beta2), float(hp.eps),
+                    n_scopes, lam, float(hp.beta2), 1.0 - float(hp.beta2), float(hp.eps),
                     HAS_GRAD_SCALE=has_scale, MAXIMIZE=maximize, X_CODE=cx, G_CODE=cg, D_CODE=cd, V_CODE=cv,
                     BLOCK=BLOCK, **kw)
             else:
@@ -184,7 +184,7 @@ def _step(batch: StepBatch, hp, amadamw: bool) -> None:
                      LOSS_MODE=loss_mode, GROUPS_P2=triton.next_power_of_2(max(n_groups, 1)),
                      X_CODE=cx, G_CODE=cg, D_CODE=cd, BLOCK=BLOCK, **kw)
         if amadamw:
-            amadamw_update_kernel[grid](*common, float(hp.beta2), float(hp.eps), V_CODE=cv, **flags)
+            amadamw_update_kernel[grid](*common, float(hp.beta2), 1.0 - float(hp.beta2), float(hp.eps), V_CODE=cv, **flags)
         else:
             amsgd_update_kernel[grid](*common, **flags)
 

@@ -53,8 +53,10 @@ def amsgd_weighted(gd, b, dd, lr, prev_lr, lam, FIRST_ORDER: tl.constexpr):
 # ---------------------------------------------------------------------------------------------
 # AM-AdamW (SPEC.md section 2); bias1, bias2 are float32 values formed in float64 by the driver.
 @triton.jit
-def adamw_second_moment(g, v, beta2):
-    return beta2 * v + (1.0 - beta2) * g * g
+def adamw_second_moment(g, v, beta2, one_minus_beta2):
+    # NOTE [1 - beta2] (csrc/amm_math.h): formed by the caller in double and rounded once; 1.0 - beta2
+    # from a float32 beta2 = 0.999 is 1.3e-5 off 0.001.
+    return beta2 * v + one_minus_beta2 * g * g
 
 
 @triton.jit

@@ -47,7 +47,7 @@ def amsgd_reduce_kernel(
 
 @triton.jit
 def amadamw_reduce_kernel(
-    meta, blocks, partials, weight_decay, grad_scale_ptr, bias, n_scopes, lam, beta2, eps,
+    meta, blocks, partials, weight_decay, grad_scale_ptr, bias, n_scopes, lam, beta2, one_minus_beta2, eps,
     HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr,
     X_CODE: tl.constexpr, G_CODE: tl.constexpr, D_CODE: tl.constexpr, V_CODE: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -65,7 +65,7 @@ def amadamw_reduce_kernel(
     if HAS_GRAD_SCALE:
         scale = tl.load(grad_scale_ptr).to(tl.float32)
     g = effective_grad(grad, x, scale, HAS_GRAD_SCALE, MAXIMIZE, 0.0)
-    v_new = adamw_second_moment(g, v, beta2)
+    v_new = adamw_second_moment(g, v, beta2, one_minus_beta2)
     p = adamw_precond(v_new, bias1, bias2, eps)
     a, b, c, dd = amadamw_terms(g, d, x, p, lam, mu)
     out = partials + slot * 4

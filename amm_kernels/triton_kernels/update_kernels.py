@@ -90,7 +90,7 @@ def amsgd_update_kernel(
 @triton.jit
 def amadamw_update_kernel(
     meta, blocks, n_blocks, scratch, n_scopes, lr_ptr, weight_decay, grad_scale_ptr, found_inf_ptr,
-    present_groups, n_groups, prev_lr_ptr, prev_loss_ptr, loss_ptr, lam, beta2, eps,
+    present_groups, n_groups, prev_lr_ptr, prev_loss_ptr, loss_ptr, lam, beta2, one_minus_beta2, eps,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, MAXIMIZE: tl.constexpr,
     COMMIT_GROUPS: tl.constexpr, LOSS_MODE: tl.constexpr, GROUPS_P2: tl.constexpr,
     X_CODE: tl.constexpr, G_CODE: tl.constexpr, D_CODE: tl.constexpr, V_CODE: tl.constexpr,
@@ -117,7 +117,7 @@ def amadamw_update_kernel(
     bias1 = tl.load(scratch + 2 * n_scopes + s)
     bias2 = tl.load(scratch + 3 * n_scopes + s)
     g = effective_grad(grad, x, scale, HAS_GRAD_SCALE, MAXIMIZE, 0.0)
-    v_new = adamw_second_moment(g, v, beta2)
+    v_new = adamw_second_moment(g, v, beta2, one_minus_beta2)
     p = adamw_precond(v_new, bias1, bias2, eps)
     d_new = amadamw_momentum(g, d, p, beta, lam)
     x_new = adamw_param(x, d_new, p, lr, mu)
