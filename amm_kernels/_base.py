@@ -141,10 +141,10 @@ class AMOptimizer(torch.optim.Optimizer):
         return loss
 
     def _module_for(self, process_group, device: torch.device, dtypes: set[torch.dtype]):
-        """The backend module for this step. Only the reference all-reduces the sums, so "auto" picks
-        it when the model is sharded."""
-        backend = "torch" if (process_group is not None and self.backend == "auto") else self.backend
-        return self._backend_module(backend, device, dtypes)
+        """The backend module for this step. Every backend of AMSGD and AMAdamW all-reduces beta's sums
+        over a process_group; an optimizer whose backends do not yet (SUPPORTS_PROCESS_GROUP) has its
+        sharded steps refused in _build_batch."""
+        return self._backend_module(self.backend, device, dtypes)
 
     def _backend_module(self, backend: str, device: torch.device, dtypes: set[torch.dtype]):
         """backends.resolve, remembered per (backend, device, dtypes). NOTE [compile]: the cache is filled

@@ -45,7 +45,7 @@ class AMSGD(AMOptimizer):
             all-reduced when each rank holds a shard of the parameters (hand-sharded models; the
             shard group under HSDP). None: DTensor parameters (FSDP2 ``fully_shard``) reduce over
             their mesh's shard group, plain parameters (DDP: whole on every rank) are not reduced.
-            Only backend "torch" reduces; "auto" picks it then.
+            Every backend reduces (one all_reduce of the per-scope sums per step).
         capturable (bool, default False): the step may be captured in a CUDA graph (parameters on
             the GPU; pass lr as a device tensor to change it between replays).
 

@@ -5,7 +5,8 @@ Per step, for the whole parameter list at once (no per-tensor launches):
     pass 1    reduce kernel: per block of BLOCK elements, float32 sums into the block's own slot
               (skipped when adaptive=False: beta is beta_max)
     finalize  one program per present scope: beta in float64 from the slots, in a fixed order;
-              commits step / beta / beta_prod unless found_inf
+              commits step / beta / beta_prod unless found_inf (with a process_group: twice, around
+              one all_reduce of the per-scope sums)
     pass 2    update kernel: d (and v) and x with the scope's beta; commits prev_lr / prev_loss
 One launch per pass and dtype bucket (tensor_table.py NOTE [pointer table]). The tables are cached
 across steps and rebuilt when the parameter list (addresses, sizes, dtypes, groups) changes. Nothing
@@ -22,6 +23,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.distributed as dist
 
 _FALLBACKS = "use backend='torch' (the reference, any device) or the compiled kernels ('cpu' / 'cuda')"
 
@@ -111,11 +113,6 @@ def _flat_tensors(batch: StepBatch):
 
 
 def _step(batch: StepBatch, hp, amadamw: bool) -> None:
-    if batch.process_group is not None:
-        raise NotImplementedError(
-            "amm_kernels: backend 'triton' computes beta inside its finalize kernel and cannot all-reduce beta's "
-            "sums over a process_group (sharded parameters: FSDP2, process_group=); use backend='torch' (or 'auto')"
-        )
     params, grads, d, v, writeback = _flat_tensors(batch)
     n_sums = 4 if amadamw else 3
     table = get_table(params, grads, d, v, batch, BLOCK, n_sums)
@@ -163,12 +160,23 @@ def _step(batch: StepBatch, hp, amadamw: bool) -> None:
                     BLOCK=BLOCK, **kw)
 
     # beta per scope, scope-state commit
-    finalize_kernel[(n_scopes,)](
-        table.meta, table.slot_start, table.tensor_start, table.present_scopes, table.partials, scratch,
-        n_scopes, batch.lr, state.prev_lr, table.weight_decay, state.step, state.beta, state.beta_prod,
-        found_inf, state.prev_loss, loss, lam, beta_min, beta_max,
-        AMADAMW=amadamw, ADAPTIVE=adaptive, FIRST_ORDER=(not amadamw) and hp.delta_f == "first_order",
-        LOSS_MODE=loss_mode, HAS_FOUND_INF=has_inf, CHUNK=CHUNK, **kw)
+    def finalize(sums, sums_out: bool, sums_in: bool):
+        finalize_kernel[(n_scopes,)](
+            table.meta, table.slot_start, table.tensor_start, table.present_scopes, table.partials, scratch,
+            n_scopes, batch.lr, state.prev_lr, table.weight_decay, state.step, state.beta, state.beta_prod,
+            found_inf, state.prev_loss, loss, sums, lam, beta_min, beta_max,
+            AMADAMW=amadamw, ADAPTIVE=adaptive, FIRST_ORDER=(not amadamw) and hp.delta_f == "first_order",
+            LOSS_MODE=loss_mode, HAS_FOUND_INF=has_inf, SUMS_OUT=sums_out, SUMS_IN=sums_in, CHUNK=CHUNK, **kw)
+
+    if batch.process_group is not None and adaptive:
+        # Sharded parameters (finalize_kernel.py): this rank's scope sums, added up over the group
+        # (one small all_reduce, no host sync), then beta from the whole model's sums.
+        sums = torch.zeros(state.step.numel(), 2, dtype=torch.float64, device=device)
+        finalize(sums, sums_out=True, sums_in=False)
+        dist.all_reduce(sums, group=batch.process_group)
+        finalize(sums, sums_out=False, sums_in=True)
+    else:
+        finalize(dummy, sums_out=False, sums_in=False)
 
     # pass 2 (the first bucket's launch also commits prev_lr / prev_loss, so it always has a program)
     n_groups = len(batch.present_groups)

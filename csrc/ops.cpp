@@ -10,14 +10,28 @@ TORCH_LIBRARY(amm_kernels, m) {
       "int[] group_of, int[] scope_of, Tensor lr, float[] weight_decay, "
       "Tensor(c!) step, Tensor(d!) beta, Tensor(e!) prev_lr, Tensor(f!) prev_loss, "
       "Tensor? loss, Tensor? grad_scale, Tensor? found_inf, "
-      "float lam, float beta_max, float beta_min, bool adaptive, bool maximize) -> ()");
+      "float lam, float beta_max, float beta_min, bool adaptive, bool maximize, "
+      "Tensor? scope_sums=None) -> ()");
+  m.def(
+      "amsgd_scope_sums(Tensor[] params, Tensor[] grads, Tensor[] momentum, "
+      "int[] group_of, int[] scope_of, Tensor lr, float[] weight_decay, "
+      "Tensor step, Tensor beta, Tensor prev_lr, Tensor prev_loss, "
+      "Tensor? loss, Tensor? grad_scale, Tensor? found_inf, "
+      "float lam, float beta_max, float beta_min, bool adaptive, bool maximize) -> Tensor");
   m.def(
       "amadamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg, Tensor(c!)[] exp_avg_sq, "
       "int[] group_of, int[] scope_of, Tensor lr, float[] weight_decay, "
       "Tensor(d!) step, Tensor(e!) beta, Tensor(f!) beta_prod, Tensor(g!) prev_lr, "
       "Tensor? grad_scale, Tensor? found_inf, "
       "float lam, float beta_max, float beta_min, float beta2, float eps, "
-      "bool adaptive, bool maximize) -> ()");
+      "bool adaptive, bool maximize, Tensor? scope_sums=None) -> ()");
+  m.def(
+      "amadamw_scope_sums(Tensor[] params, Tensor[] grads, Tensor[] exp_avg, Tensor[] exp_avg_sq, "
+      "int[] group_of, int[] scope_of, Tensor lr, float[] weight_decay, "
+      "Tensor step, Tensor beta, Tensor beta_prod, Tensor prev_lr, "
+      "Tensor? grad_scale, Tensor? found_inf, "
+      "float lam, float beta_max, float beta_min, float beta2, float eps, "
+      "bool adaptive, bool maximize) -> Tensor");
   m.def(
       "rllc_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] memory, "
       "int[] group_of, int[] scope_of, Tensor lr, float[] U, float[] b, "

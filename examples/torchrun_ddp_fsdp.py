@@ -9,7 +9,7 @@ DDP: every rank holds the whole model and DDP averages the gradients, so the ste
 shard group from the device mesh and all-reduces beta's per-scope sums over it (one small all_reduce
 per step, no host sync), so every rank computes the whole model's beta. Under HSDP
 (`init_device_mesh(..., (replicas, shards))`) that is the shard dimension's group; pass
-`process_group=` to name another. Sharded models use backend "torch" (what "auto" picks).
+`process_group=` to name another. Every backend reduces the sums ("auto" picks the fastest).
 """
 import argparse
 import os

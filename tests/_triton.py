@@ -54,6 +54,12 @@ def make_params(shapes, dtype, seed=0, transposed_last=True):
     return out
 
 
-def grads_for(params, step, seed=0, scale=1.0):
+def grads_for(params, step, seed=0, scale=1.0, flip=False):
+    """Random gradients; with flip, a fixed direction whose sign flips every step plus 0.3 noise
+    (tests/test_compiled_kernels.py NOTE [moving beta]: AMAdamW's beta then leaves its clamp)."""
     gen = torch.Generator().manual_seed(1000 * seed + step)
-    return [(scale * torch.randn(p.shape, generator=gen)).to(DEV, p.dtype) for p in params]
+    noise = [torch.randn(p.shape, generator=gen) for p in params]
+    if flip:
+        base_gen = torch.Generator().manual_seed(1000 * seed + 999)
+        noise = [(-1) ** step * torch.randn(p.shape, generator=base_gen) + 0.3 * n for p, n in zip(params, noise)]
+    return [(scale * n).to(DEV, p.dtype) for p, n in zip(params, noise)]

@@ -9,7 +9,7 @@ import zlib
 
 import pytest
 import torch
-from _helpers import tolerance
+from _helpers import scaled_atol, tolerance
 
 import amm_kernels
 from amm_kernels import AMAdamW, AMSGD
@@ -63,9 +63,16 @@ def run(backend, cls, kwargs, shapes_per_group, dtype, seed, steps=10, lrs=None,
     opt = cls(groups, backend=backend, **kwargs)
     params = [p for g in groups for p in g["params"]]
     gen = torch.Generator().manual_seed(seed + 1)
+    # NOTE [moving beta]: a fixed direction whose sign flips every step, plus noise. With independent
+    # random gradients AMAdamW's beta sits on its beta_max clamp at every step, and a test would not
+    # see its sums; with this it moves.
+    base = [torch.randn(p.shape, generator=gen) for p in params]
     betas = []
+    grad_max = [torch.zeros(()) for _ in params]  # the largest |gradient| per tensor (scaled_atol)
     for step in range(steps):
-        grads = [torch.randn(p.shape, generator=gen).to(device=device, dtype=dtype) for p in params]
+        grads = [((-1) ** step * b + 0.3 * torch.randn(p.shape, generator=gen)).to(device=device, dtype=dtype)
+                 for b, p in zip(base, params)]
+        grad_max = [torch.maximum(m, g.abs().max().float().cpu()) if g.numel() else m for m, g in zip(grad_max, grads)]
         loss_value = torch.rand((), generator=gen).item() * 10
         if grad_scale is not None:
             grads = [g * grad_scale for g in grads]
@@ -82,24 +89,24 @@ def run(backend, cls, kwargs, shapes_per_group, dtype, seed, steps=10, lrs=None,
         betas.append(opt.beta.detach().clone())
     state = [{k: v.detach().clone() for k, v in opt.state[p].items()} for p in params]
     scopes = opt._scopes.to_dict() if opt._scopes is not None else {}
-    return betas, [p.detach().clone() for p in params], state, scopes
+    return betas, [p.detach().clone() for p in params], state, scopes, grad_max
 
 
 def assert_runs_close(ours, ref, dtype, where):
     rtol, atol = tolerance(dtype)
-    b_ours, p_ours, s_ours, sc_ours = ours
-    b_ref, p_ref, s_ref, sc_ref = ref
+    b_ours, p_ours, s_ours, sc_ours, _ = ours
+    b_ref, p_ref, s_ref, sc_ref, g_max = ref
     for i, (a, b) in enumerate(zip(b_ours, b_ref)):
         torch.testing.assert_close(a.cpu().float(), b.cpu().float(), rtol=rtol, atol=atol, equal_nan=True,
                                    msg=lambda m: f"{where}: beta at step {i}: {m}")
     for i, (a, b) in enumerate(zip(p_ours, p_ref)):
         assert a.dtype == b.dtype
-        torch.testing.assert_close(a.cpu(), b.cpu(), rtol=rtol, atol=atol, equal_nan=True,
-                                   msg=lambda m: f"{where}: param {i}: {m}")
+        torch.testing.assert_close(a.cpu(), b.cpu(), rtol=rtol, atol=scaled_atol(atol, b, g_max[i]),
+                                   equal_nan=True, msg=lambda m: f"{where}: param {i}: {m}")
     for i, (a, b) in enumerate(zip(s_ours, s_ref)):
         assert a.keys() == b.keys()
         for k in a:
-            torch.testing.assert_close(a[k].cpu(), b[k].cpu(), rtol=rtol, atol=atol, equal_nan=True,
+            torch.testing.assert_close(a[k].cpu(), b[k].cpu(), rtol=rtol, atol=scaled_atol(atol, b[k], g_max[i]), equal_nan=True,
                                        msg=lambda m: f"{where}: state {k} of param {i}: {m}")
     for k in sc_ref:
         torch.testing.assert_close(sc_ours[k].cpu(), sc_ref[k].cpu(), rtol=rtol, atol=atol, equal_nan=True,
@@ -250,3 +257,39 @@ def test_deterministic(backend, cls, kwargs):
             assert torch.equal(a, b)
         for a, b in zip(first[1], other[1]):
             assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sharded parameters: the step split around the all_reduce (tests/_dist.py) is the one-op step.
+from _dist import one_rank_group  # noqa: E402,F401
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ["global", "group", "tensor", "loss", "grad_scale", "non_adaptive"])
+@pytest.mark.parametrize("cls,kwargs", OPT_CASES)
+def test_split_step_is_the_one_op_step(one_rank_group, backend, variant, cls, kwargs):
+    if variant == "loss" and cls is not AMSGD:
+        pytest.skip("delta_f='loss' is AMSGD's")
+    kw = dict(kwargs)
+    run_kw = dict(lrs=[0.05, 0.02], wds=[0.0, 0.01])
+    if variant in ("global", "group", "tensor"):
+        kw["beta_scope"] = variant
+    elif variant == "loss":
+        kw["delta_f"] = "loss"
+        run_kw["loss_mode"] = True
+    elif variant == "grad_scale":
+        run_kw["grad_scale"] = 64.0
+    else:
+        kw["adaptive"] = False
+    shapes = [MIXED[:6], MIXED[6:12]]
+    seed = _seed("split", variant, cls.__name__)
+    whole = run(backend, cls, kw, shapes, torch.float32, seed, steps=5, **run_kw)
+    split = run(backend, cls, {**kw, "process_group": one_rank_group}, shapes, torch.float32, seed, steps=5, **run_kw)
+    b_whole, p_whole, s_whole, sc_whole, _ = whole
+    b_split, p_split, s_split, sc_split, _ = split
+    assert all(torch.equal(a, b) for a, b in zip(b_whole, b_split)), "beta"
+    assert all(torch.equal(a, b) for a, b in zip(p_whole, p_split)), "parameters"
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(s_whole, s_split) for k in a), "state"
+    assert all(torch.equal(sc_whole[k], sc_split[k]) for k in sc_whole), "scope state"
+    if variant != "non_adaptive":  # NOTE [moving beta]
+        assert len({float(b.flatten()[0]) for b in b_whole[1:]}) > 1, "beta should move"

@@ -39,7 +39,7 @@ def groups_of(params, n_groups=3, lrs=(0.05, 0.02, 0.1), wds=(0.0, 0.01, 0.1)):
     return [{"params": ps, "lr": lrs[i], "weight_decay": wds[i]} for i, ps in enumerate(split)]
 
 
-def run(cls, backend, dtype, steps=STEPS, shapes=SHAPES, kwargs=None, hook=None, seed=0, groups=None):
+def run(cls, backend, dtype, steps=STEPS, shapes=SHAPES, kwargs=None, hook=None, seed=0, groups=None, flip=False):
     """Train from a fixed start with fixed gradients; returns (params, opt, betas per step)."""
     params = make_params(shapes, dtype, seed)
     opt = cls(groups_of(params) if groups is None else groups(params), backend=backend, **(kwargs or {}))
@@ -47,7 +47,7 @@ def run(cls, backend, dtype, steps=STEPS, shapes=SHAPES, kwargs=None, hook=None,
     for step in range(steps):
         if hook is not None:
             hook(opt, step)
-        for p, g in zip(params, grads_for(params, step, seed)):
+        for p, g in zip(params, grads_for(params, step, seed, flip=flip)):
             p.grad = g
         opt.step()
         betas.append(opt.beta.detach().clone())
@@ -263,3 +263,18 @@ def test_available_backends_follows_interpreter(monkeypatch):
     assert "triton" in amm_kernels.available_backends("cpu")
     monkeypatch.delenv("TRITON_INTERPRET")
     assert "triton" not in amm_kernels.available_backends("cpu")
+
+
+# Sharded parameters: the step split around the all_reduce (tests/_dist.py) is the one-launch step.
+from _dist import one_rank_group  # noqa: E402,F401
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+@pytest.mark.parametrize("name", list(OPTS))
+def test_split_step_is_the_fused_step(one_rank_group, name, scope):
+    a = run(OPTS[name], "triton", torch.float32, kwargs=dict(beta_scope=scope), flip=True)
+    b = run(OPTS[name], "triton", torch.float32, kwargs=dict(beta_scope=scope, process_group=one_rank_group), flip=True)
+    assert all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
+    assert all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+    assert all(torch.equal(getattr(a[1]._scopes, k), getattr(b[1]._scopes, k)) for k in ("step", "beta", "beta_prod"))
+    assert len({float(x.flatten()[0]) for x in a[2][1:]}) > 1, "beta should move"

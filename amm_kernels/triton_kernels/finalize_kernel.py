@@ -8,6 +8,11 @@ order. Then beta (scope_beta), written to scratch row 0 (read by the update kern
 found_inf is set, committed: step += 1, beta, beta_prod *= beta (AMAdamW). Scratch row 1 gets the
 first-step flag that AMSGD's update needs (step is already advanced when the update runs).
 prev_lr and prev_loss are committed by the update kernel: this kernel still reads them.
+
+Sharded parameters (csrc/cpu/step_driver_cpu.cpp NOTE [sharded sums]): with SUMS_OUT the kernel
+stops after the sums and writes the scope's (num, den) to sums[scope] ([S, 2] float64, zeros on the
+scope's first step), committing nothing; the driver all-reduces them and runs it again with SUMS_IN,
+which reads num and den from there instead of the slots.
 """
 import triton
 import triton.language as tl
@@ -28,9 +33,9 @@ def _tensor_sum(partials, first, last, k, N_SUMS: tl.constexpr, CHUNK: tl.conste
 def finalize_kernel(
     meta, slot_start, tensor_start, present_scopes, partials, scratch, n_scopes,
     lr_ptr, prev_lr_ptr, weight_decay, step_ptr, beta_ptr, beta_prod_ptr, found_inf_ptr,
-    prev_loss_ptr, loss_ptr, lam, beta_min, beta_max,
+    prev_loss_ptr, loss_ptr, sums_ptr, lam, beta_min, beta_max,
     AMADAMW: tl.constexpr, ADAPTIVE: tl.constexpr, FIRST_ORDER: tl.constexpr, LOSS_MODE: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, SUMS_OUT: tl.constexpr, SUMS_IN: tl.constexpr, CHUNK: tl.constexpr,
 ):
     s = tl.program_id(0).to(tl.int64)
     scope = tl.load(present_scopes + s)
@@ -38,7 +43,10 @@ def finalize_kernel(
     first_step = step == 0.0
     num = tl.sum(tl.zeros([CHUNK], tl.float64), axis=0)
     den = num
-    if ADAPTIVE:
+    if ADAPTIVE and SUMS_IN:
+        num = tl.load(sums_ptr + 2 * scope)
+        den = tl.load(sums_ptr + 2 * scope + 1)
+    elif ADAPTIVE:
         N_SUMS: tl.constexpr = 4 if AMADAMW else 3
         for t in range(tl.load(tensor_start + s), tl.load(tensor_start + s + 1)):
             group = tl.load(meta + t * 8 + 5)
@@ -62,20 +70,25 @@ def finalize_kernel(
                     lr, prev_lr, lam, FIRST_ORDER)
             num += tn
             den += td
-        if LOSS_MODE:
-            # (lam + 1) (prev_loss - loss), formed in float32 as the reference does, then float64
-            extra = (lam + 1.0) * (tl.load(prev_loss_ptr) - tl.load(loss_ptr))
-            num += extra.to(tl.float64)
-    beta = scope_beta(num, den, beta_min, beta_max, first_step, ADAPTIVE)  # f32 scalars promote to f64
-    beta = beta.to(tl.float32)
-    tl.store(scratch + s, beta)
-    tl.store(scratch + n_scopes + s, first_step.to(tl.float32))
-    commit = True
-    if HAS_FOUND_INF:
-        commit = tl.load(found_inf_ptr).to(tl.float32) <= 0.0
-        commit = commit | (tl.load(found_inf_ptr).to(tl.float32) != tl.load(found_inf_ptr).to(tl.float32))
-    if commit:
-        tl.store(step_ptr + scope, step + 1.0)
-        tl.store(beta_ptr + scope, beta)
-        if AMADAMW:
-            tl.store(beta_prod_ptr + scope, tl.load(beta_prod_ptr + scope) * beta)
+    if SUMS_OUT:
+        tl.store(sums_ptr + 2 * scope, tl.where(first_step, 0.0, num))
+        tl.store(sums_ptr + 2 * scope + 1, tl.where(first_step, 0.0, den))
+    else:
+        if ADAPTIVE:
+            if LOSS_MODE:
+                # (lam + 1) (prev_loss - loss), formed in float32 as the reference does, then float64
+                extra = (lam + 1.0) * (tl.load(prev_loss_ptr) - tl.load(loss_ptr))
+                num += extra.to(tl.float64)
+        beta = scope_beta(num, den, beta_min, beta_max, first_step, ADAPTIVE)  # f32 scalars promote to f64
+        beta = beta.to(tl.float32)
+        tl.store(scratch + s, beta)
+        tl.store(scratch + n_scopes + s, first_step.to(tl.float32))
+        commit = True
+        if HAS_FOUND_INF:
+            commit = tl.load(found_inf_ptr).to(tl.float32) <= 0.0
+            commit = commit | (tl.load(found_inf_ptr).to(tl.float32) != tl.load(found_inf_ptr).to(tl.float32))
+        if commit:
+            tl.store(step_ptr + scope, step + 1.0)
+            tl.store(beta_ptr + scope, beta)
+            if AMADAMW:
+                tl.store(beta_prod_ptr + scope, tl.load(beta_prod_ptr + scope) * beta)

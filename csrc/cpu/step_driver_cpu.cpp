@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -186,28 +187,66 @@ void finish(Prepared& p) {
   for (auto& [orig, work] : p.write_back) orig.copy_(work);
 }
 
-// The finalize (SPEC.md section 3): each scope's beta from its tensors' weighted sums, added in tensor
-// order in double (a fixed order: bit-identical runs), and handed to every tensor of the scope.
-// `weighted(i, &num, &den)` weights tensor i's sums; `extra_num` is a scope-level numerator term
-// (loss mode's (lam + 1) (prev_loss - loss)), 0 otherwise. Returns the betas in run order.
+// The finalize (SPEC.md section 3), in two halves so that the sums can be all-reduced between them
+// (NOTE [sharded sums] below). First, per present scope (per run), the weighted sums of its tensors,
+// added in tensor order in double (a fixed order: bit-identical runs); `weighted(i, &num, &den)`
+// weights tensor i's sums. Zeros for a scope on its first step and when adaptive=False.
+using RunSums = std::vector<std::array<double, 2>>;
+
 template <class Weighted>
-std::vector<float> assign_scope_betas(Prepared& p, const float* step_p, bool adaptive, double beta_min,
-                                      double beta_max, double extra_num, Weighted weighted) {
+RunSums run_sums(const Prepared& p, const float* step_p, bool adaptive, Weighted weighted) {
+  RunSums sums(p.runs.size(), {0.0, 0.0});
+  for (size_t r = 0; r < p.runs.size(); ++r) {
+    const auto& run = p.runs[r];
+    if (!adaptive || step_p[run[0]] == 0.f) continue;
+    for (int64_t i = run[1]; i < run[2]; ++i) {
+      double n_t = 0.0, d_t = 0.0;
+      weighted(i, &n_t, &d_t);
+      sums[r][0] += n_t;
+      sums[r][1] += d_t;
+    }
+  }
+  return sums;
+}
+
+// NOTE [sharded sums]: with sharded parameters (FSDP2, process_group=) each rank holds a slice of
+// every tensor, and beta needs the sums over the whole model. The *_scope_sums ops stop after the
+// half above and return the sums as a float64 [S, 2] tensor (absolute scope index; zeros for scopes
+// absent here, so every rank's tensor has the same shape); Python all-reduces it over the group and
+// hands it back to the step op as `scope_sums`, which then skips pass 1 and uses these sums.
+at::Tensor sums_to_tensor(const Prepared& p, const RunSums& sums, int64_t n_scopes) {
+  at::Tensor out = at::zeros({n_scopes, 2}, at::TensorOptions().dtype(at::kDouble));
+  double* o = out.mutable_data_ptr<double>();
+  for (size_t r = 0; r < p.runs.size(); ++r) {
+    o[2 * p.runs[r][0]] = sums[r][0];
+    o[2 * p.runs[r][0] + 1] = sums[r][1];
+  }
+  return out;
+}
+
+RunSums sums_from_tensor(const Prepared& p, const at::Tensor& t, int64_t n_scopes) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kDouble && t.dim() == 2 && t.size(0) == n_scopes &&
+                  t.size(1) == 2,
+              kOwner, ": scope_sums must be a float64 CPU tensor of shape [", n_scopes, ", 2], got ",
+              t.scalar_type(), " ", t.sizes());
+  const at::Tensor c = t.contiguous();
+  const double* in = c.const_data_ptr<double>();
+  RunSums sums(p.runs.size());
+  for (size_t r = 0; r < p.runs.size(); ++r) sums[r] = {in[2 * p.runs[r][0]], in[2 * p.runs[r][0] + 1]};
+  return sums;
+}
+
+// Then each scope's beta from its sums plus `extra_num`, a scope-level numerator term (loss mode's
+// (lam + 1) (prev_loss - loss), 0 otherwise), handed to every tensor of the scope. In run order.
+std::vector<float> assign_scope_betas(Prepared& p, const float* step_p, const RunSums& sums, bool adaptive,
+                                      double beta_min, double beta_max, double extra_num) {
   std::vector<float> betas(p.runs.size());
   for (size_t r = 0; r < p.runs.size(); ++r) {
     const auto& run = p.runs[r];
     const bool first = step_p[run[0]] == 0.f;
-    double num = 0.0, den = 0.0;
-    if (adaptive && !first) {
-      for (int64_t i = run[1]; i < run[2]; ++i) {
-        double n_t = 0.0, d_t = 0.0;
-        weighted(i, &n_t, &d_t);
-        num += n_t;
-        den += d_t;
-      }
-      num += extra_num;
-    }
-    betas[r] = amm::scope_beta(num, den, static_cast<float>(beta_min), static_cast<float>(beta_max), first, adaptive);
+    const double num = (adaptive && !first) ? sums[r][0] + extra_num : 0.0;
+    betas[r] = amm::scope_beta(num, sums[r][1], static_cast<float>(beta_min), static_cast<float>(beta_max), first,
+                               adaptive);
     for (int64_t i = run[1]; i < run[2]; ++i) p.ts[i].beta = betas[r];
   }
   return betas;
@@ -228,12 +267,14 @@ void commit_scope_state(const Prepared& p, const std::vector<float>& betas, floa
   for (int64_t g : p.present_groups) prev_lr_p[g] = lr_new[g];
 }
 
-void amsgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum, at::IntArrayRef group_of,
-                    at::IntArrayRef scope_of, const at::Tensor& lr, at::ArrayRef<double> weight_decay,
-                    const at::Tensor& step, const at::Tensor& beta, const at::Tensor& prev_lr,
-                    const at::Tensor& prev_loss, const std::optional<at::Tensor>& loss,
-                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                    double lam, double beta_max, double beta_min, bool adaptive, bool maximize) {
+// One AMSGD step; with sums_out, only its half before the all-reduce (NOTE [sharded sums]): the
+// scope sums go to *sums_out and nothing is written. With sums_in, pass 1 is skipped.
+void amsgd_run(at::TensorList params, at::TensorList grads, at::TensorList momentum, at::IntArrayRef group_of,
+               at::IntArrayRef scope_of, const at::Tensor& lr, at::ArrayRef<double> weight_decay,
+               const at::Tensor& step, const at::Tensor& beta, const at::Tensor& prev_lr, const at::Tensor& prev_loss,
+               const std::optional<at::Tensor>& loss, const std::optional<at::Tensor>& grad_scale,
+               const std::optional<at::Tensor>& found_inf, double lam, double beta_max, double beta_min,
+               bool adaptive, bool maximize, const std::optional<at::Tensor>& sums_in, at::Tensor* sums_out) {
   check_scope_tensor(step, "step", 1);
   check_scope_tensor(beta, "beta", step.numel());
   check_scope_tensor(prev_lr, "prev_lr", lr.numel());
@@ -241,31 +282,40 @@ void amsgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   Prepared p = prepare(params, grads, momentum, nullptr, group_of, scope_of, lr, weight_decay, step, 0, grad_scale,
                        found_inf, maximize);
   if (p.skip) return;
+  const bool given = sums_in.has_value() && sums_in->defined();
   p.common.lam = static_cast<float>(lam);
   const bool loss_mode = loss.has_value() && loss->defined();
   float* step_p = step.mutable_data_ptr<float>();
   float* beta_p = beta.mutable_data_ptr<float>();
   float* prev_lr_p = prev_lr.mutable_data_ptr<float>();
   float* prev_loss_p = prev_loss.mutable_data_ptr<float>();
-  const float loss_value = loss_mode ? scalar_of(*loss, "loss") : 0.f;
 
   for (const auto& run : p.runs) {
     const bool first = step_p[run[0]] == 0.f;
     for (int64_t i = run[1]; i < run[2]; ++i) {
       p.ts[i].first = first;
-      p.ts[i].need_sums = adaptive && !first;
+      p.ts[i].need_sums = adaptive && !first && !given;
     }
   }
-  std::vector<float> sums;
-  if (adaptive) amsgd_sums(p.ts, p.common, sums);
-
+  RunSums scope_sums;
+  if (given) {
+    scope_sums = sums_from_tensor(p, *sums_in, step.numel());
+  } else {
+    std::vector<float> sums;
+    if (adaptive) amsgd_sums(p.ts, p.common, sums);
+    scope_sums = run_sums(p, step_p, adaptive, [&](int64_t i, double* n, double* d) {
+      amm::amsgd_weighted(sums.data() + i * amm::kAmsgdSums, p.ts[i].lr, prev_lr_p[p.group_of[i]], lam, !loss_mode,
+                          n, d);
+    });
+  }
+  if (sums_out != nullptr) {
+    *sums_out = sums_to_tensor(p, scope_sums, step.numel());
+    return;
+  }
+  const float loss_value = loss_mode ? scalar_of(*loss, "loss") : 0.f;
   // (lam + 1) * (prev_loss - loss) in float32, as the reference forms it.
   const double extra = loss_mode ? static_cast<double>(static_cast<float>(lam + 1.0) * (*prev_loss_p - loss_value)) : 0.0;
-  const std::vector<float> scope_betas =
-      assign_scope_betas(p, step_p, adaptive, beta_min, beta_max, extra, [&](int64_t i, double* n, double* d) {
-        amm::amsgd_weighted(sums.data() + i * amm::kAmsgdSums, p.ts[i].lr, prev_lr_p[p.group_of[i]], lam,
-                            !loss_mode, n, d);
-      });
+  const std::vector<float> scope_betas = assign_scope_betas(p, step_p, scope_sums, adaptive, beta_min, beta_max, extra);
 
   amsgd_update(p.ts, p.common);
   finish(p);
@@ -274,13 +324,14 @@ void amsgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   if (loss_mode) *prev_loss_p = loss_value;
 }
 
-void amadamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
-                      at::IntArrayRef group_of, at::IntArrayRef scope_of, const at::Tensor& lr,
-                      at::ArrayRef<double> weight_decay, const at::Tensor& step, const at::Tensor& beta,
-                      const at::Tensor& beta_prod, const at::Tensor& prev_lr,
-                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                      double lam, double beta_max, double beta_min, double beta2, double eps, bool adaptive,
-                      bool maximize) {
+// One AMAdamW step, or its half before the all-reduce (as amsgd_run).
+void amadamw_run(at::TensorList params, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
+                 at::IntArrayRef group_of, at::IntArrayRef scope_of, const at::Tensor& lr,
+                 at::ArrayRef<double> weight_decay, const at::Tensor& step, const at::Tensor& beta,
+                 const at::Tensor& beta_prod, const at::Tensor& prev_lr, const std::optional<at::Tensor>& grad_scale,
+                 const std::optional<at::Tensor>& found_inf, double lam, double beta_max, double beta_min, double beta2,
+                 double eps, bool adaptive, bool maximize, const std::optional<at::Tensor>& sums_in,
+                 at::Tensor* sums_out) {
   check_scope_tensor(step, "step", 1);
   check_scope_tensor(beta, "beta", step.numel());
   check_scope_tensor(beta_prod, "beta_prod", step.numel());
@@ -288,6 +339,7 @@ void amadamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   Prepared p = prepare(params, grads, exp_avg, &exp_avg_sq, group_of, scope_of, lr, weight_decay, step, 0, grad_scale,
                        found_inf, maximize);
   if (p.skip) return;
+  const bool given = sums_in.has_value() && sums_in->defined();
   p.common.lam = static_cast<float>(lam);
   p.common.beta2 = static_cast<float>(beta2);
   p.common.one_minus_beta2 = static_cast<float>(1.0 - beta2);
@@ -307,22 +359,80 @@ void amadamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
       p.ts[i].bias1 = bias1;
       p.ts[i].bias2 = bias2;
       p.ts[i].first = first;
-      p.ts[i].need_sums = adaptive && !first;
+      p.ts[i].need_sums = adaptive && !first && !given;
     }
   }
-  std::vector<float> sums;
-  if (adaptive) amadamw_sums(p.ts, p.common, sums);
-
-  const std::vector<float> scope_betas =
-      assign_scope_betas(p, step_p, adaptive, beta_min, beta_max, 0.0, [&](int64_t i, double* n, double* d) {
-        amm::amadamw_weighted(sums.data() + i * amm::kAmadamwSums, p.ts[i].lr, prev_lr_p[p.group_of[i]],
-                              weight_decay[p.group_of[i]], n, d);
-      });
+  RunSums scope_sums;
+  if (given) {
+    scope_sums = sums_from_tensor(p, *sums_in, step.numel());
+  } else {
+    std::vector<float> sums;
+    if (adaptive) amadamw_sums(p.ts, p.common, sums);
+    scope_sums = run_sums(p, step_p, adaptive, [&](int64_t i, double* n, double* d) {
+      amm::amadamw_weighted(sums.data() + i * amm::kAmadamwSums, p.ts[i].lr, prev_lr_p[p.group_of[i]],
+                            weight_decay[p.group_of[i]], n, d);
+    });
+  }
+  if (sums_out != nullptr) {
+    *sums_out = sums_to_tensor(p, scope_sums, step.numel());
+    return;
+  }
+  const std::vector<float> scope_betas = assign_scope_betas(p, step_p, scope_sums, adaptive, beta_min, beta_max, 0.0);
 
   amadamw_update(p.ts, p.common);
   finish(p);
 
   commit_scope_state(p, scope_betas, step_p, beta_p, beta_prod_p, lr, prev_lr_p);
+}
+
+void amsgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum, at::IntArrayRef group_of,
+                    at::IntArrayRef scope_of, const at::Tensor& lr, at::ArrayRef<double> weight_decay,
+                    const at::Tensor& step, const at::Tensor& beta, const at::Tensor& prev_lr,
+                    const at::Tensor& prev_loss, const std::optional<at::Tensor>& loss,
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                    double lam, double beta_max, double beta_min, bool adaptive, bool maximize,
+                    const std::optional<at::Tensor>& scope_sums) {
+  amsgd_run(params, grads, momentum, group_of, scope_of, lr, weight_decay, step, beta, prev_lr, prev_loss, loss,
+            grad_scale, found_inf, lam, beta_max, beta_min, adaptive, maximize, scope_sums, nullptr);
+}
+
+at::Tensor amsgd_scope_sums_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum,
+                                at::IntArrayRef group_of, at::IntArrayRef scope_of, const at::Tensor& lr,
+                                at::ArrayRef<double> weight_decay, const at::Tensor& step, const at::Tensor& beta,
+                                const at::Tensor& prev_lr, const at::Tensor& prev_loss,
+                                const std::optional<at::Tensor>& loss, const std::optional<at::Tensor>& grad_scale,
+                                const std::optional<at::Tensor>& found_inf, double lam, double beta_max,
+                                double beta_min, bool adaptive, bool maximize) {
+  at::Tensor out = at::zeros({step.numel(), 2}, at::TensorOptions().dtype(at::kDouble));
+  amsgd_run(params, grads, momentum, group_of, scope_of, lr, weight_decay, step, beta, prev_lr, prev_loss, loss,
+            grad_scale, found_inf, lam, beta_max, beta_min, adaptive, maximize, std::nullopt, &out);
+  return out;
+}
+
+void amadamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
+                      at::IntArrayRef group_of, at::IntArrayRef scope_of, const at::Tensor& lr,
+                      at::ArrayRef<double> weight_decay, const at::Tensor& step, const at::Tensor& beta,
+                      const at::Tensor& beta_prod, const at::Tensor& prev_lr,
+                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                      double lam, double beta_max, double beta_min, double beta2, double eps, bool adaptive,
+                      bool maximize, const std::optional<at::Tensor>& scope_sums) {
+  amadamw_run(params, grads, exp_avg, exp_avg_sq, group_of, scope_of, lr, weight_decay, step, beta, beta_prod,
+              prev_lr, grad_scale, found_inf, lam, beta_max, beta_min, beta2, eps, adaptive, maximize, scope_sums,
+              nullptr);
+}
+
+at::Tensor amadamw_scope_sums_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avg,
+                                  at::TensorList exp_avg_sq, at::IntArrayRef group_of, at::IntArrayRef scope_of,
+                                  const at::Tensor& lr, at::ArrayRef<double> weight_decay, const at::Tensor& step,
+                                  const at::Tensor& beta, const at::Tensor& beta_prod, const at::Tensor& prev_lr,
+                                  const std::optional<at::Tensor>& grad_scale,
+                                  const std::optional<at::Tensor>& found_inf, double lam, double beta_max,
+                                  double beta_min, double beta2, double eps, bool adaptive, bool maximize) {
+  at::Tensor out = at::zeros({step.numel(), 2}, at::TensorOptions().dtype(at::kDouble));
+  amadamw_run(params, grads, exp_avg, exp_avg_sq, group_of, scope_of, lr, weight_decay, step, beta, beta_prod,
+              prev_lr, grad_scale, found_inf, lam, beta_max, beta_min, beta2, eps, adaptive, maximize, std::nullopt,
+              &out);
+  return out;
 }
 
 }  // namespace
@@ -332,4 +442,6 @@ void amadamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
 TORCH_LIBRARY_IMPL(amm_kernels, CPU, m) {
   m.impl("amsgd_step", &amm::cpu::amsgd_step_cpu);
   m.impl("amadamw_step", &amm::cpu::amadamw_step_cpu);
+  m.impl("amsgd_scope_sums", &amm::cpu::amsgd_scope_sums_cpu);
+  m.impl("amadamw_scope_sums", &amm::cpu::amadamw_scope_sums_cpu);
 }

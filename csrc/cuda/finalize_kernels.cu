@@ -1,6 +1,7 @@
 // The finalize of a step (one block): the slots of pass 1 -> per-tensor sums -> weighted per-tensor
 // terms (amm::amsgd_weighted / amadamw_weighted, double) -> per-scope beta (amm::scope_beta), the
-// ScopeScratch that pass 2 reads, and the scope state. Also the meta-only launch of adaptive=False.
+// ScopeScratch that pass 2 reads, and the scope state (or, for the *_scope_sums ops, only the
+// per-scope sums: NOTE [sharded sums]). Also the meta-only launch of adaptive=False.
 #include "cuda/multi_tensor.cuh"
 
 namespace amm_cuda {
@@ -43,7 +44,7 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const Finali
   }
 
   // Phase A: per tensor, its slots summed in slot order (double), rounded to float32 and weighted.
-  if (a.adaptive) {
+  if (a.adaptive && a.sums_in == nullptr) {
     for (int t = tid; t < T; t += blockDim.x) {
       const TensorMeta m = a.meta[t];
       if (m.n_slots > kSerialSlots) continue;
@@ -70,15 +71,22 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const Finali
     const TensorMeta m = a.meta[t];
     if (m.flags & kScopeLeader) {
       double num = 0.0, den = 0.0;
-      if (a.adaptive) {
+      if (a.adaptive && a.sums_in == nullptr) {
         for (int u = t + lane; u < m.scope_end; u += 32) {
           num += a.tensor_terms[2 * u];
           den += a.tensor_terms[2 * u + 1];
         }
         num = warp_sum_down(num);
         den = warp_sum_down(den);
+      } else if (a.adaptive) {
+        num = a.sums_in[2 * m.scope];
+        den = a.sums_in[2 * m.scope + 1];
       }
-      if (lane == 0) {
+      if (lane == 0 && a.sums_out != nullptr) {
+        const bool first = a.step[m.scope] == 0.f;  // as the CPU op: zeros on a scope's first step
+        a.sums_out[2 * m.scope] = first ? 0.0 : num;
+        a.sums_out[2 * m.scope + 1] = first ? 0.0 : den;
+      } else if (lane == 0) {
         const int s = m.scope;
         const float step = a.step[s];
         const bool first = step == 0.f;
@@ -94,9 +102,10 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const Finali
         }
       }
     }
+    if (a.sums_out != nullptr) continue;
     if (lane == 0 && (m.flags & kGroupLeader) && !skip) a.prev_lr[m.group] = a.lr[m.group];
   }
-  if (tid == 0 && a.loss != nullptr && !skip) *a.prev_loss = *a.loss;
+  if (tid == 0 && a.loss != nullptr && !skip && a.sums_out == nullptr) *a.prev_loss = *a.loss;
 }
 
 // adaptive=False: no sums, but the finalize still needs every tensor's TensorMeta.

@@ -138,6 +138,12 @@ struct FinalizeArgs {
   const float* loss;         // 0-d, AMSGD delta_f="loss" only, else nullptr
   const float* lr;           // [G]
   const float* found_inf;    // 0-d or nullptr
+  // NOTE [sharded sums] (csrc/cpu/step_driver_cpu.cpp): the *_scope_sums ops run pass 1 and this
+  // kernel with sums_out set, which writes each present scope's weighted (num, den) there ([S, 2],
+  // absolute scope index) and nothing else; the step op after the all-reduce runs it with sums_in
+  // set (and no pass 1), which takes num and den from there.
+  const double* sums_in;     // [S * 2] or nullptr
+  double* sums_out;          // [S * 2] or nullptr
   double lam;
   double beta_max;
   double beta_min;

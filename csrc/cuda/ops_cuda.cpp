@@ -60,6 +60,16 @@ void check_partner(const at::Tensor& p, const at::Tensor& t, const char* what, s
               "] must have its parameter's memory layout");
 }
 
+// The scope_sums input of a step op (NOTE [sharded sums]): float64 [S, 2] on the step's device.
+const double* sums_input(const std::optional<at::Tensor>& t, const at::Device& device, int64_t n_scopes) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->device() == device && t->scalar_type() == at::kDouble && t->dim() == 2 && t->size(0) == n_scopes &&
+                  t->size(1) == 2 && t->is_contiguous(),
+              "amm_kernels (CUDA): scope_sums must be a contiguous float64 tensor of shape [", n_scopes, ", 2] on ",
+              device, ", got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
+  return t->data_ptr<double>();
+}
+
 struct Batch {
   std::vector<TensorDesc> descs;
   std::vector<at::Tensor> keep_alive;  // grads copied into their parameter's layout
@@ -128,21 +138,24 @@ LaunchPlan plan_or_throw(const std::vector<TensorDesc>& descs, bool one_block_pe
   return LaunchPlan{};  // unreachable
 }
 
-// The whole step on the current stream: pass 1 (or the meta-only launch), finalize, pass 2.
+// The whole step on the current stream: pass 1 (or the meta-only launch), finalize, pass 2. With
+// fin.sums_out set, only pass 1 and the finalize (which then writes the scope sums and nothing else);
+// with fin.sums_in set, the meta-only launch replaces pass 1 (NOTE [sharded sums] in launchers.h).
 void run_step(int algorithm, const Batch& batch, const at::Device& device, PassArgs pass, FinalizeArgs fin,
               bool adaptive) {
+  const bool run_pass1 = adaptive && fin.sums_in == nullptr;
   // The current stream (at::cuda::getCurrentCUDAStream is this function; c10 keeps the include light).
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
   const int n_sums = algorithm == kAlgoAmsgd ? static_cast<int>(amm::kAmsgdSums) : static_cast<int>(amm::kAmadamwSums);
   const LaunchPlan chunks = plan_or_throw(batch.descs, /*one_block_per_tensor=*/false);
-  const LaunchPlan meta_only = adaptive ? LaunchPlan{} : plan_or_throw(batch.descs, /*one_block_per_tensor=*/true);
-  const int64_t n_slots = adaptive ? chunks.total_blocks : 0;
+  const LaunchPlan meta_only = run_pass1 ? LaunchPlan{} : plan_or_throw(batch.descs, /*one_block_per_tensor=*/true);
+  const int64_t n_slots = run_pass1 ? chunks.total_blocks : 0;
   const int64_t n_tensors = static_cast<int64_t>(batch.descs.size());
   const WorkspaceLayout layout = workspace_layout(n_slots, n_sums, n_tensors, batch.n_scopes);
   // The caching allocator makes this stream-ordered and capture-safe; every byte read is written first.
   at::Tensor workspace = at::empty({layout.total_bytes}, at::TensorOptions().device(device).dtype(at::kByte));
   char* base = static_cast<char*>(workspace.data_ptr());
-  pass.slots = adaptive ? reinterpret_cast<float*>(base + layout.slots_offset) : nullptr;
+  pass.slots = run_pass1 ? reinterpret_cast<float*>(base + layout.slots_offset) : nullptr;
   pass.meta = reinterpret_cast<TensorMeta*>(base + layout.meta_offset);
   pass.scratch = reinterpret_cast<const ScopeScratch*>(base + layout.scratch_offset);
   fin.slots = pass.slots;
@@ -152,7 +165,7 @@ void run_step(int algorithm, const Batch& batch, const at::Device& device, PassA
   fin.num_tensors = static_cast<int32_t>(n_tensors);
   fin.algorithm = algorithm;
 
-  if (adaptive) {
+  if (run_pass1) {
     for (const TensorTable& table : chunks.tables) {
       C10_CUDA_CHECK(algorithm == kAlgoAmsgd ? launch_amsgd_sums(table, pass, stream.stream())
                                              : launch_amadamw_sums(table, pass, stream.stream()));
@@ -161,18 +174,20 @@ void run_step(int algorithm, const Batch& batch, const at::Device& device, PassA
     for (const TensorTable& table : meta_only.tables) C10_CUDA_CHECK(launch_write_meta(table, pass.meta, stream.stream()));
   }
   C10_CUDA_CHECK(launch_finalize(fin, stream.stream()));
+  if (fin.sums_out != nullptr) return;
   for (const TensorTable& table : chunks.tables) {
     C10_CUDA_CHECK(algorithm == kAlgoAmsgd ? launch_amsgd_update(table, pass, stream.stream())
                                            : launch_amadamw_update(table, pass, stream.stream()));
   }
 }
 
-void amsgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum, at::IntArrayRef group_of,
-                     at::IntArrayRef scope_of, const at::Tensor& lr, at::ArrayRef<double> weight_decay,
-                     const at::Tensor& step, const at::Tensor& beta, const at::Tensor& prev_lr,
-                     const at::Tensor& prev_loss, const std::optional<at::Tensor>& loss,
-                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                     double lam, double beta_max, double beta_min, bool adaptive, bool maximize) {
+// One AMSGD step, or (sums_out) its half before the all-reduce; sums_in: the all-reduced sums.
+void amsgd_run(at::TensorList params, at::TensorList grads, at::TensorList momentum, at::IntArrayRef group_of,
+               at::IntArrayRef scope_of, const at::Tensor& lr, at::ArrayRef<double> weight_decay,
+               const at::Tensor& step, const at::Tensor& beta, const at::Tensor& prev_lr, const at::Tensor& prev_loss,
+               const std::optional<at::Tensor>& loss, const std::optional<at::Tensor>& grad_scale,
+               const std::optional<at::Tensor>& found_inf, double lam, double beta_max, double beta_min,
+               bool adaptive, bool maximize, const std::optional<at::Tensor>& sums_in, double* sums_out) {
   if (params.empty()) return;
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
@@ -213,16 +228,19 @@ void amsgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   fin.beta_max = beta_max;
   fin.beta_min = beta_min;
   fin.adaptive = adaptive;
+  fin.sums_in = sums_input(sums_in, device, step.numel());
+  fin.sums_out = sums_out;
   run_step(kAlgoAmsgd, batch, device, pass, fin, adaptive);
 }
 
-void amadamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
-                       at::IntArrayRef group_of, at::IntArrayRef scope_of, const at::Tensor& lr,
-                       at::ArrayRef<double> weight_decay, const at::Tensor& step, const at::Tensor& beta,
-                       const at::Tensor& beta_prod, const at::Tensor& prev_lr,
-                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                       double lam, double beta_max, double beta_min, double beta2, double eps, bool adaptive,
-                       bool maximize) {
+// One AMAdamW step, or its half before the all-reduce (as amsgd_run).
+void amadamw_run(at::TensorList params, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
+                 at::IntArrayRef group_of, at::IntArrayRef scope_of, const at::Tensor& lr,
+                 at::ArrayRef<double> weight_decay, const at::Tensor& step, const at::Tensor& beta,
+                 const at::Tensor& beta_prod, const at::Tensor& prev_lr, const std::optional<at::Tensor>& grad_scale,
+                 const std::optional<at::Tensor>& found_inf, double lam, double beta_max, double beta_min, double beta2,
+                 double eps, bool adaptive, bool maximize, const std::optional<at::Tensor>& sums_in,
+                 double* sums_out) {
   if (params.empty()) return;
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
@@ -267,7 +285,64 @@ void amadamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   fin.beta_min = beta_min;
   fin.beta2 = beta2;
   fin.adaptive = adaptive;
+  fin.sums_in = sums_input(sums_in, device, step.numel());
+  fin.sums_out = sums_out;
   run_step(kAlgoAmadamw, batch, device, pass, fin, adaptive);
+}
+
+void amsgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum, at::IntArrayRef group_of,
+                     at::IntArrayRef scope_of, const at::Tensor& lr, at::ArrayRef<double> weight_decay,
+                     const at::Tensor& step, const at::Tensor& beta, const at::Tensor& prev_lr,
+                     const at::Tensor& prev_loss, const std::optional<at::Tensor>& loss,
+                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                     double lam, double beta_max, double beta_min, bool adaptive, bool maximize,
+                     const std::optional<at::Tensor>& scope_sums) {
+  amsgd_run(params, grads, momentum, group_of, scope_of, lr, weight_decay, step, beta, prev_lr, prev_loss, loss,
+            grad_scale, found_inf, lam, beta_max, beta_min, adaptive, maximize, scope_sums, nullptr);
+}
+
+// NOTE [sharded sums]: zeros for the scopes this rank lacks (a stream-ordered memset: no host sync).
+at::Tensor amsgd_scope_sums_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum,
+                                 at::IntArrayRef group_of, at::IntArrayRef scope_of, const at::Tensor& lr,
+                                 at::ArrayRef<double> weight_decay, const at::Tensor& step, const at::Tensor& beta,
+                                 const at::Tensor& prev_lr, const at::Tensor& prev_loss,
+                                 const std::optional<at::Tensor>& loss, const std::optional<at::Tensor>& grad_scale,
+                                 const std::optional<at::Tensor>& found_inf, double lam, double beta_max,
+                                 double beta_min, bool adaptive, bool maximize) {
+  at::Tensor out = at::zeros({step.numel(), 2}, step.options().dtype(at::kDouble));
+  if (adaptive) {
+    amsgd_run(params, grads, momentum, group_of, scope_of, lr, weight_decay, step, beta, prev_lr, prev_loss, loss,
+              grad_scale, found_inf, lam, beta_max, beta_min, adaptive, maximize, std::nullopt, out.data_ptr<double>());
+  }
+  return out;
+}
+
+void amadamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
+                       at::IntArrayRef group_of, at::IntArrayRef scope_of, const at::Tensor& lr,
+                       at::ArrayRef<double> weight_decay, const at::Tensor& step, const at::Tensor& beta,
+                       const at::Tensor& beta_prod, const at::Tensor& prev_lr,
+                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                       double lam, double beta_max, double beta_min, double beta2, double eps, bool adaptive,
+                       bool maximize, const std::optional<at::Tensor>& scope_sums) {
+  amadamw_run(params, grads, exp_avg, exp_avg_sq, group_of, scope_of, lr, weight_decay, step, beta, beta_prod,
+              prev_lr, grad_scale, found_inf, lam, beta_max, beta_min, beta2, eps, adaptive, maximize, scope_sums,
+              nullptr);
+}
+
+at::Tensor amadamw_scope_sums_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avg,
+                                   at::TensorList exp_avg_sq, at::IntArrayRef group_of, at::IntArrayRef scope_of,
+                                   const at::Tensor& lr, at::ArrayRef<double> weight_decay, const at::Tensor& step,
+                                   const at::Tensor& beta, const at::Tensor& beta_prod, const at::Tensor& prev_lr,
+                                   const std::optional<at::Tensor>& grad_scale,
+                                   const std::optional<at::Tensor>& found_inf, double lam, double beta_max,
+                                   double beta_min, double beta2, double eps, bool adaptive, bool maximize) {
+  at::Tensor out = at::zeros({step.numel(), 2}, step.options().dtype(at::kDouble));
+  if (adaptive) {
+    amadamw_run(params, grads, exp_avg, exp_avg_sq, group_of, scope_of, lr, weight_decay, step, beta, beta_prod,
+                prev_lr, grad_scale, found_inf, lam, beta_max, beta_min, beta2, eps, adaptive, maximize, std::nullopt,
+                out.data_ptr<double>());
+  }
+  return out;
 }
 
 }  // namespace
@@ -276,4 +351,6 @@ void amadamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
 TORCH_LIBRARY_IMPL(amm_kernels, CUDA, m) {
   m.impl("amsgd_step", &amm_cuda::amsgd_step_cuda);
   m.impl("amadamw_step", &amm_cuda::amadamw_step_cuda);
+  m.impl("amsgd_scope_sums", &amm_cuda::amsgd_scope_sums_cuda);
+  m.impl("amadamw_scope_sums", &amm_cuda::amadamw_scope_sums_cuda);
 }
