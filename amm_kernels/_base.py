@@ -37,7 +37,6 @@ class AMOptimizer(torch.optim.Optimizer):
     GROUP_KEYS: tuple[str, ...] = ("params", "lr", "weight_decay")  # what a param group may set
     SCOPE_ARG = "beta_scope"  # the constructor argument naming the scope
     SCOPE_STATE = ScopeState  # the optimizer-wide per-scope state
-    SUPPORTS_PROCESS_GROUP = True  # whether its backends all-reduce the sums over a process group
     # GradScaler hands us grad_scale and found_inf (as attributes) instead of unscaling on the host.
     _step_supports_amp_scaling = True
 
@@ -141,9 +140,7 @@ class AMOptimizer(torch.optim.Optimizer):
         return loss
 
     def _module_for(self, process_group, device: torch.device, dtypes: set[torch.dtype]):
-        """The backend module for this step. Every backend of AMSGD and AMAdamW all-reduces beta's sums
-        over a process_group; an optimizer whose backends do not yet (SUPPORTS_PROCESS_GROUP) has its
-        sharded steps refused in _build_batch."""
+        """The backend module for this step (every backend all-reduces the sums over a process_group)."""
         return self._backend_module(self.backend, device, dtypes)
 
     def _backend_module(self, backend: str, device: torch.device, dtypes: set[torch.dtype]):
@@ -219,11 +216,6 @@ class AMOptimizer(torch.optim.Optimizer):
             self._index_cache.clear()
         keys = [e[0] for e in entries]  # the parameters as the user holds them: the keys of self.state
         process_group = self._reduce_group(keys)
-        if process_group is not None and not self.SUPPORTS_PROCESS_GROUP:
-            raise NotImplementedError(
-                f"{name}: sharded parameters (DTensor / process_group) are not supported yet: its sums would "
-                "cover only this rank's shard"
-            )
         if any(isinstance(e[0], DTensor) for e in entries):
             # DTensor parameters: the step runs on the local shards (views of the same storage).
             entries = [(_local(p), _local(g), gi, scope) for p, g, gi, scope in entries]

@@ -15,7 +15,12 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._base import STATE_DICT_KEY, AMOptimizer
+from ._base import STATE_DICT_KEY, AMOptimizer, DTensor
+
+try:
+    from torch.distributed.tensor import Shard
+except ImportError:  # pragma: no cover - torch built without distributed
+    Shard = ()
 from ._hyper import check_range
 from .memory import memory_rule
 
@@ -117,8 +122,14 @@ class RLLC(AMOptimizer):
         law_init (sequence of k floats, default None = (1, 0, ..., 0)): the initial law L.
         scope (str, default "global"): one law for all parameters ("global"), one per param group
             ("group") or one per parameter tensor ("tensor").
-        backend (str, default "auto"): a backend that implements RLLC ("torch", the reference, for
-            now; see ``amm_kernels.rllc.rllc_backends()``), or "auto" for the fastest such.
+        backend (str, default "auto"): a backend that implements RLLC ("torch", the reference;
+            "cpu", "cuda", "triton"; see ``amm_kernels.rllc.rllc_backends()``), or "auto" for the
+            fastest such.
+        process_group (default None): the torch.distributed group over which the Gram and M^T g
+            sums are all-reduced when each rank holds a shard of the parameters (as for AMSGD: None
+            means the mesh's shard group for DTensor parameters, no reduction for plain ones).
+        capturable (bool, default False): the step may be captured in a CUDA graph (parameters on
+            the GPU; pass lr as a device tensor to change it between replays).
 
     ``optimizer.law`` is the current law as a device tensor: shape (k,) for ``scope="global"``, else
     (n_groups, k) / (n_tensors, k). State per parameter: ``memory``, shape (k, *param.shape), the
@@ -130,10 +141,9 @@ class RLLC(AMOptimizer):
     GROUP_KEYS = ("params", "lr")
     SCOPE_ARG = "scope"
     SCOPE_STATE = RLLCScopeState
-    SUPPORTS_PROCESS_GROUP = False  # the reference does not all-reduce the Gram sums yet
 
     def __init__(self, params, lr=0.01, law_lr: float = 0.01, memory="M(0.9)+M(0)", law_init=None,
-                 scope: str = "global", backend: str = "auto"):
+                 scope: str = "global", backend: str = "auto", process_group=None, capturable: bool = False):
         name = type(self).__name__
         check_range(name, "law_lr", law_lr, lo=0.0)
         if isinstance(law_lr, Tensor):
@@ -151,7 +161,7 @@ class RLLC(AMOptimizer):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name}: law_init[{i}] must be a finite number, got {value!r}")
         self._hyper = RLLCHyper(law_lr=float(law_lr), U=U, b=b, law_init=tuple(float(v) for v in law_init))
-        super().__init__(params, dict(lr=lr), scope, backend)
+        super().__init__(params, dict(lr=lr), scope, backend, process_group, capturable)
         self.scope = scope
 
     # hooks of AMOptimizer ------------------------------------------------------------------------
@@ -159,6 +169,16 @@ class RLLC(AMOptimizer):
         check_range(type(self).__name__, "lr", group["lr"], lo=0.0)
 
     def _new_param_state(self, p: Tensor) -> dict[str, Tensor]:
+        if isinstance(p, DTensor):
+            # A sharded parameter (FSDP2): its memory is sharded the same way, one dimension later (the
+            # k units come first), so each rank holds (k, *local shard) and the state_dict stays a DTensor.
+            local = p.to_local()
+            memory = torch.zeros((self.k, *local.shape), dtype=p.dtype, device=local.device)
+            placements = [Shard(pl.dim + 1) if isinstance(pl, Shard) else pl for pl in p.placements]
+            shape = (self.k, *p.shape)
+            stride = torch.empty(shape, device="meta").stride()
+            return {"memory": DTensor.from_local(memory, p.device_mesh, placements, run_check=False, shape=shape,
+                                                 stride=stride)}
         return {"memory": torch.zeros((self.k, *p.shape), dtype=p.dtype, device=p.device)}
 
     def _scope_init(self):

@@ -11,6 +11,7 @@ Raises ImportError when the extension is not built (through compiled_backend.py)
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from . import _C  # noqa: F401  (registers the ops; compiled_backend.py imports this module once _C has loaded)
 from ._step import StepBatch
@@ -31,18 +32,22 @@ if has_rllc_op():
     # it lets torch.compile trace a step.
     @torch.library.register_fake("amm_kernels::rllc_step")
     def _rllc_step_fake(params, grads, memory, group_of, scope_of, lr, U, b, step, law, grad_scale, found_inf,
-                        law_lr, rcond):
+                        law_lr, rcond, scope_sums=None):
         return None
+
+    @torch.library.register_fake("amm_kernels::rllc_scope_sums")
+    def _rllc_scope_sums_fake(params, grads, memory, group_of, scope_of, lr, U, b, step, *rest):
+        k = len(b)
+        return step.new_empty((step.numel(), k * (k + 1) // 2 + k), dtype=torch.float64)
 
 
 def _fallback(batch: StepBatch, hp) -> bool:
     """True when this step runs on the reference: k > MAX_K, a float64 parameter or scope state,
-    sharded parameters (process_group), or an extension built without the op."""
+    or an extension built without the op."""
     return (
         hp.k > MAX_K
         or not has_rllc_op()
         or batch.scopes.step.dtype != torch.float32
-        or getattr(batch, "process_group", None) is not None
         or any(p.dtype not in _KERNEL_DTYPES for p in batch.params)
     )
 
@@ -63,7 +68,13 @@ def rllc_step(batch: StepBatch, hp) -> None:
     grad_scale = None if batch.grad_scale is None else batch.grad_scale.detach().to(device, non_blocking=True)
     found_inf = None if batch.found_inf is None else batch.found_inf.detach().to(device, non_blocking=True)
     U = [float(v) for row in hp.U for v in row]
-    torch.ops.amm_kernels.rllc_step(
-        batch.params, batch.grads, batch.d, batch.group_of, batch.scope_of, lr, U, [float(v) for v in hp.b],
-        state.step, state.law, grad_scale, found_inf, float(hp.law_lr), float(hp.rcond),
-    )
+    args = (batch.params, batch.grads, batch.d, batch.group_of, batch.scope_of, lr, U, [float(v) for v in hp.b],
+            state.step, state.law, grad_scale, found_inf, float(hp.law_lr), float(hp.rcond))
+    if batch.process_group is None:
+        torch.ops.amm_kernels.rllc_step(*args)
+        return
+    # Sharded parameters (csrc/OPS.md): this rank's [S, P] Gram and M^T g sums, added up over the group
+    # (one all_reduce, no host sync), then the step from the whole model's sums without a second pass 1.
+    sums = torch.ops.amm_kernels.rllc_scope_sums(*args)
+    dist.all_reduce(sums, group=batch.process_group)
+    torch.ops.amm_kernels.rllc_step(*args, sums)

@@ -18,6 +18,7 @@ decides, before triton is first imported, whether the kernels run compiled or in
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from ._step import StepBatch
 from .reference.pinv import gram_pinv_apply
@@ -69,11 +70,6 @@ def rllc_step(batch: StepBatch, hp) -> None:
             "amm_kernels.triton_backend (or with the same TRITON_INTERPRET)"
         )
 
-    if batch.process_group is not None:
-        raise NotImplementedError(
-            "amm_kernels: backend 'triton' sums RLLC's Gram matrix in its own kernels and cannot all-reduce it over "
-            "a process_group (sharded parameters); use backend='torch'"
-        )
     params, grads, d, _, writeback = tb._flat_tensors(batch)
     k = hp.k
     KP2 = max(2, _next_p2(k))  # tile rows (a 1-row arange is avoided; rows >= k are masked)
@@ -99,6 +95,8 @@ def rllc_step(batch: StepBatch, hp) -> None:
     rllc_combine_kernel[(n_scopes,)](
         table.slot_start, table.tensor_start, sc.partials, sc.sums,
         N_SUMS=sc.n_sums, NP2=_next_p2(sc.n_sums), CHUNK=CHUNK, **kw)
+    if batch.process_group is not None:  # sharded parameters: the whole model's sums (no host sync)
+        dist.all_reduce(sc.sums, group=batch.process_group)
 
     # the law per present scope, on the device
     gram = sc.sums[:, sc.full_index].reshape(n_scopes, k, k)

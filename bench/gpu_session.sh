@@ -15,7 +15,7 @@ PY="${PYTHON:-python3}"
   command -v nvcc >/dev/null && nvcc --version | tail -n 1
 
   echo "== nvcc compile check"
-  if [ -x .ci/nvcc_check ]; then .ci/nvcc_check; echo "nvcc_check rc=$?"; fi
+  if [ -x .ci/nvcc_check ]; then PYTHON="$PY" .ci/nvcc_check; echo "nvcc_check rc=$?"; fi
 
   echo "== build (AMM_KERNELS_STRICT_BUILD=1)"
   AMM_KERNELS_STRICT_BUILD=1 "$PY" -m pip install --no-deps --no-build-isolation -v -e . > "$OUT/build.log" 2>&1

@@ -36,7 +36,12 @@ TORCH_LIBRARY(amm_kernels, m) {
       "rllc_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] memory, "
       "int[] group_of, int[] scope_of, Tensor lr, float[] U, float[] b, "
       "Tensor(c!) step, Tensor(d!) law, Tensor? grad_scale, Tensor? found_inf, "
-      "float law_lr, float rcond) -> ()");
+      "float law_lr, float rcond, Tensor? scope_sums=None) -> ()");
+  m.def(
+      "rllc_scope_sums(Tensor[] params, Tensor[] grads, Tensor[] memory, "
+      "int[] group_of, int[] scope_of, Tensor lr, float[] U, float[] b, "
+      "Tensor step, Tensor law, Tensor? grad_scale, Tensor? found_inf, "
+      "float law_lr, float rcond) -> Tensor");
 }
 
 #ifdef AMM_WITH_CUDA

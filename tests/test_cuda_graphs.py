@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import amm_kernels
-from amm_kernels import AMAdamW, AMSGD
+from amm_kernels import RLLC, AMAdamW, AMSGD
 
 CUDA = torch.cuda.is_available()
 BACKENDS = [b for b in amm_kernels.available_backends("cuda") if b in ("torch", "cuda", "triton")] if CUDA else []
@@ -22,8 +22,14 @@ def test_capturable_needs_a_gpu_parameter():
 def make(cls, backend):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).cuda()
-    lr = torch.tensor(0.02 if cls is AMSGD else 0.005, device="cuda")
-    return model, cls(model.parameters(), lr=lr, backend=backend, capturable=True)
+    lr = torch.tensor(0.005 if cls is AMAdamW else 0.02, device="cuda")
+    extra = dict(law_lr=0.05, memory="M(0.9)+M(0.5)") if cls is RLLC else {}
+    return model, cls(model.parameters(), lr=lr, backend=backend, capturable=True, **extra)
+
+
+def coefficients(opt):
+    """beta (AMSGD, AMAdamW) or the learning law (RLLC), as a device tensor."""
+    return (opt.law if isinstance(opt, RLLC) else opt.beta).clone()
 
 
 def batches():
@@ -38,7 +44,7 @@ def loss_fn(model, x, y, sign):
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", BACKENDS or ["torch"])
-@pytest.mark.parametrize("cls", [AMSGD, AMAdamW])
+@pytest.mark.parametrize("cls", [AMSGD, AMAdamW, RLLC])
 def test_whole_training_step_captured_and_replayed_matches_eager(cls, backend):
     data = batches()
     ref_model, ref_opt = make(cls, backend)
@@ -47,7 +53,7 @@ def test_whole_training_step_captured_and_replayed_matches_eager(cls, backend):
         loss_fn(ref_model, x, y, sign).backward()
         ref_opt.step()
         ref_opt.zero_grad(set_to_none=True)
-        ref_betas.append(ref_opt.beta.clone())
+        ref_betas.append(coefficients(ref_opt))
 
     model, opt = make(cls, backend)
     static_x, static_y = data[0][0].clone(), data[0][1].clone()
@@ -70,7 +76,7 @@ def test_whole_training_step_captured_and_replayed_matches_eager(cls, backend):
     for x, y, sign in data[WARMUP:]:
         static_x.copy_(x), static_y.copy_(y), static_sign.fill_(sign)
         graph.replay()
-        betas.append(opt.beta.clone())
+        betas.append(coefficients(opt))
     torch.cuda.synchronize()
 
     torch.testing.assert_close(torch.stack(betas), torch.stack(ref_betas[WARMUP:]), rtol=1e-4, atol=1e-5)
@@ -80,6 +86,6 @@ def test_whole_training_step_captured_and_replayed_matches_eager(cls, backend):
     opt.param_groups[0]["lr"].mul_(0.0)
     before = [p.detach().clone() for p in model.parameters()]
     graph.replay()
-    if cls is AMSGD:
+    if cls in (AMSGD, RLLC):
         for a, b in zip(model.parameters(), before):
             assert torch.equal(a, b)

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from amm_kernels import AMAdamW, AMSGD, available_backends
+from amm_kernels import RLLC, AMAdamW, AMSGD, available_backends
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
 
@@ -31,7 +31,19 @@ CASES = {  # name: (optimizer class, constructor kwargs)
     "AMSGD-loss": (AMSGD, dict(lr=0.05, delta_f="loss")),
     "AMAdamW": (AMAdamW, dict(lr=0.01)),
     "AMAdamW-group": (AMAdamW, dict(lr=0.01, beta_scope="group")),
+    "RLLC": (RLLC, dict(lr=0.05, law_lr=0.05, memory="M(0.9)+M(0.5)")),
+    "RLLC-tensor": (RLLC, dict(lr=0.05, law_lr=0.05, memory="M(0.9)+M(0)+J(0.5,2)", scope="tensor")),
 }
+MODEL_OPTS = {  # FSDP2 / DDP runs: class and kwargs
+    "AMSGD": (AMSGD, dict(lr=0.05)),
+    "AMAdamW": (AMAdamW, dict(lr=0.01)),
+    "RLLC": (RLLC, dict(lr=0.05, law_lr=0.05, memory="M(0.9)+M(0.5)")),
+}
+
+
+def coefficients(opt):
+    """What the sums decide: beta (AMSGD, AMAdamW) or the learning law (RLLC)."""
+    return (opt.law if isinstance(opt, RLLC) else opt.beta).clone()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -68,7 +80,7 @@ def run_hand_sharded(name, backend, rank=0, world=1, group=None):
         else:
             closure()
             opt.step()
-        betas.append(opt.beta.clone())
+        betas.append(coefficients(opt))
     return torch.stack(betas), [p.detach().clone() for p in params]
 
 
@@ -90,13 +102,12 @@ def train(model, opt, rank=0, world=1):
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
         opt.zero_grad()
-        betas.append(opt.beta.clone())
+        betas.append(coefficients(opt))
     return torch.stack(betas)
 
 
 def run_model(kind, cls_name, rank=0, world=1, backend="torch"):
-    cls = {"AMSGD": AMSGD, "AMAdamW": AMAdamW}[cls_name]
-    kwargs = dict(lr=0.05) if cls is AMSGD else dict(lr=0.01)
+    cls, kwargs = MODEL_OPTS[cls_name]
     model = make_model()
     if kind == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
@@ -128,7 +139,7 @@ def worker(rank, world, port, out_path):
             for name in CASES:
                 results[("hand", name, backend)] = run_hand_sharded(name, backend, rank, world, group)
             for kind in ("fsdp", "ddp"):
-                for cls_name in ("AMSGD", "AMAdamW"):
+                for cls_name in MODEL_OPTS:
                     results[(kind, cls_name, backend)] = run_model(kind, cls_name, rank, world, backend)
         gathered = [None] * world
         dist.all_gather_object(gathered, results)
@@ -175,11 +186,11 @@ def test_hand_sharded_matches_single_process(ranks, name, backend):
         assert_close(rank_betas, betas)  # every rank has the whole-model beta
     for i, full in enumerate(params):
         assert_close(torch.cat([rank_params[i] for _, rank_params in got]), full)
-    assert not torch.all(betas[1:] == betas[0]), "beta should move: the test would not see a wrong reduction"
+    assert not torch.all(betas[1:] == betas[0]), "beta / law should move: the test would not see a wrong reduction"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("cls_name", ["AMSGD", "AMAdamW"])
+@pytest.mark.parametrize("cls_name", list(MODEL_OPTS))
 @pytest.mark.parametrize("kind", ["fsdp", "ddp"])
 def test_fsdp2_and_ddp_match_single_process(ranks, kind, cls_name, backend):
     got = results_of(ranks, (kind, cls_name, backend))
@@ -190,7 +201,7 @@ def test_fsdp2_and_ddp_match_single_process(ranks, kind, cls_name, backend):
             assert_close(a, b)
 
 
-@pytest.mark.parametrize("name", ["AMSGD", "AMAdamW"])
+@pytest.mark.parametrize("name", ["AMSGD", "AMAdamW", "RLLC"])
 def test_sharded_beta_differs_from_a_local_beta(name):
     """Guard: without the reduction a shard's beta is not the model's (so the tests above can fail)."""
     full_betas, _ = run_hand_sharded(name, "torch")

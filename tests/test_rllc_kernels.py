@@ -39,16 +39,6 @@ SHAPES = [[(1,), (7,), (0,)], [(3, 5), (4097,)], [(2, 3, 5), (16500,), (33,)]]
 LRS = [0.01, 0.03, 0.005]
 
 
-@pytest.fixture(autouse=True)
-def _rllc_on_compiled_backends(monkeypatch):
-    """Until compiled_backend.py exposes rllc_step itself, make "cpu"/"cuda" RLLC-capable here."""
-    if HAVE_OP:
-        from amm_kernels import compiled_backend
-
-        if getattr(compiled_backend, "rllc_step", None) is None:
-            monkeypatch.setattr(compiled_backend, "rllc_step", rllc_compiled.rllc_step, raising=False)
-
-
 def _seed(*parts) -> int:
     return zlib.crc32(repr(parts).encode())
 
@@ -206,3 +196,21 @@ def test_cuda_bit_identical_reruns():
     a = run("cuda", "cuda", "J(0.8,2)+M(0)", torch.float32, seed, steps=4, shapes=shapes, lrs=[0.01, 0.02])
     b = run("cuda", "cuda", "J(0.8,2)+M(0)", torch.float32, seed, steps=4, shapes=shapes, lrs=[0.01, 0.02])
     assert_close_runs(a, b, torch.float32, "cuda rerun", exact=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sharded parameters: the step split around the all_reduce (tests/_dist.py) is the one-op step.
+from _dist import one_rank_group  # noqa: E402,F401
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+@pytest.mark.parametrize("memory", ["M(0.9)+M(0.8)+M(0.7)", "J(0.8,2)+M(0)"])
+def test_split_step_is_the_one_op_step(one_rank_group, backend, scope, memory):
+    seed = _seed("split", memory, scope)
+    device = _device(backend)
+    whole = run(backend, device, memory, torch.float32, seed, steps=5, scope=scope, grad_scale=8.0, found_inf_at=(2,))
+    split = run(backend, device, memory, torch.float32, seed, steps=5, scope=scope, grad_scale=8.0, found_inf_at=(2,),
+                process_group=one_rank_group)
+    assert_close_runs(split, whole, torch.float32, f"split {memory} {scope} {backend}", exact=True)
+    assert not torch.equal(whole[0][1], whole[0][-1]), "the law should move"

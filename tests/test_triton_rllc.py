@@ -34,11 +34,11 @@ def groups_of(params, n_groups=3, lrs=(0.05, 0.02, 0.1)):
 
 
 def run(backend, dtype, memory="M(0.9)+M(0.8)+M(0.7)", scope="global", steps=STEPS, shapes=SHAPES, hook=None,
-        groups=None, seed=0, law_lr=0.2):
+        groups=None, seed=0, law_lr=0.2, process_group=None):
     """Train from a fixed start with fixed gradients; returns (params, opt, laws per step)."""
     params = make_params(shapes, dtype, seed)
     opt = RLLC(groups_of(params) if groups is None else groups(params), law_lr=law_lr, memory=memory, scope=scope,
-               backend=backend)
+               backend=backend, process_group=process_group)
     laws = []
     for step in range(steps):
         if hook is not None:
@@ -200,3 +200,15 @@ def test_frozen_law_is_torch_sgd_momentum():
         opt.step(), ref.step()
     for a, b in zip(params, theirs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# Sharded parameters: the step with a (one-rank) process_group is the step without (tests/_dist.py).
+from _dist import one_rank_group  # noqa: E402,F401
+
+
+def test_split_step_is_the_fused_step(one_rank_group):
+    a = run("triton", torch.float32, scope="tensor", steps=4)
+    b = run("triton", torch.float32, scope="tensor", steps=4, process_group=one_rank_group)
+    assert all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
+    assert all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+    assert not torch.equal(a[2][1], a[2][-1]), "the law should move"

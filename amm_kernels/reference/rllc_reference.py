@@ -27,6 +27,7 @@ all handled with torch.where on device tensors.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from .._step import StepBatch
@@ -80,6 +81,10 @@ def rllc_step(batch: StepBatch, hp) -> None:
 
     # The law, per present scope: sums combined in a fixed order in float64, then the correction.
     per_scope = torch.stack([run.sum(0) for run in torch.stack(sums).split(batch.scope_lengths)])  # [S, P]
+    if batch.process_group is not None:
+        # Sharded parameters: the Gram entries and M^T g are sums over elements, so adding every rank's
+        # (one small all_reduce, no host sync) gives the whole model's (as beta.py does for AMSGD).
+        dist.all_reduce(per_scope, group=batch.process_group)
     scopes = batch.index("present_scopes")
     law_old = state.law[scopes]  # [S, k], the scope-state dtype
     correction = law_correction(per_scope[:, : len(pairs)], per_scope[:, len(pairs):], k, hp.rcond)

@@ -133,10 +133,15 @@ float scalar_of(const at::Tensor& t, const char* name) {
   return t.to(at::kCPU).to(at::kFloat).item<float>();
 }
 
-void rllc_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList memory, at::IntArrayRef group_of,
-                   at::IntArrayRef scope_of, const at::Tensor& lr, at::ArrayRef<double> U, at::ArrayRef<double> b,
-                   const at::Tensor& step, const at::Tensor& law, const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf, double law_lr, double rcond) {
+// One RLLC step. With sums_out, only its half before the all-reduce (NOTE [sharded sums] in
+// step_driver_cpu.cpp): each present scope's k(k+1)/2 + k sums go to row s of *sums_out ([S, P]
+// float64; zeros on the scope's first step) and nothing is written. With sums_in (the all-reduced
+// [S, P] sums), pass 1 is skipped and the law is updated from them.
+void rllc_run(at::TensorList params, at::TensorList grads, at::TensorList memory, at::IntArrayRef group_of,
+              at::IntArrayRef scope_of, const at::Tensor& lr, at::ArrayRef<double> U, at::ArrayRef<double> b,
+              const at::Tensor& step, const at::Tensor& law, const std::optional<at::Tensor>& grad_scale,
+              const std::optional<at::Tensor>& found_inf, double law_lr, double rcond,
+              const std::optional<at::Tensor>& sums_in, at::Tensor* sums_out) {
   const size_t T = params.size();
   const int64_t k = static_cast<int64_t>(b.size());
   TORCH_CHECK(k >= 1 && k <= kRllcMaxK, kOwner, ": k = ", k, " memory units; the kernels handle 1..", kRllcMaxK);
@@ -156,6 +161,7 @@ void rllc_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
     // NaN is not > 0: not skipped, as the reference's `found_inf > 0`.
     if (scalar_of(*found_inf, "found_inf") > 0.f) return;
   }
+  const bool given = sums_in.has_value() && sums_in->defined();
   const bool has_scale = grad_scale.has_value() && grad_scale->defined();
   const float scale = has_scale ? scalar_of(*grad_scale, "grad_scale") : 1.f;
   const at::Tensor lr_f = lr.to(at::kFloat).contiguous().reshape(-1);
@@ -212,7 +218,19 @@ void rllc_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
       runs.back()[2] = static_cast<int64_t>(i) + 1;
     }
     t.scope_pos = static_cast<int64_t>(runs.size()) - 1;
-    t.sums = step_p[si] != 0.f;  // on a scope's first step the sums are not used
+    t.sums = step_p[si] != 0.f && !given;  // on a scope's first step the sums are not used
+  }
+
+  const int P = rllc_n_sums(static_cast<int>(k));
+  const double* given_p = nullptr;
+  at::Tensor given_c;
+  if (given) {
+    TORCH_CHECK(sums_in->device().is_cpu() && sums_in->scalar_type() == at::kDouble && sums_in->dim() == 2 &&
+                    sums_in->size(0) == S && sums_in->size(1) == P,
+                kOwner, ": scope_sums must be a float64 CPU tensor of shape [", S, ", ", P, "], got ",
+                sums_in->scalar_type(), " ", sums_in->sizes());
+    given_c = sums_in->contiguous();
+    given_p = given_c.const_data_ptr<double>();
   }
 
   // Chunks (tensor, offset order); pass 1's slots are numbered by chunk.
@@ -227,7 +245,6 @@ void rllc_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
       chunks.push_back({static_cast<int32_t>(i), s, s + kChunk < ts[i].n ? s + kChunk : ts[i].n});
   }
   first_chunk[T] = static_cast<int64_t>(chunks.size());
-  const int P = rllc_n_sums(static_cast<int>(k));
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
 
   // Pass 1.
@@ -254,7 +271,9 @@ void rllc_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
     const int64_t s = runs[r][0];
     const bool first = step_p[s] == 0.f;
     std::fill(scope_sums.begin(), scope_sums.end(), 0.0);
-    if (!first) {
+    if (!first && given) {
+      for (int p = 0; p < P; ++p) scope_sums[p] = given_p[s * P + p];
+    } else if (!first) {
       for (int64_t i = runs[r][1]; i < runs[r][2]; ++i) {
         std::fill(tensor_sums.begin(), tensor_sums.end(), 0.0);
         for (int64_t c = first_chunk[i]; c < first_chunk[i + 1]; ++c)
@@ -262,9 +281,16 @@ void rllc_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
         for (int p = 0; p < P; ++p) scope_sums[p] += tensor_sums[p];
       }
     }
+    if (sums_out != nullptr) {
+      double* out = sums_out->mutable_data_ptr<double>() + s * P;
+      for (int p = 0; p < P; ++p) out[p] = scope_sums[p];
+      continue;
+    }
     rllc_law_update(static_cast<int>(k), scope_sums.data(), law_p + s * k, first, law_lr, rcond,
                     law_new.data() + r * k);
   }
+
+  if (sums_out != nullptr) return;
 
   // Pass 2.
   std::vector<float> Uf(k * k), bf(k);
@@ -291,8 +317,32 @@ void rllc_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   }
 }
 
+void rllc_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList memory, at::IntArrayRef group_of,
+                   at::IntArrayRef scope_of, const at::Tensor& lr, at::ArrayRef<double> U, at::ArrayRef<double> b,
+                   const at::Tensor& step, const at::Tensor& law, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf, double law_lr, double rcond,
+                   const std::optional<at::Tensor>& scope_sums) {
+  rllc_run(params, grads, memory, group_of, scope_of, lr, U, b, step, law, grad_scale, found_inf, law_lr, rcond,
+           scope_sums, nullptr);
+}
+
+at::Tensor rllc_scope_sums_cpu(at::TensorList params, at::TensorList grads, at::TensorList memory,
+                               at::IntArrayRef group_of, at::IntArrayRef scope_of, const at::Tensor& lr,
+                               at::ArrayRef<double> U, at::ArrayRef<double> b, const at::Tensor& step,
+                               const at::Tensor& law, const std::optional<at::Tensor>& grad_scale,
+                               const std::optional<at::Tensor>& found_inf, double law_lr, double rcond) {
+  const int64_t k = static_cast<int64_t>(b.size());
+  at::Tensor out = at::zeros({step.numel(), rllc_n_sums(static_cast<int>(k))}, at::TensorOptions().dtype(at::kDouble));
+  rllc_run(params, grads, memory, group_of, scope_of, lr, U, b, step, law, grad_scale, found_inf, law_lr, rcond,
+           std::nullopt, &out);
+  return out;
+}
+
 }  // namespace
 }  // namespace rllc_cpu
 }  // namespace amm
 
-TORCH_LIBRARY_IMPL(amm_kernels, CPU, m) { m.impl("rllc_step", &amm::rllc_cpu::rllc_step_cpu); }
+TORCH_LIBRARY_IMPL(amm_kernels, CPU, m) {
+  m.impl("rllc_step", &amm::rllc_cpu::rllc_step_cpu);
+  m.impl("rllc_scope_sums", &amm::rllc_cpu::rllc_scope_sums_cpu);
+}

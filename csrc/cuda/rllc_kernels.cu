@@ -76,8 +76,8 @@ __global__ void __launch_bounds__(kFinalizeThreads) rllc_finalize_kernel(const R
   const int k = a.k, P = amm::rllc_n_sums(k), T = a.num_tensors;
   const bool skip = step_skipped(a.found_inf);
 
-  // Phase A: per tensor, its slots summed in slot order (double).
-  for (int t = tid; t < T; t += blockDim.x) {
+  // Phase A: per tensor, its slots summed in slot order (double). Not with sums_in (no pass 1 ran).
+  for (int t = tid; t < T && a.sums_in == nullptr; t += blockDim.x) {
     const TensorMeta m = a.meta[t];
     if (m.n_slots > kSerialSlots) continue;
     for (int p = 0; p < P; ++p) {
@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kFinalizeThreads) rllc_finalize_kernel(const R
       a.tensor_sums[static_cast<int64_t>(t) * P + p] = s;
     }
   }
-  for (int t = warp; t < T; t += n_warps) {
+  for (int t = warp; t < T && a.sums_in == nullptr; t += n_warps) {
     const TensorMeta m = a.meta[t];
     if (m.n_slots <= kSerialSlots) continue;
     for (int p = 0; p < P; ++p) {
@@ -104,13 +104,21 @@ __global__ void __launch_bounds__(kFinalizeThreads) rllc_finalize_kernel(const R
     const TensorMeta m = a.meta[t];
     if (!(m.flags & kScopeLeader)) continue;
     double sums[amm::kRllcMaxSums];
+    const int64_t row = static_cast<int64_t>(m.scope) * P;
     for (int p = 0; p < P; ++p) {
       double s = 0.0;
-      for (int u = t + lane; u < m.scope_end; u += 32) s += a.tensor_sums[static_cast<int64_t>(u) * P + p];
-      s = warp_sum_down(s);
+      if (a.sums_in != nullptr) {
+        s = a.sums_in[row + p];
+      } else {
+        for (int u = t + lane; u < m.scope_end; u += 32) s += a.tensor_sums[static_cast<int64_t>(u) * P + p];
+        s = warp_sum_down(s);
+      }
       sums[p] = s;  // valid in lane 0
     }
-    if (lane == 0 && !skip) {
+    if (lane == 0 && a.sums_out != nullptr) {
+      const bool first = a.step[m.scope] == 0.f;
+      for (int p = 0; p < P; ++p) a.sums_out[row + p] = first ? 0.0 : sums[p];
+    } else if (lane == 0 && !skip) {
       const int s = m.scope;
       const float step = a.step[s];
       float law_new[amm::kRllcMaxK];

@@ -33,6 +33,11 @@ struct RllcArgs {
   double* slots;            // [n_slots * n_sums] pass 1 output
   TensorMeta* meta;         // [T] pass 1 output
   double* tensor_sums;      // [T * n_sums] finalize workspace
+  // NOTE [sharded sums] (launchers.h): sums_out set: the finalize writes each present scope's sums
+  // to row s ([S, n_sums], zeros on the scope's first step) and nothing else, and there is no pass 2;
+  // sums_in set: no pass 1 (a meta-only launch instead), the finalize takes the sums from row s.
+  const double* sums_in;    // [S * n_sums] or nullptr
+  double* sums_out;         // [S * n_sums] or nullptr
   double law_lr;
   double rcond;
 };

@@ -41,10 +41,13 @@ std::optional<at::Tensor> rllc_scalar_input(const std::optional<at::Tensor>& t, 
   return t->to(device, at::kFloat).contiguous();
 }
 
-void rllc_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList memory, at::IntArrayRef group_of,
-                    at::IntArrayRef scope_of, const at::Tensor& lr, at::ArrayRef<double> U, at::ArrayRef<double> b,
-                    const at::Tensor& step, const at::Tensor& law, const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf, double law_lr, double rcond) {
+// One RLLC step, or (sums_out) its half before the all-reduce; sums_in: the all-reduced sums
+// (NOTE [sharded sums] in rllc_launchers.h).
+void rllc_run(at::TensorList params, at::TensorList grads, at::TensorList memory, at::IntArrayRef group_of,
+              at::IntArrayRef scope_of, const at::Tensor& lr, at::ArrayRef<double> U, at::ArrayRef<double> b,
+              const at::Tensor& step, const at::Tensor& law, const std::optional<at::Tensor>& grad_scale,
+              const std::optional<at::Tensor>& found_inf, double law_lr, double rcond,
+              const std::optional<at::Tensor>& sums_in, double* sums_out) {
   const size_t T = params.size();
   const int64_t k = static_cast<int64_t>(b.size());
   TORCH_CHECK(k >= 1 && k <= amm::kRllcMaxK, kOwner, ": k = ", k, " memory units; the kernels handle 1..",
@@ -97,15 +100,23 @@ void rllc_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     d.ptr[kD] = m.data_ptr();
     d.dtype[kD] = rllc_dtype_code(m, "memory");
   }
-  LaunchPlan plan;
+  const int n_sums = amm::rllc_n_sums(static_cast<int>(k));
+  const bool given = sums_in.has_value() && sums_in->defined();
+  if (given) {
+    TORCH_CHECK(sums_in->device() == device && sums_in->scalar_type() == at::kDouble && sums_in->dim() == 2 &&
+                    sums_in->size(0) == S && sums_in->size(1) == n_sums && sums_in->is_contiguous(),
+                kOwner, ": scope_sums must be a contiguous float64 tensor of shape [", S, ", ", n_sums, "] on ",
+                device);
+  }
+  LaunchPlan plan, meta_only;
   try {
     plan = plan_launches(descs, /*one_block_per_tensor=*/false);
+    if (given) meta_only = plan_launches(descs, /*one_block_per_tensor=*/true);
   } catch (const std::invalid_argument& err) {
     TORCH_CHECK(false, err.what());
   }
 
-  const int n_sums = amm::rllc_n_sums(static_cast<int>(k));
-  const RllcWorkspace layout = rllc_workspace(plan.total_blocks, n_sums, static_cast<int64_t>(T));
+  const RllcWorkspace layout = rllc_workspace(given ? 0 : plan.total_blocks, n_sums, static_cast<int64_t>(T));
   // The caching allocator makes this stream-ordered and capture-safe; every byte read is written first.
   at::Tensor workspace = at::empty({layout.total_bytes}, at::TensorOptions().device(device).dtype(at::kByte));
   char* base = static_cast<char*>(workspace.data_ptr());
@@ -123,16 +134,48 @@ void rllc_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   args.slots = reinterpret_cast<double*>(base + layout.slots_offset);
   args.meta = reinterpret_cast<TensorMeta*>(base + layout.meta_offset);
   args.tensor_sums = reinterpret_cast<double*>(base + layout.sums_offset);
+  args.sums_in = given ? sums_in->data_ptr<double>() : nullptr;
+  args.sums_out = sums_out;
   args.law_lr = law_lr;
   args.rcond = rcond;
 
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
-  for (const TensorTable& table : plan.tables) C10_CUDA_CHECK(launch_rllc_sums(table, args, stream.stream()));
+  if (given) {
+    for (const TensorTable& table : meta_only.tables) C10_CUDA_CHECK(launch_write_meta(table, args.meta, stream.stream()));
+  } else {
+    for (const TensorTable& table : plan.tables) C10_CUDA_CHECK(launch_rllc_sums(table, args, stream.stream()));
+  }
   C10_CUDA_CHECK(launch_rllc_finalize(args, stream.stream()));
+  if (sums_out != nullptr) return;
   for (const TensorTable& table : plan.tables) C10_CUDA_CHECK(launch_rllc_update(table, args, stream.stream()));
+}
+
+void rllc_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList memory, at::IntArrayRef group_of,
+                    at::IntArrayRef scope_of, const at::Tensor& lr, at::ArrayRef<double> U, at::ArrayRef<double> b,
+                    const at::Tensor& step, const at::Tensor& law, const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf, double law_lr, double rcond,
+                    const std::optional<at::Tensor>& scope_sums) {
+  rllc_run(params, grads, memory, group_of, scope_of, lr, U, b, step, law, grad_scale, found_inf, law_lr, rcond,
+           scope_sums, nullptr);
+}
+
+// Zeros for the scopes this rank lacks (a stream-ordered memset: no host sync).
+at::Tensor rllc_scope_sums_cuda(at::TensorList params, at::TensorList grads, at::TensorList memory,
+                                at::IntArrayRef group_of, at::IntArrayRef scope_of, const at::Tensor& lr,
+                                at::ArrayRef<double> U, at::ArrayRef<double> b, const at::Tensor& step,
+                                const at::Tensor& law, const std::optional<at::Tensor>& grad_scale,
+                                const std::optional<at::Tensor>& found_inf, double law_lr, double rcond) {
+  const int n_sums = amm::rllc_n_sums(static_cast<int>(b.size()));
+  at::Tensor out = at::zeros({step.numel(), n_sums}, step.options().dtype(at::kDouble));
+  rllc_run(params, grads, memory, group_of, scope_of, lr, U, b, step, law, grad_scale, found_inf, law_lr, rcond,
+           std::nullopt, out.data_ptr<double>());
+  return out;
 }
 
 }  // namespace
 }  // namespace amm_cuda
 
-TORCH_LIBRARY_IMPL(amm_kernels, CUDA, m) { m.impl("rllc_step", &amm_cuda::rllc_step_cuda); }
+TORCH_LIBRARY_IMPL(amm_kernels, CUDA, m) {
+  m.impl("rllc_step", &amm_cuda::rllc_step_cuda);
+  m.impl("rllc_scope_sums", &amm_cuda::rllc_scope_sums_cuda);
+}
