@@ -34,6 +34,13 @@ def extension_modules():
     # the compiler vectorise sqrtf in the CPU loops (without it they stay scalar). -ffp-contract=off:
     # no a*b+c becomes an FMA, so the baseline, AVX2 and AVX-512 builds of a loop round identically.
     cxx = ["-O3", "-fno-math-errno", "-ffp-contract=off"]
+    link = []
+    # NOTE [OpenMP]: at::parallel_for is inline code in torch's headers; with torch's OpenMP backend it
+    # is an `#pragma omp parallel`, which a file compiled without -fopenmp silently runs on one thread.
+    # So the CPU kernels are compiled (and linked) with -fopenmp whenever torch itself uses OpenMP.
+    if getattr(torch._C, "has_openmp", False) and sys.platform.startswith("linux"):
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     define = [("AMM_WITH_CUDA", "1")] if with_cuda else []
     if with_cuda:
         archs = os.environ.get("AMM_CUDA_ARCHS", "80;90").split(";")
@@ -41,12 +48,12 @@ def extension_modules():
         nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         ext = cpp_extension.CUDAExtension(
             "amm_kernels._C", cpu_sources + cuda_sources, include_dirs=[os.path.join(ROOT, "csrc")],
-            define_macros=define, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            define_macros=define, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link,
         )
     else:
         ext = cpp_extension.CppExtension(
             "amm_kernels._C", cpu_sources, include_dirs=[os.path.join(ROOT, "csrc")],
-            define_macros=define, extra_compile_args={"cxx": cxx},
+            define_macros=define, extra_compile_args={"cxx": cxx}, extra_link_args=link,
         )
     return [ext], {"build_ext": _tolerant_build_ext(cpp_extension.BuildExtension)}
 

@@ -43,17 +43,21 @@ def make(shapes, seed=0):
     return params
 
 
-def time_step(make_opt, shapes, repeats, warmup=3, clock=time.perf_counter) -> float:
-    params = make(shapes)
-    opt = make_opt(params)
-    for _ in range(warmup):
-        opt.step()
-    times = []
+def time_steps(factories: dict, shapes, repeats, warmup=3, clock=time.perf_counter) -> dict:
+    """Median ms per step of each optimizer. NOTE [interleaved timing]: the optimizers are built side
+    by side and timed in rounds (one step of each per round), so a change in machine load during the
+    run (this VM's neighbours) shifts every case alike instead of skewing the ratios."""
+    opts = {name: make_opt(make(shapes)) for name, make_opt in factories.items()}
+    for opt in opts.values():
+        for _ in range(warmup):
+            opt.step()
+    times = {name: [] for name in opts}
     for _ in range(repeats):
-        t0 = clock()
-        opt.step()
-        times.append(clock() - t0)
-    return statistics.median(times) * 1e3
+        for name, opt in opts.items():
+            t0 = clock()
+            opt.step()
+            times[name].append(clock() - t0)
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
 
 def main():
@@ -75,12 +79,15 @@ def main():
     numel = sum(torch.Size(s).numel() for s in shapes)
     have_cpu = "cpu" in amm_kernels.available_backends("cpu")
 
-    cases = []  # (name, family, factory)
+    cases = []  # (name, family, factory); weight decay 0.01 (both classes' default) unless named
     if have_cpu:
         cases.append(("AMAdamW backend=cpu", "adamw", lambda p: AMAdamW(p, lr=1e-3, backend="cpu")))
+        cases.append(("AMAdamW backend=cpu wd=0", "adamw0",
+                      lambda p: AMAdamW(p, lr=1e-3, weight_decay=0.0, backend="cpu")))
     cases += [
         ("AMAdamW backend=torch", "adamw", lambda p: AMAdamW(p, lr=1e-3, backend="torch")),
         ("torch AdamW fused", "adamw", lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True)),
+        ("torch AdamW fused wd=0", "adamw0", lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.0, fused=True)),
         ("torch AdamW foreach", "adamw", lambda p: torch.optim.AdamW(p, lr=1e-3, foreach=True)),
     ]
     if have_cpu:
@@ -89,29 +96,26 @@ def main():
         ("AMSGD backend=torch", "sgd", lambda p: AMSGD(p, lr=1e-2, backend="torch")),
         ("torch SGD momentum foreach", "sgd", lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, foreach=True)),
     ]
-    baseline = {"adamw": "torch AdamW fused", "sgd": "torch SGD momentum foreach"}
+    baseline = {"adamw": "torch AdamW fused", "adamw0": "torch AdamW fused wd=0", "sgd": "torch SGD momentum foreach"}
     if args.only:
         keys = [k.strip() for k in args.only.split(",") if k.strip()]
         picked = {name for name, _, _ in cases if any(k in name for k in keys)}
         picked |= {baseline[f] for name, f, _ in cases if name in picked}
         cases = [c for c in cases if c[0] in picked]
 
-    results = {}
-    for name, family, factory in cases:
-        clock = time.process_time if args.clock == "process" else time.perf_counter
-        results[name] = time_step(factory, shapes, args.repeats, clock=clock)
-        print(f"  {name:28s} {results[name]:9.2f} ms", flush=True)
+    clock = time.process_time if args.clock == "process" else time.perf_counter
+    results = time_steps({name: factory for name, _, factory in cases}, shapes, args.repeats, clock=clock)
 
     model = cpu_model()
     print(f"\n{numel / 1e6:.1f}M float32 parameters in {len(shapes)} tensors, {args.threads} threads, "
           f"median of {args.repeats} steps ({args.clock} clock); {model}; torch {torch.__version__}")
-    print(f"{'optimizer':30s} {'ms/step':>9s} {'vs baseline':>12s} {'vs reference':>13s}")
+    print(f"{'optimizer':30s} {'ms/step':>9s} {'vs baseline':>12s} {'vs reference':>13s}  (timed interleaved)")
     rows = []
     date = datetime.datetime.now().isoformat(timespec="seconds")
     for name, family, _ in cases:
         ms = results[name]
         base = results[baseline[family]]
-        ref = results.get("AMAdamW backend=torch" if family == "adamw" else "AMSGD backend=torch", float("nan"))
+        ref = results.get("AMSGD backend=torch" if family == "sgd" else "AMAdamW backend=torch", float("nan"))
         print(f"{name:30s} {ms:9.2f} {ms / base:11.2f}x {ref / ms:12.2f}x")
         rows.append(dict(date=date, cpu=model, torch=torch.__version__, threads=args.threads, numel=numel,
                          tensors=len(shapes), optimizer=name, ms_per_step=f"{ms:.3f}",

@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <cstdint>
+
 TORCH_LIBRARY(amm_kernels, m) {
   m.def(
       "amsgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum, "
@@ -50,9 +52,23 @@ static constexpr long kHasCuda = 1;
 static constexpr long kHasCuda = 0;
 #endif
 
+namespace amm {
+namespace cpu {
+int64_t parallel_thread_count();  // csrc/cpu/step_driver_cpu.cpp
+}  // namespace cpu
+}  // namespace amm
+
+static PyObject* parallel_threads(PyObject*, PyObject*) { return PyLong_FromLongLong(amm::cpu::parallel_thread_count()); }
+
+static PyMethodDef kMethods[] = {
+    {"parallel_threads", parallel_threads, METH_NOARGS,
+     "How many threads an at::parallel_for inside this library uses (1 means it was built without OpenMP)."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "amm_kernels custom ops (torch.ops.amm_kernels.*)", -1, nullptr,
+      PyModuleDef_HEAD_INIT, "_C", "amm_kernels custom ops (torch.ops.amm_kernels.*)", -1, kMethods,
   };
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;

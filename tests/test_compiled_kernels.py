@@ -236,6 +236,20 @@ def test_non_finite_gradient_gives_nan_beta(backend, cls, kwargs):
     assert torch.isnan(ours[0][6]).all()
 
 
+@pytest.mark.skipif("cpu" not in amm_kernels.available_backends("cpu"), reason="amm_kernels._C is not built")
+def test_cpu_kernels_run_on_several_threads():
+    """setup.py NOTE [OpenMP]: built without -fopenmp, at::parallel_for in the extension runs on one
+    thread, silently (the kernels were 2x slower and the thread-count test below saw one thread)."""
+    from amm_kernels import _C
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert _C.parallel_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls,kwargs", OPT_CASES)
 def test_deterministic(backend, cls, kwargs):

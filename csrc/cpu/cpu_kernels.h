@@ -91,6 +91,10 @@ ChunkPlan make_plan(const std::vector<StepTensor>& ts, Include include) {
 // changes no result).
 void for_each_chunk(const ChunkPlan& plan, const std::function<void(int64_t)>& fn, bool reverse = false);
 
+// How many threads an at::parallel_for in this library runs on (for the test that guards
+// NOTE [OpenMP] in setup.py); exposed as amm_kernels._C.parallel_threads().
+int64_t parallel_thread_count();
+
 // ---------------------------------------------------------------------------------------------
 // Instruction sets of the hot loops. The extension is built for the baseline x86-64 ISA (SSE2); the
 // chunk functions are compiled a second and third time with GCC's target attribute (AVX2+FMA and

@@ -39,6 +39,18 @@ void for_each_chunk(const ChunkPlan& plan, const std::function<void(int64_t)>& f
   at::parallel_for(0, n, 1, range);
 }
 
+int64_t parallel_thread_count() {
+  // NOTE [OpenMP] in setup.py: compiled without -fopenmp, at::parallel_for here would run on one thread.
+  std::vector<char> used(static_cast<size_t>(at::get_num_threads()) + 1, 0);
+  at::parallel_for(0, 1 << 20, 1, [&](int64_t, int64_t) {
+    const int id = at::get_thread_num();
+    if (id >= 0 && id < static_cast<int>(used.size())) used[id] = 1;
+  });
+  int64_t n = 0;
+  for (char u : used) n += u;
+  return n;
+}
+
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::kAvx512: return "avx512";
