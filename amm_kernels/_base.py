@@ -135,13 +135,9 @@ class AMOptimizer(torch.optim.Optimizer):
                 loss = closure()
         batch = self._build_batch(loss)
         if batch is not None:
-            module = self._module_for(batch.process_group, batch.params[0].device, {p.dtype for p in batch.params})
+            module = self._backend_module(self.backend, batch.params[0].device, {p.dtype for p in batch.params})
             getattr(module, self.STEP_OP)(batch, self._hyper)
         return loss
-
-    def _module_for(self, process_group, device: torch.device, dtypes: set[torch.dtype]):
-        """The backend module for this step (every backend all-reduces the sums over a process_group)."""
-        return self._backend_module(self.backend, device, dtypes)
 
     def _backend_module(self, backend: str, device: torch.device, dtypes: set[torch.dtype]):
         """backends.resolve, remembered per (backend, device, dtypes). NOTE [compile]: the cache is filled
@@ -235,7 +231,7 @@ class AMOptimizer(torch.optim.Optimizer):
         dtype = torch.float64 if any(p.dtype == torch.float64 for p, *_ in entries) else torch.float32
         if self.capturable and device.type not in ("cuda", "xpu"):
             raise RuntimeError(f"{name}: capturable=True needs parameters on a CUDA (or XPU) device, got {device}")
-        self._module_for(process_group, device, {p.dtype for p, *_ in entries})  # raises before any state exists
+        self._backend_module(self.backend, device, {p.dtype for p, *_ in entries})  # raises before any state exists
         scopes = self._scope_state(device, dtype)
         lrs = [g["lr"] for g in self.param_groups]
         if any(isinstance(lr, Tensor) for lr in lrs):
