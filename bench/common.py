@@ -1,10 +1,12 @@
-"""Shared helpers for the benchmarks in bench/: what machine this is, how to time a step, how to write
-results (CSV + JSON with the hardware named), plotting, a small LLaMA-style model and its data.
+"""Shared helpers for the benchmarks in bench/: what machine this is, the options every script takes, how to
+time a step, how to write results (CSV + JSON with the hardware named), plotting, a small LLaMA-style model
+and its data.
 
 Every script imports this as ``from common import ...`` (bench/ is put on sys.path by the scripts).
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import json
@@ -94,6 +96,29 @@ def pick_device(name: str | None = None) -> torch.device:
     if name:
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line
+# --------------------------------------------------------------------------------------------------
+
+THREADS_HELP = "torch CPU threads (1: small problems, shared machine)"
+
+
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """A script's parser, its options to be added next: the first line of `doc` (the script's docstring)
+    as the description, and --quick (tiny sizes, seconds), the option every script takes first."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    return ap
+
+
+def parse_bench_args(ap: argparse.ArgumentParser, argv=None, threads: int | None = 1, threads_help: str | None = THREADS_HELP):
+    """Adds the options every script takes last, --threads (default `threads`) and --out-dir (default
+    bench/results), and parses argv. Setting torch's threads is left to the script."""
+    ap.add_argument("--threads", type=int, default=threads, help=threads_help)
+    ap.add_argument("--out-dir", default=str(RESULTS))
+    return ap.parse_args(argv)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,6 +239,15 @@ def footer(env: dict) -> str:
     return f"{env['device']} | torch {env['torch']} | load {env['load_before']} | {env['date']}"
 
 
+def save_figure(fig, title: str, env: dict, path, dpi: int = 110):
+    """Titles fig with `title` above the footer line (machine, torch, load, date), lays it out, writes it
+    to `path` and closes it."""
+    fig.suptitle(f"{title}\n{footer(env)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt().close(fig)
+
+
 def progress(iterable=None, **kw):
     from tqdm.auto import tqdm
 
@@ -297,6 +331,20 @@ class TinyLlama(nn.Module):
     def loss(self, idx, targets):
         logits = self(idx)
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def add_model_args(ap: argparse.ArgumentParser, d: int, layers: int, ctx: int, heads: int = 4, batch: int = 8):
+    """Adds --d, --layers, --heads, --batch, --ctx: the size of a TinyLlama (tiny_llama(args)) and of its batches."""
+    ap.add_argument("--d", type=int, default=d)
+    ap.add_argument("--layers", type=int, default=layers)
+    ap.add_argument("--heads", type=int, default=heads)
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--ctx", type=int, default=ctx)
+
+
+def tiny_llama(args) -> TinyLlama:
+    """The TinyLlama that the options of add_model_args describe (on the CPU)."""
+    return TinyLlama(d=args.d, layers=args.layers, heads=args.heads, ctx=args.ctx)
 
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:

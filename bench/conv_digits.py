@@ -11,7 +11,6 @@ sanity reference. Writes bench/results/conv_digits.{csv,json,png}. Needs scikit-
 """
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import sys
@@ -23,7 +22,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import RESULTS, environment, footer, plt, progress, write_results  # noqa: E402
+from common import bench_parser, environment, parse_bench_args, plt, progress, save_figure, write_results  # noqa: E402
 
 from amm_kernels import AMSGD  # noqa: E402
 
@@ -101,15 +100,12 @@ def train(name, lr, seed, epochs, batch, xtr, ytr, xte, yte, bar):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
+    ap = bench_parser(__doc__)
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--lrs", default="0.1,0.5")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: small problems, shared machine)")
-    ap.add_argument("--out-dir", default=str(RESULTS))
-    args = ap.parse_args(argv)
+    args = parse_bench_args(ap, argv)
     torch.set_num_threads(args.threads)
     if args.quick:
         args.epochs, args.seeds, args.lrs = 2, 1, "0.1"
@@ -174,10 +170,7 @@ def plot(runs, lrs, args, env, path):
     axes[-1][1].set_xlabel("epoch")
     axes[-1][2].set_xlabel("step")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"digits CNN: momentum SGD vs AMSGD ({args.seeds} seeds)\n{footer(env)}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    pyplot.close(fig)
+    save_figure(fig, f"digits CNN: momentum SGD vs AMSGD ({args.seeds} seeds)", env, path)
 
 
 if __name__ == "__main__":

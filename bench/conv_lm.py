@@ -14,7 +14,6 @@ Writes bench/results/conv_lm.{csv,json,png}.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import sys
@@ -25,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import RESULTS, TinyLlama, batches, decay_groups, environment, footer, plt, progress, stdlib_bytes, write_results  # noqa: E402
+from common import (add_model_args, batches, bench_parser, decay_groups, environment, parse_bench_args, pick_device, plt,  # noqa: E402
+                    progress, save_figure, stdlib_bytes, tiny_llama, write_results)
 
 from amm_kernels import AMAdamW  # noqa: E402
 
@@ -65,7 +65,7 @@ def evaluate(model, val_batches):
 
 def train(name, seed, args, train_data, val_batches, device, bar):
     torch.manual_seed(seed)
-    model = TinyLlama(d=args.d, layers=args.layers, heads=args.heads, ctx=args.ctx).to(device)
+    model = tiny_llama(args).to(device)
     opt = make_optimizer(name, model, args, device)
     warmup = CONFIGS[name][1]
     gen = torch.Generator().manual_seed(1000 + seed)
@@ -92,29 +92,22 @@ def train(name, seed, args, train_data, val_batches, device, bar):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
+    ap = bench_parser(__doc__)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--wd", type=float, default=0.1)
-    ap.add_argument("--d", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--ctx", type=int, default=64)
+    add_model_args(ap, d=128, layers=2, ctx=64)
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--data-bytes", type=int, default=4_000_000)
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
     ap.add_argument("--device", default=None)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out-dir", default=str(RESULTS))
-    args = ap.parse_args(argv)
+    args = parse_bench_args(ap, argv, threads_help=None)
     if args.quick:
         args.steps, args.seeds, args.d, args.layers, args.batch, args.ctx, args.eval_every = 6, 1, 32, 1, 2, 16, 3
         args.data_bytes = 200_000
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     env = environment(device)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     data = stdlib_bytes(args.data_bytes)
@@ -138,7 +131,7 @@ def main(argv=None):
         quarter = [h["val_loss"][max(0, len(h["val_loss"]) // 4 - 1)] for h in hs]
         betas = [b for h in hs for b in h["beta"]]
         rows.append(dict(config=name, seeds=args.seeds, steps=args.steps, lr=args.lr, d=args.d, layers=args.layers,
-                         batch=args.batch, ctx=args.ctx, params=sum(p.numel() for p in TinyLlama(d=args.d, layers=args.layers, heads=args.heads, ctx=args.ctx).parameters()),
+                         batch=args.batch, ctx=args.ctx, params=sum(p.numel() for p in tiny_llama(args).parameters()),
                          val_loss_final_mean=statistics.mean(final), val_loss_final_sd=statistics.pstdev(final),
                          val_loss_quarter_mean=statistics.mean(quarter),
                          val_loss_min_mean=statistics.mean(min(h["val_loss"]) for h in hs),
@@ -174,11 +167,8 @@ def plot(runs, names, args, env, path):
     bx.set_ylabel("AMAdamW beta (mean over the scope's betas)")
     bx.grid(alpha=0.3)
     bx.legend(fontsize=8)
-    fig.suptitle(f"byte-level LM on the Python stdlib: AdamW +/- warm-up vs AMAdamW without warm-up ({args.seeds} seeds)\n"
-                 f"{footer(env)}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    pyplot.close(fig)
+    save_figure(fig, f"byte-level LM on the Python stdlib: AdamW +/- warm-up vs AMAdamW without warm-up ({args.seeds} seeds)",
+                env, path)
 
 
 if __name__ == "__main__":

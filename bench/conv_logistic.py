@@ -12,7 +12,6 @@ Writes bench/results/conv_logistic.{csv,json,png}. Needs scikit-learn (pip insta
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import RESULTS, environment, thinned, footer, plt, progress, write_results  # noqa: E402
+from common import bench_parser, environment, parse_bench_args, plt, progress, save_figure, thinned, write_results  # noqa: E402
 
 from amm_kernels import AMSGD  # noqa: E402
 
@@ -97,13 +96,10 @@ def run(loss_fn, dim, make_opt, steps):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
+    ap = bench_parser(__doc__)
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--lr-mult", type=float, default=1.0, help="lr as a multiple of 1/L")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: small problems, shared machine)")
-    ap.add_argument("--out-dir", default=str(RESULTS))
-    args = ap.parse_args(argv)
+    args = parse_bench_args(ap, argv)
     torch.set_num_threads(args.threads)
     betas = BETAS
     if args.quick:
@@ -172,10 +168,7 @@ def plot(curves, names, rows, env, args, path):
         bx.grid(alpha=0.3)
     axes[0][0].set_ylabel("loss - f*  (f*: L-BFGS to convergence)")
     axes[1][0].set_ylabel("AM-MGD beta")
-    fig.suptitle(f"Logistic regression, full batch, lr = {args.lr_mult:g}/L, lam = 0\n{footer(env)}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    pyplot.close(fig)
+    save_figure(fig, f"Logistic regression, full batch, lr = {args.lr_mult:g}/L, lam = 0", env, path)
 
 
 if __name__ == "__main__":

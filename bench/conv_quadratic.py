@@ -11,7 +11,6 @@ Writes bench/results/conv_quadratic.{csv,json,png}.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import RESULTS, environment, thinned, footer, plt, progress, write_results  # noqa: E402
+from common import bench_parser, environment, parse_bench_args, plt, progress, save_figure, thinned, write_results  # noqa: E402
 
 from amm_kernels import AMSGD  # noqa: E402
 
@@ -74,15 +73,12 @@ def steps_to(gaps, tol):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
+    ap = bench_parser(__doc__)
     ap.add_argument("--dim", type=int, default=200)
     ap.add_argument("--cond", type=float, default=1e4)
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--lr-mults", default="0.5,1,2,10,100,1000", help="learning rates as multiples of 1/L")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: small problems, shared machine)")
-    ap.add_argument("--out-dir", default=str(RESULTS))
-    args = ap.parse_args(argv)
+    args = parse_bench_args(ap, argv)
     torch.set_num_threads(args.threads)
     if args.quick:
         args.dim, args.steps, args.lr_mults = 20, 50, "1"
@@ -150,10 +146,7 @@ def plot(curves, mults, env, args, path):
         bx.grid(alpha=0.3)
     axes[0][0].set_ylabel("f(x_t) - f*")
     axes[0][-1].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"Ill-conditioned quadratic (dim {args.dim}, cond {args.cond:g}): fixed beta vs AM-MGD\n{footer(env)}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    pyplot.close(fig)
+    save_figure(fig, f"Ill-conditioned quadratic (dim {args.dim}, cond {args.cond:g}): fixed beta vs AM-MGD", env, path)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ No weight decay anywhere (RLLC has none). Writes bench/results/conv_rllc.{csv,js
 """
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import sys
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import RESULTS, environment, footer, plt, progress, thinned, write_results  # noqa: E402
+from common import bench_parser, environment, parse_bench_args, plt, progress, save_figure, thinned, write_results  # noqa: E402
 from conv_quadratic import make_problem  # noqa: E402
 
 from amm_kernels import AMSGD  # noqa: E402
@@ -107,8 +106,7 @@ def law_summary(laws):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
+    ap = bench_parser(__doc__)
     ap.add_argument("--problems", default="quadratic,digits")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--law-lrs", default="0.01,0.1", help="RLLC law_lr (c2) values, each reported as its own row")
@@ -119,9 +117,7 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=15, help="digits epochs")
     ap.add_argument("--digits-lrs", default="0.01,0.03,0.1,0.3", help="digits lr grid (AMSGD: x10)")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: small problems, shared machine)")
-    ap.add_argument("--out-dir", default=str(RESULTS))
-    args = ap.parse_args(argv)
+    args = parse_bench_args(ap, argv)
     torch.set_num_threads(args.threads)
     if args.quick:
         args.seeds, args.law_lrs, args.dim, args.steps, args.quad_lr_mults = 1, "0.01", 20, 30, "1"
@@ -275,10 +271,7 @@ def plot(rows, runs, problems, meths, args, env, path):
         sx.set_xlabel("lr")
         for a in axes[i]:
             a.grid(alpha=0.3)
-    fig.suptitle(f"RLLC vs momentum SGD / Nesterov / AMSGD ({args.seeds} seeds)\n{footer(env)}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    pyplot.close(fig)
+    save_figure(fig, f"RLLC vs momentum SGD / Nesterov / AMSGD ({args.seeds} seeds)", env, path, dpi=100)
 
 
 if __name__ == "__main__":

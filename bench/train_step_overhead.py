@@ -10,7 +10,6 @@ Writes bench/results/train_step_overhead_<device>.{csv,json} (no plot: one numbe
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -20,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import RESULTS, TinyLlama, decay_groups, device_tag, environment, progress, time_fn, write_results  # noqa: E402
+from common import (add_model_args, bench_parser, decay_groups, device_tag, environment, parse_bench_args, pick_device,  # noqa: E402
+                    progress, time_fn, tiny_llama, write_results)
 
 from amm_kernels import AMAdamW, available_backends  # noqa: E402
 
@@ -34,24 +34,17 @@ def optimizers(device):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--d", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--ctx", type=int, default=128)
+    ap = bench_parser(__doc__)
+    add_model_args(ap, d=256, layers=4, ctx=128)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--device", default=None)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out-dir", default=str(RESULTS))
-    args = ap.parse_args(argv)
+    args = parse_bench_args(ap, argv, threads=None, threads_help=None)
     if args.quick:
         args.d, args.layers, args.batch, args.ctx, args.repeats = 32, 1, 2, 16, 2
         args.threads = args.threads or 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     env = environment(device)
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(256, (args.batch, args.ctx), generator=gen).to(device)
@@ -60,7 +53,7 @@ def main(argv=None):
     cases = []
     for name, make in optimizers(device).items():
         torch.manual_seed(0)
-        model = TinyLlama(d=args.d, layers=args.layers, heads=args.heads, ctx=args.ctx).to(device)
+        model = tiny_llama(args).to(device)
         cases.append((name, model, make(decay_groups(model, 0.1))))
 
     def train_step(model, opt):
