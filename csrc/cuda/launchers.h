@@ -9,6 +9,8 @@
 //   finalize launch_finalize              one block: slots -> per-tensor sums -> per-scope beta, the
 //                                          ScopeScratch that pass 2 reads, and the scope state;
 //   pass 2   launch_{amsgd,amadamw}_update one multi-tensor launch per TensorTable.
+// or, for an adaptive step that fits one TensorTable, all three in one launch:
+//   launch_persistent_step                 a cooperative launch with two grid barriers.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -177,5 +179,20 @@ cudaError_t launch_amsgd_update(const TensorTable& table, const PassArgs& args, 
 cudaError_t launch_amadamw_sums(const TensorTable& table, const PassArgs& args, cudaStream_t stream);
 cudaError_t launch_amadamw_update(const TensorTable& table, const PassArgs& args, cudaStream_t stream);
 cudaError_t launch_finalize(const FinalizeArgs& args, cudaStream_t stream);
+
+// The persistent step (NOTE [persistent step] in persistent_kernels.cu): pass 1, the finalize and
+// pass 2 of an adaptive step over ONE TensorTable, in one cooperative launch.
+constexpr int kMaxCacheIters = 8;          // vector iterations per thread its tile cache may keep
+constexpr int kMaxDevicesForPlans = 64;
+struct PersistentPlan {
+  int grid = 0;         // blocks; 0: this device cannot run it (no cooperative launch, no room)
+  int cache_iters = 0;  // vector iterations per thread kept in shared memory
+  int smem_bytes = 0;   // dynamic shared memory per block
+};
+// cache_iters_wanted < 0: as many as fit one block's shared memory (at most kMaxCacheIters).
+cudaError_t plan_persistent(int algorithm, int device, int64_t num_chunks, int cache_iters_wanted,
+                            PersistentPlan* plan);
+cudaError_t launch_persistent_step(int algorithm, const PersistentPlan& plan, const TensorTable& table,
+                                   const PassArgs& pass, const FinalizeArgs& fin, cudaStream_t stream);
 
 }  // namespace amm_cuda

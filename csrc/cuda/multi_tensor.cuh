@@ -21,15 +21,19 @@ struct BlockWork {
   int64_t chunk;  // chunk of that tensor
 };
 
-__device__ __forceinline__ BlockWork locate_block(const TensorTable& table) {
-  // Largest lo with block_begin[lo] <= blockIdx.x (every tensor has at least one block).
-  const int b = static_cast<int>(blockIdx.x);
+// Chunk c of the table (the two-pass kernels: c = blockIdx.x; the persistent step walks them).
+__device__ __forceinline__ BlockWork locate_chunk(const TensorTable& table, int b) {
+  // Largest lo with block_begin[lo] <= b (every tensor has at least one chunk).
   int lo = 0, hi = table.num_tensors - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
     if (table.block_begin[mid] <= b) lo = mid; else hi = mid - 1;
   }
   return {lo, static_cast<int64_t>(b - table.block_begin[lo])};
+}
+
+__device__ __forceinline__ BlockWork locate_block(const TensorTable& table) {
+  return locate_chunk(table, static_cast<int>(blockIdx.x));
 }
 
 // NOTE [tensor meta]: the finalize is one block and must see every tensor of the step, far more than
@@ -121,14 +125,69 @@ __device__ __forceinline__ void store_vec(void* p, uint32_t dt, int64_t i, const
 }
 
 // ---------------------------------------------------------------------------------------------
+// NOTE [tile cache]: the persistent step (persistent_kernels.cu) reads a chunk in its reduce phase
+// and again in its update phase. A TileCache keeps the first `capacity` vector iterations a thread
+// loads in the reduce phase in shared memory, and the update phase takes those lists from there
+// instead of from global memory. Each thread reads back only what it wrote itself (a thread-private
+// layout, element-interleaved across threads so that accesses are free of bank conflicts), so no
+// barrier is needed. Both phases walk the same chunks in the same order with the same per-thread
+// element order (NOTE [element order]), so iteration k of a thread is the same elements in both.
+// `lists` says which lists were kept: in the reduce phase the lists it loads, in the update phase
+// the lists the reduce phase loaded for this chunk (0 when it skipped the chunk, on a scope's first
+// step: then nothing is taken from the cache and the counter does not move, as in the reduce phase).
+// The scalar tail is never cached. NoCache is the two-pass kernels' policy: it compiles away.
+struct NoCache {
+  __device__ __forceinline__ void begin_chunk(uint32_t) {}
+  __device__ __forceinline__ uint32_t hits(uint32_t) const { return 0u; }
+  __device__ __forceinline__ void read(int, float (&)[kVec]) const {}
+  __device__ __forceinline__ void keep(const float (&)[kMaxLists][kVec]) {}
+  __device__ __forceinline__ void advance() {}
+};
+
+template <int kLists>  // lists 0 .. kLists-1 may be kept (kX, kG, kD, and kV for AM-AdamW)
+struct TileCache {
+  float* smem;        // kLists * kVec * capacity * kBlockSize floats (dynamic shared memory)
+  int capacity;       // vector iterations a thread keeps
+  int next;           // this thread's next vector iteration
+  uint32_t lists;     // see the NOTE
+  bool filling;       // reduce phase: keep; update phase: read
+
+  __device__ __forceinline__ void begin_chunk(uint32_t chunk_lists) { lists = chunk_lists; }
+  __device__ __forceinline__ float& at(int k, int l, int j) const {
+    return smem[((k * kLists + l) * kVec + j) * kBlockSize + static_cast<int>(threadIdx.x)];
+  }
+  // The lists of `wanted` that this iteration reads from the cache rather than from memory.
+  __device__ __forceinline__ uint32_t hits(uint32_t wanted) const {
+    return (!filling && next < capacity) ? (lists & wanted) : 0u;
+  }
+  __device__ __forceinline__ void read(int l, float (&out)[kVec]) const {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) out[j] = at(next, l, j);
+  }
+  __device__ __forceinline__ void keep(const float (&r)[kMaxLists][kVec]) {
+    if (!filling || next >= capacity) return;
+#pragma unroll
+    for (int l = 0; l < kLists; ++l) {
+      if (lists & (1u << l)) {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) at(next, l, j) = r[l][j];
+      }
+    }
+  }
+  __device__ __forceinline__ void advance() {
+    if (lists != 0u) ++next;
+  }
+};
+
 // Walk one chunk: load the lists in load_mask, call op on the registers, store the lists in
 // store_mask. op is called as op.template apply<N>(r) with N = kVec (vector path) or N = 1 (scalar
-// tail, or a tensor that is not 16-byte aligned); element j of list l is r[l][j].
+// tail, or a tensor that is not 16-byte aligned); element j of list l is r[l][j]. Vector iterations
+// go through `cache` (NOTE [tile cache]): it may supply some lists, and may keep what was loaded.
 // NOTE [element order]: which thread handles which element, and the order in which a thread visits
 // its elements, depend only on the tensor's size and alignment, so per-thread sums are reproducible.
-template <class Op>
+template <class Op, class Cache>
 __device__ __forceinline__ void apply_chunk(const TensorEntry& e, int64_t chunk, uint32_t load_mask,
-                                            uint32_t store_mask, Op& op) {
+                                            uint32_t store_mask, Op& op, Cache& cache) {
   const int64_t begin = chunk * kChunkSize;
   const int64_t end = begin + kChunkSize < e.numel ? begin + kChunkSize : e.numel;
   float r[kMaxLists][kVec];
@@ -137,9 +196,17 @@ __device__ __forceinline__ void apply_chunk(const TensorEntry& e, int64_t chunk,
     const int64_t vec_end = begin + (end > begin ? (end - begin) / kVec * kVec : 0);
     for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * kVec; i < vec_end;
          i += static_cast<int64_t>(blockDim.x) * kVec) {
+      const uint32_t cached = cache.hits(load_mask);
 #pragma unroll
-      for (int l = 0; l < kMaxLists; ++l)
-        if (load_mask & (1u << l)) load_vec(e.ptr[l], dtype_of(e.dtypes, l), i, r[l]);
+      for (int l = 0; l < kMaxLists; ++l) {
+        if (cached & (1u << l)) {
+          cache.read(l, r[l]);
+        } else if (load_mask & (1u << l)) {
+          load_vec(e.ptr[l], dtype_of(e.dtypes, l), i, r[l]);
+        }
+      }
+      cache.keep(r);
+      cache.advance();
       op.template apply<kVec>(r);
 #pragma unroll
       for (int l = 0; l < kMaxLists; ++l)
@@ -170,13 +237,15 @@ __device__ __forceinline__ T warp_sum_down(T v) {
   return v;  // the total is in lane 0
 }
 
-// Reduces acc[0..N) over the block; the totals are valid in thread 0 only. Ends with a barrier-free
-// return, so call it once per block (its shared memory is not reused).
+// Reduces acc[0..N) over the block; the totals are valid in thread 0 only. The leading barrier lets
+// a block call it once per chunk (the persistent step): warp 0 has read the last call's partials
+// before any warp writes this call's.
 template <int N>
 __device__ __forceinline__ void block_sum(float (&acc)[N]) {
   __shared__ float partial[N][kBlockSize / 32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int n_warps = (blockDim.x + 31) / 32;
+  __syncthreads();
 #pragma unroll
   for (int k = 0; k < N; ++k) {
     const float w = warp_sum_down(acc[k]);
@@ -197,6 +266,54 @@ __device__ __forceinline__ void adamw_bias(float step, float beta_prod, double b
                                            float* bias1, float* bias2) {
   *bias1 = static_cast<float>(1.0 - beta_max * static_cast<double>(beta_prod));
   *bias2 = static_cast<float>(1.0 - pow(beta2, static_cast<double>(step) + 1.0));
+}
+
+// A scope's ScopeScratch, read past L1 (__ldcg): in the persistent step another block wrote it
+// during this same launch (NOTE [persistent step]).
+__device__ __forceinline__ ScopeScratch load_scratch(const ScopeScratch* scratch, int scope) {
+  static_assert(sizeof(ScopeScratch) == sizeof(float4), "ScopeScratch is one 16-byte load");
+  const float4 v = __ldcg(reinterpret_cast<const float4*>(scratch + scope));
+  return ScopeScratch{v.x, v.y, v.z, v.w};
+}
+
+// ---------------------------------------------------------------------------------------------
+// The two passes on one chunk c, for an algorithm described by a Pass struct (amsgd_pass.cuh,
+// amadamw_pass.cuh): kSums, sums_op(args, e), sums_loads(e), update_op(args, e, scratch),
+// update_loads(first_step), kUpdateStores. Shared by the two-pass kernels (one block per chunk,
+// c = blockIdx.x) and the persistent step (each block walks chunks; NOTE [persistent step]).
+
+// Pass 1: the chunk's sums into its slot, and a tensor's TensorMeta from its first chunk. On a
+// scope's first step beta is beta_max whatever the sums, so the chunk is not read.
+template <class Pass, class Cache>
+__device__ __forceinline__ void reduce_chunk(const TensorTable& table, const PassArgs& args, int c, Cache& cache) {
+  const BlockWork work = locate_chunk(table, c);
+  const TensorEntry& e = table.tensors[work.tensor];
+  if (work.chunk == 0 && threadIdx.x == 0) write_tensor_meta(table, work.tensor, args.meta);
+  auto op = Pass::sums_op(args, e);
+  if (args.step[e.scope] != 0.f) {
+    const uint32_t loads = Pass::sums_loads(e);
+    cache.begin_chunk(loads);
+    apply_chunk(e, work.chunk, loads, 0u, op, cache);
+  }
+  block_sum(op.acc);
+  if (threadIdx.x == 0) {
+    float* slot = args.slots + (table.slot_base + c) * Pass::kSums;
+#pragma unroll
+    for (int k = 0; k < Pass::kSums; ++k) slot[k] = op.acc[k];
+  }
+}
+
+// Pass 2: the update with the scope's beta from the finalize's ScopeScratch. The caller skips it
+// when found_inf > 0.
+template <class Pass, class Cache>
+__device__ __forceinline__ void update_chunk(const TensorTable& table, const PassArgs& args, int c, Cache& cache) {
+  const BlockWork work = locate_chunk(table, c);
+  const TensorEntry& e = table.tensors[work.tensor];
+  const ScopeScratch sc = load_scratch(args.scratch, e.scope);
+  const bool first = sc.first_step != 0.f;
+  auto op = Pass::update_op(args, e, sc);
+  cache.begin_chunk(first ? 0u : Pass::sums_loads(e));  // what pass 1 read (nothing on a first step)
+  apply_chunk(e, work.chunk, Pass::update_loads(first), Pass::kUpdateStores, op, cache);
 }
 
 __device__ __forceinline__ bool step_skipped(const float* found_inf) {

@@ -8,6 +8,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <stdexcept>
 #include <vector>
@@ -138,6 +140,66 @@ LaunchPlan plan_or_throw(const std::vector<TensorDesc>& descs, bool one_block_pe
   return LaunchPlan{};  // unreachable
 }
 
+// NOTE [step variant]: an adaptive, unsplit step over at most kMaxTensors tensors (one TensorTable) can
+// run as the persistent step (persistent_kernels.cu: one cooperative launch, tiles kept on chip)
+// instead of the two-pass step (three launches). Both give bit-identical results. The environment
+// variable AMM_CUDA_STEP chooses, read at every step:
+//   auto (default)  the persistent step for steps of at most AMM_CUDA_PERSISTENT_MAX_NUMEL elements
+//                   (default kPersistentMaxNumel), where it can run; the two-pass step otherwise;
+//   two_pass        always the two-pass step;
+//   persistent      always the persistent step: an error where it cannot run (more tensors than one
+//                   table holds, a split step of the *_scope_sums ops, adaptive=False, a device
+//                   without cooperative launch), so a test or a benchmark cannot silently get the other.
+// AMM_CUDA_PERSISTENT_CACHE sets the vector iterations per thread its tile cache keeps (default:
+// as many as one block's shared memory holds). kPersistentMaxNumel is a first estimate, not yet a
+// measurement: bench/bench_cuda_variants.py times both variants by size on the GPU to set it.
+constexpr int64_t kPersistentMaxNumel = int64_t{1} << 22;
+
+enum class StepVariant { kAuto, kTwoPass, kPersistent };
+
+StepVariant step_variant() {
+  const char* v = std::getenv("AMM_CUDA_STEP");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return StepVariant::kAuto;
+  if (std::strcmp(v, "two_pass") == 0) return StepVariant::kTwoPass;
+  if (std::strcmp(v, "persistent") == 0) return StepVariant::kPersistent;
+  TORCH_CHECK(false, "amm_kernels (CUDA): AMM_CUDA_STEP must be auto, two_pass or persistent, got '", v, "'");
+  return StepVariant::kAuto;  // unreachable
+}
+
+int64_t env_int(const char* name, int64_t fallback, int64_t lo, int64_t hi) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  char* end = nullptr;
+  const long long parsed = std::strtoll(v, &end, 10);
+  TORCH_CHECK(end != v && *end == '\0' && parsed >= lo && parsed <= hi, "amm_kernels (CUDA): ", name,
+              " must be an integer in [", lo, ", ", hi, "], got '", v, "'");
+  return parsed;
+}
+
+// The persistent step's plan for this step, or a plan with grid 0 where the two-pass step runs.
+PersistentPlan choose_persistent(int algorithm, const Batch& batch, const LaunchPlan& chunks, const at::Device& device,
+                                 bool adaptive, const FinalizeArgs& fin) {
+  const StepVariant variant = step_variant();
+  if (variant == StepVariant::kTwoPass) return PersistentPlan{};
+  int64_t numel = 0;
+  for (const TensorDesc& d : batch.descs) numel += d.numel;
+  const bool forced = variant == StepVariant::kPersistent;
+  if (!forced && numel > env_int("AMM_CUDA_PERSISTENT_MAX_NUMEL", kPersistentMaxNumel, 0, INT64_MAX)) {
+    return PersistentPlan{};
+  }
+  const bool fits = adaptive && fin.sums_in == nullptr && fin.sums_out == nullptr && chunks.tables.size() == 1;
+  TORCH_CHECK(fits || !forced, "amm_kernels (CUDA): AMM_CUDA_STEP=persistent, but this step cannot run as one launch ",
+              "(it needs adaptive=True, no process_group split, and at most ", kMaxTensors, " tensors; it has ",
+              batch.descs.size(), ")");
+  if (!fits) return PersistentPlan{};
+  PersistentPlan plan;
+  C10_CUDA_CHECK(plan_persistent(algorithm, device.index(), chunks.total_blocks,
+                                 static_cast<int>(env_int("AMM_CUDA_PERSISTENT_CACHE", -1, -1, kMaxCacheIters)), &plan));
+  TORCH_CHECK(plan.grid > 0 || !forced, "amm_kernels (CUDA): AMM_CUDA_STEP=persistent, but ", device,
+              " cannot run the persistent step (no cooperative launch, or no room for its blocks)");
+  return plan;
+}
+
 // The whole step on the current stream: pass 1 (or the meta-only launch), finalize, pass 2. With
 // fin.sums_out set, only pass 1 and the finalize (which then writes the scope sums and nothing else);
 // with fin.sums_in set, the meta-only launch replaces pass 1 (NOTE [sharded sums] in launchers.h).
@@ -164,6 +226,12 @@ void run_step(int algorithm, const Batch& batch, const at::Device& device, PassA
   fin.scratch = reinterpret_cast<ScopeScratch*>(base + layout.scratch_offset);
   fin.num_tensors = static_cast<int32_t>(n_tensors);
   fin.algorithm = algorithm;
+
+  const PersistentPlan persistent = choose_persistent(algorithm, batch, chunks, device, adaptive, fin);
+  if (persistent.grid > 0) {
+    C10_CUDA_CHECK(launch_persistent_step(algorithm, persistent, chunks.tables[0], pass, fin, stream.stream()));
+    return;
+  }
 
   if (run_pass1) {
     for (const TensorTable& table : chunks.tables) {

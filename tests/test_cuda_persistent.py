@@ -1,0 +1,213 @@
+"""The CUDA step's two variants (NOTE [step variant] in csrc/cuda/ops_cuda.cpp): the persistent step
+(one cooperative launch, tiles kept in shared memory) and the two-pass step (three launches).
+
+They share the per-chunk code, the slots and the finalize, so they must agree BIT FOR BIT on beta,
+every state tensor, the scope state and the parameters, over 10 steps, for every dtype, odd / empty /
+unaligned / mixed shapes, several groups, each scope, loss mode, grad scaling, found_inf, and models
+larger than the tile cache (partly kept, partly re-read). Each variant is also checked against the
+reference (the tolerances of tests/_helpers.py). GPU only: everything here skips without one.
+"""
+import pytest
+import torch
+from test_compiled_kernels import MIXED, SHAPES, _cuda_ok, _seed, check, run
+
+from amm_kernels import AMAdamW, AMSGD
+
+pytestmark = pytest.mark.skipif(not _cuda_ok(), reason="no CUDA device or no CUDA kernels")
+
+VARIANTS = ["persistent", "two_pass"]
+OPT_CASES = [
+    pytest.param(AMSGD, dict(lr=0.05, lam=0.1, beta_max=0.9), id="AMSGD"),
+    pytest.param(AMSGD, dict(lr=0.05, lam=0.1, beta_max=0.9, weight_decay=0.01), id="AMSGD-wd"),  # x kept too
+    pytest.param(AMAdamW, dict(lr=1e-2, weight_decay=0.05), id="AMAdamW"),
+    pytest.param(AMAdamW, dict(lr=1e-2, weight_decay=0.0), id="AMAdamW-wd0"),
+]
+# Over the H100's tile cache (132 blocks x 512 threads x 3 or 4 iterations x 8 elements, about 1.6M
+# to 2.2M elements): the step keeps part and re-reads the rest, and blocks walk several chunks.
+LARGE = [(2_500_001,), (1024, 1031), (7,), (0,), (65_536,)]
+
+
+def _run_with(monkeypatch, variant, *args, cache=None, **kw):
+    monkeypatch.setenv("AMM_CUDA_STEP", variant)
+    if cache is None:
+        monkeypatch.delenv("AMM_CUDA_PERSISTENT_CACHE", raising=False)
+    else:
+        monkeypatch.setenv("AMM_CUDA_PERSISTENT_CACHE", str(cache))
+    try:
+        return run("cuda", *args, **kw)
+    finally:
+        torch.cuda.synchronize()
+
+
+def assert_identical(a, b, where):
+    betas_a, params_a, state_a, scopes_a, _ = a
+    betas_b, params_b, state_b, scopes_b, _ = b
+    pairs = list(zip(betas_a, betas_b)) + list(zip(params_a, params_b))
+    pairs += [(sa[k], sb[k]) for sa, sb in zip(state_a, state_b) for k in sa]
+    pairs += [(scopes_a[k], scopes_b[k]) for k in scopes_a]
+    for i, (x, y) in enumerate(pairs):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{where}: tensor {i}: {m}")
+
+
+def _both(monkeypatch, cls, kwargs, shapes, dtype, case, cache=None, **run_kw):
+    seed = _seed("persistent", case, cls.__name__, str(dtype))
+    one = _run_with(monkeypatch, "persistent", cls, kwargs, shapes, dtype, seed, cache=cache, **run_kw)
+    two = _run_with(monkeypatch, "two_pass", cls, kwargs, shapes, dtype, seed, **run_kw)
+    assert_identical(one, two, f"{case} {cls.__name__} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("cls,kwargs", OPT_CASES)
+def test_persistent_is_bit_identical_to_two_pass(monkeypatch, dtype, cls, kwargs):
+    _both(monkeypatch, cls, kwargs, [SHAPES, MIXED[:20]], dtype, "shapes", lrs=[0.05, 0.02], wds=[0.0, 0.01])
+
+
+@pytest.mark.parametrize("cache", [0, 1, None], ids=["no-cache", "cache-1", "cache-max"])
+@pytest.mark.parametrize("cls,kwargs", OPT_CASES)
+def test_larger_than_the_tile_cache(monkeypatch, cache, cls, kwargs):
+    _both(monkeypatch, cls, kwargs, [LARGE], torch.float32, "large", cache=cache, steps=4)
+
+
+@pytest.mark.parametrize("scope", ["global", "group", "tensor"])
+@pytest.mark.parametrize("cls,kwargs", OPT_CASES[1:3])
+def test_scopes(monkeypatch, scope, cls, kwargs):
+    shapes = [MIXED[:7], [(4097,), (3, 5)], MIXED[10:16]]
+    _both(monkeypatch, cls, {**kwargs, "beta_scope": scope}, shapes, torch.float32, scope,
+          lrs=[0.05, 0.01, 0.02], wds=[0.0, 0.01, 0.1])
+
+
+@pytest.mark.parametrize("variant", ["loss", "grad_scale", "lr_tensor", "maximize"])
+def test_variants(monkeypatch, variant):
+    cls, kwargs, run_kw = AMSGD, dict(lr=0.05, lam=0.1), {}
+    if variant == "loss":
+        kwargs["delta_f"] = "loss"
+        run_kw["loss_mode"] = True
+    elif variant == "grad_scale":
+        run_kw["grad_scale"] = 64.0
+    elif variant == "lr_tensor":
+        run_kw["lr_tensor"] = True
+    else:
+        cls, kwargs = AMAdamW, dict(lr=1e-2, maximize=True)
+    _both(monkeypatch, cls, kwargs, [SHAPES + [(70_000,)]], torch.float32, variant, **run_kw)
+
+
+def test_unaligned_parameters(monkeypatch):
+    """Parameters that are views one element into a buffer take the scalar path in both phases."""
+    results = []
+    for variant in VARIANTS:
+        monkeypatch.setenv("AMM_CUDA_STEP", variant)
+        gen = torch.Generator().manual_seed(6)
+        bufs = [torch.randn(n + 1, generator=gen).cuda() for n in (9, 4099, 70_001)]
+        params = [torch.nn.Parameter(b[1:]) for b in bufs]  # data_ptr % 16 == 4
+        assert all(p.data_ptr() % 16 != 0 for p in params)
+        opt = AMAdamW(params, lr=1e-2, weight_decay=0.01, backend="cuda")
+        betas = []
+        for step in range(6):
+            for p in params:
+                p.grad = (-1.0) ** step * torch.ones_like(p) + 0.3 * torch.randn(p.shape, generator=gen).cuda()
+            opt.step()
+            betas.append(opt.beta.clone())
+        torch.cuda.synchronize()
+        results.append((betas, [p.detach().clone() for p in params]))
+    for a, b in zip(results[0][0] + results[0][1], results[1][0] + results[1][1]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("cls,kwargs", OPT_CASES[::2])
+def test_each_variant_matches_the_reference(monkeypatch, variant, cls, kwargs):
+    monkeypatch.setenv("AMM_CUDA_STEP", variant)
+    check("cuda", cls, kwargs, [SHAPES, [(65_537,), (16, 9)]], torch.float32, f"ref-{variant}",
+          lrs=[0.05, 0.02], wds=[0.0, 0.01])
+
+
+@pytest.mark.parametrize("cls,kwargs", OPT_CASES[::2])
+def test_found_inf_leaves_everything_unchanged(monkeypatch, cls, kwargs):
+    monkeypatch.setenv("AMM_CUDA_STEP", "persistent")
+    params = [torch.randn(n, device="cuda", requires_grad=True) for n in (7, 4097, 300_000)]
+    opt = cls(params, backend="cuda", **kwargs)
+    for step in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        if step == 2:
+            before = [p.detach().clone() for p in params] + [t.clone() for st in opt.state.values()
+                                                             for t in st.values()]
+            before += list(opt._scopes.to_dict().values())
+            opt.grad_scale = torch.ones((), device="cuda")
+            opt.found_inf = torch.ones((), device="cuda")
+        opt.step()
+    after = [p.detach() for p in params] + [t for st in opt.state.values() for t in st.values()]
+    after += list(opt._scopes.to_dict().values())
+    for a, b in zip(before, after):
+        assert torch.equal(a, b)
+
+
+def test_forcing_it_where_it_cannot_run_is_an_error(monkeypatch):
+    monkeypatch.setenv("AMM_CUDA_STEP", "persistent")
+    many = [torch.randn(3, device="cuda", requires_grad=True) for _ in range(200)]  # > one table (128)
+    for p in many:
+        p.grad = torch.randn_like(p)
+    with pytest.raises(RuntimeError, match="AMM_CUDA_STEP=persistent.*at most 128 tensors"):
+        AMSGD(many, backend="cuda").step()
+    few = [torch.randn(3, device="cuda", requires_grad=True)]
+    few[0].grad = torch.randn_like(few[0])
+    with pytest.raises(RuntimeError, match="AMM_CUDA_STEP=persistent"):
+        AMSGD(few, backend="cuda", adaptive=False).step()
+
+
+def test_bad_settings_name_the_variable(monkeypatch):
+    p = torch.randn(3, device="cuda", requires_grad=True)
+    p.grad = torch.randn_like(p)
+    monkeypatch.setenv("AMM_CUDA_STEP", "fast")
+    with pytest.raises(RuntimeError, match="AMM_CUDA_STEP must be auto, two_pass or persistent"):
+        AMSGD([p], backend="cuda").step()
+    monkeypatch.setenv("AMM_CUDA_STEP", "persistent")
+    monkeypatch.setenv("AMM_CUDA_PERSISTENT_CACHE", "99")
+    with pytest.raises(RuntimeError, match=r"AMM_CUDA_PERSISTENT_CACHE must be an integer in \[-1, 8\]"):
+        AMSGD([p], backend="cuda").step()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("cls", [AMSGD, AMAdamW])
+def test_graph_capture_replays_like_eager(monkeypatch, variant, cls):
+    """A captured step (capturable=True) replays exactly what the eager step does, in each variant."""
+    monkeypatch.setenv("AMM_CUDA_STEP", variant)
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(7,), (4097,), (300_001,), (0,)]
+    init = [torch.randn(s, generator=gen).cuda() for s in shapes]
+    grads = [[(-1.0) ** t * torch.ones(s).cuda() + 0.3 * torch.randn(s, generator=gen).cuda() for s in shapes]
+             for t in range(8)]
+
+    def make():
+        params = [torch.nn.Parameter(x.clone()) for x in init]
+        return params, cls(params, lr=torch.tensor(0.01, device="cuda"), backend="cuda", capturable=True)
+
+    eager_params, eager = make()
+    eager_betas = []
+    for g in grads:
+        for p, gi in zip(eager_params, g):
+            p.grad = gi.clone()
+        eager.step()
+        eager_betas.append(eager.beta.clone())
+
+    params, opt = make()
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    static = [p.grad for p in params]
+    for p, gi in zip(params, grads[0]):  # step 1 eagerly: state exists before the capture
+        p.grad.copy_(gi)
+    opt.step()
+    betas = [opt.beta.clone()]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for g in grads[1:]:
+        for s, gi in zip(static, g):
+            s.copy_(gi)
+        graph.replay()
+        betas.append(opt.beta.clone())
+    torch.cuda.synchronize()
+    for a, b in zip(betas, eager_betas):
+        assert torch.equal(a, b)
+    for a, b in zip(params, eager_params):
+        assert torch.equal(a, b)
