@@ -142,3 +142,203 @@ def assert_same_state(a, b):
     if sa["amm"]["scopes"] is not None:
         for name, t in sa["amm"]["scopes"].items():
             assert torch.equal(t, sb["amm"]["scopes"][name]), name
+
+
+def take_steps(opt, params, steps):
+    """One opt.step() per seed in `steps`, each on set_grads(params, seed)."""
+    for s in steps:
+        set_grads(params, s)
+        opt.step()
+
+
+def stepped_once(make_opt, dtype=None):
+    """model_params(dtype=dtype) and make_opt(params) after one step on set_grads(params, 0), with the
+    gradients set_grads(params, 1) already in place for the next step."""
+    params = model_params(dtype=dtype)
+    opt = make_opt(params)
+    take_steps(opt, params, [0])
+    set_grads(params, 1)
+    return params, opt
+
+
+# --------------------------------------------------------------------------------------------------
+# behaviour checks shared by AMSGD/AMAdamW (test_optimizer_api.py) and RLLC (test_rllc.py): each takes
+# make_opt(params, **kwargs), the optimizer under test with its test's arguments, and returns what the
+# caller checks further
+def check_sparse_gradient_raises_before_any_state_changes(make_opt):
+    import pytest
+
+    params, opt = stepped_once(make_opt)
+    before = snapshot(opt, params)
+    params[1].grad = params[1].grad.to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert_same_state(before, snapshot(opt, params))
+
+
+def step_on_a_nan_gradient(make_opt):
+    """stepped_once, then a step with a NaN in the first gradient, which must reach the parameter;
+    returns (params, opt)."""
+    import torch
+
+    params, opt = stepped_once(make_opt)
+    params[0].grad[0, 0] = float("nan")
+    opt.step()
+    assert torch.isnan(params[0]).any()
+    return params, opt
+
+
+def resume_from_state_dict(build, dtype=None):
+    """Eight steps straight through, and four steps, a torch.save/torch.load of the state_dict into a
+    fresh build(params) and four more: the two runs must be bit-identical. Returns (ref, resumed)."""
+    import io
+
+    import torch
+
+    ref_params = model_params(dtype=dtype)
+    ref = build(ref_params)
+    take_steps(ref, ref_params, range(8))
+
+    params = model_params(dtype=dtype)
+    opt = build(params)
+    take_steps(opt, params, range(4))
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    resumed_params = [p.detach().clone().requires_grad_() for p in params]
+    resumed = build(resumed_params)
+    buf.seek(0)
+    resumed.load_state_dict(torch.load(buf))
+    take_steps(resumed, resumed_params, range(4, 8))
+    assert_same_state(snapshot(ref, ref_params), snapshot(resumed, resumed_params))
+    return ref, resumed
+
+
+def check_found_inf_skips_the_step(make_opt):
+    """A step with found_inf = 1 (and an inf gradient) changes no state; with found_inf = 0 a step on
+    gradients scaled by grad_scale equals an unscaled step of a twin. Returns (opt, twin)."""
+    import copy
+
+    import torch
+
+    params = model_params()
+    opt = make_opt(params)
+    take_steps(opt, params, range(3))
+    before = snapshot(opt, params)
+    set_grads(params, 9)
+    params[0].grad[0, 0] = float("inf")
+    opt.grad_scale, opt.found_inf = torch.tensor(1024.0), torch.tensor(1.0)
+    opt.step()
+    assert_same_state(before, snapshot(opt, params))
+    # and with found_inf = 0 the scaled step equals an unscaled one
+    twin_params = [p.detach().clone().requires_grad_() for p in params]
+    twin = make_opt(twin_params)
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    set_grads(params, 10)
+    set_grads(twin_params, 10)
+    for p in params:
+        p.grad *= 1024.0
+    opt.found_inf = torch.tensor(0.0)
+    opt.step()
+    del opt.grad_scale, opt.found_inf
+    twin.step()
+    for a, b in zip(params, twin_params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    return opt, twin
+
+
+def check_grad_scaler_skips_inf_steps(make_opt, good_steps):
+    """`good_steps` GradScaler steps on a Linear model, then one with an inf loss: it changes no state
+    and halves the scale."""
+    import torch
+
+    model = torch.nn.Linear(5, 3)
+    opt = make_opt(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    x = torch.randn(16, 5)
+    for _ in range(good_steps):
+        opt.zero_grad()
+        scaler.scale(model(x).square().mean()).backward()
+        scaler.step(opt)
+        scaler.update()
+    before = snapshot(opt, list(model.parameters()))
+    opt.zero_grad()
+    scaler.scale(model(x).square().mean() * float("inf")).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert_same_state(before, snapshot(opt, list(model.parameters())))
+    assert scaler.get_scale() == 2.0**7
+
+
+def check_scheduler_closure_and_add_param_group(make_opt):
+    """A small MLP trained through step(closure) under StepLR, with its last layer added as a param
+    group after three steps: the lr decays, the loss falls, the new layer gets state. Returns (model, opt)."""
+    import pytest
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = make_opt(model[0].parameters(), lr=0.05)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    losses = []
+    for _ in range(3):
+        losses.append(opt.step(closure).item())
+        sched.step()
+    opt.add_param_group({"params": model[2].parameters(), "lr": 0.02})
+    for _ in range(5):
+        losses.append(opt.step(closure).item())
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5**4)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    assert model[2].weight in opt.state
+    return model, opt
+
+
+def check_low_precision_params_keep_dtype(make_opt, dtype, steps):
+    """`steps` steps on model_params(dtype=dtype): the parameters keep their dtype and stay finite.
+    Returns (params, opt)."""
+    import torch
+
+    params = model_params(dtype=dtype)
+    opt = make_opt(params)
+    take_steps(opt, params, range(steps))
+    for p in params:
+        assert p.dtype == dtype and torch.isfinite(p).all()
+    return params, opt
+
+
+# --------------------------------------------------------------------------------------------------
+# replaying a conformance vector through the package (test_vectors.py, test_rllc.py)
+def vector_tensors(vec, dtype, device):
+    """The vector's initial parameters as tensors: [[tensor, ...] per group]."""
+    import torch
+
+    return [[torch.tensor(x, dtype=dtype, device=device) for x in group] for group in vector_initial_params(vec)]
+
+
+def set_vector_grads(params, rec, dtype, device):
+    """The gradients of one step record, in the parameters' shapes."""
+    import torch
+
+    for ps, gs in zip(params, rec["grads"]):
+        for p, g in zip(ps, gs):
+            p.grad = torch.tensor(g, dtype=dtype, device=device).reshape(p.shape)
+
+
+def assert_params_after(params, rec, dtype, rtol, atol, where):
+    """Every parameter has `dtype` and matches the step record's params_after."""
+    import torch
+
+    for gi, group in enumerate(rec["params_after"]):
+        for ti, expected in enumerate(group):
+            p = params[gi][ti]
+            assert p.dtype == dtype
+            np.testing.assert_allclose(p.detach().cpu().to(torch.float64).reshape(-1).numpy(), expected,
+                                       rtol=rtol, atol=atol, err_msg=f"{where}: param [{gi}][{ti}]")

@@ -1,10 +1,13 @@
 """Shared set-up of the Triton tests: the backend imported in interpreter mode where there is no GPU,
-the device, the fixture that keeps TRITON_INTERPRET set for the tests, and the input makers."""
+the device, the fixture that keeps TRITON_INTERPRET set for the tests, the input makers, the training
+loop and the checks that compare two runs."""
 import importlib.util
 import os
 
 import pytest
 import torch
+
+from _helpers import tolerance
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -63,3 +66,89 @@ def grads_for(params, step, seed=0, scale=1.0, flip=False):
         base_gen = torch.Generator().manual_seed(1000 * seed + 999)
         noise = [(-1) ** step * torch.randn(p.shape, generator=base_gen) + 0.3 * n for p, n in zip(params, noise)]
     return [(scale * n).to(DEV, p.dtype) for p, n in zip(params, noise)]
+
+
+def mixed_dtype_params():
+    """Six parameters on DEV, two each of float32, bfloat16 and float16, one of them empty."""
+    params = make_params([(7,), (4097,), (3, 3), (5,), (0,), (40,)], torch.float32)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.bfloat16, torch.float16]
+    return [p.detach().to(dt).requires_grad_() for p, dt in zip(params, dtypes)]
+
+
+def lr_tensor_groups(groups_of):
+    """groups(params) for a run: groups_of(params) with group 1's lr a tensor, 0.02 on DEV."""
+    def groups(params):
+        g = groups_of(params)
+        g[1]["lr"] = torch.tensor(0.02, device=DEV)
+        return g
+
+    return groups
+
+
+def change_lrs_at_step_2(opt, step):
+    """A run's hook: from step 2 on, group 0's lr is 0.01 and group 1's a tensor, 0.07 on DEV."""
+    if step == 2:
+        opt.param_groups[0]["lr"] = 0.01
+        opt.param_groups[1]["lr"] = torch.tensor(0.07, device=DEV)
+
+
+def train(opt, params, steps, watch, hook=None, seed=0, flip=False):
+    """`steps` steps on grads_for(params, step, seed, flip=flip); hook(opt, step), where given, runs once
+    the step's gradients are set, just before opt.step() (it may change them). Returns a copy of
+    getattr(opt, watch) ("beta" or "law") after each step."""
+    record = []
+    for step in range(steps):
+        for p, g in zip(params, grads_for(params, step, seed, flip=flip)):
+            p.grad = g
+        if hook is not None:
+            hook(opt, step)
+        opt.step()
+        record.append(getattr(opt, watch).detach().clone())
+    return record
+
+
+def assert_same_run(ref, got, dtype, what, watch, scope_fields):
+    """Two runs, each (params, opt, the `watch` values per step), agree to the tolerance of `dtype`: the
+    watched value of every step, the parameters (and their dtypes), every per-parameter state tensor (the
+    same names, dtypes and shapes) and the scope state fields `scope_fields`."""
+    rtol, atol = tolerance(dtype)
+    (p_ref, o_ref, w_ref), (p_got, o_got, w_got) = ref, got
+    for i, (wr, wg) in enumerate(zip(w_ref, w_got)):
+        torch.testing.assert_close(wg.cpu(), wr.cpu(), rtol=rtol, atol=atol, equal_nan=True,
+                                   msg=lambda m: f"{what} step {i} {watch}: {m}")
+    for i, (a, b) in enumerate(zip(p_ref, p_got)):
+        assert b.dtype == a.dtype
+        torch.testing.assert_close(b.detach().float().cpu(), a.detach().float().cpu(), rtol=rtol, atol=atol,
+                                   equal_nan=True, msg=lambda m: f"{what} param {i}: {m}")
+        assert o_ref.state[a].keys() == o_got.state[b].keys()
+        for key, sr in o_ref.state[a].items():
+            sg = o_got.state[b][key]
+            assert sg.dtype == sr.dtype and sg.shape == sr.shape
+            torch.testing.assert_close(sg.float().cpu(), sr.float().cpu(), rtol=rtol, atol=atol, equal_nan=True,
+                                       msg=lambda m: f"{what} state {key} of param {i}: {m}")
+    for name in scope_fields:
+        torch.testing.assert_close(getattr(o_got._scopes, name).cpu(), getattr(o_ref._scopes, name).cpu(),
+                                   rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what} scope {name}: {m}")
+
+
+def assert_bit_identical(a, b):
+    """Two runs, each (params, opt, watched values per step), agree bit for bit in the watched values and
+    the parameters."""
+    assert all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
+    assert all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+
+
+def check_found_inf_changes_nothing(params, opt, inf_grad=False):
+    """A step with found_inf = 1 on grads_for(params, 7) (with inf_grad, an inf in the first gradient
+    too) leaves the parameters, the scope state and the per-parameter state bit-identical."""
+    before = ([p.detach().clone() for p in params], {k: v.clone() for k, v in opt._scopes.to_dict().items()},
+              [{k: v.clone() for k, v in opt.state[p].items()} for p in params])
+    opt.found_inf = torch.tensor([1.0], device=DEV)
+    for p, g in zip(params, grads_for(params, 7)):
+        p.grad = g
+    if inf_grad:
+        params[0].grad[0] = float("inf")
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before[0], params))
+    assert all(torch.equal(v, getattr(opt._scopes, k)) for k, v in before[1].items())
+    assert all(torch.equal(v, opt.state[p][k]) for s, p in zip(before[2], params) for k, v in s.items())

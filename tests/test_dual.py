@@ -18,6 +18,7 @@ its second step. f^ - f is SPEC.md's first-order estimate, built from the optimi
 """
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -157,48 +158,58 @@ def _tensor(a):
     return torch.tensor(a, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_amadamw_beta_maximises_dual_of_eq14(case):
+def _two_step_runs(case, seed_base, make_opt, momentum_key, wd_scale, g2_scale):
+    """One run per seed of SEEDS, from np.random.default_rng(seed_base + seed): random parameters in the
+    case's groups (weight decays scaled by wd_scale), make_opt(groups, lam) stepped on g1 (its beta must
+    be beta_max), then on g2 (scaled by g2_scale) at each group's second lr. Yields (seed, rng, opt, run):
+    run holds params, per_tensor ((lr1, lr2, weight decay) per tensor), g1, g2, and what step 2 started
+    from and gave: x_t, d (the state `momentum_key`) and beta."""
     cfg = CASES[case]
-    lam = cfg["lam"]
-    n_interior = 0
     for seed in SEEDS:
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(seed_base + seed)
         params, groups, per_tensor, g1, g2 = [], [], [], [], []
         for lr1, lr2, wd, shapes in cfg["groups"]:
             ps = [_tensor(rng.standard_normal(s)) for s in shapes]
             params += ps
-            groups.append({"params": ps, "lr": lr1, "weight_decay": wd})
+            groups.append({"params": ps, "lr": lr1, "weight_decay": wd_scale * wd})
             for s in shapes:
                 g1.append(rng.standard_normal(s))
-                g2.append(0.05 * rng.standard_normal(s))  # d_t is about (1 - beta_max) g1 at step 2
-                per_tensor.append((lr1, lr2, wd))
-        opt = AMAdamW(groups, lam=lam, betas=(BETA_MAX, BETA2), eps=EPS, beta_min=0.0, backend="torch")
-        d_before = {}
-
-        # step 1, then the state the second step starts from
+                g2.append(g2_scale * rng.standard_normal(s))
+                per_tensor.append((lr1, lr2, wd_scale * wd))
+        opt = make_opt(groups, cfg["lam"])
         for p, g in zip(params, g1):
             p.grad = _tensor(g)
         opt.step()
         assert float(opt.beta) == BETA_MAX
         x_t = [p.detach().numpy().copy() for p in params]
-        for p in params:
-            d_before[p] = opt.state[p]["exp_avg"].detach().numpy().copy()
+        d_before = [opt.state[p][momentum_key].detach().numpy().copy() for p in params]
         for group, (_, lr2, _, _) in zip(opt.param_groups, cfg["groups"]):
             group["lr"] = lr2
         for p, g in zip(params, g2):
             p.grad = _tensor(g)
         opt.step()
-        beta_pkg = float(opt.beta)
+        yield seed, rng, opt, SimpleNamespace(params=params, per_tensor=per_tensor, g1=g1, g2=g2, x_t=x_t, d=d_before,
+                                              beta=float(opt.beta))
 
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_amadamw_beta_maximises_dual_of_eq14(case):
+    lam = CASES[case]["lam"]
+    n_interior = 0
+
+    def make_opt(groups, lam):
+        return AMAdamW(groups, lam=lam, betas=(BETA_MAX, BETA2), eps=EPS, beta_min=0.0, backend="torch")
+
+    # g2 small: d_t is about (1 - beta_max) g1 at step 2
+    for seed, rng, opt, run in _two_step_runs(case, 0, make_opt, "exp_avg", wd_scale=1.0, g2_scale=0.05):
+        beta_pkg = run.beta
         # the problem of step 2 (t = 2, beta_prod = beta_max), from the optimizer's state
         tensors = []
         delta = 0.0  # f^ - f: SPEC.md's first-order estimate sum_g eta_prev_g <g, mu x + d / P>
-        for p, x, g_1, g, (lr1, lr2, wd) in zip(params, x_t, g1, g2, per_tensor):
+        for p, x, d, g_1, g, (lr1, lr2, wd) in zip(run.params, run.x_t, run.d, run.g1, run.g2, run.per_tensor):
             v = opt.state[p]["exp_avg_sq"].detach().numpy()
             np.testing.assert_allclose(v, BETA2 * (1 - BETA2) * g_1 ** 2 + (1 - BETA2) * g ** 2, rtol=1e-12)
             P = (1.0 - BETA_MAX * BETA_MAX) * (EPS + np.sqrt(v / (1.0 - BETA2 ** 2)))
-            d = d_before[p]
             tensors.append((x, g, d, P, lr2, wd))
             delta += lr1 * np.sum(g * (wd * x + d / P))
         prob = AdamWProx(tensors, lam, delta)
@@ -226,37 +237,17 @@ def test_amadamw_beta_maximises_dual_of_eq14(case):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_amsgd_beta_maximises_dual_of_eq9(case):
-    cfg = CASES[case]
-    lam = cfg["lam"]
+    lam = CASES[case]["lam"]
     n_interior = 0
-    for seed in SEEDS:
-        rng = np.random.default_rng(100 + seed)
-        params, groups, per_tensor, g1, g2 = [], [], [], [], []
-        for lr1, lr2, wd, shapes in cfg["groups"]:
-            ps = [_tensor(rng.standard_normal(s)) for s in shapes]
-            params += ps
-            groups.append({"params": ps, "lr": lr1, "weight_decay": 0.1 * wd})
-            for s in shapes:
-                g1.append(rng.standard_normal(s))
-                g2.append(rng.standard_normal(s))
-                per_tensor.append((lr1, lr2, 0.1 * wd))
-        opt = AMSGD(groups, lam=lam, beta_max=BETA_MAX, beta_min=0.0, backend="torch")
-        for p, g in zip(params, g1):
-            p.grad = _tensor(g)
-        opt.step()
-        assert float(opt.beta) == BETA_MAX
-        x_t = [p.detach().numpy().copy() for p in params]
-        d_before = [opt.state[p]["momentum_buffer"].detach().numpy().copy() for p in params]
-        for group, (_, lr2, _, _) in zip(opt.param_groups, cfg["groups"]):
-            group["lr"] = lr2
-        for p, g in zip(params, g2):
-            p.grad = _tensor(g)
-        opt.step()
-        beta_pkg = float(opt.beta)
 
+    def make_opt(groups, lam):
+        return AMSGD(groups, lam=lam, beta_max=BETA_MAX, beta_min=0.0, backend="torch")
+
+    for seed, rng, _, run in _two_step_runs(case, 100, make_opt, "momentum_buffer", wd_scale=0.1, g2_scale=1.0):
+        beta_pkg = run.beta
         tensors = []
         delta = 0.0  # f^ - f = sum_g eta_prev_g <g, d> (coupled weight decay: g includes wd * x)
-        for x, d, g_raw, (lr1, lr2, wd) in zip(x_t, d_before, g2, per_tensor):
+        for x, d, g_raw, (lr1, lr2, wd) in zip(run.x_t, run.d, run.g2, run.per_tensor):
             g = g_raw + wd * x
             tensors.append((x, g, d, lr2))
             delta += lr1 * np.sum(g * d)

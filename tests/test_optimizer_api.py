@@ -1,12 +1,12 @@
 """torch.optim behaviour of AMSGD and AMAdamW: errors, groups, state_dict, AMP skip, schedulers."""
-import copy
-import io
-
 import pytest
 import torch
 
 import amm_kernels
-from _helpers import assert_same_state, model_params, set_grads, snapshot
+from _helpers import (check_found_inf_skips_the_step, check_grad_scaler_skips_inf_steps,
+                      check_low_precision_params_keep_dtype, check_scheduler_closure_and_add_param_group,
+                      check_sparse_gradient_raises_before_any_state_changes, model_params, resume_from_state_dict,
+                      set_grads, step_on_a_nan_gradient)
 from amm_kernels import AMAdamW, AMSGD
 
 BACKENDS = amm_kernels.available_backends("cpu")
@@ -60,16 +60,7 @@ def test_bad_param_group_is_rejected(cls):
 
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_sparse_gradient_raises_before_any_state_changes(cls):
-    params = model_params()
-    opt = cls(params)
-    set_grads(params, 0)
-    opt.step()
-    before = snapshot(opt, params)
-    set_grads(params, 1)
-    params[1].grad = params[1].grad.to_sparse()
-    with pytest.raises(RuntimeError, match="sparse"):
-        opt.step()
-    assert_same_state(before, snapshot(opt, params))
+    check_sparse_gradient_raises_before_any_state_changes(cls)
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS)
@@ -101,29 +92,7 @@ def test_state_dict_resume_is_bit_identical(backend, cls, scope):
         return cls([{"params": params[:2], "lr": 0.03}, {"params": params[2:], "lr": 0.01, "weight_decay": 0.1}],
                    beta_scope=scope, backend=backend)
 
-    ref_params = model_params()
-    ref = build(ref_params)
-    for s in range(8):
-        set_grads(ref_params, s)
-        ref.step()
-
-    params = model_params()
-    opt = build(params)
-    for s in range(4):
-        set_grads(params, s)
-        opt.step()
-    buf = io.BytesIO()
-    torch.save(opt.state_dict(), buf)
-    saved_params = [p.detach().clone() for p in params]
-
-    resumed_params = [p.clone().requires_grad_() for p in saved_params]
-    resumed = build(resumed_params)
-    buf.seek(0)
-    resumed.load_state_dict(torch.load(buf))
-    for s in range(4, 8):
-        set_grads(resumed_params, s)
-        resumed.step()
-    assert_same_state(snapshot(ref, ref_params), snapshot(resumed, resumed_params))
+    ref, resumed = resume_from_state_dict(build)
     assert torch.equal(ref.beta, resumed.beta)
 
 
@@ -147,49 +116,12 @@ def test_loading_another_optimizers_state_is_a_clear_error():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_found_inf_skips_the_step_and_leaves_state_intact(backend, cls):
-    params = model_params()
-    opt = cls(params, backend=backend)
-    for s in range(3):
-        set_grads(params, s)
-        opt.step()
-    before = snapshot(opt, params)
-    set_grads(params, 9)
-    params[0].grad[0, 0] = float("inf")
-    opt.grad_scale, opt.found_inf = torch.tensor(1024.0), torch.tensor(1.0)
-    opt.step()
-    assert_same_state(before, snapshot(opt, params))
-    # and with found_inf = 0 the scaled step equals an unscaled one
-    twin_params = [p.detach().clone().requires_grad_() for p in params]
-    twin = cls(twin_params, backend=backend)
-    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
-    set_grads(params, 10)
-    set_grads(twin_params, 10)
-    for p in params:
-        p.grad *= 1024.0
-    opt.found_inf = torch.tensor(0.0)
-    opt.step()
-    del opt.grad_scale, opt.found_inf
-    twin.step()
-    for a, b in zip(params, twin_params):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    check_found_inf_skips_the_step(lambda params: cls(params, backend=backend))
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_grad_scaler_skips_inf_steps(cls):
-    model = torch.nn.Linear(5, 3)
-    opt = cls(model.parameters())
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    x = torch.randn(16, 5)
-    scaler.scale(model(x).square().mean()).backward()
-    scaler.step(opt)
-    scaler.update()
-    before = snapshot(opt, list(model.parameters()))
-    opt.zero_grad()
-    scaler.scale(model(x).square().mean() * float("inf")).backward()
-    scaler.step(opt)
-    scaler.update()
-    assert_same_state(before, snapshot(opt, list(model.parameters())))
-    assert scaler.get_scale() == 2.0**7
+    check_grad_scaler_skips_inf_steps(cls, good_steps=1)
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS)
@@ -222,29 +154,7 @@ def test_beta_shape_follows_scope_and_is_a_copy(cls):
 
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_zero_grad_scheduler_closure_and_add_param_group(cls):
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-    opt = cls(model[0].parameters(), lr=0.05)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-    x, y = torch.randn(32, 4), torch.randn(32, 1)
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
-
-    losses = []
-    for _ in range(3):
-        losses.append(opt.step(closure).item())
-        sched.step()
-    opt.add_param_group({"params": model[2].parameters(), "lr": 0.02})
-    for _ in range(5):
-        losses.append(opt.step(closure).item())
-        sched.step()
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5**4)
-    assert all(torch.isfinite(torch.tensor(losses)))
-    assert losses[-1] < losses[0]
-    assert model[2].weight in opt.state
+    model, opt = check_scheduler_closure_and_add_param_group(cls)
     opt.zero_grad()
     assert all(p.grad is None for p in model.parameters())
 
@@ -275,25 +185,13 @@ def test_loss_mode_uses_the_closures_loss():
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_params_keep_dtype(cls, dtype):
-    params = model_params(dtype=dtype)
-    opt = cls(params)
-    for s in range(3):
-        set_grads(params, s)
-        opt.step()
+    params, opt = check_low_precision_params_keep_dtype(cls, dtype, steps=3)
     for p in params:
-        assert p.dtype == dtype and torch.isfinite(p).all()
         assert all(t.dtype == dtype for t in opt.state[p].values()) if p.numel() else True
     assert opt.beta.dtype == torch.float32 and torch.isfinite(opt.beta)
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_nonfinite_gradient_gives_nonfinite_beta(cls):
-    params = model_params()
-    opt = cls(params)
-    set_grads(params, 0)
-    opt.step()
-    set_grads(params, 1)
-    params[0].grad[0, 0] = float("nan")
-    opt.step()
+    _, opt = step_on_a_nan_gradient(cls)
     assert torch.isnan(opt.beta)
-    assert torch.isnan(params[0]).any()

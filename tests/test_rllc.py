@@ -1,7 +1,6 @@
 """RLLC (SPEC.md section 4): memory grammar, conformance vectors, the float64 oracle, torch parity,
 basis invariance, rank-deficient memories, and the torch.optim behaviour shared with AMSGD/AMAdamW."""
 import copy
-import io
 
 import numpy as np
 import pytest
@@ -11,8 +10,11 @@ from amm_kernels import backend_supports_dtype
 from amm_kernels.memory import MemorySyntaxError, memory_rule, parse_memory
 from amm_kernels.rllc import RLLC, rllc_backends
 
-from _helpers import (assert_same_state, load_vector, model_params, set_grads, snapshot, tolerance,
-                      vector_initial_params, vector_params)
+from _helpers import (assert_params_after, check_found_inf_skips_the_step, check_grad_scaler_skips_inf_steps,
+                      check_low_precision_params_keep_dtype, check_scheduler_closure_and_add_param_group,
+                      check_sparse_gradient_raises_before_any_state_changes, load_vector, model_params,
+                      resume_from_state_dict, set_grads, set_vector_grads, step_on_a_nan_gradient, tolerance,
+                      vector_params, vector_tensors)
 from spec_rllc_f64 import RLLCSpec, memory_matrices
 
 CPU = torch.device("cpu")
@@ -135,7 +137,7 @@ def test_vector(path, device, backend, dtype):
     assert np.array_equal(np.array(parse_memory(h["memory"])[0]), np.array(h["U"]))
     assert np.array_equal(np.array(parse_memory(h["memory"])[1]), np.array(h["b"]))
     rtol, atol = tolerance(dtype)
-    params = [[torch.tensor(x, dtype=dtype, device=device) for x in group] for group in vector_initial_params(vec)]
+    params = vector_tensors(vec, dtype, device)
     lrs = [g.get("lr", h["lr"]) for g in vec["groups"]]
     opt = RLLC([{"params": ps, "lr": lr} for ps, lr in zip(params, lrs)], law_lr=h["law_lr"], memory=h["memory"],
                law_init=h["law_init"], scope=h.get("scope", "global"), backend=backend)
@@ -143,20 +145,13 @@ def test_vector(path, device, backend, dtype):
     for i, rec in enumerate(vec["steps"]):
         for gi, lr in enumerate(rec.get("lr", [])):
             opt.param_groups[gi]["lr"] = lr
-        for ps, gs in zip(params, rec["grads"]):
-            for p, g in zip(ps, gs):
-                p.grad = torch.tensor(g, dtype=dtype, device=device).reshape(p.shape)
+        set_vector_grads(params, rec, dtype, device)
         opt.step()
         law = opt.law.cpu()
         assert isinstance(law, torch.Tensor) and law.shape == (len(h["b"]),)
         np.testing.assert_allclose(law.to(torch.float64).numpy(), np.array(rec["law_after"]).reshape(law.shape),
                                    rtol=rtol, atol=atol, err_msg=f"{where} step {i}: law")
-        for gi, group in enumerate(rec["params_after"]):
-            for ti, expected in enumerate(group):
-                p = params[gi][ti]
-                assert p.dtype == dtype
-                np.testing.assert_allclose(p.detach().cpu().to(torch.float64).reshape(-1).numpy(), expected,
-                                           rtol=rtol, atol=atol, err_msg=f"{where} step {i}: param [{gi}][{ti}]")
+        assert_params_after(params, rec, dtype, rtol, atol, f"{where} step {i}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,16 +362,7 @@ def test_backend_without_rllc_is_a_clear_error_before_any_state_changes():
 
 
 def test_sparse_gradient_raises_before_any_state_changes():
-    params = model_params()
-    opt = RLLC(params)
-    set_grads(params, 0)
-    opt.step()
-    before = snapshot(opt, params)
-    set_grads(params, 1)
-    params[1].grad = params[1].grad.to_sparse()
-    with pytest.raises(RuntimeError, match="sparse"):
-        opt.step()
-    assert_same_state(before, snapshot(opt, params))
+    check_sparse_gradient_raises_before_any_state_changes(RLLC)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -387,27 +373,7 @@ def test_state_dict_resume_is_bit_identical(scope, dtype, backend):
         return RLLC([{"params": params[:2], "lr": 0.03}, {"params": params[2:], "lr": 0.01}], law_lr=0.1,
                     memory="J(0.8,2)+M(0)", scope=scope, backend=backend)
 
-    ref_params = model_params(dtype=dtype)
-    ref = build(ref_params)
-    for s in range(8):
-        set_grads(ref_params, s)
-        ref.step()
-
-    params = model_params(dtype=dtype)
-    opt = build(params)
-    for s in range(4):
-        set_grads(params, s)
-        opt.step()
-    buf = io.BytesIO()
-    torch.save(opt.state_dict(), buf)
-    resumed_params = [p.detach().clone().requires_grad_() for p in params]
-    resumed = build(resumed_params)
-    buf.seek(0)
-    resumed.load_state_dict(torch.load(buf))
-    for s in range(4, 8):
-        set_grads(resumed_params, s)
-        resumed.step()
-    assert_same_state(snapshot(ref, ref_params), snapshot(resumed, resumed_params))
+    ref, resumed = resume_from_state_dict(build, dtype=dtype)
     assert torch.equal(ref.law, resumed.law)
 
 
@@ -437,51 +403,13 @@ def test_loading_a_mismatched_state_is_a_clear_error():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_found_inf_skips_the_step_and_leaves_state_intact(backend):
-    params = model_params()
-    opt = RLLC(params, law_lr=0.1, scope="tensor", backend=backend)
-    for s in range(3):
-        set_grads(params, s)
-        opt.step()
-    before = snapshot(opt, params)
-    set_grads(params, 9)
-    params[0].grad[0, 0] = float("inf")
-    opt.grad_scale, opt.found_inf = torch.tensor(1024.0), torch.tensor(1.0)
-    opt.step()
-    assert_same_state(before, snapshot(opt, params))
-    # and with found_inf = 0 the scaled step equals an unscaled one
-    twin_params = [p.detach().clone().requires_grad_() for p in params]
-    twin = RLLC(twin_params, law_lr=0.1, scope="tensor", backend=backend)
-    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
-    set_grads(params, 10)
-    set_grads(twin_params, 10)
-    for p in params:
-        p.grad *= 1024.0
-    opt.found_inf = torch.tensor(0.0)
-    opt.step()
-    del opt.grad_scale, opt.found_inf
-    twin.step()
-    for a, b in zip(params, twin_params):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    opt, twin = check_found_inf_skips_the_step(
+        lambda params: RLLC(params, law_lr=0.1, scope="tensor", backend=backend))
     torch.testing.assert_close(opt.law, twin.law, rtol=1e-6, atol=1e-7)
 
 
 def test_grad_scaler_skips_inf_steps():
-    model = torch.nn.Linear(5, 3)
-    opt = RLLC(model.parameters())
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    x = torch.randn(16, 5)
-    for _ in range(2):
-        opt.zero_grad()
-        scaler.scale(model(x).square().mean()).backward()
-        scaler.step(opt)
-        scaler.update()
-    before = snapshot(opt, list(model.parameters()))
-    opt.zero_grad()
-    scaler.scale(model(x).square().mean() * float("inf")).backward()
-    scaler.step(opt)
-    scaler.update()
-    assert_same_state(before, snapshot(opt, list(model.parameters())))
-    assert scaler.get_scale() == 2.0**7
+    check_grad_scaler_skips_inf_steps(RLLC, good_steps=2)
 
 
 def test_law_shape_follows_scope_and_is_a_copy():
@@ -518,40 +446,15 @@ def test_params_without_grad_are_skipped():
 
 def test_zero_grad_scheduler_closure_and_add_param_group():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-    opt = RLLC(model[0].parameters(), lr=0.05, scope="tensor")
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-    x, y = torch.randn(32, 4), torch.randn(32, 1)
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
-
-    losses = []
-    for _ in range(3):
-        losses.append(opt.step(closure).item())
-        sched.step()
-    opt.add_param_group({"params": model[2].parameters(), "lr": 0.02})
-    for _ in range(5):
-        losses.append(opt.step(closure).item())
-        sched.step()
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5**4)
-    assert all(torch.isfinite(torch.tensor(losses)))
-    assert losses[-1] < losses[0]
-    assert model[2].weight in opt.state and opt.law.shape == (4, 2)
+    _, opt = check_scheduler_closure_and_add_param_group(lambda params, **kw: RLLC(params, scope="tensor", **kw))
+    assert opt.law.shape == (4, 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_params_keep_dtype(dtype):
-    params = model_params(dtype=dtype)
-    opt = RLLC(params, memory="M(0.9)+M(0.8)+M(0)")
-    for s in range(4):
-        set_grads(params, s)
-        opt.step()
+    params, opt = check_low_precision_params_keep_dtype(lambda ps: RLLC(ps, memory="M(0.9)+M(0.8)+M(0)"), dtype,
+                                                        steps=4)
     for p in params:
-        assert p.dtype == dtype and torch.isfinite(p).all()
         assert opt.state[p]["memory"].dtype == dtype
     assert opt.law.dtype == torch.float32 and torch.isfinite(opt.law).all()
 
@@ -573,15 +476,8 @@ def test_low_precision_tracks_float32():
 
 
 def test_nonfinite_gradient_gives_nonfinite_law():
-    params = model_params()
-    opt = RLLC(params)
-    set_grads(params, 0)
-    opt.step()
-    set_grads(params, 1)
-    params[0].grad[0, 0] = float("nan")
-    opt.step()
+    params, opt = step_on_a_nan_gradient(RLLC)
     assert torch.isnan(opt.law).all()
-    assert torch.isnan(params[0]).any()
     set_grads(params, 2)  # a NaN memory afterwards: still no error from the eigensolver
     opt.step()
     assert torch.isnan(opt.law).all()

@@ -53,6 +53,22 @@ def _random_run(seed, n_steps=12):
     return x0, grads
 
 
+def _lockstep_with_torch(spec, make_ref, x0, grads, rtol, after_step=None):
+    """spec (one group on x0) and make_ref(float64 tensors of x0), a torch optimizer, step through the
+    same gradients; after each step the parameters agree to rtol (atol 1e-14), then after_step() runs."""
+    ps = [torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in x0]
+    ref = make_ref(ps)
+    for gs in grads:
+        spec.step([gs])
+        for p, g in zip(ps, gs):
+            p.grad = torch.tensor(g, dtype=torch.float64)
+        ref.step()
+        for p, x in zip(ps, spec.params[0]):
+            np.testing.assert_allclose(x, p.detach().numpy(), rtol=rtol, atol=1e-14)
+        if after_step is not None:
+            after_step()
+
+
 @pytest.mark.parametrize("wd", [0.0, 0.05])
 @pytest.mark.parametrize("maximize", [False, True])
 def test_spec_f64_degenerate_sgd_matches_torch(wd, maximize):
@@ -60,16 +76,13 @@ def test_spec_f64_degenerate_sgd_matches_torch(wd, maximize):
     x0, grads = _random_run(1)
     spec = AMSGDSpec([{"params": x0}], lr=0.05, lam=0.0, beta_max=0.8, weight_decay=wd,
                      adaptive=False, maximize=maximize)
-    ps = [torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in x0]
-    ref = torch.optim.SGD(ps, lr=0.05, momentum=0.8, dampening=0.8, weight_decay=wd, maximize=maximize)
-    for gs in grads:
-        spec.step([gs])
-        for p, g in zip(ps, gs):
-            p.grad = torch.tensor(g, dtype=torch.float64)
-        ref.step()
-        for p, x in zip(ps, spec.params[0]):
-            np.testing.assert_allclose(x, p.detach().numpy(), rtol=1e-12, atol=1e-14)
+
+    def beta_is_beta_max():
         assert spec.beta.shape == () and spec.beta == 0.8
+
+    _lockstep_with_torch(
+        spec, lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.8, dampening=0.8, weight_decay=wd, maximize=maximize),
+        x0, grads, rtol=1e-12, after_step=beta_is_beta_max)
 
 
 @pytest.mark.parametrize("wd", [0.0, 0.1])
@@ -79,16 +92,10 @@ def test_spec_f64_degenerate_adamw_matches_torch(wd, maximize):
     x0, grads = _random_run(2)
     spec = AMAdamWSpec([{"params": x0}], lr=0.01, betas=(0.85, 0.99), lam=0.0, eps=1e-8,
                        weight_decay=wd, adaptive=False, maximize=maximize)
-    ps = [torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in x0]
-    ref = torch.optim.AdamW(ps, lr=0.01, betas=(0.85, 0.99), eps=1e-8, weight_decay=wd,
-                            maximize=maximize, foreach=False)
-    for gs in grads:
-        spec.step([gs])
-        for p, g in zip(ps, gs):
-            p.grad = torch.tensor(g, dtype=torch.float64)
-        ref.step()
-        for p, x in zip(ps, spec.params[0]):
-            np.testing.assert_allclose(x, p.detach().numpy(), rtol=1e-11, atol=1e-14)
+    _lockstep_with_torch(
+        spec, lambda ps: torch.optim.AdamW(ps, lr=0.01, betas=(0.85, 0.99), eps=1e-8, weight_decay=wd,
+                                           maximize=maximize, foreach=False),
+        x0, grads, rtol=1e-11)
 
 
 def test_spec_f64_scopes_agree_with_one_group_runs():

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from _triton import CUDA, DEV, grads_for, import_triton_backend, interpreter_env, make_params  # noqa: E402,F401
+from _triton import assert_bit_identical, change_lrs_at_step_2, check_found_inf_changes_nothing, lr_tensor_groups
+from _triton import assert_same_run as assert_runs_agree, mixed_dtype_params, train
 
 triton_backend = import_triton_backend()
-
-from _helpers import tolerance  # noqa: E402
 
 from amm_kernels import AMAdamW, AMSGD  # noqa: E402
 
@@ -29,6 +29,7 @@ if CUDA:
 else:
     SHAPES = [(1,), (7,), (4097,), (0,), (3, 5), (0, 4), (17,), (2, 3, 4), (257,), (64, 3), (9, 9), (5, 3)]
 OPTS = {"AMSGD": AMSGD, "AMAdamW": AMAdamW}
+SCOPE_FIELDS = ("step", "beta", "beta_prod", "prev_lr", "prev_loss")
 
 
 
@@ -43,34 +44,11 @@ def run(cls, backend, dtype, steps=STEPS, shapes=SHAPES, kwargs=None, hook=None,
     """Train from a fixed start with fixed gradients; returns (params, opt, betas per step)."""
     params = make_params(shapes, dtype, seed)
     opt = cls(groups_of(params) if groups is None else groups(params), backend=backend, **(kwargs or {}))
-    betas = []
-    for step in range(steps):
-        if hook is not None:
-            hook(opt, step)
-        for p, g in zip(params, grads_for(params, step, seed, flip=flip)):
-            p.grad = g
-        opt.step()
-        betas.append(opt.beta.detach().clone())
-    return params, opt, betas
+    return params, opt, train(opt, params, steps, "beta", hook=hook, seed=seed, flip=flip)
 
 
 def assert_same_run(ref, got, dtype, what):
-    rtol, atol = tolerance(dtype)
-    (p_ref, o_ref, b_ref), (p_got, o_got, b_got) = ref, got
-    for i, (br, bg) in enumerate(zip(b_ref, b_got)):
-        torch.testing.assert_close(bg.cpu(), br.cpu(), rtol=rtol, atol=atol, equal_nan=True,
-                                   msg=lambda m: f"{what} step {i} beta: {m}")
-    for i, (a, b) in enumerate(zip(p_ref, p_got)):
-        torch.testing.assert_close(b.detach().float().cpu(), a.detach().float().cpu(), rtol=rtol, atol=atol,
-                                   equal_nan=True, msg=lambda m: f"{what} param {i}: {m}")
-        for key, sr in o_ref.state[a].items():
-            sg = o_got.state[b][key]
-            assert sg.dtype == sr.dtype
-            torch.testing.assert_close(sg.float().cpu(), sr.float().cpu(), rtol=rtol, atol=atol, equal_nan=True,
-                                       msg=lambda m: f"{what} state {key} of param {i}: {m}")
-    for name in ("step", "beta", "beta_prod", "prev_lr", "prev_loss"):
-        torch.testing.assert_close(getattr(o_got._scopes, name).cpu(), getattr(o_ref._scopes, name).cpu(),
-                                   rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what} scope {name}: {m}")
+    assert_runs_agree(ref, got, dtype, what, "beta", SCOPE_FIELDS)
 
 
 def parity(cls, dtype, **kw):
@@ -129,30 +107,12 @@ def test_parity_grad_scale_and_found_inf(name):
 @pytest.mark.parametrize("name", list(OPTS))
 def test_found_inf_changes_nothing(name):
     params, opt, _ = run(OPTS[name], "triton", torch.float32, steps=2)
-    before = ([p.detach().clone() for p in params], {k: v.clone() for k, v in opt._scopes.to_dict().items()},
-              [{k: v.clone() for k, v in opt.state[p].items()} for p in params])
-    opt.found_inf = torch.tensor([1.0], device=DEV)
-    for p, g in zip(params, grads_for(params, 7)):
-        p.grad = g
-    opt.step()
-    assert all(torch.equal(a, b) for a, b in zip(before[0], params))
-    assert all(torch.equal(v, getattr(opt._scopes, k)) for k, v in before[1].items())
-    assert all(torch.equal(v, opt.state[p][k]) for s, p in zip(before[2], params) for k, v in s.items())
+    check_found_inf_changes_nothing(params, opt)
 
 
 @pytest.mark.parametrize("name", list(OPTS))
 def test_parity_lr_tensor_and_lr_change(name):
-    def groups(ps):
-        g = groups_of(ps)
-        g[1]["lr"] = torch.tensor(0.02, device=DEV)
-        return g
-
-    def hook(opt, step):
-        if step == 2:
-            opt.param_groups[0]["lr"] = 0.01
-            opt.param_groups[1]["lr"] = torch.tensor(0.07, device=DEV)
-
-    parity(OPTS[name], torch.float32, groups=groups, hook=hook)
+    parity(OPTS[name], torch.float32, groups=lr_tensor_groups(groups_of), hook=change_lrs_at_step_2)
 
 
 @pytest.mark.parametrize("name", list(OPTS))
@@ -163,15 +123,12 @@ def test_parity_nonfinite_grad(name):
     def poisoned(backend):
         params = make_params([(7,), (4,), (5,)], torch.float32)
         opt = OPTS[name](groups(params), backend=backend, beta_scope="group")
-        betas = []
-        for step in range(3):
-            for p, g in zip(params, grads_for(params, step)):
-                p.grad = g
+
+        def poison(_opt, step):
             if step == 2:
                 params[2].grad[1] = float("nan")
-            opt.step()
-            betas.append(opt.beta.clone())
-        return params, opt, betas
+
+        return params, opt, train(opt, params, 3, "beta", hook=poison)
 
     ref, got = poisoned("torch"), poisoned("triton")
     assert torch.isnan(got[2][-1][1]) and not torch.isnan(got[2][-1][0])
@@ -184,18 +141,9 @@ def test_parity_mixed_dtypes():
 
     for cls in OPTS.values():
         def run_mixed(backend):
-            params = make_params([(7,), (4097,), (3, 3), (5,), (0,), (40,)], torch.float32)
-            params = [p.detach().to(dt).requires_grad_() for p, dt in
-                      zip(params, [torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.bfloat16,
-                                   torch.float16])]
+            params = mixed_dtype_params()
             opt = cls(groups(params), backend=backend)
-            betas = []
-            for step in range(3):
-                for p, g in zip(params, grads_for(params, step)):
-                    p.grad = g
-                opt.step()
-                betas.append(opt.beta.clone())
-            return params, opt, betas
+            return params, opt, train(opt, params, 3, "beta")
 
         assert_same_run(run_mixed("torch"), run_mixed("triton"), torch.bfloat16, f"{cls.__name__} mixed dtypes")
 
@@ -204,8 +152,7 @@ def test_parity_mixed_dtypes():
 def test_bit_identical_runs(name):
     a = run(OPTS[name], "triton", torch.float32, kwargs=dict(beta_scope="tensor"))
     b = run(OPTS[name], "triton", torch.float32, kwargs=dict(beta_scope="tensor"))
-    assert all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
-    assert all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+    assert_bit_identical(a, b)
 
 
 def test_table_rebuilt_when_param_list_changes():
@@ -274,7 +221,6 @@ from _dist import one_rank_group  # noqa: E402,F401
 def test_split_step_is_the_fused_step(one_rank_group, name, scope):
     a = run(OPTS[name], "triton", torch.float32, kwargs=dict(beta_scope=scope), flip=True)
     b = run(OPTS[name], "triton", torch.float32, kwargs=dict(beta_scope=scope, process_group=one_rank_group), flip=True)
-    assert all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
-    assert all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+    assert_bit_identical(a, b)
     assert all(torch.equal(getattr(a[1]._scopes, k), getattr(b[1]._scopes, k)) for k in ("step", "beta", "beta_prod"))
     assert len({float(x.flatten()[0]) for x in a[2][1:]}) > 1, "beta should move"

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from _triton import CUDA, DEV, grads_for, import_triton_backend, interpreter_env, make_params  # noqa: E402,F401
+from _triton import assert_bit_identical, change_lrs_at_step_2, check_found_inf_changes_nothing, lr_tensor_groups
+from _triton import assert_same_run as assert_runs_agree, mixed_dtype_params, train
 
 triton_backend = import_triton_backend()
-
-from _helpers import tolerance  # noqa: E402
 
 from amm_kernels.rllc import RLLC, rllc_backends  # noqa: E402
 
@@ -24,6 +24,7 @@ if CUDA:
 else:
     SHAPES = [(1,), (7,), (4097,), (0,), (3, 5), (0, 4), (2, 3, 4), (5, 3)]
 MEMORIES = ["M(0.9)+M(0)", "M(0.9)+M(0.8)+M(0.7)", "J(0.8,2)+M(0)", "C(0.9,0.3)+M(0)"]
+SCOPE_FIELDS = ("step", "law")
 
 
 
@@ -39,36 +40,11 @@ def run(backend, dtype, memory="M(0.9)+M(0.8)+M(0.7)", scope="global", steps=STE
     params = make_params(shapes, dtype, seed)
     opt = RLLC(groups_of(params) if groups is None else groups(params), law_lr=law_lr, memory=memory, scope=scope,
                backend=backend, process_group=process_group)
-    laws = []
-    for step in range(steps):
-        if hook is not None:
-            hook(opt, step)
-        for p, g in zip(params, grads_for(params, step, seed)):
-            p.grad = g
-        opt.step()
-        laws.append(opt.law.detach().clone())
-    return params, opt, laws
+    return params, opt, train(opt, params, steps, "law", hook=hook, seed=seed)
 
 
 def assert_same_run(ref, got, dtype, what):
-    rtol, atol = tolerance(dtype)
-    (p_ref, o_ref, l_ref), (p_got, o_got, l_got) = ref, got
-    for i, (lr_, lg) in enumerate(zip(l_ref, l_got)):
-        torch.testing.assert_close(lg.cpu(), lr_.cpu(), rtol=rtol, atol=atol, equal_nan=True,
-                                   msg=lambda m: f"{what} step {i} law: {m}")
-    for i, (a, b) in enumerate(zip(p_ref, p_got)):
-        assert b.dtype == a.dtype
-        torch.testing.assert_close(b.detach().float().cpu(), a.detach().float().cpu(), rtol=rtol, atol=atol,
-                                   equal_nan=True, msg=lambda m: f"{what} param {i}: {m}")
-        assert o_ref.state[a].keys() == o_got.state[b].keys()
-        for key, sr in o_ref.state[a].items():
-            sg = o_got.state[b][key]
-            assert sg.dtype == sr.dtype and sg.shape == sr.shape
-            torch.testing.assert_close(sg.float().cpu(), sr.float().cpu(), rtol=rtol, atol=atol, equal_nan=True,
-                                       msg=lambda m: f"{what} state {key} of param {i}: {m}")
-    for name in ("step", "law"):
-        torch.testing.assert_close(getattr(o_got._scopes, name).cpu(), getattr(o_ref._scopes, name).cpu(),
-                                   rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what} scope {name}: {m}")
+    assert_runs_agree(ref, got, dtype, what, "law", SCOPE_FIELDS)
 
 
 def parity(dtype, **kw):
@@ -104,18 +80,9 @@ def test_parity_two_groups_one_memory_unit_and_mixed_dtypes():
         return [{"params": ps[:3], "lr": 0.05}, {"params": ps[3:], "lr": 0.02}]
 
     def run_mixed(backend, memory):
-        params = make_params([(7,), (4097,), (3, 3), (5,), (0,), (40,)], torch.float32)
-        params = [p.detach().to(dt).requires_grad_() for p, dt in
-                  zip(params, [torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.bfloat16,
-                               torch.float16])]
+        params = mixed_dtype_params()
         opt = RLLC(groups(params), law_lr=0.1, memory=memory, scope="group", backend=backend)
-        laws = []
-        for step in range(3):
-            for p, g in zip(params, grads_for(params, step)):
-                p.grad = g
-            opt.step()
-            laws.append(opt.law.clone())
-        return params, opt, laws
+        return params, opt, train(opt, params, 3, "law")
 
     for memory in ("M(0.9)+M(0)", "M(0.5)"):
         assert_same_run(run_mixed("torch", memory), run_mixed("triton", memory), torch.bfloat16, f"mixed {memory}")
@@ -133,16 +100,7 @@ def test_parity_grad_scale_and_found_inf():
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
 def test_found_inf_changes_nothing():
     params, opt, _ = run("triton", torch.float32, steps=2, scope="tensor")
-    before = ([p.detach().clone() for p in params], {k: v.clone() for k, v in opt._scopes.to_dict().items()},
-              [{k: v.clone() for k, v in opt.state[p].items()} for p in params])
-    opt.found_inf = torch.tensor([1.0], device=DEV)
-    for p, g in zip(params, grads_for(params, 7)):
-        p.grad = g
-    params[0].grad[0] = float("inf")
-    opt.step()
-    assert all(torch.equal(a, b) for a, b in zip(before[0], params))
-    assert all(torch.equal(v, getattr(opt._scopes, k)) for k, v in before[1].items())
-    assert all(torch.equal(v, opt.state[p][k]) for s, p in zip(before[2], params) for k, v in s.items())
+    check_found_inf_changes_nothing(params, opt, inf_grad=True)
 
 
 def test_parity_nonfinite_grad():
@@ -152,15 +110,12 @@ def test_parity_nonfinite_grad():
     def hook_nan(backend):
         params = make_params([(7,), (4,), (5,)], torch.float32)
         opt = RLLC(groups(params), law_lr=0.1, scope="group", backend=backend)
-        laws = []
-        for step in range(4):
-            for p, g in zip(params, grads_for(params, step)):
-                p.grad = g
+
+        def poison(_opt, step):
             if step == 2:
                 params[2].grad[1] = float("nan")
-            opt.step()
-            laws.append(opt.law.clone())
-        return params, opt, laws
+
+        return params, opt, train(opt, params, 4, "law", hook=poison)
 
     ref, got = hook_nan("torch"), hook_nan("triton")
     assert torch.isnan(got[2][2][1]).all() and not torch.isnan(got[2][2][0]).any()
@@ -168,24 +123,13 @@ def test_parity_nonfinite_grad():
 
 
 def test_parity_lr_tensor_and_lr_change():
-    def groups(ps):
-        g = groups_of(ps)
-        g[1]["lr"] = torch.tensor(0.02, device=DEV)
-        return g
-
-    def hook(opt, step):
-        if step == 2:
-            opt.param_groups[0]["lr"] = 0.01
-            opt.param_groups[1]["lr"] = torch.tensor(0.07, device=DEV)
-
-    parity(torch.float32, groups=groups, hook=hook, memory="M(0.9)+M(0)")
+    parity(torch.float32, groups=lr_tensor_groups(groups_of), hook=change_lrs_at_step_2, memory="M(0.9)+M(0)")
 
 
 def test_bit_identical_runs():
     a = run("triton", torch.float32, scope="tensor", steps=3)
     b = run("triton", torch.float32, scope="tensor", steps=3)
-    assert all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
-    assert all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+    assert_bit_identical(a, b)
     assert all(torch.equal(a[1].state[x]["memory"], b[1].state[y]["memory"]) for x, y in zip(a[0], b[0]))
 
 
@@ -209,6 +153,5 @@ from _dist import one_rank_group  # noqa: E402,F401
 def test_split_step_is_the_fused_step(one_rank_group):
     a = run("triton", torch.float32, scope="tensor", steps=4)
     b = run("triton", torch.float32, scope="tensor", steps=4, process_group=one_rank_group)
-    assert all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
-    assert all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+    assert_bit_identical(a, b)
     assert not torch.equal(a[2][1], a[2][-1]), "the law should move"

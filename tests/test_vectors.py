@@ -10,7 +10,8 @@ import torch
 
 from amm_kernels import AMAdamW, AMSGD, available_backends, backend_supports_dtype
 
-from _helpers import load_vector, tolerance, vector_initial_params, vector_params, vector_spec_kwargs
+from _helpers import (assert_params_after, load_vector, set_vector_grads, tolerance, vector_params,
+                      vector_spec_kwargs, vector_tensors)
 
 CPU = torch.device("cpu")
 # Every backend of every device here: on a GPU machine the cuda and triton backends replay them too.
@@ -44,7 +45,7 @@ def scope_shape(vec):
 
 
 def build(vec, backend, dtype, device=CPU):
-    params = [[torch.tensor(x, dtype=dtype, device=device) for x in group] for group in vector_initial_params(vec)]
+    params = vector_tensors(vec, dtype, device)
     groups = [{"params": ps, "weight_decay": g["weight_decay"], "lr": vec["steps"][0]["lr"][gi]}
               for gi, (ps, g) in enumerate(zip(params, vec["groups"]))]
     cls = {"AMSGD": AMSGD, "AMAdamW": AMAdamW}[vec["optimizer"]]
@@ -64,19 +65,14 @@ def test_vector(path, device, backend, dtype):
         for gi, lr in enumerate(rec["lr"]):
             opt.param_groups[gi]["lr"] = lr
 
-        def set_grads():
-            for ps, gs in zip(params, rec["grads"]):
-                for p, g in zip(ps, gs):
-                    p.grad = torch.tensor(g, dtype=dtype, device=device).reshape(p.shape)
-
         if loss_mode:
             def closure():
-                set_grads()
+                set_vector_grads(params, rec, dtype, device)
                 return torch.tensor(rec["loss"], dtype=dtype, device=device)
 
             opt.step(closure)
         else:
-            set_grads()
+            set_vector_grads(params, rec, dtype, device)
             opt.step()
 
         beta = opt.beta
@@ -86,10 +82,4 @@ def test_vector(path, device, backend, dtype):
             f"expected {scope_shape(vec)} for beta_scope={vec['hyper']['beta_scope']!r}")
         np.testing.assert_allclose(beta.detach().cpu().to(torch.float64).reshape(-1).numpy(), rec["beta"],
                                    rtol=rtol, atol=atol, err_msg=f"{where} step {i}: beta")
-        for gi, group in enumerate(rec["params_after"]):
-            for ti, expected in enumerate(group):
-                p = params[gi][ti]
-                assert p.dtype == dtype
-                np.testing.assert_allclose(p.detach().cpu().to(torch.float64).reshape(-1).numpy(), expected,
-                                           rtol=rtol, atol=atol,
-                                           err_msg=f"{where} step {i}: param [{gi}][{ti}]")
+        assert_params_after(params, rec, dtype, rtol, atol, f"{where} step {i}")
