@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "op_signatures.h"
 #include "rllc_math.h"
 
 namespace amm {
@@ -64,7 +65,6 @@ void dispatch_k(int64_t k, F&& f) {
 template <class F>
 void dispatch_types(at::ScalarType x, at::ScalarType g, F&& f) {
   auto with_g = [&](auto tx) {
-    using TX = decltype(tx);
     if (g == x) f(tx, tx);
     else f(tx, float{});
   };
@@ -137,11 +137,7 @@ float scalar_of(const at::Tensor& t, const char* name) {
 // step_driver_cpu.cpp): each present scope's k(k+1)/2 + k sums go to row s of *sums_out ([S, P]
 // float64; zeros on the scope's first step) and nothing is written. With sums_in (the all-reduced
 // [S, P] sums), pass 1 is skipped and the law is updated from them.
-void rllc_run(at::TensorList params, at::TensorList grads, at::TensorList memory, at::IntArrayRef group_of,
-              at::IntArrayRef scope_of, const at::Tensor& lr, at::ArrayRef<double> U, at::ArrayRef<double> b,
-              const at::Tensor& step, const at::Tensor& law, const std::optional<at::Tensor>& grad_scale,
-              const std::optional<at::Tensor>& found_inf, double law_lr, double rcond,
-              const std::optional<at::Tensor>& sums_in, at::Tensor* sums_out) {
+void rllc_run(AMM_RLLC_PARAMS, const std::optional<at::Tensor>& sums_in, at::Tensor* sums_out) {
   const size_t T = params.size();
   const int64_t k = static_cast<int64_t>(b.size());
   TORCH_CHECK(k >= 1 && k <= kRllcMaxK, kOwner, ": k = ", k, " memory units; the kernels handle 1..", kRllcMaxK);
@@ -317,24 +313,14 @@ void rllc_run(at::TensorList params, at::TensorList grads, at::TensorList memory
   }
 }
 
-void rllc_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList memory, at::IntArrayRef group_of,
-                   at::IntArrayRef scope_of, const at::Tensor& lr, at::ArrayRef<double> U, at::ArrayRef<double> b,
-                   const at::Tensor& step, const at::Tensor& law, const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf, double law_lr, double rcond,
-                   const std::optional<at::Tensor>& scope_sums) {
-  rllc_run(params, grads, memory, group_of, scope_of, lr, U, b, step, law, grad_scale, found_inf, law_lr, rcond,
-           scope_sums, nullptr);
+void rllc_step_cpu(AMM_RLLC_PARAMS, const std::optional<at::Tensor>& scope_sums) {
+  rllc_run(AMM_RLLC_ARGS, scope_sums, nullptr);
 }
 
-at::Tensor rllc_scope_sums_cpu(at::TensorList params, at::TensorList grads, at::TensorList memory,
-                               at::IntArrayRef group_of, at::IntArrayRef scope_of, const at::Tensor& lr,
-                               at::ArrayRef<double> U, at::ArrayRef<double> b, const at::Tensor& step,
-                               const at::Tensor& law, const std::optional<at::Tensor>& grad_scale,
-                               const std::optional<at::Tensor>& found_inf, double law_lr, double rcond) {
+at::Tensor rllc_scope_sums_cpu(AMM_RLLC_PARAMS) {
   const int64_t k = static_cast<int64_t>(b.size());
   at::Tensor out = at::zeros({step.numel(), rllc_n_sums(static_cast<int>(k))}, at::TensorOptions().dtype(at::kDouble));
-  rllc_run(params, grads, memory, group_of, scope_of, lr, U, b, step, law, grad_scale, found_inf, law_lr, rcond,
-           std::nullopt, &out);
+  rllc_run(AMM_RLLC_ARGS, std::nullopt, &out);
   return out;
 }
 

@@ -15,6 +15,7 @@
 #include <optional>
 
 #include "amm_math.h"
+#include "op_signatures.h"
 
 namespace amm {
 namespace cpu {
@@ -248,6 +249,18 @@ RunSums sums_from_tensor(const Prepared& p, const at::Tensor& t, int64_t n_scope
   return sums;
 }
 
+// The per-scope sums of a step: the all-reduced ones it was given (sums_in), or pass 1's. `pass1(sums)`
+// runs pass 1 into `sums` and returns the `weighted` function of run_sums (it is not called when the
+// sums are given, nor when adaptive=False).
+template <class Pass1>
+RunSums scope_sums_of(const Prepared& p, const std::optional<at::Tensor>& sums_in, const float* step_p,
+                      int64_t n_scopes, bool adaptive, Pass1 pass1) {
+  if (sums_in.has_value() && sums_in->defined()) return sums_from_tensor(p, *sums_in, n_scopes);
+  if (!adaptive) return RunSums(p.runs.size(), {0.0, 0.0});
+  std::vector<float> sums;
+  return run_sums(p, step_p, adaptive, pass1(sums));
+}
+
 // Then each scope's beta from its sums plus `extra_num`, a scope-level numerator term (loss mode's
 // (lam + 1) (prev_loss - loss), 0 otherwise), handed to every tensor of the scope. In run order.
 std::vector<float> assign_scope_betas(Prepared& p, const float* step_p, const RunSums& sums, bool adaptive,
@@ -281,12 +294,7 @@ void commit_scope_state(const Prepared& p, const std::vector<float>& betas, floa
 
 // One AMSGD step; with sums_out, only its half before the all-reduce (NOTE [sharded sums]): the
 // scope sums go to *sums_out and nothing is written. With sums_in, pass 1 is skipped.
-void amsgd_run(at::TensorList params, at::TensorList grads, at::TensorList momentum, at::IntArrayRef group_of,
-               at::IntArrayRef scope_of, const at::Tensor& lr, at::ArrayRef<double> weight_decay,
-               const at::Tensor& step, const at::Tensor& beta, const at::Tensor& prev_lr, const at::Tensor& prev_loss,
-               const std::optional<at::Tensor>& loss, const std::optional<at::Tensor>& grad_scale,
-               const std::optional<at::Tensor>& found_inf, double lam, double beta_max, double beta_min,
-               bool adaptive, bool maximize, const std::optional<at::Tensor>& sums_in, at::Tensor* sums_out) {
+void amsgd_run(AMM_AMSGD_PARAMS, const std::optional<at::Tensor>& sums_in, at::Tensor* sums_out) {
   check_scope_tensor(step, "step", 1);
   check_scope_tensor(beta, "beta", step.numel());
   check_scope_tensor(prev_lr, "prev_lr", lr.numel());
@@ -309,17 +317,13 @@ void amsgd_run(at::TensorList params, at::TensorList grads, at::TensorList momen
       p.ts[i].need_sums = adaptive && !first && !given;
     }
   }
-  RunSums scope_sums;
-  if (given) {
-    scope_sums = sums_from_tensor(p, *sums_in, step.numel());
-  } else {
-    std::vector<float> sums;
-    if (adaptive) amsgd_sums(p.ts, p.common, sums);
-    scope_sums = run_sums(p, step_p, adaptive, [&](int64_t i, double* n, double* d) {
+  const RunSums scope_sums = scope_sums_of(p, sums_in, step_p, step.numel(), adaptive, [&](std::vector<float>& sums) {
+    amsgd_sums(p.ts, p.common, sums);
+    return [&](int64_t i, double* n, double* d) {
       amm::amsgd_weighted(sums.data() + i * amm::kAmsgdSums, p.ts[i].lr, prev_lr_p[p.group_of[i]], lam, !loss_mode,
                           n, d);
-    });
-  }
+    };
+  });
   if (sums_out != nullptr) {
     *sums_out = sums_to_tensor(p, scope_sums, step.numel());
     return;
@@ -337,13 +341,7 @@ void amsgd_run(at::TensorList params, at::TensorList grads, at::TensorList momen
 }
 
 // One AMAdamW step, or its half before the all-reduce (as amsgd_run).
-void amadamw_run(at::TensorList params, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
-                 at::IntArrayRef group_of, at::IntArrayRef scope_of, const at::Tensor& lr,
-                 at::ArrayRef<double> weight_decay, const at::Tensor& step, const at::Tensor& beta,
-                 const at::Tensor& beta_prod, const at::Tensor& prev_lr, const std::optional<at::Tensor>& grad_scale,
-                 const std::optional<at::Tensor>& found_inf, double lam, double beta_max, double beta_min, double beta2,
-                 double eps, bool adaptive, bool maximize, const std::optional<at::Tensor>& sums_in,
-                 at::Tensor* sums_out) {
+void amadamw_run(AMM_AMADAMW_PARAMS, const std::optional<at::Tensor>& sums_in, at::Tensor* sums_out) {
   check_scope_tensor(step, "step", 1);
   check_scope_tensor(beta, "beta", step.numel());
   check_scope_tensor(beta_prod, "beta_prod", step.numel());
@@ -374,17 +372,13 @@ void amadamw_run(at::TensorList params, at::TensorList grads, at::TensorList exp
       p.ts[i].need_sums = adaptive && !first && !given;
     }
   }
-  RunSums scope_sums;
-  if (given) {
-    scope_sums = sums_from_tensor(p, *sums_in, step.numel());
-  } else {
-    std::vector<float> sums;
-    if (adaptive) amadamw_sums(p.ts, p.common, sums);
-    scope_sums = run_sums(p, step_p, adaptive, [&](int64_t i, double* n, double* d) {
+  const RunSums scope_sums = scope_sums_of(p, sums_in, step_p, step.numel(), adaptive, [&](std::vector<float>& sums) {
+    amadamw_sums(p.ts, p.common, sums);
+    return [&](int64_t i, double* n, double* d) {
       amm::amadamw_weighted(sums.data() + i * amm::kAmadamwSums, p.ts[i].lr, prev_lr_p[p.group_of[i]],
                             weight_decay[p.group_of[i]], n, d);
-    });
-  }
+    };
+  });
   if (sums_out != nullptr) {
     *sums_out = sums_to_tensor(p, scope_sums, step.numel());
     return;
@@ -397,53 +391,23 @@ void amadamw_run(at::TensorList params, at::TensorList grads, at::TensorList exp
   commit_scope_state(p, scope_betas, step_p, beta_p, beta_prod_p, lr, prev_lr_p);
 }
 
-void amsgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum, at::IntArrayRef group_of,
-                    at::IntArrayRef scope_of, const at::Tensor& lr, at::ArrayRef<double> weight_decay,
-                    const at::Tensor& step, const at::Tensor& beta, const at::Tensor& prev_lr,
-                    const at::Tensor& prev_loss, const std::optional<at::Tensor>& loss,
-                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                    double lam, double beta_max, double beta_min, bool adaptive, bool maximize,
-                    const std::optional<at::Tensor>& scope_sums) {
-  amsgd_run(params, grads, momentum, group_of, scope_of, lr, weight_decay, step, beta, prev_lr, prev_loss, loss,
-            grad_scale, found_inf, lam, beta_max, beta_min, adaptive, maximize, scope_sums, nullptr);
+void amsgd_step_cpu(AMM_AMSGD_PARAMS, const std::optional<at::Tensor>& scope_sums) {
+  amsgd_run(AMM_AMSGD_ARGS, scope_sums, nullptr);
 }
 
-at::Tensor amsgd_scope_sums_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum,
-                                at::IntArrayRef group_of, at::IntArrayRef scope_of, const at::Tensor& lr,
-                                at::ArrayRef<double> weight_decay, const at::Tensor& step, const at::Tensor& beta,
-                                const at::Tensor& prev_lr, const at::Tensor& prev_loss,
-                                const std::optional<at::Tensor>& loss, const std::optional<at::Tensor>& grad_scale,
-                                const std::optional<at::Tensor>& found_inf, double lam, double beta_max,
-                                double beta_min, bool adaptive, bool maximize) {
+at::Tensor amsgd_scope_sums_cpu(AMM_AMSGD_PARAMS) {
   at::Tensor out = at::zeros({step.numel(), 2}, at::TensorOptions().dtype(at::kDouble));
-  amsgd_run(params, grads, momentum, group_of, scope_of, lr, weight_decay, step, beta, prev_lr, prev_loss, loss,
-            grad_scale, found_inf, lam, beta_max, beta_min, adaptive, maximize, std::nullopt, &out);
+  amsgd_run(AMM_AMSGD_ARGS, std::nullopt, &out);
   return out;
 }
 
-void amadamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
-                      at::IntArrayRef group_of, at::IntArrayRef scope_of, const at::Tensor& lr,
-                      at::ArrayRef<double> weight_decay, const at::Tensor& step, const at::Tensor& beta,
-                      const at::Tensor& beta_prod, const at::Tensor& prev_lr,
-                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                      double lam, double beta_max, double beta_min, double beta2, double eps, bool adaptive,
-                      bool maximize, const std::optional<at::Tensor>& scope_sums) {
-  amadamw_run(params, grads, exp_avg, exp_avg_sq, group_of, scope_of, lr, weight_decay, step, beta, beta_prod,
-              prev_lr, grad_scale, found_inf, lam, beta_max, beta_min, beta2, eps, adaptive, maximize, scope_sums,
-              nullptr);
+void amadamw_step_cpu(AMM_AMADAMW_PARAMS, const std::optional<at::Tensor>& scope_sums) {
+  amadamw_run(AMM_AMADAMW_ARGS, scope_sums, nullptr);
 }
 
-at::Tensor amadamw_scope_sums_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avg,
-                                  at::TensorList exp_avg_sq, at::IntArrayRef group_of, at::IntArrayRef scope_of,
-                                  const at::Tensor& lr, at::ArrayRef<double> weight_decay, const at::Tensor& step,
-                                  const at::Tensor& beta, const at::Tensor& beta_prod, const at::Tensor& prev_lr,
-                                  const std::optional<at::Tensor>& grad_scale,
-                                  const std::optional<at::Tensor>& found_inf, double lam, double beta_max,
-                                  double beta_min, double beta2, double eps, bool adaptive, bool maximize) {
+at::Tensor amadamw_scope_sums_cpu(AMM_AMADAMW_PARAMS) {
   at::Tensor out = at::zeros({step.numel(), 2}, at::TensorOptions().dtype(at::kDouble));
-  amadamw_run(params, grads, exp_avg, exp_avg_sq, group_of, scope_of, lr, weight_decay, step, beta, beta_prod,
-              prev_lr, grad_scale, found_inf, lam, beta_max, beta_min, beta2, eps, adaptive, maximize, std::nullopt,
-              &out);
+  amadamw_run(AMM_AMADAMW_ARGS, std::nullopt, &out);
   return out;
 }
 

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "amm_math.h"
+#include "op_signatures.h"
 #include "cuda/launchers.h"
 #include "cuda/tensor_plan.h"
 
@@ -249,47 +250,44 @@ void run_step(int algorithm, const Batch& batch, const at::Device& device, PassA
   }
 }
 
-// One AMSGD step, or (sums_out) its half before the all-reduce; sums_in: the all-reduced sums.
-void amsgd_run(at::TensorList params, at::TensorList grads, at::TensorList momentum, at::IntArrayRef group_of,
-               at::IntArrayRef scope_of, const at::Tensor& lr, at::ArrayRef<double> weight_decay,
-               const at::Tensor& step, const at::Tensor& beta, const at::Tensor& prev_lr, const at::Tensor& prev_loss,
-               const std::optional<at::Tensor>& loss, const std::optional<at::Tensor>& grad_scale,
-               const std::optional<at::Tensor>& found_inf, double lam, double beta_max, double beta_min,
-               bool adaptive, bool maximize, const std::optional<at::Tensor>& sums_in, double* sums_out) {
-  if (params.empty()) return;
-  const at::Device device = params[0].device();
-  const c10::cuda::CUDAGuard guard(device);
+// What both algorithms' steps share: the checked scope state, lr and the scalar inputs on the device,
+// and the PassArgs / FinalizeArgs fields that do not depend on the algorithm. The tensors held here
+// keep the pointers in pass and fin valid until the step's launches are enqueued.
+struct CommonStep {
+  at::Tensor lr_f;
+  std::optional<at::Tensor> scale_f, inf_f;
+  PassArgs pass{};
+  FinalizeArgs fin{};
+};
+
+CommonStep common_step(const at::Device& device, const at::Tensor& lr, const at::Tensor& step, const at::Tensor& beta,
+                       const at::Tensor& prev_lr, const std::optional<at::Tensor>& grad_scale,
+                       const std::optional<at::Tensor>& found_inf, double lam, double beta_max, double beta_min,
+                       bool adaptive, bool maximize, const std::optional<at::Tensor>& sums_in, double* sums_out) {
   check_state(step, device, "step");
   check_state(beta, device, "beta");
   check_state(prev_lr, device, "prev_lr");
-  check_state(prev_loss, device, "prev_loss");
-  TORCH_CHECK(beta.numel() == step.numel() && prev_loss.numel() == 1, "amm_kernels (CUDA): scope state sizes differ");
-  const at::Tensor lr_f = lr.to(device, at::kFloat).contiguous();
-  TORCH_CHECK(prev_lr.numel() == lr_f.numel(), "amm_kernels (CUDA): lr and prev_lr must have one entry per group");
-  const auto loss_f = scalar_input(loss, device, "loss");
-  const auto scale_f = scalar_input(grad_scale, device, "grad_scale");
-  const auto inf_f = scalar_input(found_inf, device, "found_inf");
-  const Batch batch = describe(params, grads, momentum, nullptr, group_of, scope_of, weight_decay, device,
-                               lr_f.numel(), step.numel());
+  TORCH_CHECK(beta.numel() == step.numel(), "amm_kernels (CUDA): scope state sizes differ");
+  CommonStep c;
+  c.lr_f = lr.to(device, at::kFloat).contiguous();
+  TORCH_CHECK(prev_lr.numel() == c.lr_f.numel(), "amm_kernels (CUDA): lr and prev_lr must have one entry per group");
+  c.scale_f = scalar_input(grad_scale, device, "grad_scale");
+  c.inf_f = scalar_input(found_inf, device, "found_inf");
 
-  PassArgs pass{};
-  pass.lr = lr_f.data_ptr<float>();
-  pass.grad_scale = ptr_or_null(scale_f);
-  pass.found_inf = ptr_or_null(inf_f);
+  PassArgs& pass = c.pass;
+  pass.lr = c.lr_f.data_ptr<float>();
+  pass.grad_scale = ptr_or_null(c.scale_f);
+  pass.found_inf = ptr_or_null(c.inf_f);
   pass.step = step.data_ptr<float>();
-  pass.beta_prod = nullptr;
   pass.lam = static_cast<float>(lam);
   pass.beta_max = static_cast<float>(beta_max);
   pass.beta_max_d = beta_max;
   pass.maximize = maximize;
 
-  FinalizeArgs fin{};
+  FinalizeArgs& fin = c.fin;
   fin.step = step.data_ptr<float>();
   fin.beta = beta.data_ptr<float>();
-  fin.beta_prod = nullptr;
   fin.prev_lr = prev_lr.data_ptr<float>();
-  fin.prev_loss = prev_loss.data_ptr<float>();
-  fin.loss = ptr_or_null(loss_f);
   fin.lr = pass.lr;
   fin.found_inf = pass.found_inf;
   fin.lam = lam;
@@ -298,118 +296,64 @@ void amsgd_run(at::TensorList params, at::TensorList grads, at::TensorList momen
   fin.adaptive = adaptive;
   fin.sums_in = sums_input(sums_in, device, step.numel());
   fin.sums_out = sums_out;
-  run_step(kAlgoAmsgd, batch, device, pass, fin, adaptive);
+  return c;
+}
+
+// One AMSGD step, or (sums_out) its half before the all-reduce; sums_in: the all-reduced sums.
+void amsgd_run(AMM_AMSGD_PARAMS, const std::optional<at::Tensor>& sums_in, double* sums_out) {
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  check_state(prev_loss, device, "prev_loss");
+  TORCH_CHECK(prev_loss.numel() == 1, "amm_kernels (CUDA): prev_loss must have one element");
+  CommonStep c = common_step(device, lr, step, beta, prev_lr, grad_scale, found_inf, lam, beta_max, beta_min, adaptive,
+                             maximize, sums_in, sums_out);
+  const auto loss_f = scalar_input(loss, device, "loss");
+  const Batch batch = describe(params, grads, momentum, nullptr, group_of, scope_of, weight_decay, device,
+                               c.lr_f.numel(), step.numel());
+  c.fin.prev_loss = prev_loss.data_ptr<float>();
+  c.fin.loss = ptr_or_null(loss_f);
+  run_step(kAlgoAmsgd, batch, device, c.pass, c.fin, adaptive);
 }
 
 // One AMAdamW step, or its half before the all-reduce (as amsgd_run).
-void amadamw_run(at::TensorList params, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
-                 at::IntArrayRef group_of, at::IntArrayRef scope_of, const at::Tensor& lr,
-                 at::ArrayRef<double> weight_decay, const at::Tensor& step, const at::Tensor& beta,
-                 const at::Tensor& beta_prod, const at::Tensor& prev_lr, const std::optional<at::Tensor>& grad_scale,
-                 const std::optional<at::Tensor>& found_inf, double lam, double beta_max, double beta_min, double beta2,
-                 double eps, bool adaptive, bool maximize, const std::optional<at::Tensor>& sums_in,
-                 double* sums_out) {
+void amadamw_run(AMM_AMADAMW_PARAMS, const std::optional<at::Tensor>& sums_in, double* sums_out) {
   if (params.empty()) return;
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
-  check_state(step, device, "step");
-  check_state(beta, device, "beta");
   check_state(beta_prod, device, "beta_prod");
-  check_state(prev_lr, device, "prev_lr");
-  TORCH_CHECK(beta.numel() == step.numel() && beta_prod.numel() == step.numel(),
-              "amm_kernels (CUDA): scope state sizes differ");
-  const at::Tensor lr_f = lr.to(device, at::kFloat).contiguous();
-  TORCH_CHECK(prev_lr.numel() == lr_f.numel(), "amm_kernels (CUDA): lr and prev_lr must have one entry per group");
-  const auto scale_f = scalar_input(grad_scale, device, "grad_scale");
-  const auto inf_f = scalar_input(found_inf, device, "found_inf");
+  TORCH_CHECK(beta_prod.numel() == step.numel(), "amm_kernels (CUDA): scope state sizes differ");
+  CommonStep c = common_step(device, lr, step, beta, prev_lr, grad_scale, found_inf, lam, beta_max, beta_min, adaptive,
+                             maximize, sums_in, sums_out);
   const Batch batch = describe(params, grads, exp_avg, &exp_avg_sq, group_of, scope_of, weight_decay, device,
-                               lr_f.numel(), step.numel());
-
-  PassArgs pass{};
-  pass.lr = lr_f.data_ptr<float>();
-  pass.grad_scale = ptr_or_null(scale_f);
-  pass.found_inf = ptr_or_null(inf_f);
-  pass.step = step.data_ptr<float>();
-  pass.beta_prod = beta_prod.data_ptr<float>();
-  pass.lam = static_cast<float>(lam);
-  pass.beta_max = static_cast<float>(beta_max);
-  pass.beta_max_d = beta_max;
-  pass.beta2_d = beta2;
-  pass.beta2 = static_cast<float>(beta2);
-  pass.eps = static_cast<float>(eps);
-  pass.maximize = maximize;
-
-  FinalizeArgs fin{};
-  fin.step = step.data_ptr<float>();
-  fin.beta = beta.data_ptr<float>();
-  fin.beta_prod = beta_prod.data_ptr<float>();
-  fin.prev_lr = prev_lr.data_ptr<float>();
-  fin.prev_loss = nullptr;
-  fin.loss = nullptr;
-  fin.lr = pass.lr;
-  fin.found_inf = pass.found_inf;
-  fin.lam = lam;
-  fin.beta_max = beta_max;
-  fin.beta_min = beta_min;
-  fin.beta2 = beta2;
-  fin.adaptive = adaptive;
-  fin.sums_in = sums_input(sums_in, device, step.numel());
-  fin.sums_out = sums_out;
-  run_step(kAlgoAmadamw, batch, device, pass, fin, adaptive);
+                               c.lr_f.numel(), step.numel());
+  c.pass.beta_prod = beta_prod.data_ptr<float>();
+  c.pass.beta2_d = beta2;
+  c.pass.beta2 = static_cast<float>(beta2);
+  c.pass.eps = static_cast<float>(eps);
+  c.fin.beta_prod = beta_prod.data_ptr<float>();
+  c.fin.beta2 = beta2;
+  run_step(kAlgoAmadamw, batch, device, c.pass, c.fin, adaptive);
 }
 
-void amsgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum, at::IntArrayRef group_of,
-                     at::IntArrayRef scope_of, const at::Tensor& lr, at::ArrayRef<double> weight_decay,
-                     const at::Tensor& step, const at::Tensor& beta, const at::Tensor& prev_lr,
-                     const at::Tensor& prev_loss, const std::optional<at::Tensor>& loss,
-                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                     double lam, double beta_max, double beta_min, bool adaptive, bool maximize,
-                     const std::optional<at::Tensor>& scope_sums) {
-  amsgd_run(params, grads, momentum, group_of, scope_of, lr, weight_decay, step, beta, prev_lr, prev_loss, loss,
-            grad_scale, found_inf, lam, beta_max, beta_min, adaptive, maximize, scope_sums, nullptr);
+void amsgd_step_cuda(AMM_AMSGD_PARAMS, const std::optional<at::Tensor>& scope_sums) {
+  amsgd_run(AMM_AMSGD_ARGS, scope_sums, nullptr);
 }
 
 // NOTE [sharded sums]: zeros for the scopes this rank lacks (a stream-ordered memset: no host sync).
-at::Tensor amsgd_scope_sums_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum,
-                                 at::IntArrayRef group_of, at::IntArrayRef scope_of, const at::Tensor& lr,
-                                 at::ArrayRef<double> weight_decay, const at::Tensor& step, const at::Tensor& beta,
-                                 const at::Tensor& prev_lr, const at::Tensor& prev_loss,
-                                 const std::optional<at::Tensor>& loss, const std::optional<at::Tensor>& grad_scale,
-                                 const std::optional<at::Tensor>& found_inf, double lam, double beta_max,
-                                 double beta_min, bool adaptive, bool maximize) {
+at::Tensor amsgd_scope_sums_cuda(AMM_AMSGD_PARAMS) {
   at::Tensor out = at::zeros({step.numel(), 2}, step.options().dtype(at::kDouble));
-  if (adaptive) {
-    amsgd_run(params, grads, momentum, group_of, scope_of, lr, weight_decay, step, beta, prev_lr, prev_loss, loss,
-              grad_scale, found_inf, lam, beta_max, beta_min, adaptive, maximize, std::nullopt, out.data_ptr<double>());
-  }
+  if (adaptive) amsgd_run(AMM_AMSGD_ARGS, std::nullopt, out.data_ptr<double>());
   return out;
 }
 
-void amadamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
-                       at::IntArrayRef group_of, at::IntArrayRef scope_of, const at::Tensor& lr,
-                       at::ArrayRef<double> weight_decay, const at::Tensor& step, const at::Tensor& beta,
-                       const at::Tensor& beta_prod, const at::Tensor& prev_lr,
-                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                       double lam, double beta_max, double beta_min, double beta2, double eps, bool adaptive,
-                       bool maximize, const std::optional<at::Tensor>& scope_sums) {
-  amadamw_run(params, grads, exp_avg, exp_avg_sq, group_of, scope_of, lr, weight_decay, step, beta, beta_prod,
-              prev_lr, grad_scale, found_inf, lam, beta_max, beta_min, beta2, eps, adaptive, maximize, scope_sums,
-              nullptr);
+void amadamw_step_cuda(AMM_AMADAMW_PARAMS, const std::optional<at::Tensor>& scope_sums) {
+  amadamw_run(AMM_AMADAMW_ARGS, scope_sums, nullptr);
 }
 
-at::Tensor amadamw_scope_sums_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avg,
-                                   at::TensorList exp_avg_sq, at::IntArrayRef group_of, at::IntArrayRef scope_of,
-                                   const at::Tensor& lr, at::ArrayRef<double> weight_decay, const at::Tensor& step,
-                                   const at::Tensor& beta, const at::Tensor& beta_prod, const at::Tensor& prev_lr,
-                                   const std::optional<at::Tensor>& grad_scale,
-                                   const std::optional<at::Tensor>& found_inf, double lam, double beta_max,
-                                   double beta_min, double beta2, double eps, bool adaptive, bool maximize) {
+at::Tensor amadamw_scope_sums_cuda(AMM_AMADAMW_PARAMS) {
   at::Tensor out = at::zeros({step.numel(), 2}, step.options().dtype(at::kDouble));
-  if (adaptive) {
-    amadamw_run(params, grads, exp_avg, exp_avg_sq, group_of, scope_of, lr, weight_decay, step, beta, beta_prod,
-                prev_lr, grad_scale, found_inf, lam, beta_max, beta_min, beta2, eps, adaptive, maximize, std::nullopt,
-                out.data_ptr<double>());
-  }
+  if (adaptive) amadamw_run(AMM_AMADAMW_ARGS, std::nullopt, out.data_ptr<double>());
   return out;
 }
 

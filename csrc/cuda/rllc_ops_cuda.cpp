@@ -16,6 +16,7 @@
 #include "cuda/launchers.h"
 #include "cuda/rllc_launchers.h"
 #include "cuda/tensor_plan.h"
+#include "op_signatures.h"
 #include "rllc_math.h"
 
 namespace amm_cuda {
@@ -43,11 +44,7 @@ std::optional<at::Tensor> rllc_scalar_input(const std::optional<at::Tensor>& t, 
 
 // One RLLC step, or (sums_out) its half before the all-reduce; sums_in: the all-reduced sums
 // (NOTE [sharded sums] in rllc_launchers.h).
-void rllc_run(at::TensorList params, at::TensorList grads, at::TensorList memory, at::IntArrayRef group_of,
-              at::IntArrayRef scope_of, const at::Tensor& lr, at::ArrayRef<double> U, at::ArrayRef<double> b,
-              const at::Tensor& step, const at::Tensor& law, const std::optional<at::Tensor>& grad_scale,
-              const std::optional<at::Tensor>& found_inf, double law_lr, double rcond,
-              const std::optional<at::Tensor>& sums_in, double* sums_out) {
+void rllc_run(AMM_RLLC_PARAMS, const std::optional<at::Tensor>& sums_in, double* sums_out) {
   const size_t T = params.size();
   const int64_t k = static_cast<int64_t>(b.size());
   TORCH_CHECK(k >= 1 && k <= amm::kRllcMaxK, kOwner, ": k = ", k, " memory units; the kernels handle 1..",
@@ -150,25 +147,15 @@ void rllc_run(at::TensorList params, at::TensorList grads, at::TensorList memory
   for (const TensorTable& table : plan.tables) C10_CUDA_CHECK(launch_rllc_update(table, args, stream.stream()));
 }
 
-void rllc_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList memory, at::IntArrayRef group_of,
-                    at::IntArrayRef scope_of, const at::Tensor& lr, at::ArrayRef<double> U, at::ArrayRef<double> b,
-                    const at::Tensor& step, const at::Tensor& law, const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf, double law_lr, double rcond,
-                    const std::optional<at::Tensor>& scope_sums) {
-  rllc_run(params, grads, memory, group_of, scope_of, lr, U, b, step, law, grad_scale, found_inf, law_lr, rcond,
-           scope_sums, nullptr);
+void rllc_step_cuda(AMM_RLLC_PARAMS, const std::optional<at::Tensor>& scope_sums) {
+  rllc_run(AMM_RLLC_ARGS, scope_sums, nullptr);
 }
 
 // Zeros for the scopes this rank lacks (a stream-ordered memset: no host sync).
-at::Tensor rllc_scope_sums_cuda(at::TensorList params, at::TensorList grads, at::TensorList memory,
-                                at::IntArrayRef group_of, at::IntArrayRef scope_of, const at::Tensor& lr,
-                                at::ArrayRef<double> U, at::ArrayRef<double> b, const at::Tensor& step,
-                                const at::Tensor& law, const std::optional<at::Tensor>& grad_scale,
-                                const std::optional<at::Tensor>& found_inf, double law_lr, double rcond) {
+at::Tensor rllc_scope_sums_cuda(AMM_RLLC_PARAMS) {
   const int n_sums = amm::rllc_n_sums(static_cast<int>(b.size()));
   at::Tensor out = at::zeros({step.numel(), n_sums}, step.options().dtype(at::kDouble));
-  rllc_run(params, grads, memory, group_of, scope_of, lr, U, b, step, law, grad_scale, found_inf, law_lr, rcond,
-           std::nullopt, out.data_ptr<double>());
+  rllc_run(AMM_RLLC_ARGS, std::nullopt, out.data_ptr<double>());
   return out;
 }
 
