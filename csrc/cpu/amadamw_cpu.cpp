@@ -167,31 +167,10 @@ AMM_TARGET_AVX512 void update_avx512(TX* x, const TG* g, TS* d, TS* v, int64_t n
 }
 #endif
 
-template <class TX, class TG, class TS>
-auto pick_sums(Isa isa) {
-#if AMM_CPU_MULTI_ISA
-  if (isa == Isa::kAvx512) return &sums_avx512<TX, TG, TS>;
-  if (isa == Isa::kAvx2) return &sums_avx2<TX, TG, TS>;
-#endif
-  (void)isa;
-  return &sums_base<TX, TG, TS>;
-}
-
-template <class TX, class TG, class TS>
-auto pick_update(Isa isa) {
-#if AMM_CPU_MULTI_ISA
-  if (isa == Isa::kAvx512) return &update_avx512<TX, TG, TS>;
-  if (isa == Isa::kAvx2) return &update_avx2<TX, TG, TS>;
-#endif
-  (void)isa;
-  return &update_base<TX, TG, TS>;
-}
-
 }  // namespace
 
 void amadamw_sums(const std::vector<StepTensor>& ts, const CommonArgs& a, std::vector<float>& sums) {
   constexpr int K = amm::kAmadamwSums;
-  sums.assign(ts.size() * K, 0.f);
   const ChunkPlan plan = make_plan(ts, [](const StepTensor& t) { return t.need_sums && t.numel > 0; });
   std::vector<float> partial(plan.tensor.size() * K, 0.f);
   const Isa isa = cpu_isa();
@@ -203,18 +182,12 @@ void amadamw_sums(const std::vector<StepTensor>& ts, const CommonArgs& a, std::v
       using TX = decltype(tx);
       using TG = decltype(tg);
       using TS = decltype(ts_);
-      pick_sums<TX, TG, TS>(isa)(t.x.const_data_ptr<TX>() + b, t.g.const_data_ptr<TG>() + b,
-                                 t.d.const_data_ptr<TS>() + b, t.v.const_data_ptr<TS>() + b, n, s,
-                                 partial.data() + c * K);
+      AMM_PICK_ISA(isa, sums, TX, TG, TS)(t.x.const_data_ptr<TX>() + b, t.g.const_data_ptr<TG>() + b,
+                                          t.d.const_data_ptr<TS>() + b, t.v.const_data_ptr<TS>() + b, n, s,
+                                          partial.data() + c * K);
     });
   });
-  for (size_t t = 0; t < ts.size(); ++t) {
-    for (int k = 0; k < K; ++k) {
-      double s = 0.0;
-      for (int64_t c = plan.first_slot[t]; c < plan.first_slot[t + 1]; ++c) s += partial[c * K + k];
-      sums[t * K + k] = static_cast<float>(s);
-    }
-  }
+  combine_chunk_sums(plan, partial, K, sums);
 }
 
 void amadamw_update(const std::vector<StepTensor>& ts, const CommonArgs& a) {
@@ -228,8 +201,8 @@ void amadamw_update(const std::vector<StepTensor>& ts, const CommonArgs& a) {
       using TX = decltype(tx);
       using TG = decltype(tg);
       using TS = decltype(ts_);
-      pick_update<TX, TG, TS>(isa)(t.x.mutable_data_ptr<TX>() + b, t.g.const_data_ptr<TG>() + b,
-                                   t.d.mutable_data_ptr<TS>() + b, t.v.mutable_data_ptr<TS>() + b, n, s);
+      AMM_PICK_ISA(isa, update, TX, TG, TS)(t.x.mutable_data_ptr<TX>() + b, t.g.const_data_ptr<TG>() + b,
+                                            t.d.mutable_data_ptr<TS>() + b, t.v.mutable_data_ptr<TS>() + b, n, s);
     });
   }, /*reverse=*/true);
 }

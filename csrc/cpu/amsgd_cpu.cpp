@@ -78,30 +78,9 @@ AMM_SGD_VARIANTS(avx512, AMM_TARGET_AVX512)
 #endif
 #undef AMM_SGD_VARIANTS
 
-template <class TX, class TG, class TS, bool Coupled>
-auto pick_sums(Isa isa) {
-#if AMM_CPU_MULTI_ISA
-  if (isa == Isa::kAvx512) return &sums_avx512<TX, TG, TS, Coupled>;
-  if (isa == Isa::kAvx2) return &sums_avx2<TX, TG, TS, Coupled>;
-#endif
-  (void)isa;
-  return &sums_base<TX, TG, TS, Coupled>;
-}
-
-template <class TX, class TG, class TS>
-auto pick_update(Isa isa) {
-#if AMM_CPU_MULTI_ISA
-  if (isa == Isa::kAvx512) return &update_avx512<TX, TG, TS>;
-  if (isa == Isa::kAvx2) return &update_avx2<TX, TG, TS>;
-#endif
-  (void)isa;
-  return &update_base<TX, TG, TS>;
-}
-
 }  // namespace
 
 void amsgd_sums(const std::vector<StepTensor>& ts, const CommonArgs& a, std::vector<float>& sums) {
-  sums.assign(ts.size() * amm::kAmsgdSums, 0.f);
   const ChunkPlan plan = make_plan(ts, [](const StepTensor& t) { return t.need_sums && t.numel > 0; });
   std::vector<float> partial(plan.tensor.size() * amm::kAmsgdSums, 0.f);
   const Isa isa = cpu_isa();
@@ -113,19 +92,12 @@ void amsgd_sums(const std::vector<StepTensor>& ts, const CommonArgs& a, std::vec
       using TX = decltype(tx);
       using TG = decltype(tg);
       using TS = decltype(ts_);
-      auto* kernel = t.wd != 0.f ? pick_sums<TX, TG, TS, true>(isa) : pick_sums<TX, TG, TS, false>(isa);
+      auto* kernel = t.wd != 0.f ? AMM_PICK_ISA(isa, sums, TX, TG, TS, true) : AMM_PICK_ISA(isa, sums, TX, TG, TS, false);
       kernel(t.x.const_data_ptr<TX>() + b, t.g.const_data_ptr<TG>() + b, t.d.const_data_ptr<TS>() + b, n,
              a.inv_grad_scale, t.wd, a.lam, out);
     });
   });
-  // Per tensor: its chunks' partial sums in chunk order, in double, rounded once to float32.
-  for (size_t t = 0; t < ts.size(); ++t) {
-    for (int k = 0; k < amm::kAmsgdSums; ++k) {
-      double s = 0.0;
-      for (int64_t c = plan.first_slot[t]; c < plan.first_slot[t + 1]; ++c) s += partial[c * amm::kAmsgdSums + k];
-      sums[t * amm::kAmsgdSums + k] = static_cast<float>(s);
-    }
-  }
+  combine_chunk_sums(plan, partial, amm::kAmsgdSums, sums);
 }
 
 void amsgd_update(const std::vector<StepTensor>& ts, const CommonArgs& a) {
@@ -138,9 +110,9 @@ void amsgd_update(const std::vector<StepTensor>& ts, const CommonArgs& a) {
       using TX = decltype(tx);
       using TG = decltype(tg);
       using TS = decltype(ts_);
-      pick_update<TX, TG, TS>(isa)(t.x.mutable_data_ptr<TX>() + b, t.g.const_data_ptr<TG>() + b,
-                               t.d.mutable_data_ptr<TS>() + b, n, a.inv_grad_scale, t.wd, a.lam,
-                               t.beta, t.first, t.lr);
+      AMM_PICK_ISA(isa, update, TX, TG, TS)(t.x.mutable_data_ptr<TX>() + b, t.g.const_data_ptr<TG>() + b,
+                                            t.d.mutable_data_ptr<TS>() + b, n, a.inv_grad_scale, t.wd, a.lam,
+                                            t.beta, t.first, t.lr);
     });
   }, /*reverse=*/true);
 }

@@ -84,6 +84,10 @@ ChunkPlan make_plan(const std::vector<StepTensor>& ts, Include include) {
   return plan;
 }
 
+// Pass 1's per-tensor sums from its per-chunk partials (K per chunk, in plan order): each tensor's
+// chunks added in chunk order in double, rounded once to float32, into sums[t * K + k] (row-major [T][K]).
+void combine_chunk_sums(const ChunkPlan& plan, const std::vector<float>& partial, int K, std::vector<float>& sums);
+
 // Runs fn(chunk) for chunk in [0, plan size), in parallel when the step is large enough. Each thread
 // takes one contiguous range of chunks (the same ranges for the same plan size and thread count);
 // with reverse, it walks its range from the end. Pass 2 runs in reverse: what pass 1 read last is
@@ -117,6 +121,16 @@ const char* isa_name(Isa isa);
 #define AMM_TARGET_AVX2
 #define AMM_TARGET_AVX512
 #endif
+// The build of chunk function `fn` for `isa`: fn##_avx512, fn##_avx2 or fn##_base, each a template
+// instantiated with the arguments after `fn` (the *_cpu.cpp files define the three with one macro).
+#if AMM_CPU_MULTI_ISA
+#define AMM_PICK_ISA(isa, fn, ...)                                        \
+  ((isa) == Isa::kAvx512 ? &fn##_avx512<__VA_ARGS__>                      \
+   : (isa) == Isa::kAvx2 ? &fn##_avx2<__VA_ARGS__> : &fn##_base<__VA_ARGS__>)
+#else
+#define AMM_PICK_ISA(isa, fn, ...) (static_cast<void>(isa), &fn##_base<__VA_ARGS__>)
+#endif
+
 #if defined(__GNUC__)
 #define AMM_ALWAYS_INLINE inline __attribute__((always_inline))
 #else

@@ -40,6 +40,18 @@ void for_each_chunk(const ChunkPlan& plan, const std::function<void(int64_t)>& f
   at::parallel_for(0, n, 1, range);
 }
 
+void combine_chunk_sums(const ChunkPlan& plan, const std::vector<float>& partial, int K, std::vector<float>& sums) {
+  const size_t T = plan.first_slot.size() - 1;
+  sums.assign(T * K, 0.f);
+  for (size_t t = 0; t < T; ++t) {
+    for (int k = 0; k < K; ++k) {
+      double s = 0.0;
+      for (int64_t c = plan.first_slot[t]; c < plan.first_slot[t + 1]; ++c) s += partial[c * K + k];
+      sums[t * K + k] = static_cast<float>(s);
+    }
+  }
+}
+
 int64_t parallel_thread_count() {
   // NOTE [OpenMP] in setup.py: compiled without -fopenmp, at::parallel_for here would run on one thread.
   std::vector<char> used(static_cast<size_t>(at::get_num_threads()) + 1, 0);
