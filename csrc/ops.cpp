@@ -55,12 +55,17 @@ static constexpr long kHasCuda = 0;
 namespace amm {
 namespace cpu {
 int64_t parallel_thread_count();  // csrc/cpu/step_driver_cpu.cpp
+const char* cpu_isa_name();       // csrc/cpu/step_driver_cpu.cpp
 }  // namespace cpu
 }  // namespace amm
 
 static PyObject* parallel_threads(PyObject*, PyObject*) { return PyLong_FromLongLong(amm::cpu::parallel_thread_count()); }
 
+static PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(amm::cpu::cpu_isa_name()); }
+
 static PyMethodDef kMethods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS,
+     "The instruction set the CPU kernels run with: 'avx512', 'avx2' or 'base' (AMM_CPU_ISA may lower it)."},
     {"parallel_threads", parallel_threads, METH_NOARGS,
      "How many threads an at::parallel_for inside this library uses (1 means it was built without OpenMP)."},
     {nullptr, nullptr, 0, nullptr},

@@ -250,6 +250,61 @@ def test_cpu_kernels_run_on_several_threads():
         torch.set_num_threads(threads)
 
 
+_ISA_SCRIPT = r"""
+import sys, torch
+from amm_kernels import _C, AMSGD, AMAdamW, RLLC
+torch.manual_seed(0)
+shapes = [(1,), (7,), (33,), (4097,), (70_001,), (16, 9)]
+out = {"isa": _C.cpu_isa()}
+for name, make in [("AMSGD", lambda p: AMSGD(p, weight_decay=0.01, backend="cpu")),
+                   ("AMAdamW", lambda p: AMAdamW(p, weight_decay=0.01, backend="cpu")),
+                   ("RLLC", lambda p: RLLC(p, law_lr=0.05, backend="cpu"))]:
+    for dtype in (torch.float32, torch.bfloat16):
+        params = [torch.randn(s).to(dtype).requires_grad_() for s in shapes]
+        opt = make(params)
+        for step in range(4):
+            for p in params:
+                p.grad = ((-1) ** step * torch.ones(p.shape) + 0.3 * torch.randn(p.shape)).to(dtype)
+            opt.step()
+        out[f"{name}-{dtype}"] = [p.detach().clone() for p in params] + [
+            t.clone() for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
+torch.save(out, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif("cpu" not in amm_kernels.available_backends("cpu"), reason="amm_kernels._C is not built")
+def test_cpu_isa_builds_are_bit_identical(tmp_path):
+    """cpu_kernels.h NOTE: the chunk loops are compiled for base x86-64, AVX2 and AVX-512, and built
+    with -ffp-contract=off so that every build rounds identically. Each build runs in its own process
+    (AMM_CPU_ISA is read once), on the same inputs; the results must agree bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    from amm_kernels import _C
+
+    best = _C.cpu_isa()
+    isas = ["base", "avx2", "avx512"][: ["base", "avx2", "avx512"].index(best) + 1]
+    if len(isas) == 1:
+        pytest.skip(f"this CPU runs only the {best} build")
+    script = tmp_path / "isa_run.py"
+    script.write_text(_ISA_SCRIPT)
+    results = {}
+    for isa in isas:
+        path = tmp_path / f"{isa}.pt"
+        env = dict(os.environ, AMM_CPU_ISA=isa, OMP_NUM_THREADS="2")
+        subprocess.run([sys.executable, str(script), str(path)], env=env, check=True, timeout=300)
+        results[isa] = torch.load(path)
+        assert results[isa]["isa"] == isa, "AMM_CPU_ISA did not select the build asked for"
+    base = results["base"]
+    for isa in isas[1:]:
+        for key, tensors in base.items():
+            if key == "isa":
+                continue
+            for i, (a, b) in enumerate(zip(tensors, results[isa][key])):
+                assert torch.equal(a, b), f"{key} tensor {i}: the {isa} build differs from the base build"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls,kwargs", OPT_CASES)
 def test_deterministic(backend, cls, kwargs):

@@ -111,6 +111,7 @@ int64_t parallel_thread_count();
 enum class Isa : int { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
 Isa cpu_isa();
 const char* isa_name(Isa isa);
+const char* cpu_isa_name();  // isa_name(cpu_isa()), exposed as amm_kernels._C.cpu_isa()
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define AMM_CPU_MULTI_ISA 1

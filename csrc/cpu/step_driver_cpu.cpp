@@ -95,6 +95,8 @@ Isa cpu_isa() {
   return isa;
 }
 
+const char* cpu_isa_name() { return isa_name(cpu_isa()); }
+
 namespace {
 
 const char* kOwner = "amm_kernels (cpu)";
