@@ -52,6 +52,24 @@ def _block(meta, blocks, n_blocks, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _load_common(row, offs, mask, lr_ptr, weight_decay, grad_scale_ptr, HAS_GRAD_SCALE: tl.constexpr,
+                 X_CODE: tl.constexpr, G_CODE: tl.constexpr, D_CODE: tl.constexpr):
+    """What both updates read: x, the raw gradient and d of the block (float32), the tensor's scope,
+    its group's weight decay and lr, and the grad scale (1 without one)."""
+    x = tl.load(as_ptr(tl.load(row + 0), X_CODE) + offs, mask=mask, other=0.0).to(tl.float32)
+    grad = tl.load(as_ptr(tl.load(row + 1), G_CODE) + offs, mask=mask, other=0.0).to(tl.float32)
+    d = tl.load(as_ptr(tl.load(row + 2), D_CODE) + offs, mask=mask, other=0.0).to(tl.float32)
+    group = tl.load(row + 5)
+    s = tl.load(row + 6)
+    wd = tl.load(weight_decay + group)
+    lr = tl.load(lr_ptr + group).to(tl.float32)
+    scale = 1.0
+    if HAS_GRAD_SCALE:
+        scale = tl.load(grad_scale_ptr).to(tl.float32)
+    return x, grad, d, s, wd, lr, scale
+
+
+@triton.jit
 def amsgd_update_kernel(
     meta, blocks, n_blocks, scratch, n_scopes, lr_ptr, weight_decay, grad_scale_ptr, found_inf_ptr,
     present_groups, n_groups, prev_lr_ptr, prev_loss_ptr, loss_ptr, lam,
@@ -61,19 +79,8 @@ def amsgd_update_kernel(
 ):
     skip = _skip(found_inf_ptr, HAS_FOUND_INF)
     row, offs, lim = _block(meta, blocks, n_blocks, BLOCK)
-    mask = offs < lim
-    x_ptr = as_ptr(tl.load(row + 0), X_CODE) + offs
-    d_ptr = as_ptr(tl.load(row + 2), D_CODE) + offs
-    x = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
-    grad = tl.load(as_ptr(tl.load(row + 1), G_CODE) + offs, mask=mask, other=0.0).to(tl.float32)
-    d = tl.load(d_ptr, mask=mask, other=0.0).to(tl.float32)
-    group = tl.load(row + 5)
-    s = tl.load(row + 6)
-    wd = tl.load(weight_decay + group)
-    lr = tl.load(lr_ptr + group).to(tl.float32)
-    scale = 1.0
-    if HAS_GRAD_SCALE:
-        scale = tl.load(grad_scale_ptr).to(tl.float32)
+    x, grad, d, s, wd, lr, scale = _load_common(row, offs, offs < lim, lr_ptr, weight_decay, grad_scale_ptr,
+                                                HAS_GRAD_SCALE, X_CODE, G_CODE, D_CODE)
     beta = tl.load(scratch + s)
     first_step = tl.load(scratch + n_scopes + s) != 0.0
     g = effective_grad(grad, x, scale, HAS_GRAD_SCALE, MAXIMIZE, wd)
@@ -98,21 +105,9 @@ def amadamw_update_kernel(
 ):
     skip = _skip(found_inf_ptr, HAS_FOUND_INF)
     row, offs, lim = _block(meta, blocks, n_blocks, BLOCK)
-    mask = offs < lim
-    x_ptr = as_ptr(tl.load(row + 0), X_CODE) + offs
-    d_ptr = as_ptr(tl.load(row + 2), D_CODE) + offs
-    v_ptr = as_ptr(tl.load(row + 3), V_CODE) + offs
-    x = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
-    grad = tl.load(as_ptr(tl.load(row + 1), G_CODE) + offs, mask=mask, other=0.0).to(tl.float32)
-    d = tl.load(d_ptr, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr, mask=mask, other=0.0).to(tl.float32)
-    group = tl.load(row + 5)
-    s = tl.load(row + 6)
-    mu = tl.load(weight_decay + group)
-    lr = tl.load(lr_ptr + group).to(tl.float32)
-    scale = 1.0
-    if HAS_GRAD_SCALE:
-        scale = tl.load(grad_scale_ptr).to(tl.float32)
+    x, grad, d, s, mu, lr, scale = _load_common(row, offs, offs < lim, lr_ptr, weight_decay, grad_scale_ptr,
+                                                HAS_GRAD_SCALE, X_CODE, G_CODE, D_CODE)
+    v = tl.load(as_ptr(tl.load(row + 3), V_CODE) + offs, mask=offs < lim, other=0.0).to(tl.float32)
     beta = tl.load(scratch + s)
     bias1 = tl.load(scratch + 2 * n_scopes + s)
     bias2 = tl.load(scratch + 3 * n_scopes + s)

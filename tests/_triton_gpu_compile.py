@@ -1,0 +1,139 @@
+"""Compile every Triton kernel launch a step makes for NVIDIA GPUs (sm_80, sm_90), without a GPU.
+
+Triton compiles for a named target (triton.compile with a GPUTarget) without a device: its front end
+and its bundled ptxas are enough. What to compile is recorded, not written by hand: representative
+steps of AMSGD, AMAdamW and RLLC run in the interpreter (TRITON_INTERPRET=1) while every launch's
+argument types and constexpr values are recorded; a second process (compiled mode) then builds each
+distinct specialization to a cubin. A kernel that the interpreter accepts but the compiler rejects
+(an API the compiler lacks, a type error only codegen sees) fails here instead of on the next GPU.
+
+    python tests/_triton_gpu_compile.py record FILE   # TRITON_INTERPRET=1 in the environment
+    python tests/_triton_gpu_compile.py compile FILE  # not in interpreter mode
+(tests/test_triton_gpu_compile.py runs both.)
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+import time
+
+TARGETS = [("cuda", 80, 32), ("cuda", 90, 32)]
+_PTR = {"float32": "fp32", "float64": "fp64", "bfloat16": "bf16", "float16": "fp16", "int64": "i64",
+        "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}
+
+
+def _type_of(value) -> str | None:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return "*" + _PTR[str(value.dtype).replace("torch.", "")]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    return None  # None and other values: passed as a constexpr
+
+
+def _workloads():
+    """Small steps covering the launch variants: every optimizer and dtype, grad scaling, found_inf,
+    loss mode, maximize, adaptive=False, each beta scope, several groups, an empty tensor."""
+    import torch
+
+    from amm_kernels import RLLC, AMAdamW, AMSGD
+
+    def run(make, dtype=torch.float32, steps=2, closure=False, scale=False):
+        gen = torch.Generator().manual_seed(0)
+        shapes = [(7,), (300,), (0,), (5, 3)]
+        params = [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shapes]
+        opt = make([{"params": params[:2]}, {"params": params[2:], "lr": 0.02}])
+        for _ in range(steps):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+            if scale:
+                opt.grad_scale = torch.tensor(8.0)
+                opt.found_inf = torch.zeros(())
+            opt.step((lambda: torch.tensor(1.0)) if closure else None)
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        run(lambda p: AMSGD(p, backend="triton"), dtype)
+        run(lambda p: AMAdamW(p, backend="triton"), dtype)
+        run(lambda p: RLLC(p, law_lr=0.05, backend="triton"), dtype)
+    for scope in ("group", "tensor"):
+        run(lambda p: AMSGD(p, beta_scope=scope, weight_decay=0.01, backend="triton"))
+        run(lambda p: AMAdamW(p, beta_scope=scope, maximize=True, backend="triton"))
+    run(lambda p: AMSGD(p, delta_f="loss", backend="triton"), closure=True)
+    run(lambda p: AMSGD(p, adaptive=False, backend="triton"), scale=True)
+    run(lambda p: AMAdamW(p, backend="triton"), scale=True)
+    run(lambda p: RLLC(p, memory="M(0.9)+M(0.8)+M(0.7)", law_lr=0.05, backend="triton"), scale=True)
+
+
+def record(path: str) -> None:
+    import triton.language as tl
+    import triton.runtime.interpreter as interpreter
+
+    from amm_kernels import triton_backend
+
+    seen: dict[str, list] = {}
+    original = interpreter.InterpretedFunction.run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        params = list(inspect.signature(self.fn).parameters.values())
+        bound = dict(zip([p.name for p in params], args))
+        bound.update(kwargs)
+        signature, constexprs = {}, {}
+        for p in params:
+            value = bound.get(p.name, p.default)
+            kind = None if p.annotation is tl.constexpr or "constexpr" in str(p.annotation) else _type_of(value)
+            if kind is None:
+                signature[p.name] = "constexpr"
+                constexprs[p.name] = value
+            else:
+                signature[p.name] = kind
+        # launch options (the interpreter is given none: the GPU launches pass NUM_WARPS)
+        options = {"num_warps": triton_backend.NUM_WARPS}
+        options.update({k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")})
+        entry = [self.fn.__module__, self.fn.__name__, signature, constexprs, options]
+        seen[json.dumps(entry, sort_keys=True)] = entry
+        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    interpreter.InterpretedFunction.run = recording_run
+    _workloads()
+    with open(path, "w") as fh:
+        json.dump(sorted(seen.values(), key=json.dumps), fh, indent=0)
+    print(f"recorded {len(seen)} distinct launches")
+
+
+def compile_all(path: str) -> int:
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    entries = json.load(open(path))
+    failures = 0
+    start = time.time()
+    for module, name, signature, constexprs, options in entries:
+        fn = getattr(importlib.import_module(module), name)
+        for backend, arch, warp in TARGETS:
+            try:
+                kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget(backend, arch, warp),
+                                        options=options)
+                assert kernel.asm.get("cubin"), "no cubin"
+            except Exception as err:  # noqa: BLE001 - report every failure, then fail
+                failures += 1
+                print(f"FAILED sm_{arch} {name} {constexprs}: {str(err).splitlines()[0][:300]}")
+    print(f"compiled {len(entries)} launches x {len(TARGETS)} targets in {time.time() - start:.0f} s, "
+          f"{failures} failures (triton {triton.__version__})")
+    return failures
+
+
+if __name__ == "__main__":
+    what, file = sys.argv[1], sys.argv[2]
+    if what == "record":
+        record(file)
+    else:
+        sys.exit(1 if compile_all(file) else 0)
