@@ -89,8 +89,10 @@ cudaError_t fit_kernel(int device, int cache_iters_wanted, Fit* out) {
     const int most = room > 0 ? room / cache_bytes_per_iter<Pass>() : 0;
     fit.cache_iters = wanted < 0 ? (most < kMaxCacheIters ? most : kMaxCacheIters) : (wanted < most ? wanted : most);
     fit.smem_bytes = fit.cache_iters * cache_bytes_per_iter<Pass>();
+    // The kernel's limit is set to the most any request can use, not to this request's size: it is
+    // one attribute per kernel, and a later, smaller request must not shrink it under an earlier plan.
     err = cudaFuncSetAttribute(persistent_step_kernel<Pass>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               fit.smem_bytes);
+                               (most < kMaxCacheIters ? most : kMaxCacheIters) * cache_bytes_per_iter<Pass>());
     if (err == cudaSuccess) {
       err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit.blocks_per_sm, persistent_step_kernel<Pass>,
                                                           kBlockSize, fit.smem_bytes);
