@@ -60,7 +60,6 @@ struct AmadamwUpdateOp {
 };
 
 struct AmadamwPass {
-  static constexpr int kAlgorithm = kAlgoAmadamw;
   static constexpr int kSums = amm::kAmadamwSums;
   static constexpr int kCacheLists = 4;  // x, g, d, v (NOTE [tile cache])
   static constexpr uint32_t kAllLists = (1u << kX) | (1u << kG) | (1u << kD) | (1u << kV);

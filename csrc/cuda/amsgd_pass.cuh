@@ -50,7 +50,6 @@ struct AmsgdUpdateOp {
 };
 
 struct AmsgdPass {
-  static constexpr int kAlgorithm = kAlgoAmsgd;
   static constexpr int kSums = amm::kAmsgdSums;
   static constexpr int kCacheLists = 3;  // x, g, d (NOTE [tile cache])
   static constexpr uint32_t kUpdateStores = (1u << kX) | (1u << kD);
