@@ -183,7 +183,6 @@ cudaError_t launch_finalize(const FinalizeArgs& args, cudaStream_t stream);
 // The persistent step (NOTE [persistent step] in persistent_kernels.cu): pass 1, the finalize and
 // pass 2 of an adaptive step over ONE TensorTable, in one cooperative launch.
 constexpr int kMaxCacheIters = 8;          // vector iterations per thread its tile cache may keep
-constexpr int kMaxDevicesForPlans = 64;
 struct PersistentPlan {
   int grid = 0;         // blocks; 0: this device cannot run it (no cooperative launch, no room)
   int cache_iters = 0;  // vector iterations per thread kept in shared memory

@@ -178,8 +178,9 @@ int64_t env_int(const char* name, int64_t fallback, int64_t lo, int64_t hi) {
 }
 
 // The persistent step's plan for this step, or a plan with grid 0 where the two-pass step runs.
+// run_pass1 and split are run_step's: whether pass 1 runs here, and whether this is a *_scope_sums op.
 PersistentPlan choose_persistent(int algorithm, const Batch& batch, const LaunchPlan& chunks, const at::Device& device,
-                                 bool adaptive, const FinalizeArgs& fin) {
+                                 bool run_pass1, bool split) {
   const StepVariant variant = step_variant();
   if (variant == StepVariant::kTwoPass) return PersistentPlan{};
   int64_t numel = 0;
@@ -188,7 +189,7 @@ PersistentPlan choose_persistent(int algorithm, const Batch& batch, const Launch
   if (!forced && numel > env_int("AMM_CUDA_PERSISTENT_MAX_NUMEL", kPersistentMaxNumel, 0, INT64_MAX)) {
     return PersistentPlan{};
   }
-  const bool fits = adaptive && fin.sums_in == nullptr && fin.sums_out == nullptr && chunks.tables.size() == 1;
+  const bool fits = run_pass1 && !split && chunks.tables.size() == 1;
   TORCH_CHECK(fits || !forced, "amm_kernels (CUDA): AMM_CUDA_STEP=persistent, but this step cannot run as one launch ",
               "(it needs adaptive=True, no process_group split, and at most ", kMaxTensors, " tensors; it has ",
               batch.descs.size(), ")");
@@ -228,7 +229,8 @@ void run_step(int algorithm, const Batch& batch, const at::Device& device, PassA
   fin.num_tensors = static_cast<int32_t>(n_tensors);
   fin.algorithm = algorithm;
 
-  const PersistentPlan persistent = choose_persistent(algorithm, batch, chunks, device, adaptive, fin);
+  const PersistentPlan persistent = choose_persistent(algorithm, batch, chunks, device, run_pass1,
+                                                       /*split=*/fin.sums_out != nullptr);
   if (persistent.grid > 0) {
     C10_CUDA_CHECK(launch_persistent_step(algorithm, persistent, chunks.tables[0], pass, fin, stream.stream()));
     return;

@@ -30,6 +30,8 @@ namespace {
 
 namespace cg = cooperative_groups;
 
+constexpr int kMaxDevicesForPlans = 64;  // devices whose fits fit_kernel remembers
+
 // One block per SM at most (the tile cache takes most of an SM's shared memory): 512 threads with
 // up to 128 registers each.
 template <class Pass>
