@@ -70,7 +70,11 @@ BACKEND_NAMES = ("auto", "torch", "cpu", "cuda", "triton")
 
 
 def register(backend: Backend) -> None:
+    """Adds (or replaces) a backend; its name becomes a valid `backend=` argument."""
+    global BACKEND_NAMES
     _BACKENDS[backend.name] = backend
+    if backend.name not in BACKEND_NAMES:
+        BACKEND_NAMES = (*BACKEND_NAMES, backend.name)
 
 
 def available_backends(device: torch.device | str = "cpu", op: str | None = None) -> list[str]:

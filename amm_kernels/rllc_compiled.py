@@ -19,12 +19,13 @@ from ._step import StepBatch
 __all__ = ["rllc_step", "has_rllc_op", "MAX_K"]
 
 MAX_K = 8  # kRllcMaxK in csrc/rllc_math.h
+_OPS = torch.ops.amm_kernels
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def has_rllc_op() -> bool:
     """True when amm_kernels._C was built with the rllc_step op."""
-    return hasattr(torch.ops.amm_kernels, "rllc_step")
+    return hasattr(_OPS, "rllc_step")
 
 
 if has_rllc_op():
@@ -71,10 +72,10 @@ def rllc_step(batch: StepBatch, hp) -> None:
     args = (batch.params, batch.grads, batch.d, batch.group_of, batch.scope_of, lr, U, [float(v) for v in hp.b],
             state.step, state.law, grad_scale, found_inf, float(hp.law_lr), float(hp.rcond))
     if batch.process_group is None:
-        torch.ops.amm_kernels.rllc_step(*args)
+        _OPS.rllc_step(*args)
         return
     # Sharded parameters (csrc/OPS.md): this rank's [S, P] Gram and M^T g sums, added up over the group
     # (one all_reduce, no host sync), then the step from the whole model's sums without a second pass 1.
-    sums = torch.ops.amm_kernels.rllc_scope_sums(*args)
+    sums = _OPS.rllc_scope_sums(*args)
     dist.all_reduce(sums, group=batch.process_group)
-    torch.ops.amm_kernels.rllc_step(*args, sums)
+    _OPS.rllc_step(*args, sums)

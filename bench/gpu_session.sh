@@ -46,7 +46,7 @@ stage_test() {
   fi
   local par=()
   "$PY" -c "import xdist" 2>/dev/null && par=(-n 8)
-  timeout 500 "$PY" -m pytest -q tests -k "cuda or triton or compiled or persistent or graph" "${par[@]}" \
+  timeout 500 "$PY" -m pytest -q tests -k "(cuda or triton or compiled or persistent or graph) and not cuda_sim" "${par[@]}" \
     -p timeout --timeout 240 -rs --junitxml="$OUT/pytest.xml"
 }
 

@@ -1,4 +1,5 @@
 """The C++ backends ("cpu", and "cuda" where built and a GPU exists) against the reference ("torch").
+The CUDA backend's code also runs here without a GPU, as "cuda_sim" (tests/_cuda_sim.py).
 
 Every case runs 10 steps on both backends from the same random start (seeded by the case) and
 compares beta, every state tensor, the scope state and the parameters: float32 to the float32
@@ -7,6 +8,7 @@ tolerance, bfloat16 / float16 against the reference run in the same dtype to tha
 """
 import zlib
 
+import _cuda_sim
 import pytest
 import torch
 from _helpers import scaled_atol, tolerance
@@ -23,6 +25,7 @@ BACKENDS = [
     pytest.param("cpu", marks=pytest.mark.skipif("cpu" not in amm_kernels.available_backends("cpu"),
                                                  reason="amm_kernels._C is not built")),
     pytest.param("cuda", marks=pytest.mark.skipif(not _cuda_ok(), reason="no CUDA device or no CUDA kernels")),
+    pytest.param(_cuda_sim.NAME),  # csrc/cuda on CPU tensors: skips itself where the simulator cannot build
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1,), (7,), (4097,), (0,), (3, 5)]
@@ -54,6 +57,8 @@ def make_groups(shapes_per_group, dtype, device, seed, lrs=None, wds=None):
 def run(backend, cls, kwargs, shapes_per_group, dtype, seed, steps=10, lrs=None, wds=None, hook=None,
         loss_mode=False, grad_scale=None, lr_tensor=False):
     """Runs `steps` steps; returns (betas per step, params, state tensors, scope state)."""
+    if backend == _cuda_sim.NAME:
+        _cuda_sim.ensure()
     device = _device(backend)
     groups = make_groups(shapes_per_group, dtype, device, seed, lrs, wds)
     groups = [{**g, "params": [p.clone().requires_grad_() for p in g["params"]]} for g in groups]
@@ -148,6 +153,14 @@ def test_shapes(backend, dtype, cls, kwargs):
 @pytest.mark.parametrize("cls,kwargs", OPT_CASES)
 def test_many_tensors(backend, dtype, cls, kwargs):
     check(backend, cls, kwargs, [MIXED], dtype, "many")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cls,kwargs", OPT_CASES)
+def test_multi_chunk_tensors(backend, dtype, cls, kwargs):
+    """Tensors of several chunks (CPU: 16384 elements, CUDA: 65536), the last one partial."""
+    check(backend, cls, kwargs, [[(65_536 * 2 + 3,), (300, 301), (1,), (16_385,)]], dtype, "chunks", steps=5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -5,15 +5,31 @@ They share the per-chunk code, the slots and the finalize, so they must agree BI
 every state tensor, the scope state and the parameters, over 10 steps, for every dtype, odd / empty /
 unaligned / mixed shapes, several groups, each scope, loss mode, grad scaling, found_inf, and models
 larger than the tile cache (partly kept, partly re-read). Each variant is also checked against the
-reference (the tolerances of tests/_helpers.py). GPU only: everything here skips without one.
+reference (the tolerances of tests/_helpers.py). Every test runs on the GPU where there is one, and on
+the CUDA-on-CPU simulator ("cuda_sim", tests/_cuda_sim.py) everywhere; graph capture is GPU only.
 """
+import _cuda_sim
 import pytest
 import torch
-from test_compiled_kernels import MIXED, SHAPES, _cuda_ok, _seed, check, run
+from test_compiled_kernels import MIXED, SHAPES, _cuda_ok, _device, _seed, check, run
 
 from amm_kernels import AMAdamW, AMSGD
 
-pytestmark = pytest.mark.skipif(not _cuda_ok(), reason="no CUDA device or no CUDA kernels")
+
+@pytest.fixture(params=[
+    pytest.param("cuda", marks=pytest.mark.skipif(not _cuda_ok(), reason="no CUDA device or no CUDA kernels")),
+    pytest.param(_cuda_sim.NAME),
+])
+def backend(request):
+    if request.param == _cuda_sim.NAME:
+        _cuda_sim.ensure()
+    return request.param
+
+
+def _sync(backend):
+    if backend == "cuda":
+        torch.cuda.synchronize()
+
 
 VARIANTS = ["persistent", "two_pass"]
 OPT_CASES = [
@@ -22,21 +38,23 @@ OPT_CASES = [
     pytest.param(AMAdamW, dict(lr=1e-2, weight_decay=0.05), id="AMAdamW"),
     pytest.param(AMAdamW, dict(lr=1e-2, weight_decay=0.0), id="AMAdamW-wd0"),
 ]
-# Over the H100's tile cache (132 blocks x 512 threads x 3 or 4 iterations x 8 elements, about 1.6M
-# to 2.2M elements): the step keeps part and re-reads the rest, and blocks walk several chunks.
-LARGE = [(2_500_001,), (1024, 1031), (7,), (0,), (65_536,)]
+# Over the tile cache (512 threads x 3 or 4 iterations x 8 elements per block: on an H100's 132 blocks
+# about 1.6M to 2.2M elements, on the simulator's 4 about 65K): the step keeps part and re-reads the
+# rest, and blocks walk several chunks.
+LARGE = {"cuda": [(2_500_001,), (1024, 1031), (7,), (0,), (65_536,)],
+         _cuda_sim.NAME: [(300_001,), (257, 1031), (7,), (0,), (65_536,)]}
 
 
-def _run_with(monkeypatch, variant, *args, cache=None, **kw):
+def _run_with(monkeypatch, backend, variant, *args, cache=None, **kw):
     monkeypatch.setenv("AMM_CUDA_STEP", variant)
     if cache is None:
         monkeypatch.delenv("AMM_CUDA_PERSISTENT_CACHE", raising=False)
     else:
         monkeypatch.setenv("AMM_CUDA_PERSISTENT_CACHE", str(cache))
     try:
-        return run("cuda", *args, **kw)
+        return run(backend, *args, **kw)
     finally:
-        torch.cuda.synchronize()
+        _sync(backend)
 
 
 def assert_identical(a, b, where):
@@ -49,35 +67,35 @@ def assert_identical(a, b, where):
         torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{where}: tensor {i}: {m}")
 
 
-def _both(monkeypatch, cls, kwargs, shapes, dtype, case, cache=None, **run_kw):
+def _both(monkeypatch, backend, cls, kwargs, shapes, dtype, case, cache=None, **run_kw):
     seed = _seed("persistent", case, cls.__name__, str(dtype))
-    one = _run_with(monkeypatch, "persistent", cls, kwargs, shapes, dtype, seed, cache=cache, **run_kw)
-    two = _run_with(monkeypatch, "two_pass", cls, kwargs, shapes, dtype, seed, **run_kw)
+    one = _run_with(monkeypatch, backend, "persistent", cls, kwargs, shapes, dtype, seed, cache=cache, **run_kw)
+    two = _run_with(monkeypatch, backend, "two_pass", cls, kwargs, shapes, dtype, seed, **run_kw)
     assert_identical(one, two, f"{case} {cls.__name__} {dtype}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("cls,kwargs", OPT_CASES)
-def test_persistent_is_bit_identical_to_two_pass(monkeypatch, dtype, cls, kwargs):
-    _both(monkeypatch, cls, kwargs, [SHAPES, MIXED[:20]], dtype, "shapes", lrs=[0.05, 0.02], wds=[0.0, 0.01])
+def test_persistent_is_bit_identical_to_two_pass(monkeypatch, backend, dtype, cls, kwargs):
+    _both(monkeypatch, backend, cls, kwargs, [SHAPES, MIXED[:20]], dtype, "shapes", lrs=[0.05, 0.02], wds=[0.0, 0.01])
 
 
 @pytest.mark.parametrize("cache", [0, 1, None], ids=["no-cache", "cache-1", "cache-max"])
 @pytest.mark.parametrize("cls,kwargs", OPT_CASES)
-def test_larger_than_the_tile_cache(monkeypatch, cache, cls, kwargs):
-    _both(monkeypatch, cls, kwargs, [LARGE], torch.float32, "large", cache=cache, steps=4)
+def test_larger_than_the_tile_cache(monkeypatch, backend, cache, cls, kwargs):
+    _both(monkeypatch, backend, cls, kwargs, [LARGE[backend]], torch.float32, "large", cache=cache, steps=4)
 
 
 @pytest.mark.parametrize("scope", ["global", "group", "tensor"])
 @pytest.mark.parametrize("cls,kwargs", OPT_CASES[1:3])
-def test_scopes(monkeypatch, scope, cls, kwargs):
+def test_scopes(monkeypatch, backend, scope, cls, kwargs):
     shapes = [MIXED[:7], [(4097,), (3, 5)], MIXED[10:16]]
-    _both(monkeypatch, cls, {**kwargs, "beta_scope": scope}, shapes, torch.float32, scope,
+    _both(monkeypatch, backend, cls, {**kwargs, "beta_scope": scope}, shapes, torch.float32, scope,
           lrs=[0.05, 0.01, 0.02], wds=[0.0, 0.01, 0.1])
 
 
 @pytest.mark.parametrize("variant", ["loss", "grad_scale", "lr_tensor", "maximize"])
-def test_variants(monkeypatch, variant):
+def test_variants(monkeypatch, backend, variant):
     cls, kwargs, run_kw = AMSGD, dict(lr=0.05, lam=0.1), {}
     if variant == "loss":
         kwargs["delta_f"] = "loss"
@@ -88,26 +106,27 @@ def test_variants(monkeypatch, variant):
         run_kw["lr_tensor"] = True
     else:
         cls, kwargs = AMAdamW, dict(lr=1e-2, maximize=True)
-    _both(monkeypatch, cls, kwargs, [SHAPES + [(70_000,)]], torch.float32, variant, **run_kw)
+    _both(monkeypatch, backend, cls, kwargs, [SHAPES + [(70_000,)]], torch.float32, variant, **run_kw)
 
 
-def test_unaligned_parameters(monkeypatch):
+def test_unaligned_parameters(monkeypatch, backend):
     """Parameters that are views one element into a buffer take the scalar path in both phases."""
+    device = _device(backend)
     results = []
     for variant in VARIANTS:
         monkeypatch.setenv("AMM_CUDA_STEP", variant)
         gen = torch.Generator().manual_seed(6)
-        bufs = [torch.randn(n + 1, generator=gen).cuda() for n in (9, 4099, 70_001)]
+        bufs = [torch.randn(n + 1, generator=gen).to(device) for n in (9, 4099, 70_001)]
         params = [torch.nn.Parameter(b[1:]) for b in bufs]  # data_ptr % 16 == 4
         assert all(p.data_ptr() % 16 != 0 for p in params)
-        opt = AMAdamW(params, lr=1e-2, weight_decay=0.01, backend="cuda")
+        opt = AMAdamW(params, lr=1e-2, weight_decay=0.01, backend=backend)
         betas = []
         for step in range(6):
             for p in params:
-                p.grad = (-1.0) ** step * torch.ones_like(p) + 0.3 * torch.randn(p.shape, generator=gen).cuda()
+                p.grad = (-1.0) ** step * torch.ones_like(p) + 0.3 * torch.randn(p.shape, generator=gen).to(device)
             opt.step()
             betas.append(opt.beta.clone())
-        torch.cuda.synchronize()
+        _sync(backend)
         results.append((betas, [p.detach().clone() for p in params]))
     for a, b in zip(results[0][0] + results[0][1], results[1][0] + results[1][1]):
         assert torch.equal(a, b)
@@ -115,17 +134,18 @@ def test_unaligned_parameters(monkeypatch):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("cls,kwargs", OPT_CASES[::2])
-def test_each_variant_matches_the_reference(monkeypatch, variant, cls, kwargs):
+def test_each_variant_matches_the_reference(monkeypatch, backend, variant, cls, kwargs):
     monkeypatch.setenv("AMM_CUDA_STEP", variant)
-    check("cuda", cls, kwargs, [SHAPES, [(65_537,), (16, 9)]], torch.float32, f"ref-{variant}",
+    check(backend, cls, kwargs, [SHAPES, [(65_537,), (16, 9)]], torch.float32, f"ref-{variant}",
           lrs=[0.05, 0.02], wds=[0.0, 0.01])
 
 
 @pytest.mark.parametrize("cls,kwargs", OPT_CASES[::2])
-def test_found_inf_leaves_everything_unchanged(monkeypatch, cls, kwargs):
+def test_found_inf_leaves_everything_unchanged(monkeypatch, backend, cls, kwargs):
     monkeypatch.setenv("AMM_CUDA_STEP", "persistent")
-    params = [torch.randn(n, device="cuda", requires_grad=True) for n in (7, 4097, 300_000)]
-    opt = cls(params, backend="cuda", **kwargs)
+    device = _device(backend)
+    params = [torch.randn(n, device=device, requires_grad=True) for n in (7, 4097, 300_000)]
+    opt = cls(params, backend=backend, **kwargs)
     for step in range(3):
         for p in params:
             p.grad = torch.randn_like(p)
@@ -133,8 +153,8 @@ def test_found_inf_leaves_everything_unchanged(monkeypatch, cls, kwargs):
             before = [p.detach().clone() for p in params] + [t.clone() for st in opt.state.values()
                                                              for t in st.values()]
             before += list(opt._scopes.to_dict().values())
-            opt.grad_scale = torch.ones((), device="cuda")
-            opt.found_inf = torch.ones((), device="cuda")
+            opt.grad_scale = torch.ones((), device=device)
+            opt.found_inf = torch.ones((), device=device)
         opt.step()
     after = [p.detach() for p in params] + [t for st in opt.state.values() for t in st.values()]
     after += list(opt._scopes.to_dict().values())
@@ -142,31 +162,33 @@ def test_found_inf_leaves_everything_unchanged(monkeypatch, cls, kwargs):
         assert torch.equal(a, b)
 
 
-def test_forcing_it_where_it_cannot_run_is_an_error(monkeypatch):
+def test_forcing_it_where_it_cannot_run_is_an_error(monkeypatch, backend):
     monkeypatch.setenv("AMM_CUDA_STEP", "persistent")
-    many = [torch.randn(3, device="cuda", requires_grad=True) for _ in range(200)]  # > one table (128)
+    device = _device(backend)
+    many = [torch.randn(3, device=device, requires_grad=True) for _ in range(200)]  # > one table (128)
     for p in many:
         p.grad = torch.randn_like(p)
     with pytest.raises(RuntimeError, match="AMM_CUDA_STEP=persistent.*at most 128 tensors"):
-        AMSGD(many, backend="cuda").step()
-    few = [torch.randn(3, device="cuda", requires_grad=True)]
+        AMSGD(many, backend=backend).step()
+    few = [torch.randn(3, device=device, requires_grad=True)]
     few[0].grad = torch.randn_like(few[0])
     with pytest.raises(RuntimeError, match="AMM_CUDA_STEP=persistent"):
-        AMSGD(few, backend="cuda", adaptive=False).step()
+        AMSGD(few, backend=backend, adaptive=False).step()
 
 
-def test_bad_settings_name_the_variable(monkeypatch):
-    p = torch.randn(3, device="cuda", requires_grad=True)
+def test_bad_settings_name_the_variable(monkeypatch, backend):
+    p = torch.randn(3, device=_device(backend), requires_grad=True)
     p.grad = torch.randn_like(p)
     monkeypatch.setenv("AMM_CUDA_STEP", "fast")
     with pytest.raises(RuntimeError, match="AMM_CUDA_STEP must be auto, two_pass or persistent"):
-        AMSGD([p], backend="cuda").step()
+        AMSGD([p], backend=backend).step()
     monkeypatch.setenv("AMM_CUDA_STEP", "persistent")
     monkeypatch.setenv("AMM_CUDA_PERSISTENT_CACHE", "99")
     with pytest.raises(RuntimeError, match=r"AMM_CUDA_PERSISTENT_CACHE must be an integer in \[-1, 8\]"):
-        AMSGD([p], backend="cuda").step()
+        AMSGD([p], backend=backend).step()
 
 
+@pytest.mark.skipif(not _cuda_ok(), reason="no CUDA device or no CUDA kernels")
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("cls", [AMSGD, AMAdamW])
 def test_graph_capture_replays_like_eager(monkeypatch, variant, cls):

@@ -7,13 +7,16 @@ model (float32 tolerance):
 - FSDP2 fully_shard (DTensor parameters; the group comes from the mesh);
 - DDP (whole parameters on every rank, gradients averaged: nothing to reduce);
 each on every backend that runs on CPU here: "torch", "cpu" (the extension), "triton" (in Triton's
-interpreter, set up in the workers) and "auto". A backend a worker cannot run is skipped.
+interpreter, set up in the workers), "cuda_sim" (the CUDA backend's code on the CUDA-on-CPU simulator,
+tests/_cuda_sim.py: its split step around the all_reduce) and "auto". A backend a worker cannot run
+is skipped.
 """
 import importlib.util
 import os
 import socket
 import tempfile
 
+import _cuda_sim
 import pytest
 import torch
 import torch.distributed as dist
@@ -23,7 +26,7 @@ from amm_kernels import RLLC, AMAdamW, AMSGD, available_backends
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
 
 STEPS = 5
-BACKENDS = ["torch", "auto", "cpu", "triton"]
+BACKENDS = ["torch", "auto", "cpu", "triton", "cuda_sim"]
 SHAPES = [(6, 4), (5,), (3, 3), (1,)]  # (1,) leaves rank 1 an empty shard
 CASES = {  # name: (optimizer class, constructor kwargs)
     "AMSGD": (AMSGD, dict(lr=0.05, weight_decay=1e-3)),
@@ -130,6 +133,7 @@ def worker(rank, world, port, out_path):
     if importlib.util.find_spec("triton") is not None and not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"  # before triton's first import in this process
     torch.set_num_threads(1)
+    _cuda_sim.register()  # built by the parent; where it cannot be, its cases skip
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         results = {}
@@ -160,6 +164,7 @@ def ranks():
     """The results of every case on each of the two ranks (one spawn for the whole module)."""
     import torch.multiprocessing as mp
 
+    _cuda_sim.register()  # build the simulator library once, before the workers load it
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "results.pt")
         mp.spawn(worker, args=(2, free_port(), out), nprocs=2, join=True)

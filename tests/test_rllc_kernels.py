@@ -6,9 +6,11 @@ compares the law after every step, the parameters, the memory and the scope stat
 float32 tolerance, bfloat16 / float16 against the reference run in the same dtype to that dtype's
 tolerance (tests/_helpers.py). Also: rank-deficient memories, found_inf, grad_scale, lr as a tensor,
 NaN gradients, k > 8 (reference fallback) and determinism (bit-identical, 1 vs 2 threads).
+The CUDA backend's code also runs here without a GPU, as "cuda_sim" (tests/_cuda_sim.py).
 """
 import zlib
 
+import _cuda_sim
 import pytest
 import torch
 from _helpers import tolerance
@@ -31,6 +33,7 @@ def _cuda_ok():
 BACKENDS = [
     pytest.param("cpu", marks=pytest.mark.skipif(not HAVE_OP, reason="amm_kernels._C lacks rllc_step")),
     pytest.param("cuda", marks=pytest.mark.skipif(not _cuda_ok(), reason="no CUDA device or no CUDA kernels")),
+    pytest.param(_cuda_sim.NAME),  # csrc/cuda on CPU tensors: skips itself where the simulator cannot build
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 MEMORIES = ["M(0.9)+M(0)", "M(0.9)+M(0.8)+M(0.7)", "J(0.8,2)+M(0)", "C(0.9,0.3)+M(0)"]
@@ -46,6 +49,8 @@ def _seed(*parts) -> int:
 def run(backend, device, memory, dtype, seed, steps=10, shapes=SHAPES, lrs=LRS, lr_tensor=False, grad_scale=None,
         found_inf_at=(), nan_at=None, **kwargs):
     """`steps` steps; returns (law after each step, params, memories, scope state)."""
+    if backend == _cuda_sim.NAME:
+        _cuda_sim.ensure()
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     groups = []

@@ -4,6 +4,7 @@ Every step's beta(s) and parameters are compared: float64 (on backends that supp
 float64 tolerance, float32 to the float32 tolerance of _helpers.TOLERANCES.
 """
 
+import _cuda_sim
 import numpy as np
 import pytest
 import torch
@@ -26,6 +27,8 @@ def _backend_dtype_params():
                 if backend_supports_dtype(name, dtype):
                     tag = f"{device.type}-{name}-{str(dtype).split('.')[-1]}"
                     out.append(pytest.param(device, name, dtype, id=tag))
+    # The CUDA backend's code on CPU tensors (tests/_cuda_sim.py), GPU or not.
+    out.append(pytest.param(CPU, _cuda_sim.NAME, torch.float32, id=f"cpu-{_cuda_sim.NAME}-float32"))
     return out
 
 
@@ -55,6 +58,8 @@ def build(vec, backend, dtype, device=CPU):
 @pytest.mark.parametrize("device,backend,dtype", _backend_dtype_params())
 @pytest.mark.parametrize("path", vector_params("am"))
 def test_vector(path, device, backend, dtype):
+    if backend == _cuda_sim.NAME:
+        _cuda_sim.ensure()
     vec = load_vector(path)
     rtol, atol = tolerance(dtype)
     opt, params = build(vec, backend, dtype, device)

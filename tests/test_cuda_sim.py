@@ -1,0 +1,119 @@
+"""The CUDA-on-CPU simulator (tests/cuda_sim, NOTE [CUDA on the CPU] in amm_cuda_sim.h) behind the
+"cuda_sim" backend, which lets CI run csrc/cuda's kernels without a GPU.
+
+1. The simulator finds what it claims to find: small kernels (tests/cuda_sim/selftest_kernels.cu)
+   with a divergent barrier, a shared-memory overrun, a read of unwritten shared memory, a missing
+   barrier, grid.sync outside a cooperative launch, and launches the driver refuses.
+2. csrc/cuda's results do not depend on the schedule (NOTE [schedules] in amm_cuda_sim.cpp): every
+   order of threads the simulator can run gives the same bits, for both CUDA step variants and RLLC.
+   A race (a missing __syncthreads or grid barrier) makes them differ or shows as NaN.
+The parity of the CUDA kernels with the reference runs in the backend tests, where "cuda_sim" is one
+of the backends (test_compiled_kernels.py, test_cuda_persistent.py, test_rllc_kernels.py, test_vectors.py).
+"""
+import _cuda_sim
+import pytest
+import torch
+from test_compiled_kernels import MIXED, _seed, run
+from test_rllc_kernels import run as run_rllc
+
+from amm_kernels import AMAdamW, AMSGD
+
+SCHEDULES = ["ascending", "descending", "round_robin"]
+
+
+@pytest.fixture(autouse=True)
+def sim():
+    _cuda_sim.ensure()
+
+
+def selftest(monkeypatch, name, schedule="ascending"):
+    monkeypatch.setenv("AMM_SIM_SCHEDULE", schedule)
+    return torch.ops.amm_cuda_sim_selftest.run(name)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_a_correct_block_reduction_gives_the_exact_sum(monkeypatch, schedule):
+    out = selftest(monkeypatch, "block_reduce", schedule)
+    assert out[:2].tolist() == [sum(range(512))] * 2
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_grid_sync_orders_the_blocks_of_a_cooperative_launch(monkeypatch, schedule):
+    out = selftest(monkeypatch, "grid_sync_cooperative", schedule)
+    expected = [float(b + (b + 1) % 4) for b in range(4) for _ in range(32)]
+    assert out[512:512 + 128].tolist() == expected
+
+
+def test_a_missing_barrier_shows_as_nan_under_the_default_schedule(monkeypatch):
+    """Warp 0 reads the other warps' partials before they are written: uninitialised shared memory (NaN)."""
+    assert torch.isnan(selftest(monkeypatch, "reduce_missing_barrier")[0])
+
+
+def test_uninitialised_shared_memory_reads_as_nan(monkeypatch):
+    assert torch.isnan(selftest(monkeypatch, "uninitialised_shared")[:32]).all()
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("name,match", [
+    ("divergent_barrier", r"deadlock.*1 threads wait at __syncthreads, 31 at a warp shuffle"),
+    ("shared_overrun", "wrote past a __shared__ array"),
+    ("grid_sync_not_cooperative", r"grid.sync\(\) in a launch that is not cooperative"),
+    ("cooperative_too_large", "too many blocks in cooperative launch"),
+    ("dynamic_shared_over_48k", "invalid argument"),
+])
+def test_faults_are_errors(monkeypatch, schedule, name, match):
+    with pytest.raises(RuntimeError, match=match):
+        selftest(monkeypatch, name, schedule)
+
+
+def test_dynamic_shared_memory_over_48k_after_raising_the_limit(monkeypatch):
+    out = selftest(monkeypatch, "dynamic_shared_over_48k_raised")
+    assert out[:256].tolist() == [float(255 - i) for i in range(256)]
+
+
+def test_a_bad_schedule_name_is_an_error(monkeypatch):
+    with pytest.raises(ValueError, match="AMM_SIM_SCHEDULE must be ascending, descending or round_robin"):
+        selftest(monkeypatch, "block_reduce", "random")
+
+
+# --------------------------------------------------------------------------------------------------
+# csrc/cuda under every schedule: many tensors (blocks of the persistent step walk several chunks and
+# call the block reduction once per chunk), tensors of several chunks, two groups and tensor scope.
+SHAPES = [MIXED[:30], [(65_536 * 2 + 3,), (300, 301), (0,), (1,)]]
+
+
+def _same(a, b, where):
+    for i, (x, y) in enumerate(zip(a, b)):
+        if isinstance(x, dict):
+            for k in x:
+                assert torch.equal(x[k], y[k]), f"{where}: {k} of tensor {i}"
+        elif isinstance(x, (list, tuple)):
+            _same(x, y, f"{where}[{i}]")
+        else:
+            assert torch.equal(x, y) or (torch.isnan(x).all() and torch.isnan(y).all()), f"{where}: tensor {i}"
+
+
+@pytest.mark.parametrize("variant", ["persistent", "two_pass"])
+@pytest.mark.parametrize("cls,kwargs", [
+    pytest.param(AMSGD, dict(lr=0.05, lam=0.1, weight_decay=0.01, beta_scope="tensor"), id="AMSGD"),
+    pytest.param(AMAdamW, dict(lr=1e-2, weight_decay=0.05), id="AMAdamW"),
+])
+def test_the_amm_steps_do_not_depend_on_the_schedule(monkeypatch, variant, cls, kwargs):
+    monkeypatch.setenv("AMM_CUDA_STEP", variant)
+    results = {}
+    for schedule in SCHEDULES:
+        monkeypatch.setenv("AMM_SIM_SCHEDULE", schedule)
+        results[schedule] = run(_cuda_sim.NAME, cls, kwargs, SHAPES, torch.float32, _seed("schedules", cls.__name__),
+                                steps=3, lrs=[0.05, 0.02], wds=[0.0, 0.01])[:4]
+    for schedule in SCHEDULES[1:]:
+        _same(results[schedule], results[SCHEDULES[0]], f"{schedule} vs {SCHEDULES[0]}")
+
+
+def test_rllc_does_not_depend_on_the_schedule(monkeypatch):
+    results = {}
+    for schedule in SCHEDULES:
+        monkeypatch.setenv("AMM_SIM_SCHEDULE", schedule)
+        results[schedule] = run_rllc(_cuda_sim.NAME, "cpu", "M(0.9)+M(0.8)+M(0.7)", torch.float32,
+                                     _seed("rllc-schedules"), steps=3, shapes=SHAPES, lrs=[0.01, 0.02])
+    for schedule in SCHEDULES[1:]:
+        _same(results[schedule], results[SCHEDULES[0]], f"{schedule} vs {SCHEDULES[0]}")
