@@ -246,6 +246,39 @@ def check_found_inf_skips_the_step(make_opt):
     return opt, twin
 
 
+def check_inf_parameter_without_decay(cls, backend, device="cpu"):
+    """x enters beta only through weight-decay terms (AMSGD's coupled L2, AMAdamW's mu x and
+    mu <d - g, x>: NOTE [x in pass 1] in amadamw_reference.py), so in a group without decay an inf
+    parameter leaves beta, the state and the other parameters finite and equal to the reference's
+    (the kernels do not even read x in pass 1 there)."""
+    import torch
+
+    def run(name, weight_decay):
+        params = [p.detach().to(device).requires_grad_() for p in model_params()]
+        with torch.no_grad():
+            params[0][1, 2] = float("inf")
+        opt = cls(params, backend=name, weight_decay=weight_decay)
+        betas = []
+        for seed in range(4):
+            set_grads(params, seed)
+            for p in params:
+                p.grad = p.grad.to(device)
+            opt.step()
+            betas.append(opt.beta.detach().cpu().clone())
+        state = [t.cpu() for p in params for t in opt.state[p].values() if torch.is_tensor(t)]
+        return betas, [p.detach().cpu().clone() for p in params], state
+
+    betas, params, state = run(backend, 0.0)
+    ref_betas, ref_params, ref_state = run("torch", 0.0)
+    assert all(torch.isfinite(b).all() for b in betas)
+    for a, b in zip(betas + params + state, ref_betas + ref_params + ref_state):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert torch.isinf(params[0][1, 2]) and torch.isfinite(params[0]).sum() == params[0].numel() - 1
+    assert all(torch.isfinite(t).all() for t in state)
+    # With decay x does enter beta: the reference then gives NaN (so this check tells the two apart).
+    assert torch.isnan(run("torch", 0.01)[0][-1]).all()
+
+
 def check_grad_scaler_skips_inf_steps(make_opt, good_steps):
     """`good_steps` GradScaler steps on a Linear model, then one with an inf loss: it changes no state
     and halves the scale."""

@@ -1,9 +1,10 @@
 """torch.optim behaviour of AMSGD and AMAdamW: errors, groups, state_dict, AMP skip, schedulers."""
+import _cuda_sim
 import pytest
 import torch
 
 import amm_kernels
-from _helpers import (check_found_inf_skips_the_step, check_grad_scaler_skips_inf_steps,
+from _helpers import (check_found_inf_skips_the_step, check_grad_scaler_skips_inf_steps, check_inf_parameter_without_decay,
                       check_low_precision_params_keep_dtype, check_scheduler_closure_and_add_param_group,
                       check_sparse_gradient_raises_before_any_state_changes, model_params, resume_from_state_dict,
                       set_grads, step_on_a_nan_gradient)
@@ -117,6 +118,14 @@ def test_loading_another_optimizers_state_is_a_clear_error():
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_found_inf_skips_the_step_and_leaves_state_intact(backend, cls):
     check_found_inf_skips_the_step(lambda params: cls(params, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS + [_cuda_sim.NAME])
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_an_inf_parameter_without_weight_decay_keeps_beta_finite(backend, cls):
+    if backend == _cuda_sim.NAME:
+        _cuda_sim.ensure()
+    check_inf_parameter_without_decay(cls, backend)
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS)

@@ -19,6 +19,8 @@ from _triton import assert_same_run as assert_runs_agree, mixed_dtype_params, tr
 
 triton_backend = import_triton_backend()
 
+from _helpers import check_inf_parameter_without_decay  # noqa: E402
+
 from amm_kernels import AMAdamW, AMSGD  # noqa: E402
 
 STEPS = 10 if CUDA else 3
@@ -113,6 +115,11 @@ def test_found_inf_changes_nothing(name):
 @pytest.mark.parametrize("name", list(OPTS))
 def test_parity_lr_tensor_and_lr_change(name):
     parity(OPTS[name], torch.float32, groups=lr_tensor_groups(groups_of), hook=change_lrs_at_step_2)
+
+
+@pytest.mark.parametrize("name", list(OPTS))
+def test_an_inf_parameter_without_weight_decay_keeps_beta_finite(name):
+    check_inf_parameter_without_decay(OPTS[name], "triton", DEV)
 
 
 @pytest.mark.parametrize("name", list(OPTS))

@@ -34,6 +34,11 @@ def amadamw_step(batch: StepBatch, hp: AMAdamWHyper) -> None:
     xs, gs, ds, vs, ps = [], [], [], [], []
     num, den = [], []
     # Pass 1: v in registers (not stored yet), the preconditioner p, and each tensor's weighted terms.
+    # NOTE [x in pass 1]: x enters beta only through mu x and mu <d - g, x>, so for a group without
+    # weight decay (mu = 0) the sums leave x out and the kernels do not read x in pass 1 (12 of
+    # AMAdamW's pass-1 bytes per float32 parameter instead of 16). The same beta for a finite x; and a
+    # non-finite parameter in a group without decay does not make beta NaN (as AMSGD, whose coupled L2
+    # term reads x only where there is decay).
     for i, param in enumerate(batch.params):
         group = batch.group_of[i]
         mu = batch.weight_decay[group]
@@ -48,11 +53,15 @@ def amadamw_step(batch: StepBatch, hp: AMAdamWHyper) -> None:
             c = eta / (1 + mu * eta)
             w = 1 / ((1 + lam * p) * p)
             diff = d - g
-            a_term = (g * (mu * x + d / p)).sum()
             b_term = (w * diff * (g + lam * p * d)).sum()
-            c_term = (diff * x).sum()
             d_term = (w * diff * diff).sum()
-            num.append(eta_prev * a_term - c * (b_term + mu * c_term))
+            if mu != 0:
+                a_term = (g * (mu * x + d / p)).sum()
+                c_term = (diff * x).sum()
+                num.append(eta_prev * a_term - c * (b_term + mu * c_term))
+            else:  # NOTE [x in pass 1]
+                a_term = (g * (d / p)).sum()
+                num.append(eta_prev * a_term - c * b_term)
             den.append(c * d_term)
 
     beta = scope_beta(batch, hp, torch.stack(num) if num else None, torch.stack(den) if den else None)

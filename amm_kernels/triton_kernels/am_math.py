@@ -13,13 +13,14 @@ ADAM_A, ADAM_B, ADAM_C, ADAM_D, AMADAMW_SUMS = 0, 1, 2, 3, 4
 
 @triton.jit
 def effective_grad(grad, x, grad_scale, HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, coupled_wd):
-    """grad / grad_scale, negated if maximize, plus coupled L2 (AMSGD; AMAdamW passes 0)."""
+    """grad / grad_scale, negated if maximize, plus coupled L2 (AMSGD; AMAdamW passes 0). The L2 term
+    only where there is decay, as the reference adds it: an inf x with no decay must not give NaN."""
     g = grad
     if HAS_GRAD_SCALE:
         g = g / grad_scale  # a division, as the reference (not a multiply by 1 / grad_scale)
     if MAXIMIZE:
         g = -g
-    return g + coupled_wd * x
+    return tl.where(coupled_wd != 0.0, g + coupled_wd * x, g)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,10 +30,13 @@ def amsgd_reduce_kernel(
     X_CODE: tl.constexpr, G_CODE: tl.constexpr, D_CODE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row, offs, mask, slot = _block_rows(meta, blocks, BLOCK)
-    x = tl.load(as_ptr(tl.load(row + 0), X_CODE) + offs, mask=mask, other=0.0).to(tl.float32)
+    wd = tl.load(weight_decay + tl.load(row + 5))
+    # x only where coupled L2 needs it (the reference adds wd * x only then). The scalar test is
+    # broadcast to a block explicitly: Triton's interpreter cannot `&` a block mask with a scalar.
+    x_mask = mask & (tl.zeros((BLOCK,), tl.float32) + wd != 0.0)
+    x = tl.load(as_ptr(tl.load(row + 0), X_CODE) + offs, mask=x_mask, other=0.0).to(tl.float32)
     grad = tl.load(as_ptr(tl.load(row + 1), G_CODE) + offs, mask=mask, other=0.0).to(tl.float32)
     d = tl.load(as_ptr(tl.load(row + 2), D_CODE) + offs, mask=mask, other=0.0).to(tl.float32)
-    wd = tl.load(weight_decay + tl.load(row + 5))
     scale = 1.0
     if HAS_GRAD_SCALE:
         scale = tl.load(grad_scale_ptr).to(tl.float32)
@@ -53,11 +56,13 @@ def amadamw_reduce_kernel(
     BLOCK: tl.constexpr,
 ):
     row, offs, mask, slot = _block_rows(meta, blocks, BLOCK)
-    x = tl.load(as_ptr(tl.load(row + 0), X_CODE) + offs, mask=mask, other=0.0).to(tl.float32)
+    mu = tl.load(weight_decay + tl.load(row + 5))
+    # x only where there is weight decay (NOTE [x in pass 1] in amadamw_reference.py): 0 otherwise.
+    x_mask = mask & (tl.zeros((BLOCK,), tl.float32) + mu != 0.0)
+    x = tl.load(as_ptr(tl.load(row + 0), X_CODE) + offs, mask=x_mask, other=0.0).to(tl.float32)
     grad = tl.load(as_ptr(tl.load(row + 1), G_CODE) + offs, mask=mask, other=0.0).to(tl.float32)
     d = tl.load(as_ptr(tl.load(row + 2), D_CODE) + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(as_ptr(tl.load(row + 3), V_CODE) + offs, mask=mask, other=0.0).to(tl.float32)
-    mu = tl.load(weight_decay + tl.load(row + 5))
     s = tl.load(row + 6)
     bias1 = tl.load(bias + s)
     bias2 = tl.load(bias + n_scopes + s)

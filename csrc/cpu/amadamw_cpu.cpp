@@ -57,7 +57,7 @@ constexpr int64_t kPrefetch = AMM_PREFETCH;
 
 template <class TX, class TG, class TS>
 AMM_ALWAYS_INLINE void prefetch_ahead(const TX* x, const TG* g, const TS* d, const TS* v, int64_t i) {
-  __builtin_prefetch(x + i + kPrefetch);
+  if (x != nullptr) __builtin_prefetch(x + i + kPrefetch);
   __builtin_prefetch(g + i + kPrefetch);
   __builtin_prefetch(d + i + kPrefetch);
   __builtin_prefetch(v + i + kPrefetch);
@@ -72,24 +72,26 @@ Scalars scalars_of(const CommonArgs& a, const StepTensor& t) {
           static_cast<float>(1.0 / static_cast<double>(t.bias2)), t.wd, t.beta, t.lr};
 }
 
-template <class TX, class TG, class TS>
+// kWithX false: a group without weight decay, where x is not read (NOTE [x in pass 1] in
+// amadamw_reference.py) and enters the terms as 0.
+template <bool kWithX, class TX, class TG, class TS>
 AMM_ALWAYS_INLINE AmadamwTerms term_at(const TX* __restrict__ x, const TG* __restrict__ g, const TS* __restrict__ d,
                                        const TS* __restrict__ v, int64_t i, const Scalars& s) {
   const float gv = amm::effective_grad(ld(g[i]), 0.f, s.inv_scale, false, 0.f);
   const float vn = amm::adamw_second_moment(gv, ld(v[i]), s.beta2, s.omb2);
   const Precond k = adamw_precond_shared(vn, s.bias1, s.inv_bias2, s.eps, s.lam);
-  return amadamw_terms_shared(gv, ld(d[i]), ld(x[i]), k, s.lam, s.mu);
+  return amadamw_terms_shared(gv, ld(d[i]), kWithX ? ld(x[i]) : 0.f, k, s.lam, s.mu);
 }
 
-template <class TX, class TG, class TS>
-AMM_ALWAYS_INLINE void sums_chunk(const TX* __restrict__ x, const TG* __restrict__ g, const TS* __restrict__ d,
-                                  const TS* __restrict__ v, int64_t n, const Scalars& s, float* out) {
+template <bool kWithX, class TX, class TG, class TS>
+AMM_ALWAYS_INLINE void sums_loop(const TX* __restrict__ x, const TG* __restrict__ g, const TS* __restrict__ d,
+                                 const TS* __restrict__ v, int64_t n, const Scalars& s, float* out) {
   float acc_a[kLanes] = {}, acc_b[kLanes] = {}, acc_c[kLanes] = {}, acc_d[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    prefetch_ahead(x, g, d, v, i);
+    prefetch_ahead(kWithX ? x : nullptr, g, d, v, i);
     for (int j = 0; j < kLanes; ++j) {
-      const AmadamwTerms r = term_at(x, g, d, v, i + j, s);
+      const AmadamwTerms r = term_at<kWithX>(x, g, d, v, i + j, s);
       acc_a[j] += r.a;
       acc_b[j] += r.b;
       acc_c[j] += r.c;
@@ -97,7 +99,7 @@ AMM_ALWAYS_INLINE void sums_chunk(const TX* __restrict__ x, const TG* __restrict
     }
   }
   for (int j = 0; i < n; ++i, ++j) {
-    const AmadamwTerms r = term_at(x, g, d, v, i, s);
+    const AmadamwTerms r = term_at<kWithX>(x, g, d, v, i, s);
     acc_a[j] += r.a;
     acc_b[j] += r.b;
     acc_c[j] += r.c;
@@ -107,6 +109,14 @@ AMM_ALWAYS_INLINE void sums_chunk(const TX* __restrict__ x, const TG* __restrict
   out[amm::kAdamB] = lane_sum(acc_b);
   out[amm::kAdamC] = lane_sum(acc_c);
   out[amm::kAdamD] = lane_sum(acc_d);
+}
+
+// x == nullptr: the group has no weight decay (NOTE [x in pass 1]).
+template <class TX, class TG, class TS>
+AMM_ALWAYS_INLINE void sums_chunk(const TX* __restrict__ x, const TG* __restrict__ g, const TS* __restrict__ d,
+                                  const TS* __restrict__ v, int64_t n, const Scalars& s, float* out) {
+  if (x != nullptr) sums_loop<true>(x, g, d, v, n, s, out);
+  else sums_loop<false>(x, g, d, v, n, s, out);
 }
 
 template <class TX, class TG, class TS>
@@ -182,7 +192,8 @@ void amadamw_sums(const std::vector<StepTensor>& ts, const CommonArgs& a, std::v
       using TX = decltype(tx);
       using TG = decltype(tg);
       using TS = decltype(ts_);
-      AMM_PICK_ISA(isa, sums, TX, TG, TS)(t.x.const_data_ptr<TX>() + b, t.g.const_data_ptr<TG>() + b,
+      const TX* x = s.mu != 0.f ? t.x.const_data_ptr<TX>() + b : nullptr;  // NOTE [x in pass 1]
+      AMM_PICK_ISA(isa, sums, TX, TG, TS)(x, t.g.const_data_ptr<TG>() + b,
                                           t.d.const_data_ptr<TS>() + b, t.v.const_data_ptr<TS>() + b, n, s,
                                           partial.data() + c * K);
     });

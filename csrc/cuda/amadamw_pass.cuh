@@ -32,7 +32,8 @@ struct AmadamwSumsOp {
     for (int j = 0; j < N; ++j) {
       float g, v_new, p;
       el.precondition(r[kG][j], r[kV][j], &g, &v_new, &p);
-      const amm::AmadamwTerms t = amm::amadamw_terms(g, r[kD][j], r[kX][j], p, el.lam, el.mu);
+      const float x = el.mu != 0.f ? r[kX][j] : 0.f;  // not loaded without decay (AmadamwPass::sums_loads)
+      const amm::AmadamwTerms t = amm::amadamw_terms(g, r[kD][j], x, p, el.lam, el.mu);
       acc[amm::kAdamA] += t.a;
       acc[amm::kAdamB] += t.b;
       acc[amm::kAdamC] += t.c;
@@ -71,7 +72,10 @@ struct AmadamwPass {
                         args.eps, bias1, bias2, args.maximize, static_cast<float>(1.0 - args.beta2_d)};
   }
 
-  __device__ static __forceinline__ uint32_t sums_loads(const TensorEntry&) { return kAllLists; }
+  // Pass 1 reads x only where there is weight decay (NOTE [x in pass 1] in amadamw_reference.py).
+  __device__ static __forceinline__ uint32_t sums_loads(const TensorEntry& e) {
+    return static_cast<float>(e.weight_decay) != 0.f ? kAllLists : (kAllLists & ~(1u << kX));
+  }
   // Pass 1 forms the step's bias corrections itself; the finalize forms the same ones for pass 2
   // (NOTE [scope scratch] in finalize.cuh).
   __device__ static __forceinline__ AmadamwSumsOp sums_op(const PassArgs& args, const TensorEntry& e) {
