@@ -2,17 +2,21 @@
 an inf skips the step without changing any state, and bf16 autocast training runs."""
 import copy
 
+import _cuda_sim
 import pytest
 import torch
 
 import amm_kernels
 from amm_kernels import AMAdamW, AMSGD
 
-BACKENDS = [b for b in amm_kernels.available_backends("cpu") if b != "triton"]
+# The CUDA backend's code through the simulator too (tests/_cuda_sim.py): its found_inf / grad_scale path.
+BACKENDS = [b for b in amm_kernels.available_backends("cpu") if b != "triton"] + [_cuda_sim.NAME]
 OPTIMIZERS = [AMSGD, AMAdamW]
 
 
 def setup(cls, backend, seed=0):
+    if backend == _cuda_sim.NAME:
+        _cuda_sim.ensure()
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
     return model, cls(model.parameters(), lr=0.05, backend=backend)

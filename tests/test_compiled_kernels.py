@@ -156,6 +156,16 @@ def test_many_tensors(backend, dtype, cls, kwargs):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+@pytest.mark.parametrize("cls,kwargs", OPT_CASES)
+def test_more_tensors_than_one_launch_holds(backend, scope, cls, kwargs):
+    """180 tensors in two groups: the CUDA step splits them over two tables (128 tensors each)."""
+    shapes = [MIXED * 2, MIXED]
+    check(backend, cls, {**kwargs, "beta_scope": scope}, shapes, torch.float32, f"tables-{scope}", steps=4,
+          lrs=[0.05, 0.02], wds=[0.0, 0.01])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("cls,kwargs", OPT_CASES)
 def test_multi_chunk_tensors(backend, dtype, cls, kwargs):
