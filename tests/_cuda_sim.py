@@ -9,6 +9,7 @@ op namespace pointed there, so nothing but the op library differs from backend="
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import types
 from pathlib import Path
@@ -21,17 +22,25 @@ _SIM_DIR = Path(__file__).resolve().parent / "cuda_sim"
 
 
 @functools.lru_cache(maxsize=None)
-def _load() -> str | None:
-    """Builds (or finds) and loads the simulator library; the reason it cannot, or None."""
+def build_module():
+    """tests/cuda_sim/build.py as a module."""
     sys.path.insert(0, str(_SIM_DIR))
     try:
-        import build as sim_build  # tests/cuda_sim/build.py
+        import build as sim_build
     finally:
         sys.path.pop(0)
+    return sim_build
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> str | None:
+    """Builds (or finds) and loads the simulator library; the reason it cannot, or None."""
+    sim_build = build_module()
     reason = sim_build.unavailable_reason()
     if reason:
         return reason
-    torch.ops.load_library(str(sim_build.build()))
+    # AMM_SIM_ASAN=1: the AddressSanitizer build (the process must have libasan preloaded; test_cuda_sim.py).
+    torch.ops.load_library(str(sim_build.build(sanitize=os.environ.get("AMM_SIM_ASAN") == "1")))
     return None
 
 

@@ -4,12 +4,20 @@
 1. The simulator finds what it claims to find: small kernels (tests/cuda_sim/selftest_kernels.cu)
    with a divergent barrier, a shared-memory overrun, a read of unwritten shared memory, a missing
    barrier, grid.sync outside a cooperative launch, and launches the driver refuses.
-2. csrc/cuda's results do not depend on the schedule (NOTE [schedules] in amm_cuda_sim.cpp): every
+2. Under AddressSanitizer (a subprocess with libasan preloaded), csrc/cuda's kernels read and write
+   only inside their tensors, for odd, multi-chunk and unaligned sizes, every dtype and RLLC.
+3. csrc/cuda's results do not depend on the schedule (NOTE [schedules] in amm_cuda_sim.cpp): every
    order of threads the simulator can run gives the same bits, for both CUDA step variants and RLLC.
    A race (a missing __syncthreads or grid barrier) makes them differ or shows as NaN.
 The parity of the CUDA kernels with the reference runs in the backend tests, where "cuda_sim" is one
 of the backends (test_compiled_kernels.py, test_cuda_persistent.py, test_rllc_kernels.py, test_vectors.py).
 """
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import _cuda_sim
 import pytest
 import torch
@@ -74,6 +82,40 @@ def test_dynamic_shared_memory_over_48k_after_raising_the_limit(monkeypatch):
 def test_a_bad_schedule_name_is_an_error(monkeypatch):
     with pytest.raises(ValueError, match="AMM_SIM_SCHEDULE must be ascending, descending or round_robin"):
         selftest(monkeypatch, "block_reduce", "random")
+
+
+# --------------------------------------------------------------------------------------------------
+# AddressSanitizer (NOTE [AddressSanitizer] in amm_cuda_sim.cpp): the simulator and csrc/cuda built with
+# -fsanitize=address, run in a subprocess that preloads libasan; any access outside a tensor aborts it.
+REPO = Path(__file__).resolve().parents[1]
+ASAN_TESTS = ["tests/test_compiled_kernels.py", "tests/test_cuda_persistent.py", "tests/test_rllc_kernels.py"]
+ASAN_SELECTION = "cuda_sim and (test_shapes or multi_chunk or unaligned or global_scope)"
+
+
+def _asan_env():
+    runtime = _cuda_sim.build_module().asan_runtime()
+    if runtime is None:
+        pytest.skip("no AddressSanitizer runtime (libasan) for this compiler")
+    return dict(os.environ, LD_PRELOAD=runtime, AMM_SIM_ASAN="1",
+                ASAN_OPTIONS="detect_leaks=0:detect_stack_use_after_return=0")
+
+
+def test_asan_sees_a_write_past_a_tensor():
+    code = ("import sys; sys.path.insert(0, 'tests'); import _cuda_sim, torch; _cuda_sim.ensure(); "
+            "torch.ops.amm_cuda_sim_selftest.run('global_overrun')")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_asan_env(), capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode != 0 and "heap-buffer-overflow" in res.stderr, res.stderr[-3000:]
+
+
+def test_the_cuda_kernels_stay_inside_their_tensors_under_asan():
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *ASAN_TESTS,
+                          "-k", ASAN_SELECTION], cwd=REPO, env=_asan_env(), capture_output=True, text=True,
+                         timeout=1200)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "AddressSanitizer" not in res.stderr
+    passed = re.search(r"(\d+) passed", res.stdout)
+    assert passed and int(passed.group(1)) >= 20, res.stdout[-2000:]
 
 
 # --------------------------------------------------------------------------------------------------

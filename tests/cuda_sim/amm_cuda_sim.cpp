@@ -4,6 +4,11 @@
 
 #include <sys/mman.h>
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 #include <algorithm>
 #include <cstdlib>
 #include <deque>
@@ -90,6 +95,7 @@ struct Fiber {
   bool done = false;
   int index = 0;  // in Grid::fibers
   Wait wait = Wait::kNone;
+  char* stack_bottom = nullptr;  // NOTE [AddressSanitizer]
 };
 
 struct SharedBuffer {
@@ -197,9 +203,31 @@ void try_release(Barrier& b, int live) {
   }
 }
 
-void yield_to_scheduler() { amm_sim_switch(&g_fiber->sp, g_scheduler_sp); }
+// NOTE [AddressSanitizer]: build.py can compile the simulator with -fsanitize=address (the tests
+// run it that way in a subprocess, to find reads and writes outside a tensor). ASan must be told
+// about every stack switch, and a reused fiber stack must be unpoisoned; without ASan these are no-ops.
+#if defined(__SANITIZE_ADDRESS__)
+const void* g_scheduler_stack = nullptr;  // the OS thread's stack, learnt at a fiber's first resume
+size_t g_scheduler_stack_size = 0;
+void asan_resumed_in_fiber() { __sanitizer_finish_switch_fiber(nullptr, &g_scheduler_stack, &g_scheduler_stack_size); }
+void asan_leave_fiber() { __sanitizer_start_switch_fiber(nullptr, g_scheduler_stack, g_scheduler_stack_size); }
+void asan_back_in_scheduler() { __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr); }
+void asan_enter_fiber(const Fiber& f) { __sanitizer_start_switch_fiber(nullptr, f.stack_bottom, kStackBytes); }
+#else
+void asan_enter_fiber(const Fiber&) {}
+void asan_resumed_in_fiber() {}
+void asan_leave_fiber() {}
+void asan_back_in_scheduler() {}
+#endif
+
+void yield_to_scheduler() {
+  asan_leave_fiber();
+  amm_sim_switch(&g_fiber->sp, g_scheduler_sp);
+  asan_resumed_in_fiber();
+}
 
 [[noreturn]] void fiber_main() {
+  asan_resumed_in_fiber();
   Fiber* self = g_fiber;
   try {
     (*g_grid->body)();
@@ -219,6 +247,11 @@ void yield_to_scheduler() { amm_sim_switch(&g_fiber->sp, g_scheduler_sp); }
 }
 
 void prepare(Fiber& f, char* stack_top) {
+#if defined(__SANITIZE_ADDRESS__)
+  // A stack left by an earlier launch (or a fault) may still carry poisoned redzones.
+  __asan_unpoison_memory_region(stack_top - kStackBytes, kStackBytes);
+  f.stack_bottom = stack_top - kStackBytes;
+#endif
   // The frame amm_sim_switch pops: MXCSR + x87 control word, r15..r12, rbx, rbp, then `ret` into
   // fiber_main with the stack aligned as after a call.
   uint64_t* sp = reinterpret_cast<uint64_t*>(stack_top) - 9;
@@ -285,7 +318,9 @@ void schedule(Grid& g, size_t first, size_t n) {
     Fiber& f = g.fibers[g.ready.pop()];
     g_fiber = &f;
     g_thread = &f.state;
+    asan_enter_fiber(f);
     amm_sim_switch(&g_scheduler_sp, f.sp);
+    asan_back_in_scheduler();
     if (!g.fault.empty()) return;
     if (f.done) ++finished;
   }

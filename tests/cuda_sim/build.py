@@ -166,10 +166,10 @@ def prepare_sources(dest: Path) -> dict[str, int]:
 
 # ---- compile and link ----------------------------------------------------------------------------
 
-def _inputs_hash() -> str:
+def _inputs_hash(variant: str) -> str:
     import torch
 
-    h = hashlib.sha256(torch.__version__.encode())
+    h = hashlib.sha256((torch.__version__ + variant).encode())
     for root in (CSRC, HERE):
         for f in sorted(root.rglob("*")):
             if f.is_file() and "__pycache__" not in f.parts:
@@ -178,7 +178,7 @@ def _inputs_hash() -> str:
     return h.hexdigest()[:16]
 
 
-def _flags(src_dir: Path) -> tuple[list[str], list[str]]:
+def _flags(src_dir: Path, sanitize: bool) -> tuple[list[str], list[str]]:
     import torch
     from torch.utils import cpp_extension
 
@@ -191,15 +191,27 @@ def _flags(src_dir: Path) -> tuple[list[str], list[str]]:
     libdirs = cpp_extension.library_paths()
     ldflags = ["-shared", *(f"-L{p}" for p in libdirs), *(f"-Wl,-rpath,{p}" for p in libdirs),
                "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python"]
+    if sanitize:  # NOTE [AddressSanitizer] in amm_cuda_sim.cpp; the process must preload libasan
+        cflags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g1"]
+        ldflags += ["-fsanitize=address"]
     return cflags, ldflags
 
 
-def build(verbose: bool = False) -> Path:
-    """The simulator library's path, building it first if these inputs were not built before."""
+def asan_runtime() -> str | None:
+    """The path of libasan for LD_PRELOAD (a Python process must load it first), or None."""
+    res = subprocess.run([os.environ.get("CXX", "g++"), "-print-file-name=libasan.so"], capture_output=True, text=True)
+    path = res.stdout.strip()
+    return path if res.returncode == 0 and os.path.isabs(path) and os.path.exists(path) else None
+
+
+def build(verbose: bool = False, sanitize: bool = False) -> Path:
+    """The simulator library's path, building it first if these inputs were not built before.
+    sanitize: with AddressSanitizer (NOTE [AddressSanitizer] in amm_cuda_sim.cpp)."""
     reason = unavailable_reason()
     if reason:
         raise SimUnavailable(reason)
-    out_dir = REPO / "build" / "cuda_sim" / _inputs_hash()
+    variant = "asan" if sanitize else "plain"
+    out_dir = REPO / "build" / "cuda_sim" / f"{variant}-{_inputs_hash(variant)}"
     library = out_dir / LIBRARY_NAME
     if library.exists():
         return library
@@ -214,7 +226,7 @@ def build(verbose: bool = False) -> Path:
         # Every launch, shared array and registration of csrc/cuda must have been rewritten.
         if counts["launches"] < 9 or counts["shared"] < 3 or counts["registrations"] < 5:
             raise RuntimeError(f"cuda_sim: fewer rewrites than csrc/ needs: {counts}")
-        cflags, ldflags = _flags(src_dir)
+        cflags, ldflags = _flags(src_dir, sanitize)
         cxx = os.environ.get("CXX", "g++")
         jobs = [(src_dir / unit, out_dir / (unit.replace("/", "_") + ".o")) for unit in UNITS]
         jobs.append((HERE / "amm_cuda_sim.cpp", out_dir / "amm_cuda_sim.o"))
@@ -237,11 +249,11 @@ def build(verbose: bool = False) -> Path:
         if res.returncode != 0:
             raise RuntimeError(f"cuda_sim: linking failed:\n{res.stderr[-8000:]}")
         tmp.rename(library)
-        for old in out_dir.parent.iterdir():  # libraries built from older sources
-            if old.is_dir() and old != out_dir:
+        for old in out_dir.parent.iterdir():  # this variant's libraries built from older sources
+            if old.is_dir() and old != out_dir and old.name.startswith(f"{variant}-"):
                 shutil.rmtree(old, ignore_errors=True)
     return library
 
 
 if __name__ == "__main__":
-    print(build(verbose="-v" in sys.argv))
+    print(build(verbose="-v" in sys.argv, sanitize="--asan" in sys.argv))

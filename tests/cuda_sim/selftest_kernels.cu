@@ -74,6 +74,9 @@ __global__ void dynamic_shared(float* out) {
   out[threadIdx.x] = reinterpret_cast<float*>(dyn)[blockDim.x - 1 - threadIdx.x];
 }
 
+// Writes one element past the end of `out` (1024 elements): only AddressSanitizer sees it.
+__global__ void global_overrun(float* out) { out[1024 - 32 + threadIdx.x + 1] = 0.f; }
+
 void check(cudaError_t err) {
   if (err != cudaSuccess) throw std::runtime_error(std::string("CUDA error (cuda_sim): ") + cudaGetErrorString(err));
 }
@@ -105,6 +108,8 @@ at::Tensor run(const std::string& name) {
   } else if (name == "dynamic_shared_over_48k_raised") {
     check(cudaFuncSetAttribute(dynamic_shared, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024));
     dynamic_shared<<<1, 256, 64 * 1024>>>(p);
+  } else if (name == "global_overrun") {
+    global_overrun<<<1, 32>>>(p);
   } else {
     throw std::invalid_argument("unknown self-test " + name);
   }
