@@ -85,6 +85,44 @@ def test_a_bad_schedule_name_is_an_error(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------
+# Memory traffic (NOTE [traffic hook] in csrc/cuda/multi_tensor.cuh): the bytes of parameter, gradient
+# and state elements a steady-state step loads and stores, per float32 parameter, against the budget in
+# bench/README.md that the bandwidth bars are measured against. The persistent step keeps what pass 1
+# read in shared memory: for a model that fits its tile cache, pass 2 re-reads nothing it kept, so
+# the whole step moves what torch's fused AdamW moves (28), or SGD with momentum (20).
+N_TRAFFIC = 4 * 12_288  # four tensors, each one chunk a block's tile cache holds whole (3 x 8 x 512)
+TRAFFIC = [  # (optimizer, weight decay, variant, cache setting, bytes per parameter)
+    ("AMSGD", 0.0, "two_pass", None, 28), ("AMSGD", 0.01, "two_pass", None, 32),
+    ("AMAdamW", 0.0, "two_pass", None, 40), ("AMAdamW", 0.01, "two_pass", None, 44),
+    ("AMSGD", 0.0, "persistent", None, 20), ("AMSGD", 0.01, "persistent", None, 20),
+    ("AMAdamW", 0.0, "persistent", None, 28), ("AMAdamW", 0.01, "persistent", None, 28),
+    ("AMAdamW", 0.01, "persistent", 0, 44),  # no tile cache: the two-pass bytes
+]
+
+
+@pytest.mark.parametrize("name,wd,variant,cache,budget", TRAFFIC,
+                         ids=[f"{t[0]}-wd{t[1]}-{t[2]}-cache{t[3]}" for t in TRAFFIC])
+def test_a_step_moves_the_budgeted_bytes(monkeypatch, name, wd, variant, cache, budget):
+    monkeypatch.setenv("AMM_CUDA_STEP", variant)
+    if cache is None:
+        monkeypatch.delenv("AMM_CUDA_PERSISTENT_CACHE", raising=False)
+    else:
+        monkeypatch.setenv("AMM_CUDA_PERSISTENT_CACHE", str(cache))
+    cls = {"AMSGD": AMSGD, "AMAdamW": AMAdamW}[name]
+    params = [torch.randn(N_TRAFFIC // 4, requires_grad=True) for _ in range(4)]
+    opt = cls(params, lr=0.01, weight_decay=wd, backend=_cuda_sim.NAME)
+    per_step = []
+    for step in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        torch.ops.amm_cuda_sim_selftest.take_traffic()
+        opt.step()
+        loaded, stored = torch.ops.amm_cuda_sim_selftest.take_traffic()
+        per_step.append((loaded + stored) / N_TRAFFIC)
+    assert per_step[1:] == [budget, budget], f"bytes per parameter of the three steps: {per_step}"
+
+
+# --------------------------------------------------------------------------------------------------
 # AddressSanitizer (NOTE [AddressSanitizer] in amm_cuda_sim.cpp): the simulator and csrc/cuda built with
 # -fsanitize=address, run in a subprocess that preloads libasan; any access outside a tensor aborts it.
 REPO = Path(__file__).resolve().parents[1]

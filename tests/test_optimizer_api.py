@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import amm_kernels
-from _helpers import (check_found_inf_skips_the_step, check_grad_scaler_skips_inf_steps, check_inf_parameter_without_decay,
-                      check_low_precision_params_keep_dtype, check_scheduler_closure_and_add_param_group,
-                      check_sparse_gradient_raises_before_any_state_changes, model_params, resume_from_state_dict,
-                      set_grads, step_on_a_nan_gradient)
+from _helpers import (check_found_inf_skips_the_step, check_grad_scaler_skips_inf_steps,
+                      check_inf_parameter_without_decay, check_low_precision_params_keep_dtype,
+                      check_scheduler_closure_and_add_param_group, check_sparse_gradient_raises_before_any_state_changes,
+                      model_params, resume_from_state_dict, set_grads, step_on_a_nan_gradient)
 from amm_kernels import AMAdamW, AMSGD
 
 BACKENDS = amm_kernels.available_backends("cpu")

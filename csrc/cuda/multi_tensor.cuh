@@ -55,9 +55,20 @@ __device__ __forceinline__ void write_tensor_meta(const TensorTable& table, int 
 }
 
 // ---------------------------------------------------------------------------------------------
+// NOTE [traffic hook]: every load and store of a list element below goes through AMM_CUDA_TRAFFIC
+// (bytes, is_store). A real build defines it as nothing; the CUDA-on-CPU simulator (tests/cuda_sim)
+// counts with it, so tests/test_cuda_sim.py can check each step moves exactly the bytes per
+// parameter that bench/README.md budgets (the figure the bandwidth bars are measured against).
+#ifndef AMM_CUDA_TRAFFIC
+#define AMM_CUDA_TRAFFIC(bytes, is_store)
+#endif
+
+__device__ __forceinline__ int bytes_of(uint32_t dt) { return dt == kFloat32 ? 4 : 2; }
+
 // Loads and stores, float32 in registers whatever the dtype in memory. The dtype is uniform across
 // a block (one tensor per block), so the switches never diverge.
 __device__ __forceinline__ float load_one(const void* p, uint32_t dt, int64_t i) {
+  AMM_CUDA_TRAFFIC(bytes_of(dt), false);
   switch (dt) {
     case kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
     case kFloat16: return __half2float(static_cast<const __half*>(p)[i]);
@@ -66,6 +77,7 @@ __device__ __forceinline__ float load_one(const void* p, uint32_t dt, int64_t i)
 }
 
 __device__ __forceinline__ void store_one(void* p, uint32_t dt, int64_t i, float v) {
+  AMM_CUDA_TRAFFIC(bytes_of(dt), true);
   switch (dt) {
     case kBFloat16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); break;
     case kFloat16: static_cast<__half*>(p)[i] = __float2half_rn(v); break;
@@ -75,6 +87,7 @@ __device__ __forceinline__ void store_one(void* p, uint32_t dt, int64_t i, float
 
 // kVec elements starting at element i (i a multiple of kVec, the pointer 16-byte aligned).
 __device__ __forceinline__ void load_vec(const void* p, uint32_t dt, int64_t i, float (&out)[kVec]) {
+  AMM_CUDA_TRAFFIC(kVec * bytes_of(dt), false);
   if (dt == kFloat32) {
     const float4* q = reinterpret_cast<const float4*>(static_cast<const float*>(p) + i);
 #pragma unroll
@@ -102,6 +115,7 @@ __device__ __forceinline__ void load_vec(const void* p, uint32_t dt, int64_t i, 
 }
 
 __device__ __forceinline__ void store_vec(void* p, uint32_t dt, int64_t i, const float (&in)[kVec]) {
+  AMM_CUDA_TRAFFIC(kVec * bytes_of(dt), true);
   if (dt == kFloat32) {
     float4* q = reinterpret_cast<float4*>(static_cast<float*>(p) + i);
 #pragma unroll

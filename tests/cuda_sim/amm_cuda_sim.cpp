@@ -58,6 +58,7 @@ amm_sim_switch:
 namespace amm_sim {
 
 ThreadState* g_thread = nullptr;
+int64_t g_loaded_bytes = 0, g_stored_bytes = 0;
 
 namespace {
 

@@ -150,6 +150,9 @@ void set_last_error(cudaError_t err);
 
 void sync_block();
 void sync_grid();
+// NOTE [traffic hook] in csrc/cuda/multi_tensor.cuh: bytes of list elements loaded and stored.
+extern int64_t g_loaded_bytes, g_stored_bytes;
+inline void count_traffic(int bytes, bool is_store) { (is_store ? g_stored_bytes : g_loaded_bytes) += bytes; }
 void shfl_down(void* value, size_t bytes, unsigned mask, unsigned delta, int width);
 void* block_shared(const void* key, size_t bytes, size_t align);
 void* dynamic_shared();
@@ -191,6 +194,8 @@ void launch(void (*k)(P...), dim3 grid, dim3 block, size_t shared, cudaStream_t,
 }
 
 }  // namespace amm_sim
+
+#define AMM_CUDA_TRAFFIC(bytes, is_store) ::amm_sim::count_traffic((bytes), (is_store))
 
 // ---- built-in variables --------------------------------------------------------------------
 #define threadIdx (::amm_sim::g_thread->thread_idx)

@@ -8,6 +8,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -119,4 +120,14 @@ at::Tensor run(const std::string& name) {
 
 }  // namespace
 
-TORCH_LIBRARY(amm_cuda_sim_selftest, m) { m.def("run(str name) -> Tensor", &run); }
+// The bytes of list elements loaded and stored since the last call (NOTE [traffic hook]), and reset.
+std::vector<int64_t> take_traffic() {
+  const std::vector<int64_t> out{amm_sim::g_loaded_bytes, amm_sim::g_stored_bytes};
+  amm_sim::g_loaded_bytes = amm_sim::g_stored_bytes = 0;
+  return out;
+}
+
+TORCH_LIBRARY(amm_cuda_sim_selftest, m) {
+  m.def("run(str name) -> Tensor", &run);
+  m.def("take_traffic() -> int[]", &take_traffic);
+}
