@@ -6,7 +6,9 @@
    barrier, grid.sync outside a cooperative launch, and launches the driver refuses.
 2. Under AddressSanitizer (a subprocess with libasan preloaded), csrc/cuda's kernels read and write
    only inside their tensors, for odd, multi-chunk and unaligned sizes, every dtype and RLLC.
-3. csrc/cuda's results do not depend on the schedule (NOTE [schedules] in amm_cuda_sim.cpp): every
+3. A steady-state step moves exactly the bytes per parameter bench/README.md budgets (NOTE [traffic
+   hook] in csrc/cuda/multi_tensor.cuh), for both step variants.
+4. csrc/cuda's results do not depend on the schedule (NOTE [schedules] in amm_cuda_sim.cpp): every
    order of threads the simulator can run gives the same bits, for both CUDA step variants and RLLC.
    A race (a missing __syncthreads or grid barrier) makes them differ or shows as NaN.
 The parity of the CUDA kernels with the reference runs in the backend tests, where "cuda_sim" is one
