@@ -9,8 +9,8 @@ op namespace pointed there, so nothing but the op library differs from backend="
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
-import sys
 import types
 from pathlib import Path
 
@@ -23,13 +23,11 @@ _SIM_DIR = Path(__file__).resolve().parent / "cuda_sim"
 
 @functools.lru_cache(maxsize=None)
 def build_module():
-    """tests/cuda_sim/build.py as a module."""
-    sys.path.insert(0, str(_SIM_DIR))
-    try:
-        import build as sim_build
-    finally:
-        sys.path.pop(0)
-    return sim_build
+    """tests/cuda_sim/build.py as a module (loaded by path: `import build` could find pypa's build)."""
+    spec = importlib.util.spec_from_file_location("amm_cuda_sim_build", _SIM_DIR / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @functools.lru_cache(maxsize=None)
