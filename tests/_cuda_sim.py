@@ -76,9 +76,8 @@ def register() -> str | None:
         return reason
     from amm_kernels import backends
 
-    if NAME not in backends._BACKENDS:
-        backends.register(backends.Backend(NAME, ("cpu",), (torch.float32, torch.bfloat16, torch.float16),
-                                           backend_module))
+    if NAME not in backends._BACKENDS:  # the CUDA backend's dtypes, on CPU tensors
+        backends.register(backends.Backend(NAME, ("cpu",), backends._FLOATS, backend_module))
     return None
 
 

@@ -24,6 +24,16 @@ def _block_rows(meta, blocks, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _load_x_if_decay(row, offs, mask, decay, X_CODE: tl.constexpr, BLOCK: tl.constexpr):
+    """x as float32 where the tensor's group has weight decay, else 0 without reading it: pass 1 needs
+    x only for the decay terms (AMSGD's coupled L2, the reference adds wd * x only then; AMAdamW:
+    NOTE [x in pass 1] in amadamw_reference.py). The scalar test is broadcast to a block explicitly:
+    Triton's interpreter cannot `&` a block mask with a scalar."""
+    has_decay = tl.zeros((BLOCK,), tl.float32) + decay != 0.0
+    return tl.load(as_ptr(tl.load(row + 0), X_CODE) + offs, mask=mask & has_decay, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def amsgd_reduce_kernel(
     meta, blocks, partials, weight_decay, grad_scale_ptr, lam,
     HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr,
@@ -31,10 +41,7 @@ def amsgd_reduce_kernel(
 ):
     row, offs, mask, slot = _block_rows(meta, blocks, BLOCK)
     wd = tl.load(weight_decay + tl.load(row + 5))
-    # x only where coupled L2 needs it (the reference adds wd * x only then). The scalar test is
-    # broadcast to a block explicitly: Triton's interpreter cannot `&` a block mask with a scalar.
-    x_mask = mask & (tl.zeros((BLOCK,), tl.float32) + wd != 0.0)
-    x = tl.load(as_ptr(tl.load(row + 0), X_CODE) + offs, mask=x_mask, other=0.0).to(tl.float32)
+    x = _load_x_if_decay(row, offs, mask, wd, X_CODE, BLOCK)
     grad = tl.load(as_ptr(tl.load(row + 1), G_CODE) + offs, mask=mask, other=0.0).to(tl.float32)
     d = tl.load(as_ptr(tl.load(row + 2), D_CODE) + offs, mask=mask, other=0.0).to(tl.float32)
     scale = 1.0
@@ -57,9 +64,7 @@ def amadamw_reduce_kernel(
 ):
     row, offs, mask, slot = _block_rows(meta, blocks, BLOCK)
     mu = tl.load(weight_decay + tl.load(row + 5))
-    # x only where there is weight decay (NOTE [x in pass 1] in amadamw_reference.py): 0 otherwise.
-    x_mask = mask & (tl.zeros((BLOCK,), tl.float32) + mu != 0.0)
-    x = tl.load(as_ptr(tl.load(row + 0), X_CODE) + offs, mask=x_mask, other=0.0).to(tl.float32)
+    x = _load_x_if_decay(row, offs, mask, mu, X_CODE, BLOCK)
     grad = tl.load(as_ptr(tl.load(row + 1), G_CODE) + offs, mask=mask, other=0.0).to(tl.float32)
     d = tl.load(as_ptr(tl.load(row + 2), D_CODE) + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(as_ptr(tl.load(row + 3), V_CODE) + offs, mask=mask, other=0.0).to(tl.float32)
