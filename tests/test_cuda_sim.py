@@ -24,6 +24,8 @@ import _cuda_sim
 import pytest
 import torch
 from test_compiled_kernels import MIXED, _seed, run
+from test_cuda_persistent import assert_identical
+from test_rllc_kernels import assert_close_runs
 from test_rllc_kernels import run as run_rllc
 
 from amm_kernels import AMAdamW, AMSGD
@@ -164,17 +166,6 @@ def test_the_cuda_kernels_stay_inside_their_tensors_under_asan():
 SHAPES = [MIXED[:30], [(65_536 * 2 + 3,), (300, 301), (0,), (1,)]]
 
 
-def _same(a, b, where):
-    for i, (x, y) in enumerate(zip(a, b)):
-        if isinstance(x, dict):
-            for k in x:
-                assert torch.equal(x[k], y[k]), f"{where}: {k} of tensor {i}"
-        elif isinstance(x, (list, tuple)):
-            _same(x, y, f"{where}[{i}]")
-        else:
-            assert torch.equal(x, y) or (torch.isnan(x).all() and torch.isnan(y).all()), f"{where}: tensor {i}"
-
-
 @pytest.mark.parametrize("variant", ["persistent", "two_pass"])
 @pytest.mark.parametrize("cls,kwargs", [
     pytest.param(AMSGD, dict(lr=0.05, lam=0.1, weight_decay=0.01, beta_scope="tensor"), id="AMSGD"),
@@ -186,9 +177,9 @@ def test_the_amm_steps_do_not_depend_on_the_schedule(monkeypatch, variant, cls, 
     for schedule in SCHEDULES:
         monkeypatch.setenv("AMM_SIM_SCHEDULE", schedule)
         results[schedule] = run(_cuda_sim.NAME, cls, kwargs, SHAPES, torch.float32, _seed("schedules", cls.__name__),
-                                steps=3, lrs=[0.05, 0.02], wds=[0.0, 0.01])[:4]
+                                steps=3, lrs=[0.05, 0.02], wds=[0.0, 0.01])
     for schedule in SCHEDULES[1:]:
-        _same(results[schedule], results[SCHEDULES[0]], f"{schedule} vs {SCHEDULES[0]}")
+        assert_identical(results[schedule], results[SCHEDULES[0]], f"{schedule} vs {SCHEDULES[0]}")
 
 
 def test_rllc_does_not_depend_on_the_schedule(monkeypatch):
@@ -198,4 +189,5 @@ def test_rllc_does_not_depend_on_the_schedule(monkeypatch):
         results[schedule] = run_rllc(_cuda_sim.NAME, "cpu", "M(0.9)+M(0.8)+M(0.7)", torch.float32,
                                      _seed("rllc-schedules"), steps=3, shapes=SHAPES, lrs=[0.01, 0.02])
     for schedule in SCHEDULES[1:]:
-        _same(results[schedule], results[SCHEDULES[0]], f"{schedule} vs {SCHEDULES[0]}")
+        assert_close_runs(results[schedule], results[SCHEDULES[0]], torch.float32, f"{schedule} vs {SCHEDULES[0]}",
+                          exact=True)
