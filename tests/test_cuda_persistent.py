@@ -45,12 +45,17 @@ LARGE = {"cuda": [(2_500_001,), (1024, 1031), (7,), (0,), (65_536,)],
          _cuda_sim.NAME: [(300_001,), (257, 1031), (7,), (0,), (65_536,)]}
 
 
-def _run_with(monkeypatch, backend, variant, *args, cache=None, **kw):
+def set_variant(monkeypatch, variant, cache=None):
+    """The step variant, and the tile cache's iterations per thread (None: as many as fit)."""
     monkeypatch.setenv("AMM_CUDA_STEP", variant)
     if cache is None:
         monkeypatch.delenv("AMM_CUDA_PERSISTENT_CACHE", raising=False)
     else:
         monkeypatch.setenv("AMM_CUDA_PERSISTENT_CACHE", str(cache))
+
+
+def _run_with(monkeypatch, backend, variant, *args, cache=None, **kw):
+    set_variant(monkeypatch, variant, cache)
     try:
         return run(backend, *args, **kw)
     finally:

@@ -24,7 +24,7 @@ import _cuda_sim
 import pytest
 import torch
 from test_compiled_kernels import MIXED, _seed, run
-from test_cuda_persistent import assert_identical
+from test_cuda_persistent import assert_identical, set_variant
 from test_rllc_kernels import assert_close_runs
 from test_rllc_kernels import run as run_rllc
 
@@ -107,11 +107,7 @@ TRAFFIC = [  # (optimizer, weight decay, variant, cache setting, bytes per param
 @pytest.mark.parametrize("name,wd,variant,cache,budget", TRAFFIC,
                          ids=[f"{t[0]}-wd{t[1]}-{t[2]}-cache{t[3]}" for t in TRAFFIC])
 def test_a_step_moves_the_budgeted_bytes(monkeypatch, name, wd, variant, cache, budget):
-    monkeypatch.setenv("AMM_CUDA_STEP", variant)
-    if cache is None:
-        monkeypatch.delenv("AMM_CUDA_PERSISTENT_CACHE", raising=False)
-    else:
-        monkeypatch.setenv("AMM_CUDA_PERSISTENT_CACHE", str(cache))
+    set_variant(monkeypatch, variant, cache)
     cls = {"AMSGD": AMSGD, "AMAdamW": AMAdamW}[name]
     params = [torch.randn(N_TRAFFIC // 4, requires_grad=True) for _ in range(4)]
     opt = cls(params, lr=0.01, weight_decay=wd, backend=_cuda_sim.NAME)
