@@ -44,9 +44,10 @@ def make(shapes, seed=0):
 
 
 def time_steps(factories: dict, shapes, repeats, warmup=3, clock=time.perf_counter) -> dict:
-    """Median ms per step of each optimizer. NOTE [interleaved timing]: the optimizers are built side
-    by side and timed in rounds (one step of each per round), so a change in machine load during the
-    run (this VM's neighbours) shifts every case alike instead of skewing the ratios."""
+    """Seconds of each step of each optimizer, per round. NOTE [interleaved timing]: the optimizers are
+    built side by side and timed in rounds (one step of each per round), so a change in machine load
+    during the run (this VM's neighbours) shifts every case alike instead of skewing the ratios; the
+    ratio of two cases in the same round (paired_ratios) cancels most of what is left."""
     opts = {name: make_opt(make(shapes)) for name, make_opt in factories.items()}
     for opt in opts.values():
         for _ in range(warmup):
@@ -57,7 +58,13 @@ def time_steps(factories: dict, shapes, repeats, warmup=3, clock=time.perf_count
             t0 = clock()
             opt.step()
             times[name].append(clock() - t0)
-    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+    return times
+
+
+def paired_ratios(times: list[float], base: list[float]) -> tuple[float, float, float]:
+    """Median and quartiles of the per-round ratios time / baseline time."""
+    q1, med, q3 = statistics.quantiles([t / b for t, b in zip(times, base)], n=4)
+    return med, q1, q3
 
 
 def main():
@@ -104,32 +111,40 @@ def main():
         cases = [c for c in cases if c[0] in picked]
 
     clock = time.process_time if args.clock == "process" else time.perf_counter
-    results = time_steps({name: factory for name, _, factory in cases}, shapes, args.repeats, clock=clock)
+    times = time_steps({name: factory for name, _, factory in cases}, shapes, args.repeats, clock=clock)
+    results = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
     model = cpu_model()
     print(f"\n{numel / 1e6:.1f}M float32 parameters in {len(shapes)} tensors, {args.threads} threads, "
           f"median of {args.repeats} steps ({args.clock} clock); {model}; torch {torch.__version__}")
-    print(f"{'optimizer':30s} {'ms/step':>9s} {'vs baseline':>12s} {'vs reference':>13s}  (timed interleaved)")
+    print(f"{'optimizer':30s} {'ms/step':>9s} {'vs baseline':>12s} {'paired (q1-q3)':>20s} {'vs reference':>13s}  "
+          "(timed interleaved; paired: median of the per-round ratios)")
     rows = []
     date = datetime.datetime.now().isoformat(timespec="seconds")
     for name, family, _ in cases:
         ms = results[name]
         base = results[baseline[family]]
         ref = results.get("AMSGD backend=torch" if family == "sgd" else "AMAdamW backend=torch", float("nan"))
-        print(f"{name:30s} {ms:9.2f} {ms / base:11.2f}x {ref / ms:12.2f}x")
+        med, q1, q3 = paired_ratios(times[name], times[baseline[family]])
+        print(f"{name:30s} {ms:9.2f} {ms / base:11.2f}x {med:8.2f}x ({q1:.2f}-{q3:.2f}) {ref / ms:12.2f}x")
         rows.append(dict(date=date, cpu=model, torch=torch.__version__, threads=args.threads, numel=numel,
                          tensors=len(shapes), optimizer=name, ms_per_step=f"{ms:.3f}",
                          ratio_to_baseline=f"{ms / base:.3f}", baseline=baseline[family],
-                         speedup_vs_reference=f"{ref / ms:.3f}"))
+                         speedup_vs_reference=f"{ref / ms:.3f}", paired_ratio_median=f"{med:.3f}",
+                         paired_ratio_q1=f"{q1:.3f}", paired_ratio_q3=f"{q3:.3f}"))
     if args.only or args.clock != "wall":
         return
     os.makedirs(os.path.dirname(args.csv), exist_ok=True)
-    new = not os.path.exists(args.csv)
-    with open(args.csv, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    old_rows, fields = [], list(rows[0])
+    if os.path.exists(args.csv):
+        with open(args.csv, newline="") as fh:
+            reader = csv.DictReader(fh)
+            old_rows = list(reader)
+            fields = list(reader.fieldnames or []) + [k for k in rows[0] if k not in (reader.fieldnames or [])]
+    with open(args.csv, "w", newline="") as fh:  # earlier rows kept; columns added since are empty there
+        writer = csv.DictWriter(fh, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(old_rows + rows)
     print(f"\nrows appended to {args.csv}")
 
 
