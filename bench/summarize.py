@@ -40,18 +40,26 @@ def throughput(path):
     print(header(d["environment"]))
     print(f"Copy bandwidth measured in the same run: {d['copy_gbs']:.1f} GB/s.\n")
     for layout in ("flat", "model"):
-        sizes = sorted({r["numel"] for r in rows if r["layout"] == layout})
-        names = list(dict.fromkeys(r["optimizer"] for r in rows))
-        tensors = next(r["tensors"] for r in rows if r["layout"] == layout)
+        at = [r for r in rows if r["layout"] == layout]
+        if not at:
+            continue
+        sizes = sorted({r["numel"] for r in at})
+        names = list(dict.fromkeys(r["optimizer"] for r in at))
+        tensors = max(r["tensors"] for r in at)
+        # ratio_to_baseline (newer runs): each family against its own baseline, named in the row
+        key = "ratio_to_baseline" if all("ratio_to_baseline" in r for r in at) else "ratio_to_adamw"
+        against = ("x its baseline: AdamW fused (wd=0 rows: AdamW fused wd=0), SGD-momentum fused for AMSGD "
+                   "and RLLC" if key == "ratio_to_baseline" else "x AdamW-fused time")
         print(f"{'One flat tensor' if layout == 'flat' else f'LLaMA-shaped list ({tensors} tensors at the largest size)'}: "
-              "ms/step (effective GB/s, x AdamW-fused time)\n")
+              f"ms/step (effective GB/s, fraction of copy bandwidth, {against})\n")
         cells = []
         for name in names:
             line = [name]
             for n in sizes:
-                r = next((r for r in rows if r["layout"] == layout and r["optimizer"] == name and r["numel"] == n), None)
+                r = next((r for r in at if r["optimizer"] == name and r["numel"] == n), None)
                 line.append("-" if r is None or r["status"] != "ok" else
-                            f"{fmt(r['ms_per_step'])} ({fmt(r['effective_gbs'], '.1f')}, {fmt(r['ratio_to_adamw'], '.2f')}x)")
+                            f"{fmt(r['ms_per_step'])} ({fmt(r['effective_gbs'], '.1f')}, "
+                            f"{fmt(r['frac_of_copy_bw'], '.2f')}, {fmt(r[key], '.2f')}x)")
             cells.append(line)
         print(table(["optimizer"] + [f"{n:.2g}" for n in sizes], cells))
 

@@ -34,7 +34,11 @@ from common import RESULTS, copy_bandwidth, device_tag, environment, footer, lla
 from amm_kernels import AMSGD, AMAdamW, available_backends  # noqa: E402
 from amm_kernels.rllc import RLLC, rllc_backends  # noqa: E402
 
-WD = 0.01  # AdamW and AMAdamW run with weight decay (AMAdamW: 44 B/param); the SGDs without
+WD = 0.01  # AdamW and AMAdamW run with weight decay (AMAdamW: 44 B/param) and, as "wd=0" rows, without (40)
+# The rows each family's ratio_to_baseline divides by (issue 3's bars: AMAdamW against fused AdamW at the
+# same weight decay, AMSGD against fused SGD with momentum); foreach stands in where fused cannot run.
+BASELINES = {"adamw": ("AdamW fused", "AdamW foreach"), "adamw0": ("AdamW fused wd=0", "AdamW foreach"),
+             "sgd": ("SGD-momentum fused", "SGD-momentum foreach"), "rllc": ("SGD-momentum fused", "SGD-momentum foreach")}
 
 
 def cases(device: torch.device):
@@ -47,6 +51,10 @@ def cases(device: torch.device):
         ("AdamW foreach", "adamw", 28, lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=WD, foreach=True)),
     ]
     for b in available_backends(device):
+        if b != "torch":  # the reference moves the same tensors with or without decay
+            out.append((f"AMAdamW[{b}] wd=0", "adamw0", 40, lambda p, b=b: AMAdamW(p, lr=1e-3, weight_decay=0.0, backend=b)))
+    out.append(("AdamW fused wd=0", "adamw0", 28, lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.0, fused=True)))
+    for b in available_backends(device):
         out.append((f"AMSGD[{b}]", "sgd", 28, lambda p, b=b: AMSGD(p, lr=1e-2, backend=b)))
     out += [
         ("SGD-momentum fused", "sgd", 20, lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, fused=True)),
@@ -56,6 +64,15 @@ def cases(device: torch.device):
         for b in rllc_backends(device):
             out.append((f"RLLC k={k}[{b}]", "rllc", 4 * (4 + 3 * k), lambda p, b=b, mem=mem: RLLC(p, lr=1e-2, memory=mem, backend=b)))
     return out
+
+
+def baseline_ms(measured: dict, family: str) -> float:
+    """The time of the family's baseline row in the same size and layout (NaN if none ran)."""
+    for name in BASELINES[family]:
+        ms = measured.get(name)
+        if ms is not None and ms == ms:
+            return ms
+    return float("nan")
 
 
 def model_shapes(target: int, layers: int = 24) -> list[tuple[int, ...]]:
@@ -98,10 +115,15 @@ def main(argv=None):
                     help="torch CPU threads (on a shared machine 1 gives steadier numbers than oversubscribed cores)")
     ap.add_argument("--only", default=None,
                     help="comma-separated substrings: run only the optimizers whose names contain one, e.g. "
-                         "'RLLC,fused' (the results then go to throughput_<device>_<stem-suffix>)")
+                         "'RLLC,fused', and the baselines they are compared to (the results then go to "
+                         "throughput_<device>_<stem-suffix>)")
     ap.add_argument("--stem-suffix", default=None, help="appended to the result files' stem (default: 'only' when --only)")
+    ap.add_argument("--layouts", default="flat,model", help="comma-separated: flat (one tensor), model (LLaMA-shaped list)")
     ap.add_argument("--out-dir", default=str(RESULTS))
     args = ap.parse_args(argv)
+    layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
+    if not layouts or set(layouts) - {"flat", "model"}:
+        ap.error(f"--layouts takes flat and/or model, got {args.layouts!r}")
     if args.quick and not args.threads:
         args.threads = 1
     if args.threads:
@@ -128,10 +150,19 @@ def main(argv=None):
     all_cases = cases(device)
     if args.only:
         keys = [k.strip() for k in args.only.split(",") if k.strip()]
-        all_cases = [c for c in all_cases if any(k in c[0] for k in keys)]
+        picked = {c[0] for c in all_cases if any(k in c[0] for k in keys)}
+        # and the baselines their ratios divide by
+        picked |= {b for c in all_cases if c[0] in picked for b in BASELINES[c[1]] + BASELINES["adamw"]}
+        all_cases = [c for c in all_cases if c[0] in picked]
+    tag = device_tag(device)
+    suffix = args.stem_suffix or ("only" if args.only else "")
+    if suffix:
+        tag = f"{tag}_{suffix}"
+    out = Path(args.out_dir)
     rows = []
-    jobs = [(layout, n) for n in sizes for layout in ("flat", "model")]
+    jobs = [(layout, n) for n in sizes for layout in layouts]
     bar = progress(total=len(jobs) * len(all_cases), desc="throughput")
+    print_header(env)
     for layout, n in jobs:
         shapes = [(n,)] if layout == "flat" else model_shapes(n, layers=2 if args.quick else 24)
         numel = sum(torch.Size(s).numel() for s in shapes)
@@ -157,38 +188,41 @@ def main(argv=None):
                              bytes_per_param=bpp, ms_per_step=round(ms, 4), effective_gbs=round(gbs, 2),
                              frac_of_copy_bw=round(gbs / copy_gbs, 3), copy_gbs=round(copy_gbs, 1), status=status))
             bar.update()
-        adamw = measured.get("AdamW fused")
-        if adamw is None or adamw != adamw:
-            adamw = measured.get("AdamW foreach")
+        adamw = baseline_ms(measured, "adamw")
         for row in rows[-len(all_cases):]:
             row["ratio_to_adamw"] = round(row["ms_per_step"] / adamw, 3) if adamw == adamw else float("nan")
+            base = baseline_ms(measured, row["family"])
+            row["baseline"] = next((b for b in BASELINES[row["family"]] if measured.get(b) == base), "")
+            row["ratio_to_baseline"] = round(row["ms_per_step"] / base, 3) if base == base else float("nan")
+            print_row(row)
+        # after every size: a run stopped by a time limit still leaves what it measured
+        csv_path, _ = write_results(f"throughput_{tag}", rows, env, out, extra=dict(copy_gbs=copy_gbs))
     bar.close()
 
-    tag = device_tag(device)
-    suffix = args.stem_suffix or ("only" if args.only else "")
-    if suffix:
-        tag = f"{tag}_{suffix}"
-    out = Path(args.out_dir)
-    csv_path, _ = write_results(f"throughput_{tag}", rows, env, out, extra=dict(copy_gbs=copy_gbs))
-    print_table(rows, env)
     png = out / f"throughput_{tag}.png"
     plot(rows, env, copy_gbs, png)
     print(f"wrote {csv_path} and {png}")
     return rows
 
 
-def print_table(rows, env):
+def print_header(env):
     print(f"\n{env['device']} | torch {env['torch']} | triton {env['triton']} | load {env['load_before']}")
-    print(f"{'layout':6s} {'params':>10s} {'optimizer':22s} {'ms/step':>9s} {'GB/s':>8s} {'of copy':>8s} {'vs AdamW':>9s}")
-    for r in rows:
-        print(f"{r['layout']:6s} {r['numel']:10d} {r['optimizer']:22s} {r['ms_per_step']:9.3f} {r['effective_gbs']:8.1f} "
-              f"{r['frac_of_copy_bw']:8.2f} {r['ratio_to_adamw']:8.2f}x")
+    print(f"{'layout':6s} {'params':>10s} {'optimizer':22s} {'ms/step':>9s} {'GB/s':>8s} {'of copy':>8s} "
+          f"{'vs AdamW':>9s} {'vs baseline':>12s}", flush=True)
+
+
+def print_row(r):
+    print(f"{r['layout']:6s} {r['numel']:10d} {r['optimizer']:22s} {r['ms_per_step']:9.3f} {r['effective_gbs']:8.1f} "
+          f"{r['frac_of_copy_bw']:8.2f} {r['ratio_to_adamw']:8.2f}x {r['ratio_to_baseline']:8.2f}x {r['baseline']}"
+          f"{'' if r['status'] == 'ok' else '  ' + r['status']}", flush=True)
 
 
 def plot(rows, env, copy_gbs, path):
     pyplot = plt()
-    fig, axes = pyplot.subplots(1, 2, figsize=(13, 5), sharey=True)
-    for ax, layout in zip(axes, ("flat", "model")):
+    layouts = [x for x in ("flat", "model") if any(r["layout"] == x for r in rows)]
+    fig, axes = pyplot.subplots(1, len(layouts), figsize=(6.5 * len(layouts), 5), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, layout in zip(axes, layouts):
         names = list(dict.fromkeys(r["optimizer"] for r in rows))
         for name in names:
             pts = [(r["numel"], r["effective_gbs"]) for r in rows if r["layout"] == layout and r["optimizer"] == name]
@@ -199,10 +233,11 @@ def plot(rows, env, copy_gbs, path):
         ax.axhline(copy_gbs, color="k", lw=0.8, ls=":", label=f"copy {copy_gbs:.0f} GB/s")
         ax.set_xscale("log")
         ax.set_xlabel("parameters")
-        ax.set_title("one flat tensor" if layout == "flat" else "LLaMA-shaped list (219 tensors)")
+        tensors = max(r["tensors"] for r in rows if r["layout"] == layout)
+        ax.set_title("one flat tensor" if layout == "flat" else f"LLaMA-shaped list ({tensors} tensors)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("effective GB/s (bytes the step must move / time)")
-    axes[1].legend(fontsize=8)
+    axes[-1].legend(fontsize=8)
     fig.suptitle(f"optimizer.step() throughput\n{footer(env)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -51,3 +51,22 @@ def test_script_quick(module, files, column, needs_sklearn, tmp_path, monkeypatc
         assert math.isfinite(float(r[column])), (column, r)
     data = json.load(open(tmp_path / files[1]))
     assert data["environment"]["device"] and data["rows"]
+
+
+def test_throughput_ratios_name_their_baseline(tmp_path, monkeypatch):
+    """Each row's ratio divides by its family's baseline in the same size and layout: AMAdamW by fused
+    AdamW at the same weight decay, AMSGD by fused SGD (issue 3's bars), and --only keeps those rows."""
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    rows = importlib.import_module("throughput").main(
+        ["--quick", "--device", "cpu", "--layouts", "model", "--only", "AMAdamW[,AMSGD[", "--out-dir", str(tmp_path)])
+    by_name = {r["optimizer"]: r for r in rows}
+    assert {r["layout"] for r in rows} == {"model"}
+    assert "SGD-momentum fused" in by_name and "AdamW fused wd=0" in by_name and "AdamW fused" in by_name
+    assert not any(name.startswith("RLLC") for name in by_name)
+    expected = {"adamw": "AdamW fused", "adamw0": "AdamW fused wd=0", "sgd": "SGD-momentum fused"}
+    for r in rows:
+        assert r["baseline"] == expected[r["family"]], r
+        base = by_name[r["baseline"]]["ms_per_step"]
+        assert math.isclose(r["ratio_to_baseline"], r["ms_per_step"] / base, rel_tol=1e-2, abs_tol=1e-3), r
+    assert any(r["family"] == "adamw0" and r["optimizer"].startswith("AMAdamW") for r in rows) or \
+        "cpu" not in importlib.import_module("amm_kernels").available_backends("cpu")
