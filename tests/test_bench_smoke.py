@@ -16,6 +16,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 SCRIPTS = [  # (module, files it must write, a numeric CSV column that must be finite in every "ok" row, needs sklearn)
     ("throughput", ["throughput_cpu.csv", "throughput_cpu.json", "throughput_cpu.png"], "ms_per_step", False),
+    ("bench_kernel_breakdown", ["kernel_breakdown_cpu.csv", "kernel_breakdown_cpu.json"], "ms_per_step", False),
     ("train_step_overhead", ["train_step_overhead_cpu.csv", "train_step_overhead_cpu.json"], "ms_per_train_step", False),
     ("conv_quadratic", ["conv_quadratic.csv", "conv_quadratic.json", "conv_quadratic.png"], "final_gap", False),
     ("conv_logistic", ["conv_logistic.csv", "conv_logistic.json", "conv_logistic.png"], "final_loss", True),
@@ -38,7 +39,7 @@ def test_script_quick(module, files, column, needs_sklearn, tmp_path, monkeypatc
         pytest.importorskip("sklearn", reason="scikit-learn is not installed (pip install scikit-learn)")
     monkeypatch.setenv("TQDM_DISABLE", "1")
     argv = ["--quick", "--out-dir", str(tmp_path)]
-    if module in ("throughput", "train_step_overhead", "conv_lm"):
+    if module in ("throughput", "bench_kernel_breakdown", "train_step_overhead", "conv_lm"):
         argv += ["--device", "cpu"]
     importlib.import_module(module).main(argv)
     for name in files:
