@@ -22,3 +22,18 @@ def one_rank_group():
     yield dist.group.WORLD
     if created:
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def one_rank_nccl_group(one_rank_group):
+    """A one-rank NCCL group beside the gloo one (GPU only): the sums all-reduced by NCCL, as in
+    multi-GPU training. One rank adds nothing, so the split step must again equal the one-op step;
+    what it shows is that NCCL takes the float64 sums tensor where the step leaves it, inside step()."""
+    import torch
+
+    if not torch.cuda.is_available() or not dist.is_nccl_available():
+        pytest.skip("needs a GPU and NCCL")
+    torch.cuda.set_device(0)
+    group = dist.new_group([0], backend="nccl")
+    yield group
+    dist.destroy_process_group(group)

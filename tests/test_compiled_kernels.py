@@ -353,7 +353,7 @@ def test_deterministic(backend, cls, kwargs):
 
 # --------------------------------------------------------------------------------------------------
 # Sharded parameters: the step split around the all_reduce (tests/_dist.py) is the one-op step.
-from _dist import one_rank_group  # noqa: E402,F401
+from _dist import one_rank_group, one_rank_nccl_group  # noqa: E402,F401
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -385,3 +385,19 @@ def test_split_step_is_the_one_op_step(one_rank_group, backend, variant, cls, kw
     assert all(torch.equal(sc_whole[k], sc_split[k]) for k in sc_whole), "scope state"
     if variant != "non_adaptive":  # NOTE [moving beta]
         assert len({float(b.flatten()[0]) for b in b_whole[1:]}) > 1, "beta should move"
+
+
+@pytest.mark.skipif(not _cuda_ok(), reason="no CUDA device or no CUDA kernels")
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+@pytest.mark.parametrize("cls,kwargs", OPT_CASES)
+def test_split_step_over_nccl_is_the_one_op_step(one_rank_nccl_group, scope, cls, kwargs):
+    """The sums all-reduced by NCCL (GPU only): on one rank, bit for bit the one-op step."""
+    kw = dict(kwargs, beta_scope=scope)
+    shapes = [MIXED[:6], MIXED[6:12]]
+    seed = _seed("nccl", scope, cls.__name__)
+    whole = run("cuda", cls, kw, shapes, torch.float32, seed, steps=5, lrs=[0.05, 0.02], wds=[0.0, 0.01])
+    split = run("cuda", cls, {**kw, "process_group": one_rank_nccl_group}, shapes, torch.float32, seed, steps=5,
+                lrs=[0.05, 0.02], wds=[0.0, 0.01])
+    for a, b in zip(whole[:2], split[:2]):  # betas, parameters
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert len({float(b.flatten()[0]) for b in whole[0][1:]}) > 1, "beta should move"

@@ -9,7 +9,9 @@ model (float32 tolerance):
 each on every backend that runs on CPU here: "torch", "cpu" (the extension), "triton" (in Triton's
 interpreter, set up in the workers), "cuda_sim" (the CUDA backend's code on the CUDA-on-CPU simulator,
 tests/_cuda_sim.py: its split step around the all_reduce) and "auto". A backend a worker cannot run
-is skipped.
+is skipped. Where a GPU is present, the hand-sharded cases also run with the parameters on it, on the
+"cuda" and "triton" backends: both ranks share the one GPU and gloo all-reduces the CUDA sums tensor
+(NCCL refuses two ranks on one device; tests/_dist.py's one-rank NCCL group covers NCCL itself).
 """
 import importlib.util
 import os
@@ -27,6 +29,7 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 
 STEPS = 5
 BACKENDS = ["torch", "auto", "cpu", "triton", "cuda_sim"]
+GPU_BACKENDS = ["cuda", "triton"]  # hand-sharded cases with the parameters on the GPU, where there is one
 SHAPES = [(6, 4), (5,), (3, 3), (1,)]  # (1,) leaves rank 1 an empty shard
 CASES = {  # name: (optimizer class, constructor kwargs)
     "AMSGD": (AMSGD, dict(lr=0.05, weight_decay=1e-3)),
@@ -67,24 +70,24 @@ def shard(t, rank, world):
     return torch.tensor_split(t, world, dim=0)[rank].clone()
 
 
-def run_hand_sharded(name, backend, rank=0, world=1, group=None):
+def run_hand_sharded(name, backend, rank=0, world=1, group=None, device="cpu"):
     cls, kwargs = CASES[name]
-    params = [shard(p, rank, world).requires_grad_() for p in full_params()]
+    params = [shard(p, rank, world).to(device).requires_grad_() for p in full_params()]
     groups = [dict(params=params[:2]), dict(params=params[2:], lr=kwargs["lr"] * 0.5)]
     opt = cls(groups, backend=backend, process_group=group, **kwargs)
     betas = []
     for t in range(STEPS):
         def closure(t=t):
             for p, g in zip(params, full_grads(t)):
-                p.grad = shard(g, rank, world)
-            return torch.tensor(1.0 / (t + 1))  # the global loss: the same on every rank
+                p.grad = shard(g, rank, world).to(device)
+            return torch.tensor(1.0 / (t + 1), device=device)  # the global loss: the same on every rank
         if kwargs.get("delta_f") == "loss":
             opt.step(closure)
         else:
             closure()
             opt.step()
         betas.append(coefficients(opt))
-    return torch.stack(betas), [p.detach().clone() for p in params]
+    return torch.stack(betas).cpu(), [p.detach().cpu() for p in params]
 
 
 def make_model():
@@ -145,6 +148,11 @@ def worker(rank, world, port, out_path):
             for kind in ("fsdp", "ddp"):
                 for cls_name in MODEL_OPTS:
                     results[(kind, cls_name, backend)] = run_model(kind, cls_name, rank, world, backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(0)  # both ranks: one GPU
+            for backend in [b for b in GPU_BACKENDS if b in available_backends("cuda")]:
+                for name in CASES:
+                    results[("hand", name, f"{backend}@cuda")] = run_hand_sharded(name, backend, rank, world, group, "cuda")
         gathered = [None] * world
         dist.all_gather_object(gathered, results)
         if rank == 0:
@@ -178,15 +186,16 @@ def assert_close(actual, expected):
 # --------------------------------------------------------------------------------------------------
 def results_of(ranks, key):
     if key not in ranks[0]:
-        pytest.skip(f"backend {key[-1]!r} does not run on CPU in the workers")
+        where = "on the GPU (none here)" if key[-1].endswith("@cuda") else "on CPU"
+        pytest.skip(f"backend {key[-1]!r} does not run {where} in the workers")
     return [r[key] for r in ranks]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + [f"{b}@cuda" for b in GPU_BACKENDS])
 @pytest.mark.parametrize("name", list(CASES))
 def test_hand_sharded_matches_single_process(ranks, name, backend):
     got = results_of(ranks, ("hand", name, backend))
-    betas, params = run_hand_sharded(name, "torch")
+    betas, params = run_hand_sharded(name, "torch")  # one process, the whole model, on the CPU
     for rank_betas, _ in got:
         assert_close(rank_betas, betas)  # every rank has the whole-model beta
     for i, full in enumerate(params):

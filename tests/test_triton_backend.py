@@ -220,7 +220,7 @@ def test_available_backends_follows_interpreter(monkeypatch):
 
 
 # Sharded parameters: the step split around the all_reduce (tests/_dist.py) is the one-launch step.
-from _dist import one_rank_group  # noqa: E402,F401
+from _dist import one_rank_group, one_rank_nccl_group  # noqa: E402,F401
 
 
 @pytest.mark.parametrize("scope", ["global", "tensor"])
@@ -230,4 +230,13 @@ def test_split_step_is_the_fused_step(one_rank_group, name, scope):
     b = run(OPTS[name], "triton", torch.float32, kwargs=dict(beta_scope=scope, process_group=one_rank_group), flip=True)
     assert_bit_identical(a, b)
     assert all(torch.equal(getattr(a[1]._scopes, k), getattr(b[1]._scopes, k)) for k in ("step", "beta", "beta_prod"))
+    assert len({float(x.flatten()[0]) for x in a[2][1:]}) > 1, "beta should move"
+
+
+@pytest.mark.skipif(not CUDA, reason="NCCL needs a GPU")
+@pytest.mark.parametrize("name", list(OPTS))
+def test_split_step_over_nccl_is_the_fused_step(one_rank_nccl_group, name):
+    a = run(OPTS[name], "triton", torch.float32, flip=True)
+    b = run(OPTS[name], "triton", torch.float32, kwargs=dict(process_group=one_rank_nccl_group), flip=True)
+    assert_bit_identical(a, b)
     assert len({float(x.flatten()[0]) for x in a[2][1:]}) > 1, "beta should move"
