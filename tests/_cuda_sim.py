@@ -33,6 +33,8 @@ def build_module():
 @functools.lru_cache(maxsize=None)
 def _load() -> str | None:
     """Builds (or finds) and loads the simulator library; the reason it cannot, or None."""
+    if os.environ.get("AMM_NO_CUDA_SIM") == "1":  # bench/gpu_session.sh: the real CUDA backend is there
+        return "AMM_NO_CUDA_SIM=1: the CUDA-on-CPU simulator is not built in this run"
     sim_build = build_module()
     reason = sim_build.unavailable_reason()
     if reason:
