@@ -191,33 +191,41 @@ class AMOptimizer(torch.optim.Optimizer):
         return first
 
     def _build_batch(self, loss) -> StepBatch | None:
-        """Collect every parameter with a gradient, validate all of it, then (only then) create state."""
+        """Collect every parameter with a gradient, validate all of it, then (only then) create state.
+        NOTE [host time]: this runs on every step, once per parameter tensor, before the first kernel;
+        on a GPU it is the whole cost of a small model's step. So each parameter is looked at in one
+        pass, self.state is indexed once per parameter (a tensor's hash is a Python call), and the
+        DTensor handling is skipped unless a parameter is one."""
         name = type(self).__name__
-        entries = []  # (param, grad, group index, scope index)
+        scope_mode = self.beta_scope
+        params, grads, group_of, scope_of = [], [], [], []
         tensor_index = 0
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
-                scope = {"global": 0, "group": gi, "tensor": tensor_index}[self.beta_scope]
+                g = p.grad
+                if g is not None:
+                    if g.is_sparse:
+                        raise RuntimeError(f"{name} does not support sparse gradients")
+                    if not p.is_floating_point():
+                        raise TypeError(f"{name}: parameters must be floating point, got {p.dtype}")
+                    params.append(p)
+                    grads.append(g)
+                    group_of.append(gi)
+                    scope_of.append(0 if scope_mode == "global" else gi if scope_mode == "group" else tensor_index)
                 tensor_index += 1
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{name} does not support sparse gradients")
-                if not p.is_floating_point():
-                    raise TypeError(f"{name}: parameters must be floating point, got {p.dtype}")
-                entries.append((p, p.grad, gi, scope))
-        if not entries:
+        if not params:
             return None
         if len(self._index_cache) > 256:
             self._index_cache.clear()
-        keys = [e[0] for e in entries]  # the parameters as the user holds them: the keys of self.state
-        process_group = self._reduce_group(keys)
-        if any(isinstance(e[0], DTensor) for e in entries):
+        keys = params  # the parameters as the user holds them: the keys of self.state
+        sharded = any(isinstance(p, DTensor) for p in params)
+        process_group = self._reduce_group(keys) if (sharded or self.process_group is not None) else None
+        if sharded:
             # DTensor parameters: the step runs on the local shards (views of the same storage).
-            entries = [(_local(p), _local(g), gi, scope) for p, g, gi, scope in entries]
+            params, grads = [_local(p) for p in params], [_local(g) for g in grads]
 
-        device = entries[0][0].device
-        for p, g, gi, scope in entries:
+        device = params[0].device
+        for gi, p, g in zip(group_of, params, grads):
             if p.device != device or g.device != device:
                 where = {"global": "the global beta scope", "group": f"param group {gi}", "tensor": "this optimizer"}
                 raise RuntimeError(
@@ -228,10 +236,11 @@ class AMOptimizer(torch.optim.Optimizer):
         if self._uses_loss() and loss is None:
             raise RuntimeError(f"{name}: delta_f='loss' needs step(closure) returning the loss")
 
-        dtype = torch.float64 if any(p.dtype == torch.float64 for p, *_ in entries) else torch.float32
+        dtypes = {p.dtype for p in params}
+        dtype = torch.float64 if torch.float64 in dtypes else torch.float32
         if self.capturable and device.type not in ("cuda", "xpu"):
             raise RuntimeError(f"{name}: capturable=True needs parameters on a CUDA (or XPU) device, got {device}")
-        self._backend_module(self.backend, device, {p.dtype for p, *_ in entries})  # raises before any state exists
+        self._backend_module(self.backend, device, dtypes)  # raises before any state exists
         scopes = self._scope_state(device, dtype)
         lrs = [g["lr"] for g in self.param_groups]
         if any(isinstance(lr, Tensor) for lr in lrs):
@@ -243,11 +252,20 @@ class AMOptimizer(torch.optim.Optimizer):
                 self._index_cache[key] = torch.tensor(lrs, dtype=dtype).to(device, non_blocking=True)
             lr = self._index_cache[key]
 
-        for gp, (p, *_) in zip(keys, entries):  # lazy state, created only after every check above
-            if not self.state[gp]:
-                self.state[gp].update(self._new_param_state(gp))
+        # lazy state, created only after every check above; one self.state lookup per parameter
+        names = self.STATE_NAMES
+        d, v = [], ([] if len(names) > 1 else None)
+        for k in keys:
+            st = self.state[k]
+            if not st:
+                st.update(self._new_param_state(k))
+            d.append(st[names[0]])
+            if v is not None:
+                v.append(st[names[1]])
+        if sharded:
+            d = [_local(t) for t in d]
+            v = None if v is None else [_local(t) for t in v]
 
-        scope_of = [e[3] for e in entries]
         present_scopes, scope_lengths = [], []
         for s in scope_of:
             if present_scopes and present_scopes[-1] == s:
@@ -261,15 +279,15 @@ class AMOptimizer(torch.optim.Optimizer):
         if loss is not None and getattr(self._hyper, "maximize", False):
             loss = -loss  # backends see the objective being minimised, so F = prev - loss keeps its sign
         return StepBatch(
-            params=[e[0] for e in entries],
-            grads=[e[1] for e in entries],
-            d=[_local(self.state[k][self.STATE_NAMES[0]]) for k in keys],
-            v=[_local(self.state[k][self.STATE_NAMES[1]]) for k in keys] if len(self.STATE_NAMES) > 1 else None,
-            group_of=[e[2] for e in entries],
+            params=params,
+            grads=grads,
+            d=d,
+            v=v,
+            group_of=group_of,
             scope_of=scope_of,
             scope_lengths=scope_lengths,
             present_scopes=present_scopes,
-            present_groups=sorted(set(e[2] for e in entries)),
+            present_groups=sorted(set(group_of)),
             lr=lr,
             weight_decay=[float(g.get("weight_decay", 0.0)) for g in self.param_groups],
             scopes=scopes,
