@@ -154,6 +154,10 @@ def main(argv=None):
         # and the baselines their ratios divide by
         picked |= {b for c in all_cases if c[0] in picked for b in BASELINES[c[1]] + BASELINES["adamw"]}
         all_cases = [c for c in all_cases if c[0] in picked]
+        if not all_cases:
+            print(f"throughput: no optimizer here matches --only {args.only!r}; available: "
+                  f"{', '.join(c[0] for c in cases(device))}")
+            return []
     tag = device_tag(device)
     suffix = args.stem_suffix or ("only" if args.only else "")
     if suffix:
