@@ -72,6 +72,7 @@ def test_uninitialised_shared_memory_reads_as_nan(monkeypatch):
     ("grid_sync_not_cooperative", r"grid.sync\(\) in a launch that is not cooperative"),
     ("cooperative_too_large", "too many blocks in cooperative launch"),
     ("dynamic_shared_over_48k", "invalid argument"),
+    ("misaligned_vector_store", "misaligned address: a 16-byte vector store"),
 ])
 def test_faults_are_errors(monkeypatch, schedule, name, match):
     with pytest.raises(RuntimeError, match=match):

@@ -56,11 +56,12 @@ __device__ __forceinline__ void write_tensor_meta(const TensorTable& table, int 
 
 // ---------------------------------------------------------------------------------------------
 // NOTE [traffic hook]: every load and store of a list element below goes through AMM_CUDA_TRAFFIC
-// (bytes, is_store). A real build defines it as nothing; the CUDA-on-CPU simulator (tests/cuda_sim)
-// counts with it, so tests/test_cuda_sim.py can check each step moves exactly the bytes per
-// parameter that bench/README.md budgets (the figure the bandwidth bars are measured against).
+// (address, bytes, is_store). A real build defines it as nothing; the CUDA-on-CPU simulator
+// (tests/cuda_sim) counts with it, so tests/test_cuda_sim.py can check each step moves exactly the
+// bytes per parameter that bench/README.md budgets (the figure the bandwidth bars are measured
+// against), and it faults a vector access that is not 16-byte aligned, as a GPU would.
 #ifndef AMM_CUDA_TRAFFIC
-#define AMM_CUDA_TRAFFIC(bytes, is_store)
+#define AMM_CUDA_TRAFFIC(address, bytes, is_store)
 #endif
 
 __device__ __forceinline__ int bytes_of(uint32_t dt) { return dt == kFloat32 ? 4 : 2; }
@@ -68,7 +69,7 @@ __device__ __forceinline__ int bytes_of(uint32_t dt) { return dt == kFloat32 ? 4
 // Loads and stores, float32 in registers whatever the dtype in memory. The dtype is uniform across
 // a block (one tensor per block), so the switches never diverge.
 __device__ __forceinline__ float load_one(const void* p, uint32_t dt, int64_t i) {
-  AMM_CUDA_TRAFFIC(bytes_of(dt), false);
+  AMM_CUDA_TRAFFIC(static_cast<const char*>(p) + i * bytes_of(dt), bytes_of(dt), false);
   switch (dt) {
     case kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
     case kFloat16: return __half2float(static_cast<const __half*>(p)[i]);
@@ -77,7 +78,7 @@ __device__ __forceinline__ float load_one(const void* p, uint32_t dt, int64_t i)
 }
 
 __device__ __forceinline__ void store_one(void* p, uint32_t dt, int64_t i, float v) {
-  AMM_CUDA_TRAFFIC(bytes_of(dt), true);
+  AMM_CUDA_TRAFFIC(static_cast<const char*>(p) + i * bytes_of(dt), bytes_of(dt), true);
   switch (dt) {
     case kBFloat16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); break;
     case kFloat16: static_cast<__half*>(p)[i] = __float2half_rn(v); break;
@@ -87,7 +88,7 @@ __device__ __forceinline__ void store_one(void* p, uint32_t dt, int64_t i, float
 
 // kVec elements starting at element i (i a multiple of kVec, the pointer 16-byte aligned).
 __device__ __forceinline__ void load_vec(const void* p, uint32_t dt, int64_t i, float (&out)[kVec]) {
-  AMM_CUDA_TRAFFIC(kVec * bytes_of(dt), false);
+  AMM_CUDA_TRAFFIC(static_cast<const char*>(p) + i * bytes_of(dt), kVec * bytes_of(dt), false);
   if (dt == kFloat32) {
     const float4* q = reinterpret_cast<const float4*>(static_cast<const float*>(p) + i);
 #pragma unroll
@@ -114,12 +115,17 @@ __device__ __forceinline__ void load_vec(const void* p, uint32_t dt, int64_t i, 
   }
 }
 
+// NOTE [vector stores]: written as plain float4 / uint4 assignments, these stores came out of nvcc
+// 13 (-O3, sm_90) as 8 scalar st.global.f32 (4 for 16-bit data) per thread and list in the AM
+// kernels (the loads stayed ld.global.v4): a warp's store then covers 512 bytes in four strided
+// instructions, four times the L2 write requests of one 16-byte store per thread. __stwb is the same
+// write-back store, spelled as one st.global.wb.v4 instruction, whatever the optimiser does around it.
 __device__ __forceinline__ void store_vec(void* p, uint32_t dt, int64_t i, const float (&in)[kVec]) {
-  AMM_CUDA_TRAFFIC(kVec * bytes_of(dt), true);
+  AMM_CUDA_TRAFFIC(static_cast<const char*>(p) + i * bytes_of(dt), kVec * bytes_of(dt), true);
   if (dt == kFloat32) {
     float4* q = reinterpret_cast<float4*>(static_cast<float*>(p) + i);
 #pragma unroll
-    for (int h = 0; h < kVec / 4; ++h) q[h] = make_float4(in[4 * h], in[4 * h + 1], in[4 * h + 2], in[4 * h + 3]);
+    for (int h = 0; h < kVec / 4; ++h) __stwb(q + h, make_float4(in[4 * h], in[4 * h + 1], in[4 * h + 2], in[4 * h + 3]));
   } else {
     uint32_t words[4];
 #pragma unroll
@@ -134,7 +140,7 @@ __device__ __forceinline__ void store_vec(void* p, uint32_t dt, int64_t i, const
       }
       words[w] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
     }
-    *reinterpret_cast<uint4*>(static_cast<uint16_t*>(p) + i) = make_uint4(words[0], words[1], words[2], words[3]);
+    __stwb(reinterpret_cast<uint4*>(static_cast<uint16_t*>(p) + i), make_uint4(words[0], words[1], words[2], words[3]));
   }
 }
 

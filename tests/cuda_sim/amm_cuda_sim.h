@@ -25,6 +25,8 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <stdexcept>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -152,7 +154,14 @@ void sync_block();
 void sync_grid();
 // NOTE [traffic hook] in csrc/cuda/multi_tensor.cuh: bytes of list elements loaded and stored.
 extern int64_t g_loaded_bytes, g_stored_bytes;
-inline void count_traffic(int bytes, bool is_store) { (is_store ? g_stored_bytes : g_loaded_bytes) += bytes; }
+// Counts the bytes; an access of 16 bytes or more is a vector access (load_vec / store_vec), which a
+// GPU faults unless its address is a multiple of 16 (here x86 would crash on it, or pass it silently).
+inline void count_traffic(const void* address, int bytes, bool is_store) {
+  if (bytes >= 16 && reinterpret_cast<uintptr_t>(address) % 16 != 0)
+    throw std::runtime_error(std::string("cuda_sim: misaligned address: a vector ") + (is_store ? "store" : "load") +
+                             " of " + std::to_string(bytes) + " bytes");
+  (is_store ? g_stored_bytes : g_loaded_bytes) += bytes;
+}
 void shfl_down(void* value, size_t bytes, unsigned mask, unsigned delta, int width);
 void* block_shared(const void* key, size_t bytes, size_t align);
 void* dynamic_shared();
@@ -195,7 +204,7 @@ void launch(void (*k)(P...), dim3 grid, dim3 block, size_t shared, cudaStream_t,
 
 }  // namespace amm_sim
 
-#define AMM_CUDA_TRAFFIC(bytes, is_store) ::amm_sim::count_traffic((bytes), (is_store))
+#define AMM_CUDA_TRAFFIC(address, bytes, is_store) ::amm_sim::count_traffic((address), (bytes), (is_store))
 
 // ---- built-in variables --------------------------------------------------------------------
 #define threadIdx (::amm_sim::g_thread->thread_idx)
@@ -214,6 +223,14 @@ inline T __shfl_down_sync(unsigned mask, T value, unsigned delta, int width = 32
 }
 template <class T>
 inline T __ldcg(const T* p) { return *p; }
+// A vector store (NOTE [vector stores] in csrc/cuda/multi_tensor.cuh): a GPU faults on an address
+// that is not a multiple of the vector's size, so the simulator does too.
+template <class T>
+inline void __stwb(T* p, const T& value) {
+  if (reinterpret_cast<uintptr_t>(p) % sizeof(T) != 0)
+    throw std::runtime_error("cuda_sim: misaligned address: a " + std::to_string(sizeof(T)) + "-byte vector store");
+  *p = value;
+}
 template <class T>
 inline T __ldg(const T* p) { return *p; }
 

@@ -75,6 +75,11 @@ __global__ void dynamic_shared(float* out) {
   out[threadIdx.x] = reinterpret_cast<float*>(dyn)[blockDim.x - 1 - threadIdx.x];
 }
 
+// A 16-byte vector store at an address 4 bytes past a 16-byte boundary.
+__global__ void misaligned_vector_store(float* out) {
+  __stwb(reinterpret_cast<float4*>(out + 1 + 4 * threadIdx.x), make_float4(1.f, 2.f, 3.f, 4.f));
+}
+
 // Writes one element past the end of `out` (1024 elements): only AddressSanitizer sees it.
 __global__ void global_overrun(float* out) { out[1024 - 32 + threadIdx.x + 1] = 0.f; }
 
@@ -109,6 +114,8 @@ at::Tensor run(const std::string& name) {
   } else if (name == "dynamic_shared_over_48k_raised") {
     check(cudaFuncSetAttribute(dynamic_shared, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024));
     dynamic_shared<<<1, 256, 64 * 1024>>>(p);
+  } else if (name == "misaligned_vector_store") {
+    misaligned_vector_store<<<1, 32>>>(p);
   } else if (name == "global_overrun") {
     global_overrun<<<1, 32>>>(p);
   } else {
