@@ -116,6 +116,7 @@ def compile_all(path: str) -> int:
     entries = json.load(open(path))
     failures = 0
     start = time.time()
+    vectors = {}  # kernel name -> 16-byte global loads / stores in its float32 sm_90 PTX (NOTE [vector access])
     for module, name, signature, constexprs, options in entries:
         fn = getattr(importlib.import_module(module), name)
         for backend, arch, warp in TARGETS:
@@ -126,8 +127,13 @@ def compile_all(path: str) -> int:
             except Exception as err:  # noqa: BLE001 - report every failure, then fail
                 failures += 1
                 print(f"FAILED sm_{arch} {name} {constexprs}: {str(err).splitlines()[0][:300]}")
+                continue
+            if arch == 90 and all(v == 0 for k, v in constexprs.items() if k.endswith("_CODE")):
+                ptx = kernel.asm["ptx"]
+                vectors[name] = [ptx.count("ld.global.v4"), ptx.count("st.global.v4")]
     print(f"compiled {len(entries)} launches x {len(TARGETS)} targets in {time.time() - start:.0f} s, "
           f"{failures} failures (triton {triton.__version__})")
+    print("vector accesses " + json.dumps(vectors, sort_keys=True))
     return failures
 
 

@@ -78,6 +78,27 @@ def test_parity_single_shapes(name, shapes):
     parity(OPTS[name], torch.float32, shapes=shapes, groups=lambda ps: [{"params": ps, "lr": 0.05}])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(OPTS))
+def test_parity_unaligned_views(name, dtype):
+    """Views that start 1 element into their buffer (data_ptr not a multiple of 16) take the masked
+    path for every block, beside an aligned tensor of whole blocks and a partial one that take the
+    16-byte path (NOTE [vector access] in triton_kernels/tensor_table.py)."""
+    block = triton_backend.BLOCK
+
+    def views(backend):
+        gen = torch.Generator().manual_seed(3)
+        bufs = [torch.randn(n, generator=gen).to(DEV, dtype) for n in (2 * block + 9, block + 1, 2 * block, 37)]
+        params = [torch.nn.Parameter(bufs[0][1:]), torch.nn.Parameter(bufs[1][1:]),
+                  torch.nn.Parameter(bufs[2]), torch.nn.Parameter(bufs[3][1:])]
+        assert [p.data_ptr() % 16 != 0 for p in params] == [True, True, False, True]
+        opt = OPTS[name]([{"params": params[:2]}, {"params": params[2:], "lr": 0.02, "weight_decay": 0.1}],
+                         lr=0.05, backend=backend)
+        return params, opt, train(opt, params, STEPS, "beta", flip=True)
+
+    assert_same_run(views("torch"), views("triton"), dtype, f"{name} unaligned views")
+
+
 def test_parity_loss_mode():
     def closure_run(backend):
         params = make_params(SHAPES, torch.float32)

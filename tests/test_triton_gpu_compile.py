@@ -3,6 +3,7 @@ tests/_triton_gpu_compile.py records the launches of representative steps in the
 compiles each distinct specialization in compiled mode, in a fresh process each (the interpreter and
 the compiler cannot share one: NOTE [import order] in amm_kernels/triton_backend.py)."""
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -29,3 +30,10 @@ def test_every_launch_compiles_for_sm80_and_sm90(tmp_path):
                          timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     assert "0 failures" in out.stdout
+    # NOTE [vector access] (triton_kernels/tensor_table.py): the AM passes read (and pass 2 writes)
+    # whole aligned blocks with 16-byte instructions; without it every access was a 4-byte one.
+    vectors = json.loads(out.stdout.split("vector accesses ")[1].splitlines()[0])
+    for name in ("amsgd_reduce_kernel", "amadamw_reduce_kernel", "amsgd_update_kernel", "amadamw_update_kernel"):
+        loads, stores = vectors[name]
+        assert loads > 0, f"{name}: no 16-byte loads in its sm_90 PTX"
+        assert stores > 0 or "reduce" in name, f"{name}: no 16-byte stores in its sm_90 PTX"

@@ -81,7 +81,7 @@ def rllc_update_kernel(
     K: tl.constexpr, KP2: tl.constexpr, BLOCK: tl.constexpr,
 ):
     skip = _skip(found_inf_ptr, HAS_FOUND_INF)
-    row, offs, lim = _block(meta, blocks, n_blocks, BLOCK)
+    row, _, offs, lim = _block(meta, blocks, n_blocks, BLOCK)
     mask = offs < lim
     numel = tl.load(row + 4)
     x_addr = tl.load(row + 0)

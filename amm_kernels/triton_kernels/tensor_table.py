@@ -131,8 +131,44 @@ def _build(params, grads, d, v, batch, block, n_sums) -> Table:
     )
 
 
+# NOTE [vector access]: the kernels get their tensors as int64 addresses from the table, so Triton
+# knows nothing of their alignment, and a mask against a size loaded at run time has no constancy:
+# it compiled every load and store to 4-byte ld/st.global.b32 (seen in the sm_90 PTX). A block that
+# lies wholly inside its tensor, of a tensor whose lists all start on 16-byte boundaries, takes the
+# WHOLE path instead: no mask, and the pointer declared 16-byte aligned (tl.multiple_of on a pointer
+# counts bytes), so the same loads and stores come out as 16-byte ld/st.global.v4. The other blocks
+# (a tensor's last, partial block; views that start off a 16-byte boundary) keep the masked path.
+# Both paths do the same float32 arithmetic on the same elements.
 @triton.jit
-def store_as(addr, offs, value, mask, CODE: tl.constexpr):
+def whole_block(row, start, lim, BLOCK: tl.constexpr):
+    """True for a block of BLOCK elements inside its tensor (start + BLOCK <= lim) whose table row's
+    addresses (x, grad, d, v; v is 0 where absent) are all multiples of 16 (NOTE [vector access])."""
+    addrs = tl.load(row + 0) | tl.load(row + 1) | tl.load(row + 2) | tl.load(row + 3)
+    return ((addrs % 16) == 0) & (start + BLOCK <= lim)
+
+
+@triton.jit
+def block_ptr(addr, CODE: tl.constexpr, WHOLE: tl.constexpr):
+    """as_ptr, declared 16-byte aligned on the WHOLE path (NOTE [vector access])."""
+    ptr = as_ptr(addr, CODE)
+    if WHOLE:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def load_f32(addr, offs, mask, CODE: tl.constexpr, WHOLE: tl.constexpr):
+    """The block's elements of the tensor at `addr` (dtype CODE) as float32; masked (0 outside `mask`)
+    unless WHOLE (NOTE [vector access])."""
+    if WHOLE:
+        val = tl.load(block_ptr(addr, CODE, True) + offs)
+    else:
+        val = tl.load(as_ptr(addr, CODE) + offs, mask=mask, other=0.0)
+    return val.to(tl.float32)
+
+
+@triton.jit
+def store_as(addr, offs, value, mask, CODE: tl.constexpr, WHOLE: tl.constexpr = False):
     """Store float32 `value` at the tensor of address `addr` (dtype CODE), rounding to nearest even.
 
     NOTE [bfloat16 rounding]: Triton's interpreter converts float32 to bfloat16 by truncation (about half
@@ -143,7 +179,14 @@ def store_as(addr, offs, value, mask, CODE: tl.constexpr):
         bits = value.to(tl.uint32, bitcast=True)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         rounded = tl.where(value != value, 0x7FC0, rounded)
-        tl.store(addr.to(tl.pointer_type(tl.uint16)) + offs, rounded.to(tl.uint16), mask=mask)
+        ptr = addr.to(tl.pointer_type(tl.uint16))
+        if WHOLE:  # NOTE [vector access]
+            tl.store(tl.multiple_of(ptr, 16) + offs, rounded.to(tl.uint16))
+        else:
+            tl.store(ptr + offs, rounded.to(tl.uint16), mask=mask)
     else:
-        ptr = as_ptr(addr, CODE) + offs
-        tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
+        ptr = block_ptr(addr, CODE, WHOLE) + offs
+        if WHOLE:
+            tl.store(ptr, value.to(ptr.dtype.element_ty))
+        else:
+            tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
