@@ -4,7 +4,8 @@ Grid: one program per row of a bucket's block table. beta, the first-step flag a
 corrections come from the scope scratch written on the device, lr from the lr tensor, found_inf and
 grad_scale through pointers: no host value of this step is needed. With found_inf > 0 nothing is
 stored. A whole, aligned block of a step that is not skipped takes the unmasked 16-byte path, the
-rest the masked one (NOTE [vector access] in tensor_table.py); both run the same block function. Program 0 of the launch with COMMIT_GROUPS also commits prev_lr (present groups) and
+rest the masked one (NOTE [vector access] in tensor_table.py); both run the same block function.
+Program 0 of the launch with COMMIT_GROUPS also commits prev_lr (present groups) and
 prev_loss; that launch has at least one program even when every tensor is empty.
 """
 import triton

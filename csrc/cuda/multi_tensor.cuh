@@ -117,9 +117,10 @@ __device__ __forceinline__ void load_vec(const void* p, uint32_t dt, int64_t i, 
 
 // NOTE [vector stores]: written as plain float4 / uint4 assignments, these stores came out of nvcc
 // 13 (-O3, sm_90) as 8 scalar st.global.f32 (4 for 16-bit data) per thread and list in the AM
-// kernels (the loads stayed ld.global.v4): a warp's store then covers 512 bytes in four strided
-// instructions, four times the L2 write requests of one 16-byte store per thread. __stwb is the same
-// write-back store, spelled as one st.global.wb.v4 instruction, whatever the optimiser does around it.
+// kernels (the loads stayed ld.global.v4). A warp's 1 KB of one float32 list then took eight 4-byte
+// store instructions, each touching all 32 of its sectors, where two 16-byte ones do: four times the
+// L2 write requests. __stwb is the same write-back store, spelled as one st.global.wb.v4 instruction
+// whatever the optimiser does around it.
 __device__ __forceinline__ void store_vec(void* p, uint32_t dt, int64_t i, const float (&in)[kVec]) {
   AMM_CUDA_TRAFFIC(static_cast<const char*>(p) + i * bytes_of(dt), kVec * bytes_of(dt), true);
   if (dt == kFloat32) {
