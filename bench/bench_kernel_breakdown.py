@@ -28,9 +28,8 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from common import RESULTS, copy_bandwidth, device_tag, environment, time_fn, write_results  # noqa: E402
-from throughput import free, make_params, model_shapes  # noqa: E402
+from throughput import cases as throughput_cases, free, make_params, model_shapes  # noqa: E402
 
-from amm_kernels import AMSGD, AMAdamW, available_backends  # noqa: E402
 
 # Bytes per float32 parameter that each part must move (reads + writes; bench/README.md).
 PASS_BYTES = {
@@ -41,16 +40,17 @@ PASS_BYTES = {
 PARTS = (("persistent", "step"), ("finalize", "finalize"), ("sums", "pass1"), ("reduce", "pass1"), ("update", "pass2"))
 
 
+KIND = {"adamw": "AMAdamW", "adamw0": "AMAdamW wd=0", "sgd": "AMSGD"}  # throughput family -> PASS_BYTES
+
+
 def cases(device):
+    """(name, PASS_BYTES key or None for a baseline, factory): throughput.py's AMAdamW and AMSGD on the
+    compiled backends and their fused baselines, with the same hyperparameters."""
     out = []
-    compiled = [b for b in available_backends(device) if b != "torch"]
-    for b in compiled:
-        out.append((f"AMAdamW[{b}]", "AMAdamW", lambda p, b=b: AMAdamW(p, lr=1e-3, weight_decay=0.01, backend=b)))
-        out.append((f"AMAdamW[{b}] wd=0", "AMAdamW wd=0", lambda p, b=b: AMAdamW(p, lr=1e-3, weight_decay=0.0, backend=b)))
-    out.append(("AdamW fused", None, lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01, fused=True)))
-    for b in compiled:
-        out.append((f"AMSGD[{b}]", "AMSGD", lambda p, b=b: AMSGD(p, lr=1e-2, backend=b)))
-    out.append(("SGD-momentum fused", None, lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, fused=True)))
+    for name, family, _, factory in throughput_cases(device):
+        if family not in KIND or "[torch]" in name or "foreach" in name:
+            continue
+        out.append((name, KIND[family] if name.startswith("AM") else None, factory))
     return out
 
 

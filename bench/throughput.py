@@ -66,13 +66,13 @@ def cases(device: torch.device):
     return out
 
 
-def baseline_ms(measured: dict, family: str) -> float:
-    """The time of the family's baseline row in the same size and layout (NaN if none ran)."""
+def baseline_of(measured: dict, family: str) -> tuple[str, float]:
+    """The family's baseline row that ran in the same size and layout, and its time ("", NaN if none)."""
     for name in BASELINES[family]:
         ms = measured.get(name)
         if ms is not None and ms == ms:
-            return ms
-    return float("nan")
+            return name, ms
+    return "", float("nan")
 
 
 def model_shapes(target: int, layers: int = 24) -> list[tuple[int, ...]]:
@@ -192,11 +192,10 @@ def main(argv=None):
                              bytes_per_param=bpp, ms_per_step=round(ms, 4), effective_gbs=round(gbs, 2),
                              frac_of_copy_bw=round(gbs / copy_gbs, 3), copy_gbs=round(copy_gbs, 1), status=status))
             bar.update()
-        adamw = baseline_ms(measured, "adamw")
+        _, adamw = baseline_of(measured, "adamw")
         for row in rows[-len(all_cases):]:
             row["ratio_to_adamw"] = round(row["ms_per_step"] / adamw, 3) if adamw == adamw else float("nan")
-            base = baseline_ms(measured, row["family"])
-            row["baseline"] = next((b for b in BASELINES[row["family"]] if measured.get(b) == base), "")
+            row["baseline"], base = baseline_of(measured, row["family"])
             row["ratio_to_baseline"] = round(row["ms_per_step"] / base, 3) if base == base else float("nan")
             print_row(row)
         # after every size: a run stopped by a time limit still leaves what it measured
