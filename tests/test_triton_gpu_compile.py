@@ -1,7 +1,12 @@
 """Every Triton kernel launch of a step compiles to a cubin for sm_80 and sm_90 (no GPU needed):
 tests/_triton_gpu_compile.py records the launches of representative steps in the interpreter, then
 compiles each distinct specialization in compiled mode, in a fresh process each (the interpreter and
-the compiler cannot share one: NOTE [import order] in amm_kernels/triton_backend.py)."""
+the compiler cannot share one: NOTE [import order] in amm_kernels/triton_backend.py).
+
+The compile runs twice: with the triton installed here, and with the triton of the GPU machine the
+device tool lends (3.6), installed beside it by .ci/run and named by AMM_TRITON_GPU_MACHINE (a
+directory to put first on PYTHONPATH). The two compilers differ in what they keep of our hints
+(NOTE [vector access] in triton_kernels/tensor_table.py), so each must be checked."""
 import importlib.util
 import json
 import os
@@ -12,24 +17,37 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
+TOOL = str(HERE / "_triton_gpu_compile.py")
+# The triton the GPU machine carries (/work/.library/device/README.md), installed by .ci/run.
+GPU_MACHINE_TRITON = os.environ.get("AMM_TRITON_GPU_MACHINE")
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_every_launch_compiles_for_sm80_and_sm90(tmp_path):
-    launches = tmp_path / "launches.json"
-    tool = str(HERE / "_triton_gpu_compile.py")
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory):
+    path = tmp_path_factory.mktemp("triton_launches") / "launches.json"
     env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
-    rec = subprocess.run([sys.executable, tool, "record", str(launches)], env=env, capture_output=True, text=True,
+    rec = subprocess.run([sys.executable, TOOL, "record", str(path)], env=env, capture_output=True, text=True,
                          timeout=600)
     assert rec.returncode == 0, rec.stdout + rec.stderr
     n = int(rec.stdout.split("recorded ")[1].split()[0])
     assert n >= 20, f"only {n} launches recorded: the workloads no longer reach every kernel"
-    env.pop("TRITON_INTERPRET")
+    return path
+
+
+def compile_and_check(launches, tmp_path, pythonpath_first=None, version=None):
+    env = dict(os.environ, TRITON_DEFAULT_FP_FUSION="1")
+    env.pop("TRITON_INTERPRET", None)
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # a real compile, not a cache hit
-    out = subprocess.run([sys.executable, tool, "compile", str(launches)], env=env, capture_output=True, text=True,
+    if pythonpath_first:
+        env["PYTHONPATH"] = os.pathsep.join([pythonpath_first, str(HERE.parent), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, TOOL, "compile", str(launches)], env=env, capture_output=True, text=True,
                          timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     assert "0 failures" in out.stdout
+    if version is not None:
+        assert f"(triton {version}" in out.stdout, out.stdout
     # NOTE [vector access] (triton_kernels/tensor_table.py): the AM passes read (and pass 2 writes)
     # whole aligned blocks with 16-byte instructions; without it every access was a 4-byte one.
     vectors = json.loads(out.stdout.split("vector accesses ")[1].splitlines()[0])
@@ -37,3 +55,12 @@ def test_every_launch_compiles_for_sm80_and_sm90(tmp_path):
         loads, stores = vectors[name]
         assert loads > 0, f"{name}: no 16-byte loads in its sm_90 PTX"
         assert stores > 0 or "reduce" in name, f"{name}: no 16-byte stores in its sm_90 PTX"
+
+
+def test_every_launch_compiles_for_sm80_and_sm90(launches, tmp_path):
+    compile_and_check(launches, tmp_path)
+
+
+@pytest.mark.skipif(not GPU_MACHINE_TRITON, reason="AMM_TRITON_GPU_MACHINE is not set (.ci/run sets it)")
+def test_every_launch_compiles_with_the_gpu_machines_triton(launches, tmp_path):
+    compile_and_check(launches, tmp_path, pythonpath_first=GPU_MACHINE_TRITON, version="3.6")

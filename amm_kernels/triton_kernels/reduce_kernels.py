@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .am_math import adamw_precond, adamw_second_moment, amadamw_terms, amsgd_terms, effective_grad
-from .tensor_table import block_ptr, load_f32, whole_block
+from .tensor_table import as_ptr, load_f32, whole_block
 
 
 @triton.jit
@@ -33,7 +33,7 @@ def _load_x_if_decay(row, offs, mask, decay, X_CODE: tl.constexpr, BLOCK: tl.con
     Triton's interpreter cannot `&` a block mask with a scalar. On the WHOLE path the mask is that
     broadcast test alone, uniform over the block, so the load stays a 16-byte one."""
     has_decay = tl.zeros((BLOCK,), tl.float32) + decay != 0.0
-    ptr = block_ptr(tl.load(row + 0), X_CODE, WHOLE)
+    ptr = as_ptr(tl.load(row + 0), X_CODE, WHOLE)
     if WHOLE:
         x = tl.load(ptr + offs, mask=has_decay, other=0.0)
     else:

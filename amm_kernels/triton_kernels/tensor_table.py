@@ -32,14 +32,17 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 @triton.jit
-def as_ptr(addr, CODE: tl.constexpr):
-    """An int64 address as a typed pointer (NOTE [pointer table])."""
+def as_ptr(addr, CODE: tl.constexpr, ALIGNED: tl.constexpr = False):
+    """An int64 address as a typed pointer (NOTE [pointer table]); with ALIGNED, declared 16-byte
+    aligned (NOTE [vector access]: the hint must sit here, on the conversion itself)."""
     if CODE == 1:
         ptr = addr.to(tl.pointer_type(tl.bfloat16))
     elif CODE == 2:
         ptr = addr.to(tl.pointer_type(tl.float16))
     else:
         ptr = addr.to(tl.pointer_type(tl.float32))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
     return ptr
 
 
@@ -139,6 +142,10 @@ def _build(params, grads, d, v, batch, block, n_sums) -> Table:
 # counts bytes), so the same loads and stores come out as 16-byte ld/st.global.v4. The other blocks
 # (a tensor's last, partial block; views that start off a 16-byte boundary) keep the masked path.
 # Both paths do the same float32 arithmetic on the same elements.
+# Where the hint goes: triton 3.6 (the GPU machine's) records tl.multiple_of as an attribute of the
+# operation that produced the value. Applied to as_ptr's result in another @jit function, that
+# operation is the call, and inlining drops the attribute: every access was 4-byte again under 3.6
+# while 3.9 kept 16-byte ones. So as_ptr applies it to its own int-to-pointer conversion (ALIGNED).
 @triton.jit
 def whole_block(row, start, lim, BLOCK: tl.constexpr):
     """True for a block of BLOCK elements inside its tensor (start + BLOCK <= lim) whose table row's
@@ -148,20 +155,11 @@ def whole_block(row, start, lim, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def block_ptr(addr, CODE: tl.constexpr, WHOLE: tl.constexpr):
-    """as_ptr, declared 16-byte aligned on the WHOLE path (NOTE [vector access])."""
-    ptr = as_ptr(addr, CODE)
-    if WHOLE:
-        ptr = tl.multiple_of(ptr, 16)
-    return ptr
-
-
-@triton.jit
 def load_f32(addr, offs, mask, CODE: tl.constexpr, WHOLE: tl.constexpr):
     """The block's elements of the tensor at `addr` (dtype CODE) as float32; masked (0 outside `mask`)
     unless WHOLE (NOTE [vector access])."""
     if WHOLE:
-        val = tl.load(block_ptr(addr, CODE, True) + offs)
+        val = tl.load(as_ptr(addr, CODE, True) + offs)
     else:
         val = tl.load(as_ptr(addr, CODE) + offs, mask=mask, other=0.0)
     return val.to(tl.float32)
@@ -185,7 +183,7 @@ def store_as(addr, offs, value, mask, CODE: tl.constexpr, WHOLE: tl.constexpr = 
         else:
             tl.store(ptr + offs, rounded.to(tl.uint16), mask=mask)
     else:
-        ptr = block_ptr(addr, CODE, WHOLE) + offs
+        ptr = as_ptr(addr, CODE, WHOLE) + offs
         if WHOLE:
             tl.store(ptr, value.to(ptr.dtype.element_ty))
         else:
