@@ -1,6 +1,7 @@
 """Paper Fig. 4 in miniature: a small CNN on scikit-learn's bundled digits (8x8 images, 1797 samples, no
 download), minibatch SGD with momentum 0.9 (dampening 0.9, the paper's "fair" MGD at the same lr) against
-AMSGD with the paper's defaults (beta_max = 0.9, lam = 0.1). Train loss and test accuracy per epoch, and
+AMSGD with the paper's defaults (beta_max = 0.9, lam = 0.1), with one global beta and with one beta per
+parameter tensor. Train loss and test accuracy per epoch, and
 AMSGD's beta at every step, for several seeds and learning rates.
 
     python bench/conv_digits.py            # 3 seeds x 2 lrs x 30 epochs (a minute or two on CPU)
@@ -50,6 +51,8 @@ def net():
 OPTIMIZERS = {
     "MGD (SGD m=0.9, damp=0.9)": lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9, dampening=0.9, weight_decay=5e-4),
     "AMSGD (beta_max=0.9, lam=0.1)": lambda p, lr: AMSGD(p, lr=lr, weight_decay=5e-4),
+    # the same with one beta per parameter tensor (the default scope is chosen from measurement: issue 5)
+    "AMSGD tensor scope": lambda p, lr: AMSGD(p, lr=lr, weight_decay=5e-4, beta_scope="tensor"),
     "SGD m=0.9 at lr/10": lambda p, lr: torch.optim.SGD(p, lr=lr / 10, momentum=0.9, weight_decay=5e-4),
 }
 
@@ -94,7 +97,7 @@ def train_digits(make_opt, lr, seed, epochs, batch, xtr, ytr, xte, yte, trace=la
 
 def train(name, lr, seed, epochs, batch, xtr, ytr, xte, yte, bar):
     hist = train_digits(OPTIMIZERS[name], lr, seed, epochs, batch, xtr, ytr, xte, yte,
-                        trace=lambda opt: float(opt.beta) if isinstance(opt, AMSGD) else None, on_epoch=bar.update)
+                        trace=lambda opt: float(opt.beta.float().mean()) if isinstance(opt, AMSGD) else None, on_epoch=bar.update)
     hist["betas"] = hist.pop("trace")
     return hist
 
@@ -149,7 +152,7 @@ def main(argv=None):
 def plot(runs, lrs, args, env, path):
     pyplot = plt()
     fig, axes = pyplot.subplots(len(lrs), 3, figsize=(15, 3.8 * len(lrs)), squeeze=False)
-    colors = dict(zip(OPTIMIZERS, ("tab:blue", "red", "gray")))
+    colors = dict(zip(OPTIMIZERS, ("tab:blue", "red", "tab:purple", "gray")))
     for i, lr in enumerate(lrs):
         for name in OPTIMIZERS:
             for s in range(args.seeds):
@@ -162,7 +165,7 @@ def plot(runs, lrs, args, env, path):
                     axes[i][2].plot(h["betas"], color=colors[name], alpha=0.5, lw=0.5)
         axes[i][0].set_ylabel(f"lr={lr:g}\ntrain loss")
         axes[i][1].set_ylabel("test accuracy")
-        axes[i][2].set_ylabel("AMSGD beta")
+        axes[i][2].set_ylabel("AMSGD beta (mean over the scope's betas)")
         axes[i][1].set_ylim(0.9, 1.0)
         for ax in axes[i]:
             ax.grid(alpha=0.3)
