@@ -331,7 +331,8 @@ class AMOptimizer(torch.optim.Optimizer):
         for key, mine in self._meta_fields().items():
             if meta.get(key) != mine:
                 raise ValueError(
-                    f"{name}.load_state_dict: saved with {key}={meta.get(key)!r}, this optimizer has {key}={mine!r}"
+                    f"{name}.load_state_dict: saved with {key}={meta.get(key)!r}, this optimizer has {key}={mine!r}; "
+                    f"construct it with {key}={meta.get(key)!r} to load this state"
                 )
         super().load_state_dict({k: v for k, v in state_dict.items() if k != STATE_DICT_KEY})
         saved = meta["scopes"]

@@ -36,7 +36,12 @@ class AMAdamW(AMOptimizer):
         weight_decay (float, default 1e-2): decoupled weight decay mu, >= 0.
         beta_min (float, default 0.0): lower clamp of beta, in [0, beta_max].
         adaptive (bool, default True): False fixes beta = beta_max.
-        beta_scope (str, default "global"): "global", "group" or "tensor" (see AMSGD).
+        beta_scope (str, default "tensor"): one beta per parameter tensor ("tensor"), per param
+            group ("group"), or one for all parameters ("global": the paper's AMAdamW; see AMSGD).
+            The default is measured, not the paper's: on bench/conv_lm.py's language model the
+            tensor scope gave a lower validation loss than the global one in every seed of every
+            setting tried (17 of 17), and without warm-up matched AdamW with warm-up
+            (bench/README.md). Unlike AMSGD's default, which stays "global".
         maximize (bool, default False): maximize the objective instead of minimizing.
         backend (str, default "auto"): "torch" (the reference), "cpu", "cuda", "triton", or "auto".
         process_group (default None): the torch.distributed group over which beta's sums are
@@ -47,7 +52,7 @@ class AMAdamW(AMOptimizer):
         capturable (bool, default False): the step may be captured in a CUDA graph (parameters on
             the GPU; pass lr as a device tensor to change it between replays).
 
-    ``optimizer.beta`` is the last beta as a device tensor. State per parameter: ``exp_avg`` (d) and
+    ``optimizer.beta`` is the last beta as a device tensor (one per parameter tensor by default). State per parameter: ``exp_avg`` (d) and
     ``exp_avg_sq`` (v). Bias corrections count the steps of the beta scope.
     """
 
@@ -64,7 +69,7 @@ class AMAdamW(AMOptimizer):
         weight_decay: float = 1e-2,
         beta_min: float = 0.0,
         adaptive: bool = True,
-        beta_scope: str = "global",
+        beta_scope: str = "tensor",
         maximize: bool = False,
         backend: str = "auto",
         process_group=None,

@@ -167,7 +167,7 @@ class ByteGPT(nn.Module):
 class RunResult:
     name: str
     losses: list[float]  # training loss at every step
-    betas: list[float] | None  # AMAdamW's beta at every step (None for AdamW)
+    betas: list[list[float]] | None  # AMAdamW's betas at every step, one per parameter tensor (None for AdamW)
     val_curve: list[tuple[int, float]]  # (step, validation loss)
     seconds: float  # wall time of the training loop (evaluation included)
 
@@ -249,13 +249,13 @@ def train(name: str, args, train_data, val_batches, device) -> RunResult:
         # Keep device tensors; converting them every step would force a sync.
         losses.append(loss.detach())
         if isinstance(optimizer, AMAdamW):
-            betas.append(optimizer.beta)  # a copy, on the device; reading it never syncs
+            betas.append(optimizer.beta.reshape(-1))  # a copy, on the device; reading it never syncs
         if step in eval_steps:
             val_curve.append((step, evaluate(model, val_batches)))
         if step % args.log_every == 0 or step == args.steps:
             postfix = {"loss": f"{loss.item():.3f}"}
             if betas:
-                postfix["beta"] = f"{betas[-1].item():.3f}"
+                postfix["beta"] = f"{betas[-1].mean().item():.3f}"  # mean over the parameter tensors
             if val_curve:
                 postfix["val"] = f"{val_curve[-1][1]:.3f}"
             bar.set_postfix(postfix)
@@ -318,10 +318,15 @@ def plot(results: list[RunResult], path: Path, title: str) -> None:
     ax_loss.grid(alpha=0.3)
 
     for r in results:
-        if r.betas is not None:
-            ax_beta.plot(range(1, len(r.betas) + 1), r.betas, color=colors.get(r.name), linewidth=0.8, label=f"{r.name} beta")
+        if r.betas is not None:  # one beta per parameter tensor (AMAdamW's default beta_scope="tensor")
+            steps = range(1, len(r.betas) + 1)
+            color = colors.get(r.name)
+            ax_beta.fill_between(steps, [min(b) for b in r.betas], [max(b) for b in r.betas], color=color, alpha=0.2,
+                                 linewidth=0, label=f"{r.name} beta, min to max over tensors")
+            ax_beta.plot(steps, [sum(b) / len(b) for b in r.betas], color=color, linewidth=0.8,
+                         label=f"{r.name} beta, mean over tensors")
     ax_beta.axhline(0.9, color=colors["AdamW"], linestyle="--", label="AdamW beta1 = 0.9 (fixed)")
-    ax_beta.set(xlabel="step", ylabel="beta", title="AMAdamW momentum coefficient")
+    ax_beta.set(xlabel="step", ylabel="beta", title="AMAdamW momentum coefficients (one per tensor)")
     ax_beta.legend()
     ax_beta.grid(alpha=0.3)
 

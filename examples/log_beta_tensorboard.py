@@ -3,8 +3,8 @@
     pip install tensorboard
     python examples/log_beta_tensorboard.py --logdir runs/amm && tensorboard --logdir runs/amm
 
-`optimizer.beta` is a device tensor (0-d for beta_scope="global", one per group / tensor otherwise):
-step() never reads it back. Read it only when you log; for fewer syncs, keep the betas of the steps
+`optimizer.beta` is a device tensor (0-d for beta_scope="global", one per group / tensor otherwise;
+AMAdamW's default is one per parameter tensor): step() never reads it back. Read it only when you log; for fewer syncs, keep the betas of the steps
 between two logs on the device (torch.stack) and move them in one copy.
 """
 import argparse
@@ -44,11 +44,17 @@ def main():
             betas = torch.stack(pending_betas).cpu()   # one device-to-host copy per log
             losses = torch.stack(pending_losses).cpu()
             for i, (b, l) in enumerate(zip(betas, losses)):
-                writer.add_scalar("amm/beta", float(b), step - len(betas) + 1 + i)
-                writer.add_scalar("train/loss", float(l), step - len(betas) + 1 + i)
+                at = step - len(betas) + 1 + i
+                if b.numel() == 1:  # beta_scope="global"
+                    writer.add_scalar("amm/beta", float(b), at)
+                else:  # one beta per group / tensor: their mean, min and max, and a histogram
+                    writer.add_scalars("amm/beta", {"mean": float(b.mean()), "min": float(b.min()),
+                                                    "max": float(b.max())}, at)
+                    writer.add_histogram("amm/beta_per_scope", b, at)
+                writer.add_scalar("train/loss", float(l), at)
             pending_betas.clear(), pending_losses.clear()
     writer.close()
-    print(f"logged {args.steps} steps to {args.logdir}; last beta {opt.beta.item():.4f}")
+    print(f"logged {args.steps} steps to {args.logdir}; last betas {[round(b, 4) for b in opt.beta.reshape(-1).tolist()]}")
 
 
 if __name__ == "__main__":

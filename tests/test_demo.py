@@ -35,6 +35,9 @@ def test_quick_demo_runs_and_reports(tmp_path, capsys, keep_torch_threads):
     for r in results:
         assert r.losses and all(math.isfinite(x) for x in r.losses)
         assert all(math.isfinite(v) for _, v in r.val_curve)
-    betas = results[1].betas
+    betas = results[1].betas  # per step, one beta per parameter tensor (AMAdamW's default scope)
     assert betas is not None and len(betas) == len(results[1].losses)
-    assert all(0.0 <= b <= 0.9 + 1e-6 for b in betas)  # clamped to [beta_min, beta_max]
+    quick = demo.parse_args(["--quick"])
+    n_tensors = len(list(demo.ByteGPT(quick.context, quick.d_model, quick.layers, quick.heads).parameters()))
+    assert all(len(step) == n_tensors for step in betas)
+    assert all(0.0 <= b <= 0.9 + 1e-6 for step in betas for b in step)  # clamped to [beta_min, beta_max]

@@ -198,7 +198,8 @@ def test_amadamw_beta_maximises_dual_of_eq14(case):
     n_interior = 0
 
     def make_opt(groups, lam):
-        return AMAdamW(groups, lam=lam, betas=(BETA_MAX, BETA2), eps=EPS, beta_min=0.0, backend="torch")
+        return AMAdamW(groups, lam=lam, betas=(BETA_MAX, BETA2), eps=EPS, beta_min=0.0, beta_scope="global",
+                       backend="torch")
 
     # g2 small: d_t is about (1 - beta_max) g1 at step 2
     for seed, rng, opt, run in _two_step_runs(case, 0, make_opt, "exp_avg", wd_scale=1.0, g2_scale=0.05):

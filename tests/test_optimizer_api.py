@@ -106,8 +106,19 @@ def test_loading_another_optimizers_state_is_a_clear_error():
         adamw.load_state_dict(sgd.state_dict())
     with pytest.raises(ValueError, match="not saved by an amm_kernels optimizer"):
         adamw.load_state_dict(torch.optim.AdamW(params).state_dict())
-    with pytest.raises(ValueError, match="beta_scope"):
+    with pytest.raises(ValueError, match="saved with beta_scope='global', this optimizer has beta_scope='tensor'; "
+                                         "construct it with beta_scope='global'"):
         AMSGD(params, beta_scope="tensor").load_state_dict(sgd.state_dict())
+    # AMAdamW's default scope is "tensor" (it was "global" before 2026-11-28): a checkpoint of the global
+    # scope loads only into an AMAdamW constructed with it, and a refused load changes nothing
+    global_adamw = AMAdamW(params, beta_scope="global")
+    global_adamw.step()
+    adamw.step()
+    before = {k: v.clone() for k, v in adamw._scopes.to_dict().items()}
+    with pytest.raises(ValueError, match="construct it with beta_scope='global'"):
+        adamw.load_state_dict(global_adamw.state_dict())
+    assert all(torch.equal(v, before[k]) for k, v in adamw._scopes.to_dict().items())
+    AMAdamW(params, beta_scope="global").load_state_dict(global_adamw.state_dict())
     bad_version = sgd.state_dict()
     bad_version["amm"]["format_version"] = 99
     with pytest.raises(ValueError, match="format_version 99"):
@@ -197,10 +208,12 @@ def test_low_precision_params_keep_dtype(cls, dtype):
     params, opt = check_low_precision_params_keep_dtype(cls, dtype, steps=3)
     for p in params:
         assert all(t.dtype == dtype for t in opt.state[p].values()) if p.numel() else True
-    assert opt.beta.dtype == torch.float32 and torch.isfinite(opt.beta)
+    assert opt.beta.dtype == torch.float32 and torch.isfinite(opt.beta).all()
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_nonfinite_gradient_gives_nonfinite_beta(cls):
     _, opt = step_on_a_nan_gradient(cls)
-    assert torch.isnan(opt.beta)
+    beta = opt.beta.reshape(-1)  # AMSGD: one global beta; AMAdamW: one per tensor (its default scope)
+    assert torch.isnan(beta[0])  # the scope of the tensor with the NaN
+    assert torch.isfinite(beta[1:]).all()  # the other tensors' betas do not see it

@@ -1,0 +1,61 @@
+"""examples/log_beta_tensorboard.py runs and logs beta at every step (issue 6: observability), with a
+stand-in SummaryWriter that records the calls (tensorboard is not a dependency)."""
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "log_beta_tensorboard.py"
+
+
+class RecordingWriter:
+    calls: list = []
+
+    def __init__(self, logdir):
+        self.logdir = logdir
+
+    def add_scalar(self, tag, value, step):
+        RecordingWriter.calls.append(("scalar", tag, value, step))
+
+    def add_scalars(self, tag, values, step):
+        RecordingWriter.calls.append(("scalars", tag, dict(values), step))
+
+    def add_histogram(self, tag, values, step):
+        RecordingWriter.calls.append(("histogram", tag, values.clone(), step))
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def example(monkeypatch, tmp_path):
+    RecordingWriter.calls = []
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = RecordingWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    spec = importlib.util.spec_from_file_location("log_beta_tensorboard", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", ["log_beta_tensorboard.py", "--logdir", str(tmp_path), "--steps", "20",
+                                      "--log-every", "5"])
+    return module
+
+
+def test_tensorboard_example_logs_every_steps_betas(example, capsys):
+    example.main()
+    calls = RecordingWriter.calls
+    losses = [c for c in calls if c[1] == "train/loss"]
+    spreads = [c for c in calls if c[0] == "scalars" and c[1] == "amm/beta"]
+    hists = [c for c in calls if c[0] == "histogram"]
+    assert [c[3] for c in losses] == list(range(1, 21))
+    # AMAdamW's default scope: one beta per parameter tensor (4 in the example's model)
+    assert [c[3] for c in spreads] == list(range(1, 21)) and [c[3] for c in hists] == list(range(1, 21))
+    for (_, _, spread, _), (_, _, per_tensor, _) in zip(spreads, hists):
+        assert per_tensor.shape == (4,)
+        assert spread == {"mean": float(per_tensor.mean()), "min": float(per_tensor.min()),
+                          "max": float(per_tensor.max())}
+        assert 0.0 <= spread["min"] <= spread["mean"] <= spread["max"] <= 0.9 + 1e-6
+    assert spreads[0][2]["min"] == pytest.approx(0.9)  # the first step's beta is beta_max
+    assert "last betas" in capsys.readouterr().out
