@@ -16,9 +16,14 @@
 
 #include "amm_math.h"  // AMM_HD
 
-// #pragma unroll in nvcc's device pass only (the host compiler warns about an unknown pragma).
+// Loops over the k memory units unrolled completely: `#pragma unroll` in nvcc's device pass, GCC's own
+// pragma for g++ (NOTE [RLLC lanes] in csrc/cpu/rllc_cpu.cpp: without it GCC left the triangular
+// loop of the Gram terms rolled for k >= 3, and the lane loop around it unvectorized). Other host
+// compilers get nothing (they would warn about an unknown pragma).
 #if defined(__CUDA_ARCH__)
 #define AMM_RLLC_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define AMM_RLLC_UNROLL _Pragma("GCC unroll 64")
 #else
 #define AMM_RLLC_UNROLL
 #endif
@@ -61,10 +66,11 @@ AMM_HD float rl_sub(float a, float b) {
 AMM_HD float rllc_grad(float grad, bool has_scale, float grad_scale) { return has_scale ? grad / grad_scale : grad; }
 
 // ---------------------------------------------------------------------------------------------
-// Pass 1: add one element's terms to acc[rllc_n_sums(K)]. A product of two float32 values is exact in
-// double, so whether the compiler fuses the multiply-add or not, the result is the same.
+// Pass 1: one element's terms, term[rllc_n_sums(K)] (the Gram products m_a m_b, then m_a g), each a
+// product of two float32 values in double, which is exact: whether a compiler then fuses the
+// multiply with the add that sums it, the result is the same.
 template <int K>
-AMM_HD void rllc_accumulate(const float (&m)[K], float g, double* acc) {
+AMM_HD void rllc_terms(const float (&m)[K], float g, double* term) {
   double md[K];
 AMM_RLLC_UNROLL
   for (int a = 0; a < K; ++a) md[a] = static_cast<double>(m[a]);
@@ -72,11 +78,20 @@ AMM_RLLC_UNROLL
 AMM_RLLC_UNROLL
   for (int a = 0; a < K; ++a) {
 AMM_RLLC_UNROLL
-    for (int b = a; b < K; ++b) acc[p++] += md[a] * md[b];
+    for (int b = a; b < K; ++b) term[p++] = md[a] * md[b];
   }
   const double gd = static_cast<double>(g);
 AMM_RLLC_UNROLL
-  for (int a = 0; a < K; ++a) acc[p++] += md[a] * gd;
+  for (int a = 0; a < K; ++a) term[p++] = md[a] * gd;
+}
+
+// ... added to acc[rllc_n_sums(K)].
+template <int K>
+AMM_HD void rllc_accumulate(const float (&m)[K], float g, double* acc) {
+  double term[rllc_n_sums(K)];
+  rllc_terms<K>(m, g, term);
+AMM_RLLC_UNROLL
+  for (int p = 0; p < rllc_n_sums(K); ++p) acc[p] += term[p];
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 // entries and M^T g, each chunk into its own slot), the slots combined per tensor and per scope in a
 // fixed order (bit-identical whatever the thread count), the law update per scope (rllc_math.h's
 // Jacobi pinv), then pass 2 (the k memory rows and the parameter in one sweep). With found_inf > 0
-// nothing at all is written. Self-contained: it shares only the math headers with the other kernels.
+// nothing at all is written. It shares the math headers and cpu_kernels.h's lanes and instruction-set
+// builds with the AM kernels, and nothing else.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -16,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu_kernels.h"  // the lanes, the instruction-set builds (Isa, AMM_PICK_ISA) and ld()
 #include "op_signatures.h"
 #include "rllc_math.h"
 
@@ -28,10 +30,6 @@ const char* kOwner = "amm_kernels rllc_step (cpu)";
 constexpr int64_t kChunk = 16384;
 // Steps smaller than this run on the calling thread.
 constexpr int64_t kSerialElements = 1 << 16;
-
-inline float ld(float v) { return v; }
-inline float ld(c10::BFloat16 v) { return static_cast<float>(v); }
-inline float ld(c10::Half v) { return static_cast<float>(v); }
 
 struct Tensor1 {
   at::Tensor x, g, m;  // contiguous working tensors: param, grad (param dtype or float32), memory (k rows)
@@ -88,45 +86,121 @@ void for_each(int64_t n, int64_t total_elements, const F& fn) {
   });
 }
 
-// Pass 1 over one chunk: its sums (double) into slot[0 .. rllc_n_sums(K)).
-template <int K, class TX, class TG>
-void sums_chunk(const Tensor1& t, int64_t begin, int64_t end, bool has_scale, float scale, double* slot) {
-  const TX* m = t.m.const_data_ptr<TX>();
-  const TG* g = t.g.const_data_ptr<TG>();
-  const int64_t n = t.n;
-  double acc[rllc_n_sums(K)] = {};
-  for (int64_t i = begin; i < end; ++i) {
-    float mv[K];
-    for (int a = 0; a < K; ++a) mv[a] = ld(m[a * n + i]);
-    rllc_accumulate<K>(mv, rllc_grad(ld(g[i]), has_scale, scale), acc);
-  }
-  for (int p = 0; p < rllc_n_sums(K); ++p) slot[p] = acc[p];
+// NOTE [RLLC lanes]: as in the AM kernels (amsgd_cpu.cpp), both passes loop over cpu::kLanes
+// independent lanes (lane j takes elements j, j + kLanes, ...) so that the compiler vectorizes them
+// without reassociating a sum: pass 1 keeps its double sums per lane and adds the lanes pairwise in a
+// fixed order at the end of the chunk. Each chunk function is built for base x86-64, AVX2 and AVX-512
+// (cpu_kernels.h, Isa) and the builds give bit-identical results (-ffp-contract=off; the double
+// products are exact). Before, pass 1 added each element into one accumulator per sum (a chain of
+// dependent double adds), both passes were built for base x86-64 only, and for k >= 3 GCC left the
+// Gram terms' triangular loop rolled, so nothing around it vectorized (AMM_RLLC_UNROLL in
+// rllc_math.h now unrolls it): the step moved 7-19 GB/s (k = 3, 4M parameters, 1 thread: 29 ms),
+// where AMSGD's moves 28-39; now 29-37 GB/s (6.3 ms) (bench/README.md, "Step cost").
+using cpu::Isa;
+using cpu::ld;
+constexpr int kLanes = cpu::kLanes;
+
+// The kLanes lane sums of one pass 1 sum, pairwise in a fixed order.
+AMM_ALWAYS_INLINE double lane_sum(const double* acc) {
+  double tmp[kLanes];
+  for (int j = 0; j < kLanes; ++j) tmp[j] = acc[j];
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int j = 0; j < w; ++j) tmp[j] += tmp[j + w];
+  return tmp[0];
 }
 
-// Pass 2 over one chunk: the memory rows and the parameter.
 template <int K, class TX, class TG>
-void update_chunk(const Tensor1& t, int64_t begin, int64_t end, bool has_scale, float scale, const float* U,
-                  const float* b, const float* law) {
-  TX* x = t.x.mutable_data_ptr<TX>();
-  TX* m = t.m.mutable_data_ptr<TX>();
-  const TG* g = t.g.const_data_ptr<TG>();
-  const int64_t n = t.n;
-  float Uk[K * K], bk[K], lk[K];
-  for (int p = 0; p < K * K; ++p) Uk[p] = U[p];
-  for (int a = 0; a < K; ++a) {
-    bk[a] = b[a];
-    lk[a] = law[a];
-  }
-  const float lr = t.lr;
-  for (int64_t i = begin; i < end; ++i) {
-    float mv[K], mn[K];
-    for (int a = 0; a < K; ++a) mv[a] = ld(m[a * n + i]);
-    const float gv = rllc_grad(ld(g[i]), has_scale, scale);
-    rllc_memory_update<K>(mv, gv, Uk, bk, mn);
-    x[i] = static_cast<TX>(rllc_param<K>(ld(x[i]), mn, lk, lr));
-    for (int a = 0; a < K; ++a) m[a * n + i] = static_cast<TX>(mn[a]);
-  }
+AMM_ALWAYS_INLINE void add_terms(const TX* __restrict__ m, const TG* __restrict__ g, int64_t n, int64_t i,
+                                 bool has_scale, float scale, double (&acc)[rllc_n_sums(K)][kLanes], int j) {
+  float mv[K];
+AMM_RLLC_UNROLL
+  for (int a = 0; a < K; ++a) mv[a] = ld(m[a * n + i]);
+  double term[rllc_n_sums(K)];
+  rllc_terms<K>(mv, rllc_grad(ld(g[i]), has_scale, scale), term);
+AMM_RLLC_UNROLL
+  for (int p = 0; p < rllc_n_sums(K); ++p) acc[p][j] += term[p];
 }
+
+// Pass 1 over elements [begin, end) of one tensor (memory m: K rows of n): its sums (double) into
+// slot[0 .. rllc_n_sums(K)).
+template <int K, class TX, class TG>
+AMM_ALWAYS_INLINE void sums_loop(const TX* __restrict__ m, const TG* __restrict__ g, int64_t n, int64_t begin,
+                                 int64_t end, bool has_scale, float scale, double* slot) {
+  double acc[rllc_n_sums(K)][kLanes] = {};
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) add_terms<K>(m, g, n, i + j, has_scale, scale, acc, j);
+  for (int j = 0; i < end; ++i, ++j) add_terms<K>(m, g, n, i, has_scale, scale, acc, j);
+  for (int p = 0; p < rllc_n_sums(K); ++p) slot[p] = lane_sum(acc[p]);
+}
+
+// What pass 2 applies to every element of a tensor: U (row-major K x K), b, the scope's new law, lr.
+template <int K>
+struct UpdateConsts {
+  float U[K * K], b[K], law[K], lr;
+};
+
+template <int K, class TX, class TG>
+AMM_ALWAYS_INLINE void update_at(TX* __restrict__ x, TX* __restrict__ m, const TG* __restrict__ g, int64_t n,
+                                 int64_t i, bool has_scale, float scale, const UpdateConsts<K>& c) {
+  float mv[K], mn[K];
+AMM_RLLC_UNROLL
+  for (int a = 0; a < K; ++a) mv[a] = ld(m[a * n + i]);
+  const float gv = rllc_grad(ld(g[i]), has_scale, scale);
+  rllc_memory_update<K>(mv, gv, c.U, c.b, mn);
+  x[i] = static_cast<TX>(rllc_param<K>(ld(x[i]), mn, c.law, c.lr));
+AMM_RLLC_UNROLL
+  for (int a = 0; a < K; ++a) m[a * n + i] = static_cast<TX>(mn[a]);
+}
+
+// Pass 2 over elements [begin, end) of one tensor: the memory rows and the parameter. The constants
+// are copied to locals and the lane loop is marked ivdep (NOTE [pass 2 codegen] in amadamw_cpu.cpp).
+template <int K, class TX, class TG>
+AMM_ALWAYS_INLINE void update_loop(TX* __restrict__ x, TX* __restrict__ m, const TG* __restrict__ g, int64_t n,
+                                   int64_t begin, int64_t end, bool has_scale, float scale,
+                                   const UpdateConsts<K>& consts) {
+  const UpdateConsts<K> c = consts;
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+#pragma GCC ivdep
+    for (int j = 0; j < kLanes; ++j) update_at<K>(x, m, g, n, i + j, has_scale, scale, c);
+  }
+  for (; i < end; ++i) update_at<K>(x, m, g, n, i, has_scale, scale, c);
+}
+
+// The three builds of each chunk function (cpu_kernels.h, Isa).
+template <int K, class TX, class TG>
+void sums_base(const TX* m, const TG* g, int64_t n, int64_t begin, int64_t end, bool has_scale, float scale,
+               double* slot) {
+  sums_loop<K>(m, g, n, begin, end, has_scale, scale, slot);
+}
+template <int K, class TX, class TG>
+void update_base(TX* x, TX* m, const TG* g, int64_t n, int64_t begin, int64_t end, bool has_scale, float scale,
+                 const UpdateConsts<K>& c) {
+  update_loop<K>(x, m, g, n, begin, end, has_scale, scale, c);
+}
+#if AMM_CPU_MULTI_ISA
+template <int K, class TX, class TG>
+AMM_TARGET_AVX2 void sums_avx2(const TX* m, const TG* g, int64_t n, int64_t begin, int64_t end, bool has_scale,
+                               float scale, double* slot) {
+  sums_loop<K>(m, g, n, begin, end, has_scale, scale, slot);
+}
+template <int K, class TX, class TG>
+AMM_TARGET_AVX2 void update_avx2(TX* x, TX* m, const TG* g, int64_t n, int64_t begin, int64_t end, bool has_scale,
+                                 float scale, const UpdateConsts<K>& c) {
+  update_loop<K>(x, m, g, n, begin, end, has_scale, scale, c);
+}
+template <int K, class TX, class TG>
+AMM_TARGET_AVX512 void sums_avx512(const TX* m, const TG* g, int64_t n, int64_t begin, int64_t end, bool has_scale,
+                                   float scale, double* slot) {
+  sums_loop<K>(m, g, n, begin, end, has_scale, scale, slot);
+}
+template <int K, class TX, class TG>
+AMM_TARGET_AVX512 void update_avx512(TX* x, TX* m, const TG* g, int64_t n, int64_t begin, int64_t end,
+                                     bool has_scale, float scale, const UpdateConsts<K>& c) {
+  update_loop<K>(x, m, g, n, begin, end, has_scale, scale, c);
+}
+#endif
 
 float scalar_of(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.numel() == 1, kOwner, ": ", name, " must have one element, got ", t.numel());
@@ -244,6 +318,7 @@ void rllc_run(AMM_RLLC_PARAMS, const std::optional<at::Tensor>& sums_in, at::Ten
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
 
   // Pass 1.
+  const Isa isa = cpu::cpu_isa();
   std::vector<double> slots(static_cast<size_t>(n_chunks) * P, 0.0);
   if (total_sums > 0) {
     for_each(n_chunks, total_sums, [&](int64_t c) {
@@ -254,7 +329,10 @@ void rllc_run(AMM_RLLC_PARAMS, const std::optional<at::Tensor>& sums_in, at::Ten
       dispatch_k(k, [&](auto kk) {
         constexpr int K = decltype(kk)::value;
         dispatch_types(t.x.scalar_type(), t.g.scalar_type(), [&](auto tx, auto tg) {
-          sums_chunk<K, decltype(tx), decltype(tg)>(t, ch.begin, ch.end, has_scale, scale, slot);
+          using TX = decltype(tx);
+          using TG = decltype(tg);
+          AMM_PICK_ISA(isa, sums, K, TX, TG)(t.m.const_data_ptr<TX>(), t.g.const_data_ptr<TG>(), t.n, ch.begin,
+                                              ch.end, has_scale, scale, slot);
         });
       });
     });
@@ -289,17 +367,25 @@ void rllc_run(AMM_RLLC_PARAMS, const std::optional<at::Tensor>& sums_in, at::Ten
   if (sums_out != nullptr) return;
 
   // Pass 2.
-  std::vector<float> Uf(k * k), bf(k);
-  for (int64_t p = 0; p < k * k; ++p) Uf[p] = static_cast<float>(U[p]);
-  for (int64_t a = 0; a < k; ++a) bf[a] = static_cast<float>(b[a]);
   for_each(n_chunks, total, [&](int64_t c) {
     const Chunk& ch = chunks[c];
     const Tensor1& t = ts[ch.t];
     const float* lw = law_new.data() + t.scope_pos * k;
     dispatch_k(k, [&](auto kk) {
       constexpr int K = decltype(kk)::value;
+      UpdateConsts<K> consts;
+      for (int p = 0; p < K * K; ++p) consts.U[p] = static_cast<float>(U[p]);
+      for (int a = 0; a < K; ++a) {
+        consts.b[a] = static_cast<float>(b[a]);
+        consts.law[a] = lw[a];
+      }
+      consts.lr = t.lr;
       dispatch_types(t.x.scalar_type(), t.g.scalar_type(), [&](auto tx, auto tg) {
-        update_chunk<K, decltype(tx), decltype(tg)>(t, ch.begin, ch.end, has_scale, scale, Uf.data(), bf.data(), lw);
+        using TX = decltype(tx);
+        using TG = decltype(tg);
+        AMM_PICK_ISA(isa, update, K, TX, TG)(t.x.mutable_data_ptr<TX>(), t.m.mutable_data_ptr<TX>(),
+                                             t.g.const_data_ptr<TG>(), t.n, ch.begin, ch.end, has_scale, scale,
+                                             consts);
       });
     });
   });
