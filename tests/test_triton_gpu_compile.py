@@ -48,10 +48,11 @@ def compile_and_check(launches, tmp_path, pythonpath_first=None, version=None):
     assert "0 failures" in out.stdout
     if version is not None:
         assert f"(triton {version}" in out.stdout, out.stdout
-    # NOTE [vector access] (triton_kernels/tensor_table.py): the AM passes read (and pass 2 writes)
-    # whole aligned blocks with 16-byte instructions; without it every access was a 4-byte one.
+    # NOTE [vector access] (triton_kernels/tensor_table.py): the AM and RLLC passes read (and pass 2
+    # writes) whole aligned blocks with 16-byte instructions; without it every access was a 4-byte one.
     vectors = json.loads(out.stdout.split("vector accesses ")[1].splitlines()[0])
-    for name in ("amsgd_reduce_kernel", "amadamw_reduce_kernel", "amsgd_update_kernel", "amadamw_update_kernel"):
+    for name in ("amsgd_reduce_kernel", "amadamw_reduce_kernel", "amsgd_update_kernel", "amadamw_update_kernel",
+                 "rllc_reduce_kernel", "rllc_update_kernel"):
         loads, stores = vectors[name]
         assert loads > 0, f"{name}: no 16-byte loads in its sm_90 PTX"
         assert stores > 0 or "reduce" in name, f"{name}: no 16-byte stores in its sm_90 PTX"

@@ -75,6 +75,16 @@ def test_parity_single_shapes(shapes):
     parity(torch.float32, shapes=shapes, memory="J(0.8,2)+M(0)", groups=lambda ps: [{"params": ps, "lr": 0.05}])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("memory", ["M(0.9)+M(0)", "J(0.8,2)+M(0)"])  # k = 2: no row past k; k = 3: one
+def test_parity_whole_blocks(memory, dtype):
+    """NOTE [vector access]: a block wholly inside a tensor whose numel is a multiple of 8 (every memory
+    unit then starts aligned) takes the unmasked path; the partial last block and a numel off 8 do not."""
+    block = triton_backend.BLOCK
+    parity(dtype, shapes=[(2 * block,), (block + 8,), (block + 4,)], memory=memory,
+           groups=lambda ps: [{"params": ps, "lr": 0.05}])
+
+
 def test_parity_two_groups_one_memory_unit_and_mixed_dtypes():
     def groups(ps):
         return [{"params": ps[:3], "lr": 0.05}, {"params": ps[3:], "lr": 0.02}]

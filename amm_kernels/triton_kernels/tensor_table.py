@@ -166,8 +166,12 @@ def load_f32(addr, offs, mask, CODE: tl.constexpr, WHOLE: tl.constexpr):
 
 
 @triton.jit
-def store_as(addr, offs, value, mask, CODE: tl.constexpr, WHOLE: tl.constexpr = False):
+def store_as(addr, offs, value, mask, CODE: tl.constexpr, WHOLE: tl.constexpr = False,
+             WHOLE_MASKED: tl.constexpr = False):
     """Store float32 `value` at the tensor of address `addr` (dtype CODE), rounding to nearest even.
+    Masked by `mask` unless WHOLE (NOTE [vector access]); WHOLE_MASKED keeps the mask on the WHOLE path,
+    for a mask that is uniform along the contiguous dimension (RLLC's rows past k), which keeps the
+    stores 16-byte ones.
 
     NOTE [bfloat16 rounding]: Triton's interpreter converts float32 to bfloat16 by truncation (about half
     of all values land one ulp off torch's round-to-nearest-even), so bfloat16 is rounded here with
@@ -179,12 +183,14 @@ def store_as(addr, offs, value, mask, CODE: tl.constexpr, WHOLE: tl.constexpr = 
         rounded = tl.where(value != value, 0x7FC0, rounded)
         ptr = addr.to(tl.pointer_type(tl.uint16))
         if WHOLE:  # NOTE [vector access]
-            tl.store(tl.multiple_of(ptr, 16) + offs, rounded.to(tl.uint16))
+            ptr = tl.multiple_of(ptr, 16)
+        if WHOLE and not WHOLE_MASKED:
+            tl.store(ptr + offs, rounded.to(tl.uint16))
         else:
             tl.store(ptr + offs, rounded.to(tl.uint16), mask=mask)
     else:
         ptr = as_ptr(addr, CODE, WHOLE) + offs
-        if WHOLE:
+        if WHOLE and not WHOLE_MASKED:
             tl.store(ptr, value.to(ptr.dtype.element_ty))
         else:
             tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
