@@ -11,7 +11,23 @@ namespace amm_cuda {
 namespace {
 
 // The memory rows of a tensor: one (k, *shape) tensor, row a starting at element a * numel.
-// Loads are scalar (a row need not be 16-byte aligned); consecutive threads read consecutive elements.
+// NOTE [RLLC vectors]: where every list of the tensor starts on a 16-byte boundary (kAligned) and
+// numel is a multiple of kVec (8, so 16 bytes of 2-byte elements and 32 of 4-byte ones), every memory
+// row starts aligned too: such a tensor's chunks are walked kVec consecutive elements per thread and
+// iteration with 16-byte loads and stores (load_vec / store_vec, as apply_chunk does for the AM steps);
+// the rest of a chunk, and every other tensor, one element per thread (consecutive threads, consecutive
+// elements). Which thread takes which element depends only on the tensor's size and alignment, so the
+// sums stay bit-identical run to run (NOTE [element order] in multi_tensor.cuh).
+// Only for k <= kRllcVecMaxK: a thread then holds (k + 1) x kVec (pass 2: k + 2) floats per iteration,
+// and pass 1 also its k(k+3)/2 double sums. ptxas (sm_90, launch bound 256 threads) fits k <= 5 in
+// registers (pass 1: 52, 66, 98, 118 registers for k = 2..5); at k = 6 it starts to spill (k = 8: ~10 KB
+// of spill stores per thread), so k >= 6 keeps the scalar walk.
+constexpr int kRllcVecMaxK = 5;
+
+template <int K>
+__device__ __forceinline__ bool rows_aligned(const TensorEntry& e) {
+  return K <= kRllcVecMaxK && (e.flags & kAligned) != 0u && e.numel % kVec == 0;
+}
 
 // Block reduction of N doubles (fixed tree: shuffle-down per warp, then warp 0 over the warps).
 // The totals are valid in thread 0 only; call once per block.
@@ -51,7 +67,26 @@ rllc_sums_kernel(const __grid_constant__ TensorTable table, const RllcArgs args)
     const int64_t begin = work.chunk * kChunkSize;
     const int64_t end = begin + kChunkSize < n ? begin + kChunkSize : n;
     const uint32_t dm = dtype_of(e.dtypes, kD), dg = dtype_of(e.dtypes, kG);
-    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    int64_t tail = begin;
+    if (rows_aligned<K>(e)) {  // NOTE [RLLC vectors]
+      const int64_t vec_end = begin + (end - begin) / kVec * kVec;
+      for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * kVec; i < vec_end;
+           i += static_cast<int64_t>(blockDim.x) * kVec) {
+        float mv[K][kVec], gv[kVec];
+#pragma unroll
+        for (int a = 0; a < K; ++a) load_vec(e.ptr[kD], dm, a * n + i, mv[a]);
+        load_vec(e.ptr[kG], dg, i, gv);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          float m[K];
+#pragma unroll
+          for (int a = 0; a < K; ++a) m[a] = mv[a][j];
+          amm::rllc_accumulate<K>(m, amm::rllc_grad(gv[j], has_scale, scale), acc);
+        }
+      }
+      tail = vec_end;
+    }
+    for (int64_t i = tail + threadIdx.x; i < end; i += blockDim.x) {
       float m[K];
 #pragma unroll
       for (int a = 0; a < K; ++a) m[a] = load_one(e.ptr[kD], dm, a * n + i);
@@ -151,7 +186,33 @@ rllc_update_kernel(const __grid_constant__ TensorTable table, const RllcArgs arg
   const int64_t begin = work.chunk * kChunkSize;
   const int64_t end = begin + kChunkSize < n ? begin + kChunkSize : n;
   const uint32_t dx = dtype_of(e.dtypes, kX), dm = dtype_of(e.dtypes, kD), dg = dtype_of(e.dtypes, kG);
-  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+  int64_t tail = begin;
+  if (rows_aligned<K>(e)) {  // NOTE [RLLC vectors]
+    const int64_t vec_end = begin + (end - begin) / kVec * kVec;
+    for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * kVec; i < vec_end;
+         i += static_cast<int64_t>(blockDim.x) * kVec) {
+      float mv[K][kVec], gv[kVec], xv[kVec];
+#pragma unroll
+      for (int c = 0; c < K; ++c) load_vec(e.ptr[kD], dm, c * n + i, mv[c]);
+      load_vec(e.ptr[kG], dg, i, gv);
+      load_vec(e.ptr[kX], dx, i, xv);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        float m[K], m_new[K];
+#pragma unroll
+        for (int c = 0; c < K; ++c) m[c] = mv[c][j];
+        amm::rllc_memory_update<K>(m, amm::rllc_grad(gv[j], has_scale, scale), U, b, m_new);
+        xv[j] = amm::rllc_param<K>(xv[j], m_new, law, lr);
+#pragma unroll
+        for (int c = 0; c < K; ++c) mv[c][j] = m_new[c];
+      }
+      store_vec(e.ptr[kX], dx, i, xv);
+#pragma unroll
+      for (int c = 0; c < K; ++c) store_vec(e.ptr[kD], dm, c * n + i, mv[c]);
+    }
+    tail = vec_end;
+  }
+  for (int64_t i = tail + threadIdx.x; i < end; i += blockDim.x) {
     float m[K], m_new[K];
 #pragma unroll
     for (int c = 0; c < K; ++c) m[c] = load_one(e.ptr[kD], dm, c * n + i);
