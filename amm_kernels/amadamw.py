@@ -52,8 +52,8 @@ class AMAdamW(AMOptimizer):
         capturable (bool, default False): the step may be captured in a CUDA graph (parameters on
             the GPU; pass lr as a device tensor to change it between replays).
 
-    ``optimizer.beta`` is the last beta as a device tensor (one per parameter tensor by default). State per parameter: ``exp_avg`` (d) and
-    ``exp_avg_sq`` (v). Bias corrections count the steps of the beta scope.
+    ``optimizer.beta`` is the last beta as a device tensor (one per parameter tensor by default). State
+    per parameter: ``exp_avg`` (d) and ``exp_avg_sq`` (v). Bias corrections count the steps of the beta scope.
     """
 
     STATE_NAMES = ("exp_avg", "exp_avg_sq")

@@ -67,7 +67,7 @@ def main():
             summed = loss.detach().clone()
             dist.all_reduce(summed)
             if rank == 0:
-                print(f"step {step:4d}  loss {summed.item() / world:.4f}  beta {opt.beta.item():.4f}")
+                print(f"step {step:4d}  loss {summed.item() / world:.4f}  beta mean {opt.beta.mean().item():.4f}")
     dist.destroy_process_group()
 
 

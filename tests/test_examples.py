@@ -59,3 +59,29 @@ def test_tensorboard_example_logs_every_steps_betas(example, capsys):
         assert 0.0 <= spread["min"] <= spread["mean"] <= spread["max"] <= 0.9 + 1e-6
     assert spreads[0][2]["min"] == pytest.approx(0.9)  # the first step's beta is beta_max
     assert "last betas" in capsys.readouterr().out
+
+
+TORCHRUN_EXAMPLE = EXAMPLE.parent / "torchrun_ddp_fsdp.py"
+
+
+def _torchrun(mode):
+    import os
+    import subprocess
+
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          str(TORCHRUN_EXAMPLE), "--mode", mode, "--cpu", "--steps", "6"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    return [line for line in out.stdout.splitlines() if line.startswith("step")]
+
+
+def test_torchrun_example_fsdp_matches_ddp_on_cpu():
+    """examples/torchrun_ddp_fsdp.py on 2 gloo ranks: FSDP2 (each rank a shard; beta's sums all-reduced)
+    prints the same losses and betas as DDP (each rank the whole model), step for step."""
+    fsdp, ddp = _torchrun("fsdp"), _torchrun("ddp")
+    assert len(fsdp) == 2 and fsdp == ddp, (fsdp, ddp)  # steps 0 and 5
