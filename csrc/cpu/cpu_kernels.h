@@ -175,9 +175,10 @@ void with_step_types(at::ScalarType x, at::ScalarType g, at::ScalarType s, F&& f
   });
 }
 
-// Sum of kLanes lane accumulators in a fixed (pairwise) order.
-AMM_ALWAYS_INLINE float lane_sum(const float* acc) {
-  float tmp[kLanes];
+// Sum of kLanes lane accumulators in a fixed (pairwise) order (float for the AM sums, double for RLLC's).
+template <class T>
+AMM_ALWAYS_INLINE T lane_sum(const T* acc) {
+  T tmp[kLanes];
   for (int j = 0; j < kLanes; ++j) tmp[j] = acc[j];
   for (int w = kLanes / 2; w > 0; w /= 2)
     for (int j = 0; j < w; ++j) tmp[j] += tmp[j + w];

@@ -97,17 +97,9 @@ void for_each(int64_t n, int64_t total_elements, const F& fn) {
 // rllc_math.h now unrolls it): the step moved 7-19 GB/s (k = 3, 4M parameters, 1 thread: 29 ms),
 // where AMSGD's moves 28-39; now 29-37 GB/s (6.3 ms) (bench/README.md, "Step cost").
 using cpu::Isa;
+using cpu::lane_sum;
 using cpu::ld;
 constexpr int kLanes = cpu::kLanes;
-
-// The kLanes lane sums of one pass 1 sum, pairwise in a fixed order.
-AMM_ALWAYS_INLINE double lane_sum(const double* acc) {
-  double tmp[kLanes];
-  for (int j = 0; j < kLanes; ++j) tmp[j] = acc[j];
-  for (int w = kLanes / 2; w > 0; w /= 2)
-    for (int j = 0; j < w; ++j) tmp[j] += tmp[j + w];
-  return tmp[0];
-}
 
 template <int K, class TX, class TG>
 AMM_ALWAYS_INLINE void add_terms(const TX* __restrict__ m, const TG* __restrict__ g, int64_t n, int64_t i,
