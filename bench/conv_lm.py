@@ -1,7 +1,7 @@
 """Paper Fig. 5 in miniature: a small LLaMA-style causal LM (RMSNorm, rotary attention, SwiGLU) on the bytes
 of the Python standard library's own .py files (no download). AdamW with and without linear warm-up
-against AMAdamW without warm-up, each beta_scope of AMAdamW (global, group, tensor), several seeds;
-validation loss against step.
+against AMAdamW without warm-up, each beta_scope of AMAdamW (global, group, tensor), and AMAdamW (tensor
+scope) with warm-up, several seeds; validation loss against step.
 
     python bench/conv_lm.py                 # CPU: d=128, 2 layers, 2 seeds x 300 steps (a few minutes)
     python bench/conv_lm.py --quick         # seconds
@@ -35,6 +35,7 @@ CONFIGS = {  # name: (optimizer, warmup, beta_scope)
     "AMAdamW global no-warmup": ("AMAdamW", False, "global"),
     "AMAdamW group no-warmup": ("AMAdamW", False, "group"),
     "AMAdamW tensor no-warmup": ("AMAdamW", False, "tensor"),
+    "AMAdamW tensor warmup": ("AMAdamW", True, "tensor"),  # does AMAdamW cost anything where warm-up is used?
 }
 
 
@@ -150,7 +151,7 @@ def main(argv=None):
 def plot(runs, names, args, env, path):
     pyplot = plt()
     fig, (ax, bx) = pyplot.subplots(1, 2, figsize=(13, 4.8))
-    colors = dict(zip(CONFIGS, ("tab:blue", "tab:cyan", "red", "tab:orange", "tab:purple")))
+    colors = dict(zip(CONFIGS, ("tab:blue", "tab:cyan", "red", "tab:orange", "tab:purple", "tab:green")))
     for name in names:
         for s in range(args.seeds):
             h = runs[f"{name}|seed={s}"]
