@@ -67,7 +67,11 @@ def main():
             summed = loss.detach().clone()
             dist.all_reduce(summed)
             if rank == 0:
-                print(f"step {step:4d}  loss {summed.item() / world:.4f}  beta mean {opt.beta.mean().item():.4f}")
+                print(f"step {step:4d}  loss {summed.item() / world:.4f}  beta mean {opt.beta.mean().item():.4f}",
+                      flush=True)
+    dist.barrier()  # every rank has finished its steps
+    if rank == 0:
+        print(f"{world} ranks done", flush=True)
     dist.destroy_process_group()
 
 

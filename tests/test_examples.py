@@ -3,6 +3,7 @@ stand-in SummaryWriter that records the calls (tensorboard is not a dependency).
 import importlib.util
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -76,7 +77,14 @@ def _torchrun(mode):
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                           str(TORCHRUN_EXAMPLE), "--mode", mode, "--cpu", "--steps", "6"],
                          env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    assert "2 ranks done" in out.stdout.splitlines(), out.stdout + out.stderr[-3000:]
+    if out.returncode != 0:
+        # NOTE [gloo teardown]: in about one launch of six under pytest (none of 16 from a shell), a rank
+        # aborts at exit, after every rank has finished (the barrier before "2 ranks done"):
+        # "terminate called without an active exception", from a thread of torch's, not ours. Only that
+        # abort, after the run finished, is let through, and it is reported as a warning.
+        assert "terminate called without an active exception" in out.stderr, out.stdout + out.stderr[-3000:]
+        warnings.warn(f"torchrun {mode}: a rank aborted at exit after finishing (NOTE [gloo teardown])")
     return [line for line in out.stdout.splitlines() if line.startswith("step")]
 
 
