@@ -75,7 +75,7 @@ def test_parity_single_shapes(shapes):
     parity(torch.float32, shapes=shapes, memory="J(0.8,2)+M(0)", groups=lambda ps: [{"params": ps, "lr": 0.05}])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("memory", ["M(0.9)+M(0)", "J(0.8,2)+M(0)"])  # k = 2: no row past k; k = 3: one
 def test_parity_whole_blocks(memory, dtype):
     """NOTE [vector access]: a block wholly inside a tensor whose numel is a multiple of 8 (every memory
