@@ -91,6 +91,9 @@ def main():
         cases.append(("AMAdamW backend=cpu", "adamw", lambda p: AMAdamW(p, lr=1e-3, backend="cpu")))
         cases.append(("AMAdamW backend=cpu wd=0", "adamw0",
                       lambda p: AMAdamW(p, lr=1e-3, weight_decay=0.0, backend="cpu")))
+        # One beta for the model: one scope batch, both passes over all tensors (NOTE [scope batches]).
+        cases.append(("AMAdamW backend=cpu global", "adamw",
+                      lambda p: AMAdamW(p, lr=1e-3, beta_scope="global", backend="cpu")))
     cases += [
         ("AMAdamW backend=torch", "adamw", lambda p: AMAdamW(p, lr=1e-3, backend="torch")),
         ("torch AdamW fused", "adamw", lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True)),

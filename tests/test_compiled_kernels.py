@@ -357,6 +357,88 @@ def test_deterministic(backend, cls, kwargs):
             assert torch.equal(a, b)
 
 
+_CPU_BUILT = pytest.mark.skipif("cpu" not in amm_kernels.available_backends("cpu"), reason="amm_kernels._C is not built")
+
+
+@_CPU_BUILT
+@pytest.mark.parametrize("scope", ["group", "tensor"])
+@pytest.mark.parametrize("cls,kwargs", OPT_CASES)
+def test_cpu_scope_batches(monkeypatch, scope, cls, kwargs):
+    """NOTE [scope batches] (step_driver_cpu.cpp): with many scopes the CPU step runs pass 1 and pass 2
+    batch by batch. The test suite's steps are smaller than one default batch, so here the size is
+    forced down: 1 byte (every scope a batch), 40 KB (some scopes together, the 300 000-element
+    tensor alone, over several chunks). Each must be bit-identical to one batch ("0") and match the
+    reference."""
+    shapes = [[(7,), (4097,), (300_000,)], [(1,), (0,), (3, 5), (2000,)], [(130,), (16, 9)], [(64, 65)]]
+    lrs, wds = [0.05, 0.01, 0.002, 0.02], [0.0, 0.01, 0.1, 0.0]
+    seed = _seed("batches", scope, cls.__name__)
+    kw = {**kwargs, "beta_scope": scope}
+    runs = {}
+    for size in ("0", "1", "40000"):
+        monkeypatch.setenv("AMM_CPU_BATCH_BYTES", size)
+        runs[size] = run("cpu", cls, kw, shapes, torch.float32, seed, steps=5, lrs=lrs, wds=wds)
+    for size in ("1", "40000"):
+        for what, ours, one in zip(("betas", "params"), runs[size][:2], runs["0"][:2]):
+            for i, (a, b) in enumerate(zip(ours, one)):
+                assert torch.equal(a, b), f"AMM_CPU_BATCH_BYTES={size}: {what}[{i}] differs from one batch"
+        for i, (a, b) in enumerate(zip(runs[size][2], runs["0"][2])):
+            for k in b:
+                assert torch.equal(a[k], b[k]), f"AMM_CPU_BATCH_BYTES={size}: state {k} of param {i} differs"
+    ref = run("torch", cls, kw, shapes, torch.float32, seed, steps=5, lrs=lrs, wds=wds)
+    assert_runs_close(runs["1"], ref, torch.float32, f"batches {scope} {cls.__name__}")
+
+
+@_CPU_BUILT
+def test_cpu_batches_env_is_checked(monkeypatch):
+    """A bad AMM_CPU_BATCH_BYTES is an error naming it and its range; the refused step changes
+    nothing: the next step is the same as a fresh optimizer's first."""
+    torch.manual_seed(0)
+    start, grad = [torch.randn(s) for s in [(5,), (3, 4)]], [torch.randn(s) for s in [(5,), (3, 4)]]
+    results = []
+    for refuse_first in (True, False):
+        params = [x.clone().requires_grad_() for x in start]
+        opt = AMAdamW(params, backend="cpu")
+        for p, g in zip(params, grad):
+            p.grad = g.clone()
+        if refuse_first:
+            monkeypatch.setenv("AMM_CPU_BATCH_BYTES", "-3")
+            with pytest.raises(RuntimeError, match="AMM_CPU_BATCH_BYTES must be a number of bytes >= 0"):
+                opt.step()
+            assert all(torch.equal(p.detach(), x) for p, x in zip(params, start))
+            monkeypatch.delenv("AMM_CPU_BATCH_BYTES")
+        for _ in range(2):
+            opt.step()
+        results.append([p.detach().clone() for p in params] + [opt.beta.clone()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@_CPU_BUILT
+@pytest.mark.parametrize("cls,kwargs", OPT_CASES)
+def test_cpu_bad_state_dtype_fails_before_any_write(monkeypatch, cls, kwargs):
+    """A state tensor of a dtype the kernels do not take (float64 for a float32 parameter) is refused
+    before anything is written, also when the step would run in batches and the bad tensor is in the
+    last one."""
+    monkeypatch.setenv("AMM_CPU_BATCH_BYTES", "1")
+    params = [torch.randn(s, requires_grad=True) for s in [(7,), (300,), (11,)]]
+    opt = cls(params, backend="cpu", beta_scope="tensor", **kwargs)
+    for step in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        opt.step()
+    for key in ["momentum_buffer"] if cls is AMSGD else ["exp_avg", "exp_avg_sq"]:
+        opt.state[params[-1]][key] = opt.state[params[-1]][key].double()
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    snapshot = ([p.detach().clone() for p in params],
+                [{k: v.clone() for k, v in opt.state[p].items()} for p in params], opt.beta.clone())
+    with pytest.raises(RuntimeError, match="state dtype"):
+        opt.step()
+    assert all(torch.equal(p.detach(), q) for p, q in zip(params, snapshot[0]))
+    for p, st in zip(params, snapshot[1]):
+        assert all(torch.equal(opt.state[p][k], v) for k, v in st.items())
+    assert torch.equal(opt.beta, snapshot[2])
+
+
 # --------------------------------------------------------------------------------------------------
 # Sharded parameters: the step split around the all_reduce (tests/_dist.py) is the one-op step.
 from _dist import one_rank_group, one_rank_nccl_group  # noqa: E402,F401

@@ -186,7 +186,7 @@ AMM_TARGET_AVX512 void update_avx512(TX* x, const TG* g, TS* d, TS* v, int64_t n
 
 }  // namespace
 
-void amadamw_sums(const std::vector<StepTensor>& ts, const CommonArgs& a, std::vector<float>& sums) {
+void amadamw_sums(Tensors ts, const CommonArgs& a, std::vector<float>& sums) {
   constexpr int K = amm::kAmadamwSums;
   const ChunkPlan plan = make_plan(ts, [](const StepTensor& t) { return t.need_sums && t.numel > 0; });
   std::vector<float> partial(plan.tensor.size() * K, 0.f);
@@ -208,7 +208,7 @@ void amadamw_sums(const std::vector<StepTensor>& ts, const CommonArgs& a, std::v
   combine_chunk_sums(plan, partial, K, sums);
 }
 
-void amadamw_update(const std::vector<StepTensor>& ts, const CommonArgs& a) {
+void amadamw_update(Tensors ts, const CommonArgs& a) {
   const ChunkPlan plan = make_plan(ts, [](const StepTensor& t) { return t.numel > 0; });
   const Isa isa = cpu_isa();
   for_each_chunk(plan, [&](int64_t c) {

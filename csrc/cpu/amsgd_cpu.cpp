@@ -80,7 +80,7 @@ AMM_SGD_VARIANTS(avx512, AMM_TARGET_AVX512)
 
 }  // namespace
 
-void amsgd_sums(const std::vector<StepTensor>& ts, const CommonArgs& a, std::vector<float>& sums) {
+void amsgd_sums(Tensors ts, const CommonArgs& a, std::vector<float>& sums) {
   const ChunkPlan plan = make_plan(ts, [](const StepTensor& t) { return t.need_sums && t.numel > 0; });
   std::vector<float> partial(plan.tensor.size() * amm::kAmsgdSums, 0.f);
   const Isa isa = cpu_isa();
@@ -100,7 +100,7 @@ void amsgd_sums(const std::vector<StepTensor>& ts, const CommonArgs& a, std::vec
   combine_chunk_sums(plan, partial, amm::kAmsgdSums, sums);
 }
 
-void amsgd_update(const std::vector<StepTensor>& ts, const CommonArgs& a) {
+void amsgd_update(Tensors ts, const CommonArgs& a) {
   const ChunkPlan plan = make_plan(ts, [](const StepTensor& t) { return t.numel > 0; });
   const Isa isa = cpu_isa();
   for_each_chunk(plan, [&](int64_t c) {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -45,14 +46,18 @@ struct CommonArgs {
   float eps = 0.f;    // AMAdamW
 };
 
+// The passes take any run of consecutive tensors of the step (the driver hands them one batch of
+// scopes at a time, NOTE [scope batches] in step_driver_cpu.cpp); indices below are within `ts`.
+using Tensors = c10::ArrayRef<StepTensor>;
+
 // Pass 1: per-tensor float32 sums (kAmsgdSums / kAmadamwSums per tensor, row-major [T][K]); tensors
 // with need_sums == false get zeros. Reads only.
-void amsgd_sums(const std::vector<StepTensor>& ts, const CommonArgs& a, std::vector<float>& sums);
-void amadamw_sums(const std::vector<StepTensor>& ts, const CommonArgs& a, std::vector<float>& sums);
+void amsgd_sums(Tensors ts, const CommonArgs& a, std::vector<float>& sums);
+void amadamw_sums(Tensors ts, const CommonArgs& a, std::vector<float>& sums);
 
 // Pass 2: the update, in place on the working tensors.
-void amsgd_update(const std::vector<StepTensor>& ts, const CommonArgs& a);
-void amadamw_update(const std::vector<StepTensor>& ts, const CommonArgs& a);
+void amsgd_update(Tensors ts, const CommonArgs& a);
+void amadamw_update(Tensors ts, const CommonArgs& a);
 
 // Chunked parallel loop shared by the passes: calls fn(tensor_index, begin, end, chunk_slot) for
 // every chunk of every tensor with include(t) true, in parallel over chunks; chunk_slot numbers the
@@ -66,7 +71,7 @@ struct ChunkPlan {
 };
 
 template <class Include>
-ChunkPlan make_plan(const std::vector<StepTensor>& ts, Include include) {
+ChunkPlan make_plan(Tensors ts, Include include) {
   ChunkPlan plan;
   plan.first_slot.resize(ts.size() + 1);
   for (size_t t = 0; t < ts.size(); ++t) {

@@ -1,7 +1,8 @@
 // The CPU implementation of the two ops of csrc/OPS.md: validates the lists, builds the per-tensor
-// work (contiguous working copies where needed), runs pass 1, turns the per-tensor sums into one beta
-// per scope (weighted and combined in double, in tensor order), runs pass 2, and writes the scope
-// state. With found_inf > 0 nothing at all is written (as the reference's commit()).
+// work (contiguous working copies where needed), then per batch of scopes (NOTE [scope batches])
+// runs pass 1, turns the per-tensor sums into one beta per scope (weighted and combined in double,
+// in tensor order) and runs pass 2; last, writes the scope state. With found_inf > 0 nothing at all
+// is written (as the reference's commit()).
 #include "cpu_kernels.h"
 
 #include <ATen/ATen.h>
@@ -184,6 +185,11 @@ Prepared prepare(at::TensorList params, at::TensorList grads, at::TensorList d, 
                 ": tensor ", i, ": grad and state must have as many elements as the parameter");
     TORCH_CHECK(v == nullptr || (*v)[i].scalar_type() == d[i].scalar_type(), kOwner,
                 ": tensor ", i, ": exp_avg and exp_avg_sq must have one dtype");
+    // Checked here, before anything is written: the passes run scope batch by scope batch (NOTE
+    // [scope batches]), and a batch must not fail after an earlier one has updated its tensors.
+    TORCH_CHECK(d[i].scalar_type() == x.scalar_type() || d[i].scalar_type() == at::kFloat, kOwner, ": tensor ", i,
+                ": state dtype ", d[i].scalar_type(), " for a ", x.scalar_type(),
+                " parameter (the parameter's dtype or float32)");
     StepTensor& t = p.ts[i];
     t.numel = n;
     t.x = working(x, true, p);
@@ -214,23 +220,81 @@ void finish(Prepared& p) {
   for (auto& [orig, work] : p.write_back) orig.copy_(work);
 }
 
+// NOTE [scope batches]: each scope's beta needs only its own tensors' sums. With many scopes (the
+// tensor scope, AMAdamW's default) the step runs scope batch by scope batch: pass 1 over a batch's
+// tensors, their betas, pass 2 over the same tensors. A batch is consecutive whole scopes of at most
+// kBatchBytes of pass-1 reads (a scope larger than that is a batch alone), so what pass 1 read is
+// still in the caches when pass 2 (in reverse, for_each_chunk) reads it again, and a step of small
+// scopes moves about one pass of memory instead of two. Results are bit-identical to one batch: the
+// chunks, their slots and every order of summation stay per tensor and per scope. One batch when
+// there is no pass 1 here (adaptive=False, the sums given) and for the sums op (NOTE [sharded sums]).
+// The environment variable AMM_CPU_BATCH_BYTES overrides the size (0: one batch). The default is
+// half the 32 MB L3 of the machine it was measured on; 8, 12 and 16 MB were level there, 2 and 4 MB
+// gained less (bench/README.md, "CPU step"). The OS's figure for the L3 is not used: in a VM it can
+// be the whole socket's (320 MB reported here).
+constexpr int64_t kBatchBytes = int64_t{16} << 20;
+
+int64_t batch_bytes() {
+  const char* env = std::getenv("AMM_CPU_BATCH_BYTES");
+  if (env == nullptr || *env == '\0') return kBatchBytes;
+  char* end = nullptr;
+  const long long v = std::strtoll(env, &end, 10);
+  TORCH_CHECK(end != env && *end == '\0' && v >= 0, kOwner,
+              ": AMM_CPU_BATCH_BYTES must be a number of bytes >= 0 (0: one batch), got '", env, "'");
+  return static_cast<int64_t>(v);
+}
+
+// Runs [r0, r1) of the step and their tensors [t0, t1).
+struct Batch {
+  size_t r0, r1;
+  int64_t t0, t1;
+};
+
+std::vector<Batch> scope_batches(const Prepared& p, bool split) {
+  std::vector<Batch> batches;
+  if (p.runs.empty()) return batches;
+  const int64_t budget = split ? batch_bytes() : 0;
+  if (budget == 0) return {{0, p.runs.size(), p.runs.front()[1], p.runs.back()[2]}};
+  int64_t bytes = 0;
+  for (size_t r = 0; r < p.runs.size(); ++r) {
+    int64_t run_bytes = 0;
+    for (int64_t i = p.runs[r][1]; i < p.runs[r][2]; ++i) {
+      const StepTensor& t = p.ts[i];
+      run_bytes += t.numel * (t.x.element_size() + t.g.element_size() + t.d.element_size() +
+                              (t.v.defined() ? t.v.element_size() : 0));
+    }
+    if (batches.empty() || bytes + run_bytes > budget) {
+      batches.push_back({r, r + 1, p.runs[r][1], p.runs[r][2]});
+      bytes = run_bytes;
+    } else {
+      batches.back().r1 = r + 1;
+      batches.back().t1 = p.runs[r][2];
+      bytes += run_bytes;
+    }
+  }
+  return batches;
+}
+
+Tensors tensors_of(const Prepared& p, const Batch& b) { return Tensors(p.ts.data() + b.t0, b.t1 - b.t0); }
+
 // The finalize (SPEC.md section 3), in two halves so that the sums can be all-reduced between them
-// (NOTE [sharded sums] below). First, per present scope (per run), the weighted sums of its tensors,
-// added in tensor order in double (a fixed order: bit-identical runs); `weighted(i, &num, &den)`
-// weights tensor i's sums. Zeros for a scope on its first step and when adaptive=False.
+// (NOTE [sharded sums] below). First, per scope of the batch (per run r, at index r - b.r0), the
+// weighted sums of its tensors, added in tensor order in double (a fixed order: bit-identical runs);
+// `weighted(i, &num, &den)` weights tensor i's sums (i indexes the whole step's tensors). Zeros for a
+// scope on its first step and when adaptive=False.
 using RunSums = std::vector<std::array<double, 2>>;
 
 template <class Weighted>
-RunSums run_sums(const Prepared& p, const float* step_p, bool adaptive, Weighted weighted) {
-  RunSums sums(p.runs.size(), {0.0, 0.0});
-  for (size_t r = 0; r < p.runs.size(); ++r) {
+RunSums run_sums(const Prepared& p, const Batch& b, const float* step_p, bool adaptive, Weighted weighted) {
+  RunSums sums(b.r1 - b.r0, {0.0, 0.0});
+  for (size_t r = b.r0; r < b.r1; ++r) {
     const auto& run = p.runs[r];
     if (!adaptive || step_p[run[0]] == 0.f) continue;
     for (int64_t i = run[1]; i < run[2]; ++i) {
       double n_t = 0.0, d_t = 0.0;
       weighted(i, &n_t, &d_t);
-      sums[r][0] += n_t;
-      sums[r][1] += d_t;
+      sums[r - b.r0][0] += n_t;
+      sums[r - b.r0][1] += d_t;
     }
   }
   return sums;
@@ -241,7 +305,9 @@ RunSums run_sums(const Prepared& p, const float* step_p, bool adaptive, Weighted
 // half above and return the sums as a float64 [S, 2] tensor (absolute scope index; zeros for scopes
 // absent here, so every rank's tensor has the same shape); Python all-reduces it over the group and
 // hands it back to the step op as `scope_sums`, which then skips pass 1 and uses these sums.
+// (Both run as one batch: the sums of all scopes exist before any update.)
 at::Tensor sums_to_tensor(const Prepared& p, const RunSums& sums, int64_t n_scopes) {
+  TORCH_CHECK(sums.size() == p.runs.size(), kOwner, ": internal error: the sums op ran in batches");
   at::Tensor out = at::zeros({n_scopes, 2}, at::TensorOptions().dtype(at::kDouble));
   double* o = out.mutable_data_ptr<double>();
   for (size_t r = 0; r < p.runs.size(); ++r) {
@@ -251,44 +317,44 @@ at::Tensor sums_to_tensor(const Prepared& p, const RunSums& sums, int64_t n_scop
   return out;
 }
 
-RunSums sums_from_tensor(const Prepared& p, const at::Tensor& t, int64_t n_scopes) {
+RunSums sums_from_tensor(const Prepared& p, const Batch& b, const at::Tensor& t, int64_t n_scopes) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kDouble && t.dim() == 2 && t.size(0) == n_scopes &&
                   t.size(1) == 2,
               kOwner, ": scope_sums must be a float64 CPU tensor of shape [", n_scopes, ", 2], got ",
               t.scalar_type(), " ", t.sizes());
   const at::Tensor c = t.contiguous();
   const double* in = c.const_data_ptr<double>();
-  RunSums sums(p.runs.size());
-  for (size_t r = 0; r < p.runs.size(); ++r) sums[r] = {in[2 * p.runs[r][0]], in[2 * p.runs[r][0] + 1]};
+  RunSums sums(b.r1 - b.r0);
+  for (size_t r = b.r0; r < b.r1; ++r) sums[r - b.r0] = {in[2 * p.runs[r][0]], in[2 * p.runs[r][0] + 1]};
   return sums;
 }
 
-// The per-scope sums of a step: the all-reduced ones it was given (sums_in), or pass 1's. `pass1(sums)`
-// runs pass 1 into `sums` and returns the `weighted` function of run_sums (it is not called when the
-// sums are given, nor when adaptive=False).
+// The per-scope sums of a batch: the all-reduced ones it was given (sums_in), or pass 1's.
+// `pass1(ts, sums)` runs pass 1 over the batch's tensors into `sums` (indexed within the batch) and
+// returns the `weighted` function of run_sums, which takes the index within the batch (it is not
+// called when the sums are given, nor when adaptive=False).
 template <class Pass1>
-RunSums scope_sums_of(const Prepared& p, const std::optional<at::Tensor>& sums_in, const float* step_p,
-                      int64_t n_scopes, bool adaptive, Pass1 pass1) {
-  if (sums_in.has_value() && sums_in->defined()) return sums_from_tensor(p, *sums_in, n_scopes);
-  if (!adaptive) return RunSums(p.runs.size(), {0.0, 0.0});
+RunSums scope_sums_of(const Prepared& p, const Batch& b, const std::optional<at::Tensor>& sums_in,
+                      const float* step_p, int64_t n_scopes, bool adaptive, Pass1 pass1) {
+  if (sums_in.has_value() && sums_in->defined()) return sums_from_tensor(p, b, *sums_in, n_scopes);
+  if (!adaptive) return RunSums(b.r1 - b.r0, {0.0, 0.0});
   std::vector<float> sums;
-  return run_sums(p, step_p, adaptive, pass1(sums));
+  auto weighted = pass1(tensors_of(p, b), sums);
+  return run_sums(p, b, step_p, adaptive, [&](int64_t i, double* n, double* d) { weighted(i - b.t0, i, n, d); });
 }
 
 // Then each scope's beta from its sums plus `extra_num`, a scope-level numerator term (loss mode's
-// (lam + 1) (prev_loss - loss), 0 otherwise), handed to every tensor of the scope. In run order.
-std::vector<float> assign_scope_betas(Prepared& p, const float* step_p, const RunSums& sums, bool adaptive,
-                                      double beta_min, double beta_max, double extra_num) {
-  std::vector<float> betas(p.runs.size());
-  for (size_t r = 0; r < p.runs.size(); ++r) {
+// (lam + 1) (prev_loss - loss), 0 otherwise), handed to every tensor of the scope. Into betas[r].
+void assign_scope_betas(Prepared& p, const Batch& b, const float* step_p, const RunSums& sums, bool adaptive,
+                        double beta_min, double beta_max, double extra_num, std::vector<float>& betas) {
+  for (size_t r = b.r0; r < b.r1; ++r) {
     const auto& run = p.runs[r];
     const bool first = step_p[run[0]] == 0.f;
-    const double num = (adaptive && !first) ? sums[r][0] + extra_num : 0.0;
-    betas[r] = amm::scope_beta(num, sums[r][1], static_cast<float>(beta_min), static_cast<float>(beta_max), first,
-                               adaptive);
+    const double num = (adaptive && !first) ? sums[r - b.r0][0] + extra_num : 0.0;
+    betas[r] = amm::scope_beta(num, sums[r - b.r0][1], static_cast<float>(beta_min), static_cast<float>(beta_max),
+                               first, adaptive);
     for (int64_t i = run[1]; i < run[2]; ++i) p.ts[i].beta = betas[r];
   }
-  return betas;
 }
 
 // After the update: count the step of each present scope, record its beta (and beta_prod when given),
@@ -331,23 +397,24 @@ void amsgd_run(AMM_AMSGD_PARAMS, const std::optional<at::Tensor>& sums_in, at::T
       p.ts[i].need_sums = adaptive && !first && !given;
     }
   }
-  const RunSums scope_sums = scope_sums_of(p, sums_in, step_p, step.numel(), adaptive, [&](std::vector<float>& sums) {
-    amsgd_sums(p.ts, p.common, sums);
-    return [&](int64_t i, double* n, double* d) {
-      amm::amsgd_weighted(sums.data() + i * amm::kAmsgdSums, p.ts[i].lr, prev_lr_p[p.group_of[i]], lam, !loss_mode,
-                          n, d);
-    };
-  });
-  if (sums_out != nullptr) {
-    *sums_out = sums_to_tensor(p, scope_sums, step.numel());
-    return;
-  }
-  const float loss_value = loss_mode ? scalar_of(*loss, "loss") : 0.f;
+  const float loss_value = loss_mode && sums_out == nullptr ? scalar_of(*loss, "loss") : 0.f;
   // (lam + 1) * (prev_loss - loss) in float32, as the reference forms it.
   const double extra = loss_mode ? static_cast<double>(static_cast<float>(lam + 1.0) * (*prev_loss_p - loss_value)) : 0.0;
-  const std::vector<float> scope_betas = assign_scope_betas(p, step_p, scope_sums, adaptive, beta_min, beta_max, extra);
-
-  amsgd_update(p.ts, p.common);
+  std::vector<float> scope_betas(p.runs.size());
+  for (const Batch& b : scope_batches(p, adaptive && !given && sums_out == nullptr)) {
+    const RunSums sums = scope_sums_of(p, b, sums_in, step_p, step.numel(), adaptive, [&](Tensors ts, std::vector<float>& s) {
+      amsgd_sums(ts, p.common, s);
+      return [&](int64_t j, int64_t i, double* n, double* d) {
+        amm::amsgd_weighted(s.data() + j * amm::kAmsgdSums, p.ts[i].lr, prev_lr_p[p.group_of[i]], lam, !loss_mode, n, d);
+      };
+    });
+    if (sums_out != nullptr) {
+      *sums_out = sums_to_tensor(p, sums, step.numel());
+      return;
+    }
+    assign_scope_betas(p, b, step_p, sums, adaptive, beta_min, beta_max, extra, scope_betas);
+    amsgd_update(tensors_of(p, b), p.common);
+  }
   finish(p);
 
   commit_scope_state(p, scope_betas, step_p, beta_p, nullptr, lr, prev_lr_p);
@@ -386,20 +453,22 @@ void amadamw_run(AMM_AMADAMW_PARAMS, const std::optional<at::Tensor>& sums_in, a
       p.ts[i].need_sums = adaptive && !first && !given;
     }
   }
-  const RunSums scope_sums = scope_sums_of(p, sums_in, step_p, step.numel(), adaptive, [&](std::vector<float>& sums) {
-    amadamw_sums(p.ts, p.common, sums);
-    return [&](int64_t i, double* n, double* d) {
-      amm::amadamw_weighted(sums.data() + i * amm::kAmadamwSums, p.ts[i].lr, prev_lr_p[p.group_of[i]],
-                            weight_decay[p.group_of[i]], n, d);
-    };
-  });
-  if (sums_out != nullptr) {
-    *sums_out = sums_to_tensor(p, scope_sums, step.numel());
-    return;
+  std::vector<float> scope_betas(p.runs.size());
+  for (const Batch& b : scope_batches(p, adaptive && !given && sums_out == nullptr)) {
+    const RunSums sums = scope_sums_of(p, b, sums_in, step_p, step.numel(), adaptive, [&](Tensors ts, std::vector<float>& s) {
+      amadamw_sums(ts, p.common, s);
+      return [&](int64_t j, int64_t i, double* n, double* d) {
+        amm::amadamw_weighted(s.data() + j * amm::kAmadamwSums, p.ts[i].lr, prev_lr_p[p.group_of[i]],
+                              weight_decay[p.group_of[i]], n, d);
+      };
+    });
+    if (sums_out != nullptr) {
+      *sums_out = sums_to_tensor(p, sums, step.numel());
+      return;
+    }
+    assign_scope_betas(p, b, step_p, sums, adaptive, beta_min, beta_max, 0.0, scope_betas);
+    amadamw_update(tensors_of(p, b), p.common);
   }
-  const std::vector<float> scope_betas = assign_scope_betas(p, step_p, scope_sums, adaptive, beta_min, beta_max, 0.0);
-
-  amadamw_update(p.ts, p.common);
   finish(p);
 
   commit_scope_state(p, scope_betas, step_p, beta_p, beta_prod_p, lr, prev_lr_p);
