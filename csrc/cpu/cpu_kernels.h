@@ -7,6 +7,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <type_traits>
@@ -99,6 +100,21 @@ void combine_chunk_sums(const ChunkPlan& plan, const std::vector<float>& partial
 // still in the caches, and pass 2 uses it first (each chunk is independent in pass 2, so the order
 // changes no result).
 void for_each_chunk(const ChunkPlan& plan, const std::function<void(int64_t)>& fn, bool reverse = false);
+
+// Scope batches (NOTE [scope batches] in step_driver_cpu.cpp), shared by the AM and RLLC drivers.
+// A step's scopes are runs of consecutive tensors, (scope index, first tensor, end tensor); a batch is
+// runs [r0, r1), tensors [t0, t1).
+using ScopeRuns = std::vector<std::array<int64_t, 3>>;
+struct ScopeBatch {
+  size_t r0, r1;
+  int64_t t0, t1;
+};
+// Consecutive whole runs of at most batch_bytes() of pass-1 reads (`run_bytes(r)`), a larger run
+// alone; one batch of all runs when split is false or the size is 0. Empty for no runs.
+std::vector<ScopeBatch> scope_batches(const ScopeRuns& runs, const std::function<int64_t(size_t)>& run_bytes,
+                                      bool split);
+// The batch size: AMM_CPU_BATCH_BYTES when set (0: one batch), else the default; read at every step.
+int64_t batch_bytes();
 
 // How many threads an at::parallel_for in this library runs on (for the test that guards
 // NOTE [OpenMP] in setup.py); exposed as amm_kernels._C.parallel_threads().

@@ -2,7 +2,8 @@
 // amm_kernels/reference/rllc_reference.py: pass 1 (per-chunk double sums of the previous memory's Gram
 // entries and M^T g, each chunk into its own slot), the slots combined per tensor and per scope in a
 // fixed order (bit-identical whatever the thread count), the law update per scope (rllc_math.h's
-// Jacobi pinv), then pass 2 (the k memory rows and the parameter in one sweep). With found_inf > 0
+// Jacobi pinv), then pass 2 (the k memory rows and the parameter in one sweep), one batch of scopes
+// at a time (NOTE [scope batches] in step_driver_cpu.cpp). With found_inf > 0
 // nothing at all is written. It shares the math headers and cpu_kernels.h's lanes and instruction-set
 // builds with the AM kernels, and nothing else.
 #include <ATen/ATen.h>
@@ -75,15 +76,20 @@ void dispatch_types(at::ScalarType x, at::ScalarType g, F&& f) {
 }
 
 template <class F>
-void for_each(int64_t n, int64_t total_elements, const F& fn) {
+void for_each(int64_t n, int64_t total_elements, const F& fn, bool reverse = false) {
   if (n == 0) return;
+  auto range = [&](int64_t b, int64_t e) {
+    if (reverse) {
+      for (int64_t c = e - 1; c >= b; --c) fn(c);
+    } else {
+      for (int64_t c = b; c < e; ++c) fn(c);
+    }
+  };
   if (total_elements < kSerialElements || n == 1 || at::get_num_threads() == 1) {
-    for (int64_t c = 0; c < n; ++c) fn(c);
+    range(0, n);
     return;
   }
-  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c) fn(c);
-  });
+  at::parallel_for(0, n, 1, range);
 }
 
 // NOTE [RLLC lanes]: as in the AM kernels (amsgd_cpu.cpp), both passes loop over cpu::kLanes
@@ -295,92 +301,102 @@ void rllc_run(AMM_RLLC_PARAMS, const std::optional<at::Tensor>& sums_in, at::Ten
     given_p = given_c.const_data_ptr<double>();
   }
 
-  // Chunks (tensor, offset order); pass 1's slots are numbered by chunk.
-  std::vector<Chunk> chunks;
-  std::vector<int64_t> first_chunk(T + 1);
-  int64_t total = 0, total_sums = 0;
-  for (size_t i = 0; i < T; ++i) {
-    first_chunk[i] = static_cast<int64_t>(chunks.size());
-    total += ts[i].n;
-    if (ts[i].sums) total_sums += ts[i].n;
-    for (int64_t s = 0; s < ts[i].n; s += kChunk)
-      chunks.push_back({static_cast<int32_t>(i), s, s + kChunk < ts[i].n ? s + kChunk : ts[i].n});
-  }
-  first_chunk[T] = static_cast<int64_t>(chunks.size());
-  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
-
-  // Pass 1.
+  // Scope batch by scope batch (NOTE [scope batches] in step_driver_cpu.cpp): pass 1, the laws of the
+  // batch's scopes, pass 2. One batch when the sums are given or for the sums op.
   const Isa isa = cpu::cpu_isa();
-  std::vector<double> slots(static_cast<size_t>(n_chunks) * P, 0.0);
-  if (total_sums > 0) {
-    for_each(n_chunks, total_sums, [&](int64_t c) {
+  std::vector<float> law_new(runs.size() * k);
+  std::vector<double> scope_sums(P), tensor_sums(P);
+  const auto run_bytes = [&](size_t r) {
+    int64_t bytes = 0;
+    for (int64_t i = runs[r][1]; i < runs[r][2]; ++i)
+      bytes += ts[i].n * (ts[i].x.element_size() + ts[i].g.element_size() + k * ts[i].m.element_size());
+    return bytes;
+  };
+  for (const cpu::ScopeBatch& batch : cpu::scope_batches(runs, run_bytes, !given && sums_out == nullptr)) {
+    // The batch's chunks (tensor, offset order); pass 1's slots are numbered by chunk.
+    std::vector<Chunk> chunks;
+    std::vector<int64_t> first_chunk(batch.t1 - batch.t0 + 1);  // indexed by tensor - batch.t0
+    int64_t total = 0, total_sums = 0;
+    for (int64_t i = batch.t0; i < batch.t1; ++i) {
+      first_chunk[i - batch.t0] = static_cast<int64_t>(chunks.size());
+      total += ts[i].n;
+      if (ts[i].sums) total_sums += ts[i].n;
+      for (int64_t s = 0; s < ts[i].n; s += kChunk)
+        chunks.push_back({static_cast<int32_t>(i), s, s + kChunk < ts[i].n ? s + kChunk : ts[i].n});
+    }
+    first_chunk[batch.t1 - batch.t0] = static_cast<int64_t>(chunks.size());
+    const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+
+    // Pass 1.
+    std::vector<double> slots(static_cast<size_t>(n_chunks) * P, 0.0);
+    if (total_sums > 0) {
+      for_each(n_chunks, total_sums, [&](int64_t c) {
+        const Chunk& ch = chunks[c];
+        const Tensor1& t = ts[ch.t];
+        if (!t.sums) return;
+        double* slot = slots.data() + c * P;
+        dispatch_k(k, [&](auto kk) {
+          constexpr int K = decltype(kk)::value;
+          dispatch_types(t.x.scalar_type(), t.g.scalar_type(), [&](auto tx, auto tg) {
+            using TX = decltype(tx);
+            using TG = decltype(tg);
+            AMM_PICK_ISA(isa, sums, K, TX, TG)(t.m.const_data_ptr<TX>(), t.g.const_data_ptr<TG>(), t.n, ch.begin,
+                                                ch.end, has_scale, scale, slot);
+          });
+        });
+      });
+    }
+
+    // The law per scope of the batch: slots summed per tensor (chunk order), tensors per scope (list order).
+    for (size_t r = batch.r0; r < batch.r1; ++r) {
+      const int64_t s = runs[r][0];
+      const bool first = step_p[s] == 0.f;
+      std::fill(scope_sums.begin(), scope_sums.end(), 0.0);
+      if (!first && given) {
+        for (int p = 0; p < P; ++p) scope_sums[p] = given_p[s * P + p];
+      } else if (!first) {
+        for (int64_t i = runs[r][1]; i < runs[r][2]; ++i) {
+          std::fill(tensor_sums.begin(), tensor_sums.end(), 0.0);
+          for (int64_t c = first_chunk[i - batch.t0]; c < first_chunk[i - batch.t0 + 1]; ++c)
+            for (int p = 0; p < P; ++p) tensor_sums[p] += slots[c * P + p];
+          for (int p = 0; p < P; ++p) scope_sums[p] += tensor_sums[p];
+        }
+      }
+      if (sums_out != nullptr) {
+        double* out = sums_out->mutable_data_ptr<double>() + s * P;
+        for (int p = 0; p < P; ++p) out[p] = scope_sums[p];
+        continue;
+      }
+      rllc_law_update(static_cast<int>(k), scope_sums.data(), law_p + s * k, first, law_lr, rcond,
+                      law_new.data() + r * k);
+    }
+    if (sums_out != nullptr) continue;
+
+    // Pass 2, in reverse: what pass 1 read last is still in the caches (as the AM steps' for_each_chunk).
+    for_each(n_chunks, total, [&](int64_t c) {
       const Chunk& ch = chunks[c];
       const Tensor1& t = ts[ch.t];
-      if (!t.sums) return;
-      double* slot = slots.data() + c * P;
+      const float* lw = law_new.data() + t.scope_pos * k;
       dispatch_k(k, [&](auto kk) {
         constexpr int K = decltype(kk)::value;
+        UpdateConsts<K> consts;
+        for (int p = 0; p < K * K; ++p) consts.U[p] = static_cast<float>(U[p]);
+        for (int a = 0; a < K; ++a) {
+          consts.b[a] = static_cast<float>(b[a]);
+          consts.law[a] = lw[a];
+        }
+        consts.lr = t.lr;
         dispatch_types(t.x.scalar_type(), t.g.scalar_type(), [&](auto tx, auto tg) {
           using TX = decltype(tx);
           using TG = decltype(tg);
-          AMM_PICK_ISA(isa, sums, K, TX, TG)(t.m.const_data_ptr<TX>(), t.g.const_data_ptr<TG>(), t.n, ch.begin,
-                                              ch.end, has_scale, scale, slot);
+          AMM_PICK_ISA(isa, update, K, TX, TG)(t.x.mutable_data_ptr<TX>(), t.m.mutable_data_ptr<TX>(),
+                                               t.g.const_data_ptr<TG>(), t.n, ch.begin, ch.end, has_scale, scale,
+                                               consts);
         });
       });
-    });
+    }, /*reverse=*/true);
   }
-
-  // The law per present scope: slots summed per tensor (chunk order), tensors per scope (list order).
-  std::vector<float> law_new(runs.size() * k);
-  std::vector<double> scope_sums(P), tensor_sums(P);
-  for (size_t r = 0; r < runs.size(); ++r) {
-    const int64_t s = runs[r][0];
-    const bool first = step_p[s] == 0.f;
-    std::fill(scope_sums.begin(), scope_sums.end(), 0.0);
-    if (!first && given) {
-      for (int p = 0; p < P; ++p) scope_sums[p] = given_p[s * P + p];
-    } else if (!first) {
-      for (int64_t i = runs[r][1]; i < runs[r][2]; ++i) {
-        std::fill(tensor_sums.begin(), tensor_sums.end(), 0.0);
-        for (int64_t c = first_chunk[i]; c < first_chunk[i + 1]; ++c)
-          for (int p = 0; p < P; ++p) tensor_sums[p] += slots[c * P + p];
-        for (int p = 0; p < P; ++p) scope_sums[p] += tensor_sums[p];
-      }
-    }
-    if (sums_out != nullptr) {
-      double* out = sums_out->mutable_data_ptr<double>() + s * P;
-      for (int p = 0; p < P; ++p) out[p] = scope_sums[p];
-      continue;
-    }
-    rllc_law_update(static_cast<int>(k), scope_sums.data(), law_p + s * k, first, law_lr, rcond,
-                    law_new.data() + r * k);
-  }
-
   if (sums_out != nullptr) return;
-
-  // Pass 2.
-  for_each(n_chunks, total, [&](int64_t c) {
-    const Chunk& ch = chunks[c];
-    const Tensor1& t = ts[ch.t];
-    const float* lw = law_new.data() + t.scope_pos * k;
-    dispatch_k(k, [&](auto kk) {
-      constexpr int K = decltype(kk)::value;
-      UpdateConsts<K> consts;
-      for (int p = 0; p < K * K; ++p) consts.U[p] = static_cast<float>(U[p]);
-      for (int a = 0; a < K; ++a) {
-        consts.b[a] = static_cast<float>(b[a]);
-        consts.law[a] = lw[a];
-      }
-      consts.lr = t.lr;
-      dispatch_types(t.x.scalar_type(), t.g.scalar_type(), [&](auto tx, auto tg) {
-        using TX = decltype(tx);
-        using TG = decltype(tg);
-        AMM_PICK_ISA(isa, update, K, TX, TG)(t.x.mutable_data_ptr<TX>(), t.m.mutable_data_ptr<TX>(),
-                                             t.g.const_data_ptr<TG>(), t.n, ch.begin, ch.end, has_scale, scale,
-                                             consts);
-      });
-    });
-  });
   for (auto& [orig, work] : write_back) orig.copy_(work);
 
   // Scope state.

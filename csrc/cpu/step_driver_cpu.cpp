@@ -98,6 +98,52 @@ Isa cpu_isa() {
 
 const char* cpu_isa_name() { return isa_name(cpu_isa()); }
 
+// NOTE [scope batches]: each scope's beta needs only its own tensors' sums. With many scopes (the
+// tensor scope, AMAdamW's default) the step runs scope batch by scope batch: pass 1 over a batch's
+// tensors, their betas, pass 2 over the same tensors. A batch is consecutive whole scopes of at most
+// kBatchBytes of tensors (parameter, gradient and state; a scope larger than that is a batch alone),
+// so what pass 1 read is still in the caches when pass 2 (in reverse, for_each_chunk) reads it again,
+// and a step of small scopes moves about one pass of memory instead of two. Results are
+// bit-identical to one batch: the chunks, their slots and every order of summation stay per tensor
+// and per scope. One batch when there is no pass 1 here (adaptive=False, the sums given) and for the
+// sums op (NOTE [sharded sums]). RLLC's step (rllc_cpu.cpp) runs in the same batches.
+// The environment variable AMM_CPU_BATCH_BYTES overrides the size (0: one batch). The default is
+// half the 32 MB L3 of the machine it was measured on; 8, 12 and 16 MB were level there, 2 and 4 MB
+// gained less (bench/README.md, "CPU step"). The OS's figure for the L3 is not used: in a VM it can
+// be the whole socket's (320 MB reported here).
+constexpr int64_t kBatchBytes = int64_t{16} << 20;
+
+int64_t batch_bytes() {
+  const char* env = std::getenv("AMM_CPU_BATCH_BYTES");
+  if (env == nullptr || *env == '\0') return kBatchBytes;
+  char* end = nullptr;
+  const long long v = std::strtoll(env, &end, 10);
+  TORCH_CHECK(end != env && *end == '\0' && v >= 0, "amm_kernels (cpu)",
+              ": AMM_CPU_BATCH_BYTES must be a number of bytes >= 0 (0: one batch), got '", env, "'");
+  return static_cast<int64_t>(v);
+}
+
+std::vector<ScopeBatch> scope_batches(const ScopeRuns& runs, const std::function<int64_t(size_t)>& run_bytes,
+                                      bool split) {
+  std::vector<ScopeBatch> batches;
+  if (runs.empty()) return batches;
+  const int64_t budget = split ? batch_bytes() : 0;
+  if (budget == 0) return {{0, runs.size(), runs.front()[1], runs.back()[2]}};
+  int64_t bytes = 0;
+  for (size_t r = 0; r < runs.size(); ++r) {
+    const int64_t b = run_bytes(r);
+    if (batches.empty() || bytes + b > budget) {
+      batches.push_back({r, r + 1, runs[r][1], runs[r][2]});
+      bytes = b;
+    } else {
+      batches.back().r1 = r + 1;
+      batches.back().t1 = runs[r][2];
+      bytes += b;
+    }
+  }
+  return batches;
+}
+
 namespace {
 
 const char* kOwner = "amm_kernels (cpu)";
@@ -123,7 +169,7 @@ struct Prepared {
   std::vector<std::pair<at::Tensor, at::Tensor>> write_back;  // (original, working)
   std::vector<int64_t> group_of, scope_of;
   // Present scopes as runs of consecutive tensors: (scope index, first tensor, end tensor).
-  std::vector<std::array<int64_t, 3>> runs;
+  ScopeRuns runs;
   std::vector<int64_t> present_groups;
   CommonArgs common;
   bool skip = false;
@@ -220,59 +266,19 @@ void finish(Prepared& p) {
   for (auto& [orig, work] : p.write_back) orig.copy_(work);
 }
 
-// NOTE [scope batches]: each scope's beta needs only its own tensors' sums. With many scopes (the
-// tensor scope, AMAdamW's default) the step runs scope batch by scope batch: pass 1 over a batch's
-// tensors, their betas, pass 2 over the same tensors. A batch is consecutive whole scopes of at most
-// kBatchBytes of pass-1 reads (a scope larger than that is a batch alone), so what pass 1 read is
-// still in the caches when pass 2 (in reverse, for_each_chunk) reads it again, and a step of small
-// scopes moves about one pass of memory instead of two. Results are bit-identical to one batch: the
-// chunks, their slots and every order of summation stay per tensor and per scope. One batch when
-// there is no pass 1 here (adaptive=False, the sums given) and for the sums op (NOTE [sharded sums]).
-// The environment variable AMM_CPU_BATCH_BYTES overrides the size (0: one batch). The default is
-// half the 32 MB L3 of the machine it was measured on; 8, 12 and 16 MB were level there, 2 and 4 MB
-// gained less (bench/README.md, "CPU step"). The OS's figure for the L3 is not used: in a VM it can
-// be the whole socket's (320 MB reported here).
-constexpr int64_t kBatchBytes = int64_t{16} << 20;
+using Batch = ScopeBatch;
 
-int64_t batch_bytes() {
-  const char* env = std::getenv("AMM_CPU_BATCH_BYTES");
-  if (env == nullptr || *env == '\0') return kBatchBytes;
-  char* end = nullptr;
-  const long long v = std::strtoll(env, &end, 10);
-  TORCH_CHECK(end != env && *end == '\0' && v >= 0, kOwner,
-              ": AMM_CPU_BATCH_BYTES must be a number of bytes >= 0 (0: one batch), got '", env, "'");
-  return static_cast<int64_t>(v);
-}
-
-// Runs [r0, r1) of the step and their tensors [t0, t1).
-struct Batch {
-  size_t r0, r1;
-  int64_t t0, t1;
-};
-
-std::vector<Batch> scope_batches(const Prepared& p, bool split) {
-  std::vector<Batch> batches;
-  if (p.runs.empty()) return batches;
-  const int64_t budget = split ? batch_bytes() : 0;
-  if (budget == 0) return {{0, p.runs.size(), p.runs.front()[1], p.runs.back()[2]}};
-  int64_t bytes = 0;
-  for (size_t r = 0; r < p.runs.size(); ++r) {
-    int64_t run_bytes = 0;
+// The AM steps' batches, counting x, g, d (and v) of each tensor.
+std::vector<Batch> am_batches(const Prepared& p, bool split) {
+  return scope_batches(p.runs, [&](size_t r) {
+    int64_t bytes = 0;
     for (int64_t i = p.runs[r][1]; i < p.runs[r][2]; ++i) {
       const StepTensor& t = p.ts[i];
-      run_bytes += t.numel * (t.x.element_size() + t.g.element_size() + t.d.element_size() +
-                              (t.v.defined() ? t.v.element_size() : 0));
+      bytes += t.numel * (t.x.element_size() + t.g.element_size() + t.d.element_size() +
+                          (t.v.defined() ? t.v.element_size() : 0));
     }
-    if (batches.empty() || bytes + run_bytes > budget) {
-      batches.push_back({r, r + 1, p.runs[r][1], p.runs[r][2]});
-      bytes = run_bytes;
-    } else {
-      batches.back().r1 = r + 1;
-      batches.back().t1 = p.runs[r][2];
-      bytes += run_bytes;
-    }
-  }
-  return batches;
+    return bytes;
+  }, split);
 }
 
 Tensors tensors_of(const Prepared& p, const Batch& b) { return Tensors(p.ts.data() + b.t0, b.t1 - b.t0); }
@@ -401,7 +407,7 @@ void amsgd_run(AMM_AMSGD_PARAMS, const std::optional<at::Tensor>& sums_in, at::T
   // (lam + 1) * (prev_loss - loss) in float32, as the reference forms it.
   const double extra = loss_mode ? static_cast<double>(static_cast<float>(lam + 1.0) * (*prev_loss_p - loss_value)) : 0.0;
   std::vector<float> scope_betas(p.runs.size());
-  for (const Batch& b : scope_batches(p, adaptive && !given && sums_out == nullptr)) {
+  for (const Batch& b : am_batches(p, adaptive && !given && sums_out == nullptr)) {
     const RunSums sums = scope_sums_of(p, b, sums_in, step_p, step.numel(), adaptive, [&](Tensors ts, std::vector<float>& s) {
       amsgd_sums(ts, p.common, s);
       return [&](int64_t j, int64_t i, double* n, double* d) {
@@ -454,7 +460,7 @@ void amadamw_run(AMM_AMADAMW_PARAMS, const std::optional<at::Tensor>& sums_in, a
     }
   }
   std::vector<float> scope_betas(p.runs.size());
-  for (const Batch& b : scope_batches(p, adaptive && !given && sums_out == nullptr)) {
+  for (const Batch& b : am_batches(p, adaptive && !given && sums_out == nullptr)) {
     const RunSums sums = scope_sums_of(p, b, sums_in, step_p, step.numel(), adaptive, [&](Tensors ts, std::vector<float>& s) {
       amadamw_sums(ts, p.common, s);
       return [&](int64_t j, int64_t i, double* n, double* d) {
