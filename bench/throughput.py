@@ -16,7 +16,10 @@ Bytes a step must move per float32 parameter (the floor any implementation pays;
   AMSGD          28 = pass 1 reads g, d (8) + pass 2 reads g, d, x, writes d, x (20)  (no weight decay)
   RLLC (k units) 4 (4 + 3k) = pass 1 (Gram M^T M and M^T g) reads g, M (4 + 4k) + pass 2 reads g, M, x and
                  writes M, x (12 + 8k): 40 for the default memory M(0.9)+M(0) (k = 2), 52 for k = 3
-The global sums over all parameters must finish before any update, so the AM step is two passes.
+A scope's sums must finish before its update, so the AM step is two passes; with one global beta
+both run over the whole model. The CPU step with per-tensor betas (AMAdamW's default) runs scope
+batch by scope batch, and its pass 2 reads what pass 1 read from cache (NOTE [scope batches] in
+csrc/cpu/step_driver_cpu.cpp): it can beat these floors, which the GB/s column still counts.
 """
 from __future__ import annotations
 
