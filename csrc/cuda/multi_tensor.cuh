@@ -145,6 +145,28 @@ __device__ __forceinline__ void store_vec(void* p, uint32_t dt, int64_t i, const
   }
 }
 
+// N consecutive elements starting at element i: load_vec / store_vec for N = kVec (the vector path's
+// conditions hold), load_one / store_one for N = 1. For walks written once for both widths.
+template <int N>
+__device__ __forceinline__ void load_n(const void* p, uint32_t dt, int64_t i, float (&out)[N]) {
+  static_assert(N == kVec || N == 1, "load_n: kVec or 1 elements");
+  if constexpr (N == kVec) {
+    load_vec(p, dt, i, out);
+  } else {
+    out[0] = load_one(p, dt, i);
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void store_n(void* p, uint32_t dt, int64_t i, const float (&in)[N]) {
+  static_assert(N == kVec || N == 1, "store_n: kVec or 1 elements");
+  if constexpr (N == kVec) {
+    store_vec(p, dt, i, in);
+  } else {
+    store_one(p, dt, i, in[0]);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // NOTE [tile cache]: the persistent step (persistent_kernels.cu) reads a chunk in its reduce phase
 // and again in its update phase. A TileCache keeps the first `capacity` vector iterations a thread

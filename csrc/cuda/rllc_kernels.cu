@@ -29,6 +29,28 @@ __device__ __forceinline__ bool rows_aligned(const TensorEntry& e) {
   return K <= kRllcVecMaxK && (e.flags & kAligned) != 0u && e.numel % kVec == 0;
 }
 
+// The width of one step of a walk, as a type (the walk's body is written once for both widths).
+template <int N>
+struct Width {
+  static constexpr int value = N;
+};
+
+// Walks the chunk [begin, end) of tensor e as NOTE [RLLC vectors] says: body(Width<kVec>{}, i) for
+// the kVec elements from i where the rows are aligned, body(Width<1>{}, i) for one element otherwise
+// and for the rest of the chunk. Both passes walk with it, so the element order is the same in both.
+template <int K, class Body>
+__device__ __forceinline__ void walk_rows(const TensorEntry& e, int64_t begin, int64_t end, const Body& body) {
+  int64_t tail = begin;
+  if (rows_aligned<K>(e)) {
+    const int64_t vec_end = begin + (end - begin) / kVec * kVec;
+    for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * kVec; i < vec_end;
+         i += static_cast<int64_t>(blockDim.x) * kVec)
+      body(Width<kVec>{}, i);
+    tail = vec_end;
+  }
+  for (int64_t i = tail + threadIdx.x; i < end; i += blockDim.x) body(Width<1>{}, i);
+}
+
 // Block reduction of N doubles (fixed tree: shuffle-down per warp, then warp 0 over the warps).
 // The totals are valid in thread 0 only; call once per block.
 template <int N>
@@ -67,32 +89,20 @@ rllc_sums_kernel(const __grid_constant__ TensorTable table, const RllcArgs args)
     const int64_t begin = work.chunk * kChunkSize;
     const int64_t end = begin + kChunkSize < n ? begin + kChunkSize : n;
     const uint32_t dm = dtype_of(e.dtypes, kD), dg = dtype_of(e.dtypes, kG);
-    int64_t tail = begin;
-    if (rows_aligned<K>(e)) {  // NOTE [RLLC vectors]
-      const int64_t vec_end = begin + (end - begin) / kVec * kVec;
-      for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * kVec; i < vec_end;
-           i += static_cast<int64_t>(blockDim.x) * kVec) {
-        float mv[K][kVec], gv[kVec];
+    walk_rows<K>(e, begin, end, [&](auto width, int64_t i) {
+      constexpr int N = decltype(width)::value;
+      float mv[K][N], gv[N];
 #pragma unroll
-        for (int a = 0; a < K; ++a) load_vec(e.ptr[kD], dm, a * n + i, mv[a]);
-        load_vec(e.ptr[kG], dg, i, gv);
+      for (int a = 0; a < K; ++a) load_n<N>(e.ptr[kD], dm, a * n + i, mv[a]);
+      load_n<N>(e.ptr[kG], dg, i, gv);
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          float m[K];
+      for (int j = 0; j < N; ++j) {
+        float m[K];
 #pragma unroll
-          for (int a = 0; a < K; ++a) m[a] = mv[a][j];
-          amm::rllc_accumulate<K>(m, amm::rllc_grad(gv[j], has_scale, scale), acc);
-        }
+        for (int a = 0; a < K; ++a) m[a] = mv[a][j];
+        amm::rllc_accumulate<K>(m, amm::rllc_grad(gv[j], has_scale, scale), acc);
       }
-      tail = vec_end;
-    }
-    for (int64_t i = tail + threadIdx.x; i < end; i += blockDim.x) {
-      float m[K];
-#pragma unroll
-      for (int a = 0; a < K; ++a) m[a] = load_one(e.ptr[kD], dm, a * n + i);
-      const float g = amm::rllc_grad(load_one(e.ptr[kG], dg, i), has_scale, scale);
-      amm::rllc_accumulate<K>(m, g, acc);
-    }
+    });
   }
   block_sum_double(acc);
   if (threadIdx.x == 0) {
@@ -186,42 +196,27 @@ rllc_update_kernel(const __grid_constant__ TensorTable table, const RllcArgs arg
   const int64_t begin = work.chunk * kChunkSize;
   const int64_t end = begin + kChunkSize < n ? begin + kChunkSize : n;
   const uint32_t dx = dtype_of(e.dtypes, kX), dm = dtype_of(e.dtypes, kD), dg = dtype_of(e.dtypes, kG);
-  int64_t tail = begin;
-  if (rows_aligned<K>(e)) {  // NOTE [RLLC vectors]
-    const int64_t vec_end = begin + (end - begin) / kVec * kVec;
-    for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * kVec; i < vec_end;
-         i += static_cast<int64_t>(blockDim.x) * kVec) {
-      float mv[K][kVec], gv[kVec], xv[kVec];
+  walk_rows<K>(e, begin, end, [&](auto width, int64_t i) {
+    constexpr int N = decltype(width)::value;
+    float mv[K][N], gv[N], xv[N];
 #pragma unroll
-      for (int c = 0; c < K; ++c) load_vec(e.ptr[kD], dm, c * n + i, mv[c]);
-      load_vec(e.ptr[kG], dg, i, gv);
-      load_vec(e.ptr[kX], dx, i, xv);
+    for (int c = 0; c < K; ++c) load_n<N>(e.ptr[kD], dm, c * n + i, mv[c]);
+    load_n<N>(e.ptr[kG], dg, i, gv);
+    load_n<N>(e.ptr[kX], dx, i, xv);
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        float m[K], m_new[K];
+    for (int j = 0; j < N; ++j) {
+      float m[K], m_new[K];
 #pragma unroll
-        for (int c = 0; c < K; ++c) m[c] = mv[c][j];
-        amm::rllc_memory_update<K>(m, amm::rllc_grad(gv[j], has_scale, scale), U, b, m_new);
-        xv[j] = amm::rllc_param<K>(xv[j], m_new, law, lr);
+      for (int c = 0; c < K; ++c) m[c] = mv[c][j];
+      amm::rllc_memory_update<K>(m, amm::rllc_grad(gv[j], has_scale, scale), U, b, m_new);
+      xv[j] = amm::rllc_param<K>(xv[j], m_new, law, lr);
 #pragma unroll
-        for (int c = 0; c < K; ++c) mv[c][j] = m_new[c];
-      }
-      store_vec(e.ptr[kX], dx, i, xv);
-#pragma unroll
-      for (int c = 0; c < K; ++c) store_vec(e.ptr[kD], dm, c * n + i, mv[c]);
+      for (int c = 0; c < K; ++c) mv[c][j] = m_new[c];
     }
-    tail = vec_end;
-  }
-  for (int64_t i = tail + threadIdx.x; i < end; i += blockDim.x) {
-    float m[K], m_new[K];
+    store_n<N>(e.ptr[kX], dx, i, xv);
 #pragma unroll
-    for (int c = 0; c < K; ++c) m[c] = load_one(e.ptr[kD], dm, c * n + i);
-    const float g = amm::rllc_grad(load_one(e.ptr[kG], dg, i), has_scale, scale);
-    amm::rllc_memory_update<K>(m, g, U, b, m_new);
-    store_one(e.ptr[kX], dx, i, amm::rllc_param<K>(load_one(e.ptr[kX], dx, i), m_new, law, lr));
-#pragma unroll
-    for (int c = 0; c < K; ++c) store_one(e.ptr[kD], dm, c * n + i, m_new[c]);
-  }
+    for (int c = 0; c < K; ++c) store_n<N>(e.ptr[kD], dm, c * n + i, mv[c]);
+  });
 }
 
 template <template <int> class Launch>
