@@ -361,9 +361,10 @@ _CPU_BUILT = pytest.mark.skipif("cpu" not in amm_kernels.available_backends("cpu
 
 
 @_CPU_BUILT
+@pytest.mark.parametrize("variant", ["float32", "bfloat16", "grad_scale", "lr_tensor"])
 @pytest.mark.parametrize("scope", ["group", "tensor"])
 @pytest.mark.parametrize("cls,kwargs", OPT_CASES)
-def test_cpu_scope_batches(monkeypatch, scope, cls, kwargs):
+def test_cpu_scope_batches(monkeypatch, scope, cls, kwargs, variant):
     """NOTE [scope batches] (step_driver_cpu.cpp): with many scopes the CPU step runs pass 1 and pass 2
     batch by batch. The test suite's steps are smaller than one default batch, so here the size is
     forced down: 1 byte (every scope a batch), 40 KB (some scopes together, the 300 000-element
@@ -371,12 +372,15 @@ def test_cpu_scope_batches(monkeypatch, scope, cls, kwargs):
     reference."""
     shapes = [[(7,), (4097,), (300_000,)], [(1,), (0,), (3, 5), (2000,)], [(130,), (16, 9)], [(64, 65)]]
     lrs, wds = [0.05, 0.01, 0.002, 0.02], [0.0, 0.01, 0.1, 0.0]
-    seed = _seed("batches", scope, cls.__name__)
+    seed = _seed("batches", scope, cls.__name__, variant)
     kw = {**kwargs, "beta_scope": scope}
+    dtype = torch.bfloat16 if variant == "bfloat16" else torch.float32
+    run_kw = dict(steps=5, lrs=lrs, wds=wds, grad_scale=1024.0 if variant == "grad_scale" else None,
+                  lr_tensor=variant == "lr_tensor")
     runs = {}
     for size in ("0", "1", "40000"):
         monkeypatch.setenv("AMM_CPU_BATCH_BYTES", size)
-        runs[size] = run("cpu", cls, kw, shapes, torch.float32, seed, steps=5, lrs=lrs, wds=wds)
+        runs[size] = run("cpu", cls, kw, shapes, dtype, seed, **run_kw)
     for size in ("1", "40000"):
         for what, ours, one in zip(("betas", "params"), runs[size][:2], runs["0"][:2]):
             for i, (a, b) in enumerate(zip(ours, one)):
@@ -384,8 +388,8 @@ def test_cpu_scope_batches(monkeypatch, scope, cls, kwargs):
         for i, (a, b) in enumerate(zip(runs[size][2], runs["0"][2])):
             for k in b:
                 assert torch.equal(a[k], b[k]), f"AMM_CPU_BATCH_BYTES={size}: state {k} of param {i} differs"
-    ref = run("torch", cls, kw, shapes, torch.float32, seed, steps=5, lrs=lrs, wds=wds)
-    assert_runs_close(runs["1"], ref, torch.float32, f"batches {scope} {cls.__name__}")
+    ref = run("torch", cls, kw, shapes, dtype, seed, **run_kw)
+    assert_runs_close(runs["1"], ref, dtype, f"batches {scope} {cls.__name__} {variant}")
 
 
 @_CPU_BUILT
