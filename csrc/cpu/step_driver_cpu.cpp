@@ -337,8 +337,8 @@ RunSums sums_from_tensor(const Prepared& p, const Batch& b, const at::Tensor& t,
 
 // The per-scope sums of a batch: the all-reduced ones it was given (sums_in), or pass 1's.
 // `pass1(ts, sums)` runs pass 1 over the batch's tensors into `sums` (indexed within the batch) and
-// returns the `weighted` function of run_sums, which takes the index within the batch (it is not
-// called when the sums are given, nor when adaptive=False).
+// returns weighted(j, i, &num, &den), which weights the sums of the step's tensor i, the batch's
+// tensor j (it is not called when the sums are given, nor when adaptive=False).
 template <class Pass1>
 RunSums scope_sums_of(const Prepared& p, const Batch& b, const std::optional<at::Tensor>& sums_in,
                       const float* step_p, int64_t n_scopes, bool adaptive, Pass1 pass1) {
