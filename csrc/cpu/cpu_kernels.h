@@ -94,11 +94,15 @@ ChunkPlan make_plan(Tensors ts, Include include) {
 // chunks added in chunk order in double, rounded once to float32, into sums[t * K + k] (row-major [T][K]).
 void combine_chunk_sums(const ChunkPlan& plan, const std::vector<float>& partial, int K, std::vector<float>& sums);
 
-// Runs fn(chunk) for chunk in [0, plan size), in parallel when the step is large enough. Each thread
-// takes one contiguous range of chunks (the same ranges for the same plan size and thread count);
-// with reverse, it walks its range from the end. Pass 2 runs in reverse: what pass 1 read last is
-// still in the caches, and pass 2 uses it first (each chunk is independent in pass 2, so the order
-// changes no result).
+// Runs fn(c) for c in [0, n): on the calling thread when the work (total_elements) is below
+// serial_below (the thread pool's start-up would cost more), else in parallel, each thread one
+// contiguous range of c (the same ranges for the same n and thread count). With reverse, each range
+// is walked from its end. Pass 2 runs in reverse: what pass 1 read last is still in the caches, and
+// pass 2 uses it first (each chunk is independent in pass 2, so the order changes no result).
+void parallel_chunks(int64_t n, int64_t total_elements, int64_t serial_below, const std::function<void(int64_t)>& fn,
+                     bool reverse);
+
+// parallel_chunks over the chunks of a plan (the AM steps').
 void for_each_chunk(const ChunkPlan& plan, const std::function<void(int64_t)>& fn, bool reverse = false);
 
 // Scope batches (NOTE [scope batches] in step_driver_cpu.cpp), shared by the AM and RLLC drivers.

@@ -7,7 +7,6 @@
 // nothing at all is written. It shares the math headers and cpu_kernels.h's lanes and instruction-set
 // builds with the AM kernels, and nothing else.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -77,19 +76,7 @@ void dispatch_types(at::ScalarType x, at::ScalarType g, F&& f) {
 
 template <class F>
 void for_each(int64_t n, int64_t total_elements, const F& fn, bool reverse = false) {
-  if (n == 0) return;
-  auto range = [&](int64_t b, int64_t e) {
-    if (reverse) {
-      for (int64_t c = e - 1; c >= b; --c) fn(c);
-    } else {
-      for (int64_t c = b; c < e; ++c) fn(c);
-    }
-  };
-  if (total_elements < kSerialElements || n == 1 || at::get_num_threads() == 1) {
-    range(0, n);
-    return;
-  }
-  at::parallel_for(0, n, 1, range);
+  cpu::parallel_chunks(n, total_elements, kSerialElements, fn, reverse);
 }
 
 // NOTE [RLLC lanes]: as in the AM kernels (amsgd_cpu.cpp), both passes loop over cpu::kLanes

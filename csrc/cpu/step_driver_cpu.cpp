@@ -24,8 +24,8 @@ namespace cpu {
 // Steps smaller than this run on the calling thread (the thread pool's start-up costs more).
 constexpr int64_t kSerialElements = 1 << 17;
 
-void for_each_chunk(const ChunkPlan& plan, const std::function<void(int64_t)>& fn, bool reverse) {
-  const int64_t n = static_cast<int64_t>(plan.tensor.size());
+void parallel_chunks(int64_t n, int64_t total_elements, int64_t serial_below, const std::function<void(int64_t)>& fn,
+                     bool reverse) {
   if (n == 0) return;
   auto range = [&](int64_t begin, int64_t end) {
     if (reverse) {
@@ -34,11 +34,15 @@ void for_each_chunk(const ChunkPlan& plan, const std::function<void(int64_t)>& f
       for (int64_t c = begin; c < end; ++c) fn(c);
     }
   };
-  if (plan.total_elements < kSerialElements || n == 1 || at::get_num_threads() == 1) {
+  if (total_elements < serial_below || n == 1 || at::get_num_threads() == 1) {
     range(0, n);
     return;
   }
   at::parallel_for(0, n, 1, range);
+}
+
+void for_each_chunk(const ChunkPlan& plan, const std::function<void(int64_t)>& fn, bool reverse) {
+  parallel_chunks(static_cast<int64_t>(plan.tensor.size()), plan.total_elements, kSerialElements, fn, reverse);
 }
 
 void combine_chunk_sums(const ChunkPlan& plan, const std::vector<float>& partial, int K, std::vector<float>& sums) {
