@@ -4,8 +4,8 @@
 // fixed order (bit-identical whatever the thread count), the law update per scope (rllc_math.h's
 // Jacobi pinv), then pass 2 (the k memory rows and the parameter in one sweep), one batch of scopes
 // at a time (NOTE [scope batches] in step_driver_cpu.cpp). With found_inf > 0
-// nothing at all is written. It shares the math headers and cpu_kernels.h's lanes and instruction-set
-// builds with the AM kernels, and nothing else.
+// nothing at all is written. It shares the math headers and cpu_kernels.h's lanes, instruction-set
+// builds, scope batches and parallel loop with the AM kernels, and nothing else.
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
