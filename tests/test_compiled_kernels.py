@@ -361,7 +361,7 @@ _CPU_BUILT = pytest.mark.skipif("cpu" not in amm_kernels.available_backends("cpu
 
 
 @_CPU_BUILT
-@pytest.mark.parametrize("variant", ["float32", "bfloat16", "grad_scale", "lr_tensor"])
+@pytest.mark.parametrize("variant", ["float32", "bfloat16", "float16", "grad_scale", "lr_tensor"])
 @pytest.mark.parametrize("scope", ["group", "tensor"])
 @pytest.mark.parametrize("cls,kwargs", OPT_CASES)
 def test_cpu_scope_batches(monkeypatch, scope, cls, kwargs, variant):
@@ -374,7 +374,7 @@ def test_cpu_scope_batches(monkeypatch, scope, cls, kwargs, variant):
     lrs, wds = [0.05, 0.01, 0.002, 0.02], [0.0, 0.01, 0.1, 0.0]
     seed = _seed("batches", scope, cls.__name__, variant)
     kw = {**kwargs, "beta_scope": scope}
-    dtype = torch.bfloat16 if variant == "bfloat16" else torch.float32
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(variant, torch.float32)
     run_kw = dict(steps=5, lrs=lrs, wds=wds, grad_scale=1024.0 if variant == "grad_scale" else None,
                   lr_tensor=variant == "lr_tensor")
     runs = {}

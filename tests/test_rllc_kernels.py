@@ -196,25 +196,25 @@ def test_cpu_bit_identical_across_thread_counts(dtype):
 
 
 @pytest.mark.skipif(not HAVE_OP, reason="amm_kernels._C lacks rllc_step")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("scope", ["group", "tensor"])
-def test_cpu_scope_batches(monkeypatch, scope):
+def test_cpu_scope_batches(monkeypatch, scope, dtype):
     """NOTE [scope batches] (step_driver_cpu.cpp): the CPU step runs pass 1, the laws and pass 2 per
     batch of scopes. Forced down from the default (which these sizes never reach) to 1 byte (every
     scope a batch) and 200 KB (several scopes together, the 40 000-element tensor alone): each must be
     bit-identical to one batch ("0") and match the reference."""
     shapes = SHAPES + [[(40000,), (5,)]]
     lrs = LRS + [0.01]
-    seed = _seed("batches", scope)
+    seed = _seed("batches", scope, str(dtype))
     runs = {}
     for size in ("0", "1", "200000"):
         monkeypatch.setenv("AMM_CPU_BATCH_BYTES", size)
-        runs[size] = run("cpu", "cpu", "M(0.9)+M(0.8)+M(0.7)", torch.float32, seed, steps=4, shapes=shapes, lrs=lrs,
+        runs[size] = run("cpu", "cpu", "M(0.9)+M(0.8)+M(0.7)", dtype, seed, steps=4, shapes=shapes, lrs=lrs,
                          scope=scope)
-    assert_close_runs(runs["1"], runs["0"], torch.float32, "one scope per batch", exact=True)
-    assert_close_runs(runs["200000"], runs["0"], torch.float32, "200 KB batches", exact=True)
-    ref = run("torch", "cpu", "M(0.9)+M(0.8)+M(0.7)", torch.float32, seed, steps=4, shapes=shapes, lrs=lrs,
-              scope=scope)
-    assert_close_runs(runs["1"], ref, torch.float32, "batches vs reference")
+    assert_close_runs(runs["1"], runs["0"], dtype, "one scope per batch", exact=True)
+    assert_close_runs(runs["200000"], runs["0"], dtype, "200 KB batches", exact=True)
+    ref = run("torch", "cpu", "M(0.9)+M(0.8)+M(0.7)", dtype, seed, steps=4, shapes=shapes, lrs=lrs, scope=scope)
+    assert_close_runs(runs["1"], ref, dtype, "batches vs reference")
 
 
 @pytest.mark.skipif(not _cuda_ok(), reason="no CUDA device or no CUDA kernels")

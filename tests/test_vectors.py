@@ -29,7 +29,14 @@ def _backend_dtype_params():
                     out.append(pytest.param(device, name, dtype, id=tag))
     # The CUDA backend's code on CPU tensors (tests/_cuda_sim.py), GPU or not.
     out.append(pytest.param(CPU, _cuda_sim.NAME, torch.float32, id=f"cpu-{_cuda_sim.NAME}-float32"))
+    # The "cpu" backend with every scope its own batch (NOTE [scope batches] in
+    # csrc/cpu/step_driver_cpu.cpp; the vectors' steps are far smaller than one default batch).
+    if "cpu" in available_backends(CPU):
+        out.append(pytest.param(CPU, CPU_BATCHED, torch.float32, id="cpu-cpu-float32-scope-batches"))
     return out
+
+
+CPU_BATCHED = "cpu, AMM_CPU_BATCH_BYTES=1"
 
 
 def test_reference_backend_is_available_in_float64():
@@ -57,9 +64,12 @@ def build(vec, backend, dtype, device=CPU):
 
 @pytest.mark.parametrize("device,backend,dtype", _backend_dtype_params())
 @pytest.mark.parametrize("path", vector_params("am"))
-def test_vector(path, device, backend, dtype):
+def test_vector(path, device, backend, dtype, monkeypatch):
     if backend == _cuda_sim.NAME:
         _cuda_sim.ensure()
+    if backend == CPU_BATCHED:
+        monkeypatch.setenv("AMM_CPU_BATCH_BYTES", "1")
+        backend = "cpu"
     vec = load_vector(path)
     rtol, atol = tolerance(dtype)
     opt, params = build(vec, backend, dtype, device)
