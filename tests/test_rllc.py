@@ -2,6 +2,7 @@
 basis invariance, rank-deficient memories, and the torch.optim behaviour shared with AMSGD/AMAdamW."""
 import copy
 
+import _cuda_sim
 import numpy as np
 import pytest
 import torch
@@ -125,13 +126,17 @@ DEVICES = [CPU] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
 
 
 def _backend_dtype_params():
-    return [pytest.param(device, *case.values, id=f"{device.type}-{case.id}")
-            for device in DEVICES for case in dtype_cases(rllc_backends(device), (torch.float64, torch.float32))]
+    cases = [pytest.param(device, *case.values, id=f"{device.type}-{case.id}")
+             for device in DEVICES for case in dtype_cases(rllc_backends(device), (torch.float64, torch.float32))]
+    # The CUDA backend's code on CPU tensors (tests/_cuda_sim.py), GPU or not, as test_vectors.py does.
+    return cases + [pytest.param(CPU, _cuda_sim.NAME, torch.float32, id=f"cpu-{_cuda_sim.NAME}-float32")]
 
 
 @pytest.mark.parametrize("device,backend,dtype", _backend_dtype_params())
 @pytest.mark.parametrize("path", vector_params("rllc"))
 def test_vector(path, device, backend, dtype):
+    if backend == _cuda_sim.NAME:
+        _cuda_sim.ensure()
     vec = load_vector(path)
     h = vec["hyper"]
     assert np.array_equal(np.array(parse_memory(h["memory"])[0]), np.array(h["U"]))
