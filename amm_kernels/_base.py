@@ -5,13 +5,14 @@ module turns `param_groups` into a `StepBatch` and hands it to the chosen backen
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from . import backends
-from ._hyper import BETA_SCOPES, check_choice, check_group
+from ._hyper import BETA_SCOPES, check_choice, check_flag, check_group
 from ._step import ScopeState, StepBatch
 
 try:  # DTensor parameters (FSDP2 fully_shard, tensor parallel)
@@ -49,7 +50,7 @@ class AMOptimizer(torch.optim.Optimizer):
         self.beta_scope = beta_scope
         self.backend = backend
         self.process_group = process_group
-        self.capturable = bool(capturable)
+        self.capturable = check_flag(name, "capturable", capturable)
         self._scopes: ScopeState | None = None
         self._index_cache: dict = {}  # device index tensors and lr, reused across steps (no H2D copy once warm)
         self._resolved: dict = {}  # (backend, device, dtypes) -> backend module
@@ -72,13 +73,20 @@ class AMOptimizer(torch.optim.Optimizer):
         if getattr(self, "_scopes", None) is not None:  # grown here, not in a (possibly compiled) step
             self._scopes.grow(*self._scope_counts(), self._scope_init())
 
-    def _check_group_hypers(self, group: dict[str, Any]) -> None:
-        """The per-group hyperparameters: lr >= 0 and weight_decay >= 0."""
-        check_group(type(self).__name__, group["lr"], group["weight_decay"])
+    def _check_group_hypers(self, group: dict[str, Any], index: int | None = None, on_step: bool = False) -> None:
+        """The per-group hyperparameters (GROUP_KEYS but params: lr, weight_decay), each in [0, inf).
+        Checked when a group is given, when a state_dict is loaded, and at every step (a value set in
+        param_groups by hand or by a scheduler), before anything is written."""
+        keys = [k for k in self.GROUP_KEYS if k != "params"]
+        check_group(type(self).__name__, group, keys, index=index, skip_tensors=on_step)
 
     def _new_param_state(self, p: Tensor) -> dict[str, Tensor]:
         """A parameter's state on its first step: zeros like the parameter, one per STATE_NAMES."""
         return {key: torch.zeros_like(p, memory_format=torch.preserve_format) for key in self.STATE_NAMES}
+
+    def _state_shapes(self, p: Tensor) -> dict[str, tuple[int, ...]]:
+        """The shape of each state tensor of parameter p (what load_state_dict checks a checkpoint against)."""
+        return {key: tuple(p.shape) for key in self.STATE_NAMES}
 
     def _scope_init(self):
         """What a new scope starts from (its beta before any step)."""
@@ -201,6 +209,7 @@ class AMOptimizer(torch.optim.Optimizer):
         params, grads, group_of, scope_of = [], [], [], []
         tensor_index = 0
         for gi, group in enumerate(self.param_groups):
+            self._check_group_hypers(group, index=gi, on_step=True)
             for p in group["params"]:
                 g = p.grad
                 if g is not None:
@@ -233,8 +242,14 @@ class AMOptimizer(torch.optim.Optimizer):
                     f"{p.device if p.device != device else g.device} in {where[self.beta_scope]} "
                     "(one optimizer per device is supported)"
                 )
-        if self._uses_loss() and loss is None:
-            raise RuntimeError(f"{name}: delta_f='loss' needs step(closure) returning the loss")
+        if self._uses_loss():
+            if loss is None:
+                raise RuntimeError(f"{name}: delta_f='loss' needs step(closure) returning the loss")
+            one = loss.numel() == 1 if isinstance(loss, Tensor) else isinstance(loss, numbers.Real) and not isinstance(loss, bool)
+            if not one:
+                got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else repr(loss)
+                raise RuntimeError(f"{name}: delta_f='loss' needs the closure to return one loss (a number or a "
+                                   f"1-element tensor), got {got}")
 
         dtypes = {p.dtype for p in params}
         dtype = torch.float64 if torch.float64 in dtypes else torch.float32
@@ -334,6 +349,7 @@ class AMOptimizer(torch.optim.Optimizer):
                     f"{name}.load_state_dict: saved with {key}={meta.get(key)!r}, this optimizer has {key}={mine!r}; "
                     f"construct it with {key}={meta.get(key)!r} to load this state"
                 )
+        self._check_loadable(state_dict, meta)  # all of it, before anything is replaced
         super().load_state_dict({k: v for k, v in state_dict.items() if k != STATE_DICT_KEY})
         saved = meta["scopes"]
         if saved is None:
@@ -342,3 +358,48 @@ class AMOptimizer(torch.optim.Optimizer):
         else:
             device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
             self._scopes = self.SCOPE_STATE.from_dict(saved, device, saved["step"].dtype)
+
+    def _check_loadable(self, state_dict: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Raise ValueError, naming what is wrong, unless every part of state_dict fits this optimizer:
+        the groups (count, sizes, hyperparameters), every saved parameter state (keys and shapes) and
+        the scope state (fields and shapes). A refused load changes nothing."""
+        where = f"{type(self).__name__}.load_state_dict"
+        groups, state = state_dict.get("param_groups"), state_dict.get("state")
+        if not isinstance(groups, (list, tuple)) or not isinstance(state, dict):
+            raise ValueError(f"{where}: a state_dict holds 'state' (a dict) and 'param_groups' (a list)")
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"{where}: the state_dict has {len(groups)} param groups, this optimizer has "
+                             f"{len(self.param_groups)}")
+        param_of = {}
+        for gi, (saved, mine) in enumerate(zip(groups, self.param_groups)):
+            missing = [k for k in self.GROUP_KEYS if k not in saved]
+            if missing:
+                raise ValueError(f"{where}: param_groups[{gi}] has no {', '.join(map(repr, missing))}")
+            if len(saved["params"]) != len(mine["params"]):
+                raise ValueError(f"{where}: param_groups[{gi}] has {len(saved['params'])} parameters in the "
+                                 f"state_dict and {len(mine['params'])} in this optimizer")
+            self._check_group_hypers(saved, index=gi)
+            param_of.update(zip(saved["params"], mine["params"]))
+        for pid, st in state.items():
+            if pid not in param_of:
+                raise ValueError(f"{where}: the state_dict has state for parameter {pid!r}, which no param group lists")
+            for key, shape in self._state_shapes(param_of[pid]).items():
+                t = st.get(key) if isinstance(st, dict) else None
+                if not isinstance(t, Tensor):
+                    raise ValueError(f"{where}: the state of parameter {pid!r} has no tensor {key!r}")
+                if tuple(t.shape) != shape:
+                    raise ValueError(f"{where}: state {key!r} of parameter {pid!r} has shape {tuple(t.shape)}; "
+                                     f"the parameter needs {shape}")
+        if "scopes" not in meta:
+            raise ValueError(f"{where}: the {STATE_DICT_KEY!r} entry has no 'scopes'")
+        scopes = meta["scopes"]
+        if scopes is None:
+            return
+        shapes = self.SCOPE_STATE.shapes(*self._scope_counts(), self._scope_init())
+        for field, shape in shapes.items():
+            t = scopes.get(field) if isinstance(scopes, dict) else None
+            if not isinstance(t, Tensor) or not t.is_floating_point():
+                raise ValueError(f"{where}: the scope state has no floating-point tensor {field!r}")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{where}: scope state {field!r} has shape {tuple(t.shape)}; this optimizer's "
+                                 f"{self.beta_scope!r} scope needs {shape}")

@@ -14,26 +14,40 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_range(owner: str, name: str, value, lo=None, hi=None, lo_open=False, hi_open=False) -> None:
-    """Raise ValueError unless lo <= value <= hi (open ends as flagged); NaN is always rejected."""
+def check_range(owner: str, name: str, value, lo=None, hi=None, lo_open=False, hi_open=False,
+                device_tensor_ok: bool = False):
+    """Raise ValueError unless lo <= value <= hi (open ends as flagged) and value is finite; return it
+    as a float. A 1-element CPU tensor is read and checked. A device tensor is accepted, unchecked and
+    returned as is, only where `device_tensor_ok` (a capturable lr: reading it back would synchronise)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{owner}: {name} must be a number or a 1-element tensor, got shape {tuple(value.shape)}")
         if value.device.type != "cpu":
-            return  # a device tensor (capturable lr) is not read back to the host to be checked
+            if device_tensor_ok:
+                return value
+            raise ValueError(f"{owner}: {name} must be a number (or a CPU tensor), got a tensor on {value.device}: "
+                             "only lr may be a device tensor")
         value = float(value)
     if not _is_number(value):
         raise ValueError(f"{owner}: {name} must be a number, got {value!r}")
-    lo_txt = "(" if lo_open else "["
-    hi_txt = ")" if hi_open else "]"
+    lo_txt = "(" if lo_open or lo is None else "["
+    hi_txt = ")" if hi_open or hi is None else "]"
     allowed = f"{lo_txt}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{hi_txt}"
-    bad = math.isnan(value)
+    bad = not math.isfinite(value)
     if lo is not None:
         bad |= value <= lo if lo_open else value < lo
     if hi is not None:
         bad |= value >= hi if hi_open else value > hi
     if bad:
         raise ValueError(f"{owner}: {name} must be in {allowed}, got {value!r}")
+    return float(value)
+
+
+def check_flag(owner: str, name: str, value) -> bool:
+    """A bool argument: True or False (1 and 0 too), not any object Python would call truthy."""
+    if isinstance(value, torch.Tensor) or value not in (True, False):
+        raise ValueError(f"{owner}: {name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def check_choice(owner: str, name: str, value, choices) -> None:
@@ -41,10 +55,21 @@ def check_choice(owner: str, name: str, value, choices) -> None:
         raise ValueError(f"{owner}: {name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
-def check_group(owner: str, lr, weight_decay) -> None:
-    """The per-group hyperparameters: lr in [0, inf), weight_decay in [0, inf)."""
-    check_range(owner, "lr", lr, lo=0.0)
-    check_range(owner, "weight_decay", weight_decay, lo=0.0)
+def check_group(owner: str, group: dict, keys, index: int | None = None, skip_tensors: bool = False) -> None:
+    """A param group's hyperparameters (`keys`: lr, and weight_decay where the optimizer has it), each
+    in [0, inf); lr may be a tensor. `index` names the group in the message (param_groups[i]['lr']).
+    `skip_tensors`: leave tensor values alone (the check inside step(): a tensor lr was checked when
+    it was given, and reading it again could synchronise or break a torch.compile graph)."""
+    for key in keys:
+        value = group[key]
+        if skip_tensors and isinstance(value, torch.Tensor):
+            continue
+        name = key if index is None else f"param_groups[{index}][{key!r}]"
+        check_range(owner, name, value, lo=0.0, device_tensor_ok=key == "lr")
+
+
+def _set_checked(hp, field: str, value) -> None:
+    object.__setattr__(hp, field, value)  # a frozen dataclass stores the checked value (a float, a bool)
 
 
 @dataclass(frozen=True)
@@ -73,13 +98,15 @@ class AMAdamWHyper:
 
     def __post_init__(self):
         _check_common("AMAdamW", self, beta_max_name="betas[0] (beta_max)")
-        check_range("AMAdamW", "betas[1] (beta2)", self.beta2, lo=0.0, hi=1.0, hi_open=True)
-        check_range("AMAdamW", "eps", self.eps, lo=0.0, lo_open=True)
+        _set_checked(self, "beta2", check_range("AMAdamW", "betas[1] (beta2)", self.beta2, lo=0.0, hi=1.0, hi_open=True))
+        _set_checked(self, "eps", check_range("AMAdamW", "eps", self.eps, lo=0.0, lo_open=True))
 
 
 def _check_common(owner: str, hp, beta_max_name: str = "beta_max") -> None:
-    check_range(owner, "lam", hp.lam, lo=0.0)
-    check_range(owner, beta_max_name, hp.beta_max, lo=0.0, hi=1.0)
-    check_range(owner, "beta_min", hp.beta_min, lo=0.0, hi=1.0)
+    _set_checked(hp, "lam", check_range(owner, "lam", hp.lam, lo=0.0))
+    _set_checked(hp, "beta_max", check_range(owner, beta_max_name, hp.beta_max, lo=0.0, hi=1.0))
+    _set_checked(hp, "beta_min", check_range(owner, "beta_min", hp.beta_min, lo=0.0, hi=1.0))
+    _set_checked(hp, "adaptive", check_flag(owner, "adaptive", hp.adaptive))
+    _set_checked(hp, "maximize", check_flag(owner, "maximize", hp.maximize))
     if hp.beta_min > hp.beta_max:
         raise ValueError(f"{owner}: beta_min must be <= {beta_max_name} = {hp.beta_max}, got {hp.beta_min!r}")

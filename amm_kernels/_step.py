@@ -43,6 +43,11 @@ class ScopeState:
             prev_loss=torch.zeros((), **z),
         )
 
+    @staticmethod
+    def shapes(n_scopes: int, n_groups: int, beta_max: float) -> dict[str, tuple[int, ...]]:
+        return {"step": (n_scopes,), "beta": (n_scopes,), "beta_prod": (n_scopes,), "prev_lr": (n_groups,),
+                "prev_loss": ()}
+
     def matches(self, n_scopes: int, n_groups: int) -> bool:
         return self.step.numel() == n_scopes and self.prev_lr.numel() == n_groups
 

@@ -78,6 +78,6 @@ class AMAdamW(AMOptimizer):
             raise ValueError(f"AMAdamW: betas must be a pair (beta_max, beta2), got {betas!r}")
         self._hyper = AMAdamWHyper(
             lam=lam, beta_max=betas[0], beta_min=beta_min, beta2=betas[1], eps=eps,
-            adaptive=bool(adaptive), maximize=bool(maximize),
+            adaptive=adaptive, maximize=maximize,
         )
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay), beta_scope, backend, process_group, capturable)

@@ -73,7 +73,7 @@ class AMSGD(AMOptimizer):
         capturable: bool = False,
     ):
         self._hyper = AMSGDHyper(
-            lam=lam, beta_max=beta_max, beta_min=beta_min, adaptive=bool(adaptive), maximize=bool(maximize), delta_f=delta_f
+            lam=lam, beta_max=beta_max, beta_min=beta_min, adaptive=adaptive, maximize=maximize, delta_f=delta_f
         )
         if delta_f == "loss" and beta_scope != "global":
             raise ValueError(

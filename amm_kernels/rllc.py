@@ -58,6 +58,10 @@ class RLLCScopeState:
         law = torch.tensor(law_init, dtype=dtype).reshape(1, -1).repeat(n_scopes, 1)
         return cls(step=torch.zeros(n_scopes, dtype=dtype).to(device), law=law.to(device))
 
+    @staticmethod
+    def shapes(n_scopes: int, n_groups: int, law_init) -> dict[str, tuple[int, ...]]:
+        return {"step": (n_scopes,), "law": (n_scopes, len(law_init))}
+
     def matches(self, n_scopes: int, n_groups: int) -> bool:
         return self.step.numel() == n_scopes
 
@@ -165,9 +169,6 @@ class RLLC(AMOptimizer):
         self.scope = scope
 
     # hooks of AMOptimizer ------------------------------------------------------------------------
-    def _check_group_hypers(self, group: dict[str, Any]) -> None:
-        check_range(type(self).__name__, "lr", group["lr"], lo=0.0)
-
     def _new_param_state(self, p: Tensor) -> dict[str, Tensor]:
         if isinstance(p, DTensor):
             # A sharded parameter (FSDP2): its memory is sharded the same way, one dimension later (the
@@ -180,6 +181,9 @@ class RLLC(AMOptimizer):
             return {"memory": DTensor.from_local(memory, p.device_mesh, placements, run_check=False, shape=shape,
                                                  stride=stride)}
         return {"memory": torch.zeros((self.k, *p.shape), dtype=p.dtype, device=p.device)}
+
+    def _state_shapes(self, p: Tensor) -> dict[str, tuple[int, ...]]:
+        return {"memory": (self.k, *p.shape)}
 
     def _scope_init(self):
         return self._hyper.law_init

@@ -59,7 +59,7 @@ from ._hyper import AMAdamWHyper, AMSGDHyper  # noqa: E402
 from ._step import StepBatch  # noqa: E402
 from .triton_kernels.finalize_kernel import finalize_kernel  # noqa: E402
 from .triton_kernels.reduce_kernels import amadamw_reduce_kernel, amsgd_reduce_kernel  # noqa: E402
-from .triton_kernels.tensor_table import get_table  # noqa: E402
+from .triton_kernels.tensor_table import DTYPE_CODES, get_table  # noqa: E402
 from .triton_kernels.update_kernels import amadamw_update_kernel, amsgd_update_kernel  # noqa: E402
 from .triton_rllc import rllc_step  # noqa: E402,F401  (RLLC, SPEC.md section 4: amm_kernels/triton_rllc.py)
 
@@ -106,7 +106,8 @@ def _flat_tensors(batch: StepBatch):
         return c
 
     params = [flat(t, True) for t in batch.params]
-    grads = [flat(t, False) for t in batch.grads]
+    # a gradient the kernels cannot read (float64) is read as float32, as the cpu and cuda backends do
+    grads = [flat(t if t.dtype in DTYPE_CODES else t.float(), False) for t in batch.grads]
     d = [flat(t, True) for t in batch.d]
     v = None if batch.v is None else [flat(t, True) for t in batch.v]
     return params, grads, d, v, writeback

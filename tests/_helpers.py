@@ -176,6 +176,25 @@ def check_sparse_gradient_raises_before_any_state_changes(make_opt):
     assert_same_state(before, snapshot(opt, params))
 
 
+def check_float64_grads_are_read_as_float32(make_opt, dtype=None, steps=3):
+    """Gradients in float64 (a dtype no kernel reads) on float32 / bfloat16 parameters: every backend
+    reads them as float32, so the run is bit-identical to one given the float32-rounded gradients."""
+    import torch
+
+    runs = []
+    for grad_dtype in (torch.float64, torch.float32):
+        params = model_params(dtype=dtype)
+        opt = make_opt(params)
+        for seed in range(steps):
+            gen = torch.Generator().manual_seed(seed)
+            for p in params:
+                p.grad_dtype = grad_dtype  # torch >= 2.10 lets a gradient's dtype differ from its parameter's
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(grad_dtype)
+            opt.step()
+        runs.append(snapshot(opt, params))
+    assert_same_state(*runs)
+
+
 def step_on_a_nan_gradient(make_opt):
     """stepped_once, then a step with a NaN in the first gradient, which must reach the parameter;
     returns (params, opt)."""

@@ -319,9 +319,9 @@ def test_step_never_reads_device_values_back():
 # --------------------------------------------------------------------------------------------------
 # torch.optim behaviour
 BAD_ARGS = [
-    (dict(lr=-1.0), ValueError, "lr must be in [0.0, inf]"),
+    (dict(lr=-1.0), ValueError, "lr must be in [0.0, inf)"),
     (dict(lr=float("nan")), ValueError, "lr must be in"),
-    (dict(law_lr=-0.1), ValueError, "law_lr must be in [0.0, inf]"),
+    (dict(law_lr=-0.1), ValueError, "law_lr must be in [0.0, inf)"),
     (dict(law_lr=float("nan")), ValueError, "law_lr must be in"),
     (dict(law_lr="0.1"), ValueError, "law_lr must be a number"),
     (dict(scope="layer"), ValueError, "scope must be one of 'global', 'group', 'tensor'"),

@@ -19,9 +19,9 @@ from _triton import assert_same_run as assert_runs_agree, mixed_dtype_params, tr
 
 triton_backend = import_triton_backend()
 
-from _helpers import check_inf_parameter_without_decay  # noqa: E402
+from _helpers import check_float64_grads_are_read_as_float32, check_inf_parameter_without_decay  # noqa: E402
 
-from amm_kernels import AMAdamW, AMSGD  # noqa: E402
+from amm_kernels import RLLC, AMAdamW, AMSGD  # noqa: E402
 
 STEPS = 10 if CUDA else 3
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -174,6 +174,12 @@ def test_parity_mixed_dtypes():
             return params, opt, train(opt, params, 3, "beta")
 
         assert_same_run(run_mixed("torch"), run_mixed("triton"), torch.bfloat16, f"{cls.__name__} mixed dtypes")
+
+
+@pytest.mark.parametrize("cls", [AMSGD, AMAdamW, RLLC])
+def test_float64_gradients_are_read_as_float32(cls):
+    # the triton kernels read float32, bfloat16 and float16: a float64 gradient is converted first
+    check_float64_grads_are_read_as_float32(lambda params: cls(params, backend="triton"), steps=2)
 
 
 @pytest.mark.parametrize("name", list(OPTS))

@@ -75,7 +75,7 @@ const double* sums_input(const std::optional<at::Tensor>& t, const at::Device& d
 
 struct Batch {
   std::vector<TensorDesc> descs;
-  std::vector<at::Tensor> keep_alive;  // grads copied into their parameter's layout
+  std::vector<at::Tensor> keep_alive;  // grads copied into their parameter's layout or to float32
   int64_t n_groups = 0;
   int64_t n_scopes = 0;
 };
@@ -97,6 +97,10 @@ Batch describe(at::TensorList params, at::TensorList grads, at::TensorList d, co
     TORCH_CHECK(p.is_non_overlapping_and_dense(), "amm_kernels (CUDA): params[", i, "] must be dense");
     TORCH_CHECK(!grads[i].is_sparse(), "amm_kernels (CUDA): sparse gradients are not supported");
     at::Tensor g = grads[i];
+    if (g.scalar_type() != p.scalar_type() && g.scalar_type() != at::kFloat && g.device() == p.device()) {
+      g = g.to(at::kFloat);  // a gradient the kernels cannot read (float64) is read as float32, as on the cpu
+      b.keep_alive.push_back(g);
+    }
     if (g.strides() != p.strides() && g.sizes() == p.sizes() && g.device() == p.device()) {
       at::Tensor copy = at::empty_strided(p.sizes(), p.strides(), g.options());
       copy.copy_(g);

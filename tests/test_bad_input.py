@@ -1,0 +1,193 @@
+"""Bad input for every optimizer (AMSGD, AMAdamW, RLLC): a clear error that names what is wrong, raised
+before anything changes. Here: values that pass the constructor's type but not its range (inf, device
+tensors, truthy non-bools), group values set by hand after construction, a loss of several elements,
+and corrupted checkpoints. The constructor's plain range errors are in test_optimizer_api.py and
+test_rllc.py."""
+import copy
+
+import _cuda_sim
+import pytest
+import torch
+
+import amm_kernels
+from _helpers import (assert_same_state, check_float64_grads_are_read_as_float32, model_params, set_grads, snapshot,
+                      take_steps)
+from amm_kernels import RLLC, AMAdamW, AMSGD
+
+BACKENDS = amm_kernels.available_backends("cpu") + [_cuda_sim.NAME]
+OPTIMIZERS = [AMSGD, AMAdamW, RLLC]
+INF = float("inf")
+
+
+def backend_ready(backend):
+    if backend == _cuda_sim.NAME:
+        _cuda_sim.ensure()
+    return backend
+
+
+def full_snapshot(opt, params):
+    """snapshot() and the param groups' hyperparameters (a refused load must not change them either)."""
+    return snapshot(opt, params), [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+
+
+def assert_unchanged(before, opt, params):
+    state_before, groups_before = before
+    assert_same_state(state_before, snapshot(opt, params))
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups_before
+
+
+# --------------------------------------------------------------------------------------------------
+# the constructor
+NON_FINITE = [
+    (AMSGD, dict(lr=INF), "lr must be in [0.0, inf)"),
+    (AMSGD, dict(lam=INF), "lam must be in [0.0, inf)"),
+    (AMSGD, dict(weight_decay=INF), "weight_decay must be in [0.0, inf)"),
+    (AMSGD, dict(beta_max=-INF), "beta_max must be in [0.0, 1.0]"),
+    (AMAdamW, dict(eps=INF), "eps must be in (0.0, inf)"),
+    (AMAdamW, dict(lam=INF), "lam must be in [0.0, inf)"),
+    (AMAdamW, dict(weight_decay=INF), "weight_decay must be in [0.0, inf)"),
+    (AMAdamW, dict(lr=torch.tensor(INF)), "lr must be in [0.0, inf)"),
+    (RLLC, dict(lr=INF), "lr must be in [0.0, inf)"),
+    (RLLC, dict(law_lr=INF), "law_lr must be in [0.0, inf)"),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs,message", NON_FINITE, ids=[f"{c.__name__}-{list(k)[0]}" for c, k, _ in NON_FINITE])
+def test_infinite_hyperparameters_are_refused(cls, kwargs, message):
+    with pytest.raises(ValueError) as err:
+        cls(model_params(), **kwargs)
+    assert message in str(err.value)
+
+
+DEVICE_TENSORS = [
+    (AMSGD, "lam"), (AMSGD, "beta_max"), (AMSGD, "beta_min"), (AMSGD, "weight_decay"),
+    (AMAdamW, "eps"), (AMAdamW, "lam"), (AMAdamW, "weight_decay"),
+]
+
+
+@pytest.mark.parametrize("cls,name", DEVICE_TENSORS, ids=[f"{c.__name__}-{n}" for c, n in DEVICE_TENSORS])
+def test_only_lr_may_be_a_device_tensor(cls, name):
+    # A device tensor cannot be range-checked without a host sync: lr (capturable) is the one argument
+    # that may be one. A meta tensor stands in for a GPU tensor here.
+    with pytest.raises(ValueError, match=f"{name} must be a number .*only lr may be a device tensor"):
+        cls(model_params(), **{name: torch.tensor(0.5, device="meta")})
+    cls(model_params(), lr=torch.tensor(0.01, device="meta"))  # accepted, unchecked
+
+
+@pytest.mark.parametrize("cls", [AMSGD, AMAdamW])
+def test_cpu_tensor_hyperparameters_are_read_as_numbers(cls):
+    opt = cls(model_params(), lam=torch.tensor(0.25), weight_decay=torch.tensor(0.01))
+    assert opt._hyper.lam == 0.25 and type(opt._hyper.lam) is float
+    with pytest.raises(ValueError, match="lam must be in"):
+        cls(model_params(), lam=torch.tensor(-0.2))
+
+
+@pytest.mark.parametrize("cls,name", [(AMSGD, "adaptive"), (AMSGD, "maximize"), (AMAdamW, "adaptive"),
+                                      (AMAdamW, "maximize"), (AMSGD, "capturable"), (RLLC, "capturable")])
+def test_flags_must_be_bools(cls, name):
+    with pytest.raises(ValueError, match=f"{name} must be True or False, got 'no'"):
+        cls(model_params(), **{name: "no"})
+    cls(model_params(), **{name: 0})  # 0 and 1 are accepted as False and True
+
+
+# --------------------------------------------------------------------------------------------------
+# the step
+BAD_GROUP_VALUES = [("lr", -1.0), ("lr", float("nan")), ("lr", INF), ("lr", "0.1"), ("lr", None),
+                    ("weight_decay", -0.5), ("weight_decay", float("nan"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+@pytest.mark.parametrize("key,value", BAD_GROUP_VALUES, ids=[f"{k}={v!r}" for k, v in BAD_GROUP_VALUES])
+def test_a_bad_group_value_set_after_construction_fails_the_step_before_any_change(backend, cls, key, value):
+    if cls is RLLC and key == "weight_decay":
+        pytest.skip("RLLC groups have no weight_decay")
+    params = model_params()
+    opt = cls([{"params": params[:2]}, {"params": params[2:]}], backend=backend_ready(backend))
+    take_steps(opt, params, [0])
+    set_grads(params, 1)
+    before = snapshot(opt, params)
+    opt.param_groups[1][key] = value  # by hand, or by a scheduler gone wrong
+    with pytest.raises(ValueError, match=rf"param_groups\[1\]\['{key}'\] must be"):
+        opt.step()
+    assert_same_state(before, snapshot(opt, params))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", [torch.ones(3), "1.0", None], ids=["3-elements", "a-string", "none"])
+def test_loss_mode_refuses_anything_but_one_loss_before_any_change(backend, loss):
+    params = model_params()
+    opt = AMSGD(params, delta_f="loss", backend=backend_ready(backend))
+    for seed in (0, 1):
+        set_grads(params, seed)
+        opt.step(lambda: torch.tensor(2.0 - seed))
+    set_grads(params, 2)
+    before = snapshot(opt, params)
+    with pytest.raises(RuntimeError, match="delta_f='loss' needs"):
+        opt.step(lambda: loss)
+    assert_same_state(before, snapshot(opt, params))
+    opt.step(lambda: torch.tensor([0.5]))  # one element, in any shape, is a loss
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_float64_gradients_are_read_as_float32(backend, cls, dtype):
+    check_float64_grads_are_read_as_float32(lambda params: cls(params, backend=backend_ready(backend)), dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# load_state_dict
+CORRUPTIONS = {
+    "scopes-field-missing": (lambda sd: sd["amm"]["scopes"].pop("step"), "no floating-point tensor 'step'"),
+    "scopes-missing": (lambda sd: sd["amm"].pop("scopes"), "has no 'scopes'"),
+    "scope-tensor-too-long": (lambda sd: sd["amm"]["scopes"].update(step=torch.zeros(9)),
+                              r"scope state 'step' has shape \(9,\)"),
+    "scope-tensor-integer": (lambda sd: sd["amm"]["scopes"].update(step=sd["amm"]["scopes"]["step"].long()),
+                             "no floating-point tensor 'step'"),
+    "param-state-key-missing": (lambda sd: sd["state"][0].clear(), "the state of parameter 0 has no tensor"),
+    "param-state-wrong-shape": (lambda sd: sd["state"][0].update({k: v.reshape(-1) for k, v in sd["state"][0].items()}),
+                                "of parameter 0 has shape"),
+    "param-state-unknown-id": (lambda sd: sd["state"].update({99: sd["state"][0]}), "parameter 99, which no param group"),
+    "group-lr-negative": (lambda sd: sd["param_groups"][1].update(lr=-5.0), r"param_groups\[1\]\['lr'\] must be in"),
+    "group-lr-missing": (lambda sd: sd["param_groups"][0].pop("lr"), r"param_groups\[0\] has no 'lr'"),
+    "group-too-small": (lambda sd: sd["param_groups"][1]["params"].pop(), r"param_groups\[1\] has 1 parameters"),
+    "groups-missing": (lambda sd: sd["param_groups"].pop(), "has 1 param groups, this optimizer has 2"),
+}
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_a_corrupted_checkpoint_is_refused_and_changes_nothing(cls, scope, corruption):
+    corrupt, message = CORRUPTIONS[corruption]
+    scope_arg = {"scope" if cls is RLLC else "beta_scope": scope}
+
+    def build(params, lr):
+        return cls([{"params": params[:2], "lr": lr}, {"params": params[2:], "lr": lr}], **scope_arg)
+
+    src_params = model_params(seed=1)
+    src = build(src_params, 0.1)
+    take_steps(src, src_params, [0, 1])
+    checkpoint = copy.deepcopy(src.state_dict())
+    corrupt(checkpoint)
+
+    params = model_params(seed=2)
+    opt = build(params, 0.5)
+    take_steps(opt, params, [5, 6, 7])
+    before = full_snapshot(opt, params)
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(checkpoint)
+    assert_unchanged(before, opt, params)
+    opt.load_state_dict(src.state_dict())  # the intact checkpoint still loads
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_a_checkpoint_before_any_step_loads(cls):
+    # scopes None and no parameter state: nothing to check against, and nothing refused
+    saved = cls(model_params()).state_dict()
+    params = model_params()
+    opt = cls(params)
+    take_steps(opt, params, [0])
+    opt.load_state_dict(saved)
+    assert len(opt.state) == 0
