@@ -269,14 +269,19 @@ class AMOptimizer(torch.optim.Optimizer):
 
         # lazy state, created only after every check above; one self.state lookup per parameter
         names = self.STATE_NAMES
+        had_state = len(self.state) > 0
         d, v = [], ([] if len(names) > 1 else None)
-        for k in keys:
+        fresh = []
+        for i, k in enumerate(keys):
             st = self.state[k]
             if not st:
                 st.update(self._new_param_state(k))
+                fresh.append(i)
             d.append(st[names[0]])
             if v is not None:
                 v.append(st[names[1]])
+        if fresh and had_state:
+            self._on_late_state(keys, fresh, group_of)
         if sharded:
             d = [_local(t) for t in d]
             v = None if v is None else [_local(t) for t in v]
@@ -315,6 +320,26 @@ class AMOptimizer(torch.optim.Optimizer):
 
     def _uses_loss(self) -> bool:
         return False
+
+    def _on_late_state(self, keys: list[Tensor], fresh: list[int], group_of: list[int]) -> None:
+        """Called (on the host) when keys[i] for i in fresh got their state in this step while other
+        parameters already had theirs. NOTE [late tensors]: state and step counts are per beta scope
+        (SPEC.md section 3), so a tensor whose first gradient arrives after its scope's first step starts
+        from zero state and takes the scope's step count, where torch.optim counts per parameter."""
+
+    def _late_in_scope(self, keys: list[Tensor], fresh: list[int], group_of: list[int]) -> list[int]:
+        """Those of `fresh` whose beta scope had already taken a step before this one (on the host: some
+        other parameter of the scope has state; a step skipped by found_inf is counted as taken)."""
+        if self.beta_scope == "tensor":
+            return []
+        fresh_ids = {id(keys[i]) for i in fresh}
+        if self.beta_scope == "global":
+            return list(fresh)
+
+        def group_stepped(gi):
+            return any(id(q) not in fresh_ids and self.state.get(q) for q in self.param_groups[gi]["params"])
+
+        return [i for i in fresh if group_stepped(group_of[i])]
 
     # ----------------------------------------------------------------------------------------------
     # state_dict

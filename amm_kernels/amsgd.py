@@ -21,8 +21,8 @@ class AMSGD(AMOptimizer):
          x_{t+1} = x_t - \eta_t d_t
         \end{aligned}
 
-    The sums run over every parameter in the beta scope. With ``adaptive=False`` and ``lam=0`` this is
-    exactly ``torch.optim.SGD(momentum=beta_max, dampening=beta_max)``.
+    The sums run over every parameter in the beta scope. With ``adaptive=False`` and ``lam=0`` this equals
+    ``torch.optim.SGD(momentum=beta_max, dampening=beta_max)`` to float rounding.
 
     Args:
         params: iterable of parameters or dicts defining param groups (a group may set ``lr`` and
@@ -50,7 +50,8 @@ class AMSGD(AMOptimizer):
             the GPU; pass lr as a device tensor to change it between replays).
 
     ``optimizer.beta`` is the last beta as a device tensor (0-d for the global scope). State per
-    parameter: ``momentum_buffer`` (d).
+    parameter: ``momentum_buffer`` (d). "First step" is the beta scope's: a tensor whose first gradient
+    comes later starts from d = 0 (README "Tensors that join late").
     """
 
     STATE_NAMES = ("momentum_buffer",)

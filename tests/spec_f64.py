@@ -14,7 +14,10 @@ Conventions (SPEC.md):
   weighted by its own step size (the multi-group formulas of section 3, used for every scope);
 - beta = beta_max on the scope's first step, where the denominator is not > 0, and always when
   ``adaptive=False``;
-- AM-SGD: coupled L2 weight decay (``g = grad + wd * x``), first step ``d = g``;
+- AM-SGD: coupled L2 weight decay (``g = grad + wd * x``), ``d = g`` on the scope's first step;
+- a tensor whose first gradient arrives after its scope's first step starts from zero state (AM-SGD's
+  d = 0, like AM-AdamW's d and v) and takes the scope's step count: SPEC.md keeps step and beta_prod
+  per beta (section 3), not per tensor (the package's choice where SPEC.md is silent, README.md);
 - AM-AdamW: decoupled weight decay ``x <- (1 - eta mu) x - eta d / p``, bias correction
   ``1 - beta_max * beta_prod`` with ``beta_prod`` the product of the scope's earlier betas and
   ``1 - beta2^t`` with t the number of steps the scope has taken, this one included;
@@ -138,9 +141,9 @@ class AMSGDSpec(_SpecBase):
             for gi, ti in live:
                 self.groups[gi]["params"][ti] -= self.groups[gi]["lr"] * self.state[(gi, ti)]["d"]
         else:
-            for m in live:  # a tensor whose first gradient arrives late starts with d = g
+            for m in live:  # a tensor whose first gradient arrives late starts with d = 0
                 if m not in self.state:
-                    self.state[m] = {"d": g_of[m].copy()}
+                    self.state[m] = {"d": np.zeros_like(g_of[m])}
             if self.adaptive:
                 f_first_order = 0.0
                 sum_b = 0.0

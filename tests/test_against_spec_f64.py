@@ -165,6 +165,25 @@ def test_tensor_without_grad_is_skipped(name, scope, dtype):
         run.check("end")
 
 
+@pytest.mark.filterwarnings("ignore:AMAdamW.*first gradient after")  # NOTE [late tensors] in amm_kernels/_base.py
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("adaptive", [True, False], ids=["adaptive", "fixed"])
+@pytest.mark.parametrize("scope", ["global", "group", "tensor"])
+@pytest.mark.parametrize("name", ["AMSGD", "AMAdamW"])
+def test_tensor_whose_first_gradient_arrives_late_matches_spec(name, scope, adaptive, dtype):
+    """Tensor [0][1] gets its first gradient at step 3 and [2][0] at step 6, after their scope's first
+    step (except with the tensor scope): they start from zero state and the scope's step count."""
+    run = Run(name, dtype, 8, beta_scope=scope, adaptive=adaptive)
+    first = {(0, 1): 3, (2, 0): 6}
+    for i in range(10):
+        grads = run.random_grads()
+        for (gi, ti), start in first.items():
+            if i < start:
+                grads[gi][ti] = None
+        run.step_with_grads(grads)
+        run.check(i)
+
+
 class Quadratic:
     """f(x) = sum over tensors of 0.5 * <a, (x - c)^2> (a > 0): the loss of the loss-mode tests."""
 

@@ -7,7 +7,7 @@ import amm_kernels
 from _helpers import (check_found_inf_skips_the_step, check_grad_scaler_skips_inf_steps,
                       check_inf_parameter_without_decay, check_low_precision_params_keep_dtype,
                       check_scheduler_closure_and_add_param_group, check_sparse_gradient_raises_before_any_state_changes,
-                      model_params, resume_from_state_dict, set_grads, step_on_a_nan_gradient)
+                      model_params, resume_from_state_dict, set_grads, step_on_a_nan_gradient, tolerance)
 from amm_kernels import AMAdamW, AMSGD
 
 BACKENDS = amm_kernels.available_backends("cpu")
@@ -155,6 +155,61 @@ def test_params_without_grad_are_skipped(cls):
     assert torch.equal(params[1].detach(), frozen)
     assert params[1] not in opt.state
     assert opt.beta.shape == (4,)
+
+
+@pytest.mark.filterwarnings("ignore:AMAdamW.*first gradient after")  # NOTE [late tensors]; tested below
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"] + [_cuda_sim.NAME])
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+@pytest.mark.parametrize("scope", ["global", "group", "tensor"])
+def test_a_late_first_gradient_matches_the_reference(backend, cls, scope):
+    """params[0] gets its first gradient at step 2, after its scope's first step (but in the tensor
+    scope): every backend starts it from zero state with the scope's step count, as the reference does
+    (test_against_spec_f64.py pins the reference to the oracle)."""
+    if backend == _cuda_sim.NAME:
+        _cuda_sim.ensure()
+    runs = []
+    for b in ("torch", backend):
+        params = model_params()
+        opt = cls([{"params": params[:2], "lr": 0.05}, {"params": params[2:], "lr": 0.02}], beta_scope=scope,
+                  backend=b)
+        for seed in range(5):
+            set_grads(params, seed)
+            if seed < 2:
+                params[0].grad = None
+            opt.step()
+        runs.append((params, opt.beta))
+    (ref, ref_beta), (got, got_beta) = runs
+    rtol, atol = tolerance(torch.float32)
+    torch.testing.assert_close(got_beta, ref_beta, rtol=rtol, atol=atol)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+def test_amadamw_warns_once_of_a_late_tensor_in_a_shared_scope():
+    """NOTE [late tensors]: AMAdamW says so (once) when a tensor joins a scope that has stepped, where
+    its bias corrections are the scope's; not in the tensor scope, nor for a group whose every tensor
+    starts together, nor for AMSGD (whose late tensor takes a smaller first step, not a larger one)."""
+    import warnings
+
+    def run(cls, scope, late):
+        params = model_params()
+        opt = cls([{"params": params[:2]}, {"params": params[2:]}], beta_scope=scope)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for seed in range(4):
+                set_grads(params, seed)
+                for i in late:
+                    if seed < late[i]:
+                        params[i].grad = None
+                opt.step()
+        return [str(w.message) for w in caught if "first gradient after" in str(w.message)]
+
+    said = run(AMAdamW, "global", {0: 1, 2: 2})
+    assert len(said) == 1 and "1 parameter tensor(s)" in said[0] and "beta_scope='global'" in said[0]
+    assert len(run(AMAdamW, "group", {0: 1})) == 1
+    assert run(AMAdamW, "group", {2: 2, 3: 2}) == []  # group 1 starts as a whole: its scope's first step
+    assert run(AMAdamW, "tensor", {0: 1, 2: 2}) == []
+    assert run(AMSGD, "global", {0: 1}) == []
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS)

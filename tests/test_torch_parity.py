@@ -24,17 +24,20 @@ def make_groups(dtype, seed, weight_decays):
     ]
 
 
-def run_pair(ours_cls, ours_kw, torch_cls, torch_kw, dtype, seed, weight_decays, steps=20):
+def run_pair(ours_cls, ours_kw, torch_cls, torch_kw, dtype, seed, weight_decays, steps=20, late=None):
+    """`late`: {tensor index (through the groups): the step of its first gradient} (None before it)."""
     groups = make_groups(dtype, seed, weight_decays)
     mine = [{**g, "params": [p.clone().requires_grad_() for p in g["params"]]} for g in groups]
     theirs = [{**g, "params": [p.clone().requires_grad_() for p in g["params"]]} for g in groups]
     opt_a, opt_b = ours_cls(mine, **ours_kw), torch_cls(theirs, **torch_kw)
     gen = torch.Generator().manual_seed(seed + 1)
     for step in range(steps):
-        for ga, gb in zip(mine, theirs):
-            for pa, pb in zip(ga["params"], gb["params"]):
-                g = torch.randn(pa.shape, generator=gen, dtype=torch.float64).to(dtype)
-                pa.grad, pb.grad = g.clone(), g.clone()
+        pairs = [pair for ga, gb in zip(mine, theirs) for pair in zip(ga["params"], gb["params"])]
+        for i, (pa, pb) in enumerate(pairs):
+            g = torch.randn(pa.shape, generator=gen, dtype=torch.float64).to(dtype)
+            pa.grad, pb.grad = g.clone(), g.clone()
+            if late and step < late.get(i, 0):
+                pa.grad = pb.grad = None
         if step == 10:  # an lr change mid-run, as a scheduler would make
             for g in mine + theirs:
                 g["lr"] *= 0.5
@@ -71,3 +74,19 @@ def test_amadamw_fixed_beta_is_torch_adamw(backend, dtype, weight_decays):
         torch.optim.AdamW, dict(betas=betas, eps=1e-8, foreach=False),
         dtype, seed=5, weight_decays=weight_decays,
     )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["AMSGD", "AMAdamW"])
+def test_tensor_scope_is_torch_for_tensors_that_join_late(backend, name):
+    """README "Tensors that join late": with beta_scope="tensor" every tensor counts its own steps, as
+    torch.optim does, so tensors whose first gradient comes at step 4 or 12 still match torch."""
+    late = {1: 4, 4: 12}
+    if name == "AMSGD":
+        run_pair(AMSGD, dict(adaptive=False, lam=0.0, beta_max=0.85, beta_scope="tensor", backend=backend),
+                 torch.optim.SGD, dict(momentum=0.85, dampening=0.85), torch.float32, seed=5,
+                 weight_decays=(0.0, 0.01), late=late)
+    else:
+        kw = dict(betas=(0.8, 0.99), eps=1e-8)
+        run_pair(AMAdamW, dict(adaptive=False, lam=0.0, beta_scope="tensor", backend=backend, **kw),
+                 torch.optim.AdamW, kw, torch.float32, seed=5, weight_decays=(0.0, 0.01), late=late)
