@@ -89,7 +89,7 @@ class AMAdamW(AMOptimizer):
 
     def _on_late_state(self, keys, fresh, group_of) -> None:
         # NOTE [late tensors] in _base.py. For AMAdamW this matters: zero moments under the scope's bias
-        # corrections make such a tensor's first updates several times AdamW's (5x at its 10th step when
+        # corrections make such a tensor's first updates several times AdamW's (about 5x ten steps after
         # it joins at step 1000 with beta2 = 0.999: bench/README.md). Said once per optimizer.
         if getattr(self, "_warned_late_state", False):
             return
