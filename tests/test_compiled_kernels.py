@@ -493,3 +493,52 @@ def test_split_step_over_nccl_is_the_one_op_step(one_rank_nccl_group, scope, cls
     for a, b in zip(whole[:2], split[:2]):  # betas, parameters
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert len({float(b.flatten()[0]) for b in whole[0][1:]}) > 1, "beta should move"
+
+
+def _odd_layouts(device, seed):
+    """Leaf parameters in the layouts a user may hand an optimizer: a slice with gaps, a transpose,
+    a permuted 3-D tensor, an offset slice, and a plain one (NOTE [working copies] in amm_kernels/_step.py)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def leaf(t):
+        return t.to(device).detach().requires_grad_()
+
+    return [leaf(torch.randn(14, generator=gen)[::2]), leaf(torch.randn(5, 3, generator=gen).t()),
+            leaf(torch.randn(2, 3, 4, generator=gen).permute(2, 0, 1)), leaf(torch.randn(20, generator=gen)[3:10]),
+            leaf(torch.randn(6, generator=gen))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["AMSGD", "AMAdamW", "RLLC"])
+def test_parameters_in_any_layout(backend, name):
+    """Every layout runs on the fast backends as on the reference, is updated in place (the user's
+    tensor, not a copy), and a state tensor in another layout than its parameter's (as a checkpoint
+    may load it) is followed, not refused. The CUDA glue walks only dense parameters and RLLC's only
+    contiguous ones: these used to be errors on "cuda" (and "cuda_sim")."""
+    if backend == _cuda_sim.NAME:
+        _cuda_sim.ensure()
+    cls = {"AMSGD": AMSGD, "AMAdamW": AMAdamW, "RLLC": amm_kernels.RLLC}[name]
+    device = _device(backend)
+    runs = []
+    for b in ("torch", backend):
+        params = _odd_layouts(device, seed=3)
+        ptrs = [p.data_ptr() for p in params]
+        opt = cls([{"params": params[:3], "lr": 0.05}, {"params": params[3:], "lr": 0.02}], backend=b)
+        gen = torch.Generator().manual_seed(4)
+        for step in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(device)
+            opt.step()
+            if step == 1:  # a state in another layout than its parameter's (contiguous, the transpose's not)
+                st = opt.state[params[1]]
+                for key, t in list(st.items()):
+                    st[key] = t.contiguous() if not t.is_contiguous() else t.mT.contiguous().mT
+        assert [p.data_ptr() for p in params] == ptrs
+        runs.append((params, opt))
+    (ref, ref_opt), (got, got_opt) = runs
+    rtol, atol = tolerance(torch.float32)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=rtol, atol=atol)
+    for pa, pb in zip(got, ref):
+        for key, t in got_opt.state[pa].items():
+            torch.testing.assert_close(t, ref_opt.state[pb][key], rtol=rtol, atol=atol)
