@@ -30,15 +30,15 @@ def check_range(owner: str, name: str, value, lo=None, hi=None, lo_open=False, h
         value = float(value)
     if not _is_number(value):
         raise ValueError(f"{owner}: {name} must be a number, got {value!r}")
-    lo_txt = "(" if lo_open or lo is None else "["
-    hi_txt = ")" if hi_open or hi is None else "]"
-    allowed = f"{lo_txt}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{hi_txt}"
     bad = not math.isfinite(value)
     if lo is not None:
         bad |= value <= lo if lo_open else value < lo
     if hi is not None:
         bad |= value >= hi if hi_open else value > hi
     if bad:
+        lo_txt = "(" if lo_open or lo is None else "["
+        hi_txt = ")" if hi_open or hi is None else "]"
+        allowed = f"{lo_txt}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{hi_txt}"
         raise ValueError(f"{owner}: {name} must be in {allowed}, got {value!r}")
     return float(value)
 
@@ -62,6 +62,8 @@ def check_group(owner: str, group: dict, keys, index: int | None = None, skip_te
     it was given, and reading it again could synchronise or break a torch.compile graph)."""
     for key in keys:
         value = group[key]
+        if type(value) is float and 0.0 <= value < math.inf:
+            continue  # the usual case, at every step: no more host time than this (NOTE [host time], _base.py)
         if skip_tensors and isinstance(value, torch.Tensor):
             continue
         name = key if index is None else f"param_groups[{index}][{key!r}]"

@@ -74,10 +74,10 @@ def working_copies(tensors: list[Tensor], walkable, write: bool, writeback: list
     `write`, each (t, copy) pair is appended to `writeback`, to be copied back (copy_writeback) after
     the kernels have updated the copy in place.
 
-    NOTE [working copies]: the kernels index a tensor's storage linearly (the CUDA ones in its own
-    dense layout; RLLC's and Triton's only contiguous), and a parameter may be any view (a slice with
-    gaps, a transpose). Such a parameter costs a copy each way for this step, and the step is not
-    CUDA-graph capturable with it; the usual dense parameter costs nothing."""
+    For the Triton drivers, whose kernels walk contiguous tensors: a parameter may be any view (a slice
+    with gaps, a transpose), and such a parameter costs a copy each way for this step (which is then
+    not CUDA-graph capturable); the usual contiguous one costs nothing. The CUDA glue does the same in
+    C++ (NOTE [working copies] in csrc/cuda/working_copies.h); the CPU kernels take any layout."""
     out = []
     for t in tensors:
         if walkable(t):

@@ -20,7 +20,7 @@ except ImportError as err:  # pragma: no cover - depends on the build
     ) from err
 
 from ._hyper import AMAdamWHyper, AMSGDHyper
-from ._step import StepBatch, copy_writeback, working_copies
+from ._step import StepBatch
 
 _OPS = torch.ops.amm_kernels
 
@@ -76,42 +76,6 @@ def _run(step_op, sums_op, args: tuple, batch: StepBatch, adaptive: bool) -> Non
     step_op(*args, sums)
 
 
-def _dense(t: torch.Tensor) -> bool:
-    """Whether t's elements fill its memory without gaps or overlaps (contiguous, or a permutation of
-    a contiguous layout such as a transpose): what the CUDA kernels can walk in t's own order."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda pair: pair[1]):
-        if size == 1:
-            continue
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _walkable(batch: StepBatch, writeback: list):
-    """params, d, v as the kernels take them (NOTE [working copies] in _step.py): each parameter dense
-    (a view with gaps is copied), each state tensor in its parameter's layout (a state loaded in another
-    layout is copied into it); what was copied is appended to `writeback`."""
-    params = working_copies(batch.params, _dense, True, writeback)
-
-    def follow(states):
-        if states is None:
-            return None
-        out = []
-        for p, t in zip(params, states):
-            if t.stride() != p.stride():
-                c = torch.empty_like(p, dtype=t.dtype).copy_(t)
-                writeback.append((t, c))
-                t = c
-            out.append(t)
-        return out
-
-    return params, follow(batch.d), follow(batch.v)
-
-
 def _lr(batch: StepBatch) -> torch.Tensor:
     lr = batch.lr
     if lr.dtype != torch.float32:
@@ -128,33 +92,27 @@ def amsgd_step(batch: StepBatch, hp: AMSGDHyper) -> None:
     state = _scope_state(batch)
     device = state.step.device
     loss = batch.loss.detach().to(device) if (hp.delta_f == "loss" and batch.loss is not None) else None
-    writeback = []
-    params, d, _ = _walkable(batch, writeback)
     args = (
-        params, batch.grads, d, batch.group_of, batch.scope_of, _lr(batch), batch.weight_decay,
+        batch.params, batch.grads, batch.d, batch.group_of, batch.scope_of, _lr(batch), batch.weight_decay,
         state.step, state.beta, state.prev_lr, state.prev_loss, loss,
         _optional(batch.grad_scale, device), _optional(batch.found_inf, device),
         float(hp.lam), float(hp.beta_max), float(hp.beta_min), bool(hp.adaptive), bool(hp.maximize),
     )
     _run(_OPS.amsgd_step, _OPS.amsgd_scope_sums, args, batch, hp.adaptive)
-    copy_writeback(writeback)
 
 
 @torch.no_grad()
 def amadamw_step(batch: StepBatch, hp: AMAdamWHyper) -> None:
     state = _scope_state(batch)
     device = state.step.device
-    writeback = []
-    params, d, v = _walkable(batch, writeback)
     args = (
-        params, batch.grads, d, v, batch.group_of, batch.scope_of, _lr(batch), batch.weight_decay,
+        batch.params, batch.grads, batch.d, batch.v, batch.group_of, batch.scope_of, _lr(batch), batch.weight_decay,
         state.step, state.beta, state.beta_prod, state.prev_lr,
         _optional(batch.grad_scale, device), _optional(batch.found_inf, device),
         float(hp.lam), float(hp.beta_max), float(hp.beta_min), float(hp.beta2), float(hp.eps),
         bool(hp.adaptive), bool(hp.maximize),
     )
     _run(_OPS.amadamw_step, _OPS.amadamw_scope_sums, args, batch, hp.adaptive)
-    copy_writeback(writeback)
 
 
 # RLLC on "cpu"/"cuda" (csrc/cpu/rllc_cpu.cpp, csrc/cuda/rllc_kernels.cu); imported last: it needs nothing above.

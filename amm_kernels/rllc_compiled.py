@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from . import _C  # noqa: F401  (registers the ops; compiled_backend.py imports this module once _C has loaded)
-from ._step import StepBatch, copy_writeback, working_copies
+from ._step import StepBatch
 
 __all__ = ["rllc_step", "has_rllc_op", "MAX_K"]
 
@@ -69,18 +69,13 @@ def rllc_step(batch: StepBatch, hp) -> None:
     grad_scale = None if batch.grad_scale is None else batch.grad_scale.detach().to(device, non_blocking=True)
     found_inf = None if batch.found_inf is None else batch.found_inf.detach().to(device, non_blocking=True)
     U = [float(v) for row in hp.U for v in row]
-    # the kernels walk parameters and memories as contiguous arrays (NOTE [working copies] in _step.py)
-    writeback = []
-    params = working_copies(batch.params, torch.Tensor.is_contiguous, True, writeback)
-    memory = working_copies(batch.d, torch.Tensor.is_contiguous, True, writeback)
-    args = (params, batch.grads, memory, batch.group_of, batch.scope_of, lr, U, [float(v) for v in hp.b],
+    args = (batch.params, batch.grads, batch.d, batch.group_of, batch.scope_of, lr, U, [float(v) for v in hp.b],
             state.step, state.law, grad_scale, found_inf, float(hp.law_lr), float(hp.rcond))
     if batch.process_group is None:
         _OPS.rllc_step(*args)
-    else:
-        # Sharded parameters (csrc/OPS.md): this rank's [S, P] Gram and M^T g sums, added up over the group
-        # (one all_reduce, no host sync), then the step from the whole model's sums without a second pass 1.
-        sums = _OPS.rllc_scope_sums(*args)
-        dist.all_reduce(sums, group=batch.process_group)
-        _OPS.rllc_step(*args, sums)
-    copy_writeback(writeback)
+        return
+    # Sharded parameters (csrc/OPS.md): this rank's [S, P] Gram and M^T g sums, added up over the group
+    # (one all_reduce, no host sync), then the step from the whole model's sums without a second pass 1.
+    sums = _OPS.rllc_scope_sums(*args)
+    dist.all_reduce(sums, group=batch.process_group)
+    _OPS.rllc_step(*args, sums)

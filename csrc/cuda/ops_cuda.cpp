@@ -18,6 +18,7 @@
 #include "op_signatures.h"
 #include "cuda/launchers.h"
 #include "cuda/tensor_plan.h"
+#include "cuda/working_copies.h"
 
 namespace amm_cuda {
 namespace {
@@ -76,6 +77,7 @@ const double* sums_input(const std::optional<at::Tensor>& t, const at::Device& d
 struct Batch {
   std::vector<TensorDesc> descs;
   std::vector<at::Tensor> keep_alive;  // grads copied into their parameter's layout or to float32
+  WorkingCopies copies;                // params and state the kernels cannot walk (NOTE [working copies])
   int64_t n_groups = 0;
   int64_t n_scopes = 0;
 };
@@ -92,9 +94,11 @@ Batch describe(at::TensorList params, at::TensorList grads, at::TensorList d, co
   b.n_scopes = n_scopes;
   b.descs.resize(n);
   for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    TORCH_CHECK(p.device() == device, "amm_kernels (CUDA): params[", i, "] is on ", p.device(), ", expected ", device);
-    TORCH_CHECK(p.is_non_overlapping_and_dense(), "amm_kernels (CUDA): params[", i, "] must be dense");
+    TORCH_CHECK(params[i].device() == device, "amm_kernels (CUDA): params[", i, "] is on ", params[i].device(),
+                ", expected ", device);
+    const at::Tensor p = b.copies.walkable(params[i], /*contiguous_only=*/false);
+    const at::Tensor di = b.copies.in_layout_of(d[i], p);
+    const at::Tensor vi = v != nullptr ? b.copies.in_layout_of((*v)[i], p) : at::Tensor();
     TORCH_CHECK(!grads[i].is_sparse(), "amm_kernels (CUDA): sparse gradients are not supported");
     at::Tensor g = grads[i];
     if (g.scalar_type() != p.scalar_type() && g.scalar_type() != at::kFloat && g.device() == p.device()) {
@@ -108,8 +112,8 @@ Batch describe(at::TensorList params, at::TensorList grads, at::TensorList d, co
       g = copy;
     }
     check_partner(p, g, "grads", i);
-    check_partner(p, d[i], "momentum", i);
-    TORCH_CHECK(d[i].scalar_type() == (v ? (*v)[i].scalar_type() : d[i].scalar_type()),
+    check_partner(p, di, "momentum", i);
+    TORCH_CHECK(di.scalar_type() == (v ? vi.scalar_type() : di.scalar_type()),
                 "amm_kernels (CUDA): exp_avg[", i, "] and exp_avg_sq[", i, "] must have the same dtype");
     const int64_t group = group_of[i], scope = scope_of[i];
     TORCH_CHECK(group >= 0 && group < n_groups && group < static_cast<int64_t>(weight_decay.size()),
@@ -125,12 +129,12 @@ Batch describe(at::TensorList params, at::TensorList grads, at::TensorList d, co
     desc.dtype[kX] = dtype_code(p, "params");
     desc.ptr[kG] = g.data_ptr();
     desc.dtype[kG] = dtype_code(g, "grads");
-    desc.ptr[kD] = d[i].data_ptr();
-    desc.dtype[kD] = dtype_code(d[i], "state");
+    desc.ptr[kD] = di.data_ptr();
+    desc.dtype[kD] = dtype_code(di, "state");
     if (v != nullptr) {
-      check_partner(p, (*v)[i], "exp_avg_sq", i);
-      desc.ptr[kV] = (*v)[i].data_ptr();
-      desc.dtype[kV] = dtype_code((*v)[i], "state");
+      check_partner(p, vi, "exp_avg_sq", i);
+      desc.ptr[kV] = vi.data_ptr();
+      desc.dtype[kV] = dtype_code(vi, "state");
     }
   }
   return b;
@@ -320,6 +324,7 @@ void amsgd_run(AMM_AMSGD_PARAMS, const std::optional<at::Tensor>& sums_in, doubl
   c.fin.prev_loss = prev_loss.data_ptr<float>();
   c.fin.loss = ptr_or_null(loss_f);
   run_step(kAlgoAmsgd, batch, device, c.pass, c.fin, adaptive);
+  if (sums_out == nullptr) batch.copies.copy_back();
 }
 
 // One AMAdamW step, or its half before the all-reduce (as amsgd_run).
@@ -340,6 +345,7 @@ void amadamw_run(AMM_AMADAMW_PARAMS, const std::optional<at::Tensor>& sums_in, d
   c.fin.beta_prod = beta_prod.data_ptr<float>();
   c.fin.beta2 = beta2;
   run_step(kAlgoAmadamw, batch, device, c.pass, c.fin, adaptive);
+  if (sums_out == nullptr) batch.copies.copy_back();
 }
 
 void amsgd_step_cuda(AMM_AMSGD_PARAMS, const std::optional<at::Tensor>& scope_sums) {

@@ -16,6 +16,7 @@
 #include "cuda/launchers.h"
 #include "cuda/rllc_launchers.h"
 #include "cuda/tensor_plan.h"
+#include "cuda/working_copies.h"
 #include "op_signatures.h"
 #include "rllc_math.h"
 
@@ -68,14 +69,14 @@ void rllc_run(AMM_RLLC_PARAMS, const std::optional<at::Tensor>& sums_in, double*
 
   std::vector<TensorDesc> descs(T);
   std::vector<at::Tensor> keep_alive;  // grads copied into their parameter's layout
+  WorkingCopies copies;                // params and memories the kernels cannot walk (NOTE [working copies])
   for (size_t i = 0; i < T; ++i) {
-    const at::Tensor& p = params[i];
-    const at::Tensor& m = memory[i];
-    TORCH_CHECK(p.device() == device && grads[i].device() == device && m.device() == device, kOwner, ": tensor ", i,
-                " is not on ", device);
-    TORCH_CHECK(p.is_contiguous(), kOwner, ": params[", i, "] must be contiguous");
-    TORCH_CHECK(m.is_contiguous() && m.dim() >= 1 && m.size(0) == k && m.numel() == k * p.numel(), kOwner,
-                ": memory[", i, "] must be a contiguous (k, *param.shape) tensor with k = ", k);
+    TORCH_CHECK(params[i].device() == device && grads[i].device() == device && memory[i].device() == device, kOwner,
+                ": tensor ", i, " is not on ", device);
+    const at::Tensor p = copies.walkable(params[i], /*contiguous_only=*/true);
+    const at::Tensor m = copies.walkable(memory[i], /*contiguous_only=*/true);
+    TORCH_CHECK(m.dim() >= 1 && m.size(0) == k && m.numel() == k * p.numel(), kOwner,
+                ": memory[", i, "] must be a (k, *param.shape) tensor with k = ", k);
     TORCH_CHECK(m.scalar_type() == p.scalar_type(), kOwner, ": memory[", i, "] must have its parameter's dtype");
     TORCH_CHECK(!grads[i].is_sparse(), kOwner, ": sparse gradients are not supported");
     TORCH_CHECK(grads[i].numel() == p.numel(), kOwner, ": grads[", i, "] must have as many elements as its parameter");
@@ -145,6 +146,7 @@ void rllc_run(AMM_RLLC_PARAMS, const std::optional<at::Tensor>& sums_in, double*
   C10_CUDA_CHECK(launch_rllc_finalize(args, stream.stream()));
   if (sums_out != nullptr) return;
   for (const TensorTable& table : plan.tables) C10_CUDA_CHECK(launch_rllc_update(table, args, stream.stream()));
+  copies.copy_back();
 }
 
 void rllc_step_cuda(AMM_RLLC_PARAMS, const std::optional<at::Tensor>& scope_sums) {
