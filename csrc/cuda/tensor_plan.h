@@ -1,5 +1,6 @@
 // Host-side planning of the multi-tensor launches: per-tensor descriptions -> TensorTables.
-// Plain C++17 (no torch, no CUDA device code), so it can be checked and tested with g++ alone.
+// Plain C++17 (no torch, no CUDA device code), so it can be checked and tested with g++ alone
+// (tests/test_tensor_plan.py).
 #pragma once
 
 #include <cstdint>
@@ -28,15 +29,15 @@ struct LaunchPlan {
 inline int64_t chunks_of(int64_t numel) { return numel <= 0 ? 1 : (numel + kChunkSize - 1) / kChunkSize; }
 
 // one_block_per_tensor: the launch only writes TensorMeta (adaptive=False), one block per tensor.
-// Throws std::invalid_argument when a scope's tensors are not contiguous (the StepBatch contract).
+// Throws std::invalid_argument when a scope's tensors are not contiguous (the StepBatch contract), or
+// when one tensor needs more blocks than a grid holds (2^31 - 1 chunks: about 1.4e14 elements).
 inline LaunchPlan plan_launches(const std::vector<TensorDesc>& descs, bool one_block_per_tensor) {
   LaunchPlan plan;
   const int64_t n = static_cast<int64_t>(descs.size());
   // Scope runs and group leaders, in list order.
   std::vector<int32_t> scope_end(n, 0);
   std::vector<uint32_t> flags(n, 0);
-  std::vector<int32_t> seen_scopes;
-  std::vector<char> group_seen;
+  std::vector<char> scope_seen, group_seen;  // by index: O(tensors) per step, not O(tensors^2)
   for (int64_t i = n - 1; i >= 0; --i) {
     const bool run_ends_here = i == n - 1 || descs[i + 1].scope != descs[i].scope;
     scope_end[i] = run_ends_here ? static_cast<int32_t>(i + 1) : scope_end[i + 1];
@@ -45,13 +46,12 @@ inline LaunchPlan plan_launches(const std::vector<TensorDesc>& descs, bool one_b
     const TensorDesc& d = descs[i];
     if (d.group < 0 || d.scope < 0) throw std::invalid_argument("amm_kernels: negative group or scope index");
     if (i == 0 || descs[i - 1].scope != d.scope) {
-      for (int32_t s : seen_scopes) {
-        if (s == d.scope) {
-          throw std::invalid_argument("amm_kernels: the tensors of scope " + std::to_string(d.scope) +
-                                      " are not contiguous in the lists");
-        }
+      if (static_cast<size_t>(d.scope) >= scope_seen.size()) scope_seen.resize(d.scope + 1, 0);
+      if (scope_seen[d.scope]) {
+        throw std::invalid_argument("amm_kernels: the tensors of scope " + std::to_string(d.scope) +
+                                    " are not contiguous in the lists");
       }
-      seen_scopes.push_back(d.scope);
+      scope_seen[d.scope] = 1;
       flags[i] |= kScopeLeader;
     }
     if (static_cast<size_t>(d.group) >= group_seen.size()) group_seen.resize(d.group + 1, 0);
@@ -71,6 +71,10 @@ inline LaunchPlan plan_launches(const std::vector<TensorDesc>& descs, bool one_b
   for (int64_t i = 0; i < n; ++i) {
     const TensorDesc& d = descs[i];
     const int64_t chunks = one_block_per_tensor ? 1 : chunks_of(d.numel);
+    if (chunks > INT32_MAX) {
+      throw std::invalid_argument("amm_kernels: a tensor of " + std::to_string(d.numel) +
+                                  " elements needs more blocks than one launch's grid holds");
+    }
     if (table == nullptr || table->num_tensors == kMaxTensors || blocks_in_table + chunks > INT32_MAX) {
       plan.tables.emplace_back();
       table = &plan.tables.back();

@@ -1,0 +1,48 @@
+// Exercises csrc/cuda/tensor_plan.h on the host (g++ alone: no torch, no CUDA): tests/test_tensor_plan.py
+// builds it and reads what it prints, one "name value" per line.
+#include <cstdio>
+#include <stdexcept>
+#include <vector>
+
+#include "cuda/tensor_plan.h"
+
+using amm_cuda::TensorDesc;
+
+static TensorDesc desc(int64_t numel, int32_t group, int32_t scope) {
+  TensorDesc d;
+  d.numel = numel;
+  d.group = group;
+  d.scope = scope;
+  return d;
+}
+
+static const char* throws(const std::vector<TensorDesc>& descs) {
+  try {
+    amm_cuda::plan_launches(descs, false);
+  } catch (const std::invalid_argument&) {
+    return "yes";
+  }
+  return "no";
+}
+
+int main() {
+  // the tensor scope of a large model: one scope per tensor, every tensor its scope's leader
+  std::vector<TensorDesc> many;
+  for (int32_t i = 0; i < 20000; ++i) many.push_back(desc(7, i % 3, i));
+  const amm_cuda::LaunchPlan plan = amm_cuda::plan_launches(many, false);
+  int64_t leaders = 0, tensors = 0;
+  for (const auto& table : plan.tables) {
+    tensors += table.num_tensors;
+    for (int t = 0; t < table.num_tensors; ++t) leaders += (table.tensors[t].flags & amm_cuda::kScopeLeader) != 0;
+  }
+  std::printf("many_tensors %lld\nmany_leaders %lld\nmany_blocks %lld\n", static_cast<long long>(tensors),
+              static_cast<long long>(leaders), static_cast<long long>(plan.total_blocks));
+  // a scope whose tensors are not next to each other breaks the StepBatch contract
+  std::printf("split_scope_throws %s\n", throws({desc(5, 0, 0), desc(5, 0, 1), desc(5, 0, 0)}));
+  std::printf("contiguous_scopes_throw %s\n", throws({desc(5, 0, 0), desc(5, 0, 0), desc(5, 0, 1)}));
+  // one tensor needing more blocks than a grid holds (numbers only: nothing is allocated)
+  const int64_t too_many = (int64_t{INT32_MAX} + 1) * amm_cuda::kChunkSize;
+  std::printf("huge_tensor_throws %s\n", throws({desc(too_many, 0, 0)}));
+  std::printf("largest_tensor_throws %s\n", throws({desc(int64_t{INT32_MAX} * amm_cuda::kChunkSize, 0, 0)}));
+  return 0;
+}

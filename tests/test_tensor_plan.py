@@ -1,0 +1,41 @@
+"""csrc/cuda/tensor_plan.h, the CUDA launches' host-side planning, built with g++ alone (no torch, no
+CUDA toolkit: the simulator's stubs of the CUDA runtime headers stand in for the toolkit's): many
+scopes, the scope-contiguity contract, and a tensor too large for a grid.
+The simulator tests (test_cuda_sim.py, test_compiled_kernels.py) run it inside whole steps."""
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def plan_check(tmp_path_factory):
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("g++ is not installed")
+    exe = tmp_path_factory.mktemp("tensor_plan") / "tensor_plan_check"
+    sim = ROOT / "tests" / "cuda_sim"
+    subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Werror", f"-I{ROOT / 'csrc'}", f"-I{sim / 'include'}", f"-I{sim}",
+                    str(ROOT / "tests" / "cpp" / "tensor_plan_check.cpp"), "-o", str(exe)], check=True)
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    return dict(line.split(" ", 1) for line in out.splitlines())
+
+
+def test_one_scope_per_tensor_over_many_tensors(plan_check):
+    # 20000 tensors of 7 elements: one block and one scope leader each, over several tables
+    assert plan_check["many_tensors"] == "20000"
+    assert plan_check["many_leaders"] == "20000"
+    assert plan_check["many_blocks"] == "20000"
+
+
+def test_a_scope_split_in_the_lists_is_refused(plan_check):
+    assert plan_check["split_scope_throws"] == "yes"
+    assert plan_check["contiguous_scopes_throw"] == "no"
+
+
+def test_a_tensor_larger_than_a_grid_is_refused(plan_check):
+    assert plan_check["huge_tensor_throws"] == "yes"  # 2^31 chunks: the block count would wrap
+    assert plan_check["largest_tensor_throws"] == "no"  # 2^31 - 1 chunks still fit
