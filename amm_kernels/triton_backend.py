@@ -67,7 +67,7 @@ from .triton_rllc import rllc_step  # noqa: E402,F401  (RLLC, SPEC.md section 4:
 INTERPRETED = _interpreter_on()
 # Elements per program. The interpreter runs each program as NumPy calls: fewer, larger blocks.
 BLOCK = 4096 if INTERPRETED else 1024
-CHUNK = 64  # slots summed per vector step in the finalize kernel
+CHUNK = 512  # slots summed per step of the finalize kernel (NOTE [finalize tiles] in finalize_kernel.py)
 NUM_WARPS = 4
 
 
