@@ -109,8 +109,11 @@ def _build(params, grads, d, v, batch, block, n_sums) -> Table:
         slot_start.append(slot_start[-1] + n_blocks)
         codes = (DTYPE_CODES[p.dtype], DTYPE_CODES[g.dtype], DTYPE_CODES[dd.dtype],
                  0 if vv is None else DTYPE_CODES[vv.dtype])
+        # (tensor, block) rows made by torch, not as Python pairs: a 1e9-element step has ~1e6 blocks,
+        # and this runs again whenever an address changes (took 1.5 s at 1e9 as Python lists)
         rows = buckets.setdefault(codes, [])
-        rows.extend([i, j] for j in range(n_blocks))
+        rows.append(torch.stack([torch.full((n_blocks,), i, dtype=torch.int64),
+                                 torch.arange(n_blocks, dtype=torch.int64)], dim=1))
     tensor_start = [0]
     for n in batch.scope_lengths:
         tensor_start.append(tensor_start[-1] + n)
@@ -127,7 +130,8 @@ def _build(params, grads, d, v, batch, block, n_sums) -> Table:
         present_scopes=dev(batch.present_scopes),
         present_groups=dev(batch.present_groups),
         weight_decay=dev(batch.weight_decay, torch.float32),
-        buckets=[Bucket(codes, dev(rows).reshape(-1, 2), len(rows)) for codes, rows in buckets.items()],
+        buckets=[Bucket(codes, blocks.to(device), blocks.shape[0])
+                 for codes, blocks in ((codes, torch.cat(rows)) for codes, rows in buckets.items())],
         n_slots=n_slots,
         partials=torch.zeros((max(n_slots, 1), n_sums), dtype=torch.float32, device=device),
         scope_scratch=torch.zeros((4, n_scopes), dtype=torch.float32, device=device),
