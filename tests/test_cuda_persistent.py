@@ -181,6 +181,24 @@ def test_forcing_it_where_it_cannot_run_is_an_error(monkeypatch, backend):
         AMSGD(few, backend=backend, adaptive=False).step()
 
 
+def test_a_refused_cooperative_launch_falls_back_to_two_pass(monkeypatch, backend):
+    """NOTE [cooperative refusal]: a process given part of the GPU (MPS) is refused a grid sized from
+    the SMs the device reports. Under auto the two-pass step runs instead, with the same bits; a
+    forced persistent step reports the refusal. The simulator stands in for MPS (AMM_SIM_COOP_SMS)."""
+    if backend != _cuda_sim.NAME:
+        pytest.skip("the refusal is simulated: AMM_SIM_COOP_SMS")
+    cls, kwargs = AMAdamW, dict(lr=1e-2, weight_decay=0.05)
+    shapes, seed = [LARGE[backend]], _seed("refused")
+    monkeypatch.setenv("AMM_SIM_COOP_SMS", "1")
+    auto = _run_with(monkeypatch, backend, "auto", cls, kwargs, shapes, torch.float32, seed, steps=2)
+    two = _run_with(monkeypatch, backend, "two_pass", cls, kwargs, shapes, torch.float32, seed, steps=2)
+    assert_identical(auto, two, "refused")
+    with pytest.raises(RuntimeError, match="too many blocks in cooperative launch"):
+        _run_with(monkeypatch, backend, "persistent", cls, kwargs, shapes, torch.float32, seed, steps=1)
+    monkeypatch.delenv("AMM_SIM_COOP_SMS")
+    _run_with(monkeypatch, backend, "persistent", cls, kwargs, shapes, torch.float32, seed, steps=1)  # fits again
+
+
 def test_bad_settings_name_the_variable(monkeypatch, backend):
     p = torch.randn(3, device=_device(backend), requires_grad=True)
     p.grad = torch.randn_like(p)

@@ -240,8 +240,16 @@ void run_step(int algorithm, const Batch& batch, const at::Device& device, PassA
   const PersistentPlan persistent = choose_persistent(algorithm, batch, chunks, device, run_pass1,
                                                        /*split=*/fin.sums_out != nullptr);
   if (persistent.grid > 0) {
-    C10_CUDA_CHECK(launch_persistent_step(algorithm, persistent, chunks.tables[0], pass, fin, stream.stream()));
-    return;
+    const cudaError_t err = launch_persistent_step(algorithm, persistent, chunks.tables[0], pass, fin, stream.stream());
+    // NOTE [cooperative refusal]: the grid is sized from the SM count the device reports, and a
+    // process that may use only part of the GPU (an MPS client with a thread percentage) is refused
+    // the launch. Nothing ran, so under AMM_CUDA_STEP=auto the two-pass step runs instead (after the
+    // launch's error is cleared); a forced persistent step reports the error.
+    if (err != cudaErrorCooperativeLaunchTooLarge || step_variant() == StepVariant::kPersistent) {
+      C10_CUDA_CHECK(err);
+      return;
+    }
+    (void)cudaGetLastError();
   }
 
   if (run_pass1) {

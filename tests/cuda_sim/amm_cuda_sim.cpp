@@ -137,6 +137,17 @@ Policy policy_from_env() {
                               v + "'");
 }
 
+// AMM_SIM_COOP_SMS: the SMs a cooperative launch may fill (default: all kSms the device reports). Fewer
+// stands for an MPS client given part of the GPU: the device still reports every SM, and a grid sized
+// from that report is refused with cudaErrorCooperativeLaunchTooLarge.
+int cooperative_sms() {
+  const char* v = std::getenv("AMM_SIM_COOP_SMS");
+  if (v == nullptr || *v == '\0') return kSms;
+  const int n = std::atoi(v);
+  if (n < 1 || n > kSms) throw std::invalid_argument("cuda_sim: AMM_SIM_COOP_SMS must be 1.." + std::to_string(kSms));
+  return n;
+}
+
 // The runnable fibers, in the policy's order.
 class ReadyQueue {
  public:
@@ -358,7 +369,7 @@ cudaError_t run_grid(const void* func, dim3 grid_dim, dim3 block_dim, size_t dyn
   if (cooperative) {
     int per_sm = 0;
     amm_sim_occupancy(&per_sm, func, static_cast<int>(threads), dynamic_shared);
-    if (blocks > static_cast<uint64_t>(per_sm) * kSms) return cudaErrorCooperativeLaunchTooLarge;
+    if (blocks > static_cast<uint64_t>(per_sm) * cooperative_sms()) return cudaErrorCooperativeLaunchTooLarge;
   }
 
   const size_t per_launch = cooperative ? blocks * threads : threads;  // fibers alive at once
