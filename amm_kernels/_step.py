@@ -69,32 +69,6 @@ class ScopeState:
         return cls(**{name: saved[name].to(device=device, dtype=dtype).clone() for name in cls.FIELDS})
 
 
-def working_copies(tensors: list[Tensor], walkable, write: bool, writeback: list) -> list[Tensor]:
-    """The tensors as a kernel can walk them: t itself where walkable(t), else a contiguous copy; with
-    `write`, each (t, copy) pair is appended to `writeback`, to be copied back (copy_writeback) after
-    the kernels have updated the copy in place.
-
-    For the Triton drivers, whose kernels walk contiguous tensors: a parameter may be any view (a slice
-    with gaps, a transpose), and such a parameter costs a copy each way for this step (which is then
-    not CUDA-graph capturable); the usual contiguous one costs nothing. The CUDA glue does the same in
-    C++ (NOTE [working copies] in csrc/cuda/working_copies.h); the CPU kernels take any layout."""
-    out = []
-    for t in tensors:
-        if walkable(t):
-            out.append(t)
-            continue
-        c = t.contiguous()
-        if write:
-            writeback.append((t, c))
-        out.append(c)
-    return out
-
-
-def copy_writeback(writeback: list) -> None:
-    for t, c in writeback:
-        t.copy_(c)
-
-
 @dataclass
 class StepBatch:
     """The tensors of one step, in scope order (each scope's tensors are contiguous).

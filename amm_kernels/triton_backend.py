@@ -56,7 +56,7 @@ if _interpreter_on() and type(tl.sum).__name__ != "InterpretedFunction":
     )
 
 from ._hyper import AMAdamWHyper, AMSGDHyper  # noqa: E402
-from ._step import StepBatch, copy_writeback, working_copies  # noqa: E402
+from ._step import StepBatch  # noqa: E402
 from .triton_kernels.finalize_kernel import finalize_kernel  # noqa: E402
 from .triton_kernels.reduce_kernels import amadamw_reduce_kernel, amsgd_reduce_kernel  # noqa: E402
 from .triton_kernels.tensor_table import DTYPE_CODES, get_table  # noqa: E402
@@ -91,18 +91,26 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 def _flat_tensors(batch: StepBatch):
-    """params, grads, d, v as contiguous tensors the kernels can walk as flat arrays, and the write-backs
-    (NOTE [working copies] in _step.py)."""
+    """params, grads, d, v as dense tensors the kernels can walk as flat arrays, and the write-backs.
+
+    The kernels index storage linearly, so a non-contiguous tensor is replaced for this step by a
+    contiguous copy, copied back after the update (rare; such a step is not graph-capturable). The
+    CUDA glue does the same in C++ (NOTE [working copies] in csrc/cuda/working_copies.h)."""
     writeback = []
 
-    def contiguous(t):
-        return t.is_contiguous()
+    def flat(t, write):
+        if t.is_contiguous():
+            return t
+        c = t.contiguous()
+        if write:
+            writeback.append((t, c))
+        return c
 
-    params = working_copies(batch.params, contiguous, True, writeback)
+    params = [flat(t, True) for t in batch.params]
     # a gradient the kernels cannot read (float64) is read as float32, as the cpu and cuda backends do
-    grads = working_copies([g if g.dtype in DTYPE_CODES else g.float() for g in batch.grads], contiguous, False, writeback)
-    d = working_copies(batch.d, contiguous, True, writeback)
-    v = None if batch.v is None else working_copies(batch.v, contiguous, True, writeback)
+    grads = [flat(t if t.dtype in DTYPE_CODES else t.float(), False) for t in batch.grads]
+    d = [flat(t, True) for t in batch.d]
+    v = None if batch.v is None else [flat(t, True) for t in batch.v]
     return params, grads, d, v, writeback
 
 
@@ -190,7 +198,8 @@ def _step(batch: StepBatch, hp, amadamw: bool) -> None:
         else:
             amsgd_update_kernel[grid](*common, **flags)
 
-    copy_writeback(writeback)
+    for dst, src in writeback:
+        dst.copy_(src)
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ._step import StepBatch, copy_writeback
+from ._step import StepBatch
 from .reference.pinv import gram_pinv_apply
 from .reference.rllc_reference import gram_pairs
 from .triton_kernels.rllc_kernels import rllc_combine_kernel, rllc_reduce_kernel, rllc_update_kernel
@@ -129,4 +129,5 @@ def rllc_step(batch: StepBatch, hp) -> None:
         field = getattr(state, name)
         field[scopes] = new if skip is None else torch.where(skip, field[scopes], new.to(field.dtype))
 
-    copy_writeback(writeback)
+    for dst, src in writeback:
+        dst.copy_(src)
