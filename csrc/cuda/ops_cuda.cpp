@@ -76,8 +76,7 @@ const double* sums_input(const std::optional<at::Tensor>& t, const at::Device& d
 
 struct Batch {
   std::vector<TensorDesc> descs;
-  std::vector<at::Tensor> keep_alive;  // grads copied into their parameter's layout or to float32
-  WorkingCopies copies;                // params and state the kernels cannot walk (NOTE [working copies])
+  WorkingCopies copies;  // what the kernels walk instead of the caller's tensors (NOTE [working copies])
   int64_t n_groups = 0;
   int64_t n_scopes = 0;
 };
@@ -102,15 +101,9 @@ Batch describe(at::TensorList params, at::TensorList grads, at::TensorList d, co
     TORCH_CHECK(!grads[i].is_sparse(), "amm_kernels (CUDA): sparse gradients are not supported");
     at::Tensor g = grads[i];
     if (g.scalar_type() != p.scalar_type() && g.scalar_type() != at::kFloat && g.device() == p.device()) {
-      g = g.to(at::kFloat);  // a gradient the kernels cannot read (float64) is read as float32, as on the cpu
-      b.keep_alive.push_back(g);
+      g = b.copies.read_only(g.to(at::kFloat));  // a float64 gradient is read as float32, as on the cpu
     }
-    if (g.strides() != p.strides() && g.sizes() == p.sizes() && g.device() == p.device()) {
-      at::Tensor copy = at::empty_strided(p.sizes(), p.strides(), g.options());
-      copy.copy_(g);
-      b.keep_alive.push_back(copy);
-      g = copy;
-    }
+    if (g.device() == p.device()) g = b.copies.in_layout_of(g, p, /*write_back=*/false);
     check_partner(p, g, "grads", i);
     check_partner(p, di, "momentum", i);
     TORCH_CHECK(di.scalar_type() == (v ? vi.scalar_type() : di.scalar_type()),

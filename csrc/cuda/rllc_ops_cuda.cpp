@@ -68,8 +68,7 @@ void rllc_run(AMM_RLLC_PARAMS, const std::optional<at::Tensor>& sums_in, double*
   const auto inf_f = rllc_scalar_input(found_inf, device, "found_inf");
 
   std::vector<TensorDesc> descs(T);
-  std::vector<at::Tensor> keep_alive;  // grads copied into their parameter's layout
-  WorkingCopies copies;                // params and memories the kernels cannot walk (NOTE [working copies])
+  WorkingCopies copies;  // what the kernels walk instead of the caller's tensors (NOTE [working copies])
   for (size_t i = 0; i < T; ++i) {
     TORCH_CHECK(params[i].device() == device && grads[i].device() == device && memory[i].device() == device, kOwner,
                 ": tensor ", i, " is not on ", device);
@@ -83,7 +82,7 @@ void rllc_run(AMM_RLLC_PARAMS, const std::optional<at::Tensor>& sums_in, double*
     at::Tensor g = grads[i];
     if (g.scalar_type() != p.scalar_type() && g.scalar_type() != at::kFloat) g = g.to(at::kFloat);
     if (!g.is_contiguous()) g = g.contiguous();
-    if (!g.is_same(grads[i])) keep_alive.push_back(g);
+    if (!g.is_same(grads[i])) copies.read_only(g);
     const int64_t group = group_of[i], scope = scope_of[i];
     TORCH_CHECK(group >= 0 && group < G, kOwner, ": group_of[", i, "] = ", group, " is out of range");
     TORCH_CHECK(scope >= 0 && scope < S, kOwner, ": scope_of[", i, "] = ", scope, " is out of range");

@@ -25,12 +25,18 @@ class WorkingCopies {
     if (t.is_contiguous() || (!contiguous_only && t.is_non_overlapping_and_dense())) return t;
     return keep(t, t.contiguous());
   }
-  // state tensor t in the layout of the (walkable) parameter p.
-  at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& p) {
+  // t in the layout of the (walkable) parameter p: a state tensor (write_back), or a gradient the
+  // kernels only read (its copy is kept alive until the step's launches are queued, not copied back).
+  at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& p, bool write_back = true) {
     if (t.strides() == p.strides() || t.sizes() != p.sizes()) return t;  // a size mismatch is the caller's error
     at::Tensor copy = at::empty_strided(p.sizes(), p.strides(), t.options());
     copy.copy_(t);
-    return keep(t, copy);
+    return write_back ? keep(t, copy) : read_only(copy);
+  }
+  // A tensor made for this step that the kernels only read (a gradient converted to float32).
+  at::Tensor read_only(at::Tensor t) {
+    read_only_.push_back(t);
+    return t;
   }
   // After the step's launches: the updated copies back into the caller's tensors.
   void copy_back() const {
@@ -43,6 +49,7 @@ class WorkingCopies {
     return copy;
   }
   std::vector<std::pair<at::Tensor, at::Tensor>> pairs_;  // (caller's tensor, working copy)
+  std::vector<at::Tensor> read_only_;                     // copies read and then dropped
 };
 
 }  // namespace amm_cuda
