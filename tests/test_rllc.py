@@ -137,6 +137,12 @@ def _backend_dtype_params():
 def test_vector(path, device, backend, dtype):
     if backend == _cuda_sim.NAME:
         _cuda_sim.ensure()
+    replay_vector(path, device, backend, dtype)
+
+
+def replay_vector(path, device, backend, dtype):
+    """One RLLC conformance vector on `backend`: the law and the parameters after every step
+    (also test_triton_rllc.py's, on the interpreter)."""
     vec = load_vector(path)
     h = vec["hyper"]
     assert np.array_equal(np.array(parse_memory(h["memory"])[0]), np.array(h["U"]))

@@ -15,7 +15,9 @@ from _triton import assert_same_run as assert_runs_agree, mixed_dtype_params, tr
 
 triton_backend = import_triton_backend()
 
+from _helpers import vector_params  # noqa: E402
 from amm_kernels.rllc import RLLC, rllc_backends  # noqa: E402
+from test_rllc import replay_vector  # noqa: E402
 
 STEPS = 8 if CUDA else 4
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -28,6 +30,13 @@ SCOPE_FIELDS = ("step", "law")
 
 
 
+
+
+@pytest.mark.parametrize("path", vector_params("rllc"))
+def test_vector(path):
+    """The RLLC conformance vectors (SPEC.md section 4), float32, as test_rllc.py replays them on the
+    other backends."""
+    replay_vector(path, DEV, "triton", torch.float32)
 
 
 def groups_of(params, n_groups=3, lrs=(0.05, 0.02, 0.1)):
