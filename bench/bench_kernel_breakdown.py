@@ -97,14 +97,15 @@ def main(argv=None):
     copy_gbs = copy_bandwidth(device, 10_000 if args.quick else (256 << 20) if device.type == "cuda" else (32 << 20))
     print(f"{env['device']}: {numel / 1e6:.1f}M float32 parameters in {len(shapes)} tensors; copy bandwidth "
           f"{copy_gbs:.1f} GB/s; torch {env['torch']}, triton {env['triton']}", flush=True)
-    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    # CPU too on a GPU: CUDA-only traces have come back without kernel events (tritonbench #401)
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
     rows = []
     for name, kind, factory in cases(device):
         try:
             params = make_params(shapes, device)
             opt = factory(params)
             step_ms = time_fn(opt.step, device, warmup=1 if args.quick else 3, repeats=3 if args.quick else 20)
-            with profile(activities=[activity]) as prof:
+            with profile(activities=activities) as prof:
                 for _ in range(args.steps):
                     opt.step()
                 if device.type == "cuda":
@@ -139,9 +140,10 @@ def main(argv=None):
             for part in ("step", "finalize", "other"):
                 if parts.get(part):
                     print(f"  {part}: {parts[part]:.3f} ms")
+        if rows:  # after every optimizer: a run stopped at its time limit keeps what it measured
+            csv_path, _ = write_results(f"kernel_breakdown_{device_tag(device)}", rows, env, Path(args.out_dir),
+                                        extra=dict(copy_gbs=copy_gbs, layout=args.layout))
     if rows:
-        csv_path, _ = write_results(f"kernel_breakdown_{device_tag(device)}", rows, env, Path(args.out_dir),
-                                    extra=dict(copy_gbs=copy_gbs, layout=args.layout))
         print(f"\nwrote {csv_path}")
     return rows
 

@@ -136,7 +136,16 @@ def time_fn(fn, device: torch.device, warmup: int = 3, repeats: int = 20) -> flo
         try:
             from triton.testing import do_bench
 
-            return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+            # do_bench runs max(1, rep / estimate) timed calls: 100 ms gives ONE sample of a 170 ms training
+            # step and 10 of a 1e9-parameter step. Size rep so that at least `repeats` calls are timed.
+            fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            est_ms = (time.perf_counter() - t0) * 1e3
+            return float(do_bench(fn, warmup=max(25.0, warmup * est_ms), rep=max(100.0, repeats * est_ms),
+                                  return_mode="median"))
         except ImportError:
             pass
         for _ in range(warmup):
@@ -215,7 +224,7 @@ def write_results(stem: str, rows: list[dict], env: dict, out_dir: Path | str | 
     keys: list[str] = []
     for row in rows:
         keys += [k for k in row if k not in keys]
-    env_keys = ["date", "device", "torch", "triton", "load_before", "load_after"]
+    env_keys = ["date", "device", "torch", "triton", "cuda", "load_before", "load_after"]
     with open(csv_path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=keys + env_keys)
         writer.writeheader()
