@@ -20,7 +20,7 @@
 # Parts (default order = order of value; limits are maxima, each also capped by what is left):
 #   build        amm_kernels._C with its CUDA part (strict), for sm_90 only (AMM_CUDA_ARCHS; CI
 #                compile-checks sm_80 and sm_90 with nvcc). A failed build does not stop the Triton parts.
-#   test_cuda    the CUDA extension's tests: parity, persistent step, CUDA graphs, AMP, vectors, NCCL, sharded
+#   test_cuda    the CUDA extension's tests: parity, persistent step, CUDA graphs, vectors, NCCL, sharded
 #   bench_core   issue 3's figures: AMAdamW (wd 0.01 and 0) and AMSGD, cuda and triton, against fused
 #                AdamW / SGD, at 1e8, 3e8 and 1e9 parameters in a LLaMA-shaped list, with the copy bandwidth
 #   test_triton  the Triton backend's tests, compiled at full size
@@ -43,6 +43,8 @@ parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(build test_cuda bench_core test_triton variants breakdown overhead bench_full)
 declare -A MAX_S=([build]=240 [test_cuda]=150 [bench_core]=120 [test_triton]=150 [variants]=90 [breakdown]=60
                   [overhead]=60 [bench_full]=240 [conv]=300)
+# the least a part needs to leave a result (below it the part is skipped, not started and killed)
+declare -A MIN_S=([bench_core]=60 [variants]=40 [breakdown]=35 [overhead]=45 [bench_full]=60)
 RESERVE=15  # seconds kept for packing the results
 status=0
 
@@ -83,12 +85,20 @@ run_pytest() {  # $1 limit, $2 junit name, then pytest selection arguments
   timeout "$limit" "$PY" -m pytest tests "$@" $(pytest_args) --junitxml="$OUT/junit_$name.xml" 2>&1 | tee -a "$OUT/tests.log"
 }
 
+# Selections: every test that skips without a GPU is in exactly one of the two parts, and few CPU-only
+# tests ride along (CI runs those): "not cpu" drops the cpu backend's cases, test_distributed's GPU cases
+# (triton among them) run once, here. Checked with pytest --collect-only (tests/test_gpu_session_script.py).
+CUDA_TESTS="(cuda or persistent or graph or compiled or vectors or nccl or sharded) and not cuda_sim and not cpu and not test_compile.py and (not triton or test_distributed)"
+TRITON_TESTS="triton and not cuda_sim and not gpu_compile and not test_distributed"
+
 part_test_cuda() {
-  run_pytest "$1" cuda -k "(cuda or persistent or graph or compiled or amp or vectors or nccl or sharded) and not cuda_sim and not triton"
+  # without the CUDA part every CUDA test would skip and the part would pass: fail it instead
+  "$PY" -c "import amm_kernels._C as c, sys; sys.exit(0 if c.has_cuda else 1)" || { echo "amm_kernels._C has no CUDA part (see build.log): the CUDA tests would only skip"; return 1; }
+  run_pytest "$1" cuda -k "$CUDA_TESTS"
 }
 
 # (the PTX compile test needs no GPU and runs in CI with this machine's triton: not here)
-part_test_triton() { run_pytest "$1" triton -k "triton and not cuda_sim and not gpu_compile"; }
+part_test_triton() { run_pytest "$1" triton -k "$TRITON_TESTS"; }
 
 bench() { timeout "$1" "$PY" "${@:2}" 2>&1 | tee -a "$OUT/bench.log"; }
 
@@ -118,7 +128,7 @@ for p in "${parts[@]}"; do
   if ! declare -F "part_$p" >/dev/null; then log "== part $p: unknown (parts: ${!MAX_S[*]})"; status=1; continue; fi
   budget=$(left)
   limit=$(( budget < ${MAX_S[$p]} ? budget : ${MAX_S[$p]} ))
-  if [ "$limit" -lt 20 ]; then log "== part $p: skipped, ${budget} s of the budget left"; continue; fi
+  if [ "$limit" -lt "${MIN_S[$p]:-20}" ]; then log "== part $p: skipped, ${budget} s of the budget left"; continue; fi
   start=$(date +%s)
   log "== part $p (limit ${limit} s)"
   "part_$p" "$limit" > "$OUT/part_$p.out" 2>&1

@@ -104,13 +104,13 @@ def vector_initial_params(vec):
 
 # --------------------------------------------------------------------------------------------------
 # optimizer state helpers shared by the behaviour tests (test_optimizer_api.py, test_rllc.py, ...)
-def model_params(seed=0, dtype=None):
+def model_params(seed=0, dtype=None, device="cpu"):
     """Four parameters of mixed shapes, one of them empty."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     dtype = dtype or torch.float32
-    return [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in [(4, 3), (7,), (1,), (0,)]]
+    return [torch.randn(s, generator=gen, dtype=dtype).to(device).requires_grad_() for s in [(4, 3), (7,), (1,), (0,)]]
 
 
 def set_grads(params, seed):
@@ -176,20 +176,20 @@ def check_sparse_gradient_raises_before_any_state_changes(make_opt):
     assert_same_state(before, snapshot(opt, params))
 
 
-def check_float64_grads_are_read_as_float32(make_opt, dtype=None, steps=3):
+def check_float64_grads_are_read_as_float32(make_opt, dtype=None, steps=3, device="cpu"):
     """Gradients in float64 (a dtype no kernel reads) on float32 / bfloat16 parameters: every backend
     reads them as float32, so the run is bit-identical to one given the float32-rounded gradients."""
     import torch
 
     runs = []
     for grad_dtype in (torch.float64, torch.float32):
-        params = model_params(dtype=dtype)
+        params = model_params(dtype=dtype, device=device)
         opt = make_opt(params)
         for seed in range(steps):
             gen = torch.Generator().manual_seed(seed)
             for p in params:
                 p.grad_dtype = grad_dtype  # torch >= 2.10 lets a gradient's dtype differ from its parameter's
-                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(grad_dtype)
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(device=device, dtype=grad_dtype)
             opt.step()
         runs.append(snapshot(opt, params))
     assert_same_state(*runs)

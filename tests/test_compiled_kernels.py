@@ -497,15 +497,14 @@ def test_split_step_over_nccl_is_the_one_op_step(one_rank_nccl_group, scope, cls
 
 def _odd_layouts(device, seed):
     """Leaf parameters in the layouts a user may hand an optimizer: a slice with gaps, a transpose,
-    a permuted 3-D tensor, an offset slice, and a plain one (NOTE [working copies] in amm_kernels/_step.py)."""
+    a permuted 3-D tensor, an offset slice, and a plain one (NOTE [working copies] in csrc/cuda/working_copies.h)."""
     gen = torch.Generator().manual_seed(seed)
 
-    def leaf(t):
-        return t.to(device).detach().requires_grad_()
+    def leaf(shape, view):  # the view is taken on the device: .to(device) would copy a gapped or offset view densely
+        return view(torch.randn(shape, generator=gen).to(device)).detach().requires_grad_()
 
-    return [leaf(torch.randn(14, generator=gen)[::2]), leaf(torch.randn(5, 3, generator=gen).t()),
-            leaf(torch.randn(2, 3, 4, generator=gen).permute(2, 0, 1)), leaf(torch.randn(20, generator=gen)[3:10]),
-            leaf(torch.randn(6, generator=gen))]
+    return [leaf(14, lambda t: t[::2]), leaf((5, 3), lambda t: t.t()), leaf((2, 3, 4), lambda t: t.permute(2, 0, 1)),
+            leaf(20, lambda t: t[3:10]), leaf(6, lambda t: t)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -45,3 +45,27 @@ def test_a_part_that_does_not_fit_the_budget_is_skipped(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.search(r"== part variants: skipped, \d+ s of the budget left", log), log
     assert "== part variants (limit" not in log
+
+
+def _selection(name):
+    """The node ids bench/gpu_session.sh's pytest selection NAME (CUDA_TESTS / TRITON_TESTS) collects here."""
+    expr = re.search(rf'^{name}="([^"]+)"$', SCRIPT.read_text(), re.M).group(1)
+    env = {"PATH": "/usr/bin:/bin", "AMM_NO_CUDA_SIM": "1", "HOME": "/tmp"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "tests", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "-k", expr], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return {line for line in proc.stdout.splitlines() if "::" in line}
+
+
+def test_the_gpu_test_parts_select_the_gpu_tests_once():
+    """Each GPU-only test file (or GPU case) is in one part, not both (a module fixture such as
+    test_distributed's two spawned ranks would run twice), and the CPU-only files stay out (CI runs them)."""
+    cuda, triton = _selection("CUDA_TESTS"), _selection("TRITON_TESTS")
+    assert not cuda & triton, sorted(cuda & triton)[:5]
+    files = lambda ids: {i.split("::")[0].removeprefix("tests/") for i in ids}  # noqa: E731
+    assert {"test_cuda_graphs.py", "test_cuda_persistent.py", "test_distributed.py", "test_rllc_kernels.py",
+            "test_compiled_kernels.py"} <= files(cuda), files(cuda)
+    assert {"test_triton_backend.py", "test_triton_rllc.py"} <= files(triton), files(triton)
+    for cpu_only in ("test_amp.py", "test_compile.py", "test_examples.py", "test_bench_smoke.py"):
+        assert cpu_only not in files(cuda) | files(triton)
+    assert not any("[cpu" in i or "-cpu" in i or "cuda_sim" in i for i in cuda), "CPU-backend cases in the GPU part"

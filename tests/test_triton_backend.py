@@ -179,7 +179,7 @@ def test_parity_mixed_dtypes():
 @pytest.mark.parametrize("cls", [AMSGD, AMAdamW, RLLC])
 def test_float64_gradients_are_read_as_float32(cls):
     # the triton kernels read float32, bfloat16 and float16: a float64 gradient is converted first
-    check_float64_grads_are_read_as_float32(lambda params: cls(params, backend="triton"), steps=2)
+    check_float64_grads_are_read_as_float32(lambda params: cls(params, backend="triton"), steps=2, device=DEV)
 
 
 @pytest.mark.parametrize("name", list(OPTS))
