@@ -69,6 +69,16 @@ INTERPRETED = _interpreter_on()
 BLOCK = 4096 if INTERPRETED else 1024
 CHUNK = 512  # slots summed per step of the finalize kernel (NOTE [finalize tiles] in finalize_kernel.py)
 NUM_WARPS = 4
+# NOTE [no fused multiply-add]: compiled, Triton contracts a * b + c into one fma by default (sm_90 PTX of
+# the RLLC update had ~1000 fma.rn.f32); the interpreter and the reference never do. An fma rounds once
+# where the reference rounds twice: within tolerance for AM's beta, but RLLC's law is a pinv of a Gram
+# matrix of the memory, and on ill-conditioned memories an ulp in the memory became 50x the float32
+# tolerance in the law (a replay of the reference with the fma chain). So every launch compiles without
+# contraction, as csrc/rllc_math.h's rl_mul / rl_add keep the CUDA RLLC kernels: each operation rounds
+# as the reference's. The kernels are memory-bound; the extra instructions cost no bandwidth.
+# tests/test_triton_gpu_compile.py checks the sm_80 / sm_90 PTX of every launch for fma.
+COMPILED_OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
+LAUNCH = {} if INTERPRETED else COMPILED_OPTIONS  # the interpreter takes no compile options
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -132,7 +142,6 @@ def _step(batch: StepBatch, hp, amadamw: bool) -> None:
     loss = batch.loss.detach().reshape(1).to(device=device, dtype=torch.float32) if loss_mode else dummy
     lam, beta_min, beta_max = float(hp.lam), float(hp.beta_min), float(hp.beta_max)
     adaptive, maximize = bool(hp.adaptive), bool(hp.maximize)
-    kw = {} if INTERPRETED else {"num_warps": NUM_WARPS}
 
     if amadamw:
         # NOTE [bias corrections in float64] (amadamw_reference.py): 1 - beta2^t cancels in float32, so
@@ -154,12 +163,12 @@ def _step(batch: StepBatch, hp, amadamw: bool) -> None:
                     table.meta, bucket.blocks, table.partials, table.weight_decay, grad_scale, scratch[2:],
                     n_scopes, lam, float(hp.beta2), 1.0 - float(hp.beta2), float(hp.eps),
                     HAS_GRAD_SCALE=has_scale, MAXIMIZE=maximize, X_CODE=cx, G_CODE=cg, D_CODE=cd, V_CODE=cv,
-                    BLOCK=BLOCK, **kw)
+                    BLOCK=BLOCK, **LAUNCH)
             else:
                 amsgd_reduce_kernel[(bucket.n_blocks,)](
                     table.meta, bucket.blocks, table.partials, table.weight_decay, grad_scale, lam,
                     HAS_GRAD_SCALE=has_scale, MAXIMIZE=maximize, X_CODE=cx, G_CODE=cg, D_CODE=cd,
-                    BLOCK=BLOCK, **kw)
+                    BLOCK=BLOCK, **LAUNCH)
 
     # beta per scope, scope-state commit
     def finalize(sums, sums_out: bool, sums_in: bool):
@@ -168,7 +177,7 @@ def _step(batch: StepBatch, hp, amadamw: bool) -> None:
             n_scopes, batch.lr, state.prev_lr, table.weight_decay, state.step, state.beta, state.beta_prod,
             found_inf, state.prev_loss, loss, sums, lam, beta_min, beta_max,
             AMADAMW=amadamw, ADAPTIVE=adaptive, FIRST_ORDER=(not amadamw) and hp.delta_f == "first_order",
-            LOSS_MODE=loss_mode, HAS_FOUND_INF=has_inf, SUMS_OUT=sums_out, SUMS_IN=sums_in, CHUNK=CHUNK, **kw)
+            LOSS_MODE=loss_mode, HAS_FOUND_INF=has_inf, SUMS_OUT=sums_out, SUMS_IN=sums_in, CHUNK=CHUNK, **LAUNCH)
 
     if batch.process_group is not None and adaptive:
         # Sharded parameters (finalize_kernel.py): this rank's scope sums, added up over the group
@@ -192,7 +201,7 @@ def _step(batch: StepBatch, hp, amadamw: bool) -> None:
                   grad_scale, found_inf, table.present_groups, n_groups, state.prev_lr, state.prev_loss, loss, lam)
         flags = dict(HAS_GRAD_SCALE=has_scale, HAS_FOUND_INF=has_inf, MAXIMIZE=maximize, COMMIT_GROUPS=commit,
                      LOSS_MODE=loss_mode, GROUPS_P2=triton.next_power_of_2(max(n_groups, 1)),
-                     X_CODE=cx, G_CODE=cg, D_CODE=cd, BLOCK=BLOCK, **kw)
+                     X_CODE=cx, G_CODE=cg, D_CODE=cd, BLOCK=BLOCK, **LAUNCH)
         if amadamw:
             amadamw_update_kernel[grid](*common, float(hp.beta2), 1.0 - float(hp.beta2), float(hp.eps), V_CODE=cv, **flags)
         else:

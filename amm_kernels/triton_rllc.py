@@ -85,7 +85,6 @@ def rllc_step(batch: StepBatch, hp) -> None:
     sc = _scratch(table, hp, device)
     state = batch.scopes
     n_scopes = len(batch.present_scopes)
-    kw = {} if tb.INTERPRETED else {"num_warps": tb.NUM_WARPS}
     has_scale = batch.grad_scale is not None
     grad_scale = batch.grad_scale.to(device) if has_scale else sc.partials  # dummy: never read
     has_inf = batch.found_inf is not None
@@ -98,10 +97,10 @@ def rllc_step(batch: StepBatch, hp) -> None:
         _, cg, cd, _ = bucket.codes
         rllc_reduce_kernel[(bucket.n_blocks,)](
             table.meta, bucket.blocks, sc.partials, grad_scale,
-            HAS_GRAD_SCALE=has_scale, G_CODE=cg, D_CODE=cd, K=k, KP2=KP2, N_SUMS=sc.n_sums, BLOCK=tb.BLOCK, **kw)
+            HAS_GRAD_SCALE=has_scale, G_CODE=cg, D_CODE=cd, K=k, KP2=KP2, N_SUMS=sc.n_sums, BLOCK=tb.BLOCK, **tb.LAUNCH)
     rllc_combine_kernel[(n_scopes,)](
         table.slot_start, table.tensor_start, sc.partials, sc.sums,
-        N_SUMS=sc.n_sums, NP2=_next_p2(sc.n_sums), CHUNK=_combine_chunk(_next_p2(sc.n_sums)), **kw)
+        N_SUMS=sc.n_sums, NP2=_next_p2(sc.n_sums), CHUNK=_combine_chunk(_next_p2(sc.n_sums)), **tb.LAUNCH)
     if batch.process_group is not None:  # sharded parameters: the whole model's sums (no host sync)
         dist.all_reduce(sc.sums, group=batch.process_group)
 
@@ -122,7 +121,7 @@ def rllc_step(batch: StepBatch, hp) -> None:
         rllc_update_kernel[(bucket.n_blocks,)](
             table.meta, bucket.blocks, bucket.n_blocks, law32, sc.U, sc.b, batch.lr, grad_scale, found_inf,
             HAS_GRAD_SCALE=has_scale, HAS_FOUND_INF=has_inf, X_CODE=cx, G_CODE=cg, D_CODE=cd, K=k, KP2=KP2,
-            BLOCK=tb.BLOCK, **kw)
+            BLOCK=tb.BLOCK, **tb.LAUNCH)
 
     skip = batch.skip
     for name, new in (("step", state.step[scopes] + 1), ("law", law_new)):

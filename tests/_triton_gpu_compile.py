@@ -92,9 +92,9 @@ def record(path: str) -> None:
                 constexprs[p.name] = value
             else:
                 signature[p.name] = kind
-        # launch options (the interpreter is given none: the GPU launches pass NUM_WARPS)
-        options = {"num_warps": triton_backend.NUM_WARPS}
-        options.update({k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")})
+        # launch options (the interpreter is given none: the GPU launches pass COMPILED_OPTIONS)
+        options = dict(triton_backend.COMPILED_OPTIONS)
+        options.update({k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages", "enable_fp_fusion")})
         entry = [self.fn.__module__, self.fn.__name__, signature, constexprs, options]
         seen[json.dumps(entry, sort_keys=True)] = entry
         return original(self, *args, grid=grid, warmup=warmup, **kwargs)
@@ -117,6 +117,7 @@ def compile_all(path: str) -> int:
     failures = 0
     start = time.time()
     vectors = {}  # kernel name -> 16-byte global loads / stores in its float32 sm_90 PTX (NOTE [vector access])
+    fmas = {}  # kernel name -> fused multiply-adds in its PTX, every target and specialization (NOTE [no fused multiply-add])
     for module, name, signature, constexprs, options in entries:
         fn = getattr(importlib.import_module(module), name)
         for backend, arch, warp in TARGETS:
@@ -128,12 +129,14 @@ def compile_all(path: str) -> int:
                 failures += 1
                 print(f"FAILED sm_{arch} {name} {constexprs}: {str(err).splitlines()[0][:300]}")
                 continue
+            fmas[name] = fmas.get(name, 0) + kernel.asm["ptx"].count("fma.rn.f")
             if arch == 90 and all(v == 0 for k, v in constexprs.items() if k.endswith("_CODE")):
                 ptx = kernel.asm["ptx"]
                 vectors[name] = [ptx.count("ld.global.v4"), ptx.count("st.global.v4")]
     print(f"compiled {len(entries)} launches x {len(TARGETS)} targets in {time.time() - start:.0f} s, "
           f"{failures} failures (triton {triton.__version__})")
     print("vector accesses " + json.dumps(vectors, sort_keys=True))
+    print("fused multiply-adds " + json.dumps(fmas, sort_keys=True))
     return failures
 
 

@@ -56,6 +56,10 @@ def compile_and_check(launches, tmp_path, pythonpath_first=None, version=None):
         loads, stores = vectors[name]
         assert loads > 0, f"{name}: no 16-byte loads in its sm_90 PTX"
         assert stores > 0 or "reduce" in name, f"{name}: no 16-byte stores in its sm_90 PTX"
+    # NOTE [no fused multiply-add] (amm_kernels/triton_backend.py): each operation rounds as the reference's,
+    # although TRITON_DEFAULT_FP_FUSION=1 above asks for contraction wherever a launch does not forbid it
+    fmas = json.loads(out.stdout.split("fused multiply-adds ")[1].splitlines()[0])
+    assert len(fmas) >= 6 and not any(fmas.values()), fmas
 
 
 def test_every_launch_compiles_for_sm80_and_sm90(launches, tmp_path):
