@@ -9,11 +9,11 @@ Per step, for the whole parameter list at once (no per-tensor launches):
               one all_reduce of the per-scope sums)
     pass 2    update kernel: d (and v) and x with the scope's beta; commits prev_lr / prev_loss
 One launch per pass and dtype bucket (tensor_table.py NOTE [pointer table]). The tables are cached
-across steps and rebuilt when the parameter list (addresses, sizes, dtypes, groups) changes. Nothing
-is read back to the host, there are no float atomics (runs are bit-identical), and every value of
-the step (lr, beta, grad_scale, found_inf, loss) is read through a pointer, so a step can be
-captured in a CUDA graph once the tables are built (grads must keep their addresses: zero_grad with
-set_to_none=False).
+across steps, rebased on the device when only addresses change (gradients set to None and allocated
+anew) and rebuilt when sizes, dtypes or groups change. Nothing is read back to the host, there are no
+float atomics (runs are bit-identical), and every value of the step (lr, beta, grad_scale, found_inf,
+loss) is read through a pointer, so a step can be captured in a CUDA graph once a warm-up step has
+built the tables, also with gradients allocated inside the capture (NOTE [tables and graphs]).
 
 Runs on CUDA tensors, or on CPU tensors in Triton's interpreter when TRITON_INTERPRET=1 was set
 before this module was first imported (slow: for tests).

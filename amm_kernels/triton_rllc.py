@@ -24,6 +24,7 @@ from ._step import StepBatch
 from .reference.pinv import gram_pinv_apply
 from .reference.rllc_reference import gram_pairs
 from .triton_kernels.rllc_kernels import rllc_combine_kernel, rllc_reduce_kernel, rllc_update_kernel
+from .triton_kernels import tensor_table
 from .triton_kernels.tensor_table import get_table
 
 TILE = 4096  # float64 elements of the combine kernel's [CHUNK, NP2] tile: CHUNK = TILE / NP2 slots a step
@@ -59,9 +60,13 @@ class _RLLCScratch:
 
 
 def _scratch(table, hp, device) -> _RLLCScratch:
-    cache = table.__dict__.setdefault("_rllc", {})
+    cache = table.extras.setdefault("rllc", {})  # shared by the table's rebased copies (NOTE [tables and graphs])
     key = (hp.U, hp.b)
     if key not in cache:
+        if tensor_table._capturing(device):
+            raise RuntimeError(
+                "backend 'triton' copies a new memory rule's matrices to the GPU, which a CUDA graph capture does "
+                "not allow: run at least one step of this optimizer outside the capture first (the usual warm-up)")
         cache[key] = _RLLCScratch(table, hp, device)
     return cache[key]
 

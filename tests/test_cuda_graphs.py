@@ -45,7 +45,11 @@ def loss_fn(model, x, y, sign):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", BACKENDS or ["torch"])
 @pytest.mark.parametrize("cls", [AMSGD, AMAdamW, RLLC])
-def test_whole_training_step_captured_and_replayed_matches_eager(cls, backend):
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["grads_made_in_graph", "grads_kept"])
+def test_whole_training_step_captured_and_replayed_matches_eager(cls, backend, set_to_none):
+    """set_to_none=True is torch's recipe: backward allocates the gradients inside the capture, at new
+    addresses (the triton tables are rebased there: NOTE [tables and graphs]); False keeps them and the
+    graph zeroes them in place."""
     data = batches()
     ref_model, ref_opt = make(cls, backend)
     ref_betas = []
@@ -63,13 +67,16 @@ def test_whole_training_step_captured_and_replayed_matches_eager(cls, backend):
     with torch.cuda.stream(side):  # warm-up: state, caches, autograd buffers (outside the capture)
         for x, y, sign in data[:WARMUP]:
             static_x.copy_(x), static_y.copy_(y), static_sign.fill_(sign)
+            opt.zero_grad(set_to_none=set_to_none)
             loss_fn(model, static_x, static_y, static_sign).backward()
             opt.step()
-            opt.zero_grad(set_to_none=True)
     torch.cuda.current_stream().wait_stream(side)
 
     graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=set_to_none)
     with torch.cuda.graph(graph):
+        if not set_to_none:
+            opt.zero_grad(set_to_none=False)
         loss_fn(model, static_x, static_y, static_sign).backward()
         opt.step()
     betas = []

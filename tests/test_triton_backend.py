@@ -204,6 +204,75 @@ def test_table_rebuilt_when_param_list_changes():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("cls", [AMSGD, AMAdamW, RLLC])
+def test_moved_gradients_rebase_the_table(monkeypatch, cls):
+    """Gradients at new addresses every step (zero_grad(set_to_none=True)): the table is built once and
+    then rebased, patched by kernels (NOTE [tables and graphs]); its meta is the one a fresh build gives,
+    and the run is the reference's."""
+    from amm_kernels.triton_kernels import tensor_table
+
+    builds, rebases = [], []
+    monkeypatch.setattr(tensor_table, "_build", lambda *a, _f=tensor_table._build: builds.append(1) or _f(*a))
+    monkeypatch.setattr(tensor_table, "_rebased", lambda *a, _f=tensor_table._rebased: rebases.append(1) or _f(*a))
+    shapes = [(7,), (4097,), (0,), (3, 5), (9, 9)] * 3  # 15 tensors: several 8-pair patch launches a step
+    runs, held = [], []
+    for backend in ("torch", "triton"):
+        params = make_params(shapes, torch.float32, seed=1)
+        opt = cls([{"params": params[:7], "lr": 0.05}, {"params": params[7:], "lr": 0.02}], backend=backend)
+        betas = []
+        for step in range(4):
+            gen = torch.Generator().manual_seed(step)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(DEV)
+            held.append([p.grad for p in params])  # keep them alive: the next grads get new addresses
+            opt.step()
+            betas.append((opt.law if cls is RLLC else opt.beta).clone())
+        runs.append((params, betas))
+    assert len(builds) == 1 and len(rebases) == 3, (builds, rebases)
+    for a, b in zip(*[r[0] for r in runs]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.stack(runs[1][1]), torch.stack(runs[0][1]), rtol=1e-5, atol=1e-6)
+    latest = next(reversed(tensor_table._CACHE.values()))  # the last step's, rebased: the kernels patched it
+    assert tuple(tuple(row[:4]) for row in latest.meta.cpu().tolist()) == latest.addresses
+    assert [a[1] for a in latest.addresses] == [p.grad.data_ptr() for p in runs[1][0]]
+
+
+@pytest.mark.parametrize("cls", [AMAdamW, RLLC])
+def test_a_capture_rebases_and_keeps_its_table_but_cannot_build_one(monkeypatch, cls):
+    """Under a CUDA graph capture (simulated: tensor_table._capturing says so) a parameter list seen
+    before is rebased without any host-to-device copy and its table is kept for the graph; a list never
+    seen before is refused with the remedy named (NOTE [tables and graphs])."""
+    from amm_kernels.triton_kernels import tensor_table
+
+    params = make_params([(7,), (300,), (5, 3)], torch.float32, seed=2)
+    opt = cls(params, backend="triton")
+    for p in params:
+        p.grad = torch.randn(p.shape).to(DEV)
+    opt.step()  # warm-up, outside the "capture"
+
+    def no_copy_to_device(*args, **kwargs):
+        raise AssertionError("a host-to-device copy during the capture")
+
+    monkeypatch.setattr(tensor_table, "_capturing", lambda device: True)
+    monkeypatch.setattr(tensor_table, "_build", no_copy_to_device)
+    for p in params:
+        p.grad = torch.randn(p.shape).to(DEV)  # backward() in the capture: new addresses
+    opt.step()
+    table = next(reversed(tensor_table._CACHE.values()))
+    assert table.addresses[0][1] == params[0].grad.data_ptr()
+    assert tensor_table._IN_GRAPHS[id(table)] is table
+
+    others = make_params([(11,), (4,)], torch.float32, seed=3)
+    opt2 = cls(others, backend="triton")
+    for p in others:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="outside the capture first"):
+        opt2.step()
+    if cls is RLLC:  # the same parameters, a memory rule never stepped: its matrices are not on the device yet
+        with pytest.raises(RuntimeError, match="outside the capture first"):
+            RLLC(params, memory="M(0.8)+M(0)", backend="triton").step()
+
+
 _NO_BACKEND = """
 import sys, torch
 from amm_kernels import AMSGD

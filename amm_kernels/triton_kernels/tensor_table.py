@@ -1,5 +1,5 @@
 """The device tables the kernels walk: one row per tensor, one row per block, built once per parameter
-list and cached across steps.
+list and cached across steps (rebased, not rebuilt, when only addresses change: NOTE [tables and graphs]).
 
 NOTE [pointer table]: a launch covers every tensor of the step, so the kernels cannot receive the
 tensors as arguments. Each tensor row holds the int64 addresses of x, grad, d, v (`data_ptr()`), and a
@@ -19,7 +19,7 @@ Layout (int64):
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import triton
@@ -66,46 +66,121 @@ class Table:
     # Scratch reused every step (fixed addresses, so a captured CUDA graph stays valid).
     partials: torch.Tensor  # float32 [max(n_slots, 1), n_sums]
     scope_scratch: torch.Tensor  # float32 [4, S]: beta, first-step flag, bias1, bias2
+    addresses: tuple = ()  # the x, grad, d, v addresses meta holds, per tensor (host copy)
+    extras: dict = field(default_factory=dict)  # per-table scratch of other steps (triton_rllc.py)
 
 
-_CACHE: OrderedDict = OrderedDict()
+_CACHE: OrderedDict = OrderedDict()  # exact key (addresses included) -> Table
+_BY_LAYOUT: OrderedDict = OrderedDict()  # the key without addresses -> the latest Table of that layout
 _CACHE_SIZE = 8
+_IN_GRAPHS: dict = {}  # id -> Table: tables a captured CUDA graph reads, never freed (NOTE [tables and graphs])
 
 
 def _key(params, grads, d, v, batch, block, n_sums):
-    rows = tuple(
-        (p.data_ptr(), g.data_ptr(), dd.data_ptr(), 0 if v is None else v[i].data_ptr(), p.numel(),
-         p.dtype, g.dtype, dd.dtype, None if v is None else v[i].dtype)
+    """(addresses per tensor, the rest): a table serves exactly this key; the rest alone fixes its layout."""
+    addresses = tuple(
+        (p.data_ptr(), g.data_ptr(), dd.data_ptr(), 0 if v is None else v[i].data_ptr())
         for i, (p, g, dd) in enumerate(zip(params, grads, d))
     )
-    return (rows, tuple(batch.group_of), tuple(batch.scope_of), tuple(batch.present_groups),
-            tuple(batch.weight_decay), str(params[0].device), block, n_sums)
+    layout = (tuple((p.numel(), p.dtype, g.dtype, dd.dtype, None if v is None else v[i].dtype)
+                    for i, (p, g, dd) in enumerate(zip(params, grads, d))),
+              tuple(batch.group_of), tuple(batch.scope_of), tuple(batch.present_groups),
+              tuple(batch.weight_decay), str(params[0].device), block, n_sums)
+    return addresses, layout
 
 
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _remember(cache: OrderedDict, key, table: Table) -> None:
+    cache[key] = table
+    cache.move_to_end(key)
+    while len(cache) > _CACHE_SIZE:
+        cache.popitem(last=False)
+
+
+# NOTE [tables and graphs]: torch's recipe for capturing a whole training step sets the gradients to
+# None before the capture, so backward() allocates new ones from the graph's pool, at new addresses.
+# Building a table copies host to device, which a capture refuses. But a table differs from the one of
+# the warm-up steps only in its addresses: it is rebased (_rebased): a device copy of the old meta,
+# patched by kernels that take the new addresses as arguments, which a graph records by value. Blocks,
+# slot and scope tables and scratch are shared with the old table, which never changes. Eager steps
+# whose gradients moved (zero_grad(set_to_none=True)) take the same path. A table that a capture used
+# is kept for the life of the process (_IN_GRAPHS): the graph reads it at every replay, and the LRU
+# must not free it. A layout never seen before cannot be built during a capture: run a warm-up step.
 def get_table(params, grads, d, v, batch, block: int, n_sums: int) -> Table:
-    """The cached table for this exact list of tensors (rebuilt when any address, size or dtype changes)."""
-    key = _key(params, grads, d, v, batch, block, n_sums)
+    """The cached table for this exact list of tensors: rebased when only addresses changed, rebuilt
+    when a size, dtype, group or scope did (NOTE [tables and graphs])."""
+    addresses, layout = _key(params, grads, d, v, batch, block, n_sums)
+    device = params[0].device
+    key = (addresses, layout)
     table = _CACHE.get(key)
-    if table is not None:
-        _CACHE.move_to_end(key)
-        return table
-    table = _build(params, grads, d, v, batch, block, n_sums)
-    _CACHE[key] = table
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
+    if table is None:
+        source = _BY_LAYOUT.get(layout)
+        if source is not None:
+            table = _rebased(source, addresses)
+        elif _capturing(device):
+            raise RuntimeError(
+                "backend 'triton' builds the tables of a new parameter list (sizes, dtypes, groups) by copying "
+                "them to the GPU, which a CUDA graph capture does not allow: run at least one step of this "
+                "optimizer outside the capture first (the usual warm-up)")
+        else:
+            table = _build(params, grads, d, v, batch, block, n_sums)
+    _remember(_CACHE, key, table)
+    _remember(_BY_LAYOUT, layout, table)
+    if _capturing(device):
+        _IN_GRAPHS[id(table)] = table
     return table
+
+
+PATCHES = 8  # (index, address) pairs one _patch_kernel launch writes
+
+
+@triton.jit(do_not_specialize=[f"{c}{j}" for j in range(8) for c in "ia"])
+def _patch_kernel(meta, i0, a0, i1, a1, i2, a2, i3, a3, i4, a4, i5, a5, i6, a6, i7, a7):
+    """meta[i_j] = a_j for eight (flat index, address) pairs, given as arguments: a captured graph keeps
+    them by value (NOTE [tables and graphs]). Unused pairs repeat a used one."""
+    tl.store(meta + i0, a0)
+    tl.store(meta + i1, a1)
+    tl.store(meta + i2, a2)
+    tl.store(meta + i3, a3)
+    tl.store(meta + i4, a4)
+    tl.store(meta + i5, a5)
+    tl.store(meta + i6, a6)
+    tl.store(meta + i7, a7)
+
+
+def _patch(meta: torch.Tensor, patches: list) -> None:
+    """meta.view(-1)[index] = address for each (index, address) pair, by _patch_kernel launches."""
+    from ..triton_backend import LAUNCH
+
+    flat = meta.view(-1)
+    for start in range(0, len(patches), PATCHES):
+        chunk = patches[start:start + PATCHES]
+        chunk += [chunk[-1]] * (PATCHES - len(chunk))
+        _patch_kernel[(1,)](flat, *(x for pair in chunk for x in pair), **LAUNCH)
+
+
+def _rebased(source: Table, addresses: tuple) -> Table:
+    """source's table for tensors of the same layout at other addresses (NOTE [tables and graphs])."""
+    patches = [(t * META_COLS + col, new[col]) for t, (old, new) in enumerate(zip(source.addresses, addresses))
+               for col in range(4) if old[col] != new[col]]
+    meta = source.meta.clone()
+    _patch(meta, patches)
+    return replace(source, meta=meta, addresses=addresses)
 
 
 def _build(params, grads, d, v, batch, block, n_sums) -> Table:
     device = params[0].device
     scope_pos = batch.scope_pos
-    meta, slot_start, buckets = [], [0], {}
+    meta, slot_start, buckets, addresses = [], [0], {}, []
     for i, (p, g, dd) in enumerate(zip(params, grads, d)):
         vv = None if v is None else v[i]
         n = p.numel()
         n_blocks = triton.cdiv(n, block)
-        meta.append([p.data_ptr(), g.data_ptr(), dd.data_ptr(), 0 if vv is None else vv.data_ptr(), n,
-                     batch.group_of[i], scope_pos[i], slot_start[-1]])
+        addresses.append((p.data_ptr(), g.data_ptr(), dd.data_ptr(), 0 if vv is None else vv.data_ptr()))
+        meta.append([*addresses[-1], n, batch.group_of[i], scope_pos[i], slot_start[-1]])
         slot_start.append(slot_start[-1] + n_blocks)
         codes = (DTYPE_CODES[p.dtype], DTYPE_CODES[g.dtype], DTYPE_CODES[dd.dtype],
                  0 if vv is None else DTYPE_CODES[vv.dtype])
@@ -123,8 +198,11 @@ def _build(params, grads, d, v, batch, block, n_sums) -> Table:
 
     n_slots = slot_start[-1]
     n_scopes = len(batch.present_scopes)
+    meta = dev(meta).reshape(-1, META_COLS)
+    if addresses:  # compile and load _patch_kernel now (a no-op patch): a capture may need it, and must not compile
+        _patch(meta, [(META_X, addresses[0][0])])
     return Table(
-        meta=dev(meta).reshape(-1, META_COLS),
+        meta=meta,
         slot_start=dev(slot_start),
         tensor_start=dev(tensor_start),
         present_scopes=dev(batch.present_scopes),
@@ -135,6 +213,7 @@ def _build(params, grads, d, v, batch, block, n_sums) -> Table:
         n_slots=n_slots,
         partials=torch.zeros((max(n_slots, 1), n_sums), dtype=torch.float32, device=device),
         scope_scratch=torch.zeros((4, n_scopes), dtype=torch.float32, device=device),
+        addresses=tuple(addresses),
     )
 
 
