@@ -44,7 +44,14 @@ def extension_modules():
     define = [("AMM_WITH_CUDA", "1")] if with_cuda else []
     if with_cuda:
         archs = os.environ.get("AMM_CUDA_ARCHS", "80;90").split(";")
+        # --fmad=false, as -ffp-contract=off above: nvcc contracts a*b+c into an FMA by default, which
+        # rounds once where the reference (and the CPU and Triton kernels: NOTE [no fused multiply-add] in
+        # amm_kernels/triton_backend.py) round twice, and whose choice may differ between two kernels that
+        # inline the same math (the persistent and two-pass steps are tested bit-identical). The kernels
+        # are memory-bound: the extra instructions cost no bandwidth. AMM_FAST_MATH opts out of all this.
         nvcc = ["-O3", "--use_fast_math" if os.environ.get("AMM_FAST_MATH") else "-lineinfo"]
+        if not os.environ.get("AMM_FAST_MATH"):
+            nvcc.append("--fmad=false")
         nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         ext = cpp_extension.CUDAExtension(
             "amm_kernels._C", cpu_sources + cuda_sources, include_dirs=[os.path.join(ROOT, "csrc")],

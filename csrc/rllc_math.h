@@ -39,7 +39,8 @@ constexpr int kRllcMaxSums = rllc_n_sums(kRllcMaxK);
 
 // ---------------------------------------------------------------------------------------------
 // float32 arithmetic exactly as written (no a*b+c contraction into an FMA, which nvcc does by
-// default and which would differ from the reference's separately rounded torch ops).
+// default and which would differ from the reference's separately rounded torch ops). setup.py also
+// builds with --fmad=false; these hold under AMM_FAST_MATH too, where RLLC's pinv needs them most.
 AMM_HD float rl_mul(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fmul_rn(a, b);

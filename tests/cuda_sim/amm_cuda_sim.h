@@ -16,9 +16,9 @@
 //   - Launch checks as the driver makes them: grid and block sizes, dynamic shared memory over 48 KB
 //     only after cudaFuncSetAttribute raised the kernel's limit, kernel arguments within 32764 bytes.
 // What it cannot show: timing, memory ordering between threads (everything here is sequentially
-// consistent), races (one schedule only), and the rounding of fused multiply-adds (nvcc contracts
-// a * b + c by default; this build does not), so results match the reference within tolerance, not
-// a GPU bit for bit.
+// consistent), races (one schedule only), and the device's own rounding (setup.py builds with
+// --fmad=false, so a GPU contracts no a * b + c either, but its math functions are not the host's),
+// so results match the reference within tolerance, not a GPU bit for bit.
 #pragma once
 
 #include <cstddef>
