@@ -2,7 +2,7 @@
 # What a GPU session runs, in ONE device call. The device tool lends a task 15 minutes of device time
 # in all (the machine's start, a minute or two, included), at most 10 minutes a call, and a machine
 # goes back 30 s after a call: so one call does everything, in order of value, each part under a time
-# limit cut from one budget (AMM_GPU_BUDGET_S, default 540 s), and a part that would not fit is
+# limit cut from one budget (AMM_GPU_BUDGET_S, default 560 s), and a part that would not fit is
 # skipped and says so. Every part writes as it goes, so a part stopped at its limit still leaves what
 # it measured. The machine has no network: everything runs offline from the working tree.
 #
@@ -36,7 +36,7 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 export AMM_NO_CUDA_SIM=1  # the simulator's tests are CI's; here the real CUDA backend runs (tests/_cuda_sim.py)
-BUDGET="${AMM_GPU_BUDGET_S:-540}"
+BUDGET="${AMM_GPU_BUDGET_S:-560}"
 T0=$(date +%s)
 STAMP_T="$(mktemp)"  # results newer than this were written by this call
 parts=("$@")
@@ -47,6 +47,7 @@ declare -A MAX_S=([build]=240 [test_cuda]=150 [bench_core]=120 [test_triton]=150
 declare -A MIN_S=([bench_core]=60 [variants]=40 [breakdown]=35 [overhead]=45 [bench_full]=60)
 RESERVE=15  # seconds kept for packing the results
 status=0
+unfinished=()  # parts skipped or stopped at their limit: what a second call on the still-warm machine would run
 
 log() { echo "$*" | tee -a "$OUT/session.log"; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) - RESERVE )); }
@@ -128,14 +129,14 @@ for p in "${parts[@]}"; do
   if ! declare -F "part_$p" >/dev/null; then log "== part $p: unknown (parts: ${!MAX_S[*]})"; status=1; continue; fi
   budget=$(left)
   limit=$(( budget < ${MAX_S[$p]} ? budget : ${MAX_S[$p]} ))
-  if [ "$limit" -lt "${MIN_S[$p]:-20}" ]; then log "== part $p: skipped, ${budget} s of the budget left"; continue; fi
+  if [ "$limit" -lt "${MIN_S[$p]:-20}" ]; then log "== part $p: skipped, ${budget} s of the budget left"; unfinished+=("$p"); continue; fi
   start=$(date +%s)
   log "== part $p (limit ${limit} s)"
   "part_$p" "$limit" > "$OUT/part_$p.out" 2>&1
   rc=$?
   tail -n 25 "$OUT/part_$p.out" | tee -a "$OUT/session.log"
   rm -f "$OUT/part_$p.out"
-  [ $rc -eq 124 ] && log "   (stopped at its limit of ${limit} s)"
+  [ $rc -eq 124 ] && { log "   (stopped at its limit of ${limit} s)"; unfinished+=("$p"); }
   log "== part $p rc=$rc in $(( $(date +%s) - start )) s"
   [ $rc -eq 0 ] || status=1
 done
@@ -146,4 +147,7 @@ ls "$OUT"/junit_*.xml >> "$OUT/.results_list" 2>/dev/null
 tar czf "$OUT/results.tgz" --transform 's,^.*/junit_,junit_,' -T "$OUT/.results_list" 2>/dev/null
 rm -f "$OUT/.results_list" "$OUT"/junit_*.xml "$STAMP_T"
 log "== done in $(( $(date +%s) - T0 )) s, status $status; results.tgz: $(tar tzf "$OUT/results.tgz" 2>/dev/null | tr '\n' ' ')"
+# The machine stays warm 30 s after a call and keeps the build: a second call started at once can run
+# what did not fit (it skips the build when csrc/ is unchanged), if the session's device time allows.
+[ ${#unfinished[@]} -gt 0 ] && log "== unfinished: ${unfinished[*]} (next: OUT=\$OUT bash bench/gpu_session.sh ${unfinished[*]})"
 exit $status

@@ -32,6 +32,7 @@ def test_parts_report_and_results_come_back_as_few_plain_files(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr  # the unknown part fails the run
     assert "== part variants rc=0" in log
     assert "== part no_such_part: unknown" in log
+    assert "== unfinished" not in log
     files = sorted(p for p in out.rglob("*") if p.is_file())
     assert 0 < len(files) <= 8, files
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", p.name) for p in files), files
@@ -45,6 +46,7 @@ def test_a_part_that_does_not_fit_the_budget_is_skipped(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.search(r"== part variants: skipped, \d+ s of the budget left", log), log
     assert "== part variants (limit" not in log
+    assert "== unfinished: variants (next: OUT=$OUT bash bench/gpu_session.sh variants)" in log, log
 
 
 def _selection(name):
