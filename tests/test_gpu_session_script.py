@@ -66,7 +66,7 @@ def test_the_gpu_test_parts_select_the_gpu_tests_once():
     assert not cuda & triton, sorted(cuda & triton)[:5]
     files = lambda ids: {i.split("::")[0].removeprefix("tests/") for i in ids}  # noqa: E731
     assert {"test_cuda_graphs.py", "test_cuda_persistent.py", "test_distributed.py", "test_rllc_kernels.py",
-            "test_compiled_kernels.py"} <= files(cuda), files(cuda)
+            "test_compiled_kernels.py", "test_no_host_sync.py"} <= files(cuda), files(cuda)
     assert {"test_triton_backend.py", "test_triton_rllc.py"} <= files(triton), files(triton)
     for cpu_only in ("test_amp.py", "test_compile.py", "test_examples.py", "test_bench_smoke.py"):
         assert cpu_only not in files(cuda) | files(triton)
