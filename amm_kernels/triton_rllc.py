@@ -17,6 +17,8 @@ decides, before triton is first imported, whether the kernels run compiled or in
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.distributed as dist
 
@@ -58,17 +60,23 @@ class _RLLCScratch:
         full = [slot[(min(a, b), max(a, b))] for a in range(k) for b in range(k)]
         self.full_index = torch.tensor(full, dtype=torch.long).to(device)
 
+    def rebased(self) -> "_RLLCScratch":
+        """For a rebased table (NOTE [tables and graphs]): U, b and the index shared (they never change),
+        its own sums, made on the device (no host-to-device copy: a capture allows it)."""
+        other = copy.copy(self)
+        other.partials, other.sums = torch.zeros_like(self.partials), torch.zeros_like(self.sums)
+        return other
+
 
 def _scratch(table, hp, device) -> _RLLCScratch:
-    cache = table.extras.setdefault("rllc", {})  # shared by the table's rebased copies (NOTE [tables and graphs])
-    key = (hp.U, hp.b)
-    if key not in cache:
+    key = ("rllc", hp.U, hp.b)
+    if key not in table.extras:
         if tensor_table._capturing(device):
             raise RuntimeError(
                 "backend 'triton' copies a new memory rule's matrices to the GPU, which a CUDA graph capture does "
                 "not allow: run at least one step of this optimizer outside the capture first (the usual warm-up)")
-        cache[key] = _RLLCScratch(table, hp, device)
-    return cache[key]
+        table.extras[key] = _RLLCScratch(table, hp, device)
+    return table.extras[key]
 
 
 @torch.no_grad()

@@ -232,9 +232,13 @@ def test_moved_gradients_rebase_the_table(monkeypatch, cls):
     for a, b in zip(*[r[0] for r in runs]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.stack(runs[1][1]), torch.stack(runs[0][1]), rtol=1e-5, atol=1e-6)
-    latest = next(reversed(tensor_table._CACHE.values()))  # the last step's, rebased: the kernels patched it
+    latest, *older = reversed(tensor_table._CACHE.values())  # the last step's, rebased: the kernels patched it
     assert tuple(tuple(row[:4]) for row in latest.meta.cpu().tolist()) == latest.addresses
     assert [a[1] for a in latest.addresses] == [p.grad.data_ptr() for p in runs[1][0]]
+    earlier = older[0]  # the step before: same layout, so the same block tables; its own scratch
+    assert latest.buckets is earlier.buckets and latest.scope_scratch.data_ptr() != earlier.scope_scratch.data_ptr()
+    assert all(a.partials.data_ptr() != b.partials.data_ptr() for a, b in zip(latest.extras.values(),
+                                                                             earlier.extras.values()))
 
 
 @pytest.mark.parametrize("cls", [AMAdamW, RLLC])

@@ -67,7 +67,9 @@ class Table:
     partials: torch.Tensor  # float32 [max(n_slots, 1), n_sums]
     scope_scratch: torch.Tensor  # float32 [4, S]: beta, first-step flag, bias1, bias2
     addresses: tuple = ()  # the x, grad, d, v addresses meta holds, per tensor (host copy)
-    extras: dict = field(default_factory=dict)  # per-table scratch of other steps (triton_rllc.py)
+    # Other steps' per-table scratch (triton_rllc.py), by key; each value has .rebased() (a copy with its
+    # own scratch, the rest shared) for the table's rebased copies.
+    extras: dict = field(default_factory=dict)
 
 
 _CACHE: OrderedDict = OrderedDict()  # exact key (addresses included) -> Table
@@ -105,7 +107,8 @@ def _remember(cache: OrderedDict, key, table: Table) -> None:
 # Building a table copies host to device, which a capture refuses. But a table differs from the one of
 # the warm-up steps only in its addresses: it is rebased (_rebased): a device copy of the old meta,
 # patched by kernels that take the new addresses as arguments, which a graph records by value. Blocks,
-# slot and scope tables and scratch are shared with the old table, which never changes. Eager steps
+# slot and scope tables are shared with the old table (they never change); scratch buffers are the new
+# table's own, zeroed on the device (two optimizers of one layout may step on two streams). Eager steps
 # whose gradients moved (zero_grad(set_to_none=True)) take the same path. A table that a capture used
 # is kept for the life of the process (_IN_GRAPHS): the graph reads it at every replay, and the LRU
 # must not free it. A layout never seen before cannot be built during a capture: run a warm-up step.
@@ -168,7 +171,9 @@ def _rebased(source: Table, addresses: tuple) -> Table:
                for col in range(4) if old[col] != new[col]]
     meta = source.meta.clone()
     _patch(meta, patches)
-    return replace(source, meta=meta, addresses=addresses)
+    return replace(source, meta=meta, addresses=addresses, partials=torch.zeros_like(source.partials),
+                   scope_scratch=torch.zeros_like(source.scope_scratch),
+                   extras={key: value.rebased() for key, value in source.extras.items()})
 
 
 def _build(params, grads, d, v, batch, block, n_sums) -> Table:
