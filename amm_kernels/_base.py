@@ -24,6 +24,16 @@ STATE_DICT_KEY = "amm"
 FORMAT_VERSION = 1
 
 
+def _on_device(x, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """x (a number, or a 1-element tensor on any device) as a 0-d `dtype` tensor on `device`, made there
+    (NOTE [no copies from the host]): a host value, a CPU tensor's too, becomes a fill."""
+    if isinstance(x, Tensor):
+        if x.device.type != "cpu" or device.type == "cpu":
+            return x.detach().to(device=device, dtype=dtype).reshape(())
+        x = float(x)  # reads host memory: no device synchronisation
+    return torch.full((), float(x), dtype=dtype, device=device)
+
+
 def _local(t: Tensor) -> Tensor:
     """A DTensor's local shard (the same storage: in-place updates reach the DTensor); else t itself."""
     return t.to_local() if isinstance(t, DTensor) else t
@@ -258,13 +268,16 @@ class AMOptimizer(torch.optim.Optimizer):
         self._backend_module(self.backend, device, dtypes)  # raises before any state exists
         scopes = self._scope_state(device, dtype)
         lrs = [g["lr"] for g in self.param_groups]
+        # NOTE [no copies from the host]: values made on the host reach the device as fills (torch.full: a
+        # kernel with the value as its argument), never as copies: a copy from pageable host memory can
+        # wait for the stream (a host synchronisation inside step()), and a CUDA graph capture refuses it.
         if any(isinstance(lr, Tensor) for lr in lrs):
-            lr = torch.stack([torch.as_tensor(x, dtype=dtype).to(device).reshape(()) for x in lrs])
-        else:  # float lrs: one device copy per distinct set of values (none inside a captured graph)
+            lr = torch.stack([_on_device(x, dtype, device) for x in lrs])
+        else:  # float lrs: made once per distinct set of values (a scheduler's every step)
             key = ("lr", device, dtype, tuple(lrs))
             if key not in self._index_cache:
                 self._index_cache = {k: v for k, v in self._index_cache.items() if k[0] != "lr"}
-                self._index_cache[key] = torch.tensor(lrs, dtype=dtype).to(device, non_blocking=True)
+                self._index_cache[key] = torch.stack([_on_device(x, dtype, device) for x in lrs])
             lr = self._index_cache[key]
 
         # lazy state, created only after every check above; one self.state lookup per parameter
@@ -294,8 +307,8 @@ class AMOptimizer(torch.optim.Optimizer):
                 present_scopes.append(s), scope_lengths.append(1)
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        if loss is not None and not isinstance(loss, Tensor):
-            loss = torch.tensor(float(loss), dtype=dtype, device=device)
+        if loss is not None:  # one loss (checked above), as a 0-d tensor on the parameters' device
+            loss = _on_device(loss, dtype if not isinstance(loss, Tensor) else loss.dtype, device)
         if loss is not None and getattr(self._hyper, "maximize", False):
             loss = -loss  # backends see the objective being minimised, so F = prev - loss keeps its sign
         return StepBatch(
