@@ -241,6 +241,33 @@ def test_moved_gradients_rebase_the_table(monkeypatch, cls):
                                                                              earlier.extras.values()))
 
 
+@pytest.mark.parametrize("cls", [AMSGD, AMAdamW])
+def test_a_weight_decay_schedule_rebases_the_table(monkeypatch, cls):
+    """weight_decay changed every step (a schedule's): the table is built once, its decays refilled on
+    the device (NOTE [tables and graphs]), and the run is the reference's."""
+    from amm_kernels.triton_kernels import tensor_table
+
+    builds = []
+    monkeypatch.setattr(tensor_table, "_build", lambda *a, _f=tensor_table._build: builds.append(1) or _f(*a))
+    runs = []
+    for backend in ("torch", "triton"):
+        params = make_params([(7,), (300,), (5, 3)], torch.float32, seed=4)
+        opt = cls([{"params": params[:1], "lr": 0.05}, {"params": params[1:], "lr": 0.02, "weight_decay": 0.0}],
+                  backend=backend, beta_scope="group")
+        gen = torch.Generator().manual_seed(5)
+        grads = [[torch.randn(p.shape, generator=gen).to(DEV) for p in params] for _ in range(4)]
+        for step in range(4):
+            opt.param_groups[1]["weight_decay"] = 0.1 * step  # 0 first: no decay, then a growing one
+            for p, g in zip(params, grads[step]):
+                p.grad = g
+            opt.step()
+        runs.append((params, opt.beta.clone()))
+    assert len(builds) == 1, builds
+    torch.testing.assert_close(runs[1][1], runs[0][1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(runs[0][0], runs[1][0]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("cls", [AMAdamW, RLLC])
 def test_a_capture_rebases_and_keeps_its_table_but_cannot_build_one(monkeypatch, cls):
     """Under a CUDA graph capture (simulated: tensor_table._capturing says so) a parameter list seen

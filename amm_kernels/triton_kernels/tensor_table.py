@@ -67,6 +67,7 @@ class Table:
     partials: torch.Tensor  # float32 [max(n_slots, 1), n_sums]
     scope_scratch: torch.Tensor  # float32 [4, S]: beta, first-step flag, bias1, bias2
     addresses: tuple = ()  # the x, grad, d, v addresses meta holds, per tensor (host copy)
+    decays: tuple = ()  # the values weight_decay holds (host copy)
     # Other steps' per-table scratch (triton_rllc.py), by key; each value has .rebased() (a copy with its
     # own scratch, the rest shared) for the table's rebased copies.
     extras: dict = field(default_factory=dict)
@@ -79,7 +80,8 @@ _IN_GRAPHS: dict = {}  # id -> Table: tables a captured CUDA graph reads, never 
 
 
 def _key(params, grads, d, v, batch, block, n_sums):
-    """(addresses per tensor, the rest): a table serves exactly this key; the rest alone fixes its layout."""
+    """(addresses per tensor, weight decay per group, the rest): a table serves exactly this key; the
+    rest alone fixes its layout (NOTE [tables and graphs])."""
     addresses = tuple(
         (p.data_ptr(), g.data_ptr(), dd.data_ptr(), 0 if v is None else v[i].data_ptr())
         for i, (p, g, dd) in enumerate(zip(params, grads, d))
@@ -87,8 +89,8 @@ def _key(params, grads, d, v, batch, block, n_sums):
     layout = (tuple((p.numel(), p.dtype, g.dtype, dd.dtype, None if v is None else v[i].dtype)
                     for i, (p, g, dd) in enumerate(zip(params, grads, d))),
               tuple(batch.group_of), tuple(batch.scope_of), tuple(batch.present_groups),
-              tuple(batch.weight_decay), str(params[0].device), block, n_sums)
-    return addresses, layout
+              str(params[0].device), block, n_sums)
+    return addresses, tuple(batch.weight_decay), layout
 
 
 def _capturing(device: torch.device) -> bool:
@@ -104,25 +106,27 @@ def _remember(cache: OrderedDict, key, table: Table) -> None:
 
 # NOTE [tables and graphs]: torch's recipe for capturing a whole training step sets the gradients to
 # None before the capture, so backward() allocates new ones from the graph's pool, at new addresses.
-# Building a table copies host to device, which a capture refuses. But a table differs from the one of
-# the warm-up steps only in its addresses: it is rebased (_rebased): a device copy of the old meta,
-# patched by kernels that take the new addresses as arguments, which a graph records by value. Blocks,
-# slot and scope tables are shared with the old table (they never change); scratch buffers are the new
-# table's own, zeroed on the device (two optimizers of one layout may step on two streams). Eager steps
-# whose gradients moved (zero_grad(set_to_none=True)) take the same path. A table that a capture used
-# is kept for the life of the process (_IN_GRAPHS): the graph reads it at every replay, and the LRU
-# must not free it. A layout never seen before cannot be built during a capture: run a warm-up step.
+# Building a table copies host to device, which a capture refuses (and which can wait for the stream:
+# a host synchronisation). But a table differs from the one of the warm-up steps only in its addresses:
+# it is rebased (_rebased): a device copy of the old meta, patched by kernels that take the new
+# addresses as arguments, which a graph records by value. Blocks, slot and scope tables are shared with
+# the old table (they never change); weight decays that differ (a schedule's) are filled in anew on the
+# device; scratch buffers are the new table's own, zeroed on the device (two optimizers of one layout
+# may step on two streams). Eager steps whose gradients moved (zero_grad(set_to_none=True)) take the
+# same path. A table that a capture used is kept for the life of the process (_IN_GRAPHS): the graph
+# reads it at every replay, and the LRU must not free it. A layout never seen before cannot be built
+# during a capture: run a warm-up step.
 def get_table(params, grads, d, v, batch, block: int, n_sums: int) -> Table:
-    """The cached table for this exact list of tensors: rebased when only addresses changed, rebuilt
-    when a size, dtype, group or scope did (NOTE [tables and graphs])."""
-    addresses, layout = _key(params, grads, d, v, batch, block, n_sums)
+    """The cached table for this exact list of tensors: rebased when only addresses or weight decays
+    changed, rebuilt when a size, dtype, group or scope did (NOTE [tables and graphs])."""
+    addresses, decays, layout = _key(params, grads, d, v, batch, block, n_sums)
     device = params[0].device
-    key = (addresses, layout)
+    key = (addresses, decays, layout)
     table = _CACHE.get(key)
     if table is None:
         source = _BY_LAYOUT.get(layout)
         if source is not None:
-            table = _rebased(source, addresses)
+            table = _rebased(source, addresses, decays)
         elif _capturing(device):
             raise RuntimeError(
                 "backend 'triton' builds the tables of a new parameter list (sizes, dtypes, groups) by copying "
@@ -165,13 +169,19 @@ def _patch(meta: torch.Tensor, patches: list) -> None:
         _patch_kernel[(1,)](flat, *(x for pair in chunk for x in pair), **LAUNCH)
 
 
-def _rebased(source: Table, addresses: tuple) -> Table:
-    """source's table for tensors of the same layout at other addresses (NOTE [tables and graphs])."""
+def _rebased(source: Table, addresses: tuple, decays: tuple) -> Table:
+    """source's table for tensors of the same layout at other addresses, or with other weight decays
+    (a schedule's), made on the device (NOTE [tables and graphs])."""
     patches = [(t * META_COLS + col, new[col]) for t, (old, new) in enumerate(zip(source.addresses, addresses))
                for col in range(4) if old[col] != new[col]]
     meta = source.meta.clone()
     _patch(meta, patches)
-    return replace(source, meta=meta, addresses=addresses, partials=torch.zeros_like(source.partials),
+    weight_decay = source.weight_decay
+    if decays != source.decays:  # fills, as the lrs (NOTE [no copies from the host] in amm_kernels/_base.py)
+        device = weight_decay.device
+        weight_decay = torch.stack([torch.full((), w, dtype=torch.float32, device=device) for w in decays])
+    return replace(source, meta=meta, addresses=addresses, decays=decays, weight_decay=weight_decay,
+                   partials=torch.zeros_like(source.partials),
                    scope_scratch=torch.zeros_like(source.scope_scratch),
                    extras={key: value.rebased() for key, value in source.extras.items()})
 
@@ -219,6 +229,7 @@ def _build(params, grads, d, v, batch, block, n_sums) -> Table:
         partials=torch.zeros((max(n_slots, 1), n_sums), dtype=torch.float32, device=device),
         scope_scratch=torch.zeros((4, n_scopes), dtype=torch.float32, device=device),
         addresses=tuple(addresses),
+        decays=tuple(batch.weight_decay),
     )
 
 
