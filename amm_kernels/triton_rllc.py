@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from ._step import StepBatch
 from .reference.pinv import gram_pinv_apply
-from .reference.rllc_reference import _full_index
+from .reference.rllc_reference import gram_full_index
 from .triton_kernels.rllc_kernels import rllc_combine_kernel, rllc_reduce_kernel, rllc_update_kernel
 from .triton_kernels import tensor_table
 from .triton_kernels.tensor_table import get_table
@@ -56,7 +56,7 @@ class _RLLCScratch:
         self.b = torch.tensor(hp.b, dtype=torch.float32).reshape(k).to(device)
         self.partials = torch.zeros((max(table.n_slots, 1), self.n_sums), dtype=torch.float64, device=device)
         self.sums = torch.zeros((table.present_scopes.numel(), self.n_sums), dtype=torch.float64, device=device)
-        self.full_index = _full_index(k, device)
+        self.full_index = gram_full_index(k, device)
 
     def rebased(self) -> "_RLLCScratch":
         """For a rebased table (NOTE [tables and graphs]): U, b and the index shared (they never change),

@@ -42,19 +42,19 @@ def gram_pairs(k: int) -> list[tuple[int, int]]:
     return [(a, b) for a in range(k) for b in range(a, k)]
 
 
-_FULL_INDEX: dict = {}
+_GRAM_FULL_INDEX: dict = {}
 
 
-def _full_index(k: int, device: torch.device) -> Tensor:
+def gram_full_index(k: int, device: torch.device) -> Tensor:
     """For entry (a, b) of a k x k Gram matrix, row-major, its position among the gram_pairs entries.
     Built once per (k, device): indexing with Python sequences would copy an index to the device at
     every step, which waits for it (a host synchronisation inside step())."""
     key = (k, str(device))
-    if key not in _FULL_INDEX:
+    if key not in _GRAM_FULL_INDEX:
         slot = {pair: i for i, pair in enumerate(gram_pairs(k))}
         full = [slot[(min(a, b), max(a, b))] for a in range(k) for b in range(k)]
-        _FULL_INDEX[key] = torch.tensor(full, dtype=torch.long).to(device)
-    return _FULL_INDEX[key]
+        _GRAM_FULL_INDEX[key] = torch.tensor(full, dtype=torch.long).to(device)
+    return _GRAM_FULL_INDEX[key]
 
 
 def law_correction(gram_entries: Tensor, mg: Tensor, k: int, rcond: float) -> Tensor:
@@ -64,7 +64,7 @@ def law_correction(gram_entries: Tensor, mg: Tensor, k: int, rcond: float) -> Te
     optimizers give NaN parameters), without handing NaN to the eigensolver.
     """
     S = mg.shape[0]
-    G = gram_entries[:, _full_index(k, gram_entries.device)].reshape(S, k, k)  # symmetric: entry (a, b) = (b, a)
+    G = gram_entries[:, gram_full_index(k, gram_entries.device)].reshape(S, k, k)  # symmetric: entry (a, b) = (b, a)
     finite = torch.isfinite(G).all(dim=(1, 2)) & torch.isfinite(mg).all(dim=1)  # [S]
     G = torch.where(finite[:, None, None], G, 0.0)
     coeff = gram_pinv_apply(G, mg, rcond)  # Jacobi eigensolver in torch ops: no host sync (pinv.py)
