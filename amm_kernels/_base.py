@@ -63,6 +63,7 @@ class AMOptimizer(torch.optim.Optimizer):
         self.capturable = check_flag(name, "capturable", capturable)
         self._scopes: ScopeState | None = None
         self._index_cache: dict = {}  # device index tensors and lr, reused across steps (no H2D copy once warm)
+        self._device_tables: dict = {}  # the backends' own, kept across steps (StepBatch.device_tables)
         self._resolved: dict = {}  # (backend, device, dtypes) -> backend module
         super().__init__(params, defaults)
         self._prefill_backend_cache()
@@ -329,6 +330,7 @@ class AMOptimizer(torch.optim.Optimizer):
             found_inf=found_inf,
             process_group=process_group,
             index_cache=self._index_cache,
+            device_tables=self._device_tables,
         )
 
     def _uses_loss(self) -> bool:

@@ -89,6 +89,9 @@ class StepBatch:
         beta is the whole model's (SPEC.md section 3). The tensors here are the local shards.
     index_cache: device copies of the host index lists, shared across steps by the optimizer (so a
         step copies nothing host-to-device once warm: CUDA-graph capturable).
+    device_tables: the optimizer's store for a backend's own device tables across steps (the triton
+        backend's: NOTE [tables and graphs] in triton_kernels/tensor_table.py); they live and die
+        with the optimizer, and one optimizer's tables never evict another's.
     """
 
     params: list[Tensor]
@@ -108,6 +111,7 @@ class StepBatch:
     found_inf: Tensor | None = None
     process_group: object | None = None
     index_cache: dict = field(default_factory=dict)
+    device_tables: dict = field(default_factory=dict)
 
     def index(self, name: str) -> Tensor:
         """A host list of this batch (present_scopes, scope_of, ...) as a device int64 tensor."""

@@ -232,13 +232,64 @@ def test_moved_gradients_rebase_the_table(monkeypatch, cls):
     for a, b in zip(*[r[0] for r in runs]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.stack(runs[1][1]), torch.stack(runs[0][1]), rtol=1e-5, atol=1e-6)
-    latest, *older = reversed(tensor_table._CACHE.values())  # the last step's, rebased: the kernels patched it
+    latest, *older = reversed(opt._device_tables["triton"].exact.values())  # the last step's, rebased: patched
     assert tuple(tuple(row[:4]) for row in latest.meta.cpu().tolist()) == latest.addresses
     assert [a[1] for a in latest.addresses] == [p.grad.data_ptr() for p in runs[1][0]]
     earlier = older[0]  # the step before: same layout, so the same block tables; its own scratch
     assert latest.buckets is earlier.buckets and latest.scope_scratch.data_ptr() != earlier.scope_scratch.data_ptr()
     assert all(a.partials.data_ptr() != b.partials.data_ptr() for a, b in zip(latest.extras.values(),
                                                                              earlier.extras.values()))
+
+
+def test_every_patch_launch_has_the_signature_the_first_build_compiled(monkeypatch):
+    """_patch_kernel is compiled at a table's first build so that a capture never compiles it; Triton
+    types an int argument by its value, so every launch must pass int64 addresses, also when the
+    first tensor is empty (address 0: found by a fuzz; the warm-up compiled an int32 variant)."""
+    from triton.runtime.jit import mangle_type
+
+    from amm_kernels.triton_kernels import tensor_table
+
+    signatures = []
+    kernel = tensor_table._patch_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                signatures.append(tuple(mangle_type(a) for a in args[1:]))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(tensor_table, "_patch_kernel", Recording())
+    params = [torch.zeros(0).to(DEV).requires_grad_(), torch.randn(7).to(DEV).requires_grad_(),
+              torch.zeros(0, 3).to(DEV).requires_grad_()]
+    opt = AMAdamW(params, backend="triton")
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape).to(DEV)
+        opt.step()
+    assert len(signatures) >= 3 and len(set(signatures)) == 1, signatures  # the build's, then rebases'
+    assert set(signatures[0][1::2]) == {"i64"}
+
+
+def test_each_optimizer_keeps_its_own_tables(monkeypatch):
+    """Nine optimizers of nine layouts (more than one cache holds) stepping in turn with new gradients:
+    each rebases its own tables instead of rebuilding them every step (found by a fuzz: a process-wide
+    cache of 8 evicted them), and each can still step "inside a capture" after its warm-up."""
+    from amm_kernels.triton_kernels import tensor_table
+
+    builds = []
+    monkeypatch.setattr(tensor_table, "_build", lambda *a, _f=tensor_table._build: builds.append(1) or _f(*a))
+    params = [torch.randn(5 + i).to(DEV).requires_grad_() for i in range(9)]
+    opts = [AMSGD([p], lr=0.05, backend="triton") for p in params]
+    for _ in range(3):
+        for p, opt in zip(params, opts):
+            p.grad = torch.randn_like(p)
+            opt.step()
+    assert len(builds) == 9, builds
+    monkeypatch.setattr(tensor_table, "_capturing", lambda device: True)
+    for p, opt in zip(params, opts):
+        p.grad = torch.randn_like(p)
+        opt.step()
 
 
 @pytest.mark.parametrize("cls", [AMSGD, AMAdamW])
@@ -289,7 +340,7 @@ def test_a_capture_rebases_and_keeps_its_table_but_cannot_build_one(monkeypatch,
     for p in params:
         p.grad = torch.randn(p.shape).to(DEV)  # backward() in the capture: new addresses
     opt.step()
-    table = next(reversed(tensor_table._CACHE.values()))
+    table = next(reversed(opt._device_tables["triton"].exact.values()))
     assert table.addresses[0][1] == params[0].grad.data_ptr()
     assert tensor_table._IN_GRAPHS[id(table)] is table
 

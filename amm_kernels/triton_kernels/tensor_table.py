@@ -73,10 +73,17 @@ class Table:
     extras: dict = field(default_factory=dict)
 
 
-_CACHE: OrderedDict = OrderedDict()  # exact key (addresses included) -> Table
-_BY_LAYOUT: OrderedDict = OrderedDict()  # the key without addresses -> the latest Table of that layout
-_CACHE_SIZE = 8
+_CACHE_SIZE = 8  # tables per optimizer, in each of TableCache's two maps
 _IN_GRAPHS: dict = {}  # id -> Table: tables a captured CUDA graph reads, never freed (NOTE [tables and graphs])
+
+
+class TableCache:
+    """One optimizer's tables (StepBatch.device_tables["triton"]), least recently used dropped first:
+    by exact key (addresses and weight decays included), and the latest of each layout."""
+
+    def __init__(self):
+        self.exact: OrderedDict = OrderedDict()
+        self.by_layout: OrderedDict = OrderedDict()
 
 
 def _key(params, grads, d, v, batch, block, n_sums):
@@ -111,31 +118,33 @@ def _remember(cache: OrderedDict, key, table: Table) -> None:
 # it is rebased (_rebased): a device copy of the old meta, patched by kernels that take the new
 # addresses as arguments, which a graph records by value. Blocks, slot and scope tables are shared with
 # the old table (they never change); weight decays that differ (a schedule's) are filled in anew on the
-# device; scratch buffers are the new table's own, zeroed on the device (two optimizers of one layout
-# may step on two streams). Eager steps whose gradients moved (zero_grad(set_to_none=True)) take the
-# same path. A table that a capture used is kept for the life of the process (_IN_GRAPHS): the graph
-# reads it at every replay, and the LRU must not free it. A layout never seen before cannot be built
-# during a capture: run a warm-up step.
+# device; scratch buffers are the new table's own, zeroed on the device. Eager steps whose gradients moved (zero_grad(set_to_none=True)) take the
+# same path. The tables are the optimizer's own (TableCache in StepBatch.device_tables): another
+# optimizer's layouts never evict them. A table that a capture used is kept for the life of the process
+# (_IN_GRAPHS): the graph reads it at every replay, and the LRU must not free it. A layout never seen
+# before cannot be built during a capture: run a warm-up step.
 def get_table(params, grads, d, v, batch, block: int, n_sums: int) -> Table:
     """The cached table for this exact list of tensors: rebased when only addresses or weight decays
     changed, rebuilt when a size, dtype, group or scope did (NOTE [tables and graphs])."""
     addresses, decays, layout = _key(params, grads, d, v, batch, block, n_sums)
     device = params[0].device
     key = (addresses, decays, layout)
-    table = _CACHE.get(key)
+    cache = batch.device_tables.setdefault("triton", TableCache())
+    table = cache.exact.get(key)
     if table is None:
-        source = _BY_LAYOUT.get(layout)
+        source = cache.by_layout.get(layout)
         if source is not None:
             table = _rebased(source, addresses, decays)
         elif _capturing(device):
             raise RuntimeError(
                 "backend 'triton' builds the tables of a new parameter list (sizes, dtypes, groups) by copying "
                 "them to the GPU, which a CUDA graph capture does not allow: run at least one step of this "
-                "optimizer outside the capture first (the usual warm-up)")
+                "optimizer outside the capture first (the usual warm-up), with the same parameters getting "
+                f"gradients (an optimizer keeps the tables of its {_CACHE_SIZE} latest such lists)")
         else:
             table = _build(params, grads, d, v, batch, block, n_sums)
-    _remember(_CACHE, key, table)
-    _remember(_BY_LAYOUT, layout, table)
+    _remember(cache.exact, key, table)
+    _remember(cache.by_layout, layout, table)
     if _capturing(device):
         _IN_GRAPHS[id(table)] = table
     return table
@@ -159,9 +168,14 @@ def _patch_kernel(meta, i0, a0, i1, a1, i2, a2, i3, a3, i4, a4, i5, a5, i6, a6, 
 
 
 def _patch(meta: torch.Tensor, patches: list) -> None:
-    """meta.view(-1)[index] = address for each (index, address) pair, by _patch_kernel launches."""
+    """meta.view(-1)[index] = address for each (index, address) pair, by _patch_kernel launches.
+
+    Address 0 (an empty tensor's, never read: it has no blocks) is left out: Triton types an argument
+    by its value, and 0 would be an int32 where every address is an int64, another compiled variant,
+    which a capture could be the first to need (NOTE [tables and graphs])."""
     from ..triton_backend import LAUNCH
 
+    patches = [(i, a) for i, a in patches if a != 0]
     flat = meta.view(-1)
     for start in range(0, len(patches), PATCHES):
         chunk = patches[start:start + PATCHES]
@@ -214,8 +228,11 @@ def _build(params, grads, d, v, batch, block, n_sums) -> Table:
     n_slots = slot_start[-1]
     n_scopes = len(batch.present_scopes)
     meta = dev(meta).reshape(-1, META_COLS)
-    if addresses:  # compile and load _patch_kernel now (a no-op patch): a capture may need it, and must not compile
-        _patch(meta, [(META_X, addresses[0][0])])
+    # compile and load _patch_kernel now, by a no-op patch of a real (int64) address: a capture may need
+    # it, and must not compile it
+    first = next(((t * META_COLS + c, a) for t, row in enumerate(addresses) for c, a in enumerate(row) if a), None)
+    if first is not None:
+        _patch(meta, [first])
     return Table(
         meta=meta,
         slot_start=dev(slot_start),
