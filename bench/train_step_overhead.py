@@ -4,7 +4,7 @@ costs in a real step, not just in optimizer.step().
 
     python bench/train_step_overhead.py            # CPU: d=256, 4 layers, batch 8x128
     python bench/train_step_overhead.py --quick    # seconds
-    python bench/train_step_overhead.py --d 1024 --layers 12 --batch 16 --ctx 512   # a GPU
+    python bench/train_step_overhead.py --d 1024 --layers 12 --batch 16 --ctx 512   # a GPU (TF32 matmuls)
 
 Writes bench/results/train_step_overhead_<device>.{csv,json} (no plot: one number per optimizer).
 """
