@@ -30,8 +30,7 @@ def _on_device(x, dtype: torch.dtype, device: torch.device) -> Tensor:
     if isinstance(x, Tensor):
         if x.device.type != "cpu" or device.type == "cpu":
             return x.detach().to(device=device, dtype=dtype).reshape(())
-        x = float(x)  # reads host memory: no device synchronisation
-    return torch.full((), float(x), dtype=dtype, device=device)
+    return torch.full((), float(x), dtype=dtype, device=device)  # float() of a CPU tensor reads host memory only
 
 
 def _local(t: Tensor) -> Tensor:

@@ -118,8 +118,8 @@ def _remember(cache: OrderedDict, key, table: Table) -> None:
 # it is rebased (_rebased): a device copy of the old meta, patched by kernels that take the new
 # addresses as arguments, which a graph records by value. Blocks, slot and scope tables are shared with
 # the old table (they never change); weight decays that differ (a schedule's) are filled in anew on the
-# device; scratch buffers are the new table's own, zeroed on the device. Eager steps whose gradients moved (zero_grad(set_to_none=True)) take the
-# same path. The tables are the optimizer's own (TableCache in StepBatch.device_tables): another
+# device; scratch buffers are the new table's own, zeroed on the device. Eager steps whose gradients
+# moved (zero_grad(set_to_none=True)) take the same path. The tables are the optimizer's own (TableCache in StepBatch.device_tables): another
 # optimizer's layouts never evict them. A table that a capture used is kept for the life of the process
 # (_IN_GRAPHS): the graph reads it at every replay, and the LRU must not free it. A layout never seen
 # before cannot be built during a capture: run a warm-up step.
@@ -130,12 +130,13 @@ def get_table(params, grads, d, v, batch, block: int, n_sums: int) -> Table:
     device = params[0].device
     key = (addresses, decays, layout)
     cache = batch.device_tables.setdefault("triton", TableCache())
+    capturing = _capturing(device)
     table = cache.exact.get(key)
     if table is None:
         source = cache.by_layout.get(layout)
         if source is not None:
             table = _rebased(source, addresses, decays)
-        elif _capturing(device):
+        elif capturing:
             raise RuntimeError(
                 "backend 'triton' builds the tables of a new parameter list (sizes, dtypes, groups) by copying "
                 "them to the GPU, which a CUDA graph capture does not allow: run at least one step of this "
@@ -145,7 +146,7 @@ def get_table(params, grads, d, v, batch, block: int, n_sums: int) -> Table:
             table = _build(params, grads, d, v, batch, block, n_sums)
     _remember(cache.exact, key, table)
     _remember(cache.by_layout, layout, table)
-    if _capturing(device):
+    if capturing:
         _IN_GRAPHS[id(table)] = table
     return table
 
@@ -214,7 +215,7 @@ def _build(params, grads, d, v, batch, block, n_sums) -> Table:
         codes = (DTYPE_CODES[p.dtype], DTYPE_CODES[g.dtype], DTYPE_CODES[dd.dtype],
                  0 if vv is None else DTYPE_CODES[vv.dtype])
         # (tensor, block) rows made by torch, not as Python pairs: a 1e9-element step has ~1e6 blocks,
-        # and this runs again whenever an address changes (took 1.5 s at 1e9 as Python lists)
+        # and this runs again whenever the layout changes (took 1.5 s at 1e9 as Python lists)
         rows = buckets.setdefault(codes, [])
         rows.append(torch.stack([torch.full((n_blocks,), i, dtype=torch.int64),
                                  torch.arange(n_blocks, dtype=torch.int64)], dim=1))
