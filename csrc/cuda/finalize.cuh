@@ -18,10 +18,21 @@ constexpr int kSerialSlots = 32;
 // reads only the scratch, never the state. Pass 1 and the finalize form the bias corrections with the
 // same function (adamw_bias) from the same floats, so pass 1 and pass 2 use bit-identical p.
 
+// NOTE [sums in registers]: n_sums (3 or 4) is known only at run time, and a loop `k < n_sums` over
+// a fixed array makes nvcc keep the array in local memory (ptxas reported a 48-byte stack frame for
+// the finalize kernel, 80 for the persistent step, and their SASS had LDL/STL round trips per slot).
+// Every loop over the sums runs to the compile-time kAmadamwSums with the tail guarded, so the arrays
+// stay in registers; .ci/nvcc_check fails on any stack frame or local access in the AM kernels.
+__device__ __forceinline__ void add_slot(const float* slots, int64_t s, int n_sums, double (&sums)[amm::kAmadamwSums]) {
+#pragma unroll
+  for (int k = 0; k < amm::kAmadamwSums; ++k)
+    if (k < n_sums) sums[k] += slots[s * n_sums + k];
+}
+
 __device__ __forceinline__ void weigh_tensor(const FinalizeArgs& a, const TensorMeta& m, int t, const double* sums) {
   float s[amm::kAmadamwSums];
-  const int n_sums = a.algorithm == kAlgoAmsgd ? static_cast<int>(amm::kAmsgdSums) : static_cast<int>(amm::kAmadamwSums);
-  for (int k = 0; k < n_sums; ++k) s[k] = static_cast<float>(sums[k]);  // a tensor's float32 sums
+#pragma unroll
+  for (int k = 0; k < amm::kAmadamwSums; ++k) s[k] = static_cast<float>(sums[k]);  // a tensor's float32 sums
   const double lr = a.lr[m.group], prev_lr = a.prev_lr[m.group];
   double num, den;
   if (a.algorithm == kAlgoAmsgd) {
@@ -53,16 +64,15 @@ __device__ __forceinline__ void finalize_block(const FinalizeArgs& a) {
       const TensorMeta m = a.meta[t];
       if (m.n_slots > kSerialSlots) continue;
       double sums[amm::kAmadamwSums] = {0.0, 0.0, 0.0, 0.0};
-      for (int64_t s = m.slot_begin; s < m.slot_begin + m.n_slots; ++s)
-        for (int k = 0; k < n_sums; ++k) sums[k] += a.slots[s * n_sums + k];
+      for (int64_t s = m.slot_begin; s < m.slot_begin + m.n_slots; ++s) add_slot(a.slots, s, n_sums, sums);
       weigh_tensor(a, m, t, sums);
     }
     for (int t = warp; t < T; t += n_warps) {
       const TensorMeta m = a.meta[t];
       if (m.n_slots <= kSerialSlots) continue;
       double sums[amm::kAmadamwSums] = {0.0, 0.0, 0.0, 0.0};
-      for (int64_t s = m.slot_begin + lane; s < m.slot_begin + m.n_slots; s += 32)
-        for (int k = 0; k < n_sums; ++k) sums[k] += a.slots[s * n_sums + k];
+      for (int64_t s = m.slot_begin + lane; s < m.slot_begin + m.n_slots; s += 32) add_slot(a.slots, s, n_sums, sums);
+#pragma unroll
       for (int k = 0; k < amm::kAmadamwSums; ++k) sums[k] = warp_sum_down(sums[k]);
       if (lane == 0) weigh_tensor(a, m, t, sums);
     }
