@@ -66,7 +66,9 @@ from .triton_rllc import rllc_step  # noqa: E402,F401  (RLLC, SPEC.md section 4:
 # The kernels were decorated (at import) for the interpreter or for the compiler; which one is fixed.
 INTERPRETED = _interpreter_on()
 # Elements per program. The interpreter runs each program as NumPy calls: fewer, larger blocks.
-BLOCK = 4096 if INTERPRETED else 1024
+# (tests/_triton_gpu_compile.py records its launches at COMPILED_BLOCK: what a GPU would compile.)
+COMPILED_BLOCK = 1024
+BLOCK = 4096 if INTERPRETED else COMPILED_BLOCK
 CHUNK = 512  # slots summed per step of the finalize kernel (NOTE [finalize tiles] in finalize_kernel.py)
 NUM_WARPS = 4
 # NOTE [no fused multiply-add]: compiled, Triton contracts a * b + c into one fma by default (sm_90 PTX of

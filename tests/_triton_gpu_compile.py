@@ -61,6 +61,9 @@ def _workloads():
         run(lambda p: AMSGD(p, backend="triton"), dtype)
         run(lambda p: AMAdamW(p, backend="triton"), dtype)
         run(lambda p: RLLC(p, law_lr=0.05, backend="triton"), dtype)
+    for k in (5, 8):  # k is a constexpr: the largest tiles (KP2 = 8) and the largest k the kernels take
+        memory = "+".join(f"M(0.{9 - i})" for i in range(k))
+        run(lambda p: RLLC(p, memory=memory, law_lr=0.05, backend="triton"), steps=2)
     for scope in ("group", "tensor"):
         run(lambda p: AMSGD(p, beta_scope=scope, weight_decay=0.01, backend="triton"))
         run(lambda p: AMAdamW(p, beta_scope=scope, maximize=True, backend="triton"))
@@ -100,14 +103,38 @@ def record(path: str) -> None:
         return original(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     interpreter.InterpretedFunction.run = recording_run
+    # The interpreter's BLOCK is larger than a GPU's (triton_backend.BLOCK); record what a GPU compiles.
+    # At the interpreter's 4096 every AM-AdamW and RLLC kernel took 255 registers and spilled.
+    triton_backend.BLOCK = triton_backend.COMPILED_BLOCK
     _workloads()
     with open(path, "w") as fh:
         json.dump(sorted(seen.values(), key=json.dumps), fh, indent=0)
     print(f"recorded {len(seen)} distinct launches")
 
 
+def _resources(cubin: bytes, cuobjdump: str | None) -> tuple[int, int] | None:
+    """(registers, stack-frame bytes) of the one kernel in `cubin`, read by the cuobjdump that Triton's
+    NVIDIA backend carries; None without it."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    if cuobjdump is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as fh:
+            fh.write(cubin)
+        out = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    assert found, out
+    return int(found.group(1)), int(found.group(2))
+
+
 def compile_all(path: str) -> int:
     import importlib
+    import os
 
     import triton
     from triton.backends.compiler import GPUTarget
@@ -118,6 +145,9 @@ def compile_all(path: str) -> int:
     start = time.time()
     vectors = {}  # kernel name -> 16-byte global loads / stores in its float32 sm_90 PTX (NOTE [vector access])
     fmas = {}  # kernel name -> fused multiply-adds in its PTX, every target and specialization (NOTE [no fused multiply-add])
+    resources = {}  # "name" or "name K=k" -> the most registers and stack-frame bytes of its sm_90 cubins
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    cuobjdump = cuobjdump if os.access(cuobjdump, os.X_OK) else None
     for module, name, signature, constexprs, options in entries:
         fn = getattr(importlib.import_module(module), name)
         for backend, arch, warp in TARGETS:
@@ -133,10 +163,16 @@ def compile_all(path: str) -> int:
             if arch == 90 and all(v == 0 for k, v in constexprs.items() if k.endswith("_CODE")):
                 ptx = kernel.asm["ptx"]
                 vectors[name] = [ptx.count("ld.global.v4"), ptx.count("st.global.v4")]
+            used = _resources(kernel.asm["cubin"], cuobjdump) if arch == 90 else None
+            if used is not None:
+                key = name + (f" K={constexprs['K']}" if "K" in constexprs else "")
+                old_regs, old_stack = resources.get(key, (0, 0))
+                resources[key] = [max(old_regs, used[0]), max(old_stack, used[1])]
     print(f"compiled {len(entries)} launches x {len(TARGETS)} targets in {time.time() - start:.0f} s, "
           f"{failures} failures (triton {triton.__version__})")
     print("vector accesses " + json.dumps(vectors, sort_keys=True))
     print("fused multiply-adds " + json.dumps(fmas, sort_keys=True))
+    print("registers and stack " + json.dumps(resources, sort_keys=True))
     return failures
 
 
