@@ -78,13 +78,19 @@ def test_parity_single_shapes(name, shapes):
     parity(OPTS[name], torch.float32, shapes=shapes, groups=lambda ps: [{"params": ps, "lr": 0.05}])
 
 
+# The interpreter's BLOCK and the GPU's: tables, slots and the whole-block path are cut by BLOCK, so the
+# interpreter also runs at the size a GPU uses (BLOCKS has one entry on a GPU).
+BLOCKS = sorted({triton_backend.BLOCK, triton_backend.COMPILED_BLOCK})
+
+
+@pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", list(OPTS))
-def test_parity_unaligned_views(name, dtype):
+def test_parity_unaligned_views(monkeypatch, name, dtype, block):
     """Views that start 1 element into their buffer (data_ptr not a multiple of 16) take the masked
     path for every block, beside an aligned tensor of whole blocks and a partial one that take the
     16-byte path (NOTE [vector access] in triton_kernels/tensor_table.py)."""
-    block = triton_backend.BLOCK
+    monkeypatch.setattr(triton_backend, "BLOCK", block)
 
     def views(backend):
         gen = torch.Generator().manual_seed(3)

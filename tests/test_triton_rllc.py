@@ -84,12 +84,13 @@ def test_parity_single_shapes(shapes):
     parity(torch.float32, shapes=shapes, memory="J(0.8,2)+M(0)", groups=lambda ps: [{"params": ps, "lr": 0.05}])
 
 
+@pytest.mark.parametrize("block", sorted({triton_backend.BLOCK, triton_backend.COMPILED_BLOCK}))  # interpreter's, GPU's
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("memory", ["M(0.9)+M(0)", "J(0.8,2)+M(0)"])  # k = 2: no row past k; k = 3: one
-def test_parity_whole_blocks(memory, dtype):
+def test_parity_whole_blocks(monkeypatch, memory, dtype, block):
     """NOTE [vector access]: a block wholly inside a tensor whose numel is a multiple of 8 (every memory
     unit then starts aligned) takes the unmasked path; the partial last block and a numel off 8 do not."""
-    block = triton_backend.BLOCK
+    monkeypatch.setattr(triton_backend, "BLOCK", block)
     parity(dtype, shapes=[(2 * block,), (block + 8,), (block + 4,)], memory=memory,
            groups=lambda ps: [{"params": ps, "lr": 0.05}])
 
