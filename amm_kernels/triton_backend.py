@@ -57,7 +57,7 @@ if _interpreter_on() and type(tl.sum).__name__ != "InterpretedFunction":
 
 from ._hyper import AMAdamWHyper, AMSGDHyper  # noqa: E402
 from ._step import StepBatch  # noqa: E402
-from .triton_kernels.finalize_kernel import finalize_kernel  # noqa: E402
+from .triton_kernels.finalize_kernel import finalize_kernel, tensor_terms_kernel  # noqa: E402
 from .triton_kernels.reduce_kernels import amadamw_reduce_kernel, amsgd_reduce_kernel  # noqa: E402
 from .triton_kernels.tensor_table import DTYPE_CODES, get_table  # noqa: E402
 from .triton_kernels.update_kernels import amadamw_update_kernel, amsgd_update_kernel  # noqa: E402
@@ -69,7 +69,7 @@ INTERPRETED = _interpreter_on()
 # (tests/_triton_gpu_compile.py records its launches at COMPILED_BLOCK: what a GPU would compile.)
 COMPILED_BLOCK = 1024
 BLOCK = 4096 if INTERPRETED else COMPILED_BLOCK
-CHUNK = 512  # slots summed per step of the finalize kernel (NOTE [finalize tiles] in finalize_kernel.py)
+CHUNK = 512  # slots (tensors) summed per step of the tensor-terms (finalize) kernel (NOTE [finalize tiles])
 NUM_WARPS = 4
 # NOTE [no fused multiply-add]: compiled, Triton contracts a * b + c into one fma by default (sm_90 PTX of
 # the RLLC update had ~1000 fma.rn.f32); the interpreter and the reference never do. An fma rounds once
@@ -172,14 +172,19 @@ def _step(batch: StepBatch, hp, amadamw: bool) -> None:
                     HAS_GRAD_SCALE=has_scale, MAXIMIZE=maximize, X_CODE=cx, G_CODE=cg, D_CODE=cd,
                     BLOCK=BLOCK, **LAUNCH)
 
-    # beta per scope, scope-state commit
+    # each tensor's weighted terms, then beta per scope and the scope-state commit
+    # (NOTE [finalize in two launches] in triton_kernels/finalize_kernel.py)
+    if adaptive:
+        tensor_terms_kernel[(len(params),)](
+            table.meta, table.slot_start, table.partials, table.terms, batch.lr, state.prev_lr, table.weight_decay,
+            lam, AMADAMW=amadamw, FIRST_ORDER=(not amadamw) and hp.delta_f == "first_order", CHUNK=CHUNK, **LAUNCH)
+
     def finalize(sums, sums_out: bool, sums_in: bool):
         finalize_kernel[(n_scopes,)](
-            table.meta, table.slot_start, table.tensor_start, table.present_scopes, table.partials, scratch,
-            n_scopes, batch.lr, state.prev_lr, table.weight_decay, state.step, state.beta, state.beta_prod,
-            found_inf, state.prev_loss, loss, sums, lam, beta_min, beta_max,
-            AMADAMW=amadamw, ADAPTIVE=adaptive, FIRST_ORDER=(not amadamw) and hp.delta_f == "first_order",
-            LOSS_MODE=loss_mode, HAS_FOUND_INF=has_inf, SUMS_OUT=sums_out, SUMS_IN=sums_in, CHUNK=CHUNK, **LAUNCH)
+            table.tensor_start, table.present_scopes, table.terms, scratch, n_scopes,
+            state.step, state.beta, state.beta_prod, found_inf, state.prev_loss, loss, sums, lam, beta_min, beta_max,
+            AMADAMW=amadamw, ADAPTIVE=adaptive, LOSS_MODE=loss_mode, HAS_FOUND_INF=has_inf, SUMS_OUT=sums_out,
+            SUMS_IN=sums_in, CHUNK=CHUNK, **LAUNCH)
 
     if batch.process_group is not None and adaptive:
         # Sharded parameters (finalize_kernel.py): this rank's scope sums, added up over the group

@@ -10,7 +10,7 @@ Per optimizer (AMAdamW and AMSGD on each compiled backend, fused AdamW and SGD):
 (median, device-synchronised), the sum of its kernels' device time over the steps profiled
 (torch.profiler), and every kernel's time per step. The difference between the two is launch
 overhead and host work. Kernels are sorted into the AM step's parts by name: "sums" / "reduce" is
-pass 1, "update" pass 2, "finalize" the finalize, "persistent" the one-launch step; each pass's GB/s
+pass 1, "update" pass 2, "finalize" and "tensor_terms" the finalize, "persistent" the one-launch step; each pass's GB/s
 is the bytes it must move (bench/README.md) over its kernels' time. A pass well under the copy
 bandwidth measured in the same run names the kernel to look at; a step much longer than its kernels
 points at launches. Writes bench/results/kernel_breakdown_<device>.{csv,json}.
@@ -37,7 +37,8 @@ PASS_BYTES = {
     "AMAdamW wd=0": {"pass1": 12, "pass2": 28},
     "AMSGD": {"pass1": 8, "pass2": 20},
 }
-PARTS = (("persistent", "step"), ("finalize", "finalize"), ("sums", "pass1"), ("reduce", "pass1"), ("update", "pass2"))
+PARTS = (("persistent", "step"), ("finalize", "finalize"), ("tensor_terms", "finalize"), ("sums", "pass1"),
+         ("reduce", "pass1"), ("update", "pass2"))
 
 
 KIND = {"adamw": "AMAdamW", "adamw0": "AMAdamW wd=0", "sgd": "AMSGD"}  # throughput family -> PASS_BYTES

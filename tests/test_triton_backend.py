@@ -105,6 +105,19 @@ def test_parity_unaligned_views(monkeypatch, name, dtype, block):
     assert_same_run(views("torch"), views("triton"), dtype, f"{name} unaligned views")
 
 
+@pytest.mark.parametrize("scope", ["global", "group"])
+@pytest.mark.parametrize("name", list(OPTS))
+def test_parity_when_the_finalize_tiles_take_several_loads(monkeypatch, name, scope):
+    """NOTE [finalize tiles] / [finalize in two launches] (triton_kernels/finalize_kernel.py): with CHUNK
+    at 2, a tensor's slots and a scope's tensors are summed over several loads of a tile, whose last
+    one is partial, as on a GPU for tensors of over 512 slots and scopes of over 512 tensors."""
+    monkeypatch.setattr(triton_backend, "CHUNK", 2)
+    monkeypatch.setattr(triton_backend, "BLOCK", triton_backend.COMPILED_BLOCK)
+    shapes = [(5000,), (3,), (2049,), (0,), (7, 9), (1025,), (4,)]  # 5, 1, 3, 0, 1, 2, 1 slots
+    parity(OPTS[name], torch.float32, shapes=shapes, kwargs=dict(beta_scope=scope),
+           groups=lambda ps: [{"params": ps[:5], "lr": 0.05}, {"params": ps[5:], "lr": 0.02, "weight_decay": 0.1}])
+
+
 def test_parity_loss_mode():
     def closure_run(backend):
         params = make_params(SHAPES, torch.float32)

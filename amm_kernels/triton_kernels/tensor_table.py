@@ -65,6 +65,7 @@ class Table:
     n_slots: int
     # Scratch reused every step (fixed addresses, so a captured CUDA graph stays valid).
     partials: torch.Tensor  # float32 [max(n_slots, 1), n_sums]
+    terms: torch.Tensor  # float64 [T, 2]: each tensor's weighted numerator and denominator (finalize_kernel.py)
     scope_scratch: torch.Tensor  # float32 [4, S]: beta, first-step flag, bias1, bias2
     addresses: tuple = ()  # the x, grad, d, v addresses meta holds, per tensor (host copy)
     decays: tuple = ()  # the values weight_decay holds (host copy)
@@ -197,6 +198,7 @@ def _rebased(source: Table, addresses: tuple, decays: tuple) -> Table:
         weight_decay = torch.stack([torch.full((), w, dtype=torch.float32, device=device) for w in decays])
     return replace(source, meta=meta, addresses=addresses, decays=decays, weight_decay=weight_decay,
                    partials=torch.zeros_like(source.partials),
+                   terms=torch.zeros_like(source.terms),
                    scope_scratch=torch.zeros_like(source.scope_scratch),
                    extras={key: value.rebased() for key, value in source.extras.items()})
 
@@ -245,6 +247,7 @@ def _build(params, grads, d, v, batch, block, n_sums) -> Table:
                  for codes, blocks in ((codes, torch.cat(rows)) for codes, rows in buckets.items())],
         n_slots=n_slots,
         partials=torch.zeros((max(n_slots, 1), n_sums), dtype=torch.float32, device=device),
+        terms=torch.zeros((max(len(params), 1), 2), dtype=torch.float64, device=device),
         scope_scratch=torch.zeros((4, n_scopes), dtype=torch.float32, device=device),
         addresses=tuple(addresses),
         decays=tuple(batch.weight_decay),
