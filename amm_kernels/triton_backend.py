@@ -69,7 +69,8 @@ INTERPRETED = _interpreter_on()
 # (tests/_triton_gpu_compile.py records its launches at COMPILED_BLOCK: what a GPU would compile.)
 COMPILED_BLOCK = 1024
 BLOCK = 4096 if INTERPRETED else COMPILED_BLOCK
-CHUNK = 512  # slots (tensors) summed per step of the tensor-terms (finalize) kernel (NOTE [finalize tiles])
+CHUNK = 512  # tensors summed per load by the finalize kernel (NOTE [finalize in two launches])
+TERMS_CHUNK = 2048  # slots summed per load by the tensor-terms kernel, with 16 warps (NOTE [finalize tiles])
 NUM_WARPS = 4
 # NOTE [no fused multiply-add]: compiled, Triton contracts a * b + c into one fma by default (sm_90 PTX of
 # the RLLC update had ~1000 fma.rn.f32); the interpreter and the reference never do. An fma rounds once
@@ -81,6 +82,10 @@ NUM_WARPS = 4
 # tests/test_triton_gpu_compile.py checks the sm_80 / sm_90 PTX of every launch for fma.
 COMPILED_OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
 LAUNCH = {} if INTERPRETED else COMPILED_OPTIONS  # the interpreter takes no compile options
+# Kernels launched with other options than COMPILED_OPTIONS, by name (tests/_triton_gpu_compile.py
+# compiles each with its own).
+KERNEL_OPTIONS = {"tensor_terms_kernel": dict(COMPILED_OPTIONS, num_warps=16)}  # NOTE [finalize tiles]
+TERMS_LAUNCH = {} if INTERPRETED else KERNEL_OPTIONS["tensor_terms_kernel"]
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -177,7 +182,8 @@ def _step(batch: StepBatch, hp, amadamw: bool) -> None:
     if adaptive:
         tensor_terms_kernel[(len(params),)](
             table.meta, table.slot_start, table.partials, table.terms, batch.lr, state.prev_lr, table.weight_decay,
-            lam, AMADAMW=amadamw, FIRST_ORDER=(not amadamw) and hp.delta_f == "first_order", CHUNK=CHUNK, **LAUNCH)
+            lam, AMADAMW=amadamw, FIRST_ORDER=(not amadamw) and hp.delta_f == "first_order", CHUNK=TERMS_CHUNK,
+            **TERMS_LAUNCH)
 
     def finalize(sums, sums_out: bool, sums_in: bool):
         finalize_kernel[(n_scopes,)](

@@ -96,7 +96,7 @@ def record(path: str) -> None:
             else:
                 signature[p.name] = kind
         # launch options (the interpreter is given none: the GPU launches pass COMPILED_OPTIONS)
-        options = dict(triton_backend.COMPILED_OPTIONS)
+        options = dict(triton_backend.KERNEL_OPTIONS.get(self.fn.__name__, triton_backend.COMPILED_OPTIONS))
         options.update({k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages", "enable_fp_fusion")})
         entry = [self.fn.__module__, self.fn.__name__, signature, constexprs, options]
         seen[json.dumps(entry, sort_keys=True)] = entry

@@ -112,6 +112,7 @@ def test_parity_when_the_finalize_tiles_take_several_loads(monkeypatch, name, sc
     at 2, a tensor's slots and a scope's tensors are summed over several loads of a tile, whose last
     one is partial, as on a GPU for tensors of over 512 slots and scopes of over 512 tensors."""
     monkeypatch.setattr(triton_backend, "CHUNK", 2)
+    monkeypatch.setattr(triton_backend, "TERMS_CHUNK", 2)
     monkeypatch.setattr(triton_backend, "BLOCK", triton_backend.COMPILED_BLOCK)
     shapes = [(5000,), (3,), (2049,), (0,), (7, 9), (1025,), (4,)]  # 5, 1, 3, 0, 1, 2, 1 slots
     parity(OPTS[name], torch.float32, shapes=shapes, kwargs=dict(beta_scope=scope),
