@@ -84,8 +84,10 @@ COMPILED_OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
 LAUNCH = {} if INTERPRETED else COMPILED_OPTIONS  # the interpreter takes no compile options
 # Kernels launched with other options than COMPILED_OPTIONS, by name (tests/_triton_gpu_compile.py
 # compiles each with its own).
-KERNEL_OPTIONS = {"tensor_terms_kernel": dict(COMPILED_OPTIONS, num_warps=16)}  # NOTE [finalize tiles]
+KERNEL_OPTIONS = {"tensor_terms_kernel": dict(COMPILED_OPTIONS, num_warps=16),  # NOTE [finalize tiles]
+                  "rllc_combine_kernel": dict(COMPILED_OPTIONS, num_warps=8)}
 TERMS_LAUNCH = {} if INTERPRETED else KERNEL_OPTIONS["tensor_terms_kernel"]
+COMBINE_LAUNCH = {} if INTERPRETED else KERNEL_OPTIONS["rllc_combine_kernel"]  # triton_rllc.py
 
 
 def unavailable_reason(device: torch.device) -> str | None:

@@ -29,13 +29,16 @@ from .triton_kernels.rllc_kernels import rllc_combine_kernel, rllc_reduce_kernel
 from .triton_kernels import tensor_table
 from .triton_kernels.tensor_table import get_table
 
-TILE = 4096  # float64 elements of the combine kernel's [CHUNK, NP2] tile: CHUNK = TILE / NP2 slots a step
+# float64 elements of the combine kernel's [CHUNK, NP2] tile: CHUNK = TILE / NP2 slots a step. With the
+# kernel's 8 warps (tb.KERNEL_OPTIONS) that is 32 a thread, as 4096 were with 4 warps: 160 registers
+# (sm_90). 16 warps and 16384 would cap a thread at 128 registers, and it spilled 64-72 bytes.
+TILE = 8192
 
 
 def _combine_chunk(np2: int) -> int:
     """Slots per step of the combine kernel: as many as a TILE holds, at least 64. One program sums all
     its scope's slots (NOTE [finalize tiles] in triton_kernels/finalize_kernel.py): for k = 2 (8
-    columns) 512 slots a step instead of 64; for k = 8 (64 columns) 64, as before."""
+    columns) 1024 slots a step, for k = 8 (64 columns) 128."""
     return max(64, TILE // np2)
 
 
@@ -111,7 +114,7 @@ def rllc_step(batch: StepBatch, hp) -> None:
             HAS_GRAD_SCALE=has_scale, G_CODE=cg, D_CODE=cd, K=k, KP2=KP2, N_SUMS=sc.n_sums, BLOCK=tb.BLOCK, **tb.LAUNCH)
     rllc_combine_kernel[(n_scopes,)](
         table.slot_start, table.tensor_start, sc.partials, sc.sums,
-        N_SUMS=sc.n_sums, NP2=_next_p2(sc.n_sums), CHUNK=_combine_chunk(_next_p2(sc.n_sums)), **tb.LAUNCH)
+        N_SUMS=sc.n_sums, NP2=_next_p2(sc.n_sums), CHUNK=_combine_chunk(_next_p2(sc.n_sums)), **tb.COMBINE_LAUNCH)
     if batch.process_group is not None:  # sharded parameters: the whole model's sums (no host sync)
         dist.all_reduce(sc.sums, group=batch.process_group)
 

@@ -95,6 +95,19 @@ def test_parity_whole_blocks(monkeypatch, memory, dtype, block):
            groups=lambda ps: [{"params": ps, "lr": 0.05}])
 
 
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_parity_when_the_combine_takes_several_loads(monkeypatch, scope):
+    """The combine kernel sums a scope's slots a tile at a time (NOTE [finalize tiles]); with 2 slots a
+    tile every scope here takes several loads, the last one partial, as on a GPU for scopes of over
+    1024 slots (k = 2)."""
+    import amm_kernels.triton_rllc as triton_rllc
+
+    monkeypatch.setattr(triton_rllc, "_combine_chunk", lambda np2: 2)
+    monkeypatch.setattr(triton_backend, "BLOCK", triton_backend.COMPILED_BLOCK)
+    parity(torch.float32, shapes=[(5000,), (3,), (2049,), (0,), (1025,)], memory="M(0.9)+M(0)", scope=scope,
+           groups=lambda ps: [{"params": ps, "lr": 0.05}])
+
+
 def test_parity_two_groups_one_memory_unit_and_mixed_dtypes():
     def groups(ps):
         return [{"params": ps[:3], "lr": 0.05}, {"params": ps[3:], "lr": 0.02}]
