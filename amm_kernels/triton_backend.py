@@ -4,9 +4,10 @@ Per step, for the whole parameter list at once (no per-tensor launches):
     [AMAdamW] bias corrections per scope, in float64 on the device (two tiny torch ops, see below)
     pass 1    reduce kernel: per block of BLOCK elements, float32 sums into the block's own slot
               (skipped when adaptive=False: beta is beta_max)
-    finalize  one program per present scope: beta in float64 from the slots, in a fixed order;
+    terms     one program per tensor: its slots summed in float64 and weighted by its group's lrs
+    finalize  one program per present scope: beta in float64 from its tensors' terms, in a fixed order;
               commits step / beta / beta_prod unless found_inf (with a process_group: twice, around
-              one all_reduce of the per-scope sums)
+              one all_reduce of the per-scope sums); NOTE [finalize in two launches]
     pass 2    update kernel: d (and v) and x with the scope's beta; commits prev_lr / prev_loss
 One launch per pass and dtype bucket (tensor_table.py NOTE [pointer table]). The tables are cached
 across steps, rebased on the device when only addresses change (gradients set to None and allocated
