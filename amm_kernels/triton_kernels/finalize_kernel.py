@@ -40,9 +40,9 @@ def _tensor_sums(partials, first, last, N_SUMS: tl.constexpr, CHUNK: tl.constexp
     (three or four loops): 24x (AMSGD) or 32x (AMAdamW) fewer steps, in a fixed order. The launch
     gives this kernel 16 warps and a CHUNK of 2048 slots (triton_backend.TERMS_CHUNK), 16 float64
     accumulators a thread as with 4 warps and 512, and a quarter of the steps. By count, not measured:
-    at one memory latency (~0.5 us) a step, 512 slots a step cost about a tenth of an AM-SGD step's
-    memory time for one large tensor (512 blocks of 1024 elements move ~14 MB, ~3 us at 4.8 TB/s);
-    2048 cost about a fortieth."""
+    at one memory latency (~0.5 us) a step, 512 slots a step cost about a sixth of an AM-SGD step's
+    memory time for one large tensor (512 blocks of 1024 elements move ~14.7 MB, ~3.1 us at 4.8 TB/s);
+    2048 cost about a twenty-fourth."""
     cols = tl.arange(0, 4)
     acc = tl.zeros([CHUNK, 4], tl.float64)
     for c in range(first, last, CHUNK):

@@ -22,7 +22,7 @@ constexpr int kSerialSlots = 32;
 // a fixed array makes nvcc keep the array in local memory (ptxas reported a 48-byte stack frame for
 // the finalize kernel, 80 for the persistent step, and their SASS had LDL/STL round trips per slot).
 // Every loop over the sums runs to the compile-time kAmadamwSums with the tail guarded, so the arrays
-// stay in registers; .ci/nvcc_check fails on any stack frame or local access in the AM kernels.
+// stay in registers; .ci/nvcc_check fails on any stack frame (ptxas -v) in the AM kernels.
 __device__ __forceinline__ void add_slot(const float* slots, int64_t s, int n_sums, double (&sums)[amm::kAmadamwSums]) {
 #pragma unroll
   for (int k = 0; k < amm::kAmadamwSums; ++k)
