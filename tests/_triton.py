@@ -68,6 +68,19 @@ def grads_for(params, step, seed=0, scale=1.0, flip=False):
     return [(scale * n).to(DEV, p.dtype) for p, n in zip(params, noise)]
 
 
+def blocks_to_test(triton_backend):
+    """The interpreter's BLOCK and the GPU's (one entry on a GPU): tables, slots and the whole-block path
+    are cut by BLOCK, so the interpreter also runs at the size a GPU uses."""
+    return sorted({triton_backend.BLOCK, triton_backend.COMPILED_BLOCK})
+
+
+def assert_beta_moves(betas):
+    """A run's betas (one tensor per step) left their clamp at least once, so the sums behind them
+    reached the result (grads_for(flip=True) gives such runs)."""
+    betas = torch.cat([b.flatten() for b in betas]).float()
+    assert betas.max() - betas.min() > 1e-3, betas
+
+
 def mixed_dtype_params():
     """Six parameters on DEV, two each of float32, bfloat16 and float16, one of them empty."""
     params = make_params([(7,), (4097,), (3, 3), (5,), (0,), (40,)], torch.float32)

@@ -16,6 +16,7 @@ import torch
 from _triton import CUDA, DEV, grads_for, import_triton_backend, interpreter_env, make_params  # noqa: E402,F401
 from _triton import assert_bit_identical, change_lrs_at_step_2, check_found_inf_changes_nothing, lr_tensor_groups
 from _triton import assert_same_run as assert_runs_agree, mixed_dtype_params, train
+from _triton import assert_beta_moves, blocks_to_test
 
 triton_backend = import_triton_backend()
 
@@ -67,9 +68,7 @@ def test_parity_scopes_dtypes(name, scope, dtype):
     """Each scope and dtype, on gradients that flip sign (tests/test_compiled_kernels.py NOTE [moving
     beta]): with independent ones AM-AdamW's beta stayed at its clamp in nearly every step, so its sums
     hardly reached the result."""
-    _, _, betas = parity(OPTS[name], dtype, kwargs=dict(beta_scope=scope), flip=True)
-    betas = torch.cat([b.flatten() for b in betas]).float()
-    assert betas.max() - betas.min() > 1e-3, betas
+    assert_beta_moves(parity(OPTS[name], dtype, kwargs=dict(beta_scope=scope), flip=True)[2])
 
 
 @pytest.mark.parametrize("name", list(OPTS))
@@ -83,12 +82,7 @@ def test_parity_single_shapes(name, shapes):
     parity(OPTS[name], torch.float32, shapes=shapes, groups=lambda ps: [{"params": ps, "lr": 0.05}])
 
 
-# The interpreter's BLOCK and the GPU's: tables, slots and the whole-block path are cut by BLOCK, so the
-# interpreter also runs at the size a GPU uses (BLOCKS has one entry on a GPU).
-BLOCKS = sorted({triton_backend.BLOCK, triton_backend.COMPILED_BLOCK})
-
-
-@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("block", blocks_to_test(triton_backend))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", list(OPTS))
 def test_parity_unaligned_views(monkeypatch, name, dtype, block):
@@ -124,8 +118,7 @@ def test_parity_when_the_finalize_tiles_take_several_loads(monkeypatch, name, sc
     _, _, betas = parity(OPTS[name], torch.float32, shapes=shapes, kwargs=dict(beta_scope=scope), flip=True,
                          groups=lambda ps: [{"params": ps[:5], "lr": 0.05},
                                             {"params": ps[5:], "lr": 0.02, "weight_decay": 0.1}])
-    betas = torch.cat([b.flatten() for b in betas])
-    assert betas.max() - betas.min() > 1e-3, betas  # not clamped throughout
+    assert_beta_moves(betas)
 
 
 def test_parity_loss_mode():

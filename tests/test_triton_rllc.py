@@ -12,6 +12,7 @@ import torch
 from _triton import CUDA, DEV, grads_for, import_triton_backend, interpreter_env, make_params  # noqa: E402,F401
 from _triton import assert_bit_identical, change_lrs_at_step_2, check_found_inf_changes_nothing, lr_tensor_groups
 from _triton import assert_same_run as assert_runs_agree, mixed_dtype_params, train
+from _triton import blocks_to_test
 
 triton_backend = import_triton_backend()
 
@@ -84,7 +85,7 @@ def test_parity_single_shapes(shapes):
     parity(torch.float32, shapes=shapes, memory="J(0.8,2)+M(0)", groups=lambda ps: [{"params": ps, "lr": 0.05}])
 
 
-@pytest.mark.parametrize("block", sorted({triton_backend.BLOCK, triton_backend.COMPILED_BLOCK}))  # interpreter's, GPU's
+@pytest.mark.parametrize("block", blocks_to_test(triton_backend))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("memory", ["M(0.9)+M(0)", "J(0.8,2)+M(0)"])  # k = 2: no row past k; k = 3: one
 def test_parity_whole_blocks(monkeypatch, memory, dtype, block):
