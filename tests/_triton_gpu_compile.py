@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import sys
 import time
 
@@ -132,6 +133,12 @@ def _resources(cubin: bytes, cuobjdump: str | None) -> tuple[int, int] | None:
     return int(found.group(1)), int(found.group(2))
 
 
+# float32 division and square root as Triton compiles `/` and tl.sqrt (div.full: 2 ulp; sqrt.approx.ftz),
+# and any approximate float32 reciprocal: none may remain (NOTE [IEEE division] in triton_kernels/am_math.py).
+# (float64 ones are left out: the math library seeds exact float64 algorithms with rcp.approx.ftz.f64.)
+INEXACT = re.compile(r"\b(?:div\.full|div\.approx|sqrt\.approx|rcp\.approx|rsqrt\.approx)(?:\.ftz)?\.f32\b")
+
+
 def compile_all(path: str) -> int:
     import importlib
     import os
@@ -145,6 +152,7 @@ def compile_all(path: str) -> int:
     start = time.time()
     vectors = {}  # kernel name -> 16-byte global loads / stores in its float32 sm_90 PTX (NOTE [vector access])
     fmas = {}  # kernel name -> fused multiply-adds in its PTX, every target and specialization (NOTE [no fused multiply-add])
+    inexact = {}  # kernel name -> approximate divisions / square roots / reciprocals in its PTX (NOTE [IEEE division])
     resources = {}  # "name" or "name K=k" -> the most registers and stack-frame bytes of its sm_90 cubins
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     cuobjdump = cuobjdump if os.access(cuobjdump, os.X_OK) else None
@@ -160,6 +168,7 @@ def compile_all(path: str) -> int:
                 print(f"FAILED sm_{arch} {name} {constexprs}: {str(err).splitlines()[0][:300]}")
                 continue
             fmas[name] = fmas.get(name, 0) + kernel.asm["ptx"].count("fma.rn.f")
+            inexact[name] = inexact.get(name, 0) + len(INEXACT.findall(kernel.asm["ptx"]))
             if arch == 90 and all(v == 0 for k, v in constexprs.items() if k.endswith("_CODE")):
                 ptx = kernel.asm["ptx"]
                 vectors[name] = [ptx.count("ld.global.v4"), ptx.count("st.global.v4")]
@@ -172,6 +181,7 @@ def compile_all(path: str) -> int:
           f"{failures} failures (triton {triton.__version__})")
     print("vector accesses " + json.dumps(vectors, sort_keys=True))
     print("fused multiply-adds " + json.dumps(fmas, sort_keys=True))
+    print("inexact divisions " + json.dumps(inexact, sort_keys=True))
     print("registers and stack " + json.dumps(resources, sort_keys=True))
     return failures
 

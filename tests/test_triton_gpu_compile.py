@@ -60,6 +60,10 @@ def compile_and_check(launches, tmp_path, pythonpath_first=None, version=None):
     # although TRITON_DEFAULT_FP_FUSION=1 above asks for contraction wherever a launch does not forbid it
     fmas = json.loads(out.stdout.split("fused multiply-adds ")[1].splitlines()[0])
     assert len(fmas) >= 6 and not any(fmas.values()), fmas
+    # NOTE [IEEE division] (triton_kernels/am_math.py): float32 `/` and tl.sqrt compile to approximate
+    # instructions (div.full.f32, sqrt.approx.ftz.f32), where the reference and the interpreter round exactly
+    inexact = json.loads(out.stdout.split("inexact divisions ")[1].splitlines()[0])
+    assert len(inexact) >= 6 and not any(inexact.values()), inexact
     # Next to no local memory (register spills, or arrays ptxas could not keep in registers) in what a GPU
     # runs: the launches were recorded at the GPU's BLOCK (at the interpreter's 4096 the AM-AdamW and RLLC
     # kernels took 255 registers and 16-3480-byte frames). Allowed: one word (8 bytes), which triton 3.6

@@ -2,6 +2,12 @@
 
 Mirrors csrc/amm_math.h function by function (same names, same operation order) so that the Triton,
 C++ and CUDA kernels round the same way. All arithmetic is float32; the caller converts loads.
+
+NOTE [IEEE division]: compiled, Triton's float32 `a / b` is div.full.f32 (up to 2 ulp off) and tl.sqrt
+is sqrt.approx.ftz.f32 (approximate, subnormals flushed), where torch, the C++ and CUDA kernels (nvcc's
+default -prec-div -prec-sqrt) and the interpreter round exactly. So every float32 division here is
+tl.div_rn and every square root tl.sqrt_rn (div.rn.f32, sqrt.rn.f32); float64 `/` is already div.rn.f64.
+tests/test_triton_gpu_compile.py fails on any approximate division, square root or reciprocal in the PTX.
 """
 import triton
 import triton.language as tl
@@ -17,7 +23,7 @@ def effective_grad(grad, x, grad_scale, HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: 
     only where there is decay, as the reference adds it: an inf x with no decay must not give NaN."""
     g = grad
     if HAS_GRAD_SCALE:
-        g = g / grad_scale  # a division, as the reference (not a multiply by 1 / grad_scale)
+        g = tl.div_rn(g, grad_scale)  # a division, as the reference (not a multiply by 1 / grad_scale)
     if MAXIMIZE:
         g = -g
     return tl.where(coupled_wd != 0.0, g + coupled_wd * x, g)
@@ -34,7 +40,7 @@ def amsgd_terms(g, d, lam):
 
 @triton.jit
 def amsgd_momentum(g, d, beta, lam, first_step):
-    return tl.where(first_step, g, ((beta + lam) * d + (1.0 - beta) * g) / (1.0 + lam))
+    return tl.where(first_step, g, tl.div_rn((beta + lam) * d + (1.0 - beta) * g, 1.0 + lam))
 
 
 @triton.jit
@@ -62,25 +68,25 @@ def adamw_second_moment(g, v, beta2, one_minus_beta2):
 
 @triton.jit
 def adamw_precond(v_new, bias1, bias2, eps):
-    return bias1 * (eps + tl.sqrt(v_new / bias2))
+    return bias1 * (eps + tl.sqrt_rn(tl.div_rn(v_new, bias2)))
 
 
 @triton.jit
 def amadamw_terms(g, d, x, p, lam, mu):
     """<g, mu x + d/p>, <w (d-g), g + lam p d>, <d - g, x>, <w (d-g), d-g> per element."""
-    w = 1.0 / ((1.0 + lam * p) * p)
+    w = tl.div_rn(tl.full(p.shape, 1.0, tl.float32), (1.0 + lam * p) * p)  # 1 / ((1 + lam p) p)
     diff = d - g
-    return g * (mu * x + d / p), w * diff * (g + lam * p * d), diff * x, w * diff * diff
+    return g * (mu * x + tl.div_rn(d, p)), w * diff * (g + lam * p * d), diff * x, w * diff * diff
 
 
 @triton.jit
 def amadamw_momentum(g, d, p, beta, lam):
-    return (beta * d + lam * p * d + (1.0 - beta) * g) / (1.0 + lam * p)
+    return tl.div_rn(beta * d + lam * p * d + (1.0 - beta) * g, 1.0 + lam * p)
 
 
 @triton.jit
 def adamw_param(x, d_new, p, lr, mu):
-    return (1.0 - lr * mu) * x - lr * d_new / p
+    return (1.0 - lr * mu) * x - tl.div_rn(lr * d_new, p)
 
 
 @triton.jit

@@ -14,7 +14,7 @@ def rllc_grad(grad, grad_scale, HAS_GRAD_SCALE: tl.constexpr):
     """grad / grad_scale (a division, as the reference); RLLC has no maximize or weight decay."""
     g = grad
     if HAS_GRAD_SCALE:
-        g = g / grad_scale
+        g = tl.div_rn(g, grad_scale)
     return g
 
 
