@@ -21,6 +21,7 @@ before this module was first imported (slow: for tests).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -227,11 +228,22 @@ def _step(batch: StepBatch, hp, amadamw: bool) -> None:
         dst.copy_(src)
 
 
+def on_params_device(batch: StepBatch):
+    """NOTE [device guard]: a Triton launch runs on the current CUDA device and its current stream, not on
+    its tensors' device (the cuda backend sets a CUDAGuard in C++), so a step of parameters on cuda:1,
+    with cuda:0 current, would launch on the wrong GPU; and get_table's capture check reads the current
+    device's stream. Every step runs under this guard."""
+    device = batch.params[0].device
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def amsgd_step(batch: StepBatch, hp: AMSGDHyper) -> None:
-    _step(batch, hp, amadamw=False)
+    with on_params_device(batch):
+        _step(batch, hp, amadamw=False)
 
 
 @torch.no_grad()
 def amadamw_step(batch: StepBatch, hp: AMAdamWHyper) -> None:
-    _step(batch, hp, amadamw=True)
+    with on_params_device(batch):
+        _step(batch, hp, amadamw=True)

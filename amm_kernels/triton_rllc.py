@@ -84,6 +84,11 @@ def _scratch(table, hp, device) -> _RLLCScratch:
 def rllc_step(batch: StepBatch, hp) -> None:
     from . import triton_backend as tb  # fully imported by now (it imports this module at its end)
 
+    with tb.on_params_device(batch):  # NOTE [device guard] in triton_backend.py
+        _rllc_step(batch, hp, tb)
+
+
+def _rllc_step(batch: StepBatch, hp, tb) -> None:
     if (type(rllc_update_kernel).__name__ == "InterpretedFunction") != tb.INTERPRETED:
         raise RuntimeError(
             "amm_kernels.triton_rllc was first imported with a different TRITON_INTERPRET than "

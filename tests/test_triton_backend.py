@@ -379,6 +379,40 @@ def test_a_capture_rebases_and_keeps_its_table_but_cannot_build_one(monkeypatch,
             RLLC(params, memory="M(0.8)+M(0)", backend="triton").step()
 
 
+def test_a_captured_table_keeps_the_table_it_was_rebased_from(monkeypatch):
+    """A table rebased during a capture is a clone of its source's meta, and the graph repeats that clone
+    at every replay: the source must outlive the LRU of tables (here 9 later eager steps at new gradient
+    addresses push it out) as the captured table does (NOTE [tables and graphs]). It was freed before."""
+    import gc
+    import weakref
+
+    from amm_kernels.triton_kernels import tensor_table
+
+    params = make_params([(7,), (300,)], torch.float32, seed=6)
+    opt = AMSGD(params, backend="triton")
+    grads = []
+
+    def new_grads():  # kept alive, so that every step's gradients have addresses of their own
+        for p in params:
+            p.grad = torch.randn(p.shape).to(DEV)
+            grads.append(p.grad)
+
+    new_grads()
+    opt.step()  # warm-up: builds the source table
+    source = next(iter(opt._device_tables["triton"].exact.values()))
+    source_meta = weakref.ref(source.meta)
+    del source
+    with monkeypatch.context() as m:
+        m.setattr(tensor_table, "_capturing", lambda device: True)
+        new_grads()
+        opt.step()  # "captured": rebased from the source
+    for _ in range(tensor_table._CACHE_SIZE + 1):
+        new_grads()
+        opt.step()
+    gc.collect()
+    assert source_meta() is not None
+
+
 _NO_BACKEND = """
 import sys, torch
 from amm_kernels import AMSGD
@@ -442,3 +476,24 @@ def test_split_step_over_nccl_is_the_fused_step(one_rank_nccl_group, name):
     b = run(OPTS[name], "triton", torch.float32, kwargs=dict(process_group=one_rank_nccl_group), flip=True)
     assert_bit_identical(a, b)
     assert len({float(x.flatten()[0]) for x in a[2][1:]}) > 1, "beta should move"
+
+
+def test_every_step_runs_under_a_guard_for_its_parameters_device(monkeypatch):
+    """NOTE [device guard] (triton_backend.py): Triton launches on the current CUDA device, so each
+    optimizer's step enters a guard for its parameters' device: torch.cuda.device(cuda:1) for parameters
+    on cuda:1 (constructed here without a GPU), nothing on the CPU. Two GPUs would be needed to run it."""
+    import types
+
+    from amm_kernels import triton_backend as tb
+
+    on_cuda1 = tb.on_params_device(types.SimpleNamespace(params=[types.SimpleNamespace(device=torch.device("cuda:1"))]))
+    assert isinstance(on_cuda1, torch.cuda.device) and on_cuda1.idx == 1
+    entered = []
+    real = tb.on_params_device
+    monkeypatch.setattr(tb, "on_params_device", lambda batch: entered.append(batch.params[0].device) or real(batch))
+    for cls in (AMSGD, AMAdamW, RLLC):
+        params = make_params([(7,), (5, 3)], torch.float32, seed=8)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        cls(params, backend="triton").step()
+    assert entered == [params[0].device] * 3

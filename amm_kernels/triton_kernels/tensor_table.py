@@ -122,7 +122,8 @@ def _remember(cache: OrderedDict, key, table: Table) -> None:
 # device; scratch buffers are the new table's own, zeroed on the device. Eager steps whose gradients
 # moved (zero_grad(set_to_none=True)) take the same path. The tables are the optimizer's own (TableCache in StepBatch.device_tables): another
 # optimizer's layouts never evict them. A table that a capture used is kept for the life of the process
-# (_IN_GRAPHS): the graph reads it at every replay, and the LRU must not free it. A layout never seen
+# (_IN_GRAPHS): the graph reads it at every replay, and the LRU must not free it; so is the table a
+# captured one was rebased from, whose meta the graph's clone reads at every replay. A layout never seen
 # before cannot be built during a capture: run a warm-up step.
 def get_table(params, grads, d, v, batch, block: int, n_sums: int) -> Table:
     """The cached table for this exact list of tensors: rebased when only addresses or weight decays
@@ -137,6 +138,8 @@ def get_table(params, grads, d, v, batch, block: int, n_sums: int) -> Table:
         source = cache.by_layout.get(layout)
         if source is not None:
             table = _rebased(source, addresses, decays)
+            if capturing:  # the graph clones source.meta at every replay: it must outlive the LRU too
+                _IN_GRAPHS[id(source)] = source
         elif capturing:
             raise RuntimeError(
                 "backend 'triton' builds the tables of a new parameter list (sizes, dtypes, groups) by copying "
