@@ -33,6 +33,11 @@ def _on_device(x, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.full((), float(x), dtype=dtype, device=device)  # float() of a CPU tensor reads host memory only
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether the current stream is capturing a CUDA graph (never on other devices)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _local(t: Tensor) -> Tensor:
     """A DTensor's local shard (the same storage: in-place updates reach the DTensor); else t itself."""
     return t.to_local() if isinstance(t, DTensor) else t
@@ -62,6 +67,7 @@ class AMOptimizer(torch.optim.Optimizer):
         self.capturable = check_flag(name, "capturable", capturable)
         self._scopes: ScopeState | None = None
         self._index_cache: dict = {}  # device index tensors and lr, reused across steps (no H2D copy once warm)
+        self._in_graphs: dict = {}  # id -> tensor: what a captured step read from _index_cache (NOTE [kept for graphs])
         self._device_tables: dict = {}  # the backends' own, kept across steps (StepBatch.device_tables)
         self._resolved: dict = {}  # (backend, device, dtypes) -> backend module
         super().__init__(params, defaults)
@@ -155,6 +161,12 @@ class AMOptimizer(torch.optim.Optimizer):
         if batch is not None:
             module = self._backend_module(self.backend, batch.params[0].device, {p.dtype for p in batch.params})
             getattr(module, self.STEP_OP)(batch, self._hyper)
+            if _capturing(batch.params[0].device):
+                # NOTE [kept for graphs]: a captured graph reads the tensors of _index_cache that the step
+                # used (the lrs, the index tensors) at their addresses at every replay. The cache lets
+                # them go: an lr tensor when the float lrs change (a scheduler's), all of them past 256
+                # entries. Freed, their memory could hold anything by the next replay: they are kept.
+                self._in_graphs.update((id(t), t) for t in self._index_cache.values())
         return loss
 
     def _backend_module(self, backend: str, device: torch.device, dtypes: set[torch.dtype]):

@@ -19,6 +19,33 @@ def test_capturable_needs_a_gpu_parameter():
         opt.step()
 
 
+@pytest.mark.parametrize("cls", [AMSGD, AMAdamW, RLLC])
+def test_what_a_captured_step_read_outlives_the_caches(monkeypatch, cls):
+    """NOTE [kept for graphs] (_base.py): a step under a capture (simulated on the CPU: _base._capturing
+    says so) keeps the lr tensor it read, although a scheduler's next lr replaces it in the cache and the
+    cache is cleared past 256 entries; a graph replays reads of it. Without the keep it was freed."""
+    import gc
+    import weakref
+
+    from amm_kernels import _base
+
+    p = torch.randn(5, requires_grad=True)
+    opt = cls([p], lr=0.02, backend="torch")
+    p.grad = torch.ones(5)
+    opt.step()  # warm-up
+    with monkeypatch.context() as m:
+        m.setattr(_base, "_capturing", lambda device: True)
+        opt.step()
+    captured_lr = weakref.ref(next(t for k, t in opt._index_cache.items() if k[0] == "lr"))
+    for step in range(3):  # a schedule: each lr replaces the last in the cache
+        opt.param_groups[0]["lr"] = 0.01 / (step + 1)
+        opt.step()
+    opt._index_cache.update({("filler", i): torch.zeros(1) for i in range(300)})
+    opt.step()  # clears the cache
+    gc.collect()
+    assert captured_lr() is not None
+
+
 def make(cls, backend):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).cuda()
