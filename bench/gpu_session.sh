@@ -15,7 +15,8 @@
 #   build.log     the extension's full build output
 #   tests.log     pytest -v of the GPU tests (failures in full, skip reasons)
 #   bench.log     the benchmarks' output (the tables)
-#   results.tgz   the bench/results files this call wrote, and pytest's junit xml files
+#   results.tgz   the bench/results files this call wrote, and pytest's junit xml files; made again
+#                 after every part, so a call cut short still returns what the finished parts wrote
 #
 # Parts (default order = order of value; limits are maxima, each also capped by what is left):
 #   build        amm_kernels._C with its CUDA part (strict), for sm_90 only (AMM_CUDA_ARCHS; CI
@@ -34,17 +35,19 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
-export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1  # offline
 export AMM_NO_CUDA_SIM=1  # the simulator's tests are CI's; here the real CUDA backend runs (tests/_cuda_sim.py)
 BUDGET="${AMM_GPU_BUDGET_S:-560}"
 T0=$(date +%s)
 STAMP_T="$(mktemp)"  # results newer than this were written by this call
+JUNIT="$(mktemp -d)"  # pytest's junit files, packed into results.tgz (not left in $OUT: at most 8 files come back)
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(build test_cuda bench_core test_triton variants breakdown overhead bench_full)
 declare -A MAX_S=([build]=240 [test_cuda]=150 [bench_core]=120 [test_triton]=150 [variants]=90 [breakdown]=60
                   [overhead]=60 [bench_full]=240 [conv]=300)
 # the least a part needs to leave a result (below it the part is skipped, not started and killed)
-declare -A MIN_S=([bench_core]=60 [variants]=40 [breakdown]=35 [overhead]=45 [bench_full]=60)
+declare -A MIN_S=([test_cuda]=60 [bench_core]=60 [test_triton]=60 [variants]=40 [breakdown]=35 [overhead]=45
+                  [bench_full]=60)
 RESERVE=15  # seconds kept for packing the results
 status=0
 unfinished=()  # parts skipped or stopped at their limit: what a second call on the still-warm machine would run
@@ -54,26 +57,34 @@ left() { echo $(( BUDGET - ($(date +%s) - T0) - RESERVE )); }
 src_hash() { cat setup.py csrc/*.h csrc/*.cpp csrc/*/* 2>/dev/null | sha1sum | cut -c1-12; }
 
 pytest_args() {  # xdist and pytest-timeout where installed (the GPU image has both)
-  local a=(-v -rs -p no:cacheprovider)
+  local a=(-v -rs -p no:cacheprovider --continue-on-collection-errors)
   "$PY" -c "import xdist" 2>/dev/null && a+=(-n 8 --dist loadfile)
   "$PY" -c "import pytest_timeout" 2>/dev/null && a+=(--timeout 120)
   echo "${a[@]}"
 }
 
+has_cuda_part() { timeout -k 5 60 "$PY" -c "import amm_kernels._C as c, sys; sys.exit(0 if c.has_cuda else 1)"; }
+
+# A part stopped at its limit gets SIGINT first, which pytest (its xdist workers too: timeout signals
+# the whole process group) answers with its summary and junit file, and Python with KeyboardInterrupt;
+# SIGKILL 15 s later if it still runs. Either way the part's status is 124 (or 137 after the kill).
+limited() { timeout -s INT -k 15 "$@"; }
+
 part_build() {
   local stamp="build/amm_gpu_build_stamp" want
   want="$(src_hash)"
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && \
-     "$PY" -c "import amm_kernels._C as c, sys; sys.exit(0 if c.has_cuda else 1)" 2>/dev/null; then
+     has_cuda_part 2>/dev/null; then
     echo "build: amm_kernels._C with CUDA is already built from csrc/ $want; skipped"
     return 0
   fi
   AMM_CUDA_ARCHS="${AMM_CUDA_ARCHS:-90}" MAX_JOBS="${MAX_JOBS:-16}" AMM_KERNELS_STRICT_BUILD=1 \
-    timeout "$1" "$PY" -m pip install --no-deps --no-build-isolation -v -e . > "$OUT/build.log" 2>&1
+    limited "$1" "$PY" -m pip install --no-deps --no-build-isolation -v -e . > "$OUT/build.log" 2>&1
   local rc=$?
   tail -n 30 "$OUT/build.log"
   [ $rc -eq 0 ] || { echo "build rc=$rc"; return $rc; }
-  "$PY" -c "import amm_kernels._C as c; assert c.has_cuda, 'no CUDA part'; print('amm_kernels._C has_cuda =', c.has_cuda)" || return 1
+  has_cuda_part || { echo "amm_kernels._C was built without its CUDA part (see build.log)"; return 1; }
+  echo "amm_kernels._C has its CUDA part"
   mkdir -p build && echo "$want" > "$stamp"
 }
 
@@ -83,7 +94,7 @@ run_pytest() {  # $1 limit, $2 junit name, then pytest selection arguments
     AMM_VECTORS_DIR="$(mktemp -d)/vectors"; cp -r .carry/vectors "$AMM_VECTORS_DIR"; export AMM_VECTORS_DIR
   fi
   # shellcheck disable=SC2046
-  timeout "$limit" "$PY" -m pytest tests "$@" $(pytest_args) --junitxml="$OUT/junit_$name.xml" 2>&1 | tee -a "$OUT/tests.log"
+  limited "$limit" "$PY" -m pytest tests "$@" $(pytest_args) --junitxml="$JUNIT/junit_$name.xml" 2>&1 | tee -a "$OUT/tests.log"
 }
 
 # Selections: every test that skips without a GPU is in exactly one of the two parts, and few CPU-only
@@ -94,14 +105,14 @@ TRITON_TESTS="triton and not cuda_sim and not gpu_compile and not test_distribut
 
 part_test_cuda() {
   # without the CUDA part every CUDA test would skip and the part would pass: fail it instead
-  "$PY" -c "import amm_kernels._C as c, sys; sys.exit(0 if c.has_cuda else 1)" || { echo "amm_kernels._C has no CUDA part (see build.log): the CUDA tests would only skip"; return 1; }
+  has_cuda_part || { echo "amm_kernels._C has no CUDA part (see build.log): the CUDA tests would only skip"; return 1; }
   run_pytest "$1" cuda -k "$CUDA_TESTS"
 }
 
 # (the PTX compile test needs no GPU and runs in CI with this machine's triton: not here)
 part_test_triton() { run_pytest "$1" triton -k "$TRITON_TESTS"; }
 
-bench() { timeout "$1" "$PY" "${@:2}" 2>&1 | tee -a "$OUT/bench.log"; }
+bench() { limited "$1" "$PY" "${@:2}" 2>&1 | tee -a "$OUT/bench.log"; }
 
 part_bench_core() {
   bench "$1" bench/throughput.py --layouts model --sizes 1e8,3e8,1e9 --stem-suffix core \
@@ -116,12 +127,23 @@ part_overhead() { bench "$1" bench/train_step_overhead.py --d 1024 --layers 12 -
 
 part_bench_full() { bench "$1" bench/throughput.py; }
 
-part_conv() { bench "$1" bench/conv_lm.py --steps 2000 --seeds 3 --d 512 --layers 8 --batch 32 --ctx 256; }
+part_conv() { bench "$1" bench/conv_lm.py --steps 600 --seeds 2 --d 512 --layers 8 --batch 32 --ctx 256; }
+
+# Everything written under bench/results by this call, and the junit files, in one archive (again
+# after every part: a call cut short by the device tool still returns what the finished parts wrote).
+pack() {
+  { find bench/results -type f -newer "$STAMP_T" 2>/dev/null; ls "$JUNIT"/junit_*.xml 2>/dev/null; } > "$JUNIT/.list"
+  tar czf "$OUT/results.tgz.part" --transform 's,^.*/junit_,junit_,' -T "$JUNIT/.list" 2>/dev/null
+  mv -f "$OUT/results.tgz.part" "$OUT/results.tgz"
+}
 
 {
-  echo "== $(date -u +%FT%TZ) gpu_session ${parts[*]} (budget ${BUDGET} s): $(git rev-parse --short HEAD 2>/dev/null || echo no-git)"
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv || echo "nvidia-smi failed"
-  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.is_available())"
+  # the commit: .carry/commit where the caller wrote it (the device's copy of the tree may lack .git)
+  commit="$(git rev-parse --short HEAD 2>/dev/null || cat .carry/commit 2>/dev/null || echo unknown)"
+  echo "== $(date -u +%FT%TZ) gpu_session ${parts[*]} (budget ${BUDGET} s): commit $commit"
+  timeout -k 5 30 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv || echo "nvidia-smi failed"
+  timeout -k 5 60 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())"
+  timeout -k 5 60 "$PY" -c "import triton; print('triton', triton.__version__)" || echo "triton: import failed"
   command -v nvcc >/dev/null && nvcc --version | tail -n 1
 } 2>&1 | tee -a "$OUT/session.log"
 
@@ -136,18 +158,17 @@ for p in "${parts[@]}"; do
   rc=$?
   tail -n 25 "$OUT/part_$p.out" | tee -a "$OUT/session.log"
   rm -f "$OUT/part_$p.out"
-  [ $rc -eq 124 ] && { log "   (stopped at its limit of ${limit} s)"; unfinished+=("$p"); }
+  { [ $rc -eq 124 ] || [ $rc -eq 137 ]; } && { log "   (stopped at its limit of ${limit} s)"; unfinished+=("$p"); }
   log "== part $p rc=$rc in $(( $(date +%s) - start )) s"
   [ $rc -eq 0 ] || status=1
+  pack
 done
 
-# Everything written under bench/results by this call, and the junit files, in one archive.
-find bench/results -type f -newer "$STAMP_T" > "$OUT/.results_list" 2>/dev/null
-ls "$OUT"/junit_*.xml >> "$OUT/.results_list" 2>/dev/null
-tar czf "$OUT/results.tgz" --transform 's,^.*/junit_,junit_,' -T "$OUT/.results_list" 2>/dev/null
-rm -f "$OUT/.results_list" "$OUT"/junit_*.xml "$STAMP_T"
+pack
+rm -rf "$JUNIT" "$STAMP_T"
 log "== done in $(( $(date +%s) - T0 )) s, status $status; results.tgz: $(tar tzf "$OUT/results.tgz" 2>/dev/null | tr '\n' ' ')"
 # The machine stays warm 30 s after a call and keeps the build: a second call started at once can run
 # what did not fit (it skips the build when csrc/ is unchanged), if the session's device time allows.
-[ ${#unfinished[@]} -gt 0 ] && log "== unfinished: ${unfinished[*]} (next: OUT=\$OUT bash bench/gpu_session.sh ${unfinished[*]})"
+# Its budget must fit the device time left (status's budget_left_s), less the start and the packing.
+[ ${#unfinished[@]} -gt 0 ] && log "== unfinished: ${unfinished[*]} (next: AMM_GPU_BUDGET_S=<device time left - 60> OUT=\$OUT bash bench/gpu_session.sh ${unfinished[*]})"
 exit $status

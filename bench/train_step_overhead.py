@@ -75,6 +75,9 @@ def main(argv=None):
         for name, model, opt in cases:
             times[name]["step"] = [time_fn(lambda: train_step(model, opt), device, repeats=args.repeats)]
             times[name]["fb"] = [time_fn(lambda: fwd_bwd(model), device, repeats=args.repeats)]
+            # after every optimizer: a run stopped at its time limit keeps what it measured
+            write_results(f"train_step_overhead_{device_tag(device)}", rows_of(cases, times, device, args), env,
+                          args.out_dir)
     else:  # round-robin, so that a load that drifts during the run hits every optimizer alike
         for name, model, opt in cases:
             for _ in range(1 if args.quick else 2):
@@ -89,8 +92,20 @@ def main(argv=None):
                 times[name]["step"].append((t1 - t0) * 1e3)
                 times[name]["fb"].append((t2 - t1) * 1e3)
 
+    rows = rows_of(cases, times, device, args)
+    for r in rows:
+        print(f"{r['optimizer']:16s} {r['ms_per_train_step']:9.2f} ms/train step (fwd+bwd alone {r['ms_fwd_bwd']:8.2f}; "
+              f"clip+step+zero_grad {r['ms_step_minus_fwd_bwd']:8.2f}) {r['ratio_to_adamw_fused']:6.2f}x", flush=True)
+    write_results(f"train_step_overhead_{device_tag(device)}", rows, env, args.out_dir)
+    print(f"{env['device']}, {rows[0]['params']} params, {args.batch}x{args.ctx} tokens; load {env['load_before']}")
+
+
+def rows_of(cases, times, device, args) -> list[dict]:
+    """One row per optimizer timed so far; ratios to the first (fused AdamW)."""
     rows, base = [], None
-    for name, model, opt in cases:
+    for name, model, _ in cases:
+        if not times[name]["step"]:
+            continue
         ms, ms_fb = statistics.median(times[name]["step"]), statistics.median(times[name]["fb"])
         opt_ms = statistics.median(a - b for a, b in zip(times[name]["step"], times[name]["fb"])) if device.type != "cuda" else ms - ms_fb
         base = base if base is not None else ms
@@ -98,10 +113,7 @@ def main(argv=None):
         rows.append(dict(optimizer=name, params=n, tensors=len(list(model.parameters())), tokens=args.batch * args.ctx,
                          ms_per_train_step=round(ms, 3), ms_fwd_bwd=round(ms_fb, 3), ms_step_minus_fwd_bwd=round(opt_ms, 3),
                          ratio_to_adamw_fused=round(ms / base, 3), overhead_pct=round(100 * (ms / base - 1), 1)))
-        print(f"{name:16s} {ms:9.2f} ms/train step (fwd+bwd alone {ms_fb:8.2f}; clip+step+zero_grad {opt_ms:8.2f}) "
-              f"{ms / base:6.2f}x", flush=True)
-    write_results(f"train_step_overhead_{device_tag(device)}", rows, env, args.out_dir)
-    print(f"{env['device']}, {rows[0]['params']} params, {args.batch}x{args.ctx} tokens; load {env['load_before']}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ def test_a_part_that_does_not_fit_the_budget_is_skipped(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.search(r"== part variants: skipped, \d+ s of the budget left", log), log
     assert "== part variants (limit" not in log
-    assert "== unfinished: variants (next: OUT=$OUT bash bench/gpu_session.sh variants)" in log, log
+    assert "== unfinished: variants (next: AMM_GPU_BUDGET_S=<device time left - 60> OUT=$OUT bash " \
+           "bench/gpu_session.sh variants)" in log, log
 
 
 def _selection(name):
