@@ -34,8 +34,9 @@ def _on_device(x, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 def _capturing(device: torch.device) -> bool:
-    """Whether the current stream is capturing a CUDA graph (never on other devices)."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    """Whether the current stream is capturing a CUDA graph (never on other devices). Under torch.compile
+    it is not asked (constant False): dynamo folds is_compiling(), so the compiled step keeps no branch."""
+    return device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing()
 
 
 def _local(t: Tensor) -> Tensor:

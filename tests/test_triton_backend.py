@@ -497,3 +497,19 @@ def test_every_step_runs_under_a_guard_for_its_parameters_device(monkeypatch):
             p.grad = torch.ones_like(p)
         cls(params, backend="triton").step()
     assert entered == [params[0].device] * 3
+
+
+def test_division_by_the_grad_scale_rounds_as_torchs():
+    """NOTE [IEEE division] (triton_kernels/am_math.py): AMSGD's first momentum is g / grad_scale, bit for
+    bit torch's float32 division, for a scale whose reciprocal is not exact (3). In the interpreter it
+    fails on a multiply by the reciprocal (checked); compiled on a GPU, also on Triton's plain `/`
+    (div.full.f32, 2 ulp), which the interpreter computes exactly."""
+    gen = torch.Generator().manual_seed(9)
+    p = torch.randn(4097, generator=gen).to(DEV).requires_grad_()
+    p.grad = torch.randn(4097, generator=gen).to(DEV)
+    opt = AMSGD([p], lr=0.1, backend="triton", adaptive=False)
+    opt.grad_scale = torch.tensor(3.0, device=DEV)
+    opt.found_inf = torch.zeros((), device=DEV)
+    opt.step()
+    d = opt.state[p]["momentum_buffer"]
+    assert torch.equal(d, p.grad / 3.0), (d != p.grad / 3.0).sum().item()
