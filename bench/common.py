@@ -225,13 +225,19 @@ def write_results(stem: str, rows: list[dict], env: dict, out_dir: Path | str | 
     for row in rows:
         keys += [k for k in row if k not in keys]
     env_keys = ["date", "device", "torch", "triton", "cuda", "load_before", "load_after"]
-    with open(csv_path, "w", newline="") as fh:
+    # each file written whole, then renamed over the last: scripts rewrite their results as they go,
+    # and one stopped mid-write (gpu_session.sh's SIGINT, then SIGKILL) must leave the last good copy
+    tmp = csv_path.with_name(csv_path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=keys + env_keys)
         writer.writeheader()
         for row in rows:
             writer.writerow({**row, **{k: env.get(k, "") for k in env_keys}})
-    with open(json_path, "w") as fh:
+    os.replace(tmp, csv_path)
+    tmp = json_path.with_name(json_path.name + ".tmp")
+    with open(tmp, "w") as fh:
         json.dump({"environment": env, "rows": rows, **rounded(extra or {})}, fh, default=float)
+    os.replace(tmp, json_path)
     return csv_path, json_path
 
 

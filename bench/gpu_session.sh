@@ -7,6 +7,7 @@
 # it measured. The machine has no network: everything runs offline from the working tree.
 #
 #   cp -r ../shared/vectors .carry/vectors        # here, first (git-ignored; test_vectors reads them)
+#   git rev-parse --short HEAD > .carry/commit    # the commit, for session.log (.git may not travel)
 #   run: OUT=$OUT bash bench/gpu_session.sh       # carry [".carry"], timeout_s 600
 #   OUT=... bash bench/gpu_session.sh build conv  # named parts only (see PARTS below)
 #
@@ -67,8 +68,8 @@ has_cuda_part() { timeout -k 5 60 "$PY" -c "import amm_kernels._C as c, sys; sys
 
 # A part stopped at its limit gets SIGINT first, which pytest (its xdist workers too: timeout signals
 # the whole process group) answers with its summary and junit file, and Python with KeyboardInterrupt;
-# SIGKILL 15 s later if it still runs. Either way the part's status is 124 (or 137 after the kill).
-limited() { timeout -s INT -k 15 "$@"; }
+# SIGKILL 30 s later if it still runs (xdist's workers take a while to stop). Either way the part's status is 124 (or 137 after the kill).
+limited() { timeout -s INT -k 30 "$@"; }
 
 part_build() {
   local stamp="build/amm_gpu_build_stamp" want
@@ -158,7 +159,9 @@ for p in "${parts[@]}"; do
   rc=$?
   tail -n 25 "$OUT/part_$p.out" | tee -a "$OUT/session.log"
   rm -f "$OUT/part_$p.out"
-  { [ $rc -eq 124 ] || [ $rc -eq 137 ]; } && { log "   (stopped at its limit of ${limit} s)"; unfinished+=("$p"); }
+  # 124: stopped at the limit; 137: killed, which is the limit only if the limit had passed (else OOM)
+  { [ $rc -eq 124 ] || { [ $rc -eq 137 ] && [ $(( $(date +%s) - start )) -ge "$limit" ]; }; } && \
+    { log "   (stopped at its limit of ${limit} s)"; unfinished+=("$p"); }
   log "== part $p rc=$rc in $(( $(date +%s) - start )) s"
   [ $rc -eq 0 ] || status=1
   pack
