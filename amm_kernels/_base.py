@@ -13,7 +13,7 @@ from torch import Tensor
 
 from . import backends
 from ._hyper import BETA_SCOPES, check_choice, check_flag, check_group
-from ._step import ScopeState, StepBatch
+from ._step import ScopeState, StepBatch, capturing
 
 try:  # DTensor parameters (FSDP2 fully_shard, tensor parallel)
     from torch.distributed.tensor import DTensor
@@ -31,12 +31,6 @@ def _on_device(x, dtype: torch.dtype, device: torch.device) -> Tensor:
         if x.device.type != "cpu" or device.type == "cpu":
             return x.detach().to(device=device, dtype=dtype).reshape(())
     return torch.full((), float(x), dtype=dtype, device=device)  # float() of a CPU tensor reads host memory only
-
-
-def _capturing(device: torch.device) -> bool:
-    """Whether the current stream is capturing a CUDA graph (never on other devices). Under torch.compile
-    it is not asked (constant False): dynamo folds is_compiling(), so the compiled step keeps no branch."""
-    return device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing()
 
 
 def _local(t: Tensor) -> Tensor:
@@ -162,7 +156,7 @@ class AMOptimizer(torch.optim.Optimizer):
         if batch is not None:
             module = self._backend_module(self.backend, batch.params[0].device, {p.dtype for p in batch.params})
             getattr(module, self.STEP_OP)(batch, self._hyper)
-            if _capturing(batch.params[0].device):
+            if capturing(batch.params[0].device):
                 # NOTE [kept for graphs]: a captured graph reads the tensors of _index_cache that the step
                 # used (the lrs, the index tensors) at their addresses at every replay. The cache lets
                 # them go: an lr tensor when the float lrs change (a scheduler's), all of them past 256

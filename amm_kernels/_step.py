@@ -13,6 +13,13 @@ import torch
 from torch import Tensor
 
 
+
+def capturing(device: torch.device) -> bool:
+    """Whether the current stream is capturing a CUDA graph (never on other devices). Under torch.compile
+    it is not asked (constant False): dynamo folds is_compiling(), so a compiled step keeps no branch
+    (a fullgraph trace refuses is_current_stream_capturing())."""
+    return device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing()
+
 @dataclass
 class ScopeState:
     """Optimizer-wide scalars, kept on the parameters' device so that step() never syncs.

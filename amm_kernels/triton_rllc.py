@@ -72,7 +72,7 @@ class _RLLCScratch:
 def _scratch(table, hp, device) -> _RLLCScratch:
     key = ("rllc", hp.U, hp.b)
     if key not in table.extras:
-        if tensor_table._capturing(device):
+        if tensor_table.capturing(device):
             raise RuntimeError(
                 "backend 'triton' copies a new memory rule's matrices to the GPU, which a CUDA graph capture does "
                 "not allow: run at least one step of this optimizer outside the capture first (the usual warm-up)")

@@ -68,7 +68,8 @@ has_cuda_part() { timeout -k 5 60 "$PY" -c "import amm_kernels._C as c, sys; sys
 
 # A part stopped at its limit gets SIGINT first, which pytest (its xdist workers too: timeout signals
 # the whole process group) answers with its summary and junit file, and Python with KeyboardInterrupt;
-# SIGKILL 30 s later if it still runs (xdist's workers take a while to stop). Either way the part's status is 124 (or 137 after the kill).
+# SIGKILL 30 s later if it still runs (xdist's workers take a while to stop). Either way the part's
+# status is 124 (or 137 after the kill).
 limited() { timeout -s INT -k 30 "$@"; }
 
 part_build() {

@@ -92,14 +92,15 @@ def test_inductor_compiled_training_step_matches_eager():
 
 
 def test_the_capture_check_of_a_cuda_step_traces_without_a_graph_break():
-    """step() asks whether a CUDA graph is being captured (NOTE [kept for graphs] in _base.py) after a
-    CUDA step. The CPU steps above never ask (device.type short-circuits), so the CUDA question is traced
-    here on its own: torch.cuda.is_current_stream_capturing() in a fullgraph trace failed; under
-    torch.compile the check is skipped (torch.compiler.is_compiling() folds to True). No GPU needed."""
-    from amm_kernels._base import _capturing
+    """step() asks whether a CUDA graph is being captured (_step.capturing; NOTE [kept for graphs] in
+    _base.py) after a CUDA step. The CPU steps above never ask (device.type short-circuits), so the
+    CUDA question is traced here on its own: torch.cuda.is_current_stream_capturing() in a fullgraph
+    trace failed; under torch.compile the check is skipped (torch.compiler.is_compiling() folds to
+    True). No GPU needed."""
+    from amm_kernels._step import capturing
 
     def f(x):
-        return x + 1 if _capturing(torch.device("cuda")) else x - 1
+        return x + 1 if capturing(torch.device("cuda")) else x - 1
 
     out = torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(3))
     assert torch.equal(out, -torch.ones(3))

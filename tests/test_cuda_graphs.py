@@ -21,7 +21,7 @@ def test_capturable_needs_a_gpu_parameter():
 
 @pytest.mark.parametrize("cls", [AMSGD, AMAdamW, RLLC])
 def test_what_a_captured_step_read_outlives_the_caches(monkeypatch, cls):
-    """NOTE [kept for graphs] (_base.py): a step under a capture (simulated on the CPU: _base._capturing
+    """NOTE [kept for graphs] (_base.py): a step under a capture (simulated on the CPU: _base.capturing
     says so) keeps the lr tensor it read, although a scheduler's next lr replaces it in the cache and the
     cache is cleared past 256 entries; a graph replays reads of it. Without the keep it was freed."""
     import gc
@@ -34,7 +34,7 @@ def test_what_a_captured_step_read_outlives_the_caches(monkeypatch, cls):
     p.grad = torch.ones(5)
     opt.step()  # warm-up
     with monkeypatch.context() as m:
-        m.setattr(_base, "_capturing", lambda device: True)
+        m.setattr(_base, "capturing", lambda device: True)
         opt.step()
     captured_lr = weakref.ref(next(t for k, t in opt._index_cache.items() if k[0] == "lr"))
     for step in range(3):  # a schedule: each lr replaces the last in the cache

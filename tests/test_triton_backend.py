@@ -310,7 +310,7 @@ def test_each_optimizer_keeps_its_own_tables(monkeypatch):
             p.grad = torch.randn_like(p)
             opt.step()
     assert len(builds) == 9, builds
-    monkeypatch.setattr(tensor_table, "_capturing", lambda device: True)
+    monkeypatch.setattr(tensor_table, "capturing", lambda device: True)
     for p, opt in zip(params, opts):
         p.grad = torch.randn_like(p)
         opt.step()
@@ -345,7 +345,7 @@ def test_a_weight_decay_schedule_rebases_the_table(monkeypatch, cls):
 
 @pytest.mark.parametrize("cls", [AMAdamW, RLLC])
 def test_a_capture_rebases_and_keeps_its_table_but_cannot_build_one(monkeypatch, cls):
-    """Under a CUDA graph capture (simulated: tensor_table._capturing says so) a parameter list seen
+    """Under a CUDA graph capture (simulated: tensor_table.capturing says so) a parameter list seen
     before is rebased without any host-to-device copy and its table is kept for the graph; a list never
     seen before is refused with the remedy named (NOTE [tables and graphs])."""
     from amm_kernels.triton_kernels import tensor_table
@@ -359,7 +359,7 @@ def test_a_capture_rebases_and_keeps_its_table_but_cannot_build_one(monkeypatch,
     def no_copy_to_device(*args, **kwargs):
         raise AssertionError("a host-to-device copy during the capture")
 
-    monkeypatch.setattr(tensor_table, "_capturing", lambda device: True)
+    monkeypatch.setattr(tensor_table, "capturing", lambda device: True)
     monkeypatch.setattr(tensor_table, "_build", no_copy_to_device)
     for p in params:
         p.grad = torch.randn(p.shape).to(DEV)  # backward() in the capture: new addresses
@@ -403,7 +403,7 @@ def test_a_captured_table_keeps_the_table_it_was_rebased_from(monkeypatch):
     source_meta = weakref.ref(source.meta)
     del source
     with monkeypatch.context() as m:
-        m.setattr(tensor_table, "_capturing", lambda device: True)
+        m.setattr(tensor_table, "capturing", lambda device: True)
         new_grads()
         opt.step()  # "captured": rebased from the source
     for _ in range(tensor_table._CACHE_SIZE + 1):

@@ -74,7 +74,7 @@ def adamw_precond(v_new, bias1, bias2, eps):
 @triton.jit
 def amadamw_terms(g, d, x, p, lam, mu):
     """<g, mu x + d/p>, <w (d-g), g + lam p d>, <d - g, x>, <w (d-g), d-g> per element."""
-    w = tl.div_rn(tl.full(p.shape, 1.0, tl.float32), (1.0 + lam * p) * p)  # 1 / ((1 + lam p) p)
+    w = tl.div_rn(1.0, (1.0 + lam * p) * p)
     diff = d - g
     return g * (mu * x + tl.div_rn(d, p)), w * diff * (g + lam * p * d), diff * x, w * diff * diff
 

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._step import capturing
+
 META_X, META_G, META_D, META_V, META_NUMEL, META_GROUP, META_SCOPE, META_SLOT, META_COLS = range(9)
 
 # dtype codes (constexpr kernel arguments)
@@ -101,10 +103,6 @@ def _key(params, grads, d, v, batch, block, n_sums):
     return addresses, tuple(batch.weight_decay), layout
 
 
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def _remember(cache: OrderedDict, key, table: Table) -> None:
     cache[key] = table
     cache.move_to_end(key)
@@ -132,15 +130,15 @@ def get_table(params, grads, d, v, batch, block: int, n_sums: int) -> Table:
     device = params[0].device
     key = (addresses, decays, layout)
     cache = batch.device_tables.setdefault("triton", TableCache())
-    capturing = _capturing(device)
+    in_capture = capturing(device)
     table = cache.exact.get(key)
     if table is None:
         source = cache.by_layout.get(layout)
         if source is not None:
             table = _rebased(source, addresses, decays)
-            if capturing:  # the graph clones source.meta at every replay: it must outlive the LRU too
+            if in_capture:  # the graph clones source.meta at every replay: it must outlive the LRU too
                 _IN_GRAPHS[id(source)] = source
-        elif capturing:
+        elif in_capture:
             raise RuntimeError(
                 "backend 'triton' builds the tables of a new parameter list (sizes, dtypes, groups) by copying "
                 "them to the GPU, which a CUDA graph capture does not allow: run at least one step of this "
@@ -150,7 +148,7 @@ def get_table(params, grads, d, v, batch, block: int, n_sums: int) -> Table:
             table = _build(params, grads, d, v, batch, block, n_sums)
     _remember(cache.exact, key, table)
     _remember(cache.by_layout, layout, table)
-    if capturing:
+    if in_capture:
         _IN_GRAPHS[id(table)] = table
     return table
 
