@@ -6,6 +6,8 @@ Build with `pip install --no-build-isolation -e .` so the installed torch is use
 """
 import glob
 import os
+import shutil
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -20,6 +22,7 @@ def extension_modules():
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cpp")))
     if not cpu_sources:
         return [], {}
+    _find_cuda_home()
     try:
         import torch
         from torch.utils import cpp_extension
@@ -63,6 +66,32 @@ def extension_modules():
             define_macros=define, extra_compile_args={"cxx": cxx}, extra_link_args=link,
         )
     return [ext], {"build_ext": _tolerant_build_ext(cpp_extension.BuildExtension)}
+
+
+def _find_cuda_home():
+    """NOTE [CUDA_HOME]: torch.utils.cpp_extension reads CUDA_HOME (or CUDA_PATH) from the environment,
+    else takes the folder above `which nvcc`, once, when it is imported. Where the nvcc on PATH is a
+    wrapper script, as /usr/local/bin/nvcc on our CI machines (`exec /usr/local/cuda-13.0/bin/nvcc`),
+    that folder is /usr/local: it has no cuda_runtime.h and the CUDA build fails. So, unless the
+    environment names the toolkit, ask nvcc where it lives (`nvcc --dryrun -c x.cu`, which reads no file,
+    prints TOP=<toolkit>/bin/..)
+    and set CUDA_HOME before cpp_extension is imported."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None or os.path.isfile(os.path.join(os.path.dirname(os.path.dirname(nvcc)), "include", "cuda_runtime.h")):
+        return
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-c", "amm_probe.cu"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return
+    for line in (out.stdout + out.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            home = os.path.normpath(line[len("#$ TOP="):].strip())
+            if os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+                os.environ["CUDA_HOME"] = home
+                print(f"amm_kernels: CUDA_HOME={home} (from nvcc; {nvcc} is outside the toolkit)", file=sys.stderr)
+            return
 
 
 def _tolerant_build_ext(base):

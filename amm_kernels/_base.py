@@ -283,7 +283,9 @@ class AMOptimizer(torch.optim.Optimizer):
         else:  # float lrs: made once per distinct set of values (a scheduler's every step)
             key = ("lr", device, dtype, tuple(lrs))
             if key not in self._index_cache:
-                self._index_cache = {k: v for k, v in self._index_cache.items() if k[0] != "lr"}
+                # in place: torch.compile before torch 2.13 refuses to reassign an attribute of the optimizer
+                for stale in [k for k in self._index_cache if k[0] == "lr"]:
+                    del self._index_cache[stale]
                 self._index_cache[key] = torch.stack([_on_device(x, dtype, device) for x in lrs])
             lr = self._index_cache[key]
 

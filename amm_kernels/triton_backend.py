@@ -57,6 +57,35 @@ if _interpreter_on() and type(tl.sum).__name__ != "InterpretedFunction":
         f"compiled-mode); set TRITON_INTERPRET=1 before anything imports triton; {_FALLBACKS}"
     )
 
+
+
+@triton.jit
+def _loop_probe(x):
+    for i in range(0, tl.load(x)):  # a loop bound read from memory, as in the finalize kernels
+        tl.store(x + 1, i + 1)
+
+
+def _interpreter_runs_loaded_loops() -> str | None:
+    """NOTE [interpreter and NumPy]: triton 3.6's interpreter turns a loop bound into an int with
+    int(array) on a 1-element array, which NumPy 2.4 refuses (triton 3.9 squeezes it first). Every
+    finalize kernel loops to bounds it loads, so there the backend fails at its first step: say so at
+    import instead. None when it works."""
+    x = torch.tensor([2, 0], dtype=torch.int32)
+    try:
+        _loop_probe[(1,)](x)
+    except Exception as err:  # noqa: BLE001 - any failure of the interpreter means the same
+        import numpy
+
+        return (f"backend 'triton': triton {triton.__version__}'s interpreter cannot run these kernels with "
+                f"NumPy {numpy.__version__} ({type(err).__name__}: {err}); a newer triton or numpy<2.4 can")
+    return None if x[1].item() == 2 else "backend 'triton': triton's interpreter ran a loop wrongly"
+
+
+if _interpreter_on():
+    _reason = _interpreter_runs_loaded_loops()
+    if _reason is not None:
+        raise ImportError(f"{_reason}; {_FALLBACKS}")
+
 from ._hyper import AMAdamWHyper, AMSGDHyper  # noqa: E402
 from ._step import StepBatch  # noqa: E402
 from .triton_kernels.finalize_kernel import finalize_kernel, tensor_terms_kernel  # noqa: E402

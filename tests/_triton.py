@@ -1,8 +1,12 @@
 """Shared set-up of the Triton tests: the backend imported in interpreter mode where there is no GPU,
 the device, the fixture that keeps TRITON_INTERPRET set for the tests, the input makers, the training
 loop and the checks that compare two runs."""
+import functools
 import importlib.util
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,6 +39,20 @@ def import_triton_backend():
         else:
             os.environ["TRITON_INTERPRET"] = saved
     return triton_backend
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_unusable() -> str | None:
+    """Why the triton backend cannot import in interpreter mode here (e.g. NOTE [interpreter and NumPy]
+    in amm_kernels/triton_backend.py), else None. Asked of a fresh process: the mode is fixed at
+    triton's first import. For tests that drive the interpreter in subprocesses of their own."""
+    code = "import amm_kernels.triton_backend"
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode == 0:
+        return None
+    return (proc.stderr.strip().splitlines() or ["exit status %d" % proc.returncode])[-1]
 
 
 @pytest.fixture(autouse=True)

@@ -455,6 +455,27 @@ def test_available_backends_follows_interpreter(monkeypatch):
     assert "triton" not in amm_kernels.available_backends("cpu")
 
 
+@pytest.mark.skipif(CUDA, reason="the probe is the interpreter's")
+def test_an_interpreter_that_cannot_run_loaded_loop_bounds_is_refused_by_name(monkeypatch):
+    """NOTE [interpreter and NumPy]: with this triton the probe runs its loop (and finds the right count);
+    where it fails, the import's error names triton's and NumPy's versions and what works."""
+    import numpy
+    import triton
+
+    assert triton_backend._interpreter_runs_loaded_loops() is None
+
+    class Failing:
+        def __getitem__(self, grid):
+            def launch(*args):
+                raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+            return launch
+
+    monkeypatch.setattr(triton_backend, "_loop_probe", Failing())
+    reason = triton_backend._interpreter_runs_loaded_loops()
+    assert reason is not None and f"triton {triton.__version__}" in reason and f"NumPy {numpy.__version__}" in reason
+    assert "numpy<2.4" in reason and "0-dimensional" in reason
+
+
 # Sharded parameters: the step split around the all_reduce (tests/_dist.py) is the one-launch step.
 from _dist import one_rank_group, one_rank_nccl_group  # noqa: E402,F401
 
