@@ -102,7 +102,8 @@ AMM_RLLC_UNROLL
   for (int a = 0; a < K; ++a) mv[a] = ld(m[a * n + i]);
   double term[rllc_n_sums(K)];
   rllc_terms<K>(mv, rllc_grad(ld(g[i]), has_scale, scale), term);
-AMM_RLLC_UNROLL
+  // no AMM_RLLC_UNROLL: GCC unrolls this loop by itself (the object code is the same without the
+  // pragma), and with it warned "ignoring loop annotation" 40 times a build
   for (int p = 0; p < rllc_n_sums(K); ++p) acc[p][j] += term[p];
 }
 
