@@ -148,9 +148,11 @@ def test_asan_sees_a_write_past_a_tensor():
 
 
 def test_the_cuda_kernels_stay_inside_their_tensors_under_asan():
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *ASAN_TESTS,
-                          "-k", ASAN_SELECTION], cwd=REPO, env=_asan_env(), capture_output=True, text=True,
-                         timeout=1200)
+    # --capture=sys: pytest's default capture of fd 2 would swallow AddressSanitizer's report (written by
+    # the C runtime, then the process aborts): the failure showed empty stdout and stderr (checked)
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--capture=sys",
+                          *ASAN_TESTS, "-k", ASAN_SELECTION], cwd=REPO, env=_asan_env(), capture_output=True,
+                         text=True, timeout=1200)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "AddressSanitizer" not in res.stderr
     passed = re.search(r"(\d+) passed", res.stdout)
