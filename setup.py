@@ -73,9 +73,8 @@ def _find_cuda_home():
     else takes the folder above `which nvcc`, once, when it is imported. Where the nvcc on PATH is a
     wrapper script, as /usr/local/bin/nvcc on our CI machines (`exec /usr/local/cuda-13.0/bin/nvcc`),
     that folder is /usr/local: it has no cuda_runtime.h and the CUDA build fails. So, unless the
-    environment names the toolkit, ask nvcc where it lives (`nvcc --dryrun -c x.cu`, which reads no file,
-    prints TOP=<toolkit>/bin/..)
-    and set CUDA_HOME before cpp_extension is imported."""
+    environment names the toolkit, ask nvcc where it lives (`nvcc --dryrun -c x.cu`, which reads no
+    file, prints TOP=<toolkit>/bin/..) and set CUDA_HOME before cpp_extension is imported."""
     if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
         return
     nvcc = shutil.which("nvcc")

@@ -58,7 +58,6 @@ if _interpreter_on() and type(tl.sum).__name__ != "InterpretedFunction":
     )
 
 
-
 @triton.jit
 def _loop_probe(x):
     for i in range(0, tl.load(x)):  # a loop bound read from memory, as in the finalize kernels
