@@ -69,7 +69,7 @@ def _interpreter_runs_loaded_loops() -> str | None:
     int(array) on a 1-element array, which NumPy 2.4 refuses (triton 3.9 squeezes it first). Every
     finalize kernel loops to bounds it loads, so there the backend fails at its first step: say so at
     import instead. None when it works."""
-    x = torch.tensor([2, 0], dtype=torch.int32)
+    x = torch.tensor([2, 0], dtype=torch.int32, device="cpu")
     try:
         _loop_probe[(1,)](x)
     except Exception as err:  # noqa: BLE001 - any failure of the interpreter means the same

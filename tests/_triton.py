@@ -43,16 +43,20 @@ def import_triton_backend():
 
 @functools.lru_cache(maxsize=None)
 def interpreter_unusable() -> str | None:
-    """Why the triton backend cannot import in interpreter mode here (e.g. NOTE [interpreter and NumPy]
-    in amm_kernels/triton_backend.py), else None. Asked of a fresh process: the mode is fixed at
-    triton's first import. For tests that drive the interpreter in subprocesses of their own."""
+    """Why the triton backend cannot import in interpreter mode here, for a reason it names (triton not
+    installed; NOTE [interpreter and NumPy] in amm_kernels/triton_backend.py), else None; any other
+    failure to import is an error, not a reason to skip. Asked of a fresh process: the mode is fixed
+    at triton's first import. For tests that drive the interpreter in subprocesses of their own."""
     code = "import amm_kernels.triton_backend"
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode == 0:
         return None
-    return (proc.stderr.strip().splitlines() or ["exit status %d" % proc.returncode])[-1]
+    last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+    if "needs the triton package" in last or "interpreter cannot run these kernels" in last:
+        return last
+    raise RuntimeError(f"amm_kernels.triton_backend does not import in interpreter mode:\n{proc.stderr[-3000:]}")
 
 
 @pytest.fixture(autouse=True)

@@ -76,3 +76,39 @@ def test_the_gpu_test_parts_select_the_gpu_tests_once():
     for cpu_only in ("test_amp.py", "test_compile.py", "test_examples.py", "test_bench_smoke.py"):
         assert cpu_only not in files(cuda) | files(triton)
     assert not any("[cpu" in i or "-cpu" in i or "cuda_sim" in i for i in cuda), "CPU-backend cases in the GPU part"
+
+
+# The build part, against a stand-in python (no compiler runs): pip's answer decides whether it falls back.
+_STUB_PYTHON = """#!/bin/sh
+case "$*" in
+  *"pip install"*) echo "$PIP_SAYS"; exit 1 ;;
+  *"setup.py build_ext --inplace"*) echo "stub: built in place"; exit 0 ;;
+  *) exit 0 ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("pip_says,falls_back", [
+    ("error: invalid command 'bdist_wheel'", True),  # setuptools < 70.1 without wheel: nothing compiled
+    ("FAILED: /tmp/build/ops_cuda.o", False),  # a compile error: not retried
+])
+def test_the_build_falls_back_to_an_in_place_build_only_when_pip_failed_before_compiling(tmp_path, pip_says,
+                                                                                         falls_back):
+    repo = tmp_path / "repo"  # a copy: the build part writes a stamp under build/
+    (repo / "bench").mkdir(parents=True)
+    shutil.copy(SCRIPT, repo / "bench" / SCRIPT.name)
+    (repo / "setup.py").write_text("")
+    stub = tmp_path / "python"
+    stub.write_text(_STUB_PYTHON)
+    stub.chmod(0o755)
+    out = tmp_path / "out"
+    env = {"PATH": "/usr/bin:/bin", "OUT": str(out), "PYTHON": str(stub), "AMM_GPU_BUDGET_S": "300",
+           "HOME": str(tmp_path), "PIP_SAYS": pip_says}
+    proc = subprocess.run(["bash", str(repo / "bench" / SCRIPT.name), "build"], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=120)
+    build_log = (out / "build.log").read_text()
+    log = (out / "session.log").read_text()
+    assert ("stub: built in place" in build_log) == falls_back, build_log
+    assert ("pip failed before compiling" in build_log) == falls_back, build_log
+    assert ("== part build rc=0" in log) == falls_back, log
+    assert proc.returncode == (0 if falls_back else 1), proc.stdout + proc.stderr

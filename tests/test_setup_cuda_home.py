@@ -39,8 +39,9 @@ def test_a_wrapper_nvcc_on_path_still_finds_the_toolkit(tmp_path, monkeypatch):
     wrapper.write_text(f'#!/bin/sh\nexec {_toolkit_nvcc()} "$@"\n')
     wrapper.chmod(0o755)
     monkeypatch.setenv("PATH", f"{wrapper.parent}{os.pathsep}/usr/bin{os.pathsep}/bin")
-    monkeypatch.delenv("CUDA_HOME", raising=False)
-    monkeypatch.delenv("CUDA_PATH", raising=False)
+    for name in ("CUDA_HOME", "CUDA_PATH"):  # set first, so that monkeypatch also undoes what the lookup sets
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
     _find_cuda_home()()
     home = os.environ.get("CUDA_HOME")
     assert home is not None and Path(home, "include", "cuda_runtime.h").is_file(), home
