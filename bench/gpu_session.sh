@@ -38,6 +38,9 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1  # offline
 export AMM_NO_CUDA_SIM=1  # the simulator's tests are CI's; here the real CUDA backend runs (tests/_cuda_sim.py)
+# the checkout first on the path: where the build part falls back to an in-place build (the package is
+# then not installed), test subprocesses started from other folders still import it
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 BUDGET="${AMM_GPU_BUDGET_S:-560}"
 T0=$(date +%s)
 STAMP_T="$(mktemp)"  # results newer than this were written by this call
