@@ -85,8 +85,9 @@ part_build() {
   fi
   local t0 rc
   t0=$(date +%s)
-  AMM_CUDA_ARCHS="${AMM_CUDA_ARCHS:-90}" MAX_JOBS="${MAX_JOBS:-16}" AMM_KERNELS_STRICT_BUILD=1 \
-    limited "$1" "$PY" -m pip install --no-deps --no-build-isolation -v -e . > "$OUT/build.log" 2>&1
+  # for both builds below, this call only: sm_90 (the GPU's), all cores, a failed extension an error
+  local -x AMM_CUDA_ARCHS="${AMM_CUDA_ARCHS:-90}" MAX_JOBS="${MAX_JOBS:-16}" AMM_KERNELS_STRICT_BUILD=1
+  limited "$1" "$PY" -m pip install --no-deps --no-build-isolation -v -e . > "$OUT/build.log" 2>&1
   rc=$?
   # pip can fail before compiling anything: an image's setuptools older than 70.1 without the wheel
   # package has no bdist_wheel ("invalid command"), which an editable install needs. Then build in place
@@ -95,8 +96,7 @@ part_build() {
   if [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ $rc -ne 137 ] && [ $rest -ge 30 ] && \
      ! grep -qE "FAILED: |Error compiling objects|error: command '.*' failed" "$OUT/build.log"; then
     echo "build: pip failed before compiling (see build.log); building in place with setup.py build_ext" | tee -a "$OUT/build.log"
-    AMM_CUDA_ARCHS="${AMM_CUDA_ARCHS:-90}" MAX_JOBS="${MAX_JOBS:-16}" AMM_KERNELS_STRICT_BUILD=1 \
-      limited "$rest" "$PY" setup.py build_ext --inplace >> "$OUT/build.log" 2>&1
+    limited "$rest" "$PY" setup.py build_ext --inplace >> "$OUT/build.log" 2>&1
     rc=$?
   fi
   tail -n 30 "$OUT/build.log"
