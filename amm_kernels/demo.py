@@ -2,7 +2,7 @@
 
 Run it with::
 
-    python -m amm_kernels.demo            # ~2 minutes on 2 CPU cores, faster on a GPU
+    python -m amm_kernels.demo            # ~2-3 minutes on 2 idle CPU cores
     python -m amm_kernels.demo --quick    # a few seconds, tiny smoke run
 
 What it shows
