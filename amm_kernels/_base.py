@@ -5,6 +5,7 @@ module turns `param_groups` into a `StepBatch` and hands it to the chosen backen
 """
 from __future__ import annotations
 
+import copy
 import numbers
 from typing import Any, Callable
 
@@ -31,6 +32,17 @@ def _on_device(x, dtype: torch.dtype, device: torch.device) -> Tensor:
         if x.device.type != "cpu" or device.type == "cpu":
             return x.detach().to(device=device, dtype=dtype).reshape(())
     return torch.full((), float(x), dtype=dtype, device=device)  # float() of a CPU tensor reads host memory only
+
+
+def _same(a, b) -> bool:
+    """Whether a group's value equals the optimizer's: numbers by value, sequences elementwise."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return a is b
+    if isinstance(a, numbers.Real) and isinstance(b, numbers.Real) and not isinstance(a, bool) and not isinstance(b, bool):
+        return float(a) == float(b)
+    return a is b or (type(a) is type(b) and a == b)
 
 
 def _local(t: Tensor) -> Tensor:
@@ -69,17 +81,59 @@ class AMOptimizer(torch.optim.Optimizer):
         self._prefill_backend_cache()
 
     # ----------------------------------------------------------------------------------------------
+    # copies and printing
+    # What pickle and copy.deepcopy carry besides torch.optim's defaults, state and param_groups: the
+    # optimizer-wide settings and the scope state (step counts, beta). The caches are made anew.
+    _PICKLED = ("_hyper", "beta_scope", "scope", "backend", "process_group", "capturable", "_scopes",
+                "_warned_late_state")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update({k: self.__dict__[k] for k in self._PICKLED if k in self.__dict__})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._index_cache, self._in_graphs, self._device_tables, self._resolved = {}, {}, {}, {}
+        self._prefill_backend_cache()
+
+    def __deepcopy__(self, memo: dict):
+        # a torch.distributed group cannot be copied: the copy reduces over the same one
+        if self.process_group is not None:
+            memo[id(self.process_group)] = self.process_group
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
+
+    def __repr__(self) -> str:
+        args = {**self._wide_args(), "capturable": self.capturable}
+        wide = ", ".join(f"{k}={v!r}" for k, v in args.items() if k != "process_group")
+        return super().__repr__().replace(" (", f" ({wide}", 1)
+
+    # ----------------------------------------------------------------------------------------------
     # param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         name = type(self).__name__
-        extra = sorted(k for k in param_group if k not in self.GROUP_KEYS)
-        if extra:
+        wide = self._wide_args()
+        unknown = sorted(k for k in param_group if k not in self.GROUP_KEYS and k not in wide and k != "capturable")
+        if unknown:
             allowed = " and ".join(k for k in self.GROUP_KEYS if k != "params")
             raise ValueError(
-                f"{name}: a param group may set only {allowed}; {', '.join(extra)} "
-                f"{'is' if len(extra) == 1 else 'are'} optimizer-wide or not an {name} argument"
+                f"{name}: a param group may set only {allowed}; {', '.join(unknown)} "
+                f"{'is' if len(unknown) == 1 else 'are'} not an {name} argument"
             )
         self._check_group_hypers({**self.defaults, **param_group})
+        params = param_group["params"]
+        if not isinstance(params, set):  # torch.optim refuses a set (its order changes between runs)
+            params = [params] if isinstance(params, Tensor) else list(params)
+            for p in params:
+                if isinstance(p, Tensor) and p.is_complex():
+                    raise TypeError(f"{name}: complex parameters are not supported (got {p.dtype}); optimize "
+                                    "torch.view_as_real(p) as a real parameter instead")
+            if len({id(p) for p in params}) != len(params):
+                raise ValueError(f"{name}: a param group lists the same parameter twice; list each parameter once")
+            param_group["params"] = params  # in place, as torch.optim does: the caller may keep the dict
         super().add_param_group(param_group)
         if getattr(self, "_scopes", None) is not None:  # grown here, not in a (possibly compiled) step
             self._scopes.grow(*self._scope_counts(), self._scope_init())
@@ -90,6 +144,36 @@ class AMOptimizer(torch.optim.Optimizer):
         param_groups by hand or by a scheduler), before anything is written."""
         keys = [k for k in self.GROUP_KEYS if k != "params"]
         check_group(type(self).__name__, group, keys, index=index, skip_tensors=on_step)
+        if len(group) > len(self.GROUP_KEYS):  # NOTE [wide keys in groups]
+            self._check_wide_keys(group, index)
+
+    def _wide_args(self) -> dict[str, Any]:
+        """The optimizer-wide constructor arguments and their values, as a group may repeat them
+        (capturable aside: see _check_wide_keys)."""
+        return {self.SCOPE_ARG: self.beta_scope, "backend": self.backend, "process_group": self.process_group}
+
+    def _check_wide_keys(self, group: dict[str, Any], index: int | None) -> None:
+        """NOTE [wide keys in groups]: torch's ZeroRedundancyOptimizer (and code written for torch.optim,
+        where every argument is a group default) hands each param group every constructor argument.
+        A group may repeat an optimizer-wide argument with the optimizer's own value; a different value
+        (set in the group by hand, a OneCycleLR cycling betas, a checkpoint of another setting) is an
+        error, never silently ignored. Keys that are not arguments (a scheduler's initial_lr) pass, and
+        so does "capturable": torch.compile's tracing of an optimizer sets group["capturable"] = True
+        in every group (torch/_dynamo/variables/optimizer.py); ours is the constructor's."""
+        wide = self._wide_args()  # made here, not cached on self: NOTE [compile]
+        for key, value in group.items():
+            if key in wide and not _same(self._normalise_wide(key, value), wide[key]):
+                where = "a param group" if index is None else f"param_groups[{index}]"
+                allowed = " and ".join(k for k in self.GROUP_KEYS if k != "params")
+                raise ValueError(
+                    f"{type(self).__name__}: {where} sets {key}={value!r}, but {key} is optimizer-wide "
+                    f"({wide[key]!r} here): a param group may set only {allowed}, and may repeat an "
+                    "optimizer-wide argument only with the optimizer's value"
+                )
+
+    def _normalise_wide(self, key: str, value):
+        """A group's value of an optimizer-wide argument in the form _wide_args gives it."""
+        return value
 
     def _new_param_state(self, p: Tensor) -> dict[str, Tensor]:
         """A parameter's state on its first step: zeros like the parameter, one per STATE_NAMES."""
@@ -98,6 +182,13 @@ class AMOptimizer(torch.optim.Optimizer):
     def _state_shapes(self, p: Tensor) -> dict[str, tuple[int, ...]]:
         """The shape of each state tensor of parameter p (what load_state_dict checks a checkpoint against)."""
         return {key: tuple(p.shape) for key in self.STATE_NAMES}
+
+    def _match_state_dtypes(self, keys: list[Tensor]) -> None:
+        """Cast state to its parameter's dtype where they differ: the parameter's dtype changed
+        (model.to(dtype)) since its state was made, and SPEC.md section 5 gives state its dtype."""
+        for k in keys:
+            st = self.state[k]
+            st.update({key: st[key].to(k.dtype) for key in self.STATE_NAMES if st[key].dtype != k.dtype})
 
     def _scope_init(self):
         """What a new scope starts from (its beta before any step)."""
@@ -289,19 +380,29 @@ class AMOptimizer(torch.optim.Optimizer):
                 self._index_cache[key] = torch.stack([_on_device(x, dtype, device) for x in lrs])
             lr = self._index_cache[key]
 
-        # lazy state, created only after every check above; one self.state lookup per parameter
+        # lazy state, created only after every check above; one self.state lookup per parameter.
+        # Shapes are the backends' to check (NOTE [state fits] in _step.py).
         names = self.STATE_NAMES
         had_state = len(self.state) > 0
         d, v = [], ([] if len(names) > 1 else None)
         fresh = []
+        recast = False
         for i, k in enumerate(keys):
             st = self.state[k]
             if not st:
                 st.update(self._new_param_state(k))
                 fresh.append(i)
-            d.append(st[names[0]])
+            first = st[names[0]]
+            recast |= first.dtype is not k.dtype
+            d.append(first)
             if v is not None:
                 v.append(st[names[1]])
+        if recast:
+            # the parameters' dtype changed (model.to(dtype)) since their state was made: the state is
+            # cast to it, the dtype SPEC.md section 5 gives it (every backend then sees matching dtypes)
+            self._match_state_dtypes(keys)
+            d = [self.state[k][names[0]] for k in keys]
+            v = None if v is None else [self.state[k][names[1]] for k in keys]
         if fresh and had_state:
             self._on_late_state(keys, fresh, group_of)
         if sharded:
@@ -429,6 +530,8 @@ class AMOptimizer(torch.optim.Optimizer):
             self._check_group_hypers(saved, index=gi)
             param_of.update(zip(saved["params"], mine["params"]))
         for pid, st in state.items():
+            if isinstance(st, dict) and not st:
+                continue  # an entry made by reading optimizer.state[p] before p's first step: no state yet
             if pid not in param_of:
                 raise ValueError(f"{where}: the state_dict has state for parameter {pid!r}, which no param group lists")
             for key, shape in self._state_shapes(param_of[pid]).items():

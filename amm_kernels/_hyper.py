@@ -58,13 +58,14 @@ def check_choice(owner: str, name: str, value, choices) -> None:
 def check_group(owner: str, group: dict, keys, index: int | None = None, skip_tensors: bool = False) -> None:
     """A param group's hyperparameters (`keys`: lr, and weight_decay where the optimizer has it), each
     in [0, inf); lr may be a tensor. `index` names the group in the message (param_groups[i]['lr']).
-    `skip_tensors`: leave tensor values alone (the check inside step(): a tensor lr was checked when
-    it was given, and reading it again could synchronise or break a torch.compile graph)."""
+    `skip_tensors`: leave a tensor lr alone (the check inside step(): it was checked when it was given,
+    and reading it again could synchronise or break a torch.compile graph). Any other tensor is
+    checked as at construction: a CPU tensor is read, a device tensor refused."""
     for key in keys:
         value = group[key]
         if type(value) is float and 0.0 <= value < math.inf:
             continue  # the usual case, at every step: no more host time than this (NOTE [host time], _base.py)
-        if skip_tensors and isinstance(value, torch.Tensor):
+        if skip_tensors and key == "lr" and isinstance(value, torch.Tensor):
             continue
         name = key if index is None else f"param_groups[{index}][{key!r}]"
         check_range(owner, name, value, lo=0.0, device_tensor_ok=key == "lr")
@@ -99,14 +100,16 @@ class AMAdamWHyper:
     maximize: bool
 
     def __post_init__(self):
-        _check_common("AMAdamW", self, beta_max_name="betas[0] (beta_max)")
+        # beta_max < 1, as torch.optim.AdamW's beta1: the first step's bias correction is 1 - beta_max
+        # (SPEC.md section 2), and 0 would divide by 0. AMSGD has no such term: it allows beta_max = 1.
+        _check_common("AMAdamW", self, beta_max_name="betas[0] (beta_max)", beta_max_below_1=True)
         _set_checked(self, "beta2", check_range("AMAdamW", "betas[1] (beta2)", self.beta2, lo=0.0, hi=1.0, hi_open=True))
         _set_checked(self, "eps", check_range("AMAdamW", "eps", self.eps, lo=0.0, lo_open=True))
 
 
-def _check_common(owner: str, hp, beta_max_name: str = "beta_max") -> None:
+def _check_common(owner: str, hp, beta_max_name: str = "beta_max", beta_max_below_1: bool = False) -> None:
     _set_checked(hp, "lam", check_range(owner, "lam", hp.lam, lo=0.0))
-    _set_checked(hp, "beta_max", check_range(owner, beta_max_name, hp.beta_max, lo=0.0, hi=1.0))
+    _set_checked(hp, "beta_max", check_range(owner, beta_max_name, hp.beta_max, lo=0.0, hi=1.0, hi_open=beta_max_below_1))
     _set_checked(hp, "beta_min", check_range(owner, "beta_min", hp.beta_min, lo=0.0, hi=1.0))
     _set_checked(hp, "adaptive", check_flag(owner, "adaptive", hp.adaptive))
     _set_checked(hp, "maximize", check_flag(owner, "maximize", hp.maximize))

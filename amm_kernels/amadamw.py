@@ -31,7 +31,7 @@ class AMAdamW(AMOptimizer):
         params: iterable of parameters or dicts defining param groups (a group may set ``lr`` and
             ``weight_decay``; the other arguments are optimizer-wide).
         lr (float or Tensor, default 1e-3): learning rate eta, >= 0.
-        betas (tuple, default (0.9, 0.999)): (beta_max, beta2). beta_max in [0, 1] plays Adam's beta1
+        betas (tuple, default (0.9, 0.999)): (beta_max, beta2). beta_max in [0, 1) plays Adam's beta1
             (the clamp's upper end and the first step's beta); beta2 in [0, 1) is the second-moment decay.
         lam (float, default 0.1): proximal weight lambda, >= 0.
         eps (float, default 1e-8): added to sqrt(v_hat), > 0 (outside the square root, as AdamW).
@@ -86,6 +86,11 @@ class AMAdamW(AMOptimizer):
             adaptive=adaptive, maximize=maximize,
         )
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay), beta_scope, backend, process_group, capturable)
+
+    def _wide_args(self):
+        hp = self._hyper
+        return {**super()._wide_args(), "betas": (hp.beta_max, hp.beta2), "lam": hp.lam, "eps": hp.eps,
+                "beta_min": hp.beta_min, "adaptive": hp.adaptive, "maximize": hp.maximize}
 
     def _on_late_state(self, keys, fresh, group_of) -> None:
         # NOTE [late tensors] in _base.py. For AMAdamW this matters: zero moments under the scope's bias

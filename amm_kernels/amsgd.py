@@ -83,6 +83,11 @@ class AMSGD(AMOptimizer):
             )
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay), beta_scope, backend, process_group, capturable)
 
+    def _wide_args(self):
+        hp = self._hyper
+        return {**super()._wide_args(), "lam": hp.lam, "beta_max": hp.beta_max, "beta_min": hp.beta_min,
+                "adaptive": hp.adaptive, "delta_f": hp.delta_f, "maximize": hp.maximize}
+
     def _check_closure(self, closure) -> None:
         if self._hyper.delta_f == "loss" and closure is None:
             raise RuntimeError("AMSGD: delta_f='loss' needs step(closure); the closure must return the loss")

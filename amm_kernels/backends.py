@@ -88,7 +88,13 @@ def available_backends(device: torch.device | str = "cpu", op: str | None = None
 
 
 def backend_supports_dtype(name: str, dtype: torch.dtype) -> bool:
-    return name in _BACKENDS and dtype in _BACKENDS[name].dtypes
+    """Whether backend `name` runs parameters of `dtype` (on some device); "auto" runs every dtype some
+    backend runs. (Whether it can run here: available_backends.) An unknown name is a ValueError."""
+    if name == "auto":
+        return any(dtype in b.dtypes for b in _BACKENDS.values())
+    if name not in _BACKENDS:
+        raise ValueError(f"backend_supports_dtype: name must be one of {', '.join(map(repr, BACKEND_NAMES))}; got {name!r}")
+    return dtype in _BACKENDS[name].dtypes
 
 
 def resolve(name: str, device: torch.device, dtypes: set[torch.dtype], owner: str, op: str | None = None):

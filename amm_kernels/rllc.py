@@ -185,6 +185,17 @@ class RLLC(AMOptimizer):
     def _state_shapes(self, p: Tensor) -> dict[str, tuple[int, ...]]:
         return {"memory": (self.k, *p.shape)}
 
+    def _wide_args(self):
+        hp = self._hyper
+        return {**super()._wide_args(), "law_lr": hp.law_lr, "memory": (hp.U, hp.b), "law_init": hp.law_init}
+
+    def _normalise_wide(self, key, value):
+        if key == "memory":
+            return memory_rule(value, type(self).__name__)
+        if key == "law_init" and value is None:
+            return (1.0,) + (0.0,) * (self.k - 1)
+        return value
+
     def _scope_init(self):
         return self._hyper.law_init
 

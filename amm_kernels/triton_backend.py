@@ -27,7 +27,7 @@ import os
 import torch
 import torch.distributed as dist
 
-_FALLBACKS = "use backend='torch' (the reference, any device) or the compiled kernels ('cpu' / 'cuda')"
+# The messages below say why triton cannot run; backends.resolve adds the backends that can.
 
 
 def _interpreter_on() -> bool:
@@ -40,21 +40,21 @@ import importlib.util
 # own library (tl.sum, ...) is decorated when triton is first imported. So the checks come before
 # `import triton`: an unusable configuration must not import triton in the wrong mode for the process.
 if importlib.util.find_spec("triton") is None:  # pragma: no cover - depends on the installation
-    raise ImportError(f"backend 'triton' needs the triton package, which is not installed; {_FALLBACKS}")
+    raise ImportError("backend 'triton' needs the triton package, which is not installed")
 if not _interpreter_on() and not torch.cuda.is_available():
     raise ImportError(
         "backend 'triton' needs a CUDA GPU, or TRITON_INTERPRET=1 set before triton is first imported to run "
-        f"its kernels on CPU tensors in Triton's (slow) interpreter; {_FALLBACKS}"
+        "its kernels on CPU tensors in Triton's (slow) interpreter"
     )
 try:
     import triton
     import triton.language as tl
 except ImportError as _err:  # pragma: no cover
-    raise ImportError(f"backend 'triton' could not import triton ({_err}); {_FALLBACKS}") from _err
+    raise ImportError(f"backend 'triton' could not import triton ({_err})") from _err
 if _interpreter_on() and type(tl.sum).__name__ != "InterpretedFunction":
     raise ImportError(
         "backend 'triton': TRITON_INTERPRET=1 is set, but triton was imported before it was (its library is "
-        f"compiled-mode); set TRITON_INTERPRET=1 before anything imports triton; {_FALLBACKS}"
+        "compiled-mode); set TRITON_INTERPRET=1 before anything imports triton"
     )
 
 
@@ -83,7 +83,7 @@ def _interpreter_runs_loaded_loops() -> str | None:
 if _interpreter_on():
     _reason = _interpreter_runs_loaded_loops()
     if _reason is not None:
-        raise ImportError(f"{_reason}; {_FALLBACKS}")
+        raise ImportError(_reason)
 
 from ._hyper import AMAdamWHyper, AMSGDHyper  # noqa: E402
 from ._step import StepBatch  # noqa: E402

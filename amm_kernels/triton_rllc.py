@@ -99,7 +99,7 @@ def _rllc_step(batch: StepBatch, hp, tb) -> None:
     params, grads, d, _, writeback = tb._flat_tensors(batch)
     k = hp.k
     KP2 = max(2, _next_p2(k))  # tile rows (a 1-row arange is avoided; rows >= k are masked)
-    table = get_table(params, grads, d, None, batch, tb.BLOCK, 0)  # n_sums 0: the float64 buffer is ours
+    table = get_table(params, grads, d, None, batch, tb.BLOCK, 0, state_units=hp.k)  # n_sums 0: the float64 buffer is ours
     device = params[0].device
     sc = _scratch(table, hp, device)
     state = batch.scopes

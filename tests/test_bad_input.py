@@ -145,7 +145,8 @@ CORRUPTIONS = {
                               r"scope state 'step' has shape \(9,\)"),
     "scope-tensor-integer": (lambda sd: sd["amm"]["scopes"].update(step=sd["amm"]["scopes"]["step"].long()),
                              "no floating-point tensor 'step'"),
-    "param-state-key-missing": (lambda sd: sd["state"][0].clear(), "the state of parameter 0 has no tensor"),
+    "param-state-key-missing": (lambda sd: sd["state"][0].update(renamed=sd["state"][0].pop(next(iter(sd["state"][0])))),
+                                "the state of parameter 0 has no tensor"),  # ({} is no state yet: it loads)
     "param-state-wrong-shape": (lambda sd: sd["state"][0].update({k: v.reshape(-1) for k, v in sd["state"][0].items()}),
                                 "of parameter 0 has shape"),
     "param-state-unknown-id": (lambda sd: sd["state"].update({99: sd["state"][0]}), "parameter 99, which no param group"),
@@ -191,3 +192,118 @@ def test_a_checkpoint_before_any_step_loads(cls):
     take_steps(opt, params, [0])
     opt.load_state_dict(saved)
     assert len(opt.state) == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# state that no longer fits its parameter (NOTE [state fits] in _base.py)
+def _resize_parameter_1(params):
+    params[1].data = torch.cat([params[1].data, torch.randn(5)])  # an embedding extended in place
+    set_grads(params, 2)
+
+
+def _misshape_gradient_0(params):
+    set_grads(params, 2)
+    params[0].grad.data = torch.randn(2, 3)  # .data bypasses autograd's own shape check
+
+
+# the reference and triton: check_fits (_step.py); "cpu" and the CUDA glue: their own C++ checks
+MISFITS = {
+    "parameter-resized": (_resize_parameter_1, r"(tensor 1|momentum\[1\]|memory\[1\]).*(shape|elements)"),
+    "gradient-misshaped": (_misshape_gradient_0,
+                           r"(tensor 0|grads\[0\]).*(gradient has shape \(2, 3\)|shape \[2, 3\]|as many elements)"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+@pytest.mark.parametrize("misfit", list(MISFITS))
+def test_a_state_or_gradient_that_does_not_fit_fails_the_step_before_any_change(backend, cls, misfit):
+    """NOTE [state fits]: a parameter resized after its steps no longer fits its state; a gradient set
+    through .grad.data may not fit its parameter. Every backend refuses before anything changes
+    (triton's kernels would read and write past the ends, the reference would update some tensors first)."""
+    make_misfit, message = MISFITS[misfit]
+    params = model_params()
+    opt = cls(params, lr=0.1, backend=backend_ready(backend))
+    take_steps(opt, params, [0, 1])
+    make_misfit(params)
+    before = full_snapshot(opt, params)
+    with pytest.raises((ValueError, RuntimeError), match=message):
+        opt.step()
+    assert_unchanged(before, opt, params)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+@pytest.mark.parametrize("old,new", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)], ids=str)
+def test_state_follows_the_parameters_dtype_after_model_to(backend, cls, old, new):
+    """model.to(dtype) after some steps: the state is cast to the parameters' dtype (SPEC.md section 5)
+    on every backend, so each continues as the reference does."""
+    def run(b):
+        params = model_params(dtype=old)
+        opt = cls(params, lr=0.05, backend=backend_ready(b))
+        take_steps(opt, params, [0, 1])
+        for p in params:
+            p.data = p.data.to(new)
+        take_steps(opt, params, [2, 3])
+        assert all(t.dtype == new for st in opt.state.values() for t in st.values())
+        return [p.detach().float() for p in params]
+
+    for a, b in zip(run(backend), run("torch")):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
+def test_a_hand_set_device_or_negative_weight_decay_tensor_fails_the_step():
+    """Only lr may be a tensor the step does not read back: any other tensor is checked at every step."""
+    params = model_params()
+    opt = AMAdamW(params)
+    take_steps(opt, params, [0])
+    set_grads(params, 1)
+    before = full_snapshot(opt, params)
+    opt.param_groups[0]["weight_decay"] = torch.tensor(-1.0)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['weight_decay'\] must be in \[0.0, inf\)"):
+        opt.step()
+    opt.param_groups[0]["weight_decay"] = torch.tensor(1e-2, device="meta")
+    with pytest.raises(ValueError, match="only lr may be a device tensor"):
+        opt.step()
+    opt.param_groups[0]["weight_decay"] = 1e-2
+    assert_unchanged(before, opt, params)
+
+
+# --------------------------------------------------------------------------------------------------
+# optimizer-wide arguments repeated in a param group (NOTE [wide keys in groups] in _base.py)
+WIDE = [(AMSGD, "lam", 0.1, 0.2), (AMSGD, "beta_max", 0.9, 0.8), (AMAdamW, "betas", (0.9, 0.999), (0.95, 0.999)),
+        (AMAdamW, "eps", 1e-8, 1e-6), (RLLC, "law_lr", 0.01, 0.02), (RLLC, "memory", "M(0.9)+M(0)", "M(0.9)+M(0.5)")]
+
+
+@pytest.mark.parametrize("cls,key,same,other", WIDE, ids=[f"{c.__name__}-{k}" for c, k, _, _ in WIDE])
+def test_a_group_may_repeat_an_optimizer_wide_argument_only_with_its_value(cls, key, same, other):
+    """As torch's ZeroRedundancyOptimizer hands them: the same value is accepted; another is refused
+    when the group is given, when it is set by hand before a step, and in a checkpoint."""
+    params = model_params()
+    opt = cls([{"params": params[:2], key: same}, {"params": params[2:]}], lr=0.1)
+    take_steps(opt, params, [0])
+    with pytest.raises(ValueError, match=f"sets {key}=.* but {key} is optimizer-wide"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], key: other})
+    saved = copy.deepcopy(opt.state_dict())
+    set_grads(params, 1)
+    before = full_snapshot(opt, params)
+    opt.param_groups[0][key] = other  # by hand, or a OneCycleLR cycling betas
+    with pytest.raises(ValueError, match=rf"param_groups\[0\] sets {key}=.* but {key} is optimizer-wide"):
+        opt.step()
+    opt.param_groups[0][key] = same
+    assert_unchanged(before, opt, params)
+    saved["param_groups"][1][key] = other
+    with pytest.raises(ValueError, match=rf"param_groups\[1\] sets {key}="):
+        opt.load_state_dict(saved)
+    assert_unchanged(before, opt, params)
+    opt.param_groups[0]["initial_lr"] = 0.1  # a scheduler's own key is not an argument: it passes
+    opt.step()
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_complex_and_repeated_parameters_are_refused_at_construction(cls):
+    with pytest.raises(TypeError, match="complex parameters are not supported"):
+        cls([torch.zeros(3, dtype=torch.complex64, requires_grad=True)])
+    p = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="lists the same parameter twice"):
+        cls([p, p])

@@ -6,6 +6,8 @@ model (float32 tolerance):
 - hand-sharded parameters (each rank holds a dim-0 slice of every tensor) with process_group=;
 - FSDP2 fully_shard (DTensor parameters; the group comes from the mesh);
 - DDP (whole parameters on every rank, gradients averaged: nothing to reduce);
+- torch's ZeroRedundancyOptimizer over DDP (each rank steps whole tensors: the global scope reduces
+  over process_group=, the tensor scope needs nothing; ZeRO hands every group all the arguments);
 each on every backend that runs on CPU here: "torch", "cpu" (the extension), "triton" (in Triton's
 interpreter, set up in the workers), "cuda_sim" (the CUDA backend's code on the CUDA-on-CPU simulator,
 tests/_cuda_sim.py: its split step around the all_reduce) and "auto". A backend a worker cannot run
@@ -13,6 +15,7 @@ is skipped. Where a GPU is present, the hand-sharded cases also run with the par
 "cuda" and "triton" backends: both ranks share the one GPU and gloo all-reduces the CUDA sums tensor
 (NCCL refuses two ranks on one device; tests/_dist.py's one-rank NCCL group covers NCCL itself).
 """
+import functools
 import importlib.util
 import os
 import socket
@@ -49,6 +52,7 @@ MODEL_OPTS = {  # FSDP2 / DDP runs: class and kwargs
 
 def coefficients(opt):
     """What the sums decide: beta (AMSGD, AMAdamW) or the learning law (RLLC)."""
+    opt = getattr(opt, "optim", opt)  # ZeroRedundancyOptimizer: this rank's optimizer
     return (opt.law if isinstance(opt, RLLC) else opt.beta).clone()
 
 
@@ -123,9 +127,19 @@ def run_model(kind, cls_name, rank=0, world=1, backend="torch"):
         for layer in (model[0], model[2]):
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-    elif kind == "ddp":
+    elif kind in ("ddp", "zero"):
         model = torch.nn.parallel.DistributedDataParallel(model)
-    opt = cls(model.parameters(), backend=backend, **kwargs)
+    if kind == "zero":
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        # AMAdamW: the tensor scope, nothing to reduce (and betas, lam repeated in every group by ZeRO);
+        # AMSGD, RLLC: one global scope over tensors split between the ranks, so reduced over the world.
+        # ZeRO takes process_group= for itself: ours goes in through the class.
+        local_cls = cls if cls is AMAdamW else functools.partial(cls, process_group=dist.group.WORLD)
+        extra = dict(betas=(0.9, 0.999), lam=0.1) if cls is AMAdamW else {}
+        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=local_cls, backend=backend, **kwargs, **extra)
+    else:
+        opt = cls(model.parameters(), backend=backend, **kwargs)
     betas = train(model, opt, rank, world)
     params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
     return betas, [p.detach().clone() for p in params]
@@ -145,7 +159,7 @@ def worker(rank, world, port, out_path):
         for backend in runnable:
             for name in CASES:
                 results[("hand", name, backend)] = run_hand_sharded(name, backend, rank, world, group)
-            for kind in ("fsdp", "ddp"):
+            for kind in ("fsdp", "ddp", "zero"):
                 for cls_name in MODEL_OPTS:
                     results[(kind, cls_name, backend)] = run_model(kind, cls_name, rank, world, backend)
         if torch.cuda.is_available():
@@ -211,6 +225,18 @@ def test_fsdp2_and_ddp_match_single_process(ranks, kind, cls_name, backend):
     betas, params = run_model("single", cls_name)
     for got_betas, got_params in got:
         assert_close(got_betas, betas)
+        for a, b in zip(got_params, params):
+            assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls_name", list(MODEL_OPTS))
+def test_zero_redundancy_optimizer_matches_single_process(ranks, cls_name, backend):
+    got = results_of(ranks, ("zero", cls_name, backend))
+    betas, params = run_model("single", cls_name)
+    for got_betas, got_params in got:
+        if cls_name != "AMAdamW":  # one global scope; AMAdamW's per-tensor betas are each rank's own tensors'
+            assert_close(got_betas, betas)
         for a, b in zip(got_params, params):
             assert_close(a, b)
 

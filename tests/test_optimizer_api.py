@@ -29,7 +29,8 @@ BAD_ARGS = [
     (AMSGD, dict(delta_f="loss", beta_scope="group"), "needs beta_scope='global'"),
     (AMSGD, dict(lr=float("nan")), "lr must be in"),
     (AMAdamW, dict(lr=-1e-3), "lr must be in [0.0, inf)"),
-    (AMAdamW, dict(betas=(1.2, 0.999)), "betas[0] (beta_max) must be in [0.0, 1.0]"),
+    (AMAdamW, dict(betas=(1.2, 0.999)), "betas[0] (beta_max) must be in [0.0, 1.0)"),
+    (AMAdamW, dict(betas=(1.0, 0.999)), "betas[0] (beta_max) must be in [0.0, 1.0)"),  # 1 - beta_max divides
     (AMAdamW, dict(betas=(0.9, 1.0)), "betas[1] (beta2) must be in [0.0, 1.0)"),
     (AMAdamW, dict(betas=(0.9, -0.1)), "betas[1] (beta2) must be in [0.0, 1.0)"),
     (AMAdamW, dict(betas=(0.9,)), "betas must be a pair"),
@@ -272,3 +273,65 @@ def test_nonfinite_gradient_gives_nonfinite_beta(cls):
     beta = opt.beta.reshape(-1)  # AMSGD: one global beta; AMAdamW: one per tensor (its default scope)
     assert torch.isnan(beta[0])  # the scope of the tensor with the NaN
     assert torch.isfinite(beta[1:]).all()  # the other tensors' betas do not see it
+
+
+# --------------------------------------------------------------------------------------------------
+# copies, checkpoints with empty entries, printing, backend_supports_dtype
+ALL_OPTIMIZERS = [AMSGD, AMAdamW, amm_kernels.RLLC]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
+def test_a_copied_optimizer_continues_exactly_as_the_original(cls, how, backend):
+    """copy.deepcopy / pickle carry the optimizer-wide settings and the scope state (step counts, beta),
+    not only torch.optim's state and groups: the copy steps on as the original does, bit for bit."""
+    import copy
+    import pickle
+
+    params = model_params()
+    opt = cls(params, lr=0.05, backend=backend)
+    set_grads(params, 0), opt.step(), set_grads(params, 1), opt.step()
+    if how == "deepcopy":
+        twin = copy.deepcopy({"params": params, "opt": opt})  # the copy steps its own copies of the params
+    else:
+        twin = pickle.loads(pickle.dumps({"params": params, "opt": opt}))
+    for p, q in zip(params, twin["params"]):
+        q.grad = p.grad.clone()
+    for ps, o in ((params, opt), (twin["params"], twin["opt"])):
+        for s in (2, 3):
+            set_grads(ps, s)
+            o.step()
+    for p, q in zip(params, twin["params"]):
+        assert torch.equal(p, q)
+    assert repr(twin["opt"]) == repr(opt)
+
+
+@pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
+def test_a_checkpoint_with_an_empty_state_entry_loads(cls):
+    """Reading optimizer.state[p] before p's first step leaves {} there (torch.optim's defaultdict), and
+    state_dict() saves it: such a checkpoint loads, as it does into torch.optim.AdamW."""
+    params = model_params()
+    opt = cls(params, lr=0.05)
+    params[2].requires_grad_(False)
+    set_grads(params, 0)
+    params[2].grad = None
+    opt.step()
+    assert opt.state[params[2]] == {}
+    fresh = cls(params, lr=0.05)
+    fresh.load_state_dict(opt.state_dict())
+    set_grads(params, 1)
+    fresh.step()
+
+
+def test_repr_shows_the_optimizer_wide_arguments():
+    text = repr(AMAdamW(model_params(), betas=(0.8, 0.99), lam=0.2))
+    assert text.startswith("AMAdamW (") and "betas=(0.8, 0.99)" in text and "lam=0.2" in text and "lr: 0.001" in text
+
+
+def test_backend_supports_dtype():
+    assert amm_kernels.backend_supports_dtype("auto", torch.float32)
+    assert amm_kernels.backend_supports_dtype("auto", torch.float64)  # the reference runs it
+    assert not amm_kernels.backend_supports_dtype("cpu", torch.float64)
+    with pytest.raises(ValueError, match="name must be one of"):
+        amm_kernels.backend_supports_dtype("gpu", torch.float32)

@@ -15,13 +15,14 @@ from __future__ import annotations
 import torch
 
 from .._hyper import AMAdamWHyper
-from .._step import StepBatch
+from .._step import StepBatch, check_fits
 from .amsgd_reference import effective_grad
 from .beta import commit, commit_scope_state, compute_dtype, per_tensor, scope_beta
 
 
 @torch.no_grad()
 def amadamw_step(batch: StepBatch, hp: AMAdamWHyper) -> None:
+    check_fits(batch.params, batch.grads, [batch.d, batch.v])  # before anything changes
     state = batch.scopes
     lam, beta2 = hp.lam, hp.beta2
     scopes = batch.index("present_scopes")
@@ -49,18 +50,21 @@ def amadamw_step(batch: StepBatch, hp: AMAdamWHyper) -> None:
         p = bias1[i].to(cd) * (hp.eps + (v / bias2[i].to(cd)).sqrt())
         xs.append(x), gs.append(g), ds.append(d), vs.append(v), ps.append(p)
         if hp.adaptive:
-            eta, eta_prev = batch.lr[group].to(cd), state.prev_lr[group].to(cd)
+            # NOTE [weighting in float64]: sums in the arithmetic dtype, weighted by the step sizes in
+            # float64, as every backend's finalize (csrc/amm_math.h): eta times a tiny sum would
+            # underflow to a float32 subnormal and lose beta's digits.
+            eta, eta_prev = batch.lr[group].double(), state.prev_lr[group].double()
             c = eta / (1 + mu * eta)
             w = 1 / ((1 + lam * p) * p)
             diff = d - g
-            b_term = (w * diff * (g + lam * p * d)).sum()
-            d_term = (w * diff * diff).sum()
+            b_term = (w * diff * (g + lam * p * d)).sum().double()
+            d_term = (w * diff * diff).sum().double()
             if mu != 0:
-                a_term = (g * (mu * x + d / p)).sum()
-                c_term = (diff * x).sum()
+                a_term = (g * (mu * x + d / p)).sum().double()
+                c_term = (diff * x).sum().double()
                 num.append(eta_prev * a_term - c * (b_term + mu * c_term))
             else:  # NOTE [x in pass 1]
-                a_term = (g * (d / p)).sum()
+                a_term = (g * (d / p)).sum().double()
                 num.append(eta_prev * a_term - c * b_term)
             den.append(c * d_term)
 

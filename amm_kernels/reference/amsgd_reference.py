@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .._hyper import AMSGDHyper
-from .._step import StepBatch
+from .._step import StepBatch, check_fits
 from .beta import commit, commit_scope_state, compute_dtype, per_tensor, scope_beta
 
 
@@ -29,6 +29,7 @@ def effective_grad(batch: StepBatch, i: int, x: torch.Tensor, maximize: bool, we
 
 @torch.no_grad()
 def amsgd_step(batch: StepBatch, hp: AMSGDHyper) -> None:
+    check_fits(batch.params, batch.grads, [batch.d])  # before anything changes
     state = batch.scopes
     lam = hp.lam
     xs, gs, ds = [], [], []
@@ -41,11 +42,12 @@ def amsgd_step(batch: StepBatch, hp: AMSGDHyper) -> None:
         g = effective_grad(batch, i, x, hp.maximize, batch.weight_decay[group])
         xs.append(x), gs.append(g), ds.append(d)
         if hp.adaptive:
-            eta, eta_prev = batch.lr[group].to(cd), state.prev_lr[group].to(cd)
+            # NOTE [weighting in float64] in amadamw_reference.py
+            eta, eta_prev = batch.lr[group].double(), state.prev_lr[group].double()
             diff = d - g
-            b_term = (diff * (g + lam * d)).sum()
-            d_term = (diff * diff).sum()  # NOTE: a sum of squares, never |g|^2 - 2<g,d> + |d|^2
-            first_order = (lam + 1) * eta_prev * (g * d).sum() if hp.delta_f == "first_order" else 0.0
+            b_term = (diff * (g + lam * d)).sum().double()
+            d_term = (diff * diff).sum().double()  # NOTE: a sum of squares, never |g|^2 - 2<g,d> + |d|^2
+            first_order = (lam + 1) * eta_prev * (g * d).sum().double() if hp.delta_f == "first_order" else 0.0
             num.append(first_order - eta * b_term)
             den.append(eta * d_term)
 

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .._step import StepBatch
+from .._step import StepBatch, check_fits
 from .beta import commit, compute_dtype, per_tensor
 from .pinv import gram_pinv_apply
 
@@ -76,6 +76,7 @@ def rllc_step(batch: StepBatch, hp) -> None:
     """One RLLC step. batch.d[i] is tensor i's memory, shape (k, *param.shape); batch.scopes holds
     `step` [S] and `law` [S, k]; hp has law_lr, U (k x k), b (k), k and rcond."""
     state, k = batch.scopes, hp.k
+    check_fits(batch.params, batch.grads, [batch.d], units=k)  # before anything changes
     pairs = gram_pairs(k)
     xs, gs, ms, sums = [], [], [], []
     # Pass 1: the effective gradient and each tensor's Gram and M^T g sums of the previous memory.

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._step import capturing
+from .._step import capturing, check_fits
 
 META_X, META_G, META_D, META_V, META_NUMEL, META_GROUP, META_SCOPE, META_SLOT, META_COLS = range(9)
 
@@ -123,16 +123,18 @@ def _remember(cache: OrderedDict, key, table: Table) -> None:
 # (_IN_GRAPHS): the graph reads it at every replay, and the LRU must not free it; so is the table a
 # captured one was rebased from, whose meta the graph's clone reads at every replay. A layout never seen
 # before cannot be built during a capture: run a warm-up step.
-def get_table(params, grads, d, v, batch, block: int, n_sums: int) -> Table:
+def get_table(params, grads, d, v, batch, block: int, n_sums: int, state_units: int | None = None) -> Table:
     """The cached table for this exact list of tensors: rebased when only addresses or weight decays
-    changed, rebuilt when a size, dtype, group or scope did (NOTE [tables and graphs])."""
+    changed, rebuilt when a size, dtype, group or scope did (NOTE [tables and graphs]). `state_units`:
+    RLLC's k, where the state tensors are (k, *param.shape) (check_fits)."""
     addresses, decays, layout = _key(params, grads, d, v, batch, block, n_sums)
     device = params[0].device
     key = (addresses, decays, layout)
     cache = batch.device_tables.setdefault("triton", TableCache())
     in_capture = capturing(device)
     table = cache.exact.get(key)
-    if table is None:
+    if table is None:  # new addresses: a resized parameter or state is among them (NOTE [state fits])
+        check_fits(params, grads, [d] if v is None else [d, v], units=state_units, exact_shapes=False)
         source = cache.by_layout.get(layout)
         if source is not None:
             table = _rebased(source, addresses, decays)
