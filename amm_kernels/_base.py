@@ -34,15 +34,24 @@ def _on_device(x, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.full((), float(x), dtype=dtype, device=device)  # float() of a CPU tensor reads host memory only
 
 
+def _plain(x):
+    """A value as the constructor reads it: CPU tensors as numbers (or tuples), numbers and flags as
+    floats (1 is True), sequences as tuples; anything else (a string, a process group) as it is."""
+    if isinstance(x, Tensor) and x.device.type == "cpu":
+        x = x.item() if x.numel() == 1 else x.tolist()
+    if isinstance(x, numbers.Real):
+        return float(x)
+    if isinstance(x, (list, tuple)):
+        return tuple(_plain(y) for y in x)
+    return x
+
+
 def _same(a, b) -> bool:
-    """Whether a group's value equals the optimizer's: numbers by value, sequences elementwise."""
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, Tensor) or isinstance(b, Tensor):
-        return a is b
-    if isinstance(a, numbers.Real) and isinstance(b, numbers.Real) and not isinstance(a, bool) and not isinstance(b, bool):
-        return float(a) == float(b)
-    return a is b or (type(a) is type(b) and a == b)
+    """Whether a group's value of an optimizer-wide argument equals the optimizer's."""
+    if a is b:
+        return True
+    a, b = _plain(a), _plain(b)
+    return not isinstance(a, Tensor) and not isinstance(b, Tensor) and type(a) is type(b) and a == b
 
 
 def _local(t: Tensor) -> Tensor:
@@ -72,6 +81,8 @@ class AMOptimizer(torch.optim.Optimizer):
         self.backend = backend
         self.process_group = process_group
         self.capturable = check_flag(name, "capturable", capturable)
+        self._wide = self._wide_args()  # fixed from here on (NOTE [wide keys in groups])
+        self._wide_names = frozenset(self._wide)
         self._scopes: ScopeState | None = None
         self._index_cache: dict = {}  # device index tensors and lr, reused across steps (no H2D copy once warm)
         self._in_graphs: dict = {}  # id -> tensor: what a captured step read from _index_cache (NOTE [kept for graphs])
@@ -85,7 +96,7 @@ class AMOptimizer(torch.optim.Optimizer):
     # What pickle and copy.deepcopy carry besides torch.optim's defaults, state and param_groups: the
     # optimizer-wide settings and the scope state (step counts, beta). The caches are made anew.
     _PICKLED = ("_hyper", "beta_scope", "scope", "backend", "process_group", "capturable", "_scopes",
-                "_warned_late_state")
+                "_warned_late_state", "_memory_arg")
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -93,8 +104,13 @@ class AMOptimizer(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        had_differentiable = "differentiable" in state.get("defaults", {})
         super().__setstate__(state)
+        if not had_differentiable:  # torch.optim's __setstate__ adds it; not an argument here
+            self.defaults.pop("differentiable", None)
         self._index_cache, self._in_graphs, self._device_tables, self._resolved = {}, {}, {}, {}
+        self._wide = self._wide_args()
+        self._wide_names = frozenset(self._wide)
         self._prefill_backend_cache()
 
     def __deepcopy__(self, memo: dict):
@@ -107,16 +123,14 @@ class AMOptimizer(torch.optim.Optimizer):
         return new
 
     def __repr__(self) -> str:
-        args = {**self._wide_args(), "capturable": self.capturable}
-        wide = ", ".join(f"{k}={v!r}" for k, v in args.items() if k != "process_group")
+        wide = ", ".join(f"{k}={v!r}" for k, v in self._wide.items() if k != "process_group")
         return super().__repr__().replace(" (", f" ({wide}", 1)
 
     # ----------------------------------------------------------------------------------------------
     # param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         name = type(self).__name__
-        wide = self._wide_args()
-        unknown = sorted(k for k in param_group if k not in self.GROUP_KEYS and k not in wide and k != "capturable")
+        unknown = sorted(k for k in param_group if k not in self.GROUP_KEYS and k not in self._wide)
         if unknown:
             allowed = " and ".join(k for k in self.GROUP_KEYS if k != "params")
             raise ValueError(
@@ -127,11 +141,12 @@ class AMOptimizer(torch.optim.Optimizer):
         params = param_group["params"]
         if not isinstance(params, set):  # torch.optim refuses a set (its order changes between runs)
             params = [params] if isinstance(params, Tensor) else list(params)
-            for p in params:
+            tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]  # (name, tensor) too
+            for p in tensors:
                 if isinstance(p, Tensor) and p.is_complex():
                     raise TypeError(f"{name}: complex parameters are not supported (got {p.dtype}); optimize "
                                     "torch.view_as_real(p) as a real parameter instead")
-            if len({id(p) for p in params}) != len(params):
+            if len({id(p) for p in tensors}) != len(tensors):
                 raise ValueError(f"{name}: a param group lists the same parameter twice; list each parameter once")
             param_group["params"] = params  # in place, as torch.optim does: the caller may keep the dict
         super().add_param_group(param_group)
@@ -144,25 +159,27 @@ class AMOptimizer(torch.optim.Optimizer):
         param_groups by hand or by a scheduler), before anything is written."""
         keys = [k for k in self.GROUP_KEYS if k != "params"]
         check_group(type(self).__name__, group, keys, index=index, skip_tensors=on_step)
-        if len(group) > len(self.GROUP_KEYS):  # NOTE [wide keys in groups]
-            self._check_wide_keys(group, index)
+        if len(group) > len(self.GROUP_KEYS) and not self._wide_names.isdisjoint(group):  # NOTE [wide keys in groups]
+            self._check_wide_keys(group, index, on_step)
 
     def _wide_args(self) -> dict[str, Any]:
-        """The optimizer-wide constructor arguments and their values, as a group may repeat them
-        (capturable aside: see _check_wide_keys)."""
-        return {self.SCOPE_ARG: self.beta_scope, "backend": self.backend, "process_group": self.process_group}
+        """The optimizer-wide constructor arguments and their values, as a group may repeat them."""
+        return {self.SCOPE_ARG: self.beta_scope, "backend": self.backend, "process_group": self.process_group,
+                "capturable": self.capturable}
 
-    def _check_wide_keys(self, group: dict[str, Any], index: int | None) -> None:
+    def _check_wide_keys(self, group: dict[str, Any], index: int | None, on_step: bool = False) -> None:
         """NOTE [wide keys in groups]: torch's ZeroRedundancyOptimizer (and code written for torch.optim,
         where every argument is a group default) hands each param group every constructor argument.
         A group may repeat an optimizer-wide argument with the optimizer's own value; a different value
         (set in the group by hand, a OneCycleLR cycling betas, a checkpoint of another setting) is an
         error, never silently ignored. Keys that are not arguments (a scheduler's initial_lr) pass, and
-        so does "capturable": torch.compile's tracing of an optimizer sets group["capturable"] = True
-        in every group (torch/_dynamo/variables/optimizer.py); ours is the constructor's."""
-        wide = self._wide_args()  # made here, not cached on self: NOTE [compile]
+        so does "capturable" inside step(): torch.compile's tracing of an optimizer sets
+        group["capturable"] = True in every group (torch/_dynamo/variables/optimizer.py). This runs
+        only for a group with more keys than GROUP_KEYS (one with a scheduler's initial_lr: at every
+        step): _check_group_hypers calls it only where one of the group's keys is an argument."""
+        wide = self._wide
         for key, value in group.items():
-            if key in wide and not _same(self._normalise_wide(key, value), wide[key]):
+            if key in wide and not (on_step and key == "capturable") and not _same(self._normalise_wide(key, value), wide[key]):
                 where = "a param group" if index is None else f"param_groups[{index}]"
                 allowed = " and ".join(k for k in self.GROUP_KEYS if k != "params")
                 raise ValueError(
@@ -183,12 +200,30 @@ class AMOptimizer(torch.optim.Optimizer):
         """The shape of each state tensor of parameter p (what load_state_dict checks a checkpoint against)."""
         return {key: tuple(p.shape) for key in self.STATE_NAMES}
 
-    def _match_state_dtypes(self, keys: list[Tensor]) -> None:
+    def _match_state_dtypes(self, keys: list[Tensor]) -> list[tuple[dict, dict]]:
         """Cast state to its parameter's dtype where they differ: the parameter's dtype changed
-        (model.to(dtype)) since its state was made, and SPEC.md section 5 gives state its dtype."""
+        (model.to(dtype)) since its state was made, and SPEC.md section 5 gives state its dtype.
+        Returns (state dict, the tensors it had) for each one changed, for _undo."""
+        replaced = []
         for k in keys:
             st = self.state[k]
-            st.update({key: st[key].to(k.dtype) for key in self.STATE_NAMES if st[key].dtype != k.dtype})
+            old = {key: st[key] for key in self.STATE_NAMES if st[key].dtype != k.dtype}
+            if old:
+                replaced.append((st, old))
+                st.update({key: t.to(k.dtype) for key, t in old.items()})
+        return replaced
+
+    def _undo(self, made) -> None:
+        """NOTE [refused steps]: a backend refuses a step before it writes anything (a misfit, NOTE
+        [state fits]; a dtype or device it does not take), but by then _build_batch has made the zero
+        state of tensors stepping for the first time and cast state to new parameter dtypes. A refused
+        step leaves the optimizer as it was: those are taken back here (eager only; a compiled step
+        has no handler, and its failure leaves them)."""
+        keys, fresh, _, _, replaced = made
+        for st, old in replaced:
+            st.update(old)
+        for i in fresh:
+            self.state.pop(keys[i], None)
 
     def _scope_init(self):
         """What a new scope starts from (its beta before any step)."""
@@ -243,10 +278,20 @@ class AMOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        batch = self._build_batch(loss)
+        batch, made = self._build_batch(loss)
         if batch is not None:
             module = self._backend_module(self.backend, batch.params[0].device, {p.dtype for p in batch.params})
-            getattr(module, self.STEP_OP)(batch, self._hyper)
+            if torch.compiler.is_compiling():  # folded by dynamo: no try in the graph
+                getattr(module, self.STEP_OP)(batch, self._hyper)
+            else:
+                try:
+                    getattr(module, self.STEP_OP)(batch, self._hyper)
+                except BaseException:
+                    self._undo(made)  # NOTE [refused steps]
+                    raise
+            keys, fresh, group_of, had_state, _ = made
+            if fresh and had_state:
+                self._on_late_state(keys, fresh, group_of)
             if capturing(batch.params[0].device):
                 # NOTE [kept for graphs]: a captured graph reads the tensors of _index_cache that the step
                 # used (the lrs, the index tensors) at their addresses at every replay. The cache lets
@@ -306,7 +351,7 @@ class AMOptimizer(torch.optim.Optimizer):
             )
         return first
 
-    def _build_batch(self, loss) -> StepBatch | None:
+    def _build_batch(self, loss) -> tuple[StepBatch | None, tuple | None]:
         """Collect every parameter with a gradient, validate all of it, then (only then) create state.
         NOTE [host time]: this runs on every step, once per parameter tensor, before the first kernel;
         on a GPU it is the whole cost of a small model's step. So each parameter is looked at in one
@@ -331,7 +376,7 @@ class AMOptimizer(torch.optim.Optimizer):
                     scope_of.append(0 if scope_mode == "global" else gi if scope_mode == "group" else tensor_index)
                 tensor_index += 1
         if not params:
-            return None
+            return None, None
         if len(self._index_cache) > 256:
             self._index_cache.clear()
         keys = params  # the parameters as the user holds them: the keys of self.state
@@ -397,14 +442,14 @@ class AMOptimizer(torch.optim.Optimizer):
             d.append(first)
             if v is not None:
                 v.append(st[names[1]])
+        replaced = []
         if recast:
             # the parameters' dtype changed (model.to(dtype)) since their state was made: the state is
             # cast to it, the dtype SPEC.md section 5 gives it (every backend then sees matching dtypes)
-            self._match_state_dtypes(keys)
+            replaced = self._match_state_dtypes(keys)
             d = [self.state[k][names[0]] for k in keys]
             v = None if v is None else [self.state[k][names[1]] for k in keys]
-        if fresh and had_state:
-            self._on_late_state(keys, fresh, group_of)
+        made = (keys, fresh, group_of, had_state, replaced)
         if sharded:
             d = [_local(t) for t in d]
             v = None if v is None else [_local(t) for t in v]
@@ -440,7 +485,7 @@ class AMOptimizer(torch.optim.Optimizer):
             process_group=process_group,
             index_cache=self._index_cache,
             device_tables=self._device_tables,
-        )
+        ), made
 
     def _uses_loss(self) -> bool:
         return False

@@ -107,5 +107,5 @@ class AMAdamW(AMOptimizer):
                 "scope's bias corrections (steps are counted per scope), so their first updates are larger "
                 "than torch.optim.AdamW's (up to about 5x over the first ~1/(1 - beta2) steps). "
                 "beta_scope='tensor' (the default) counts steps per tensor. (Shown once.)",
-                stacklevel=6,  # _on_late_state, _build_batch, step, no_grad, torch.optim hooks, the caller
+                stacklevel=5,  # _on_late_state, step, no_grad, torch.optim hooks, the caller
             )

@@ -165,6 +165,7 @@ class RLLC(AMOptimizer):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name}: law_init[{i}] must be a finite number, got {value!r}")
         self._hyper = RLLCHyper(law_lr=float(law_lr), U=U, b=b, law_init=tuple(float(v) for v in law_init))
+        self._memory_arg = memory  # a group repeating it is not parsed again at every step
         super().__init__(params, dict(lr=lr), scope, backend, process_group, capturable)
         self.scope = scope
 
@@ -191,6 +192,8 @@ class RLLC(AMOptimizer):
 
     def _normalise_wide(self, key, value):
         if key == "memory":
+            if value is self._memory_arg or (isinstance(value, str) and value == self._memory_arg):
+                return (self._hyper.U, self._hyper.b)
             return memory_rule(value, type(self).__name__)
         if key == "law_init" and value is None:
             return (1.0,) + (0.0,) * (self.k - 1)

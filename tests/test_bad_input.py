@@ -225,11 +225,15 @@ def test_a_state_or_gradient_that_does_not_fit_fails_the_step_before_any_change(
     params = model_params()
     opt = cls(params, lr=0.1, backend=backend_ready(backend))
     take_steps(opt, params, [0, 1])
+    newcomer = torch.randn(3, requires_grad=True)  # its first step is the refused one: no state after it
+    opt.add_param_group({"params": [newcomer]})
     make_misfit(params)
+    newcomer.grad = torch.randn(3)
     before = full_snapshot(opt, params)
     with pytest.raises((ValueError, RuntimeError), match=message):
         opt.step()
-    assert_unchanged(before, opt, params)
+    assert_unchanged(before, opt, params)  # NOTE [refused steps]
+    assert newcomer not in opt.state
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -302,8 +306,28 @@ def test_a_group_may_repeat_an_optimizer_wide_argument_only_with_its_value(cls, 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_complex_and_repeated_parameters_are_refused_at_construction(cls):
-    with pytest.raises(TypeError, match="complex parameters are not supported"):
-        cls([torch.zeros(3, dtype=torch.complex64, requires_grad=True)])
+    z = torch.zeros(3, dtype=torch.complex64, requires_grad=True)
     p = torch.zeros(3, requires_grad=True)
-    with pytest.raises(ValueError, match="lists the same parameter twice"):
-        cls([p, p])
+    for complex_params, repeated in (([z], [p, p]), ([("z", z)], [("p", p), ("q", p)])):  # named too
+        with pytest.raises(TypeError, match="complex parameters are not supported"):
+            cls(complex_params)
+        with pytest.raises(ValueError, match="lists the same parameter twice"):
+            cls(repeated)
+
+
+REPEATS = [(AMSGD, dict(adaptive=1)), (AMSGD, dict(lam=torch.tensor(0.1))), (AMAdamW, dict(eps=torch.tensor(1e-8))),
+           (AMAdamW, dict(betas=[0.9, torch.tensor(0.999)])), (RLLC, dict(law_init=torch.tensor([1.0, 0.0])))]
+
+
+@pytest.mark.parametrize("cls,kwargs", REPEATS, ids=[f"{c.__name__}-{list(k)[0]}" for c, k in REPEATS])
+def test_a_group_may_repeat_an_argument_in_any_form_the_constructor_takes(cls, kwargs):
+    """ZeRO copies the very objects given to the constructor (1 for True, a CPU tensor for a number)
+    into every group: the same values, read as the constructor reads them."""
+    params = model_params()
+    opt = cls([{"params": params, **kwargs}], **kwargs)
+    take_steps(opt, params, [0, 1])
+
+
+def test_a_groups_capturable_other_than_the_optimizers_is_refused():
+    with pytest.raises(ValueError, match="sets capturable=True, but capturable is optimizer-wide"):
+        AMSGD([{"params": model_params(), "capturable": True}])

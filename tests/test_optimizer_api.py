@@ -304,7 +304,7 @@ def test_a_copied_optimizer_continues_exactly_as_the_original(cls, how, backend)
             o.step()
     for p, q in zip(params, twin["params"]):
         assert torch.equal(p, q)
-    assert repr(twin["opt"]) == repr(opt)
+    assert repr(twin["opt"]) == repr(opt) and twin["opt"].defaults == opt.defaults
 
 
 @pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
