@@ -282,6 +282,8 @@ def format_table(results: list[RunResult]) -> str:
     rows = [header, "-" * len(header)]
     for r in results:
         rows.append(f"{r.name:<10} {r.final_train:>10.4f} {r.final_val:>10.4f} {r.seconds:>9.1f}s")
+    rows.append("(wall time includes whatever else the machine ran meanwhile; bench/train_step_overhead.py "
+                "measures a step's cost)")
     return "\n".join(rows)
 
 
