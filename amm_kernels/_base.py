@@ -82,7 +82,7 @@ class AMOptimizer(torch.optim.Optimizer):
         self.process_group = process_group
         self.capturable = check_flag(name, "capturable", capturable)
         self._wide = self._wide_args()  # fixed from here on (NOTE [wide keys in groups])
-        self._wide_names = frozenset(self._wide)
+        self._wide_names = frozenset(self._wide)  # dynamo traces frozenset.isdisjoint, not dict_keys'
         self._scopes: ScopeState | None = None
         self._index_cache: dict = {}  # device index tensors and lr, reused across steps (no H2D copy once warm)
         self._in_graphs: dict = {}  # id -> tensor: what a captured step read from _index_cache (NOTE [kept for graphs])

@@ -335,3 +335,24 @@ def test_backend_supports_dtype():
     assert not amm_kernels.backend_supports_dtype("cpu", torch.float64)
     with pytest.raises(ValueError, match="name must be one of"):
         amm_kernels.backend_supports_dtype("gpu", torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_gradients_give_the_float64_beta(backend):
+    """NOTE [weighting in float64] (amadamw_reference.py): lr times a sum of squares of ~3e-21
+    gradients is a float32 subnormal; weighted in float64, as every backend's finalize, beta keeps its
+    digits (weighted in float32, the reference's was 1.4e-3 off)."""
+    def betas(b, dtype):
+        gen = torch.Generator().manual_seed(1)
+        params = [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in [(5, 3), (7,), (4,)]]
+        opt = AMSGD(params, lr=1e-3, beta_scope="tensor", backend=b)
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(5):
+            for p in params:
+                p.grad = (torch.randn(p.shape, generator=gen) * 3e-21).to(dtype)
+            opt.step()
+        return opt.beta.double()
+
+    exact = betas("torch", torch.float64)
+    assert not torch.all(exact == exact[0]), "beta should differ per tensor"
+    torch.testing.assert_close(betas(backend, torch.float32), exact, rtol=0, atol=1e-4)
