@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -31,6 +32,9 @@ def bench_on_path():
     sys.path.insert(0, str(BENCH))
     yield
     sys.path.remove(str(BENCH))
+    # bench/common.py turns on flush-to-zero for the process when it is imported; the tests that run
+    # after these must see torch's default (off), as they do when run alone
+    torch.set_flush_denormal(False)
 
 
 @pytest.mark.parametrize("module,files,column,needs_sklearn", SCRIPTS, ids=[s[0] for s in SCRIPTS])
