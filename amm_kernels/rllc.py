@@ -29,6 +29,11 @@ __all__ = ["RLLC", "RLLCHyper", "RLLCScopeState", "rllc_backends", "supports_rll
 RCOND = 1e-6  # relative eigenvalue cutoff of the pseudo-inverse of the k x k Gram matrix (SPEC.md 4)
 
 
+def default_law_init(k: int) -> tuple[float, ...]:
+    """law_init=None: all weight on the first memory unit, (1, 0, ..., 0)."""
+    return (1.0,) + (0.0,) * (k - 1)
+
+
 @dataclass(frozen=True)
 class RLLCHyper:
     """Optimizer-wide hyperparameters; U (k x k) and b (k) as tuples of floats (host values)."""
@@ -155,7 +160,7 @@ class RLLC(AMOptimizer):
         U, b = memory_rule(memory, name)
         k = len(b)
         if law_init is None:
-            law_init = (1.0,) + (0.0,) * (k - 1)
+            law_init = default_law_init(k)
         if isinstance(law_init, Tensor):
             law_init = law_init.detach().cpu().tolist()
         if not isinstance(law_init, (list, tuple)) or len(law_init) != k:
@@ -196,7 +201,7 @@ class RLLC(AMOptimizer):
                 return (self._hyper.U, self._hyper.b)
             return memory_rule(value, type(self).__name__)
         if key == "law_init" and value is None:
-            return (1.0,) + (0.0,) * (self.k - 1)
+            return default_law_init(self.k)
         return value
 
     def _scope_init(self):
