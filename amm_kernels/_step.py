@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
-
 
 
 def capturing(device: torch.device) -> bool:
@@ -141,6 +141,20 @@ class StepBatch:
     process_group: object | None = None
     index_cache: dict = field(default_factory=dict)
     device_tables: dict = field(default_factory=dict)
+
+    def all_reduce_scope_sums(self, per_scope: Tensor) -> Tensor:
+        """Rows of per-scope sums (present_scopes order, [n_present, ...]) added up over the
+        process_group (one all_reduce, no host sync); returns them in the same order.
+        NOTE [sums by scope]: ranks may hold different scopes (torch's ZeroRedundancyOptimizer can leave
+        a rank none of a param group's tensors), so the vector reduced has a row for every scope of
+        the optimizer, at the scope's own index, zeros where this rank holds none of its tensors: every
+        rank hands the all_reduce the same shape, and row s always means scope s. The C++/CUDA scope-sums
+        ops and triton's finalize write their sums in this layout themselves."""
+        scopes = self.index("present_scopes")
+        full = per_scope.new_zeros((self.scopes.step.numel(), *per_scope.shape[1:]))
+        full.index_copy_(0, scopes, per_scope)
+        dist.all_reduce(full, group=self.process_group)
+        return full.index_select(0, scopes)
 
     def index(self, name: str) -> Tensor:
         """A host list of this batch (present_scopes, scope_of, ...) as a device int64 tensor."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.distributed as dist
 
 from ._step import StepBatch
 from .reference.pinv import gram_pinv_apply
@@ -120,12 +119,13 @@ def _rllc_step(batch: StepBatch, hp, tb) -> None:
     rllc_combine_kernel[(n_scopes,)](
         table.slot_start, table.tensor_start, sc.partials, sc.sums,
         N_SUMS=sc.n_sums, NP2=_next_p2(sc.n_sums), CHUNK=_combine_chunk(_next_p2(sc.n_sums)), **tb.COMBINE_LAUNCH)
+    sums = sc.sums
     if batch.process_group is not None:  # sharded parameters: the whole model's sums (no host sync)
-        dist.all_reduce(sc.sums, group=batch.process_group)
+        sums = batch.all_reduce_scope_sums(sums)  # NOTE [sums by scope] in _step.py
 
     # the law per present scope, on the device
-    gram = sc.sums[:, sc.full_index].reshape(n_scopes, k, k)
-    correction = gram_pinv_apply(gram, sc.sums[:, sc.n_pairs:], hp.rcond)  # NaN for non-finite sums
+    gram = sums[:, sc.full_index].reshape(n_scopes, k, k)
+    correction = gram_pinv_apply(gram, sums[:, sc.n_pairs:], hp.rcond)  # NaN for non-finite sums
     scopes = batch.index("present_scopes")
     law_old = state.law[scopes].double()
     first_step = state.step[scopes] == 0

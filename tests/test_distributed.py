@@ -4,10 +4,13 @@ Two processes on CPU with the gloo backend (localhost only), started once for th
 case runs 5 steps and must give the betas and the parameters of a single-process run on the full
 model (float32 tolerance):
 - hand-sharded parameters (each rank holds a dim-0 slice of every tensor) with process_group=;
+- the same with one param group's tensors whole on the last rank and absent from the other (the
+  global and group scopes: the reduced sums must stay aligned by scope, NOTE [sums by scope]);
 - FSDP2 fully_shard (DTensor parameters; the group comes from the mesh);
 - DDP (whole parameters on every rank, gradients averaged: nothing to reduce);
-- torch's ZeroRedundancyOptimizer over DDP (each rank steps whole tensors: the global scope reduces
-  over process_group=, the tensor scope needs nothing; ZeRO hands every group all the arguments);
+- torch's ZeroRedundancyOptimizer over DDP (each rank steps whole tensors: the global and group
+  scopes reduce over process_group=, the tensor scope needs nothing; ZeRO hands every group all the
+  arguments, and with two groups leaves rank 0 none of the second's tensors);
 each on every backend that runs on CPU here: "torch", "cpu" (the extension), "triton" (in Triton's
 interpreter, set up in the workers), "cuda_sim" (the CUDA backend's code on the CUDA-on-CPU simulator,
 tests/_cuda_sim.py: its split step around the all_reduce) and "auto". A backend a worker cannot run
@@ -15,6 +18,7 @@ is skipped. Where a GPU is present, the hand-sharded cases also run with the par
 "cuda" and "triton" backends: both ranks share the one GPU and gloo all-reduces the CUDA sums tensor
 (NCCL refuses two ranks on one device; tests/_dist.py's one-rank NCCL group covers NCCL itself).
 """
+import faulthandler
 import functools
 import importlib.util
 import os
@@ -31,6 +35,7 @@ from amm_kernels import RLLC, AMAdamW, AMSGD, available_backends
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
 
 STEPS = 5
+WORKER_TIMEOUT_S = 300
 BACKENDS = ["torch", "auto", "cpu", "triton", "cuda_sim"]
 GPU_BACKENDS = ["cuda", "triton"]  # hand-sharded cases with the parameters on the GPU, where there is one
 SHAPES = [(6, 4), (5,), (3, 3), (1,)]  # (1,) leaves rank 1 an empty shard
@@ -42,11 +47,18 @@ CASES = {  # name: (optimizer class, constructor kwargs)
     "AMAdamW-group": (AMAdamW, dict(lr=0.01, beta_scope="group")),
     "RLLC": (RLLC, dict(lr=0.05, law_lr=0.05, memory="M(0.9)+M(0.5)")),
     "RLLC-tensor": (RLLC, dict(lr=0.05, law_lr=0.05, memory="M(0.9)+M(0)+J(0.5,2)", scope="tensor")),
+    "RLLC-group": (RLLC, dict(lr=0.05, law_lr=0.05, memory="M(0.9)+M(0.5)", scope="group")),
 }
+# The cases run again with group 1's tensors whole on the last rank and absent from the others (as
+# ZeroRedundancyOptimizer may leave a rank none of a group's tensors): the global and group scopes.
+OWNED_CASES = ["AMSGD", "AMSGD-loss", "AMAdamW-group", "RLLC", "RLLC-group"]
 MODEL_OPTS = {  # FSDP2 / DDP runs: class and kwargs
     "AMSGD": (AMSGD, dict(lr=0.05)),
     "AMAdamW": (AMAdamW, dict(lr=0.01)),
     "RLLC": (RLLC, dict(lr=0.05, law_lr=0.05, memory="M(0.9)+M(0.5)")),
+    # two param groups (one per Linear), a beta per group: under ZeRO rank 0 holds none of group 1's
+    # tensors (it gets the 8x16 weight, rank 1 the other three: ZeRO fills the emptiest rank first)
+    "AMAdamW-group": (AMAdamW, dict(lr=0.01, beta_scope="group")),
 }
 
 
@@ -74,16 +86,27 @@ def shard(t, rank, world):
     return torch.tensor_split(t, world, dim=0)[rank].clone()
 
 
-def run_hand_sharded(name, backend, rank=0, world=1, group=None, device="cpu"):
+def run_hand_sharded(name, backend, rank=0, world=1, group=None, device="cpu", owned=False):
+    """Each rank holds a dim-0 slice of every tensor; with `owned`, group 1's tensors (2 and 3) are
+    whole on the last rank instead and the other ranks hold none of them (their group 1 is empty).
+    Returns the betas (or laws) of the 5 steps and the rank's tensors (None for one it does not hold)."""
     cls, kwargs = CASES[name]
-    params = [shard(p, rank, world).to(device).requires_grad_() for p in full_params()]
-    groups = [dict(params=params[:2]), dict(params=params[2:], lr=kwargs["lr"] * 0.5)]
+
+    def local(t, i):  # this rank's part of tensor i
+        return (t.clone() if owned and i >= 2 else shard(t, rank, world)).to(device)
+
+    held = [i for i in range(len(SHAPES)) if not (owned and i >= 2 and rank != world - 1)]
+    full = full_params()
+    params = {i: local(full[i], i).requires_grad_() for i in held}
+    groups = [dict(params=[params[i] for i in held if i < 2]),
+              dict(params=[params[i] for i in held if i >= 2], lr=kwargs["lr"] * 0.5)]
     opt = cls(groups, backend=backend, process_group=group, **kwargs)
     betas = []
     for t in range(STEPS):
         def closure(t=t):
-            for p, g in zip(params, full_grads(t)):
-                p.grad = shard(g, rank, world).to(device)
+            grads = full_grads(t)
+            for i, p in params.items():
+                p.grad = local(grads[i], i)
             return torch.tensor(1.0 / (t + 1), device=device)  # the global loss: the same on every rank
         if kwargs.get("delta_f") == "loss":
             opt.step(closure)
@@ -91,7 +114,7 @@ def run_hand_sharded(name, backend, rank=0, world=1, group=None, device="cpu"):
             closure()
             opt.step()
         betas.append(coefficients(opt))
-    return torch.stack(betas).cpu(), [p.detach().cpu() for p in params]
+    return torch.stack(betas).cpu(), [params[i].detach().cpu() if i in params else None for i in range(len(SHAPES))]
 
 
 def make_model():
@@ -119,6 +142,7 @@ def train(model, opt, rank=0, world=1):
 def run_model(kind, cls_name, rank=0, world=1, backend="torch"):
     cls, kwargs = MODEL_OPTS[cls_name]
     model = make_model()
+    layers = (model[0], model[2])
     if kind == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -129,20 +153,28 @@ def run_model(kind, cls_name, rank=0, world=1, backend="torch"):
         fully_shard(model, mesh=mesh)
     elif kind in ("ddp", "zero"):
         model = torch.nn.parallel.DistributedDataParallel(model)
+    params = model.parameters()
+    if cls_name.endswith("-group"):
+        # lists, not generators: ZeroRedundancyOptimizer reads a group's params twice
+        params = [dict(params=list(layers[0].parameters())), dict(params=list(layers[1].parameters()), lr=kwargs["lr"] * 0.5)]
     if kind == "zero":
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
         # AMAdamW: the tensor scope, nothing to reduce (and betas, lam repeated in every group by ZeRO);
         # AMSGD, RLLC: one global scope over tensors split between the ranks, so reduced over the world.
         # ZeRO takes process_group= for itself: ours goes in through the class.
-        local_cls = cls if cls is AMAdamW else functools.partial(cls, process_group=dist.group.WORLD)
+        # AMAdamW-group: a beta per group over tensors split between the ranks, reduced over the world.
+        # ZeRO takes process_group= for itself: ours goes in through the class.
+        local_scope = kwargs.get("beta_scope", "tensor" if cls is AMAdamW else "global")
+        local_cls = cls if local_scope == "tensor" else functools.partial(cls, process_group=dist.group.WORLD)
         extra = dict(betas=(0.9, 0.999), lam=0.1) if cls is AMAdamW else {}
-        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=local_cls, backend=backend, **kwargs, **extra)
+        opt = ZeroRedundancyOptimizer(params, optimizer_class=local_cls, backend=backend, **kwargs, **extra)
     else:
-        opt = cls(model.parameters(), backend=backend, **kwargs)
+        opt = cls(params, backend=backend, **kwargs)
     betas = train(model, opt, rank, world)
     params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
-    return betas, [p.detach().clone() for p in params]
+    held = [bool(g["params"]) for g in getattr(opt, "optim", opt).param_groups]  # the groups this rank steps
+    return betas, [p.detach().clone() for p in params], held
 
 
 def worker(rank, world, port, out_path):
@@ -150,6 +182,10 @@ def worker(rank, world, port, out_path):
     if importlib.util.find_spec("triton") is not None and not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"  # before triton's first import in this process
     torch.set_num_threads(1)
+    # A collective that never completes (ranks handing all_reduce different shapes: gloo then waits
+    # past its own timeout) ends the worker with every thread's stack, and the test fails, instead of
+    # hanging the run. The whole worker takes ~20 s on 2 idle cores.
+    faulthandler.dump_traceback_later(WORKER_TIMEOUT_S, exit=True)
     _cuda_sim.register()  # built by the parent; where it cannot be, its cases skip
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -159,6 +195,8 @@ def worker(rank, world, port, out_path):
         for backend in runnable:
             for name in CASES:
                 results[("hand", name, backend)] = run_hand_sharded(name, backend, rank, world, group)
+            for name in OWNED_CASES:
+                results[("owned", name, backend)] = run_hand_sharded(name, backend, rank, world, group, owned=True)
             for kind in ("fsdp", "ddp", "zero"):
                 for cls_name in MODEL_OPTS:
                     results[(kind, cls_name, backend)] = run_model(kind, cls_name, rank, world, backend)
@@ -218,12 +256,34 @@ def test_hand_sharded_matches_single_process(ranks, name, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", OWNED_CASES)
+def test_a_rank_without_a_groups_tensors_matches_single_process(ranks, name, backend):
+    """Group 1's tensors all on the last rank: the reduced sums stay aligned by scope (a rank adds
+    zeros for a scope it holds no tensor of), so each rank's betas are the whole model's for the
+    scopes it holds, and every tensor ends as in one process."""
+    got = results_of(ranks, ("owned", name, backend))
+    betas, params = run_hand_sharded(name, "torch")
+    group_scope = CASES[name][1].get("beta_scope", CASES[name][1].get("scope")) == "group"
+    for rank, (rank_betas, _) in enumerate(got):
+        if group_scope and rank != len(got) - 1:
+            assert_close(rank_betas[:, 0], betas[:, 0])  # it holds no tensor of group 1
+        else:
+            assert_close(rank_betas, betas)
+    for i, full in enumerate(params):
+        held = [rank_params[i] for _, rank_params in got]
+        assert_close(torch.cat(held) if i < 2 else held[-1], full)
+        if i >= 2:
+            assert all(t is None for t in held[:-1])
+    assert not torch.all(betas[1:] == betas[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls_name", list(MODEL_OPTS))
 @pytest.mark.parametrize("kind", ["fsdp", "ddp"])
 def test_fsdp2_and_ddp_match_single_process(ranks, kind, cls_name, backend):
     got = results_of(ranks, (kind, cls_name, backend))
-    betas, params = run_model("single", cls_name)
-    for got_betas, got_params in got:
+    betas, params, _ = run_model("single", cls_name)
+    for got_betas, got_params, _ in got:
         assert_close(got_betas, betas)
         for a, b in zip(got_params, params):
             assert_close(a, b)
@@ -233,12 +293,16 @@ def test_fsdp2_and_ddp_match_single_process(ranks, kind, cls_name, backend):
 @pytest.mark.parametrize("cls_name", list(MODEL_OPTS))
 def test_zero_redundancy_optimizer_matches_single_process(ranks, cls_name, backend):
     got = results_of(ranks, ("zero", cls_name, backend))
-    betas, params = run_model("single", cls_name)
-    for got_betas, got_params in got:
-        if cls_name != "AMAdamW":  # one global scope; AMAdamW's per-tensor betas are each rank's own tensors'
+    betas, params, _ = run_model("single", cls_name)
+    for got_betas, got_params, held in got:
+        if cls_name.endswith("-group"):  # a beta per group, for the groups the rank holds tensors of
+            assert_close(got_betas[:, held], betas[:, held])
+        elif cls_name != "AMAdamW":  # AMAdamW's per-tensor betas are each rank's own tensors'
             assert_close(got_betas, betas)
         for a, b in zip(got_params, params):
             assert_close(a, b)
+    if cls_name.endswith("-group"):  # the case the test is for: ZeRO left a rank none of a group's tensors
+        assert not all(all(held) for _, _, held in got)
 
 
 @pytest.mark.parametrize("name", ["AMSGD", "AMAdamW", "RLLC"])

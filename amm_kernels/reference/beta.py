@@ -10,7 +10,6 @@ with beta_max where the denominator is not > 0, on the scope's first step, and w
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from .._step import StepBatch
@@ -44,9 +43,8 @@ def scope_beta(batch: StepBatch, hp, num: Tensor | None, den: Tensor | None, ext
     if batch.process_group is not None:
         # Sharded parameters: num and den are sums over tensors, so adding every rank's partial sums
         # (one small all_reduce, no host sync) gives the whole model's; the loss term is global already.
-        sums = torch.stack([num_s, den_s])
-        dist.all_reduce(sums, group=batch.process_group)
-        num_s, den_s = sums.unbind()
+        # (NOTE [sums by scope] in _step.py: rows by scope index, so ranks may hold different scopes).
+        num_s, den_s = batch.all_reduce_scope_sums(torch.stack([num_s, den_s], dim=1)).unbind(1)
     if extra_num is not None:
         num_s = num_s + extra_num.double()
     beta = torch.where(den_s > 0, (num_s / den_s).clamp(hp.beta_min, hp.beta_max), hp.beta_max)

@@ -27,7 +27,6 @@ all handled with torch.where on device tensors.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from .._step import StepBatch, check_fits
@@ -97,7 +96,7 @@ def rllc_step(batch: StepBatch, hp) -> None:
     if batch.process_group is not None:
         # Sharded parameters: the Gram entries and M^T g are sums over elements, so adding every rank's
         # (one small all_reduce, no host sync) gives the whole model's (as beta.py does for AMSGD).
-        dist.all_reduce(per_scope, group=batch.process_group)
+        per_scope = batch.all_reduce_scope_sums(per_scope)  # NOTE [sums by scope] in _step.py
     scopes = batch.index("present_scopes")
     law_old = state.law[scopes]  # [S, k], the scope-state dtype
     correction = law_correction(per_scope[:, : len(pairs)], per_scope[:, len(pairs):], k, hp.rcond)
