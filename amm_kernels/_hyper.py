@@ -7,6 +7,9 @@ from dataclasses import dataclass
 import torch
 
 BETA_SCOPES = ("global", "group", "tensor")
+# The largest hyperparameter taken: the kernels hold lr, weight_decay, eps, ... in float32, where a
+# larger finite Python float (lr=1e39) is inf.
+F32_MAX = float(torch.finfo(torch.float32).max)
 DELTA_F_MODES = ("first_order", "loss")
 
 
@@ -16,7 +19,8 @@ def _is_number(value) -> bool:
 
 def check_range(owner: str, name: str, value, lo=None, hi=None, lo_open=False, hi_open=False,
                 device_tensor_ok: bool = False):
-    """Raise ValueError unless lo <= value <= hi (open ends as flagged) and value is finite; return it
+    """Raise ValueError unless lo <= value <= hi (open ends as flagged) and value is finite in float32
+    (|value| <= F32_MAX); return it
     as a float. A 1-element CPU tensor is read and checked. A device tensor is accepted, unchecked and
     returned as is, only where `device_tensor_ok` (a capturable lr: reading it back would synchronise)."""
     if isinstance(value, torch.Tensor):
@@ -40,6 +44,9 @@ def check_range(owner: str, name: str, value, lo=None, hi=None, lo_open=False, h
         hi_txt = ")" if hi_open or hi is None else "]"
         allowed = f"{lo_txt}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{hi_txt}"
         raise ValueError(f"{owner}: {name} must be in {allowed}, got {value!r}")
+    if abs(value) > F32_MAX:
+        raise ValueError(f"{owner}: {name} must be at most {F32_MAX!r} in magnitude (the largest float32: the "
+                         f"kernels compute in float32), got {value!r}")
     return float(value)
 
 
@@ -63,7 +70,7 @@ def check_group(owner: str, group: dict, keys, index: int | None = None, skip_te
     checked as at construction: a CPU tensor is read, a device tensor refused."""
     for key in keys:
         value = group[key]
-        if type(value) is float and 0.0 <= value < math.inf:
+        if type(value) is float and 0.0 <= value <= F32_MAX:
             continue  # the usual case, at every step: no more host time than this (NOTE [host time], _base.py)
         if skip_tensors and key == "lr" and isinstance(value, torch.Tensor):
             continue

@@ -21,7 +21,7 @@ try:
     from torch.distributed.tensor import Shard
 except ImportError:  # pragma: no cover - torch built without distributed
     Shard = ()
-from ._hyper import check_range
+from ._hyper import F32_MAX, check_range
 from .memory import memory_rule
 
 __all__ = ["RLLC", "RLLCHyper", "RLLCScopeState", "rllc_backends", "supports_rllc"]
@@ -167,8 +167,9 @@ class RLLC(AMOptimizer):
             raise ValueError(f"{name}: law_init must be a sequence of k = {k} numbers (one per memory unit), "
                              f"got {law_init!r}")
         for i, value in enumerate(law_init):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name}: law_init[{i}] must be a finite number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= F32_MAX:
+                raise ValueError(f"{name}: law_init[{i}] must be a finite number, at most {F32_MAX!r} in magnitude "
+                                 f"(the law is kept in float32), got {value!r}")
         self._hyper = RLLCHyper(law_lr=float(law_lr), U=U, b=b, law_init=tuple(float(v) for v in law_init))
         self._memory_arg = memory  # a group repeating it is not parsed again at every step
         super().__init__(params, dict(lr=lr), scope, backend, process_group, capturable)
@@ -190,6 +191,17 @@ class RLLC(AMOptimizer):
 
     def _state_shapes(self, p: Tensor) -> dict[str, tuple[int, ...]]:
         return {"memory": (self.k, *p.shape)}
+
+    def _check_group_hypers(self, group: dict[str, Any], index: int | None = None, on_step: bool = False) -> None:
+        """As every optimizer's, and: RLLC has no weight decay (SPEC.md section 4), so a weight_decay
+        other than 0 put in a group by hand (a loop written for AdamW, a weight-decay schedule) is
+        refused, never silently ignored as keys that are not arguments are (a scheduler's initial_lr)."""
+        super()._check_group_hypers(group, index, on_step)
+        wd = group.get("weight_decay", 0)
+        if not (type(wd) in (int, float) and wd == 0):
+            where = "a param group" if index is None else f"param_groups[{index}]"
+            raise ValueError(f"{type(self).__name__}: {where} sets weight_decay={wd!r}, but RLLC has no weight "
+                             "decay (SPEC.md section 4): remove the key or set it to 0")
 
     def _wide_args(self):
         hp = self._hyper

@@ -4,6 +4,7 @@ tensors, truthy non-bools), group values set by hand after construction, a loss 
 and corrupted checkpoints. The constructor's plain range errors are in test_optimizer_api.py and
 test_rllc.py."""
 import copy
+import re
 
 import _cuda_sim
 import pytest
@@ -92,25 +93,51 @@ def test_flags_must_be_bools(cls, name):
 
 # --------------------------------------------------------------------------------------------------
 # the step
-BAD_GROUP_VALUES = [("lr", -1.0), ("lr", float("nan")), ("lr", INF), ("lr", "0.1"), ("lr", None),
-                    ("weight_decay", -0.5), ("weight_decay", float("nan"))]
+BAD_GROUP_VALUES = [("lr", -1.0), ("lr", float("nan")), ("lr", INF), ("lr", 1e39), ("lr", "0.1"), ("lr", None),
+                    ("weight_decay", -0.5), ("weight_decay", float("nan")), ("weight_decay", 1e39)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 @pytest.mark.parametrize("key,value", BAD_GROUP_VALUES, ids=[f"{k}={v!r}" for k, v in BAD_GROUP_VALUES])
 def test_a_bad_group_value_set_after_construction_fails_the_step_before_any_change(backend, cls, key, value):
-    if cls is RLLC and key == "weight_decay":
-        pytest.skip("RLLC groups have no weight_decay")
     params = model_params()
     opt = cls([{"params": params[:2]}, {"params": params[2:]}], backend=backend_ready(backend))
     take_steps(opt, params, [0])
     set_grads(params, 1)
     before = snapshot(opt, params)
     opt.param_groups[1][key] = value  # by hand, or by a scheduler gone wrong
-    with pytest.raises(ValueError, match=rf"param_groups\[1\]\['{key}'\] must be"):
+    message = rf"param_groups\[1\]\['{key}'\] must be"
+    if cls is RLLC and key == "weight_decay":  # not an RLLC argument: any value but 0 is refused
+        message = rf"param_groups\[1\] sets weight_decay={re.escape(repr(value))}, but RLLC has no weight decay"
+    with pytest.raises(ValueError, match=message):
         opt.step()
     assert_same_state(before, snapshot(opt, params))
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_a_hyperparameter_beyond_float32_is_refused_and_float32s_largest_taken(cls):
+    """lr=1e39 is finite in Python but inf in the float32 the kernels compute in."""
+    big, largest = 1e39, torch.finfo(torch.float32).max
+    names = ["lr", "lam", "weight_decay"] if cls is AMSGD else ["lr", "lam", "weight_decay", "eps"] \
+        if cls is AMAdamW else ["lr", "law_lr"]
+    for name in names:
+        with pytest.raises(ValueError, match=rf"{name} must be at most 3.4028234663852886e\+38 in magnitude"):
+            cls(model_params(), **{name: big})
+        cls(model_params(), **{name: largest})
+    with pytest.raises(ValueError, match=r"lr must be at most"):
+        cls(model_params(), lr=torch.tensor(big, dtype=torch.float64))
+    if cls is RLLC:
+        with pytest.raises(ValueError, match=r"law_init\[0\] must be a finite number, at most"):
+            cls(model_params(), law_init=[big, 0.0])
+
+
+def test_rllc_takes_a_hand_set_weight_decay_of_zero():
+    params = model_params()
+    opt = RLLC(params)
+    opt.param_groups[0]["weight_decay"] = 0.0  # a loop written for AdamW, setting no decay
+    set_grads(params, 0)
+    opt.step()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
