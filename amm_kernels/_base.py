@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from ._aliasing import first_overlap
 from ._hyper import BETA_SCOPES, check_choice, check_flag, check_group
 from ._step import ScopeState, StepBatch, capturing
 
@@ -88,7 +89,10 @@ class AMOptimizer(torch.optim.Optimizer):
         self._in_graphs: dict = {}  # id -> tensor: what a captured step read from _index_cache (NOTE [kept for graphs])
         self._device_tables: dict = {}  # the backends' own, kept across steps (StepBatch.device_tables)
         self._resolved: dict = {}  # (backend, device, dtypes) -> backend module
+        self._constructed = False  # add_param_group leaves the aliasing check to the end of __init__
         super().__init__(params, defaults)
+        self._refuse_aliases([p for g in self.param_groups for p in g["params"]])
+        self._constructed = True
         self._prefill_backend_cache()
 
     # ----------------------------------------------------------------------------------------------
@@ -149,9 +153,25 @@ class AMOptimizer(torch.optim.Optimizer):
             if len({id(p) for p in tensors}) != len(tensors):
                 raise ValueError(f"{name}: a param group lists the same parameter twice; list each parameter once")
             param_group["params"] = params  # in place, as torch.optim does: the caller may keep the dict
+            if getattr(self, "_constructed", True):  # a group added later (__init__ checks all at once)
+                self._refuse_aliases([p for g in self.param_groups for p in g["params"]] + tensors)
         super().add_param_group(param_group)
         if getattr(self, "_scopes", None) is not None:  # grown here, not in a (possibly compiled) step
             self._scopes.grow(*self._scope_counts(), self._scope_init())
+
+    def _refuse_aliases(self, params: list) -> None:
+        """ValueError if two of the parameters (in param_groups order) share an element of memory
+        (NOTE [aliased parameters] in _aliasing.py)."""
+        params = [p for p in params if isinstance(p, Tensor)]  # anything else: torch.optim's error
+        pair = first_overlap([_local(p) for p in params], keys=params)
+        if pair is not None:
+            i, j = pair
+            shapes = ", ".join(str(tuple(params[k].shape)) for k in pair)
+            raise ValueError(
+                f"{type(self).__name__}: parameters {i} and {j} (counted across param groups, shapes {shapes}) "
+                "share memory: each element must belong to one parameter (two nn.Parameters made from one "
+                "tensor are one parameter: give it once)"
+            )
 
     def _check_group_hypers(self, group: dict[str, Any], index: int | None = None, on_step: bool = False) -> None:
         """The per-group hyperparameters (GROUP_KEYS but params: lr, weight_decay), each in [0, inf).

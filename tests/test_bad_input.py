@@ -342,6 +342,42 @@ def test_complex_and_repeated_parameters_are_refused_at_construction(cls):
             cls(repeated)
 
 
+def _aliasing_cases():
+    """(description, two parameters, whether they share an element of memory)."""
+    P = torch.nn.Parameter
+    flat = torch.randn(12)
+    grid = flat.view(4, 3)
+    return [
+        ("one tensor, two Parameters", P(flat), P(flat), True),
+        ("overlapping slices", P(flat[:5]), P(flat[4:]), True),
+        ("a column and a row crossing it", P(grid[:, 1]), P(grid[2]), True),
+        ("a column and a row beside it", P(grid[:, 1]), P(flat[9:10]), False),
+        ("disjoint slices of one buffer", P(flat[:6]), P(flat[6:]), False),
+        ("interleaved columns", P(grid[:, 0]), P(grid[:, 2]), False),
+        ("a transpose of the same memory", P(grid), P(grid.t()), True),
+        ("separate tensors", P(torch.randn(3)), P(torch.randn(3)), False),
+    ]
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_parameters_that_share_memory_are_refused_in_one_group_across_groups_and_when_added(cls):
+    for desc, a, b, shared in _aliasing_cases():
+        for make in (lambda: cls([a, b]), lambda: cls([{"params": [a]}, {"params": [b], "lr": 0.5}])):
+            if shared:
+                with pytest.raises(ValueError, match=r"parameters 0 and 1 .* share memory"):
+                    make()
+            else:
+                make()  # disjoint elements of one storage are fine
+        opt = cls([a])
+        if shared:
+            with pytest.raises(ValueError, match=r"parameters 0 and 1 .* share memory"):
+                opt.add_param_group({"params": [b]})
+            assert len(opt.param_groups) == 1, desc  # refused before the group was added
+        else:
+            opt.add_param_group({"params": [b]})
+            assert len(opt.param_groups) == 2, desc
+
+
 REPEATS = [(AMSGD, dict(adaptive=1)), (AMSGD, dict(lam=torch.tensor(0.1))), (AMAdamW, dict(eps=torch.tensor(1e-8))),
            (AMAdamW, dict(betas=[0.9, torch.tensor(0.999)])), (RLLC, dict(law_init=torch.tensor([1.0, 0.0])))]
 
