@@ -10,6 +10,7 @@ import numbers
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from . import backends
@@ -299,7 +300,9 @@ class AMOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         batch, made = self._build_batch(loss)
-        if batch is not None:
+        if batch is None:
+            self._join_sharded_reduce()
+        else:
             module = self._backend_module(self.backend, batch.params[0].device, {p.dtype for p in batch.params})
             if torch.compiler.is_compiling():  # folded by dynamo: no try in the graph
                 getattr(module, self.STEP_OP)(batch, self._hyper)
@@ -319,6 +322,32 @@ class AMOptimizer(torch.optim.Optimizer):
                 # entries. Freed, their memory could hold anything by the next replay: they are kept.
                 self._in_graphs.update((id(t), t) for t in self._index_cache.values())
         return loss
+
+    def _sums_width(self) -> int | None:
+        """Columns of the per-scope sums a sharded step all-reduces (num, den), or None where the step
+        reduces nothing (adaptive=False: beta is beta_max)."""
+        return 2 if self._hyper.adaptive else None
+
+    def _join_sharded_reduce(self) -> None:
+        """NOTE [a rank without gradients]: with a process_group (or sharded DTensor parameters) the
+        all_reduce inside step() is a collective, and a rank that holds no tensor with a gradient this
+        step (its tensors frozen, or unused by its batch) has no step to run. It still joins the
+        all_reduce, with zeros of the shape every backend reduces ([n_scopes, width] float64, rows by
+        scope index, NOTE [sums by scope] in _step.py), so the ranks that step do not wait for it
+        forever. Nothing else happens here, as in torch.optim's step without gradients: no state, no
+        step count, and `beta` on this rank is not updated (read it on a rank that steps)."""
+        width = self._sums_width()
+        if width is None:
+            return
+        params = [p for g in self.param_groups for p in g["params"]]
+        if self.process_group is None and not any(isinstance(p, DTensor) for p in params):
+            return
+        group = self._reduce_group(params) if params else self.process_group
+        if group is None:
+            return
+        device = _local(params[0]).device if params else torch.device("cpu")
+        n_scopes, _ = self._scope_counts()
+        dist.all_reduce(torch.zeros(n_scopes, width, dtype=torch.float64, device=device), group=group)
 
     def _backend_module(self, backend: str, device: torch.device, dtypes: set[torch.dtype]):
         """backends.resolve, remembered per (backend, device, dtypes). NOTE [compile]: the cache is filled

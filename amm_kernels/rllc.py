@@ -203,6 +203,10 @@ class RLLC(AMOptimizer):
             raise ValueError(f"{type(self).__name__}: {where} sets weight_decay={wd!r}, but RLLC has no weight "
                              "decay (SPEC.md section 4): remove the key or set it to 0")
 
+    def _sums_width(self) -> int:
+        """The Gram entries and M^T g of a sharded step's all_reduce (every step: no adaptive=False)."""
+        return self.k * (self.k + 1) // 2 + self.k
+
     def _wide_args(self):
         hp = self._hyper
         return {**super()._wide_args(), "law_lr": hp.law_lr, "memory": (hp.U, hp.b), "law_init": hp.law_init}

@@ -86,19 +86,26 @@ def shard(t, rank, world):
     return torch.tensor_split(t, world, dim=0)[rank].clone()
 
 
-def run_hand_sharded(name, backend, rank=0, world=1, group=None, device="cpu", owned=False):
-    """Each rank holds a dim-0 slice of every tensor; with `owned`, group 1's tensors (2 and 3) are
-    whole on the last rank instead and the other ranks hold none of them (their group 1 is empty).
-    Returns the betas (or laws) of the 5 steps and the rank's tensors (None for one it does not hold)."""
+def run_hand_sharded(name, backend, rank=0, world=1, group=None, device="cpu", layout="sharded"):
+    """Each rank holds a dim-0 slice of every tensor ("sharded"); or group 1's tensors (2 and 3) whole
+    on the last rank and none of them on the others ("owned"); or every tensor whole on the last rank,
+    the others holding only a frozen tensor that never gets a gradient ("idle": a rank that steps
+    with no gradient; the one process of world = 1 holds it too). Returns the betas (or laws) of the
+    5 steps and the rank's tensors (None for one it does not hold)."""
     cls, kwargs = CASES[name]
+    last = rank == world - 1
+
+    def whole(i):
+        return layout == "idle" or (layout == "owned" and i >= 2)
 
     def local(t, i):  # this rank's part of tensor i
-        return (t.clone() if owned and i >= 2 else shard(t, rank, world)).to(device)
+        return (t.clone() if whole(i) else shard(t, rank, world)).to(device)
 
-    held = [i for i in range(len(SHAPES)) if not (owned and i >= 2 and rank != world - 1)]
+    held = [i for i in range(len(SHAPES)) if last or not whole(i)]
     full = full_params()
     params = {i: local(full[i], i).requires_grad_() for i in held}
-    groups = [dict(params=[params[i] for i in held if i < 2]),
+    frozen = [torch.ones(3, device=device, requires_grad=True)] if layout == "idle" and (world == 1 or not last) else []
+    groups = [dict(params=[params[i] for i in held if i < 2] + frozen),
               dict(params=[params[i] for i in held if i >= 2], lr=kwargs["lr"] * 0.5)]
     opt = cls(groups, backend=backend, process_group=group, **kwargs)
     betas = []
@@ -196,7 +203,8 @@ def worker(rank, world, port, out_path):
             for name in CASES:
                 results[("hand", name, backend)] = run_hand_sharded(name, backend, rank, world, group)
             for name in OWNED_CASES:
-                results[("owned", name, backend)] = run_hand_sharded(name, backend, rank, world, group, owned=True)
+                for layout in ("owned", "idle"):
+                    results[(layout, name, backend)] = run_hand_sharded(name, backend, rank, world, group, layout=layout)
             for kind in ("fsdp", "ddp", "zero"):
                 for cls_name in MODEL_OPTS:
                     results[(kind, cls_name, backend)] = run_model(kind, cls_name, rank, world, backend)
@@ -257,12 +265,26 @@ def test_hand_sharded_matches_single_process(ranks, name, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", OWNED_CASES)
+def test_a_rank_without_gradients_joins_the_reduce_and_the_others_match_single_process(ranks, name, backend):
+    """NOTE [a rank without gradients] (_base.py): rank 0 holds only a frozen tensor; without it joining
+    the all_reduce, the last rank would wait forever (the worker's timeout ends the run)."""
+    got = results_of(ranks, ("idle", name, backend))
+    betas, params = run_hand_sharded(name, "torch", layout="idle")
+    assert_close(got[-1][0], betas)
+    for i, full in enumerate(params):
+        assert_close(got[-1][1][i], full)
+        assert all(rank_params[i] is None for _, rank_params in got[:-1])
+    assert not torch.all(betas[1:] == betas[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", OWNED_CASES)
 def test_a_rank_without_a_groups_tensors_matches_single_process(ranks, name, backend):
     """Group 1's tensors all on the last rank: the reduced sums stay aligned by scope (a rank adds
     zeros for a scope it holds no tensor of), so each rank's betas are the whole model's for the
     scopes it holds, and every tensor ends as in one process."""
     got = results_of(ranks, ("owned", name, backend))
-    betas, params = run_hand_sharded(name, "torch")
+    betas, params = run_hand_sharded(name, "torch", layout="owned")
     group_scope = CASES[name][1].get("beta_scope", CASES[name][1].get("scope")) == "group"
     for rank, (rank_betas, _) in enumerate(got):
         if group_scope and rank != len(got) - 1:
