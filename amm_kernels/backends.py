@@ -100,18 +100,22 @@ def backend_supports_dtype(name: str, dtype: torch.dtype) -> bool:
 def resolve(name: str, device: torch.device, dtypes: set[torch.dtype], owner: str, op: str | None = None):
     """The module implementing backend `name` (and, if given, the step function `op`) for these
     tensors, or a clear error naming the fallbacks."""
+    runnable = available_backends(device, op)
     if name == "auto":
-        for candidate in available_backends(device, op):
+        for candidate in runnable:
             if all(backend_supports_dtype(candidate, dt) for dt in dtypes):
                 return _BACKENDS[candidate].load()
+        if not runnable:
+            reasons = "; ".join(f"{n!r}: {b.unavailable_reason(device)}" for n, b in _BACKENDS.items())
+            raise RuntimeError(f"{owner}: no backend runs on {device.type} tensors here ({reasons})")
         raise RuntimeError(f"{owner}: no backend supports parameters of dtype {sorted(map(str, dtypes))} on {device}")
     backend = _BACKENDS.get(name)
-    fallbacks = ", ".join(repr(n) for n in available_backends(device, op))
+    fallbacks = f"use one of {', '.join(repr(n) for n in runnable)}" if runnable else f"no backend runs on {device.type} here"
     if backend is None:
-        raise RuntimeError(f"{owner}: backend {name!r} is not built in this installation; available here: {fallbacks}")
+        raise RuntimeError(f"{owner}: backend {name!r} is not built in this installation; {fallbacks}")
     reason = backend.unavailable_reason(device)
     if reason is not None:
-        raise RuntimeError(f"{owner}: backend {name!r} cannot run here ({reason}); use one of {fallbacks}")
+        raise RuntimeError(f"{owner}: backend {name!r} cannot run here ({reason}); {fallbacks}")
     unsupported = [dt for dt in dtypes if dt not in backend.dtypes]
     if unsupported:
         raise TypeError(
@@ -120,5 +124,5 @@ def resolve(name: str, device: torch.device, dtypes: set[torch.dtype], owner: st
         )
     module = backend.load()
     if op is not None and not hasattr(module, op):
-        raise RuntimeError(f"{owner}: backend {name!r} has no {owner} kernels yet; use one of {fallbacks}")
+        raise RuntimeError(f"{owner}: backend {name!r} has no {owner} kernels yet; {fallbacks}")
     return module

@@ -337,6 +337,21 @@ def test_backend_supports_dtype():
         amm_kernels.backend_supports_dtype("gpu", torch.float32)
 
 
+def test_no_backend_claims_apples_mps_and_the_errors_say_why():
+    """The reference combines its sums in float64, which MPS does not have: no backend is offered
+    there, and asking for one names the reason (not run on a Mac: none here)."""
+    from amm_kernels.backends import resolve
+
+    assert amm_kernels.available_backends("mps") == []
+    mps = torch.device("mps")
+    with pytest.raises(RuntimeError, match=r"backend 'torch' cannot run here \(Apple's MPS has no float64.*no backend runs on mps here"):
+        resolve("torch", mps, {torch.float32}, "AMSGD")
+    with pytest.raises(RuntimeError, match=r"no backend runs on mps tensors here \('torch': Apple's MPS has no float64"):
+        resolve("auto", mps, {torch.float32}, "AMSGD")
+    with pytest.raises(RuntimeError, match=r"backend 'cpu' cannot run here \(it runs on cpu tensors, not mps\)"):
+        resolve("cpu", mps, {torch.float32}, "AMSGD")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tiny_gradients_give_the_float64_beta(backend):
     """NOTE [weighting in float64] (amadamw_reference.py): the sums of squares of ~3e-18 gradients are
