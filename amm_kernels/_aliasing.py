@@ -4,59 +4,63 @@ NOTE [aliased parameters]: two parameter tensors whose elements overlap in memor
 made from one tensor, overlapping slices of one buffer) would each be stepped: the sums behind beta
 count the shared elements twice, and the fused kernels' update pass writes them from two places at
 once (on a GPU, whichever block writes last wins). torch.optim steps such parameters one after the
-other without a word; here they are refused, naming both. Parameters that share a storage without
-sharing an element (disjoint slices of one flat buffer, as FSDP1's flat parameters and ZeRO's bucket
-views are; interleaved strided views) are fine. One tensor listed twice is a separate error (the
-duplicate check in add_param_group).
+other without a word; here they are refused, naming both.
+- Exact for dense tensors (elements filling their address span: any contiguous tensor, a transpose):
+  two of them overlap exactly when their spans do.
+- A pair with a strided view that has gaps (a column block of a matrix) is not examined, as torch's
+  own overlap check (at::get_overlap_status) gives up on it: an exact answer costs time in the size
+  of the buffer, and column blocks of one weight (attention heads) are a legitimate layout.
+- Tensors without an address are passed over: empty, meta, fake (FakeTensorMode), lazy
+  (nn.UninitializedParameter) and tensor subclasses without storage.
+Parameters that share a storage without sharing an element (disjoint slices of one flat buffer, as
+FSDP1's flat parameters and ZeRO's bucket views are) are fine. One tensor listed twice is a separate
+error (the duplicate check in add_param_group).
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
+from torch.nn.parameter import UninitializedTensorMixin
+
+try:
+    from torch._subclasses.fake_tensor import FakeTensor
+except ImportError:  # pragma: no cover - a torch without it
+    FakeTensor = ()
 
 
-def _span(t: Tensor) -> tuple[int, int]:
-    """[first byte, last byte + 1) of the memory t's elements occupy (strides are never negative)."""
-    start = t.data_ptr()
+def _span(t: Tensor) -> tuple[int, int] | None:
+    """[first byte, last byte + 1) of the memory t's elements occupy (strides are never negative),
+    or None for a tensor without an address (see the NOTE)."""
+    if isinstance(t, (UninitializedTensorMixin, FakeTensor)) or t.numel() == 0 or t.device.type == "meta":
+        return None
+    try:
+        start = t.data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):  # a subclass without storage
+        return None
+    if start == 0:  # no memory behind it
+        return None
     extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
     return start, start + extent * t.element_size()
 
 
-def _dense(t: Tensor) -> bool:
-    """Its elements fill its span without gaps, so two dense tensors overlap iff their spans do."""
-    return t.numel() * t.element_size() == _span(t)[1] - _span(t)[0]
-
-
-def _share_an_element(a: Tensor, b: Tensor) -> bool:
-    """Exact, for two tensors whose spans intersect: the storage offsets of their elements compared.
-    Tensors of different element sizes (or storages) whose spans meet are taken as overlapping."""
-    if a.element_size() != b.element_size() or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return True
-    if _dense(a) and _dense(b):
-        return True
-    n = max(_span(a)[1], _span(b)[1]) - a.untyped_storage().data_ptr()
-    offsets = torch.arange(n // a.element_size() + 1)
-    of = lambda t: offsets.as_strided(t.shape, t.stride(), t.storage_offset()).reshape(-1)  # noqa: E731
-    return bool(torch.isin(of(a), of(b)).any())
+def _dense(t: Tensor, span: tuple[int, int]) -> bool:
+    """Its elements fill its span without gaps."""
+    return t.numel() * t.element_size() == span[1] - span[0]
 
 
 def first_overlap(tensors: list[Tensor], keys: list | None = None) -> tuple[int, int] | None:
-    """Positions (i, j), i < j, of two tensors of the list that share an element of memory, or None.
-    Meta and empty tensors hold no memory. A pair whose `keys` are one object (the same parameter
-    listed twice, reported by its own check) is passed over. One pass over the spans sorted by start."""
+    """Positions (i, j), i < j, of two dense tensors of the list that share memory, or None. A pair
+    whose `keys` are one object (the same parameter listed twice, reported by its own check) is passed
+    over. One pass over the spans sorted by start: a dense span that begins before the end of an
+    earlier dense one on the same device overlaps it."""
     spans = []
     for i, t in enumerate(tensors):
-        if t.numel() == 0 or t.device.type == "meta":
-            continue
-        start, end = _span(t)
-        spans.append((str(t.device), start, end, i))
+        span = _span(t)
+        if span is not None and _dense(t, span):
+            spans.append((str(t.device), span[0], span[1], i))
     spans.sort()
-    open_spans: list[tuple[str, int, int, int]] = []  # spans that reach past the current start
-    for span in spans:
-        device, start, _, i = span
-        open_spans = [s for s in open_spans if s[0] == device and s[2] > start]
-        for _, _, _, j in open_spans:
-            if (keys is None or keys[i] is not keys[j]) and _share_an_element(tensors[j], tensors[i]):
-                return min(i, j), max(i, j)
-        open_spans.append(span)
+    for (dev_a, _, end_a, i), (dev_b, start_b, _, j) in zip(spans, spans[1:]):
+        # sorted by start, dense spans that do not overlap are disjoint intervals in order: checking
+        # neighbours is enough (a span inside another overlaps its neighbour too)
+        if dev_a == dev_b and start_b < end_a and (keys is None or keys[i] is not keys[j]):
+            return min(i, j), max(i, j)
     return None

@@ -68,6 +68,7 @@ class AMOptimizer(torch.optim.Optimizer):
     STATE_NAMES: tuple[str, ...] = ()  # per-parameter state tensors: d (and v), or RLLC's memory
     STEP_OP: str = ""  # the backend function that runs one step: "amsgd_step", "amadamw_step", ...
     GROUP_KEYS: tuple[str, ...] = ("params", "lr", "weight_decay")  # what a param group may set
+    ZERO_ONLY_KEYS: tuple[str, ...] = ()  # keys a group may hold only as 0 (RLLC: weight_decay), checked by the subclass
     SCOPE_ARG = "beta_scope"  # the constructor argument naming the scope
     SCOPE_STATE = ScopeState  # the optimizer-wide per-scope state
     # GradScaler hands us grad_scale and found_inf (as attributes) instead of unscaling on the host.
@@ -135,7 +136,8 @@ class AMOptimizer(torch.optim.Optimizer):
     # param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         name = type(self).__name__
-        unknown = sorted(k for k in param_group if k not in self.GROUP_KEYS and k not in self._wide)
+        unknown = sorted(k for k in param_group if k not in self.GROUP_KEYS and k not in self._wide
+                         and k not in self.ZERO_ONLY_KEYS)
         if unknown:
             allowed = " and ".join(k for k in self.GROUP_KEYS if k != "params")
             raise ValueError(

@@ -27,6 +27,8 @@ import math
 import re
 from typing import Sequence
 
+from ._hyper import F32_MAX
+
 __all__ = ["MemorySyntaxError", "parse_memory", "memory_rule", "units_to_matrices"]
 
 Matrix = tuple[tuple[float, ...], ...]
@@ -89,8 +91,8 @@ class _Parser:
                 self.fail(f"{name} (the Jordan block size) must be >= 1, got {value}", start)
             return value
         value = float(match.group())
-        if not math.isfinite(value):  # e.g. 1e999
-            self.fail(f"{name} must be finite, got {match.group()}", start)
+        if not abs(value) <= F32_MAX:  # e.g. 1e999, or 1e39 (inf in the float32 the kernels use)
+            self.fail(f"{name} must be finite in float32 (at most {F32_MAX!r} in magnitude), got {match.group()}", start)
         return value
 
     def unit(self) -> tuple:
@@ -170,8 +172,8 @@ def _as_floats(owner: str, name: str, value) -> list:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{owner}: {name} must hold real numbers, got {value!r}")
     value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{owner}: {name} must be finite, got {value!r}")
+    if not abs(value) <= F32_MAX:
+        raise ValueError(f"{owner}: {name} must be finite in float32 (at most {F32_MAX!r} in magnitude), got {value!r}")
     return value
 
 

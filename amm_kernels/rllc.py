@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._base import STATE_DICT_KEY, AMOptimizer, DTensor
+from ._base import STATE_DICT_KEY, AMOptimizer, DTensor, _plain
 
 try:
     from torch.distributed.tensor import Shard
@@ -148,6 +148,7 @@ class RLLC(AMOptimizer):
     STATE_NAMES = ("memory",)
     STEP_OP = "rllc_step"
     GROUP_KEYS = ("params", "lr")
+    ZERO_ONLY_KEYS = ("weight_decay",)  # a loop written for AdamW may set it: 0 passes, anything else is refused
     SCOPE_ARG = "scope"
     SCOPE_STATE = RLLCScopeState
 
@@ -198,7 +199,7 @@ class RLLC(AMOptimizer):
         refused, never silently ignored as keys that are not arguments are (a scheduler's initial_lr)."""
         super()._check_group_hypers(group, index, on_step)
         wd = group.get("weight_decay", 0)
-        if not (type(wd) in (int, float) and wd == 0):
+        if not (type(wd) in (int, float) and wd == 0) and _plain(wd) != 0.0:  # 0 in any form: np.float64, a CPU tensor
             where = "a param group" if index is None else f"param_groups[{index}]"
             raise ValueError(f"{type(self).__name__}: {where} sets weight_decay={wd!r}, but RLLC has no weight "
                              "decay (SPEC.md section 4): remove the key or set it to 0")

@@ -7,6 +7,7 @@ import copy
 import re
 
 import _cuda_sim
+import numpy as np
 import pytest
 import torch
 
@@ -132,12 +133,16 @@ def test_a_hyperparameter_beyond_float32_is_refused_and_float32s_largest_taken(c
             cls(model_params(), law_init=[big, 0.0])
 
 
-def test_rllc_takes_a_hand_set_weight_decay_of_zero():
+@pytest.mark.parametrize("zero", [0, 0.0, np.float64(0.0), torch.tensor(0.0)], ids=["int", "float", "numpy", "tensor"])
+def test_rllc_takes_a_weight_decay_of_zero_in_a_group_given_or_set_by_hand(zero):
     params = model_params()
+    RLLC([{"params": params, "weight_decay": zero}])
     opt = RLLC(params)
-    opt.param_groups[0]["weight_decay"] = 0.0  # a loop written for AdamW, setting no decay
+    opt.param_groups[0]["weight_decay"] = zero  # a loop written for AdamW, setting no decay
     set_grads(params, 0)
     opt.step()
+    with pytest.raises(ValueError, match=r"a param group sets weight_decay=0.1, but RLLC has no weight decay"):
+        RLLC([{"params": params, "weight_decay": 0.1}])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -343,18 +348,19 @@ def test_complex_and_repeated_parameters_are_refused_at_construction(cls):
 
 
 def _aliasing_cases():
-    """(description, two parameters, whether they share an element of memory)."""
+    """(description, two parameters, whether they are refused as sharing memory)."""
     P = torch.nn.Parameter
     flat = torch.randn(12)
     grid = flat.view(4, 3)
     return [
         ("one tensor, two Parameters", P(flat), P(flat), True),
         ("overlapping slices", P(flat[:5]), P(flat[4:]), True),
-        ("a column and a row crossing it", P(grid[:, 1]), P(grid[2]), True),
-        ("a column and a row beside it", P(grid[:, 1]), P(flat[9:10]), False),
+        ("a row block and a flat slice into it", P(grid[1:3]), P(flat[8:10]), True),
+        ("a transpose of the same memory", P(grid), P(grid.t()), True),
         ("disjoint slices of one buffer", P(flat[:6]), P(flat[6:]), False),
         ("interleaved columns", P(grid[:, 0]), P(grid[:, 2]), False),
-        ("a transpose of the same memory", P(grid), P(grid.t()), True),
+        # NOTE [aliased parameters]: a view with gaps is not examined, as torch's overlap check gives up
+        ("a column and a row crossing it (not examined)", P(grid[:, 1]), P(grid[2]), False),
         ("separate tensors", P(torch.randn(3)), P(torch.randn(3)), False),
     ]
 
@@ -376,6 +382,23 @@ def test_parameters_that_share_memory_are_refused_in_one_group_across_groups_and
         else:
             opt.add_param_group({"params": [b]})
             assert len(opt.param_groups) == 2, desc
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_parameters_without_an_address_pass_the_shared_memory_check(cls):
+    """Fake (FakeTensorMode, as memory estimators build optimizers: every address 0), lazy and meta
+    parameters, and tensor subclasses without storage, are passed over, as before the check existed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        cls(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).parameters())
+    cls(torch.nn.LazyLinear(3).parameters())
+    cls(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).to("meta").parameters())
+    try:
+        from torch.testing._internal.two_tensor import TwoTensor
+    except ImportError:
+        return
+    cls([torch.nn.Parameter(TwoTensor(torch.randn(3), torch.randn(3))) for _ in range(2)])
 
 
 REPEATS = [(AMSGD, dict(adaptive=1)), (AMSGD, dict(lam=torch.tensor(0.1))), (AMAdamW, dict(eps=torch.tensor(1e-8))),

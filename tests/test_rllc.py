@@ -84,6 +84,7 @@ BAD_MEMORIES = [
     ("J(0.8, 0)", 7, "must be >= 1"),
     ("C(0.9)", 5, "expected ','"),
     ("M(0.9)+M(1e999)", 9, "must be finite"),
+    ("M(1e39)+M(0)", 2, "beta must be finite in float32 (at most 3.4028234663852886e+38"),
     ("", 0, "expected a memory unit"),
     ("m(0.9)", 0, "expected a memory unit"),
 ]
@@ -110,6 +111,8 @@ def test_explicit_memory_matrices():
         (([[0.9]], [1.0, 1.0]), "k x k matrix with k = len(b) = 2"),
         (([[0.9, 0], [0, 0]], []), "1-D sequence of k >= 1"),
         (([[0.9, float("nan")], [0, 0]], [1, 1]), "memory U must be finite"),
+        (([[1e39, 0], [0, 0]], [1, 1]), "memory U must be finite in float32"),
+        (([[0.9, 0], [0, 0]], [1e39, 1]), "memory b must be finite in float32"),
         (([[0.9, 0], [0, 0]], [1, "x"]), "memory b must hold real numbers"),
         ((1, 2, 3), "a pair (U, b)"),
         (42, "a pair (U, b)"),
@@ -352,8 +355,10 @@ def test_bad_param_group_is_rejected():
         opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], "lr": -1.0})
     with pytest.raises(ValueError, match="sets law_lr=0.5, but law_lr is optimizer-wide .*may set only lr"):
         opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], "law_lr": 0.5})
-    with pytest.raises(ValueError, match="may set only lr; weight_decay"):
+    with pytest.raises(ValueError, match="sets weight_decay=0.1, but RLLC has no weight decay"):
         RLLC([{"params": model_params(), "weight_decay": 0.1}])
+    with pytest.raises(ValueError, match="may set only lr; momentum is not an RLLC argument"):
+        RLLC([{"params": model_params(), "momentum": 0.9}])
     assert len(opt.param_groups) == 1
 
 
