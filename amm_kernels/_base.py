@@ -302,10 +302,14 @@ class AMOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         batch, made = self._build_batch(loss)
-        if batch is None:
-            self._join_sharded_reduce()
-        else:
+        if batch is not None and not batch.params:  # NOTE [a rank without gradients]
+            batch.all_reduce_sums(torch.zeros(batch.scopes.step.numel(), self._sums_width(), dtype=torch.float64,
+                                              device=batch.scopes.step.device))
+            self._complete_scopes(batch, batch.scopes.prev_loss.clone() if self._uses_loss() else None)
+        elif batch is not None:
             module = self._backend_module(self.backend, batch.params[0].device, {p.dtype for p in batch.params})
+            # the loss before this step, for scopes stepped elsewhere (the backend commits this one's)
+            prev_loss = batch.scopes.prev_loss.clone() if batch.process_group is not None and self._uses_loss() else None
             if torch.compiler.is_compiling():  # folded by dynamo: no try in the graph
                 getattr(module, self.STEP_OP)(batch, self._hyper)
             else:
@@ -314,6 +318,8 @@ class AMOptimizer(torch.optim.Optimizer):
                 except BaseException:
                     self._undo(made)  # NOTE [refused steps]
                     raise
+            if batch.scopes_anywhere is not None:  # a sharded step: NOTE [scopes stepped elsewhere]
+                self._complete_scopes(batch, prev_loss)
             keys, fresh, group_of, had_state, _ = made
             if fresh and had_state:
                 self._on_late_state(keys, fresh, group_of)
@@ -330,26 +336,23 @@ class AMOptimizer(torch.optim.Optimizer):
         reduces nothing (adaptive=False: beta is beta_max)."""
         return 2 if self._hyper.adaptive else None
 
-    def _join_sharded_reduce(self) -> None:
-        """NOTE [a rank without gradients]: with a process_group (or sharded DTensor parameters) the
-        all_reduce inside step() is a collective, and a rank that holds no tensor with a gradient this
-        step (its tensors frozen, or unused by its batch) has no step to run. It still joins the
-        all_reduce, with zeros of the shape every backend reduces ([n_scopes, width] float64, rows by
-        scope index, NOTE [sums by scope] in _step.py), so the ranks that step do not wait for it
-        forever. Nothing else happens here, as in torch.optim's step without gradients: no state, no
-        step count, and `beta` on this rank is not updated (read it on a rank that steps)."""
-        width = self._sums_width()
-        if width is None:
-            return
-        params = [p for g in self.param_groups for p in g["params"]]
-        if self.process_group is None and not any(isinstance(p, DTensor) for p in params):
-            return
-        group = self._reduce_group(params) if params else self.process_group
-        if group is None:
-            return
-        device = _local(params[0]).device if params else torch.device("cpu")
-        n_scopes, _ = self._scope_counts()
-        dist.all_reduce(torch.zeros(n_scopes, width, dtype=torch.float64, device=device), group=group)
+    _BIAS_CORRECTED = False  # AMAdamW: beta_prod is tracked (its bias correction)
+
+    def _complete_scopes(self, batch: StepBatch, prev_loss: Tensor | None) -> None:
+        """NOTE [scopes stepped elsewhere]: with sharded parameters, a scope (or group) may step on some
+        ranks and not on others: ZeRO leaves a rank none of a group's tensors, a rank's tensors may
+        get no gradient (frozen, or unused by its batch). A single process counts the step of every
+        scope with a gradient anywhere, so every rank must: the all-reduced vector carries a flag per
+        scope and group (StepBatch.all_reduce_sums), and after the backend's step each rank commits,
+        for the scopes that stepped elsewhere only, what the stepping ranks committed: the step count,
+        beta from the same reduced sums (and beta_prod), the groups' prev_lr, and the loss. So beta
+        and the step counts are the same on every rank, as one process would have them, and a rank
+        whose tensors start getting gradients later weights and counts them as the others do.
+        Device-side and masked: no host sync. With adaptive=False nothing is reduced, so a rank
+        counts only its own steps (AMAdamW's bias correction then follows that rank's count)."""
+        from .reference.beta import complete_scopes
+
+        complete_scopes(batch, self._hyper, prev_loss, self._BIAS_CORRECTED)
 
     def _backend_module(self, backend: str, device: torch.device, dtypes: set[torch.dtype]):
         """backends.resolve, remembered per (backend, device, dtypes). NOTE [compile]: the cache is filled
@@ -427,7 +430,7 @@ class AMOptimizer(torch.optim.Optimizer):
                     scope_of.append(0 if scope_mode == "global" else gi if scope_mode == "group" else tensor_index)
                 tensor_index += 1
         if not params:
-            return None, None
+            return self._empty_sharded_batch(loss), None
         if len(self._index_cache) > 256:
             self._index_cache.clear()
         keys = params  # the parameters as the user holds them: the keys of self.state
@@ -461,20 +464,10 @@ class AMOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"{name}: capturable=True needs parameters on a CUDA (or XPU) device, got {device}")
         self._backend_module(self.backend, device, dtypes)  # raises before any state exists
         scopes = self._scope_state(device, dtype)
-        lrs = [g["lr"] for g in self.param_groups]
         # NOTE [no copies from the host]: values made on the host reach the device as fills (torch.full: a
         # kernel with the value as its argument), never as copies: a copy from pageable host memory can
         # wait for the stream (a host synchronisation inside step()), and a CUDA graph capture refuses it.
-        if any(isinstance(lr, Tensor) for lr in lrs):
-            lr = torch.stack([_on_device(x, dtype, device) for x in lrs])
-        else:  # float lrs: made once per distinct set of values (a scheduler's every step)
-            key = ("lr", device, dtype, tuple(lrs))
-            if key not in self._index_cache:
-                # in place: torch.compile before torch 2.13 refuses to reassign an attribute of the optimizer
-                for stale in [k for k in self._index_cache if k[0] == "lr"]:
-                    del self._index_cache[stale]
-                self._index_cache[key] = torch.stack([_on_device(x, dtype, device) for x in lrs])
-            lr = self._index_cache[key]
+        lr = self._lr_tensor(device, dtype)
 
         # lazy state, created only after every check above; one self.state lookup per parameter.
         # Shapes are the backends' to check (NOTE [state fits] in _step.py).
@@ -537,6 +530,52 @@ class AMOptimizer(torch.optim.Optimizer):
             index_cache=self._index_cache,
             device_tables=self._device_tables,
         ), made
+
+    def _lr_tensor(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """Every group's lr as one [G] device tensor (NOTE [no copies from the host] in _build_batch)."""
+        lrs = [g["lr"] for g in self.param_groups]
+        if any(isinstance(lr, Tensor) for lr in lrs):
+            return torch.stack([_on_device(x, dtype, device) for x in lrs])
+        # float lrs: made once per distinct set of values (a scheduler's every step)
+        key = ("lr", device, dtype, tuple(lrs))
+        if key not in self._index_cache:
+            # in place: torch.compile before torch 2.13 refuses to reassign an attribute of the optimizer
+            for stale in [k for k in self._index_cache if k[0] == "lr"]:
+                del self._index_cache[stale]
+            self._index_cache[key] = torch.stack([_on_device(x, dtype, device) for x in lrs])
+        return self._index_cache[key]
+
+    def _empty_sharded_batch(self, loss) -> StepBatch | None:
+        """NOTE [a rank without gradients]: with a process_group (or sharded DTensor parameters) the
+        all_reduce inside step() is a collective, and a rank that holds no tensor with a gradient this
+        step (its tensors frozen, or unused by its batch) has no tensor to step. It must still join the
+        all_reduce, or the ranks that step wait for it forever: this batch, without tensors, is what it
+        joins with (step() hands the all_reduce zeros of the shape every backend reduces) and then
+        commits the scopes that stepped elsewhere (NOTE [scopes stepped elsewhere]). None where
+        nothing is reduced (no sharding; adaptive=False), as torch.optim's step without gradients."""
+        if self._sums_width() is None:
+            return None
+        params = [p for g in self.param_groups for p in g["params"]]
+        if not params or (self.process_group is None and not any(isinstance(p, DTensor) for p in params)):
+            return None
+        process_group = self._reduce_group(params)
+        if process_group is None:
+            return None
+        device = _local(params[0]).device
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        if self._uses_loss():
+            if loss is None:
+                raise RuntimeError(f"{type(self).__name__}: delta_f='loss' needs step(closure) returning the loss")
+            loss = _on_device(loss, dtype if not isinstance(loss, Tensor) else loss.dtype, device)
+            if getattr(self._hyper, "maximize", False):
+                loss = -loss
+        return StepBatch(
+            params=[], grads=[], d=[], v=None, group_of=[], scope_of=[], scope_lengths=[], present_scopes=[],
+            present_groups=[], lr=self._lr_tensor(device, dtype), weight_decay=[], scopes=self._scope_state(device, dtype),
+            loss=loss if self._uses_loss() else None, grad_scale=getattr(self, "grad_scale", None),
+            found_inf=getattr(self, "found_inf", None), process_group=process_group, index_cache=self._index_cache,
+            device_tables=self._device_tables,
+        )
 
     def _uses_loss(self) -> bool:
         return False

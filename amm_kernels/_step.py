@@ -141,20 +141,42 @@ class StepBatch:
     process_group: object | None = None
     index_cache: dict = field(default_factory=dict)
     device_tables: dict = field(default_factory=dict)
+    # set by all_reduce_sums (sharded steps): the reduced sums, and which scopes and groups stepped on
+    # some rank (device bools)
+    reduced_sums: Tensor | None = None
+    scopes_anywhere: Tensor | None = None
+    groups_anywhere: Tensor | None = None
+
+    def all_reduce_sums(self, sums: Tensor) -> Tensor:
+        """This rank's per-scope sums ([n_scopes, width] float64, a row per scope of the optimizer at
+        the scope's index, zeros where this rank holds none of its tensors) added up over the
+        process_group in one all_reduce (no host sync); returns the reduced [n_scopes, width].
+        NOTE [sums by scope]: ranks may hold different scopes (torch's ZeroRedundancyOptimizer can
+        leave a rank none of a param group's tensors, a rank can have no gradient at all), so every rank
+        hands the all_reduce the same shape, row s always meaning scope s. The C++/CUDA scope-sums ops
+        and triton's finalize write their sums in this layout themselves. Riding along: a flag per
+        scope and per group, 1 where this rank steps it, so that after the reduce every rank knows
+        which scopes and groups stepped anywhere (scopes_anywhere, groups_anywhere) and can count
+        the step of a scope it holds no gradient of (NOTE [scopes stepped elsewhere], _base.py)."""
+        n_scopes, n_groups = self.scopes.step.numel(), self.lr.numel()
+        flags = sums.new_zeros(n_scopes + n_groups)
+        flags[:n_scopes].index_fill_(0, self.index("present_scopes"), 1.0)
+        flags[n_scopes:].index_fill_(0, self.index("present_groups"), 1.0)
+        flat = torch.cat([sums.reshape(-1), flags])
+        dist.all_reduce(flat, group=self.process_group)
+        n = sums.numel()
+        self.scopes_anywhere = flat[n:n + n_scopes] > 0
+        self.groups_anywhere = flat[n + n_scopes:] > 0
+        self.reduced_sums = flat[:n].view(sums.shape)
+        return self.reduced_sums
 
     def all_reduce_scope_sums(self, per_scope: Tensor) -> Tensor:
-        """Rows of per-scope sums (present_scopes order, [n_present, ...]) added up over the
-        process_group (one all_reduce, no host sync); returns them in the same order.
-        NOTE [sums by scope]: ranks may hold different scopes (torch's ZeroRedundancyOptimizer can leave
-        a rank none of a param group's tensors), so the vector reduced has a row for every scope of
-        the optimizer, at the scope's own index, zeros where this rank holds none of its tensors: every
-        rank hands the all_reduce the same shape, and row s always means scope s. The C++/CUDA scope-sums
-        ops and triton's finalize write their sums in this layout themselves."""
+        """all_reduce_sums for sums given in present_scopes order ([n_present, width]); returns the
+        reduced rows in the same order."""
         scopes = self.index("present_scopes")
         full = per_scope.new_zeros((self.scopes.step.numel(), *per_scope.shape[1:]))
         full.index_copy_(0, scopes, per_scope)
-        dist.all_reduce(full, group=self.process_group)
-        return full.index_select(0, scopes)
+        return self.all_reduce_sums(full).index_select(0, scopes)
 
     def index(self, name: str) -> Tensor:
         """A host list of this batch (present_scopes, scope_of, ...) as a device int64 tensor."""

@@ -61,6 +61,7 @@ class AMAdamW(AMOptimizer):
     """
 
     STATE_NAMES = ("exp_avg", "exp_avg_sq")
+    _BIAS_CORRECTED = True  # beta_prod, the bias correction of the first moment
     STEP_OP = "amadamw_step"
 
     def __init__(

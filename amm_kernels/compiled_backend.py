@@ -9,7 +9,6 @@ built, so backends.py reports the backend as unavailable.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 try:
     from . import _C  # noqa: F401  (loading the library registers torch.ops.amm_kernels.*)
@@ -71,8 +70,7 @@ def _run(step_op, sums_op, args: tuple, batch: StepBatch, adaptive: bool) -> Non
     if batch.process_group is None or not adaptive:
         step_op(*args)
         return
-    sums = sums_op(*args)
-    dist.all_reduce(sums, group=batch.process_group)
+    sums = batch.all_reduce_sums(sums_op(*args))  # NOTE [sums by scope] in _step.py
     step_op(*args, sums)
 
 

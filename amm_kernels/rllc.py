@@ -204,6 +204,11 @@ class RLLC(AMOptimizer):
             raise ValueError(f"{type(self).__name__}: {where} sets weight_decay={wd!r}, but RLLC has no weight "
                              "decay (SPEC.md section 4): remove the key or set it to 0")
 
+    def _complete_scopes(self, batch, prev_loss) -> None:
+        from .reference.rllc_reference import complete_scopes
+
+        complete_scopes(batch, self._hyper)
+
     def _sums_width(self) -> int:
         """The Gram entries and M^T g of a sharded step's all_reduce (every step: no adaptive=False)."""
         return self.k * (self.k + 1) // 2 + self.k

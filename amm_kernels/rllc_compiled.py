@@ -11,7 +11,6 @@ Raises ImportError when the extension is not built (through compiled_backend.py)
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from . import _C  # noqa: F401  (registers the ops; compiled_backend.py imports this module once _C has loaded)
 from ._step import StepBatch
@@ -76,6 +75,5 @@ def rllc_step(batch: StepBatch, hp) -> None:
         return
     # Sharded parameters (csrc/OPS.md): this rank's [S, P] Gram and M^T g sums, added up over the group
     # (one all_reduce, no host sync), then the step from the whole model's sums without a second pass 1.
-    sums = _OPS.rllc_scope_sums(*args)
-    dist.all_reduce(sums, group=batch.process_group)
+    sums = batch.all_reduce_sums(_OPS.rllc_scope_sums(*args))  # NOTE [sums by scope] in _step.py
     _OPS.rllc_step(*args, sums)

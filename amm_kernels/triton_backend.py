@@ -25,7 +25,6 @@ import contextlib
 import os
 
 import torch
-import torch.distributed as dist
 
 # The messages below say why triton cannot run; backends.resolve adds the backends that can.
 
@@ -229,7 +228,7 @@ def _step(batch: StepBatch, hp, amadamw: bool) -> None:
         # (one small all_reduce, no host sync), then beta from the whole model's sums.
         sums = torch.zeros(state.step.numel(), 2, dtype=torch.float64, device=device)
         finalize(sums, sums_out=True, sums_in=False)
-        dist.all_reduce(sums, group=batch.process_group)
+        sums = batch.all_reduce_sums(sums)  # NOTE [sums by scope] in _step.py
         finalize(sums, sums_out=False, sums_in=True)
     else:
         finalize(dummy, sums_out=False, sums_in=False)

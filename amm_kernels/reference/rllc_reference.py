@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .._step import StepBatch, check_fits
-from .beta import commit, compute_dtype, per_tensor
+from .beta import commit, compute_dtype, per_tensor, present_here
 from .pinv import gram_pinv_apply
 
 SUM_DTYPE = torch.float64  # the dtype of the Gram and M^T g sums (NOTE [Gram precision])
@@ -120,3 +120,20 @@ def rllc_step(batch: StepBatch, hp) -> None:
     for name, new in (("step", state.step[scopes] + 1), ("law", law_new)):
         field = getattr(state, name)
         field[scopes] = new if skip is None else torch.where(skip, field[scopes], new.to(field.dtype))
+
+
+def complete_scopes(batch: StepBatch, hp) -> None:
+    """NOTE [scopes stepped elsewhere] (_base.py): after a sharded step, the law and step count of every
+    scope that stepped on some rank but not here, from the same all-reduced sums (batch.reduced_sums,
+    [n_scopes, P] float64), as the ranks that stepped it committed them. On the device, masked."""
+    state, skip, k = batch.scopes, batch.skip, hp.k
+    here, _ = present_here(batch)
+    todo = batch.scopes_anywhere & ~here
+    if skip is not None:
+        todo = todo & ~skip
+    sums, n_pairs = batch.reduced_sums, len(gram_pairs(k))
+    correction = law_correction(sums[:, :n_pairs], sums[:, n_pairs:], k, hp.rcond)
+    law = state.law.double()
+    law_new = torch.where((state.step == 0)[:, None], law, law + hp.law_lr * correction).to(state.law.dtype)
+    state.law.copy_(torch.where(todo[:, None], law_new, state.law))
+    state.step.copy_(torch.where(todo, state.step + 1, state.step))
