@@ -318,7 +318,11 @@ class AMOptimizer(torch.optim.Optimizer):
                 except BaseException:
                     self._undo(made)  # NOTE [refused steps]
                     raise
-            if batch.scopes_anywhere is not None:  # a sharded step: NOTE [scopes stepped elsewhere]
+            if batch.scopes_anywhere is not None and (len(batch.present_scopes) < batch.scopes.step.numel()
+                                                      or len(batch.present_groups) < batch.lr.numel()):
+                # a sharded step, and a scope or group of this optimizer did not step here: it may have
+                # elsewhere (NOTE [scopes stepped elsewhere]); where every one stepped here (FSDP2's
+                # usual step) there is nothing to commit, and its ~25 small ops are not run
                 self._complete_scopes(batch, prev_loss)
             keys, fresh, group_of, had_state, _ = made
             if fresh and had_state:
