@@ -56,6 +56,12 @@ def _same(a, b) -> bool:
     return not isinstance(a, Tensor) and not isinstance(b, Tensor) and type(a) is type(b) and a == b
 
 
+def _tensor_or_none(x):
+    """A GradScaler's grad_scale / found_inf on a rank with no gradient: GradScaler sums the found_inf
+    of no tensor to the int 0 there, which is no inf."""
+    return x if isinstance(x, Tensor) else None
+
+
 def _local(t: Tensor) -> Tensor:
     """A DTensor's local shard (the same storage: in-place updates reach the DTensor); else t itself."""
     return t.to_local() if isinstance(t, DTensor) else t
@@ -303,9 +309,12 @@ class AMOptimizer(torch.optim.Optimizer):
                 loss = closure()
         batch, made = self._build_batch(loss)
         if batch is not None and not batch.params:  # NOTE [a rank without gradients]
+            device = batch.scopes.step.device
             batch.all_reduce_sums(torch.zeros(batch.scopes.step.numel(), self._sums_width(), dtype=torch.float64,
-                                              device=batch.scopes.step.device))
+                                              device=device))
             self._complete_scopes(batch, batch.scopes.prev_loss.clone() if self._uses_loss() else None)
+            if capturing(device):  # NOTE [kept for graphs], below
+                self._in_graphs.update((id(t), t) for t in self._index_cache.values())
         elif batch is not None:
             module = self._backend_module(self.backend, batch.params[0].device, {p.dtype for p in batch.params})
             # the loss before this step, for scopes stepped elsewhere (the backend commits this one's)
@@ -576,8 +585,9 @@ class AMOptimizer(torch.optim.Optimizer):
         return StepBatch(
             params=[], grads=[], d=[], v=None, group_of=[], scope_of=[], scope_lengths=[], present_scopes=[],
             present_groups=[], lr=self._lr_tensor(device, dtype), weight_decay=[], scopes=self._scope_state(device, dtype),
-            loss=loss if self._uses_loss() else None, grad_scale=getattr(self, "grad_scale", None),
-            found_inf=getattr(self, "found_inf", None), process_group=process_group, index_cache=self._index_cache,
+            loss=loss if self._uses_loss() else None, grad_scale=_tensor_or_none(getattr(self, "grad_scale", None)),
+            found_inf=_tensor_or_none(getattr(self, "found_inf", None)), process_group=process_group,
+            index_cache=self._index_cache,
             device_tables=self._device_tables,
         )
 

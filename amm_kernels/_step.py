@@ -98,6 +98,15 @@ class ScopeState:
         return cls(**{name: saved[name].to(device=device, dtype=dtype).clone() for name in cls.FIELDS})
 
 
+def with_reduced_found_inf(args: tuple, found_inf: Tensor | None, batch: "StepBatch") -> tuple:
+    """A fused backend's op arguments with `found_inf` (the tensor object among them) replaced by the
+    all-reduced one (StepBatch.all_reduce_sums), so that every rank's second half skips together."""
+    if found_inf is None:
+        return args
+    reduced = batch.found_inf.detach().to(found_inf.device)
+    return tuple(reduced if a is found_inf else a for a in args)
+
+
 @dataclass
 class StepBatch:
     """The tensors of one step, in scope order (each scope's tensors are contiguous).
@@ -157,16 +166,25 @@ class StepBatch:
         and triton's finalize write their sums in this layout themselves. Riding along: a flag per
         scope and per group, 1 where this rank steps it, so that after the reduce every rank knows
         which scopes and groups stepped anywhere (scopes_anywhere, groups_anywhere) and can count
-        the step of a scope it holds no gradient of (NOTE [scopes stepped elsewhere], _base.py)."""
+        the step of a scope it holds no gradient of (NOTE [scopes stepped elsewhere], _base.py); and
+        the GradScaler's found_inf, replaced by the sum over the ranks, so that an inf on any rank
+        skips the step on all of them (a plain GradScaler sees only its rank's gradients). Every
+        backend reads found_inf for its skip only after this."""
         n_scopes, n_groups = self.scopes.step.numel(), self.lr.numel()
         flags = sums.new_zeros(n_scopes + n_groups)
         flags[:n_scopes].index_fill_(0, self.index("present_scopes"), 1.0)
         flags[n_scopes:].index_fill_(0, self.index("present_groups"), 1.0)
-        flat = torch.cat([sums.reshape(-1), flags])
+        parts = [sums.reshape(-1), flags]
+        found_inf = self.found_inf
+        if found_inf is not None:  # one rank's inf skips the step on every rank, as in one process
+            parts.append(found_inf.detach().reshape(1).to(sums.device, sums.dtype, non_blocking=True))
+        flat = torch.cat(parts)
         dist.all_reduce(flat, group=self.process_group)
         n = sums.numel()
         self.scopes_anywhere = flat[n:n + n_scopes] > 0
-        self.groups_anywhere = flat[n + n_scopes:] > 0
+        self.groups_anywhere = flat[n + n_scopes:n + n_scopes + n_groups] > 0
+        if found_inf is not None:  # what the rest of the step (the backend's second half) reads
+            self.found_inf = flat[-1:].to(found_inf.dtype).view(found_inf.shape)
         self.reduced_sums = flat[:n].view(sums.shape)
         return self.reduced_sums
 

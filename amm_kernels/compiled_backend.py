@@ -19,7 +19,7 @@ except ImportError as err:  # pragma: no cover - depends on the build
     ) from err
 
 from ._hyper import AMAdamWHyper, AMSGDHyper
-from ._step import StepBatch
+from ._step import StepBatch, with_reduced_found_inf
 
 _OPS = torch.ops.amm_kernels
 
@@ -62,7 +62,7 @@ def _scope_state(batch: StepBatch):
     return state
 
 
-def _run(step_op, sums_op, args: tuple, batch: StepBatch, adaptive: bool) -> None:
+def _run(step_op, sums_op, args: tuple, batch: StepBatch, adaptive: bool, found_inf=None) -> None:
     """step_op(*args), or with sharded parameters (a process_group) the step in two halves around one
     all_reduce of the per-scope sums (csrc/cpu/step_driver_cpu.cpp NOTE [sharded sums]): sums_op runs
     pass 1 and returns this rank's [S, 2] float64 sums, which every rank adds up (no host sync), and
@@ -71,7 +71,8 @@ def _run(step_op, sums_op, args: tuple, batch: StepBatch, adaptive: bool) -> Non
         step_op(*args)
         return
     sums = batch.all_reduce_sums(sums_op(*args))  # NOTE [sums by scope] in _step.py
-    step_op(*args, sums)
+    step_op(*with_reduced_found_inf(args, found_inf, batch), sums)
+
 
 
 def _lr(batch: StepBatch) -> torch.Tensor:
@@ -90,27 +91,29 @@ def amsgd_step(batch: StepBatch, hp: AMSGDHyper) -> None:
     state = _scope_state(batch)
     device = state.step.device
     loss = batch.loss.detach().to(device) if (hp.delta_f == "loss" and batch.loss is not None) else None
+    found_inf = _optional(batch.found_inf, device)
     args = (
         batch.params, batch.grads, batch.d, batch.group_of, batch.scope_of, _lr(batch), batch.weight_decay,
         state.step, state.beta, state.prev_lr, state.prev_loss, loss,
-        _optional(batch.grad_scale, device), _optional(batch.found_inf, device),
+        _optional(batch.grad_scale, device), found_inf,
         float(hp.lam), float(hp.beta_max), float(hp.beta_min), bool(hp.adaptive), bool(hp.maximize),
     )
-    _run(_OPS.amsgd_step, _OPS.amsgd_scope_sums, args, batch, hp.adaptive)
+    _run(_OPS.amsgd_step, _OPS.amsgd_scope_sums, args, batch, hp.adaptive, found_inf)
 
 
 @torch.no_grad()
 def amadamw_step(batch: StepBatch, hp: AMAdamWHyper) -> None:
     state = _scope_state(batch)
     device = state.step.device
+    found_inf = _optional(batch.found_inf, device)
     args = (
         batch.params, batch.grads, batch.d, batch.v, batch.group_of, batch.scope_of, _lr(batch), batch.weight_decay,
         state.step, state.beta, state.beta_prod, state.prev_lr,
-        _optional(batch.grad_scale, device), _optional(batch.found_inf, device),
+        _optional(batch.grad_scale, device), found_inf,
         float(hp.lam), float(hp.beta_max), float(hp.beta_min), float(hp.beta2), float(hp.eps),
         bool(hp.adaptive), bool(hp.maximize),
     )
-    _run(_OPS.amadamw_step, _OPS.amadamw_scope_sums, args, batch, hp.adaptive)
+    _run(_OPS.amadamw_step, _OPS.amadamw_scope_sums, args, batch, hp.adaptive, found_inf)
 
 
 # RLLC on "cpu"/"cuda" (csrc/cpu/rllc_cpu.cpp, csrc/cuda/rllc_kernels.cu); imported last: it needs nothing above.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (registers the ops; compiled_backend.py imports this module once _C has loaded)
-from ._step import StepBatch
+from ._step import StepBatch, with_reduced_found_inf
 
 __all__ = ["rllc_step", "has_rllc_op", "MAX_K"]
 
@@ -76,4 +76,4 @@ def rllc_step(batch: StepBatch, hp) -> None:
     # Sharded parameters (csrc/OPS.md): this rank's [S, P] Gram and M^T g sums, added up over the group
     # (one all_reduce, no host sync), then the step from the whole model's sums without a second pass 1.
     sums = batch.all_reduce_sums(_OPS.rllc_scope_sums(*args))  # NOTE [sums by scope] in _step.py
-    _OPS.rllc_step(*args, sums)
+    _OPS.rllc_step(*with_reduced_found_inf(args, found_inf, batch), sums)

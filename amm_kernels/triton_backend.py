@@ -229,6 +229,8 @@ def _step(batch: StepBatch, hp, amadamw: bool) -> None:
         sums = torch.zeros(state.step.numel(), 2, dtype=torch.float64, device=device)
         finalize(sums, sums_out=True, sums_in=False)
         sums = batch.all_reduce_sums(sums)  # NOTE [sums by scope] in _step.py
+        if has_inf:  # every rank's, summed: one rank's inf skips the step on all (the finalize reads it)
+            found_inf = batch.found_inf.to(device)
         finalize(sums, sums_out=False, sums_in=True)
     else:
         finalize(dummy, sums_out=False, sums_in=False)

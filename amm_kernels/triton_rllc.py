@@ -122,6 +122,8 @@ def _rllc_step(batch: StepBatch, hp, tb) -> None:
     sums = sc.sums
     if batch.process_group is not None:  # sharded parameters: the whole model's sums (no host sync)
         sums = batch.all_reduce_scope_sums(sums)  # NOTE [sums by scope] in _step.py
+        if has_inf:  # every rank's, summed: one rank's inf skips the step on all
+            found_inf = batch.found_inf.to(device)
 
     # the law per present scope, on the device
     gram = sums[:, sc.full_index].reshape(n_scopes, k, k)

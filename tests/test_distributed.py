@@ -92,8 +92,10 @@ def run_hand_sharded(name, backend, rank=0, world=1, group=None, device="cpu", l
     the others holding only a frozen tensor that never gets a gradient ("idle": a rank that steps
     with no gradient; the one process of world = 1 holds it too); or tensors 0 and 1 whole on the
     first rank, 2 and 3 on the last, and 0 and 1 without a gradient at step 2 ("gap": the first rank
-    sits one step out, then steps again). Returns the betas (or laws) of the 5 steps and the rank's
-    tensors (None for one it does not hold)."""
+    sits one step out, then steps again); or sharded, with a GradScaler-like found_inf on every step
+    that is 1 at step 2 on the first rank only ("inf": one rank's inf skips the step everywhere, as
+    one process skips it). Returns the betas (or laws) of the 5 steps and the rank's tensors (None
+    for one it does not hold)."""
     cls, kwargs = CASES[name]
     last = rank == world - 1
 
@@ -122,11 +124,15 @@ def run_hand_sharded(name, backend, rank=0, world=1, group=None, device="cpu", l
             for i, p in params.items():
                 p.grad = None if (layout == "gap" and t == 2 and i < 2) else local(grads[i], i)
             return torch.tensor(1.0 / (t + 1), device=device)  # the global loss: the same on every rank
+        if layout == "inf":  # as torch.amp.GradScaler hands it to the step, from this rank's gradients
+            opt.found_inf = torch.tensor(1.0 if (t == 2 and rank == 0) else 0.0, device=device)
         if kwargs.get("delta_f") == "loss":
             opt.step(closure)
         else:
             closure()
             opt.step()
+        if layout == "inf":
+            del opt.found_inf
         betas.append(coefficients(opt))
     return torch.stack(betas).cpu(), [params[i].detach().cpu() if i in params else None for i in range(len(SHAPES))]
 
@@ -209,6 +215,8 @@ def worker(rank, world, port, out_path):
         for backend in runnable:
             for name in CASES:
                 results[("hand", name, backend)] = run_hand_sharded(name, backend, rank, world, group)
+            for name in CASES:
+                results[("inf", name, backend)] = run_hand_sharded(name, backend, rank, world, group, layout="inf")
             for name in OWNED_CASES:
                 for layout in ("owned", "idle", "gap"):
                     results[(layout, name, backend)] = run_hand_sharded(name, backend, rank, world, group, layout=layout)
@@ -284,6 +292,21 @@ def test_a_rank_without_gradients_joins_the_reduce_and_the_others_match_single_p
         assert_close(got[-1][1][i], full)
         assert all(rank_params[i] is None for _, rank_params in got[:-1])
     assert not torch.all(betas[1:] == betas[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_an_inf_on_one_rank_skips_the_step_on_every_rank(ranks, name, backend):
+    """found_inf is 1 on the first rank only at step 2 (a plain GradScaler sees its rank's gradients):
+    it travels in the reduced vector (StepBatch.all_reduce_sums), so every rank skips that step, as
+    one process with the inf would."""
+    got = results_of(ranks, ("inf", name, backend))
+    betas, params = run_hand_sharded(name, "torch", layout="inf")
+    assert torch.equal(betas[2], betas[1]), "the single process skips step 2"
+    for rank_betas, _ in got:
+        assert_close(rank_betas, betas)
+    for i, full in enumerate(params):
+        assert_close(torch.cat([rank_params[i] for _, rank_params in got]), full)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
