@@ -74,7 +74,6 @@ def _run(step_op, sums_op, args: tuple, batch: StepBatch, adaptive: bool, found_
     step_op(*with_reduced_found_inf(args, found_inf, batch), sums)
 
 
-
 def _lr(batch: StepBatch) -> torch.Tensor:
     lr = batch.lr
     if lr.dtype != torch.float32:
