@@ -462,14 +462,7 @@ class AMOptimizer(torch.optim.Optimizer):
                     f"{p.device if p.device != device else g.device} in {where[self.beta_scope]} "
                     "(one optimizer per device is supported)"
                 )
-        if self._uses_loss():
-            if loss is None:
-                raise RuntimeError(f"{name}: delta_f='loss' needs step(closure) returning the loss")
-            one = loss.numel() == 1 if isinstance(loss, Tensor) else isinstance(loss, numbers.Real) and not isinstance(loss, bool)
-            if not one:
-                got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else repr(loss)
-                raise RuntimeError(f"{name}: delta_f='loss' needs the closure to return one loss (a number or a "
-                                   f"1-element tensor), got {got}")
+        self._check_loss(loss)
 
         dtypes = {p.dtype for p in params}
         dtype = torch.float64 if torch.float64 in dtypes else torch.float32
@@ -519,10 +512,6 @@ class AMOptimizer(torch.optim.Optimizer):
                 present_scopes.append(s), scope_lengths.append(1)
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        if loss is not None:  # one loss (checked above), as a 0-d tensor on the parameters' device
-            loss = _on_device(loss, dtype if not isinstance(loss, Tensor) else loss.dtype, device)
-        if loss is not None and getattr(self._hyper, "maximize", False):
-            loss = -loss  # backends see the objective being minimised, so F = prev - loss keeps its sign
         return StepBatch(
             params=params,
             grads=grads,
@@ -536,7 +525,7 @@ class AMOptimizer(torch.optim.Optimizer):
             lr=lr,
             weight_decay=[float(g.get("weight_decay", 0.0)) for g in self.param_groups],
             scopes=scopes,
-            loss=loss if self._uses_loss() else None,
+            loss=self._loss_on(loss, device, dtype),
             grad_scale=grad_scale,
             found_inf=found_inf,
             process_group=process_group,
@@ -576,20 +565,37 @@ class AMOptimizer(torch.optim.Optimizer):
             return None
         device = _local(params[0]).device
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-        if self._uses_loss():
-            if loss is None:
-                raise RuntimeError(f"{type(self).__name__}: delta_f='loss' needs step(closure) returning the loss")
-            loss = _on_device(loss, dtype if not isinstance(loss, Tensor) else loss.dtype, device)
-            if getattr(self._hyper, "maximize", False):
-                loss = -loss
+        self._check_loss(loss)
         return StepBatch(
             params=[], grads=[], d=[], v=None, group_of=[], scope_of=[], scope_lengths=[], present_scopes=[],
             present_groups=[], lr=self._lr_tensor(device, dtype), weight_decay=[], scopes=self._scope_state(device, dtype),
-            loss=loss if self._uses_loss() else None, grad_scale=_tensor_or_none(getattr(self, "grad_scale", None)),
+            loss=self._loss_on(loss, device, dtype), grad_scale=_tensor_or_none(getattr(self, "grad_scale", None)),
             found_inf=_tensor_or_none(getattr(self, "found_inf", None)), process_group=process_group,
             index_cache=self._index_cache,
             device_tables=self._device_tables,
         )
+
+    def _check_loss(self, loss) -> None:
+        """In delta_f="loss" mode, the closure's loss must be one number (checked before any state exists)."""
+        if not self._uses_loss():
+            return
+        name = type(self).__name__
+        if loss is None:
+            raise RuntimeError(f"{name}: delta_f='loss' needs step(closure) returning the loss")
+        one = loss.numel() == 1 if isinstance(loss, Tensor) else isinstance(loss, numbers.Real) and not isinstance(loss, bool)
+        if not one:
+            got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else repr(loss)
+            raise RuntimeError(f"{name}: delta_f='loss' needs the closure to return one loss (a number or a "
+                               f"1-element tensor), got {got}")
+
+    def _loss_on(self, loss, device: torch.device, dtype: torch.dtype) -> Tensor | None:
+        """The loss the backends see (loss mode only, else None): a 0-d tensor on the parameters'
+        device, negated under maximize (backends see the objective being minimised, so
+        F = prev - loss keeps its sign)."""
+        if not self._uses_loss():
+            return None
+        loss = _on_device(loss, dtype if not isinstance(loss, Tensor) else loss.dtype, device)
+        return -loss if getattr(self._hyper, "maximize", False) else loss
 
     def _uses_loss(self) -> bool:
         return False

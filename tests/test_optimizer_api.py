@@ -337,6 +337,22 @@ def test_backend_supports_dtype():
         amm_kernels.backend_supports_dtype("gpu", torch.float32)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", OPTIMIZERS + [amm_kernels.RLLC])
+def test_a_closure_may_return_anything_outside_loss_mode(backend, cls):
+    """As in torch.optim, step(closure) returns what the closure returned; only delta_f="loss" reads
+    it (a 3-element tensor crashed the step in a reshape before)."""
+    params = model_params()
+
+    def closure():
+        set_grads(params, 0)
+        return torch.ones(3), "anything"
+
+    opt = cls(params, backend=backend)
+    out = opt.step(closure)
+    assert out[1] == "anything" and torch.equal(out[0], torch.ones(3))
+
+
 def test_no_backend_claims_apples_mps_and_the_errors_say_why():
     """The reference combines its sums in float64, which MPS does not have: no backend is offered
     there, and asking for one names the reason (not run on a Mac: none here)."""
