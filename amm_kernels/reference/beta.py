@@ -107,10 +107,10 @@ def present_here(batch: StepBatch) -> tuple[Tensor, Tensor]:
 def complete_scopes(batch: StepBatch, hp, prev_loss: Tensor | None, track_beta_prod: bool) -> None:
     """NOTE [scopes stepped elsewhere] (_base.py): after a sharded step, the scope state of every scope
     that stepped on some rank but not here, as the ranks that stepped it committed it: the step
-    counted, beta from the same all-reduced sums (batch.reduced_sums, [n_scopes, 2] float64: num, den),
-    beta_prod; prev_lr
-    of the groups that stepped elsewhere; prev_loss where nothing stepped here (loss mode: prev_loss is
-    the loss before this step's commit). All on the device, masked: no host sync."""
+    counted, beta from the same all-reduced sums (batch.reduced_sums, [n_scopes, 2] float64: num,
+    den), beta_prod; prev_lr of the groups that stepped elsewhere; prev_loss where nothing stepped
+    here (loss mode: prev_loss is the loss before this step's commit). On the device, masked: no
+    host sync."""
     state, skip = batch.scopes, batch.skip
     here, groups_here = present_here(batch)
     todo = batch.scopes_anywhere & ~here
