@@ -74,7 +74,7 @@ class AMOptimizer(torch.optim.Optimizer):
     STATE_NAMES: tuple[str, ...] = ()  # per-parameter state tensors: d (and v), or RLLC's memory
     STEP_OP: str = ""  # the backend function that runs one step: "amsgd_step", "amadamw_step", ...
     GROUP_KEYS: tuple[str, ...] = ("params", "lr", "weight_decay")  # what a param group may set
-    ZERO_ONLY_KEYS: tuple[str, ...] = ()  # keys a group may hold only as 0 (RLLC: weight_decay), checked by the subclass
+    ZERO_ONLY_KEYS: tuple[str, ...] = ()  # arguments of other optimizers a group may hold only as 0 (RLLC: weight_decay)
     SCOPE_ARG = "beta_scope"  # the constructor argument naming the scope
     SCOPE_STATE = ScopeState  # the optimizer-wide per-scope state
     # GradScaler hands us grad_scale and found_inf (as attributes) instead of unscaling on the host.
@@ -190,6 +190,15 @@ class AMOptimizer(torch.optim.Optimizer):
         check_group(type(self).__name__, group, keys, index=index, skip_tensors=on_step)
         if len(group) > len(self.GROUP_KEYS) and not self._wide_names.isdisjoint(group):  # NOTE [wide keys in groups]
             self._check_wide_keys(group, index, on_step)
+        for key in self.ZERO_ONLY_KEYS:
+            # not an argument here, but a key code written for other optimizers sets (a weight-decay loop
+            # written for AdamW): 0 in any form passes, anything else is refused, never silently ignored
+            # as keys that are not arguments are (a scheduler's initial_lr)
+            value = group.get(key, 0)
+            if not (type(value) in (int, float) and value == 0) and _plain(value) != 0.0:
+                where = "a param group" if index is None else f"param_groups[{index}]"
+                raise ValueError(f"{type(self).__name__}: {where} sets {key}={value!r}, but {type(self).__name__} "
+                                 f"has no {key.replace('_', ' ')}: remove the key or set it to 0")
 
     def _wide_args(self) -> dict[str, Any]:
         """The optimizer-wide constructor arguments and their values, as a group may repeat them."""
@@ -555,12 +564,10 @@ class AMOptimizer(torch.optim.Optimizer):
         joins with (step() hands the all_reduce zeros of the shape every backend reduces) and then
         commits the scopes that stepped elsewhere (NOTE [scopes stepped elsewhere]). None where
         nothing is reduced (no sharding; adaptive=False), as torch.optim's step without gradients."""
-        if self._sums_width() is None:
-            return None
         params = [p for g in self.param_groups for p in g["params"]]
-        if not params or (self.process_group is None and not any(isinstance(p, DTensor) for p in params)):
+        if self._sums_width() is None or not params:
             return None
-        process_group = self._reduce_group(params)
+        process_group = self._reduce_group(params)  # None for plain parameters without a process_group
         if process_group is None:
             return None
         device = _local(params[0]).device

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._base import STATE_DICT_KEY, AMOptimizer, DTensor, _plain
+from ._base import STATE_DICT_KEY, AMOptimizer, DTensor
 
 try:
     from torch.distributed.tensor import Shard
@@ -148,7 +148,8 @@ class RLLC(AMOptimizer):
     STATE_NAMES = ("memory",)
     STEP_OP = "rllc_step"
     GROUP_KEYS = ("params", "lr")
-    ZERO_ONLY_KEYS = ("weight_decay",)  # a loop written for AdamW may set it: 0 passes, anything else is refused
+    # RLLC has no weight decay (SPEC.md section 4); a loop written for AdamW may set it: 0 passes
+    ZERO_ONLY_KEYS = ("weight_decay",)
     SCOPE_ARG = "scope"
     SCOPE_STATE = RLLCScopeState
 
@@ -193,17 +194,6 @@ class RLLC(AMOptimizer):
     def _state_shapes(self, p: Tensor) -> dict[str, tuple[int, ...]]:
         return {"memory": (self.k, *p.shape)}
 
-    def _check_group_hypers(self, group: dict[str, Any], index: int | None = None, on_step: bool = False) -> None:
-        """As every optimizer's, and: RLLC has no weight decay (SPEC.md section 4), so a weight_decay
-        other than 0 put in a group by hand (a loop written for AdamW, a weight-decay schedule) is
-        refused, never silently ignored as keys that are not arguments are (a scheduler's initial_lr)."""
-        super()._check_group_hypers(group, index, on_step)
-        wd = group.get("weight_decay", 0)
-        if not (type(wd) in (int, float) and wd == 0) and _plain(wd) != 0.0:  # 0 in any form: np.float64, a CPU tensor
-            where = "a param group" if index is None else f"param_groups[{index}]"
-            raise ValueError(f"{type(self).__name__}: {where} sets weight_decay={wd!r}, but RLLC has no weight "
-                             "decay (SPEC.md section 4): remove the key or set it to 0")
-
     def _complete_scopes(self, batch, prev_loss) -> None:
         from .reference.rllc_reference import complete_scopes
 
@@ -211,7 +201,9 @@ class RLLC(AMOptimizer):
 
     def _sums_width(self) -> int:
         """The Gram entries and M^T g of a sharded step's all_reduce (every step: no adaptive=False)."""
-        return self.k * (self.k + 1) // 2 + self.k
+        from .reference.rllc_reference import gram_pairs
+
+        return len(gram_pairs(self.k)) + self.k
 
     def _wide_args(self):
         hp = self._hyper
