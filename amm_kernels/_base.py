@@ -326,8 +326,13 @@ class AMOptimizer(torch.optim.Optimizer):
                 self._in_graphs.update((id(t), t) for t in self._index_cache.values())
         elif batch is not None:
             module = self._backend_module(self.backend, batch.params[0].device, {p.dtype for p in batch.params})
-            # the loss before this step, for scopes stepped elsewhere (the backend commits this one's)
-            prev_loss = batch.scopes.prev_loss.clone() if batch.process_group is not None and self._uses_loss() else None
+            # a sharded step where a scope or group of this optimizer does not step here: it may have stepped
+            # elsewhere (NOTE [scopes stepped elsewhere]); where every one steps here (FSDP2's usual step)
+            # there is nothing to commit, and the completion's ~25 small ops are not run
+            completes = batch.process_group is not None and (len(batch.present_scopes) < batch.scopes.step.numel()
+                                                             or len(batch.present_groups) < batch.lr.numel())
+            # the loss before this step, for those scopes (the backend commits this step's)
+            prev_loss = batch.scopes.prev_loss.clone() if completes and self._uses_loss() else None
             if torch.compiler.is_compiling():  # folded by dynamo: no try in the graph
                 getattr(module, self.STEP_OP)(batch, self._hyper)
             else:
@@ -336,11 +341,7 @@ class AMOptimizer(torch.optim.Optimizer):
                 except BaseException:
                     self._undo(made)  # NOTE [refused steps]
                     raise
-            if batch.scopes_anywhere is not None and (len(batch.present_scopes) < batch.scopes.step.numel()
-                                                      or len(batch.present_groups) < batch.lr.numel()):
-                # a sharded step, and a scope or group of this optimizer did not step here: it may have
-                # elsewhere (NOTE [scopes stepped elsewhere]); where every one stepped here (FSDP2's
-                # usual step) there is nothing to commit, and its ~25 small ops are not run
+            if completes and batch.scopes_anywhere is not None:  # None: nothing was reduced (adaptive=False)
                 self._complete_scopes(batch, prev_loss)
             keys, fresh, group_of, had_state, _ = made
             if fresh and had_state:
