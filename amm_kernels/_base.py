@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import backends
 from ._aliasing import first_overlap
-from ._hyper import BETA_SCOPES, check_choice, check_flag, check_group
+from ._hyper import BETA_SCOPES, check_choice, check_flag, check_group, check_state_dtype, state_dtype_for
 from ._step import ScopeState, StepBatch, capturing
 
 try:  # DTensor parameters (FSDP2 fully_shard, tensor parallel)
@@ -81,7 +81,7 @@ class AMOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, params, defaults: dict[str, Any], beta_scope: str, backend: str,
-                 process_group=None, capturable: bool = False):
+                 process_group=None, capturable: bool = False, state_dtype=None):
         name = type(self).__name__
         check_choice(name, self.SCOPE_ARG, beta_scope, BETA_SCOPES)
         check_choice(name, "backend", backend, backends.BACKEND_NAMES)
@@ -90,6 +90,7 @@ class AMOptimizer(torch.optim.Optimizer):
         self.backend = backend
         self.process_group = process_group
         self.capturable = check_flag(name, "capturable", capturable)
+        self.state_dtype = check_state_dtype(name, state_dtype)
         self._wide = self._wide_args()  # fixed from here on (NOTE [wide keys in groups])
         self._wide_names = frozenset(self._wide)  # dynamo traces frozenset.isdisjoint, not dict_keys'
         self._scopes: ScopeState | None = None
@@ -107,7 +108,7 @@ class AMOptimizer(torch.optim.Optimizer):
     # copies and printing
     # What pickle and copy.deepcopy carry besides torch.optim's defaults, state and param_groups: the
     # optimizer-wide settings and the scope state (step counts, beta). The caches are made anew.
-    _PICKLED = ("_hyper", "beta_scope", "scope", "backend", "process_group", "capturable", "_scopes",
+    _PICKLED = ("_hyper", "beta_scope", "scope", "backend", "process_group", "capturable", "state_dtype", "_scopes",
                 "_warned_late_state", "_memory_arg")
 
     def __getstate__(self) -> dict[str, Any]:
@@ -121,6 +122,7 @@ class AMOptimizer(torch.optim.Optimizer):
         if not had_differentiable:  # torch.optim's __setstate__ adds it; not an argument here
             self.defaults.pop("differentiable", None)
         self._index_cache, self._in_graphs, self._device_tables, self._resolved = {}, {}, {}, {}
+        self.__dict__.setdefault("state_dtype", None)  # pickled before state_dtype existed
         self._wide = self._wide_args()
         self._wide_names = frozenset(self._wide)
         self._prefill_backend_cache()
@@ -203,7 +205,7 @@ class AMOptimizer(torch.optim.Optimizer):
     def _wide_args(self) -> dict[str, Any]:
         """The optimizer-wide constructor arguments and their values, as a group may repeat them."""
         return {self.SCOPE_ARG: self.beta_scope, "backend": self.backend, "process_group": self.process_group,
-                "capturable": self.capturable}
+                "capturable": self.capturable, "state_dtype": self.state_dtype}
 
     def _check_wide_keys(self, group: dict[str, Any], index: int | None, on_step: bool = False) -> None:
         """NOTE [wide keys in groups]: torch's ZeroRedundancyOptimizer (and code written for torch.optim,
@@ -231,24 +233,28 @@ class AMOptimizer(torch.optim.Optimizer):
         return value
 
     def _new_param_state(self, p: Tensor) -> dict[str, Tensor]:
-        """A parameter's state on its first step: zeros like the parameter, one per STATE_NAMES."""
-        return {key: torch.zeros_like(p, memory_format=torch.preserve_format) for key in self.STATE_NAMES}
+        """A parameter's state on its first step: zeros like the parameter, one per STATE_NAMES, in the
+        state dtype (NOTE [state dtype] in _hyper.py)."""
+        dtype = state_dtype_for(p.dtype, self.state_dtype)
+        return {key: torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format) for key in self.STATE_NAMES}
 
     def _state_shapes(self, p: Tensor) -> dict[str, tuple[int, ...]]:
         """The shape of each state tensor of parameter p (what load_state_dict checks a checkpoint against)."""
         return {key: tuple(p.shape) for key in self.STATE_NAMES}
 
     def _match_state_dtypes(self, keys: list[Tensor]) -> list[tuple[dict, dict]]:
-        """Cast state to its parameter's dtype where they differ: the parameter's dtype changed
-        (model.to(dtype)) since its state was made, and SPEC.md section 5 gives state its dtype.
-        Returns (state dict, the tensors it had) for each one changed, for _undo."""
+        """Cast state to the dtype its parameter's state has (NOTE [state dtype] in _hyper.py) where they
+        differ: the parameter's dtype changed (model.to(dtype)) since its state was made, or a
+        checkpoint held state in another dtype. Returns (state dict, the tensors it had) for each one
+        changed, for _undo."""
         replaced = []
         for k in keys:
             st = self.state[k]
-            old = {key: st[key] for key in self.STATE_NAMES if st[key].dtype != k.dtype}
+            dtype = state_dtype_for(k.dtype, self.state_dtype)
+            old = {key: st[key] for key in self.STATE_NAMES if st[key].dtype != dtype}
             if old:
                 replaced.append((st, old))
-                st.update({key: t.to(k.dtype) for key, t in old.items()})
+                st.update({key: t.to(dtype) for key, t in old.items()})
         return replaced
 
     def _undo(self, made) -> None:
@@ -488,6 +494,7 @@ class AMOptimizer(torch.optim.Optimizer):
         # lazy state, created only after every check above; one self.state lookup per parameter.
         # Shapes are the backends' to check (NOTE [state fits] in _step.py).
         names = self.STATE_NAMES
+        state_dtype = self.state_dtype
         had_state = len(self.state) > 0
         d, v = [], ([] if len(names) > 1 else None)
         fresh = []
@@ -498,14 +505,14 @@ class AMOptimizer(torch.optim.Optimizer):
                 st.update(self._new_param_state(k))
                 fresh.append(i)
             first = st[names[0]]
-            recast |= first.dtype is not k.dtype
+            recast |= first.dtype is not (k.dtype if state_dtype is None else state_dtype_for(k.dtype, state_dtype))
             d.append(first)
             if v is not None:
                 v.append(st[names[1]])
         replaced = []
         if recast:
             # the parameters' dtype changed (model.to(dtype)) since their state was made: the state is
-            # cast to it, the dtype SPEC.md section 5 gives it (every backend then sees matching dtypes)
+            # cast to the dtype it has for such a parameter (every backend then sees the dtypes it takes)
             replaced = self._match_state_dtypes(keys)
             d = [self.state[k][names[0]] for k in keys]
             v = None if v is None else [self.state[k][names[1]] for k in keys]
@@ -663,6 +670,8 @@ class AMOptimizer(torch.optim.Optimizer):
                 )
         self._check_loadable(state_dict, meta)  # all of it, before anything is replaced
         super().load_state_dict({k: v for k, v in state_dict.items() if k != STATE_DICT_KEY})
+        if self.state_dtype is not None:
+            self._restore_wide_state(state_dict)
         saved = meta["scopes"]
         if saved is None:
             self._scopes = None
@@ -670,6 +679,21 @@ class AMOptimizer(torch.optim.Optimizer):
         else:
             device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
             self._scopes = self.SCOPE_STATE.from_dict(saved, device, saved["step"].dtype)
+
+    def _restore_wide_state(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's load_state_dict casts every state tensor to its parameter's dtype, which rounds
+        float32 state of a bfloat16 parameter to bfloat16. Under state_dtype (NOTE [state dtype] in
+        _hyper.py) such state is taken again from the state_dict, cast from what was saved."""
+        saved_state = state_dict["state"]
+        for saved, mine in zip(state_dict["param_groups"], self.param_groups):
+            for pid, p in zip(saved["params"], mine["params"]):
+                st = saved_state.get(pid)
+                if not st:
+                    continue
+                dtype = state_dtype_for(p.dtype, self.state_dtype)
+                for key in self.STATE_NAMES:
+                    if self.state[p][key].dtype != dtype:
+                        self.state[p][key] = st[key].to(device=p.device, dtype=dtype)
 
     def _check_loadable(self, state_dict: dict[str, Any], meta: dict[str, Any]) -> None:
         """Raise ValueError, naming what is wrong, unless every part of state_dict fits this optimizer:

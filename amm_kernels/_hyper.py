@@ -62,6 +62,29 @@ def check_choice(owner: str, name: str, value, choices) -> None:
         raise ValueError(f"{owner}: {name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
+# NOTE [state dtype]: SPEC.md section 5 gives the state tensors their parameter's dtype unless the user
+# asks for float32 state. That is the one other choice: every kernel reads and writes state in the
+# parameter's dtype or in float32 (csrc/cpu/step_driver_cpu.cpp, csrc/cuda/ops_cuda.cpp, the Triton
+# tables' dtype codes). float32 and float64 parameters keep their own dtype (state is never less
+# precise than its parameter).
+STATE_DTYPES = (None, torch.float32)
+
+
+def check_state_dtype(owner: str, value):
+    """The state_dtype argument: None (each parameter's dtype) or torch.float32; returned as is."""
+    if not any(value is allowed for allowed in STATE_DTYPES):
+        raise ValueError(f"{owner}: state_dtype must be None (state in each parameter's dtype) or torch.float32 "
+                         f"(float32 state for bfloat16 and float16 parameters); got {value!r}")
+    return value
+
+
+def state_dtype_for(param_dtype: torch.dtype, state_dtype) -> torch.dtype:
+    """The dtype of a parameter's state tensors under the state_dtype argument (NOTE [state dtype])."""
+    if state_dtype is None or param_dtype is torch.float64:
+        return param_dtype
+    return state_dtype
+
+
 def check_group(owner: str, group: dict, keys, index: int | None = None, skip_tensors: bool = False) -> None:
     """A param group's hyperparameters (`keys`: lr, and weight_decay where the optimizer has it), each
     in [0, inf); lr may be a tensor. `index` names the group in the message (param_groups[i]['lr']).

@@ -48,6 +48,11 @@ class AMSGD(AMOptimizer):
             Every backend reduces (one all_reduce of the per-scope sums per step).
         capturable (bool, default False): the step may be captured in a CUDA graph (parameters on
             the GPU; pass lr as a device tensor to change it between replays).
+        state_dtype (torch.dtype or None, default None): the dtype of ``momentum_buffer``. None: the
+            parameter's dtype, as torch.optim. ``torch.float32``: float32 state for bfloat16 and float16
+            parameters (float32 and float64 parameters keep their own), so that a run in bfloat16
+            keeps its momentum to float32 precision; 2 more bytes per state element, in memory and
+            in each step's traffic.
 
     ``optimizer.beta`` is the last beta as a device tensor (0-d for the global scope). State per
     parameter: ``momentum_buffer`` (d). "First step" is the beta scope's: a tensor whose first gradient
@@ -72,6 +77,7 @@ class AMSGD(AMOptimizer):
         backend: str = "auto",
         process_group=None,
         capturable: bool = False,
+        state_dtype=None,
     ):
         self._hyper = AMSGDHyper(
             lam=lam, beta_max=beta_max, beta_min=beta_min, adaptive=adaptive, maximize=maximize, delta_f=delta_f
@@ -81,7 +87,8 @@ class AMSGD(AMOptimizer):
                 f"AMSGD: delta_f='loss' measures one loss for the whole model, so it needs "
                 f"beta_scope='global'; got beta_scope={beta_scope!r}"
             )
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay), beta_scope, backend, process_group, capturable)
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay), beta_scope, backend, process_group, capturable,
+                         state_dtype)
 
     def _wide_args(self):
         hp = self._hyper

@@ -11,19 +11,19 @@ from amm_kernels import AMAdamW, AMSGD
 BACKENDS = [b for b in amm_kernels.available_backends("cpu") if b != "triton"]  # triton: interpreter only on CPU
 
 
-def run(cls, backend, compile_backend=None, steps=5):
+def run(cls, backend, compile_backend=None, steps=5, dtype=torch.float32, **kwargs):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
-    opt = cls(model.parameters(), lr=0.05, backend=backend)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).to(dtype)
+    opt = cls(model.parameters(), lr=0.05, backend=backend, **kwargs)
     step = opt.step if compile_backend is None else torch.compile(opt.step, fullgraph=True, backend=compile_backend)
     gen = torch.Generator().manual_seed(1)
     betas = []
     for t in range(steps):
-        x, y = torch.randn(16, 6, generator=gen), torch.randn(16, 2, generator=gen)
+        x, y = torch.randn(16, 6, generator=gen).to(dtype), torch.randn(16, 2, generator=gen).to(dtype)
         ((-1) ** t * torch.nn.functional.mse_loss(model(x), y)).backward()  # alternating: beta moves
         step()
         opt.zero_grad()
-        betas.append(opt.beta.clone())
+        betas.append((opt.law if isinstance(opt, amm_kernels.RLLC) else opt.beta).clone())
     return torch.stack(betas), [p.detach().clone() for p in model.parameters()]
 
 
@@ -43,6 +43,18 @@ def test_compiled_step_has_no_graph_break_and_matches_eager(cls, backend):
     for a, b in zip(compiled[1], eager[1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert not torch.all(eager[0] == eager[0][0]), "beta should move"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", [AMSGD, AMAdamW, amm_kernels.RLLC])
+def test_compiled_step_of_a_bfloat16_model_with_float32_state_matches_eager(cls, backend):
+    kwargs = dict(dtype=torch.bfloat16, state_dtype=torch.float32)
+    eager = run(cls, backend, **kwargs)
+    compiled = run(cls, backend, compile_backend="aot_eager", **kwargs)
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(compiled[1], eager[1]):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_explain_counts_no_graph_breaks():

@@ -30,6 +30,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from _helpers import tolerance
 from amm_kernels import RLLC, AMAdamW, AMSGD, available_backends
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
@@ -59,6 +60,9 @@ MODEL_OPTS = {  # FSDP2 / DDP runs: class and kwargs
     # two param groups (one per Linear), a beta per group: under ZeRO rank 0 holds none of group 1's
     # tensors (it gets the 8x16 weight, rank 1 the other three: ZeRO fills the emptiest rank first)
     "AMAdamW-group": (AMAdamW, dict(lr=0.01, beta_scope="group")),
+    # a bfloat16 model with float32 state (state_dtype; RLLC's memory is a DTensor of its own under FSDP2)
+    "AMAdamW-bf16": (AMAdamW, dict(lr=0.01, state_dtype=torch.float32)),
+    "RLLC-bf16": (RLLC, dict(lr=0.05, law_lr=0.05, memory="M(0.9)+M(0.5)", state_dtype=torch.float32)),
 }
 
 
@@ -150,8 +154,9 @@ def batch(step):
 def train(model, opt, rank=0, world=1):
     """5 steps on a batch of 8; each rank takes its half (its mean loss; DDP/FSDP average the grads)."""
     betas = []
+    dtype = next(iter(model.parameters())).dtype
     for t in range(STEPS):
-        x, y = (shard(u, rank, world) for u in batch(t))
+        x, y = (shard(u, rank, world).to(dtype) for u in batch(t))
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
         opt.zero_grad()
@@ -162,6 +167,8 @@ def train(model, opt, rank=0, world=1):
 def run_model(kind, cls_name, rank=0, world=1, backend="torch"):
     cls, kwargs = MODEL_OPTS[cls_name]
     model = make_model()
+    if cls_name.endswith("-bf16"):
+        model = model.to(torch.bfloat16)
     layers = (model[0], model[2])
     if kind == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
@@ -193,8 +200,10 @@ def run_model(kind, cls_name, rank=0, world=1, backend="torch"):
         opt = cls(params, backend=backend, **kwargs)
     betas = train(model, opt, rank, world)
     params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
-    held = [bool(g["params"]) for g in getattr(opt, "optim", opt).param_groups]  # the groups this rank steps
-    return betas, [p.detach().clone() for p in params], held
+    local = getattr(opt, "optim", opt)
+    held = [bool(g["params"]) for g in local.param_groups]  # the groups this rank steps
+    state_dtypes = {str(getattr(t, "_local_tensor", t).dtype) for st in local.state.values() for t in st.values()}
+    return betas, [p.detach().clone() for p in params], held, state_dtypes
 
 
 def worker(rank, world, port, out_path):
@@ -256,6 +265,16 @@ def ranks():
 
 def assert_close(actual, expected):
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def assert_model_close(cls_name, actual, expected):
+    """assert_close; for the bfloat16 models, to bfloat16's tolerance (the ranks average bfloat16
+    gradients, which a single process computes whole: they differ by bfloat16 rounding)."""
+    if cls_name.endswith("-bf16"):
+        rtol, atol = tolerance(torch.bfloat16)
+        torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol)
+    else:
+        assert_close(actual, expected)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -348,25 +367,29 @@ def test_a_rank_without_a_groups_tensors_matches_single_process(ranks, name, bac
 @pytest.mark.parametrize("kind", ["fsdp", "ddp"])
 def test_fsdp2_and_ddp_match_single_process(ranks, kind, cls_name, backend):
     got = results_of(ranks, (kind, cls_name, backend))
-    betas, params, _ = run_model("single", cls_name)
-    for got_betas, got_params, _ in got:
-        assert_close(got_betas, betas)
+    betas, params, _, state_dtypes = run_model("single", cls_name)
+    assert state_dtypes == ({"torch.float32"} if cls_name.endswith("-bf16") else {str(params[0].dtype)})
+    for got_betas, got_params, _, got_dtypes in got:
+        assert_model_close(cls_name, got_betas, betas)
         for a, b in zip(got_params, params):
-            assert_close(a, b)
+            assert_model_close(cls_name, a, b)
+        assert got_dtypes == state_dtypes
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls_name", list(MODEL_OPTS))
 def test_zero_redundancy_optimizer_matches_single_process(ranks, cls_name, backend):
     got = results_of(ranks, ("zero", cls_name, backend))
-    betas, params, _ = run_model("single", cls_name)
-    for got_betas, got_params, held in got:
-        if cls_name != "AMAdamW":  # AMAdamW's per-tensor betas are each rank's own tensors'
-            assert_close(got_betas, betas)  # a group's beta too on a rank without its tensors
+    betas, params, _, state_dtypes = run_model("single", cls_name)
+    for got_betas, got_params, held, got_dtypes in got:
+        if not cls_name.startswith("AMAdamW") or cls_name == "AMAdamW-group":
+            # (AMAdamW's per-tensor betas are each rank's own tensors')
+            assert_model_close(cls_name, got_betas, betas)  # a group's beta too on a rank without its tensors
         for a, b in zip(got_params, params):
-            assert_close(a, b)
+            assert_model_close(cls_name, a, b)
+        assert got_dtypes <= state_dtypes
     if cls_name.endswith("-group"):  # the case the test is for: ZeRO left a rank none of a group's tensors
-        assert not all(all(held) for _, _, held in got)
+        assert not all(all(held) for _, _, held, _ in got)
 
 
 @pytest.mark.parametrize("name", ["AMSGD", "AMAdamW", "RLLC"])

@@ -32,7 +32,7 @@ constexpr int64_t kChunk = 16384;
 constexpr int64_t kSerialElements = 1 << 16;
 
 struct Tensor1 {
-  at::Tensor x, g, m;  // contiguous working tensors: param, grad (param dtype or float32), memory (k rows)
+  at::Tensor x, g, m;  // contiguous working tensors: param, grad and memory (k rows) (each: param dtype or float32)
   int64_t n = 0;
   int64_t scope_pos = 0;  // index into the runs
   float lr = 0.f;
@@ -59,21 +59,6 @@ void dispatch_k(int64_t k, F&& f) {
   }
 }
 
-// f(TX{}, TG{}) with TX the param (and memory) type, TG the gradient's: TX or float.
-template <class F>
-void dispatch_types(at::ScalarType x, at::ScalarType g, F&& f) {
-  auto with_g = [&](auto tx) {
-    if (g == x) f(tx, tx);
-    else f(tx, float{});
-  };
-  switch (x) {
-    case at::kFloat: f(float{}, float{}); break;
-    case at::kBFloat16: with_g(c10::BFloat16{}); break;
-    case at::kHalf: with_g(c10::Half{}); break;
-    default: TORCH_CHECK(false, kOwner, ": unsupported parameter dtype ", x);
-  }
-}
-
 template <class F>
 void for_each(int64_t n, int64_t total_elements, const F& fn, bool reverse = false) {
   cpu::parallel_chunks(n, total_elements, kSerialElements, fn, reverse);
@@ -94,8 +79,8 @@ using cpu::lane_sum;
 using cpu::ld;
 constexpr int kLanes = cpu::kLanes;
 
-template <int K, class TX, class TG>
-AMM_ALWAYS_INLINE void add_terms(const TX* __restrict__ m, const TG* __restrict__ g, int64_t n, int64_t i,
+template <int K, class TM, class TG>
+AMM_ALWAYS_INLINE void add_terms(const TM* __restrict__ m, const TG* __restrict__ g, int64_t n, int64_t i,
                                  bool has_scale, float scale, double (&acc)[rllc_n_sums(K)][kLanes], int j) {
   float mv[K];
 AMM_RLLC_UNROLL
@@ -109,8 +94,8 @@ AMM_RLLC_UNROLL
 
 // Pass 1 over elements [begin, end) of one tensor (memory m: K rows of n): its sums (double) into
 // slot[0 .. rllc_n_sums(K)).
-template <int K, class TX, class TG>
-AMM_ALWAYS_INLINE void sums_loop(const TX* __restrict__ m, const TG* __restrict__ g, int64_t n, int64_t begin,
+template <int K, class TM, class TG>
+AMM_ALWAYS_INLINE void sums_loop(const TM* __restrict__ m, const TG* __restrict__ g, int64_t n, int64_t begin,
                                  int64_t end, bool has_scale, float scale, double* slot) {
   double acc[rllc_n_sums(K)][kLanes] = {};
   int64_t i = begin;
@@ -126,8 +111,8 @@ struct UpdateConsts {
   float U[K * K], b[K], law[K], lr;
 };
 
-template <int K, class TX, class TG>
-AMM_ALWAYS_INLINE void update_at(TX* __restrict__ x, TX* __restrict__ m, const TG* __restrict__ g, int64_t n,
+template <int K, class TX, class TM, class TG>
+AMM_ALWAYS_INLINE void update_at(TX* __restrict__ x, TM* __restrict__ m, const TG* __restrict__ g, int64_t n,
                                  int64_t i, bool has_scale, float scale, const UpdateConsts<K>& c) {
   float mv[K], mn[K];
 AMM_RLLC_UNROLL
@@ -136,13 +121,13 @@ AMM_RLLC_UNROLL
   rllc_memory_update<K>(mv, gv, c.U, c.b, mn);
   x[i] = static_cast<TX>(rllc_param<K>(ld(x[i]), mn, c.law, c.lr));
 AMM_RLLC_UNROLL
-  for (int a = 0; a < K; ++a) m[a * n + i] = static_cast<TX>(mn[a]);
+  for (int a = 0; a < K; ++a) m[a * n + i] = static_cast<TM>(mn[a]);
 }
 
 // Pass 2 over elements [begin, end) of one tensor: the memory rows and the parameter. The constants
 // are copied to locals and the lane loop is marked ivdep (NOTE [pass 2 codegen] in amadamw_cpu.cpp).
-template <int K, class TX, class TG>
-AMM_ALWAYS_INLINE void update_loop(TX* __restrict__ x, TX* __restrict__ m, const TG* __restrict__ g, int64_t n,
+template <int K, class TX, class TM, class TG>
+AMM_ALWAYS_INLINE void update_loop(TX* __restrict__ x, TM* __restrict__ m, const TG* __restrict__ g, int64_t n,
                                    int64_t begin, int64_t end, bool has_scale, float scale,
                                    const UpdateConsts<K>& consts) {
   const UpdateConsts<K> c = consts;
@@ -155,34 +140,34 @@ AMM_ALWAYS_INLINE void update_loop(TX* __restrict__ x, TX* __restrict__ m, const
 }
 
 // The three builds of each chunk function (cpu_kernels.h, Isa).
-template <int K, class TX, class TG>
-void sums_base(const TX* m, const TG* g, int64_t n, int64_t begin, int64_t end, bool has_scale, float scale,
+template <int K, class TM, class TG>
+void sums_base(const TM* m, const TG* g, int64_t n, int64_t begin, int64_t end, bool has_scale, float scale,
                double* slot) {
   sums_loop<K>(m, g, n, begin, end, has_scale, scale, slot);
 }
-template <int K, class TX, class TG>
-void update_base(TX* x, TX* m, const TG* g, int64_t n, int64_t begin, int64_t end, bool has_scale, float scale,
+template <int K, class TX, class TM, class TG>
+void update_base(TX* x, TM* m, const TG* g, int64_t n, int64_t begin, int64_t end, bool has_scale, float scale,
                  const UpdateConsts<K>& c) {
   update_loop<K>(x, m, g, n, begin, end, has_scale, scale, c);
 }
 #if AMM_CPU_MULTI_ISA
-template <int K, class TX, class TG>
-AMM_TARGET_AVX2 void sums_avx2(const TX* m, const TG* g, int64_t n, int64_t begin, int64_t end, bool has_scale,
+template <int K, class TM, class TG>
+AMM_TARGET_AVX2 void sums_avx2(const TM* m, const TG* g, int64_t n, int64_t begin, int64_t end, bool has_scale,
                                float scale, double* slot) {
   sums_loop<K>(m, g, n, begin, end, has_scale, scale, slot);
 }
-template <int K, class TX, class TG>
-AMM_TARGET_AVX2 void update_avx2(TX* x, TX* m, const TG* g, int64_t n, int64_t begin, int64_t end, bool has_scale,
+template <int K, class TX, class TM, class TG>
+AMM_TARGET_AVX2 void update_avx2(TX* x, TM* m, const TG* g, int64_t n, int64_t begin, int64_t end, bool has_scale,
                                  float scale, const UpdateConsts<K>& c) {
   update_loop<K>(x, m, g, n, begin, end, has_scale, scale, c);
 }
-template <int K, class TX, class TG>
-AMM_TARGET_AVX512 void sums_avx512(const TX* m, const TG* g, int64_t n, int64_t begin, int64_t end, bool has_scale,
+template <int K, class TM, class TG>
+AMM_TARGET_AVX512 void sums_avx512(const TM* m, const TG* g, int64_t n, int64_t begin, int64_t end, bool has_scale,
                                    float scale, double* slot) {
   sums_loop<K>(m, g, n, begin, end, has_scale, scale, slot);
 }
-template <int K, class TX, class TG>
-AMM_TARGET_AVX512 void update_avx512(TX* x, TX* m, const TG* g, int64_t n, int64_t begin, int64_t end,
+template <int K, class TX, class TM, class TG>
+AMM_TARGET_AVX512 void update_avx512(TX* x, TM* m, const TG* g, int64_t n, int64_t begin, int64_t end,
                                      bool has_scale, float scale, const UpdateConsts<K>& c) {
   update_loop<K>(x, m, g, n, begin, end, has_scale, scale, c);
 }
@@ -242,8 +227,8 @@ void rllc_run(AMM_RLLC_PARAMS, const std::optional<at::Tensor>& sums_in, at::Ten
     const at::ScalarType xt = x.scalar_type();
     TORCH_CHECK(xt == at::kFloat || xt == at::kBFloat16 || xt == at::kHalf, kOwner, ": parameter ", i,
                 " has unsupported dtype ", xt, " (float32, bfloat16, float16 are supported)");
-    TORCH_CHECK(mem.scalar_type() == xt, kOwner, ": memory[", i, "] must have its parameter's dtype ", xt, ", got ",
-                mem.scalar_type());
+    TORCH_CHECK(mem.scalar_type() == xt || mem.scalar_type() == at::kFloat, kOwner, ": memory[", i,
+                "] must have its parameter's dtype ", xt, " or float32, got ", mem.scalar_type());
     const int64_t n = x.numel();
     TORCH_CHECK(grads[i].numel() == n, kOwner, ": grads[", i, "] must have as many elements as its parameter");
     TORCH_CHECK(mem.dim() >= 1 && mem.size(0) == k && mem.numel() == k * n, kOwner, ": memory[", i,
@@ -325,10 +310,10 @@ void rllc_run(AMM_RLLC_PARAMS, const std::optional<at::Tensor>& sums_in, at::Ten
         double* slot = slots.data() + c * P;
         dispatch_k(k, [&](auto kk) {
           constexpr int K = decltype(kk)::value;
-          dispatch_types(t.x.scalar_type(), t.g.scalar_type(), [&](auto tx, auto tg) {
-            using TX = decltype(tx);
+          cpu::with_step_types(t.x.scalar_type(), t.g.scalar_type(), t.m.scalar_type(), [&](auto, auto tg, auto tm) {
             using TG = decltype(tg);
-            AMM_PICK_ISA(isa, sums, K, TX, TG)(t.m.const_data_ptr<TX>(), t.g.const_data_ptr<TG>(), t.n, ch.begin,
+            using TM = decltype(tm);
+            AMM_PICK_ISA(isa, sums, K, TM, TG)(t.m.const_data_ptr<TM>(), t.g.const_data_ptr<TG>(), t.n, ch.begin,
                                                 ch.end, has_scale, scale, slot);
           });
         });
@@ -374,12 +359,13 @@ void rllc_run(AMM_RLLC_PARAMS, const std::optional<at::Tensor>& sums_in, at::Ten
           consts.law[a] = lw[a];
         }
         consts.lr = t.lr;
-        dispatch_types(t.x.scalar_type(), t.g.scalar_type(), [&](auto tx, auto tg) {
+        cpu::with_step_types(t.x.scalar_type(), t.g.scalar_type(), t.m.scalar_type(), [&](auto tx, auto tg, auto tm) {
           using TX = decltype(tx);
           using TG = decltype(tg);
-          AMM_PICK_ISA(isa, update, K, TX, TG)(t.x.mutable_data_ptr<TX>(), t.m.mutable_data_ptr<TX>(),
-                                               t.g.const_data_ptr<TG>(), t.n, ch.begin, ch.end, has_scale, scale,
-                                               consts);
+          using TM = decltype(tm);
+          AMM_PICK_ISA(isa, update, K, TX, TM, TG)(t.x.mutable_data_ptr<TX>(), t.m.mutable_data_ptr<TM>(),
+                                                   t.g.const_data_ptr<TG>(), t.n, ch.begin, ch.end, has_scale, scale,
+                                                   consts);
         });
       });
     }, /*reverse=*/true);

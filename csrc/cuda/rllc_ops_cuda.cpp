@@ -76,7 +76,8 @@ void rllc_run(AMM_RLLC_PARAMS, const std::optional<at::Tensor>& sums_in, double*
     const at::Tensor m = copies.walkable(memory[i], /*contiguous_only=*/true);
     TORCH_CHECK(m.dim() >= 1 && m.size(0) == k && m.numel() == k * p.numel(), kOwner,
                 ": memory[", i, "] must be a (k, *param.shape) tensor with k = ", k);
-    TORCH_CHECK(m.scalar_type() == p.scalar_type(), kOwner, ": memory[", i, "] must have its parameter's dtype");
+    TORCH_CHECK(m.scalar_type() == p.scalar_type() || m.scalar_type() == at::kFloat, kOwner, ": memory[", i,
+                "] must have its parameter's dtype or float32");
     TORCH_CHECK(!grads[i].is_sparse(), kOwner, ": sparse gradients are not supported");
     TORCH_CHECK(grads[i].numel() == p.numel(), kOwner, ": grads[", i, "] must have as many elements as its parameter");
     at::Tensor g = grads[i];
