@@ -98,6 +98,7 @@ class AMOptimizer(torch.optim.Optimizer):
         self._in_graphs: dict = {}  # id -> tensor: what a captured step read from _index_cache (NOTE [kept for graphs])
         self._device_tables: dict = {}  # the backends' own, kept across steps (StepBatch.device_tables)
         self._resolved: dict = {}  # (backend, device, dtypes) -> backend module
+        self._late_pending = None  # NOTE [late tensors, sharded]
         self._constructed = False  # add_param_group leaves the aliasing check to the end of __init__
         super().__init__(params, defaults)
         self._refuse_aliases([p for g in self.param_groups for p in g["params"]])
@@ -123,6 +124,7 @@ class AMOptimizer(torch.optim.Optimizer):
             self.defaults.pop("differentiable", None)
         self._index_cache, self._in_graphs, self._device_tables, self._resolved = {}, {}, {}, {}
         self.__dict__.setdefault("state_dtype", None)  # pickled before state_dtype existed
+        self._late_pending = None
         self._wide = self._wide_args()
         self._wide_names = frozenset(self._wide)
         self._prefill_backend_cache()
@@ -318,6 +320,8 @@ class AMOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None):
         """Perform one optimization step. `closure` re-evaluates the model and returns the loss."""
         self._check_closure(closure)
+        if self._late_pending is not None:
+            self._poll_late()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -339,6 +343,9 @@ class AMOptimizer(torch.optim.Optimizer):
                                                              or len(batch.present_groups) < batch.lr.numel())
             # the loss before this step, for those scopes (the backend commits this step's)
             prev_loss = batch.scopes.prev_loss.clone() if completes and self._uses_loss() else None
+            keys, fresh, group_of, had_state, _ = made
+            # before the backend counts this step (NOTE [late tensors, sharded])
+            late_count = self._late_count(batch, fresh) if fresh and batch.process_group is not None else None
             if torch.compiler.is_compiling():  # folded by dynamo: no try in the graph
                 getattr(module, self.STEP_OP)(batch, self._hyper)
             else:
@@ -349,8 +356,9 @@ class AMOptimizer(torch.optim.Optimizer):
                     raise
             if completes and batch.scopes_anywhere is not None:  # None: nothing was reduced (adaptive=False)
                 self._complete_scopes(batch, prev_loss)
-            keys, fresh, group_of, had_state, _ = made
-            if fresh and had_state:
+            if late_count is not None:
+                self._report_late(late_count)
+            elif fresh and had_state and batch.process_group is None and self._watches_late_tensors():
                 self._on_late_state(keys, fresh, group_of)
             if capturing(batch.params[0].device):
                 # NOTE [kept for graphs]: a captured graph reads the tensors of _index_cache that the step
@@ -615,11 +623,64 @@ class AMOptimizer(torch.optim.Optimizer):
     def _uses_loss(self) -> bool:
         return False
 
+    def _watches_late_tensors(self) -> bool:
+        """NOTE [late tensors]: state and step counts are per beta scope (SPEC.md section 3), so a
+        tensor whose first gradient arrives after its scope's first step starts from zero state and
+        takes the scope's step count, where torch.optim counts per parameter. Whether this optimizer
+        tells the user so (AMAdamW, whose bias corrections make it matter, once): then _warn_late."""
+        return False
+
+    def _warn_late(self, n_late: int) -> None:
+        """Tell the user that n_late > 0 tensors joined their scope late (NOTE [late tensors])."""
+
     def _on_late_state(self, keys: list[Tensor], fresh: list[int], group_of: list[int]) -> None:
         """Called (on the host) when keys[i] for i in fresh got their state in this step while other
-        parameters already had theirs. NOTE [late tensors]: state and step counts are per beta scope
-        (SPEC.md section 3), so a tensor whose first gradient arrives after its scope's first step starts
-        from zero state and takes the scope's step count, where torch.optim counts per parameter."""
+        parameters already had theirs, and nothing is reduced across ranks: the host knows which of
+        them joined late."""
+        late = self._late_in_scope(keys, fresh, group_of)
+        if late:
+            self._warn_late(len(late))
+
+    def _late_count(self, batch: StepBatch, fresh: list[int]) -> Tensor | None:
+        """NOTE [late tensors, sharded]: under a process_group a scope may have stepped on other ranks
+        only, which this rank's host does not know (its own state shows only its own tensors), but the
+        scope step counts on the device do: they are the same on every rank (NOTE [scopes stepped
+        elsewhere]). So here, before the backend counts this step, the number of fresh tensors whose
+        scope has stepped is counted on the device (a few small ops, only at steps where some tensor
+        gets its first state), and _report_late reads it without waiting: at once on the CPU, else
+        copied to pinned host memory behind an event that a later step() polls, warning one step
+        late. None where nothing is watched, or in a compiled or captured step."""
+        device = batch.scopes.step.device
+        if not self._watches_late_tensors() or torch.compiler.is_compiling() or capturing(device):
+            return None
+        if device.type not in ("cpu", "cuda"):
+            return None
+        per_scope: dict[int, int] = {}
+        for i in fresh:
+            per_scope[batch.scope_of[i]] = per_scope.get(batch.scope_of[i], 0) + 1
+        steps = batch.scopes.step
+        return sum(steps[s].gt(0).to(torch.int64) * n for s, n in per_scope.items())
+
+    def _report_late(self, count: Tensor) -> None:
+        if count.device.type == "cpu":
+            n = int(count)
+            if n:
+                self._warn_late(n)
+            return
+        host = torch.empty((), dtype=count.dtype, pin_memory=True)
+        host.copy_(count, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._late_pending = (host, event)
+
+    def _poll_late(self) -> None:
+        """The count of an earlier step (NOTE [late tensors, sharded]), once its copy has landed."""
+        host, event = self._late_pending
+        if event.query():
+            self._late_pending = None
+            n = int(host)
+            if n and self._watches_late_tensors():
+                self._warn_late(n)
 
     def _late_in_scope(self, keys: list[Tensor], fresh: list[int], group_of: list[int]) -> list[int]:
         """Those of `fresh` whose beta scope had already taken a step before this one (on the host: some

@@ -100,20 +100,19 @@ class AMAdamW(AMOptimizer):
         return {**super()._wide_args(), "betas": (hp.beta_max, hp.beta2), "lam": hp.lam, "eps": hp.eps,
                 "beta_min": hp.beta_min, "adaptive": hp.adaptive, "maximize": hp.maximize}
 
-    def _on_late_state(self, keys, fresh, group_of) -> None:
+    def _watches_late_tensors(self) -> bool:
         # NOTE [late tensors] in _base.py. For AMAdamW this matters: zero moments under the scope's bias
         # corrections make such a tensor's first updates several times AdamW's (about 5x ten steps after
         # it joins at step 1000 with beta2 = 0.999: bench/README.md). Said once per optimizer.
-        if getattr(self, "_warned_late_state", False):
-            return
-        late = self._late_in_scope(keys, fresh, group_of)
-        if late:
-            self._warned_late_state = True
-            warnings.warn(
-                f"AMAdamW: {len(late)} parameter tensor(s) got their first gradient after their beta scope "
-                f"(beta_scope={self.beta_scope!r}) had taken steps. They start from zero moments with the "
-                "scope's bias corrections (steps are counted per scope), so their first updates are larger "
-                "than torch.optim.AdamW's (up to about 5x over the first ~1/(1 - beta2) steps). "
-                "beta_scope='tensor' (the default) counts steps per tensor. (Shown once.)",
-                stacklevel=5,  # _on_late_state, step, no_grad, torch.optim hooks, the caller
-            )
+        return self.beta_scope != "tensor" and not getattr(self, "_warned_late_state", False)
+
+    def _warn_late(self, n_late: int) -> None:
+        self._warned_late_state = True
+        warnings.warn(
+            f"AMAdamW: {n_late} parameter tensor(s) got their first gradient after their beta scope "
+            f"(beta_scope={self.beta_scope!r}) had taken steps. They start from zero moments with the "
+            "scope's bias corrections (steps are counted per scope), so their first updates are larger "
+            "than torch.optim.AdamW's (up to about 5x over the first ~1/(1 - beta2) steps). "
+            "beta_scope='tensor' (the default) counts steps per tensor. (Shown once.)",
+            stacklevel=6,  # _warn_late, its caller, step, no_grad, torch.optim hooks, the caller of step
+        )

@@ -24,6 +24,7 @@ import importlib.util
 import os
 import socket
 import tempfile
+import warnings
 
 import _cuda_sim
 import pytest
@@ -53,6 +54,8 @@ CASES = {  # name: (optimizer class, constructor kwargs)
 # The cases run again with group 1's tensors whole on the last rank and absent from the others (as
 # ZeroRedundancyOptimizer may leave a rank none of a group's tensors): the global and group scopes.
 OWNED_CASES = ["AMSGD", "AMSGD-loss", "AMAdamW-group", "RLLC", "RLLC-group"]
+# AMAdamW warns of tensors that join a shared scope late (NOTE [late tensors]); not in the tensor scope.
+LATE_CASES = ["AMAdamW", "AMAdamW-group"]
 MODEL_OPTS = {  # FSDP2 / DDP runs: class and kwargs
     "AMSGD": (AMSGD, dict(lr=0.05)),
     "AMAdamW": (AMAdamW, dict(lr=0.01)),
@@ -88,6 +91,27 @@ def full_grads(step):
 
 def shard(t, rank, world):
     return torch.tensor_split(t, world, dim=0)[rank].clone()
+
+
+def run_late_join(name, backend, rank=0, world=2, group=None, device="cpu"):
+    """Every tensor sliced across the ranks; the first rank's slices get no gradient at steps 0 and 1,
+    so they get their state at step 2, after their scope stepped on the other rank. Returns the steps
+    at which this rank warned of tensors joining late (NOTE [late tensors, sharded] in _base.py)."""
+    cls, kwargs = CASES[name]
+    params = [shard(t, rank, world).to(device).requires_grad_() for t in full_params()]
+    groups = [dict(params=params[:2]), dict(params=params[2:], lr=kwargs["lr"] * 0.5)]
+    opt = cls(groups, backend=backend, process_group=group, **kwargs)
+    warned = []
+    for t in range(STEPS):
+        grads = full_grads(t)
+        for p, g in zip(params, grads):
+            p.grad = None if (rank == 0 and t < 2) else shard(g, rank, world).to(device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+        if any("first gradient after" in str(w.message) for w in caught):
+            warned.append(t)
+    return warned
 
 
 def run_hand_sharded(name, backend, rank=0, world=1, group=None, device="cpu", layout="sharded"):
@@ -229,6 +253,8 @@ def worker(rank, world, port, out_path):
             for name in OWNED_CASES:
                 for layout in ("owned", "idle", "gap"):
                     results[(layout, name, backend)] = run_hand_sharded(name, backend, rank, world, group, layout=layout)
+            for name in LATE_CASES:
+                results[("late", name, backend)] = run_late_join(name, backend, rank, world, group)
             for kind in ("fsdp", "ddp", "zero"):
                 for cls_name in MODEL_OPTS:
                     results[(kind, cls_name, backend)] = run_model(kind, cls_name, rank, world, backend)
@@ -237,6 +263,8 @@ def worker(rank, world, port, out_path):
             for backend in [b for b in GPU_BACKENDS if b in available_backends("cuda")]:
                 for name in CASES:
                     results[("hand", name, f"{backend}@cuda")] = run_hand_sharded(name, backend, rank, world, group, "cuda")
+                for name in LATE_CASES:
+                    results[("late", name, f"{backend}@cuda")] = run_late_join(name, backend, rank, world, group, "cuda")
         gathered = [None] * world
         dist.all_gather_object(gathered, results)
         if rank == 0:
@@ -326,6 +354,23 @@ def test_an_inf_on_one_rank_skips_the_step_on_every_rank(ranks, name, backend):
         assert_close(rank_betas, betas)
     for i, full in enumerate(params):
         assert_close(torch.cat([rank_params[i] for _, rank_params in got]), full)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + [f"{b}@cuda" for b in GPU_BACKENDS])
+@pytest.mark.parametrize("name", LATE_CASES)
+def test_a_rank_whose_tensors_join_late_warns(ranks, name, backend):
+    """The first rank's tensors get their first gradient at step 2, after their scope stepped on the
+    other rank: in a shared scope that rank warns (its own state alone could not tell it: NOTE [late
+    tensors, sharded]); on the GPU the warning comes at a later step, when the count's copy has
+    landed. The tensor scope counts each tensor's own steps: no warning."""
+    (first, last) = results_of(ranks, ("late", name, backend))
+    assert last == []
+    if name == "AMAdamW":
+        assert first == []
+    elif backend.endswith("@cuda"):
+        assert len(first) == 1 and first[0] >= 2, first
+    else:
+        assert first == [2]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
