@@ -10,7 +10,6 @@ import numbers
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from . import backends

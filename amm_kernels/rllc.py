@@ -7,7 +7,6 @@ param groups that set only lr, and backends that implement `rllc_step`.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
