@@ -728,17 +728,35 @@ class AMOptimizer(torch.optim.Optimizer):
                     f"{name}.load_state_dict: saved with {key}={meta.get(key)!r}, this optimizer has {key}={mine!r}; "
                     f"construct it with {key}={meta.get(key)!r} to load this state"
                 )
-        self._check_loadable(state_dict, meta)  # all of it, before anything is replaced
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != STATE_DICT_KEY})
-        if self.state_dtype is not None:
-            self._restore_wide_state(state_dict)
-        saved = meta["scopes"]
-        if saved is None:
-            self._scopes = None
-            self._prefill_backend_cache()
-        else:
-            device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
-            self._scopes = self.SCOPE_STATE.from_dict(saved, device, saved["step"].dtype)
+        # NOTE [load hooks]: torch.optim loads the dict its load_state_dict pre-hooks return (a hook may
+        # reorder a checkpoint's parameters) and then runs its post-hooks. The dict is checked, whole,
+        # as the last pre-hook, so it is the one torch loads and nothing is replaced if it does not fit;
+        # the scope state and float32 state are restored by the first post-hook, so the user's
+        # post-hooks see the optimizer as loaded.
+        loaded = {}
+
+        def check(_, sd):
+            self._check_loadable(sd, meta)
+            loaded["state_dict"] = sd
+
+        def restore(_):
+            if self.state_dtype is not None:
+                self._restore_wide_state(loaded["state_dict"])
+            saved = meta["scopes"]
+            if saved is None:
+                self._scopes = None
+                self._prefill_backend_cache()
+            else:
+                device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+                self._scopes = self.SCOPE_STATE.from_dict(saved, device, saved["step"].dtype)
+
+        hooks = [self.register_load_state_dict_pre_hook(check),
+                 self.register_load_state_dict_post_hook(restore, prepend=True)]
+        try:
+            super().load_state_dict({k: v for k, v in state_dict.items() if k != STATE_DICT_KEY})
+        finally:
+            for hook in hooks:
+                hook.remove()
 
     def _restore_wide_state(self, state_dict: dict[str, Any]) -> None:
         """torch.optim's load_state_dict casts every state tensor to its parameter's dtype, which rounds

@@ -24,6 +24,7 @@ def run(cls, backend, compile_backend=None, steps=5, dtype=torch.float32, **kwar
         step()
         opt.zero_grad()
         betas.append((opt.law if isinstance(opt, amm_kernels.RLLC) else opt.beta).clone())
+    assert {t.dtype for st in opt.state.values() for t in st.values()} == {kwargs.get("state_dtype") or dtype}
     return torch.stack(betas), [p.detach().clone() for p in model.parameters()]
 
 

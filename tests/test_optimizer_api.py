@@ -1,4 +1,6 @@
 """torch.optim behaviour of AMSGD and AMAdamW: errors, groups, state_dict, AMP skip, schedulers."""
+import copy
+
 import _cuda_sim
 import pytest
 import torch
@@ -7,7 +9,8 @@ import amm_kernels
 from _helpers import (check_found_inf_skips_the_step, check_grad_scaler_skips_inf_steps,
                       check_inf_parameter_without_decay, check_low_precision_params_keep_dtype,
                       check_scheduler_closure_and_add_param_group, check_sparse_gradient_raises_before_any_state_changes,
-                      model_params, resume_from_state_dict, set_grads, step_on_a_nan_gradient, tolerance)
+                      model_params, resume_from_state_dict, set_grads, step_on_a_nan_gradient, take_steps,
+                      tolerance)
 from amm_kernels import AMAdamW, AMSGD
 
 BACKENDS = amm_kernels.available_backends("cpu")
@@ -388,3 +391,35 @@ def test_tiny_gradients_give_the_float64_beta(backend):
     exact = betas("torch", torch.float64)
     assert not torch.all(exact == exact[0]), "beta should differ per tensor"
     torch.testing.assert_close(betas(backend, torch.float32), exact, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
+def test_load_hooks_see_the_checkpoint_torch_loads_and_the_optimizer_as_loaded(cls):
+    """NOTE [load hooks] in _base.py: a pre-hook that renumbers a checkpoint's parameters (saved by an
+    optimizer that listed them in another order) is applied before the checkpoint is checked and
+    loaded, and a post-hook sees the scope state loaded."""
+    params = model_params()
+    opt = cls(params)
+    take_steps(opt, params, range(3))
+    saved = copy.deepcopy(opt.state_dict())
+    # as another optimizer, listing the parameters backwards, would have saved it
+    n = len(params)
+    saved["state"] = {n - 1 - pid: st for pid, st in saved["state"].items()}
+    saved["param_groups"][0]["params"] = list(range(n))[::-1]
+    saved["state"][n] = saved["state"][0]  # an entry no group lists: refused unless the hook drops it
+
+    def renumber(_, sd):
+        sd = dict(sd)
+        sd["state"] = {n - 1 - pid: st for pid, st in sd["state"].items() if pid < n}
+        sd["param_groups"] = [dict(sd["param_groups"][0], params=list(range(n)))]
+        return sd
+
+    seen = {}
+    fresh = cls(params)
+    fresh.register_load_state_dict_pre_hook(renumber)
+    fresh.register_load_state_dict_post_hook(lambda o: seen.update(scopes=o._scopes))
+    fresh.load_state_dict(saved)
+    assert seen["scopes"] is fresh._scopes and fresh._scopes is not None
+    for p in params:
+        for key, t in opt.state[p].items():
+            assert torch.equal(fresh.state[p][key], t)

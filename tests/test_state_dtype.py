@@ -44,7 +44,8 @@ CLASSES = [
     pytest.param(AMAdamW, dict(lr=1e-2), id="AMAdamW"),
     pytest.param(RLLC, dict(lr=0.05, law_lr=0.05, memory="M(0.9)+M(0.5)", scope="group"), id="RLLC"),
 ]
-GROUP_SHAPES = [[(1,), (7,), (4097,), (0,)], [(3, 5), (130,)]]
+# odd sizes, an empty tensor, and sizes the CUDA kernels take with whole vector loads (64, 8 x 16)
+GROUP_SHAPES = [[(1,), (7,), (4097,), (0,), (64,)], [(3, 5), (130,), (8, 16)]]
 
 
 def _built(name):
@@ -228,6 +229,35 @@ def test_loading_across_state_dtypes_casts_to_this_optimizers(cls, kwargs):
     for p in params:
         for key, t in high.state[p].items():
             assert torch.equal(back.state[p][key], t.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("cls,kwargs", CLASSES)
+def test_a_load_pre_hook_that_reorders_the_checkpoint_is_followed(cls, kwargs):
+    """The float32 state comes back from the checkpoint torch loads, after the pre-hooks (NOTE [load
+    hooks] in _base.py): here one that puts back the order of a checkpoint saved with the parameters
+    listed the other way round. Post-hooks see it float32."""
+    a, b = (torch.nn.Parameter(torch.randn(4).to(torch.bfloat16)) for _ in range(2))
+    opt = cls([a, b], state_dtype=torch.float32, **kwargs)
+    a.grad, b.grad = torch.ones(4, dtype=torch.bfloat16), -5 * torch.ones(4, dtype=torch.bfloat16)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    saved["state"] = {1 - pid: st for pid, st in saved["state"].items()}  # saved as [b, a]
+    saved["param_groups"][0]["params"] = [1, 0]
+
+    def reorder(_, sd):
+        return {**sd, "state": {1 - pid: st for pid, st in sd["state"].items()},
+                "param_groups": [dict(sd["param_groups"][0], params=[0, 1])]}
+
+    seen = []
+    loaded = cls([a, b], state_dtype=torch.float32, **kwargs)
+    loaded.register_load_state_dict_pre_hook(reorder)
+    loaded.register_load_state_dict_post_hook(lambda o: seen.extend(t.dtype for st in o.state.values()
+                                                                     for t in st.values()))
+    loaded.load_state_dict(saved)
+    for p in (a, b):
+        for key, t in opt.state[p].items():
+            assert torch.equal(loaded.state[p][key], t)
+    assert set(seen) == {torch.float32}
 
 
 @pytest.mark.parametrize("cls,kwargs", CLASSES)
