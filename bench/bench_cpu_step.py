@@ -1,7 +1,9 @@
 """Times optimizer.step() on the CPU: AMAdamW / AMSGD backend "cpu" against the reference ("torch")
 and torch's own optimizers, on a model-shaped list of ~16M float32 parameters, with 2 threads.
+With --dtype bfloat16, on a bfloat16 model, where AMAdamW is also timed with state_dtype=float32
+(what float32 state costs).
 
-    .venv/bin/python bench/bench_cpu_step.py [--threads 2] [--repeats 30] [--numel 16000000]
+    .venv/bin/python bench/bench_cpu_step.py [--threads 2] [--repeats 30] [--numel 16000000] [--dtype bfloat16]
 
 Prints a table (median ms per step, ratio to torch.optim.AdamW(fused=True) / SGD) and appends rows to
 bench/results/cpu_step.csv with the CPU model, torch version and date.
@@ -35,20 +37,20 @@ def model_shapes(target: int) -> list[tuple[int, ...]]:
     return shapes
 
 
-def make(shapes, seed=0):
+def make(shapes, seed=0, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+    params = [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shapes]
     for p in params:
-        p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+        p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).to(dtype)
     return params
 
 
-def time_steps(factories: dict, shapes, repeats, warmup=3, clock=time.perf_counter) -> dict:
+def time_steps(factories: dict, shapes, repeats, warmup=3, clock=time.perf_counter, dtype=torch.float32) -> dict:
     """Seconds of each step of each optimizer, per round. NOTE [interleaved timing]: the optimizers are
     built side by side and timed in rounds (one step of each per round), so a change in machine load
     during the run (this VM's neighbours) shifts every case alike instead of skewing the ratios; the
     ratio of two cases in the same round (paired_ratios) cancels most of what is left."""
-    opts = {name: make_opt(make(shapes)) for name, make_opt in factories.items()}
+    opts = {name: make_opt(make(shapes, dtype=dtype)) for name, make_opt in factories.items()}
     for opt in opts.values():
         for _ in range(warmup):
             opt.step()
@@ -67,11 +69,13 @@ def paired_ratios(times: list[float], base: list[float]) -> tuple[float, float, 
     return med, q1, q3
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--numel", type=int, default=16_000_000)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="the parameters' dtype; bfloat16 adds AMAdamW with state_dtype=float32")
     ap.add_argument("--csv", default=os.path.join(HERE, "results", "cpu_step.csv"))
     ap.add_argument("--clock", choices=("wall", "process"), default="wall",
                     help="wall: elapsed time (the default, and what the csv rows are); process: CPU time of the "
@@ -80,11 +84,12 @@ def main():
     ap.add_argument("--only", default=None,
                     help="comma-separated substrings: time only the cases whose name contains one (plus the "
                          "baselines they are compared to); rows are then not appended to the csv")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes = model_shapes(args.numel)
     numel = sum(torch.Size(s).numel() for s in shapes)
     have_cpu = "cpu" in amm_kernels.available_backends("cpu")
+    dtype = getattr(torch, args.dtype)
 
     cases = []  # (name, family, factory); weight decay 0.01 (both classes' default) unless named
     if have_cpu:
@@ -94,6 +99,9 @@ def main():
         # One beta for the model: one scope batch, both passes over all tensors (NOTE [scope batches]).
         cases.append(("AMAdamW backend=cpu global", "adamw",
                       lambda p: AMAdamW(p, lr=1e-3, beta_scope="global", backend="cpu")))
+        if dtype != torch.float32:
+            cases.append(("AMAdamW backend=cpu f32 state", "adamw",
+                          lambda p: AMAdamW(p, lr=1e-3, backend="cpu", state_dtype=torch.float32)))
     cases += [
         ("AMAdamW backend=torch", "adamw", lambda p: AMAdamW(p, lr=1e-3, backend="torch")),
         ("torch AdamW fused", "adamw", lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True)),
@@ -114,11 +122,11 @@ def main():
         cases = [c for c in cases if c[0] in picked]
 
     clock = time.process_time if args.clock == "process" else time.perf_counter
-    times = time_steps({name: factory for name, _, factory in cases}, shapes, args.repeats, clock=clock)
+    times = time_steps({name: factory for name, _, factory in cases}, shapes, args.repeats, clock=clock, dtype=dtype)
     results = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
     model = cpu_model()
-    print(f"\n{numel / 1e6:.1f}M float32 parameters in {len(shapes)} tensors, {args.threads} threads, "
+    print(f"\n{numel / 1e6:.1f}M {args.dtype} parameters in {len(shapes)} tensors, {args.threads} threads, "
           f"median of {args.repeats} steps ({args.clock} clock); {model}; torch {torch.__version__}")
     print(f"{'optimizer':30s} {'ms/step':>9s} {'vs baseline':>12s} {'paired (q1-q3)':>20s} {'vs reference':>13s}  "
           "(timed interleaved; paired: median of the per-round ratios)")
@@ -131,6 +139,7 @@ def main():
         med, q1, q3 = paired_ratios(times[name], times[baseline[family]])
         print(f"{name:30s} {ms:9.2f} {ms / base:11.2f}x {med:8.2f}x ({q1:.2f}-{q3:.2f}) {ref / ms:12.2f}x")
         rows.append(dict(date=date, cpu=model, torch=torch.__version__, threads=args.threads, numel=numel,
+                         dtype=args.dtype,
                          tensors=len(shapes), optimizer=name, ms_per_step=f"{ms:.3f}",
                          ratio_to_baseline=f"{ms / base:.3f}", baseline=baseline[family],
                          speedup_vs_reference=f"{ref / ms:.3f}", paired_ratio_median=f"{med:.3f}",

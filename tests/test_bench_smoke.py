@@ -37,6 +37,23 @@ def bench_on_path():
     torch.set_flush_denormal(False)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_step_quick(dtype, tmp_path):
+    """bench_cpu_step.py on a small model: a row per case, finite; on bfloat16 AMAdamW with float32 state too."""
+    import amm_kernels
+
+    out = tmp_path / "cpu_step.csv"
+    importlib.import_module("bench_cpu_step").main(["--numel", "100000", "--repeats", "4", "--threads", "1",
+                                                    "--dtype", dtype, "--csv", str(out)])
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and all(math.isfinite(float(r["ms_per_step"])) and r["dtype"] == dtype for r in rows)
+    names = {r["optimizer"] for r in rows}
+    assert {"torch AdamW fused", "AMAdamW backend=torch"} <= names
+    if "cpu" in amm_kernels.available_backends("cpu"):
+        assert ("AMAdamW backend=cpu f32 state" in names) == (dtype == "bfloat16")
+
+
 @pytest.mark.parametrize("module,files,column,needs_sklearn", SCRIPTS, ids=[s[0] for s in SCRIPTS])
 def test_script_quick(module, files, column, needs_sklearn, tmp_path, monkeypatch):
     if needs_sklearn:
