@@ -23,16 +23,20 @@ BACKENDS = amm_kernels.available_backends("cuda") if CUDA else []
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", BACKENDS or ["torch"])
 @pytest.mark.parametrize("cls", [AMSGD, AMAdamW, RLLC])
-@pytest.mark.parametrize("mode", ["float_lr", "capturable_amp"])
+@pytest.mark.parametrize("mode", ["float_lr", "capturable_amp", "bf16_float32_state"])
 def test_cuda_step_has_no_host_sync(cls, backend, mode):
     """float_lr: capturable=False, float lrs, no scaler. capturable_amp: capturable=True with lr tensors
-    and a GradScaler's grad_scale / found_inf on the device. Two groups, two scopes' worth of tensors."""
+    and a GradScaler's grad_scale / found_inf on the device. bf16_float32_state: float lrs, bfloat16
+    parameters with state_dtype=torch.float32. Two groups, two scopes' worth of tensors."""
     torch.manual_seed(0)
     shapes = [(64, 33), (33,), (1,), (0,), (4097,), (7, 5)]
-    params = [torch.randn(s, device="cuda").requires_grad_() for s in shapes]
+    dtype = torch.bfloat16 if mode == "bf16_float32_state" else torch.float32
+    params = [torch.randn(s, device="cuda").to(dtype).requires_grad_() for s in shapes]
     tensor_lr = mode == "capturable_amp"
     lrs = [torch.tensor(v, device="cuda") if tensor_lr else v for v in (0.01, 0.02)]
     kw = dict(law_lr=0.05) if cls is RLLC else dict(beta_scope="group")
+    if mode == "bf16_float32_state":
+        kw["state_dtype"] = torch.float32
     opt = cls([{"params": params[:3], "lr": lrs[0]}, {"params": params[3:], "lr": lrs[1]}], backend=backend,
               capturable=tensor_lr, **kw)
     if mode == "capturable_amp":
@@ -42,7 +46,7 @@ def test_cuda_step_has_no_host_sync(cls, backend, mode):
 
     def new_grads():
         for p in params:
-            p.grad = torch.randn(p.shape, device="cuda", generator=gen)
+            p.grad = torch.randn(p.shape, device="cuda", generator=gen).to(dtype)
 
     for _ in range(2):  # warm-up: state, tables and caches are made here (copies to the device allowed)
         new_grads()
@@ -106,14 +110,16 @@ class _SequenceIndex(TorchFunctionMode):
 
 
 @pytest.mark.parametrize("cls", [AMSGD, AMAdamW, RLLC])
-@pytest.mark.parametrize("mode", ["float_lr", "tensor_lr_amp", "schedules", "loss"])
+@pytest.mark.parametrize("mode", ["float_lr", "tensor_lr_amp", "schedules", "loss", "bf16_float32_state"])
 def test_reference_step_copies_nothing_from_the_host(cls, mode):
     """float_lr: constant float lrs. tensor_lr_amp: device lr tensors, grad_scale / found_inf. schedules:
     float lr and weight decay changed every step (a scheduler's; made on the device by fills). loss:
-    AMSGD's loss mode with a float closure result (RLLC, AMAdamW: a Python-float lr schedule instead)."""
+    AMSGD's loss mode with a float closure result (RLLC, AMAdamW: a Python-float lr schedule instead).
+    bf16_float32_state: bfloat16 parameters with state_dtype=torch.float32."""
     dev = torch.device("meta")
     shapes = [(64, 33), (33,), (1,), (0,), (4097,), (7, 5)]
-    params = [torch.empty(s, device=dev).requires_grad_() for s in shapes]
+    dtype = torch.bfloat16 if mode == "bf16_float32_state" else torch.float32
+    params = [torch.empty(s, device=dev, dtype=dtype).requires_grad_() for s in shapes]
     lrs = [torch.full((), v, device=dev) if mode == "tensor_lr_amp" else v for v in (0.01, 0.02)]
     kw = dict(law_lr=0.05) if cls is RLLC else dict(beta_scope="group")
     if mode == "loss" and cls is AMSGD:
@@ -121,6 +127,8 @@ def test_reference_step_copies_nothing_from_the_host(cls, mode):
     groups = [{"params": params[:3], "lr": lrs[0]}, {"params": params[3:], "lr": lrs[1]}]
     if cls is not RLLC:
         groups[1]["weight_decay"] = 0.01
+    if mode == "bf16_float32_state":
+        kw["state_dtype"] = torch.float32
     opt = cls(groups, backend="torch", **kw)
     if mode == "tensor_lr_amp":
         opt.grad_scale = torch.full((), 4.0, device=dev)
@@ -129,7 +137,7 @@ def test_reference_step_copies_nothing_from_the_host(cls, mode):
     found = []
     for step in range(5):
         for p in params:
-            p.grad = torch.empty(p.shape, device=dev)
+            p.grad = torch.empty(p.shape, device=dev, dtype=dtype)
         if mode in ("schedules", "loss"):
             for j, g in enumerate(opt.param_groups):
                 g["lr"] = 0.01 * (1 + 0.1 * step + j)
