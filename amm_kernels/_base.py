@@ -698,22 +698,42 @@ class AMOptimizer(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------------------------
     # state_dict
     def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state_dict, and the optimizer's own entry (the scope state and what it must
+        match) under "amm", at the top and in the first param group (NOTE [checkpoint carriers])."""
         sd = super().state_dict()
-        sd[STATE_DICT_KEY] = {
+        meta = {
             "format_version": FORMAT_VERSION,
             "optimizer": type(self).__name__,
             **self._meta_fields(),
             "scopes": None if self._scopes is None else self._scopes.to_dict(),
         }
+        sd[STATE_DICT_KEY] = meta
+        if sd["param_groups"]:
+            sd["param_groups"][0][STATE_DICT_KEY] = meta  # the same object: torch.save writes it once
         return sd
+
+    @staticmethod
+    def _meta_of(state_dict: dict[str, Any]):
+        """NOTE [checkpoint carriers]: the "amm" entry is at the top of a state_dict, where torch.save
+        keeps it, and in its first param group, where the tools that rebuild an optimizer's state_dict
+        from its "state" and "param_groups" alone keep it: torch.distributed.checkpoint's
+        get/set_optimizer_state_dict (FSDP2's checkpoints) and ZeroRedundancyOptimizer. Checkpoints of
+        earlier versions have it at the top only."""
+        meta = state_dict.get(STATE_DICT_KEY)
+        groups = state_dict.get("param_groups")
+        if meta is None and isinstance(groups, (list, tuple)) and groups and isinstance(groups[0], dict):
+            meta = groups[0].get(STATE_DICT_KEY)
+        return meta
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         name = type(self).__name__
-        meta = state_dict.get(STATE_DICT_KEY)
+        meta = self._meta_of(state_dict)
         if meta is None:
             raise ValueError(
-                f"{name}.load_state_dict: this state_dict has no {STATE_DICT_KEY!r} entry, so it was not "
-                f"saved by an amm_kernels optimizer (keys: {sorted(state_dict)})"
+                f"{name}.load_state_dict: this state_dict has no {STATE_DICT_KEY!r} entry (at its top or in its "
+                f"first param group), so it was not saved by an amm_kernels optimizer, or a tool kept only the "
+                f"keys the live optimizer has (torch.distributed.checkpoint with flatten_optimizer_state_dict=True "
+                f"does; save without it) (keys: {sorted(state_dict)})"
             )
         if meta.get("optimizer") != name:
             raise ValueError(f"{name}.load_state_dict: this state_dict was saved by {meta.get('optimizer')}, not {name}")
@@ -752,8 +772,12 @@ class AMOptimizer(torch.optim.Optimizer):
 
         hooks = [self.register_load_state_dict_pre_hook(check),
                  self.register_load_state_dict_post_hook(restore, prepend=True)]
+        plain = {k: v for k, v in state_dict.items() if k != STATE_DICT_KEY}
+        if isinstance(plain.get("param_groups"), (list, tuple)):  # not into the live param groups
+            plain["param_groups"] = [{k: v for k, v in g.items() if k != STATE_DICT_KEY} if isinstance(g, dict) else g
+                                     for g in plain["param_groups"]]
         try:
-            super().load_state_dict({k: v for k, v in state_dict.items() if k != STATE_DICT_KEY})
+            super().load_state_dict(plain)
         finally:
             for hook in hooks:
                 hook.remove()

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._base import STATE_DICT_KEY, AMOptimizer, DTensor
+from ._base import AMOptimizer, DTensor
 
 try:
     from torch.distributed.tensor import Shard
@@ -231,7 +231,7 @@ class RLLC(AMOptimizer):
         return {"scope": self.beta_scope, "k": self.k}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        meta = state_dict.get(STATE_DICT_KEY) or {}
+        meta = self._meta_of(state_dict) or {}
         if meta.get("optimizer") == type(self).__name__ and meta.get("k", self.k) != self.k:
             raise ValueError(f"{type(self).__name__}.load_state_dict: saved with k = {meta['k']} memory units, "
                              f"this optimizer's memory has k = {self.k}")

@@ -175,17 +175,59 @@ def batch(step):
     return torch.randn(8, 8, generator=gen), torch.randn(8, 3, generator=gen)
 
 
-def train(model, opt, rank=0, world=1):
+def train(model, opt, rank=0, world=1, steps=range(STEPS)):
     """5 steps on a batch of 8; each rank takes its half (its mean loss; DDP/FSDP average the grads)."""
     betas = []
     dtype = next(iter(model.parameters())).dtype
-    for t in range(STEPS):
+    for t in steps:
         x, y = (shard(u, rank, world).to(dtype) for u in batch(t))
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
         opt.zero_grad()
         betas.append(coefficients(opt))
     return torch.stack(betas)
+
+
+def run_dcp_resume(cls_name, backend, rank, world, folder):
+    """FSDP2 as run_model's "fsdp", with a torch.distributed.checkpoint save after step 3 (the model's and
+    the optimizer's get_state_dict, dcp.save) into a fresh model and optimizer (dcp.load, set_state_dict)
+    that takes the last steps: FSDP2's usual checkpoint. NOTE [checkpoint carriers] in _base.py: DCP
+    keeps only an optimizer's "state" and "param_groups". Returns the betas of all steps, the full
+    parameters and the resumed optimizer's scope step counts."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    cls, kwargs = MODEL_OPTS[cls_name]
+    mesh = init_device_mesh("cpu", (world,))
+
+    def build():
+        model = make_model()
+        layers = (model[0], model[2])
+        for layer in layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        params = model.parameters()
+        if cls_name.endswith("-group"):
+            params = [dict(params=list(layers[0].parameters())),
+                      dict(params=list(layers[1].parameters()), lr=kwargs["lr"] * 0.5)]
+        return model, cls(params, backend=backend, **kwargs)
+
+    model, opt = build()
+    first = train(model, opt, rank, world, range(3))
+    saved_model, saved_optim = get_state_dict(model, opt)
+    path = os.path.join(folder, f"dcp-{cls_name}-{backend}")
+    dcp.save({"model": saved_model, "optim": saved_optim}, checkpoint_id=path)
+    model, opt = build()
+    template_model, template_optim = get_state_dict(model, opt)  # (DCP steps a fresh optimizer with zero grads)
+    loaded = {"model": template_model, "optim": template_optim}
+    dcp.load(loaded, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    steps = opt._scopes.step.clone()
+    rest = train(model, opt, rank, world, range(3, STEPS))
+    params = [p.full_tensor() for p in model.parameters()]
+    return torch.cat([first, rest]), [p.detach().clone() for p in params], steps
 
 
 def run_model(kind, cls_name, rank=0, world=1, backend="torch"):
@@ -230,6 +272,9 @@ def run_model(kind, cls_name, rank=0, world=1, backend="torch"):
     return betas, [p.detach().clone() for p in params], held, state_dtypes
 
 
+DCP_CASES = ["AMSGD", "AMAdamW", "RLLC", "AMAdamW-group"]
+
+
 def worker(rank, world, port, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if importlib.util.find_spec("triton") is not None and not torch.cuda.is_available():
@@ -255,6 +300,9 @@ def worker(rank, world, port, out_path):
                     results[(layout, name, backend)] = run_hand_sharded(name, backend, rank, world, group, layout=layout)
             for name in LATE_CASES:
                 results[("late", name, backend)] = run_late_join(name, backend, rank, world, group)
+            for cls_name in DCP_CASES:
+                results[("dcp", cls_name, backend)] = run_dcp_resume(cls_name, backend, rank, world,
+                                                                     os.path.dirname(out_path))
             for kind in ("fsdp", "ddp", "zero"):
                 for cls_name in MODEL_OPTS:
                     results[(kind, cls_name, backend)] = run_model(kind, cls_name, rank, world, backend)
@@ -419,6 +467,21 @@ def test_fsdp2_and_ddp_match_single_process(ranks, kind, cls_name, backend):
         for a, b in zip(got_params, params):
             assert_model_close(cls_name, a, b)
         assert got_dtypes == state_dtypes
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls_name", DCP_CASES)
+def test_an_fsdp2_checkpoint_through_torch_distributed_checkpoint_resumes_exactly(ranks, cls_name, backend):
+    """FSDP2's checkpoint (torch.distributed.checkpoint's get/set_state_dict and dcp.save/load) after
+    step 3: the resumed run is the single process's run (and the scope steps counted 3, not the 1 of
+    the step DCP gives a fresh optimizer, nor the 0 of a lost scope state)."""
+    got = results_of(ranks, ("dcp", cls_name, backend))
+    betas, params, _, _ = run_model("single", cls_name)
+    for got_betas, got_params, steps in got:
+        assert_model_close(cls_name, got_betas, betas)
+        for a, b in zip(got_params, params):
+            assert_model_close(cls_name, a, b)
+        assert torch.all(steps == 3), steps
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
