@@ -23,6 +23,7 @@ except ImportError:  # pragma: no cover - torch built without distributed
     DTensor = ()
 
 STATE_DICT_KEY = "amm"
+SCOPE_ENTRY = "amm_scope"  # in each parameter's state_dict entry: its scope's values (NOTE [checkpoint carriers])
 FORMAT_VERSION = 1
 
 
@@ -61,6 +62,11 @@ def _tensor_or_none(x):
     return x if isinstance(x, Tensor) else None
 
 
+def _cuda_capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (False without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _local(t: Tensor) -> Tensor:
     """A DTensor's local shard (the same storage: in-place updates reach the DTensor); else t itself."""
     return t.to_local() if isinstance(t, DTensor) else t
@@ -97,7 +103,7 @@ class AMOptimizer(torch.optim.Optimizer):
         self._in_graphs: dict = {}  # id -> tensor: what a captured step read from _index_cache (NOTE [kept for graphs])
         self._device_tables: dict = {}  # the backends' own, kept across steps (StepBatch.device_tables)
         self._resolved: dict = {}  # (backend, device, dtypes) -> backend module
-        self._late_pending = None  # NOTE [late tensors, sharded]
+        self._late_pending: list = []  # NOTE [late tensors, sharded]
         self._constructed = False  # add_param_group leaves the aliasing check to the end of __init__
         super().__init__(params, defaults)
         self._refuse_aliases([p for g in self.param_groups for p in g["params"]])
@@ -123,7 +129,7 @@ class AMOptimizer(torch.optim.Optimizer):
             self.defaults.pop("differentiable", None)
         self._index_cache, self._in_graphs, self._device_tables, self._resolved = {}, {}, {}, {}
         self.__dict__.setdefault("state_dtype", None)  # pickled before state_dtype existed
-        self._late_pending = None
+        self._late_pending = []
         self._wide = self._wide_args()
         self._wide_names = frozenset(self._wide)
         self._prefill_backend_cache()
@@ -319,7 +325,7 @@ class AMOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None):
         """Perform one optimization step. `closure` re-evaluates the model and returns the loss."""
         self._check_closure(closure)
-        if self._late_pending is not None:
+        if self._late_pending and not torch.compiler.is_compiling() and not _cuda_capturing():
             self._poll_late()
         loss = None
         if closure is not None:
@@ -357,7 +363,7 @@ class AMOptimizer(torch.optim.Optimizer):
                 self._complete_scopes(batch, prev_loss)
             if late_count is not None:
                 self._report_late(late_count)
-            elif fresh and had_state and batch.process_group is None and self._watches_late_tensors():
+            elif fresh and had_state and self._watches_late_tensors():  # (sharded: what this rank's state shows)
                 self._on_late_state(keys, fresh, group_of)
             if capturing(batch.params[0].device):
                 # NOTE [kept for graphs]: a captured graph reads the tensors of _index_cache that the step
@@ -505,12 +511,15 @@ class AMOptimizer(torch.optim.Optimizer):
         had_state = len(self.state) > 0
         d, v = [], ([] if len(names) > 1 else None)
         fresh = []
-        recast = False
+        recast = carried = False
+        n_names = len(names)
         for i, k in enumerate(keys):
             st = self.state[k]
             if not st:
                 st.update(self._new_param_state(k))
                 fresh.append(i)
+            elif len(st) > n_names:
+                carried |= SCOPE_ENTRY in st
             first = st[names[0]]
             recast |= first.dtype is not (k.dtype if state_dtype is None else state_dtype_for(k.dtype, state_dtype))
             d.append(first)
@@ -523,6 +532,8 @@ class AMOptimizer(torch.optim.Optimizer):
             replaced = self._match_state_dtypes(keys)
             d = [self.state[k][names[0]] for k in keys]
             v = None if v is None else [self.state[k][names[1]] for k in keys]
+        if carried:
+            self._take_carried_scopes(scopes)
         made = (keys, fresh, group_of, had_state, replaced)
         if sharded:
             d = [_local(t) for t in d]
@@ -666,17 +677,18 @@ class AMOptimizer(torch.optim.Optimizer):
             if n:
                 self._warn_late(n)
             return
-        host = torch.empty((), dtype=count.dtype, pin_memory=True)
+        host = torch.zeros((), dtype=count.dtype, pin_memory=True)
+        stream = torch.cuda.current_stream(count.device)  # the stream the copy is queued on
         host.copy_(count, non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
-        self._late_pending = (host, event)
+        event.record(stream)
+        self._late_pending.append((host, event))
 
     def _poll_late(self) -> None:
-        """The count of an earlier step (NOTE [late tensors, sharded]), once its copy has landed."""
-        host, event = self._late_pending
-        if event.query():
-            self._late_pending = None
+        """The counts of earlier steps (NOTE [late tensors, sharded]) whose copies have landed, in order.
+        Not inside a compiled or captured step (an event query is not allowed in a capture)."""
+        while self._late_pending and self._late_pending[0][1].query():
+            host, _ = self._late_pending.pop(0)
             n = int(host)
             if n and self._watches_late_tensors():
                 self._warn_late(n)
@@ -710,15 +722,66 @@ class AMOptimizer(torch.optim.Optimizer):
         sd[STATE_DICT_KEY] = meta
         if sd["param_groups"]:
             sd["param_groups"][0][STATE_DICT_KEY] = meta  # the same object: torch.save writes it once
+        ids = [pid for pid, st in sd["state"].items() if st]
+        if meta["scopes"] is not None and ids:
+            scope_of, group_of = self._scopes_of_all()
+            device = meta["scopes"]["step"].device
+            rows = self.SCOPE_STATE(**meta["scopes"]).tensor_rows(
+                torch.tensor([scope_of[i] for i in ids], device=device),
+                torch.tensor([group_of[i] for i in ids], device=device))
+            for pid, row in zip(ids, rows.unbind(0)):  # views of one tensor: torch.save writes it once
+                sd["state"][pid] = {**sd["state"][pid], SCOPE_ENTRY: row}  # (torch's entries are the live dicts)
         return sd
+
+    def _scopes_of_all(self) -> tuple[list[int], list[int]]:
+        """The scope and the group of every parameter, in param_groups order (a state_dict's ids)."""
+        mode, scope_of, group_of = self.beta_scope, [], []
+        for gi, group in enumerate(self.param_groups):
+            for _ in group["params"]:
+                scope_of.append(0 if mode == "global" else gi if mode == "group" else len(scope_of))
+                group_of.append(gi)
+        return scope_of, group_of
+
+    def _take_carried_scopes(self, scopes) -> None:
+        """NOTE [checkpoint carriers]: per-parameter state put in place without load_state_dict
+        (ZeroRedundancyOptimizer.load_state_dict writes each rank's share of a checkpoint straight into
+        its optimizer's state) carries each tensor's scope values: the first step after it makes them
+        the scope state, and drops them from the parameters' state."""
+        carried = []
+        for i, p in enumerate(p for g in self.param_groups for p in g["params"]):
+            st = self.state.get(p)
+            if st and SCOPE_ENTRY in st:
+                carried.append((i, st.pop(SCOPE_ENTRY)))
+        self._set_carried(scopes, carried)
+
+    def _set_carried(self, scopes, carried: list[tuple[int, Tensor]]) -> None:
+        """Write the carriers [(index of the parameter in param_groups order, its row)] into the scope
+        state. The rows of one scope are equal, so which tensor's lands is immaterial."""
+        scope_of, group_of = self._scopes_of_all()
+        device, dtype = scopes.step.device, scopes.step.dtype
+        ids = [i for i, _ in carried]
+        rows = torch.stack([row.to(device=device, dtype=dtype) for _, row in carried])
+        scope_index = torch.tensor([scope_of[i] for i in ids], device=device)
+        group_index = torch.tensor([group_of[i] for i in ids], device=device)
+        width = scopes.tensor_rows(scope_index[:1], group_index[:1]).shape[1]
+        if rows.dim() != 2 or rows.shape[1] != width:
+            raise ValueError(f"{type(self).__name__}: the loaded state carries {tuple(rows.shape[1:])} scope values per "
+                             f"tensor, this optimizer keeps {width} (a checkpoint of another setting)")
+        scopes.set_tensor_rows(scope_index, group_index, rows)
 
     @staticmethod
     def _meta_of(state_dict: dict[str, Any]):
-        """NOTE [checkpoint carriers]: the "amm" entry is at the top of a state_dict, where torch.save
-        keeps it, and in its first param group, where the tools that rebuild an optimizer's state_dict
-        from its "state" and "param_groups" alone keep it: torch.distributed.checkpoint's
-        get/set_optimizer_state_dict (FSDP2's checkpoints) and ZeroRedundancyOptimizer. Checkpoints of
-        earlier versions have it at the top only."""
+        """NOTE [checkpoint carriers]: the optimizer-wide state (the scope state: step counts, beta, ...)
+        is not torch.optim's, and the tools that rebuild an optimizer's state_dict from its "state" and
+        "param_groups" alone drop a top-level entry: torch.distributed.checkpoint's get/set_state_dict
+        (FSDP2's checkpoints) and ZeroRedundancyOptimizer (which also writes each rank's share of the
+        state straight into its optimizer, never calling load_state_dict). So the "amm" entry is at the
+        top of a state_dict (where torch.save keeps it; checkpoints of earlier versions have it there
+        only) and in its first param group (DCP keeps it), and each parameter's state entry carries its
+        scope's and group's values as one row (SCOPE_ENTRY; ScopeState.tensor_rows): ZeRO keeps those,
+        and the next step takes them (_take_carried_scopes). load_state_dict takes the scope rows of
+        "amm", or the carriers where a pre-hook renumbered the parameters (NOTE [load hooks]); neither
+        reaches the live param groups or state. This returns the "amm" entry of a state_dict, or None."""
         meta = state_dict.get(STATE_DICT_KEY)
         groups = state_dict.get("param_groups")
         if meta is None and isinstance(groups, (list, tuple)) and groups and isinstance(groups[0], dict):
@@ -749,35 +812,57 @@ class AMOptimizer(torch.optim.Optimizer):
                     f"construct it with {key}={meta.get(key)!r} to load this state"
                 )
         # NOTE [load hooks]: torch.optim loads the dict its load_state_dict pre-hooks return (a hook may
-        # reorder a checkpoint's parameters) and then runs its post-hooks. The dict is checked, whole,
+        # renumber a checkpoint's parameters) and then runs its post-hooks. The dict is checked, whole,
         # as the last pre-hook, so it is the one torch loads and nothing is replaced if it does not fit;
-        # the scope state and float32 state are restored by the first post-hook, so the user's
-        # post-hooks see the optimizer as loaded.
+        # that hook also keeps the carriers (NOTE [checkpoint carriers]) out of the live param groups
+        # and state. The scope state and float32 state are restored by the first post-hook, so the
+        # user's post-hooks see the optimizer as loaded. The scope rows of the "amm" entry are the scope
+        # state, unless a pre-hook gave a new "state" or "param_groups" (renumbered the parameters):
+        # then each tensor's carrier, which moved with its state, gives its scope's values.
         loaded = {}
 
         def check(_, sd):
-            self._check_loadable(sd, meta)
-            loaded["state_dict"] = sd
+            found = self._meta_of(sd) or meta
+            self._check_loadable(sd, found)
+            rearranged = sd.get("state") is not state_dict.get("state") or \
+                sd.get("param_groups") is not state_dict.get("param_groups")
+            loaded.update(state_dict=sd, meta=found, rearranged=rearranged)
+            plain = dict(sd)
+            if isinstance(sd.get("param_groups"), (list, tuple)):
+                plain["param_groups"] = [{k: v for k, v in g.items() if k != STATE_DICT_KEY} if isinstance(g, dict)
+                                         else g for g in sd["param_groups"]]
+            if isinstance(sd.get("state"), dict):
+                plain["state"] = {pid: {k: v for k, v in st.items() if k != SCOPE_ENTRY} if isinstance(st, dict)
+                                  else st for pid, st in sd["state"].items()}
+            return plain
 
         def restore(_):
+            sd = loaded["state_dict"]
             if self.state_dtype is not None:
-                self._restore_wide_state(loaded["state_dict"])
-            saved = meta["scopes"]
+                self._restore_wide_state(sd)
+            saved = loaded["meta"]["scopes"]
             if saved is None:
                 self._scopes = None
                 self._prefill_backend_cache()
-            else:
-                device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
-                self._scopes = self.SCOPE_STATE.from_dict(saved, device, saved["step"].dtype)
+                return
+            device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+            self._scopes = self.SCOPE_STATE.from_dict(saved, device, saved["step"].dtype)
+            if not loaded["rearranged"]:
+                return
+            index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+            carried = []
+            for saved_group, group in zip(sd["param_groups"], self.param_groups):
+                for pid, p in zip(saved_group["params"], group["params"]):
+                    st = sd["state"].get(pid)
+                    if isinstance(st, dict) and SCOPE_ENTRY in st:
+                        carried.append((index[id(p)], st[SCOPE_ENTRY]))
+            if carried:
+                self._set_carried(self._scopes, carried)
 
         hooks = [self.register_load_state_dict_pre_hook(check),
                  self.register_load_state_dict_post_hook(restore, prepend=True)]
-        plain = {k: v for k, v in state_dict.items() if k != STATE_DICT_KEY}
-        if isinstance(plain.get("param_groups"), (list, tuple)):  # not into the live param groups
-            plain["param_groups"] = [{k: v for k, v in g.items() if k != STATE_DICT_KEY} if isinstance(g, dict) else g
-                                     for g in plain["param_groups"]]
         try:
-            super().load_state_dict(plain)
+            super().load_state_dict(state_dict)
         finally:
             for hook in hooks:
                 hook.remove()

@@ -93,6 +93,17 @@ class ScopeState:
     def to_dict(self) -> dict:
         return {name: getattr(self, name).clone() for name in self.FIELDS}
 
+    # A tensor's checkpoint carrier (NOTE [checkpoint carriers] in _base.py): one row per tensor, its
+    # scope's step, beta, beta_prod, its group's prev_lr, and prev_loss.
+    def tensor_rows(self, scope_of: Tensor, group_of: Tensor) -> Tensor:
+        return torch.stack([self.step[scope_of], self.beta[scope_of], self.beta_prod[scope_of],
+                            self.prev_lr[group_of], self.prev_loss.expand(scope_of.numel())], dim=1)
+
+    def set_tensor_rows(self, scope_of: Tensor, group_of: Tensor, rows: Tensor) -> None:
+        self.step[scope_of], self.beta[scope_of], self.beta_prod[scope_of] = rows[:, 0], rows[:, 1], rows[:, 2]
+        self.prev_lr[group_of] = rows[:, 3]
+        self.prev_loss.copy_(rows[0, 4])
+
     @classmethod
     def from_dict(cls, saved: dict, device, dtype) -> "ScopeState":
         return cls(**{name: saved[name].to(device=device, dtype=dtype).clone() for name in cls.FIELDS})

@@ -79,6 +79,13 @@ class RLLCScopeState:
     def to_dict(self) -> dict:
         return {name: getattr(self, name).clone() for name in self.FIELDS}
 
+    # A tensor's checkpoint carrier (NOTE [checkpoint carriers] in _base.py): its scope's step and law.
+    def tensor_rows(self, scope_of: Tensor, group_of: Tensor) -> Tensor:
+        return torch.cat([self.step[scope_of, None], self.law[scope_of]], dim=1)
+
+    def set_tensor_rows(self, scope_of: Tensor, group_of: Tensor, rows: Tensor) -> None:
+        self.step[scope_of], self.law[scope_of] = rows[:, 0], rows[:, 1:]
+
     @classmethod
     def from_dict(cls, saved: dict, device, dtype) -> "RLLCScopeState":
         return cls(**{name: saved[name].to(device=device, dtype=dtype).clone() for name in cls.FIELDS})

@@ -216,6 +216,46 @@ def test_amadamw_warns_once_of_a_late_tensor_in_a_shared_scope():
     assert run(AMSGD, "global", {0: 1}) == []
 
 
+def test_late_counts_read_back_from_a_gpu_are_each_reported_and_never_polled_in_a_capture(monkeypatch):
+    """NOTE [late tensors, sharded] on CUDA: each step's count waits in pinned memory behind an event;
+    step() reports every count whose event has completed, in order, none lost to a later one, and does
+    not query an event while a graph is being captured (not allowed there). Stand-ins for the events
+    (no GPU here)."""
+    import warnings
+
+    import amm_kernels._base as base
+
+    class Event:
+        def __init__(self):
+            self.ready, self.queried = False, 0
+
+        def query(self):
+            self.queried += 1
+            return self.ready
+
+    params = model_params()
+    opt = AMAdamW(params, beta_scope="global")
+    take_steps(opt, params, range(1))
+    first, second = Event(), Event()
+    opt._late_pending = [(torch.tensor(3), first), (torch.tensor(0), second)]
+
+    def step():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            set_grads(params, 5)
+            opt.step()
+        return [str(w.message) for w in caught if "first gradient after" in str(w.message)]
+
+    assert step() == [] and len(opt._late_pending) == 2  # not landed: kept
+    monkeypatch.setattr(base, "_cuda_capturing", lambda: True)
+    first.ready = second.ready = True
+    queried = first.queried
+    assert step() == [] and first.queried == queried  # capturing: not even queried
+    monkeypatch.setattr(base, "_cuda_capturing", lambda: False)
+    said = step()
+    assert len(said) == 1 and said[0].startswith("AMAdamW: 3 parameter tensor(s)") and opt._late_pending == []
+
+
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_beta_shape_follows_scope_and_is_a_copy(cls):
     params = model_params()
@@ -397,15 +437,24 @@ def test_tiny_gradients_give_the_float64_beta(backend):
 def test_load_hooks_see_the_checkpoint_torch_loads_and_the_optimizer_as_loaded(cls):
     """NOTE [load hooks] in _base.py: a pre-hook that renumbers a checkpoint's parameters (saved by an
     optimizer that listed them in another order) is applied before the checkpoint is checked and
-    loaded, and a post-hook sees the scope state loaded."""
+    loaded; the per-tensor scope state (here tensors with different step counts) follows the tensors
+    (NOTE [checkpoint carriers]); a post-hook sees the scope state loaded."""
+    scope = {"scope": "tensor"} if cls is amm_kernels.RLLC else {"beta_scope": "tensor"}
     params = model_params()
-    opt = cls(params)
-    take_steps(opt, params, range(3))
-    saved = copy.deepcopy(opt.state_dict())
-    # as another optimizer, listing the parameters backwards, would have saved it
+    opt = cls(params, **scope)
+    for step in range(4):
+        set_grads(params, step)
+        if step < 2:
+            params[0].grad = None  # tensor 0 joins at step 2: its scope has fewer steps
+        opt.step()
     n = len(params)
+    # the checkpoint of an optimizer that listed the parameters backwards (its scope rows backwards too)
+    saved = copy.deepcopy(opt.state_dict())
     saved["state"] = {n - 1 - pid: st for pid, st in saved["state"].items()}
     saved["param_groups"][0]["params"] = list(range(n))[::-1]
+    meta = saved["amm"]
+    meta["scopes"] = {k: (v.flip(0) if v.dim() and v.shape[0] == n else v) for k, v in meta["scopes"].items()}
+    saved["param_groups"][0]["amm"] = meta
     saved["state"][n] = saved["state"][0]  # an entry no group lists: refused unless the hook drops it
 
     def renumber(_, sd):
@@ -415,11 +464,15 @@ def test_load_hooks_see_the_checkpoint_torch_loads_and_the_optimizer_as_loaded(c
         return sd
 
     seen = {}
-    fresh = cls(params)
+    fresh = cls(params, **scope)
     fresh.register_load_state_dict_pre_hook(renumber)
     fresh.register_load_state_dict_post_hook(lambda o: seen.update(scopes=o._scopes))
     fresh.load_state_dict(saved)
-    assert seen["scopes"] is fresh._scopes and fresh._scopes is not None
+    assert seen["scopes"] is fresh._scopes
+    assert opt._scopes.step.tolist() == [2.0, 4.0, 4.0, 4.0]
+    for k, v in opt._scopes.to_dict().items():
+        assert torch.equal(getattr(fresh._scopes, k), v), k
     for p in params:
         for key, t in opt.state[p].items():
             assert torch.equal(fresh.state[p][key], t)
+        assert set(fresh.state[p]) == set(opt.state[p])  # the carriers stay out of the live state
