@@ -309,6 +309,7 @@ class AMOptimizer(torch.optim.Optimizer):
     def beta(self) -> Tensor:
         """The last beta on the parameters' device: 0-d for beta_scope="global", else one per group /
         per parameter tensor (groups in order). A copy; reading it never synchronises."""
+        self._take_pending_carriers()
         if self._scopes is None:
             n_scopes, _ = self._scope_counts()
             beta = torch.full((n_scopes,), float(self._hyper.beta_max))
@@ -532,8 +533,8 @@ class AMOptimizer(torch.optim.Optimizer):
             replaced = self._match_state_dtypes(keys)
             d = [self.state[k][names[0]] for k in keys]
             v = None if v is None else [self.state[k][names[1]] for k in keys]
-        if carried:
-            self._take_carried_scopes(scopes)
+        if carried or (fresh and had_state):  # NOTE [checkpoint carriers]
+            self._take_pending_carriers(scopes)
         made = (keys, fresh, group_of, had_state, replaced)
         if sharded:
             d = [_local(t) for t in d]
@@ -599,6 +600,7 @@ class AMOptimizer(torch.optim.Optimizer):
         device = _local(params[0]).device
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
         self._check_loss(loss)
+        self._take_pending_carriers(self._scope_state(device, dtype))  # NOTE [checkpoint carriers]
         return StepBatch(
             params=[], grads=[], d=[], v=None, group_of=[], scope_of=[], scope_lengths=[], present_scopes=[],
             present_groups=[], lr=self._lr_tensor(device, dtype), weight_decay=[], scopes=self._scope_state(device, dtype),
@@ -711,7 +713,9 @@ class AMOptimizer(torch.optim.Optimizer):
     # state_dict
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state_dict, and the optimizer's own entry (the scope state and what it must
-        match) under "amm", at the top and in the first param group (NOTE [checkpoint carriers])."""
+        match) under "amm", at the top and in the first param group with parameters, and each
+        parameter's scope values in its state entry (NOTE [checkpoint carriers])."""
+        self._take_pending_carriers()
         sd = super().state_dict()
         meta = {
             "format_version": FORMAT_VERSION,
@@ -720,15 +724,28 @@ class AMOptimizer(torch.optim.Optimizer):
             "scopes": None if self._scopes is None else self._scopes.to_dict(),
         }
         sd[STATE_DICT_KEY] = meta
-        if sd["param_groups"]:
-            sd["param_groups"][0][STATE_DICT_KEY] = meta  # the same object: torch.save writes it once
-        ids = [pid for pid, st in sd["state"].items() if st]
-        if meta["scopes"] is not None and ids:
+        for group in sd["param_groups"]:  # DCP drops the extra keys of a group without parameters
+            group.pop(STATE_DICT_KEY, None)  # (one a ZeroRedundancyOptimizer copied into the live groups)
+        carrier = next((g for g in sd["param_groups"] if g["params"]), None)
+        if carrier is not None:
+            carrier[STATE_DICT_KEY] = meta  # the same object: torch.save writes it once
+        if meta["scopes"] is None:
+            return sd
+        # the saved ids of the parameters with state, paired with the live parameters' positions (a
+        # state_dict post-hook may have keyed them otherwise than torch's integers)
+        position = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        ids, where = [], []
+        for saved, group in zip(sd["param_groups"], self.param_groups):
+            for pid, p in zip(saved["params"], group["params"]):
+                if sd["state"].get(pid):
+                    ids.append(pid)
+                    where.append(position[id(p)])
+        if ids:
             scope_of, group_of = self._scopes_of_all()
             device = meta["scopes"]["step"].device
             rows = self.SCOPE_STATE(**meta["scopes"]).tensor_rows(
-                torch.tensor([scope_of[i] for i in ids], device=device),
-                torch.tensor([group_of[i] for i in ids], device=device))
+                torch.tensor([scope_of[i] for i in where], device=device),
+                torch.tensor([group_of[i] for i in where], device=device))
             for pid, row in zip(ids, rows.unbind(0)):  # views of one tensor: torch.save writes it once
                 sd["state"][pid] = {**sd["state"][pid], SCOPE_ENTRY: row}  # (torch's entries are the live dicts)
         return sd
@@ -742,16 +759,24 @@ class AMOptimizer(torch.optim.Optimizer):
                 group_of.append(gi)
         return scope_of, group_of
 
-    def _take_carried_scopes(self, scopes) -> None:
+    def _take_pending_carriers(self, scopes=None) -> None:
         """NOTE [checkpoint carriers]: per-parameter state put in place without load_state_dict
         (ZeroRedundancyOptimizer.load_state_dict writes each rank's share of a checkpoint straight into
-        its optimizer's state) carries each tensor's scope values: the first step after it makes them
-        the scope state, and drops them from the parameters' state."""
+        its optimizer's state) carries each tensor's scope values: they become the scope state, and
+        leave the parameters' state, at the first step after (whichever tensors have gradients there),
+        or at the first state_dict() or read of beta / law. A pass over the state (host only); the step
+        makes it only where a stepping tensor carries a row or some tensor gets its first state."""
         carried = []
         for i, p in enumerate(p for g in self.param_groups for p in g["params"]):
             st = self.state.get(p)
             if st and SCOPE_ENTRY in st:
                 carried.append((i, st.pop(SCOPE_ENTRY)))
+        if not carried:
+            return
+        if scopes is None:
+            params = [_local(p) for g in self.param_groups for p in g["params"]]
+            dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+            scopes = self._scope_state(params[0].device, dtype)
         self._set_carried(scopes, carried)
 
     def _set_carried(self, scopes, carried: list[tuple[int, Tensor]]) -> None:
@@ -760,14 +785,21 @@ class AMOptimizer(torch.optim.Optimizer):
         scope_of, group_of = self._scopes_of_all()
         device, dtype = scopes.step.device, scopes.step.dtype
         ids = [i for i, _ in carried]
+        width = self._carrier_width()
+        for i, row in carried:
+            if not isinstance(row, Tensor) or tuple(row.shape) != (width,):
+                raise ValueError(f"{type(self).__name__}: the state of parameter {i} carries scope values "
+                                 f"{tuple(row.shape) if isinstance(row, Tensor) else type(row).__name__}; this "
+                                 f"optimizer keeps ({width},) (a checkpoint of another setting)")
         rows = torch.stack([row.to(device=device, dtype=dtype) for _, row in carried])
-        scope_index = torch.tensor([scope_of[i] for i in ids], device=device)
-        group_index = torch.tensor([group_of[i] for i in ids], device=device)
-        width = scopes.tensor_rows(scope_index[:1], group_index[:1]).shape[1]
-        if rows.dim() != 2 or rows.shape[1] != width:
-            raise ValueError(f"{type(self).__name__}: the loaded state carries {tuple(rows.shape[1:])} scope values per "
-                             f"tensor, this optimizer keeps {width} (a checkpoint of another setting)")
-        scopes.set_tensor_rows(scope_index, group_index, rows)
+        scopes.set_tensor_rows(torch.tensor([scope_of[i] for i in ids], device=device),
+                               torch.tensor([group_of[i] for i in ids], device=device), rows)
+
+    def _carrier_width(self) -> int:
+        """The length of a parameter's scope-values row (NOTE [checkpoint carriers])."""
+        one = torch.zeros(1, dtype=torch.long)
+        return self.SCOPE_STATE.create(1, 1, self._scope_init(), "meta", torch.float32).tensor_rows(
+            one.to("meta"), one.to("meta")).shape[1]
 
     @staticmethod
     def _meta_of(state_dict: dict[str, Any]):
@@ -777,56 +809,37 @@ class AMOptimizer(torch.optim.Optimizer):
         (FSDP2's checkpoints) and ZeroRedundancyOptimizer (which also writes each rank's share of the
         state straight into its optimizer, never calling load_state_dict). So the "amm" entry is at the
         top of a state_dict (where torch.save keeps it; checkpoints of earlier versions have it there
-        only) and in its first param group (DCP keeps it), and each parameter's state entry carries its
-        scope's and group's values as one row (SCOPE_ENTRY; ScopeState.tensor_rows): ZeRO keeps those,
-        and the next step takes them (_take_carried_scopes). load_state_dict takes the scope rows of
-        "amm", or the carriers where a pre-hook renumbered the parameters (NOTE [load hooks]); neither
-        reaches the live param groups or state. This returns the "amm" entry of a state_dict, or None."""
+        only) and in its first param group with parameters (DCP keeps it), and each parameter's state
+        entry carries its scope's and group's values as one row (SCOPE_ENTRY; tensor_rows of the scope
+        state classes). ZeRO keeps those rows; the optimizer takes them from its live state at the next
+        step, state_dict() or read of beta (_take_pending_carriers). load_state_dict takes the scope
+        rows of "amm", then each tensor's row over them: the rows move with their tensors' state
+        however a hook renumbers the parameters, and they are right where a ZeRO checkpoint's group
+        holds an old "amm" (ZeRO copies a loaded group's keys into the live groups, which state_dict()
+        leaves out). A tool that edits a checkpoint's scope state edits the rows too. This returns
+        the "amm" entry of a state_dict, or None."""
         meta = state_dict.get(STATE_DICT_KEY)
         groups = state_dict.get("param_groups")
-        if meta is None and isinstance(groups, (list, tuple)) and groups and isinstance(groups[0], dict):
-            meta = groups[0].get(STATE_DICT_KEY)
+        if meta is None and isinstance(groups, (list, tuple)):
+            meta = next((g[STATE_DICT_KEY] for g in groups if isinstance(g, dict) and STATE_DICT_KEY in g), None)
         return meta
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        name = type(self).__name__
-        meta = self._meta_of(state_dict)
-        if meta is None:
-            raise ValueError(
-                f"{name}.load_state_dict: this state_dict has no {STATE_DICT_KEY!r} entry (at its top or in its "
-                f"first param group), so it was not saved by an amm_kernels optimizer, or a tool kept only the "
-                f"keys the live optimizer has (torch.distributed.checkpoint with flatten_optimizer_state_dict=True "
-                f"does; save without it) (keys: {sorted(state_dict)})"
-            )
-        if meta.get("optimizer") != name:
-            raise ValueError(f"{name}.load_state_dict: this state_dict was saved by {meta.get('optimizer')}, not {name}")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{name}.load_state_dict: format_version {meta.get('format_version')!r} is not supported "
-                f"(this version reads {FORMAT_VERSION})"
-            )
-        for key, mine in self._meta_fields().items():
-            if meta.get(key) != mine:
-                raise ValueError(
-                    f"{name}.load_state_dict: saved with {key}={meta.get(key)!r}, this optimizer has {key}={mine!r}; "
-                    f"construct it with {key}={meta.get(key)!r} to load this state"
-                )
+        meta = self._checked_meta(state_dict)
         # NOTE [load hooks]: torch.optim loads the dict its load_state_dict pre-hooks return (a hook may
         # renumber a checkpoint's parameters) and then runs its post-hooks. The dict is checked, whole,
         # as the last pre-hook, so it is the one torch loads and nothing is replaced if it does not fit;
         # that hook also keeps the carriers (NOTE [checkpoint carriers]) out of the live param groups
         # and state. The scope state and float32 state are restored by the first post-hook, so the
-        # user's post-hooks see the optimizer as loaded. The scope rows of the "amm" entry are the scope
-        # state, unless a pre-hook gave a new "state" or "param_groups" (renumbered the parameters):
-        # then each tensor's carrier, which moved with its state, gives its scope's values.
+        # user's post-hooks see the optimizer as loaded. The scope rows of the "amm" entry give the
+        # scope state, and each tensor's carrier (which moves with its state, however a hook renumbers
+        # the parameters) its scope's values over them.
         loaded = {}
 
         def check(_, sd):
-            found = self._meta_of(sd) or meta
+            found = self._checked_meta(sd) if self._meta_of(sd) is not None else meta
             self._check_loadable(sd, found)
-            rearranged = sd.get("state") is not state_dict.get("state") or \
-                sd.get("param_groups") is not state_dict.get("param_groups")
-            loaded.update(state_dict=sd, meta=found, rearranged=rearranged)
+            loaded.update(state_dict=sd, meta=found)
             plain = dict(sd)
             if isinstance(sd.get("param_groups"), (list, tuple)):
                 plain["param_groups"] = [{k: v for k, v in g.items() if k != STATE_DICT_KEY} if isinstance(g, dict)
@@ -847,8 +860,6 @@ class AMOptimizer(torch.optim.Optimizer):
                 return
             device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
             self._scopes = self.SCOPE_STATE.from_dict(saved, device, saved["step"].dtype)
-            if not loaded["rearranged"]:
-                return
             index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
             carried = []
             for saved_group, group in zip(sd["param_groups"], self.param_groups):
@@ -866,6 +877,33 @@ class AMOptimizer(torch.optim.Optimizer):
         finally:
             for hook in hooks:
                 hook.remove()
+
+    def _checked_meta(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """The "amm" entry of a state_dict, after checking that this optimizer can load it (the optimizer,
+        the format version, the fields of _meta_fields); ValueError naming what differs."""
+        name = type(self).__name__
+        meta = self._meta_of(state_dict)
+        if meta is None:
+            raise ValueError(
+                f"{name}.load_state_dict: this state_dict has no {STATE_DICT_KEY!r} entry (at its top or in a "
+                f"param group), so it was not saved by an amm_kernels optimizer, or a tool kept only the "
+                f"keys the live optimizer has (torch.distributed.checkpoint with flatten_optimizer_state_dict=True "
+                f"does; save without it) (keys: {sorted(state_dict)})"
+            )
+        if meta.get("optimizer") != name:
+            raise ValueError(f"{name}.load_state_dict: this state_dict was saved by {meta.get('optimizer')}, not {name}")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{name}.load_state_dict: format_version {meta.get('format_version')!r} is not supported "
+                f"(this version reads {FORMAT_VERSION})"
+            )
+        for key, mine in self._meta_fields().items():
+            if meta.get(key) != mine:
+                raise ValueError(
+                    f"{name}.load_state_dict: saved with {key}={meta.get(key)!r}, this optimizer has {key}={mine!r}; "
+                    f"construct it with {key}={meta.get(key)!r} to load this state"
+                )
+        return meta
 
     def _restore_wide_state(self, state_dict: dict[str, Any]) -> None:
         """torch.optim's load_state_dict casts every state tensor to its parameter's dtype, which rounds
@@ -903,6 +941,7 @@ class AMOptimizer(torch.optim.Optimizer):
                                  f"state_dict and {len(mine['params'])} in this optimizer")
             self._check_group_hypers(saved, index=gi)
             param_of.update(zip(saved["params"], mine["params"]))
+        width = self._carrier_width()
         for pid, st in state.items():
             if isinstance(st, dict) and not st:
                 continue  # an entry made by reading optimizer.state[p] before p's first step: no state yet
@@ -915,6 +954,12 @@ class AMOptimizer(torch.optim.Optimizer):
                 if tuple(t.shape) != shape:
                     raise ValueError(f"{where}: state {key!r} of parameter {pid!r} has shape {tuple(t.shape)}; "
                                      f"the parameter needs {shape}")
+            row = st.get(SCOPE_ENTRY) if isinstance(st, dict) else None
+            if row is not None and not (isinstance(row, Tensor) and row.is_floating_point()
+                                        and tuple(row.shape) == (width,)):
+                raise ValueError(f"{where}: the state of parameter {pid!r} carries its scope's values "
+                                 f"({SCOPE_ENTRY!r}) as {tuple(row.shape) if isinstance(row, Tensor) else type(row).__name__}; "
+                                 f"this optimizer keeps them as a floating-point ({width},) tensor")
         if "scopes" not in meta:
             raise ValueError(f"{where}: the {STATE_DICT_KEY!r} entry has no 'scopes'")
         scopes = meta["scopes"]

@@ -9,8 +9,8 @@ import amm_kernels
 from _helpers import (check_found_inf_skips_the_step, check_grad_scaler_skips_inf_steps,
                       check_inf_parameter_without_decay, check_low_precision_params_keep_dtype,
                       check_scheduler_closure_and_add_param_group, check_sparse_gradient_raises_before_any_state_changes,
-                      model_params, resume_from_state_dict, set_grads, step_on_a_nan_gradient, take_steps,
-                      tolerance)
+                      assert_same_state, model_params, resume_from_state_dict, set_grads, snapshot,
+                      step_on_a_nan_gradient, take_steps, tolerance)
 from amm_kernels import AMAdamW, AMSGD
 
 BACKENDS = amm_kernels.available_backends("cpu")
@@ -433,8 +433,9 @@ def test_tiny_gradients_give_the_float64_beta(backend):
     torch.testing.assert_close(betas(backend, torch.float32), exact, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["new_dict", "in_place"])
 @pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
-def test_load_hooks_see_the_checkpoint_torch_loads_and_the_optimizer_as_loaded(cls):
+def test_load_hooks_see_the_checkpoint_torch_loads_and_the_optimizer_as_loaded(cls, in_place):
     """NOTE [load hooks] in _base.py: a pre-hook that renumbers a checkpoint's parameters (saved by an
     optimizer that listed them in another order) is applied before the checkpoint is checked and
     loaded; the per-tensor scope state (here tensors with different step counts) follows the tensors
@@ -458,10 +459,13 @@ def test_load_hooks_see_the_checkpoint_torch_loads_and_the_optimizer_as_loaded(c
     saved["state"][n] = saved["state"][0]  # an entry no group lists: refused unless the hook drops it
 
     def renumber(_, sd):
-        sd = dict(sd)
-        sd["state"] = {n - 1 - pid: st for pid, st in sd["state"].items() if pid < n}
-        sd["param_groups"] = [dict(sd["param_groups"][0], params=list(range(n)))]
-        return sd
+        state = {n - 1 - pid: st for pid, st in sd["state"].items() if pid < n}
+        if in_place:  # the same dicts, edited
+            sd["state"].clear()
+            sd["state"].update(state)
+            sd["param_groups"][0]["params"] = list(range(n))
+            return None
+        return {**sd, "state": state, "param_groups": [dict(sd["param_groups"][0], params=list(range(n)))]}
 
     seen = {}
     fresh = cls(params, **scope)
@@ -476,3 +480,95 @@ def test_load_hooks_see_the_checkpoint_torch_loads_and_the_optimizer_as_loaded(c
         for key, t in opt.state[p].items():
             assert torch.equal(fresh.state[p][key], t)
         assert set(fresh.state[p]) == set(opt.state[p])  # the carriers stay out of the live state
+
+
+# steps at which tensors get no gradient: 2 and 3 have no state when the checkpoint is taken (after step
+# 2), and the first steps after it have gradients only for them
+_FROZEN = {0: {2, 3}, 1: {2, 3}, 2: {2, 3}, 3: {0, 1}, 4: {0, 1}}
+
+
+def _frozen_steps(opt, params, steps):
+    for t in steps:
+        set_grads(params, t)
+        for i in _FROZEN.get(t, ()):
+            params[i].grad = None
+        opt.step()
+
+
+@pytest.mark.filterwarnings("ignore:AMAdamW.*first gradient after")  # tensors 2 and 3 join late
+@pytest.mark.parametrize("then", ["step", "state_dict"])
+@pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
+def test_state_written_straight_into_the_optimizer_brings_its_scope_values(cls, then):
+    """NOTE [checkpoint carriers]: ZeroRedundancyOptimizer.load_state_dict writes each parameter's
+    state_dict entry straight into the optimizer's state (done so here, without torch.distributed).
+    Each entry carries its scope's values; the optimizer takes them at its next step, even one where
+    only tensors without saved state have gradients ("step"), or at a state_dict() before any step
+    ("state_dict", loaded again): the run goes on exactly as one without the checkpoint."""
+    kw = {"scope": "global"} if cls is amm_kernels.RLLC else {"beta_scope": "global"}
+    params = model_params()
+    straight = cls(params, **kw)
+    _frozen_steps(straight, params, range(6))
+
+    params = model_params()
+    opt = cls(params, **kw)
+    _frozen_steps(opt, params, range(3))
+    saved = copy.deepcopy(opt.state_dict())
+    resumed_params = [p.detach().clone().requires_grad_() for p in params]
+    resumed = cls(resumed_params, **kw)
+    for i, p in enumerate(resumed_params):  # as ZeroRedundancyOptimizer.load_state_dict
+        if i in saved["state"]:
+            resumed.state[p] = dict(saved["state"][i])
+    if then == "state_dict":
+        again = copy.deepcopy(resumed.state_dict())
+        resumed = cls(resumed_params, **kw)
+        resumed.load_state_dict(again)
+    _frozen_steps(resumed, resumed_params, range(3, 6))
+    ref_params = [p for g in straight.param_groups for p in g["params"]]
+    for a, b in zip(resumed_params, ref_params):
+        assert torch.equal(a, b)
+    for k, v in straight._scopes.to_dict().items():
+        assert torch.equal(getattr(resumed._scopes, k), v), k
+    assert all("amm_scope" not in st for st in resumed.state.values())
+
+
+@pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
+def test_a_state_dict_post_hook_may_key_the_state_by_name(cls):
+    """torch lets a state_dict post-hook key the state by parameter name; the scope values still reach
+    every parameter's entry, and the checkpoint loads back through the matching pre-hook."""
+    params = model_params()
+    names = [f"p{i}" for i in range(len(params))]
+    opt = cls(params)
+    take_steps(opt, params, range(2))
+
+    def by_name(_, sd):
+        sd["state"] = {names[pid]: st for pid, st in sd["state"].items()}
+        sd["param_groups"] = [dict(g, params=[names[pid] for pid in g["params"]]) for g in sd["param_groups"]]
+
+    def by_id(_, sd):
+        return {**sd, "state": {names.index(k): st for k, st in sd["state"].items()},
+                "param_groups": [dict(g, params=[names.index(k) for k in g["params"]]) for g in sd["param_groups"]]}
+
+    opt.register_state_dict_post_hook(by_name)
+    sd = opt.state_dict()
+    assert set(sd["state"]) == set(names) and all("amm_scope" in st for st in sd["state"].values())
+    twin = cls(params)
+    twin.register_load_state_dict_pre_hook(by_id)
+    twin.load_state_dict(sd)
+    for k, v in opt._scopes.to_dict().items():
+        assert torch.equal(getattr(twin._scopes, k), v), k
+
+
+@pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
+def test_a_bad_scope_row_in_a_checkpoint_is_refused_before_anything_changes(cls):
+    params = model_params()
+    opt = cls(params)
+    take_steps(opt, params, range(2))
+    bad = copy.deepcopy(opt.state_dict())
+    bad["state"][0]["amm_scope"] = bad["state"][0]["amm_scope"][:-1]
+    twin_params = [p.detach().clone().requires_grad_() for p in params]
+    twin = cls(twin_params)
+    take_steps(twin, twin_params, range(1))
+    before = snapshot(twin, twin_params)
+    with pytest.raises(ValueError, match="carries its scope's values"):
+        twin.load_state_dict(bad)
+    assert_same_state(before, snapshot(twin, twin_params))

@@ -270,6 +270,8 @@ def test_change_of_memory_basis_gives_the_same_parameters(scope, backend):
     Qt = torch.from_numpy(Q)
     for st in sd["state"].values():  # M -> M Q: new unit a = sum_c M[c] Q[c, a]
         st["memory"] = torch.tensordot(Qt, st["memory"], dims=([0], [0]))
+        # each tensor's copy of its scope's (step, law) (NOTE [checkpoint carriers]): L -> Q^{-1} L
+        st["amm_scope"] = torch.cat([st["amm_scope"][:1], torch.from_numpy(Qinv) @ st["amm_scope"][1:]])
     sd["amm"]["scopes"]["law"] = sd["amm"]["scopes"]["law"] @ torch.from_numpy(Qinv).T  # L -> Q^{-1} L per scope
     twin_params = [p.detach().clone().requires_grad_() for p in params]
     twin = RLLC(twin_params, lr=0.05, law_lr=0.3, memory=(Qinv @ U @ Q, Q.T @ b), law_init=[1, 0, 0, 0],
