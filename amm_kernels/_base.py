@@ -23,7 +23,11 @@ except ImportError:  # pragma: no cover - torch built without distributed
     DTensor = ()
 
 STATE_DICT_KEY = "amm"
-SCOPE_ENTRY = "amm_scope"  # in each parameter's state_dict entry: its scope's values (NOTE [checkpoint carriers])
+# in each parameter's state_dict entry (NOTE [checkpoint carriers]): its scope's values, and what they were
+# saved under (the optimizer and its scope mode, as the int of _setting_code)
+SCOPE_ENTRY = "amm_scope"
+SETTING_ENTRY = "amm_setting"
+CARRIER_KEYS = frozenset((SCOPE_ENTRY, SETTING_ENTRY))
 FORMAT_VERSION = 1
 
 
@@ -60,6 +64,16 @@ def _tensor_or_none(x):
     """A GradScaler's grad_scale / found_inf on a rank with no gradient: GradScaler sums the found_inf
     of no tensor to the int 0 there, which is no inf."""
     return x if isinstance(x, Tensor) else None
+
+
+CARRIER_OPTIMIZERS = ("", "AMSGD", "AMAdamW", "RLLC")  # the optimizers of _setting_code (index 0: none)
+
+
+def _setting_name(code) -> str:
+    """The optimizer and scope mode of a _setting_code, for messages."""
+    if isinstance(code, int) and 10 <= code < 10 * len(CARRIER_OPTIMIZERS) and code % 10 < len(BETA_SCOPES):
+        return f"{CARRIER_OPTIMIZERS[code // 10]} with scope {BETA_SCOPES[code % 10]!r}"
+    return f"an unknown setting ({code!r})"
 
 
 def _cuda_capturing() -> bool:
@@ -516,16 +530,27 @@ class AMOptimizer(torch.optim.Optimizer):
         n_names = len(names)
         for i, k in enumerate(keys):
             st = self.state[k]
-            if not st:
-                st.update(self._new_param_state(k))
-                fresh.append(i)
-            elif len(st) > n_names:
+            first = st.get(names[0])
+            if first is None or len(st) != n_names:  # no state yet, or a checkpoint's row (NOTE [checkpoint carriers])
                 carried |= SCOPE_ENTRY in st
-            first = st[names[0]]
+                if first is None:
+                    fresh.append(i)
+                    d.append(None)
+                    if v is not None:
+                        v.append(None)
+                    continue
             recast |= first.dtype is not (k.dtype if state_dtype is None else state_dtype_for(k.dtype, state_dtype))
             d.append(first)
             if v is not None:
                 v.append(st[names[1]])
+        # checked before any state is made (raises on rows saved under another setting)
+        pending = self._pending_carriers() if carried or (fresh and had_state) else []
+        for i in fresh:
+            st = self.state[keys[i]]
+            st.update(self._new_param_state(keys[i]))
+            d[i] = st[names[0]]
+            if v is not None:
+                v[i] = st[names[1]]
         replaced = []
         if recast:
             # the parameters' dtype changed (model.to(dtype)) since their state was made: the state is
@@ -533,8 +558,8 @@ class AMOptimizer(torch.optim.Optimizer):
             replaced = self._match_state_dtypes(keys)
             d = [self.state[k][names[0]] for k in keys]
             v = None if v is None else [self.state[k][names[1]] for k in keys]
-        if carried or (fresh and had_state):  # NOTE [checkpoint carriers]
-            self._take_pending_carriers(scopes)
+        if pending:
+            self._set_carried(scopes, pending)
         made = (keys, fresh, group_of, had_state, replaced)
         if sharded:
             d = [_local(t) for t in d]
@@ -731,23 +756,25 @@ class AMOptimizer(torch.optim.Optimizer):
             carrier[STATE_DICT_KEY] = meta  # the same object: torch.save writes it once
         if meta["scopes"] is None:
             return sd
-        # the saved ids of the parameters with state, paired with the live parameters' positions (a
+        # every parameter gets its row, those without state too (a ZeRO rank may hold only such tensors
+        # of a scope); saved ids are paired with the live parameters' positions through the groups (a
         # state_dict post-hook may have keyed them otherwise than torch's integers)
         position = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         ids, where = [], []
         for saved, group in zip(sd["param_groups"], self.param_groups):
             for pid, p in zip(saved["params"], group["params"]):
-                if sd["state"].get(pid):
-                    ids.append(pid)
-                    where.append(position[id(p)])
+                ids.append(pid)
+                where.append(position[id(p)])
         if ids:
             scope_of, group_of = self._scopes_of_all()
             device = meta["scopes"]["step"].device
             rows = self.SCOPE_STATE(**meta["scopes"]).tensor_rows(
                 torch.tensor([scope_of[i] for i in where], device=device),
                 torch.tensor([group_of[i] for i in where], device=device))
+            code = torch.tensor(self._setting_code())  # 0-d on the CPU, where ZeroRedundancyOptimizer leaves it
             for pid, row in zip(ids, rows.unbind(0)):  # views of one tensor: torch.save writes it once
-                sd["state"][pid] = {**sd["state"][pid], SCOPE_ENTRY: row}  # (torch's entries are the live dicts)
+                # (torch's entries are the live dicts: new ones)
+                sd["state"][pid] = {**sd["state"].get(pid, {}), SCOPE_ENTRY: row, SETTING_ENTRY: code}
         return sd
 
     def _scopes_of_all(self) -> tuple[list[int], list[int]]:
@@ -764,35 +791,62 @@ class AMOptimizer(torch.optim.Optimizer):
         (ZeroRedundancyOptimizer.load_state_dict writes each rank's share of a checkpoint straight into
         its optimizer's state) carries each tensor's scope values: they become the scope state, and
         leave the parameters' state, at the first step after (whichever tensors have gradients there),
-        or at the first state_dict() or read of beta / law. A pass over the state (host only); the step
-        makes it only where a stepping tensor carries a row or some tensor gets its first state."""
-        # first a look without hashing tensors: ~25 us per 1000 tensors here
-        if not any(SCOPE_ENTRY in st for st in self.state.values()):
+        or at the first state_dict() or read of beta / law."""
+        pending = self._pending_carriers()
+        if not pending:
             return
-        carried = []
-        for i, p in enumerate(p for g in self.param_groups for p in g["params"]):
-            st = self.state.get(p)
-            if st and SCOPE_ENTRY in st:
-                carried.append((i, st.pop(SCOPE_ENTRY)))
         if scopes is None:
             params = [_local(p) for g in self.param_groups for p in g["params"]]
             dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
             scopes = self._scope_state(params[0].device, dtype)
-        self._set_carried(scopes, carried)
+        self._set_carried(scopes, pending)
 
-    def _set_carried(self, scopes, carried: list[tuple[int, Tensor]]) -> None:
-        """Write the carriers [(index of the parameter in param_groups order, its row)] into the scope
-        state. The rows of one scope are equal, so which tensor's lands is immaterial."""
+    def _pending_carriers(self) -> list[tuple[int, dict]]:
+        """[(position of the parameter in param_groups order, its state dict)] for the state dicts that
+        carry a checkpoint's row, each checked (ValueError, before anything changes, for a row of another
+        optimizer or scope mode, or of another width). Host only."""
+        # first a look without hashing tensors: ~25 us per 1000 tensors here
+        if not any(SCOPE_ENTRY in st for st in self.state.values()):
+            return []
+        pending = []
+        for i, p in enumerate(p for g in self.param_groups for p in g["params"]):
+            st = self.state.get(p)
+            if st and SCOPE_ENTRY in st:
+                self._check_carrier(st, f"{type(self).__name__}: the state of parameter {i} (put in place by "
+                                        "ZeroRedundancyOptimizer.load_state_dict, or by hand)")
+                pending.append((i, st))
+        return pending
+
+    def _check_carrier(self, st: dict, where: str, width: int | None = None) -> None:
+        """ValueError unless a state dict's row (NOTE [checkpoint carriers]) fits this optimizer."""
+        code, mine = st.get(SETTING_ENTRY), self._setting_code()
+        code = int(code) if isinstance(code, Tensor) and code.numel() == 1 else code
+        if code != mine:
+            raise ValueError(f"{where} was saved by {_setting_name(code)}; this is {_setting_name(mine)}: "
+                             "construct it with the saved optimizer and scope to load this state")
+        width = self._carrier_width() if width is None else width
+        row = st[SCOPE_ENTRY]
+        if not (isinstance(row, Tensor) and row.is_floating_point() and tuple(row.shape) == (width,)):
+            got = tuple(row.shape) if isinstance(row, Tensor) else type(row).__name__
+            raise ValueError(f"{where} carries its scope's values ({SCOPE_ENTRY!r}) as {got}; this optimizer "
+                             f"keeps them as a floating-point ({width},) tensor")
+
+    def _setting_code(self) -> int:
+        """The optimizer and its scope mode as one int (saved as a 0-d CPU tensor: code that walks a
+        state_dict's per-parameter entries meets tensors only)."""
+        return 10 * CARRIER_OPTIMIZERS.index(type(self).__name__) + BETA_SCOPES.index(self.beta_scope) \
+            if type(self).__name__ in CARRIER_OPTIMIZERS else -1
+
+    def _set_carried(self, scopes, pending: list[tuple[int, dict]]) -> None:
+        """Move the rows of `pending` (checked by _pending_carriers or _check_loadable) out of the state
+        dicts into the scope state. The rows of one scope are equal, so which tensor's lands is
+        immaterial."""
         scope_of, group_of = self._scopes_of_all()
         device, dtype = scopes.step.device, scopes.step.dtype
-        ids = [i for i, _ in carried]
-        width = self._carrier_width()
-        for i, row in carried:
-            if not isinstance(row, Tensor) or tuple(row.shape) != (width,):
-                raise ValueError(f"{type(self).__name__}: the state of parameter {i} carries scope values "
-                                 f"{tuple(row.shape) if isinstance(row, Tensor) else type(row).__name__}; this "
-                                 f"optimizer keeps ({width},) (a checkpoint of another setting)")
-        rows = torch.stack([row.to(device=device, dtype=dtype) for _, row in carried])
+        ids = [i for i, _ in pending]
+        rows = torch.stack([st.pop(SCOPE_ENTRY).to(device=device, dtype=dtype) for _, st in pending])
+        for _, st in pending:
+            st.pop(SETTING_ENTRY, None)
         scopes.set_tensor_rows(torch.tensor([scope_of[i] for i in ids], device=device),
                                torch.tensor([group_of[i] for i in ids], device=device), rows)
 
@@ -810,15 +864,20 @@ class AMOptimizer(torch.optim.Optimizer):
         (FSDP2's checkpoints) and ZeroRedundancyOptimizer (which also writes each rank's share of the
         state straight into its optimizer, never calling load_state_dict). So the "amm" entry is at the
         top of a state_dict (where torch.save keeps it; checkpoints of earlier versions have it there
-        only) and in its first param group with parameters (DCP keeps it), and each parameter's state
-        entry carries its scope's and group's values as one row (SCOPE_ENTRY; tensor_rows of the scope
-        state classes). ZeRO keeps those rows; the optimizer takes them from its live state at the next
-        step, state_dict() or read of beta (_take_pending_carriers). load_state_dict takes the scope
-        rows of "amm", then each tensor's row over them: the rows move with their tensors' state
-        however a hook renumbers the parameters, and they are right where a ZeRO checkpoint's group
-        holds an old "amm" (ZeRO copies a loaded group's keys into the live groups, which state_dict()
-        leaves out). A tool that edits a checkpoint's scope state edits the rows too. This returns
-        the "amm" entry of a state_dict, or None."""
+        only) and in its first param group with parameters (DCP keeps it), and every parameter's state
+        entry, one without state too, carries its scope's and group's values as one row (SCOPE_ENTRY;
+        tensor_rows of the scope state classes) and what they were saved under (SETTING_ENTRY: the
+        optimizer and scope mode, a 0-d CPU tensor). ZeRO keeps those and hands each rank the rows of
+        every tensor it holds; the optimizer takes them from its live state at the next step,
+        state_dict() or read of beta (_take_pending_carriers), refusing rows of another setting before
+        anything changes. (The step that takes them makes small index tensors on the device: after
+        such a load, take an eager step before capturing a CUDA graph, as a warm-up does.)
+        load_state_dict takes the scope rows of "amm", then each tensor's row over them: the rows move
+        with their tensors' state however a hook renumbers the parameters, and they are right where a
+        ZeRO checkpoint's group holds an old "amm" (ZeRO copies a loaded group's keys into the live
+        groups; this optimizer's state_dict() leaves them out, ZeRO's does not). An entry of only the
+        row loads as no state. A tool that edits a checkpoint's scope state edits the rows too. This
+        returns the "amm" entry of a state_dict, or None."""
         meta = state_dict.get(STATE_DICT_KEY)
         groups = state_dict.get("param_groups")
         if meta is None and isinstance(groups, (list, tuple)):
@@ -846,8 +905,10 @@ class AMOptimizer(torch.optim.Optimizer):
                 plain["param_groups"] = [{k: v for k, v in g.items() if k != STATE_DICT_KEY} if isinstance(g, dict)
                                          else g for g in sd["param_groups"]]
             if isinstance(sd.get("state"), dict):
-                plain["state"] = {pid: {k: v for k, v in st.items() if k != SCOPE_ENTRY} if isinstance(st, dict)
-                                  else st for pid, st in sd["state"].items()}
+                # (an entry of only the row is a parameter without state: no entry at all)
+                plain["state"] = {pid: {k: v for k, v in st.items() if k not in CARRIER_KEYS} if isinstance(st, dict)
+                                  else st for pid, st in sd["state"].items()
+                                  if not (isinstance(st, dict) and SCOPE_ENTRY in st and not set(st) - CARRIER_KEYS)}
             return plain
 
         def restore(_):
@@ -867,7 +928,7 @@ class AMOptimizer(torch.optim.Optimizer):
                 for pid, p in zip(saved_group["params"], group["params"]):
                     st = sd["state"].get(pid)
                     if isinstance(st, dict) and SCOPE_ENTRY in st:
-                        carried.append((index[id(p)], st[SCOPE_ENTRY]))
+                        carried.append((index[id(p)], dict(st)))  # (a copy: the caller's dict is left as it was)
             if carried:
                 self._set_carried(self._scopes, carried)
 
@@ -884,6 +945,14 @@ class AMOptimizer(torch.optim.Optimizer):
         the format version, the fields of _meta_fields); ValueError naming what differs."""
         name = type(self).__name__
         meta = self._meta_of(state_dict)
+        state = state_dict.get("state")
+        if meta is None and isinstance(state, dict) and any(isinstance(st, dict) and SCOPE_ENTRY in st
+                                                             for st in state.values()):
+            raise ValueError(
+                f"{name}.load_state_dict: this state_dict's parameters carry their scope values "
+                f"({SCOPE_ENTRY!r}) but it has no {STATE_DICT_KEY!r} entry: it is a ZeroRedundancyOptimizer "
+                "checkpoint (NOTE [checkpoint carriers]); load it with ZeroRedundancyOptimizer.load_state_dict"
+            )
         if meta is None:
             raise ValueError(
                 f"{name}.load_state_dict: this state_dict has no {STATE_DICT_KEY!r} entry (at its top or in a "
@@ -914,7 +983,7 @@ class AMOptimizer(torch.optim.Optimizer):
         for saved, mine in zip(state_dict["param_groups"], self.param_groups):
             for pid, p in zip(saved["params"], mine["params"]):
                 st = saved_state.get(pid)
-                if not st:
+                if not st or self.STATE_NAMES[0] not in st:
                     continue
                 dtype = state_dtype_for(p.dtype, self.state_dtype)
                 for key in self.STATE_NAMES:
@@ -944,8 +1013,10 @@ class AMOptimizer(torch.optim.Optimizer):
             param_of.update(zip(saved["params"], mine["params"]))
         width = self._carrier_width()
         for pid, st in state.items():
-            if isinstance(st, dict) and not st:
-                continue  # an entry made by reading optimizer.state[p] before p's first step: no state yet
+            if isinstance(st, dict) and SCOPE_ENTRY in st:
+                self._check_carrier(st, f"{where}: the state of parameter {pid!r}", width)
+            if isinstance(st, dict) and not set(st) - CARRIER_KEYS:
+                continue  # no state yet (an entry made by reading optimizer.state[p], or only p's scope row)
             if pid not in param_of:
                 raise ValueError(f"{where}: the state_dict has state for parameter {pid!r}, which no param group lists")
             for key, shape in self._state_shapes(param_of[pid]).items():
@@ -955,12 +1026,7 @@ class AMOptimizer(torch.optim.Optimizer):
                 if tuple(t.shape) != shape:
                     raise ValueError(f"{where}: state {key!r} of parameter {pid!r} has shape {tuple(t.shape)}; "
                                      f"the parameter needs {shape}")
-            row = st.get(SCOPE_ENTRY) if isinstance(st, dict) else None
-            if row is not None and not (isinstance(row, Tensor) and row.is_floating_point()
-                                        and tuple(row.shape) == (width,)):
-                raise ValueError(f"{where}: the state of parameter {pid!r} carries its scope's values "
-                                 f"({SCOPE_ENTRY!r}) as {tuple(row.shape) if isinstance(row, Tensor) else type(row).__name__}; "
-                                 f"this optimizer keeps them as a floating-point ({width},) tensor")
+
         if "scopes" not in meta:
             raise ValueError(f"{where}: the {STATE_DICT_KEY!r} entry has no 'scopes'")
         scopes = meta["scopes"]

@@ -572,3 +572,54 @@ def test_a_bad_scope_row_in_a_checkpoint_is_refused_before_anything_changes(cls)
     with pytest.raises(ValueError, match="carries its scope's values"):
         twin.load_state_dict(bad)
     assert_same_state(before, snapshot(twin, twin_params))
+
+
+@pytest.mark.filterwarnings("ignore:AMAdamW.*first gradient after")
+@pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
+def test_a_parameter_without_state_carries_its_scope_row_too(cls):
+    """A ZeroRedundancyOptimizer rank may hold only tensors that had no gradient before the checkpoint:
+    their entries carry their scope's row alone, so that rank's scope resumes at the checkpoint's step
+    count (and a plain load of the checkpoint gives such tensors no state)."""
+    kw = {"scope": "global"} if cls is amm_kernels.RLLC else {"beta_scope": "global"}
+    params = model_params()
+    opt = cls(params, **kw)
+    _frozen_steps(opt, params, range(3))  # tensors 2 and 3 have no state
+    saved = copy.deepcopy(opt.state_dict())
+    assert set(saved["state"][2]) == {"amm_scope", "amm_setting"}
+    held = [p.detach().clone().requires_grad_() for p in params[2:]]
+    rank = cls(held, **kw)  # the rank that holds tensors 2 and 3
+    for j, p in enumerate(held):
+        rank.state[p] = dict(saved["state"][2 + j])
+    set_grads(held, 3)
+    rank.step()
+    assert rank._scopes.step.tolist() == [4.0]
+    plain = cls(params, **kw)
+    plain.load_state_dict(saved)
+    assert set(plain.state) == set(params[:2])
+
+
+@pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
+def test_rows_of_another_setting_put_in_place_are_refused_before_anything_changes(cls):
+    """Rows put in place without load_state_dict (as ZeroRedundancyOptimizer does) say what they were
+    saved under: another scope mode, or another optimizer, is an error at the next step, not rows
+    written into the wrong scopes; and a ZeRO checkpoint (no "amm" entry) loaded into a plain
+    optimizer says what it is."""
+    key = "scope" if cls is amm_kernels.RLLC else "beta_scope"
+    params = model_params()
+    opt = cls(params, **{key: "tensor"})
+    take_steps(opt, params, range(2))
+    saved = copy.deepcopy(opt.state_dict())
+    other = [p.detach().clone().requires_grad_() for p in params]
+    target = cls(other, **{key: "global"})
+    for i, p in enumerate(other):
+        target.state[p] = dict(saved["state"][i])
+    before = {k: v.clone() for k, v in target._scopes.to_dict().items()}
+    set_grads(other, 2)
+    with pytest.raises(ValueError, match="was saved by .* with scope 'tensor'; this is .* with scope 'global'"):
+        target.step()
+    assert all(torch.equal(getattr(target._scopes, k), v) for k, v in before.items())
+    assert all(set(st) == set(saved["state"][i]) for i, st in enumerate(target.state[p] for p in other))
+    zero_like = {"state": saved["state"], "param_groups": [{k: v for k, v in g.items() if k != "amm"}
+                                                           for g in saved["param_groups"]]}
+    with pytest.raises(ValueError, match="ZeroRedundancyOptimizer checkpoint"):
+        cls(params, **{key: "tensor"}).load_state_dict(zero_like)
