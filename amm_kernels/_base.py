@@ -625,10 +625,11 @@ class AMOptimizer(torch.optim.Optimizer):
         device = _local(params[0]).device
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
         self._check_loss(loss)
-        self._take_pending_carriers(self._scope_state(device, dtype))  # NOTE [checkpoint carriers]
+        scopes = self._scope_state(device, dtype)
+        self._take_pending_carriers(scopes)  # NOTE [checkpoint carriers]
         return StepBatch(
             params=[], grads=[], d=[], v=None, group_of=[], scope_of=[], scope_lengths=[], present_scopes=[],
-            present_groups=[], lr=self._lr_tensor(device, dtype), weight_decay=[], scopes=self._scope_state(device, dtype),
+            present_groups=[], lr=self._lr_tensor(device, dtype), weight_decay=[], scopes=scopes,
             loss=self._loss_on(loss, device, dtype), grad_scale=_tensor_or_none(getattr(self, "grad_scale", None)),
             found_inf=_tensor_or_none(getattr(self, "found_inf", None)), process_group=process_group,
             index_cache=self._index_cache,
@@ -808,23 +809,23 @@ class AMOptimizer(torch.optim.Optimizer):
         # first a look without hashing tensors: ~25 us per 1000 tensors here
         if not any(SCOPE_ENTRY in st for st in self.state.values()):
             return []
-        pending = []
+        pending, width = [], self._carrier_width()
         for i, p in enumerate(p for g in self.param_groups for p in g["params"]):
             st = self.state.get(p)
             if st and SCOPE_ENTRY in st:
                 self._check_carrier(st, f"{type(self).__name__}: the state of parameter {i} (put in place by "
-                                        "ZeroRedundancyOptimizer.load_state_dict, or by hand)")
+                                        "ZeroRedundancyOptimizer.load_state_dict, or by hand)", width)
                 pending.append((i, st))
         return pending
 
-    def _check_carrier(self, st: dict, where: str, width: int | None = None) -> None:
-        """ValueError unless a state dict's row (NOTE [checkpoint carriers]) fits this optimizer."""
+    def _check_carrier(self, st: dict, where: str, width: int) -> None:
+        """ValueError unless a state dict's row (NOTE [checkpoint carriers]) fits this optimizer (rows
+        of `width` values)."""
         code, mine = st.get(SETTING_ENTRY), self._setting_code()
         code = int(code) if isinstance(code, Tensor) and code.numel() == 1 else code
         if code != mine:
             raise ValueError(f"{where} was saved by {_setting_name(code)}; this is {_setting_name(mine)}: "
                              "construct it with the saved optimizer and scope to load this state")
-        width = self._carrier_width() if width is None else width
         row = st[SCOPE_ENTRY]
         if not (isinstance(row, Tensor) and row.is_floating_point() and tuple(row.shape) == (width,)):
             got = tuple(row.shape) if isinstance(row, Tensor) else type(row).__name__
