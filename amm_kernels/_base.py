@@ -378,8 +378,8 @@ class AMOptimizer(torch.optim.Optimizer):
                 self._complete_scopes(batch, prev_loss)
             if late_count is not None:
                 self._report_late(late_count)
-            elif fresh and had_state and self._watches_late_tensors():  # (sharded: what this rank's state shows)
-                self._on_late_state(keys, fresh, group_of)
+            elif fresh and had_state and self._watches_late_tensors() and not torch.compiler.is_compiling():
+                self._on_late_state(keys, fresh, group_of)  # (sharded: what this rank's state shows; eager only)
             if capturing(batch.params[0].device):
                 # NOTE [kept for graphs]: a captured graph reads the tensors of _index_cache that the step
                 # used (the lrs, the index tensors) at their addresses at every replay. The cache lets

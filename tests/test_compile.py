@@ -58,6 +58,29 @@ def test_compiled_step_of_a_bfloat16_model_with_float32_state_matches_eager(cls,
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_a_tensor_joining_late_in_a_compiled_step_matches_eager():
+    """AMAdamW warns (eagerly) of a tensor joining a shared scope late (NOTE [late tensors]); a compiled
+    step skips the warning rather than breaking the graph, and steps as eager does."""
+    def run(compiled):
+        torch.manual_seed(0)
+        params = [torch.randn(5, requires_grad=True), torch.randn(3, requires_grad=True)]
+        opt = AMAdamW(params, lr=0.05, beta_scope="global", backend="torch")
+        step = torch.compile(opt.step, fullgraph=True, backend="aot_eager") if compiled else opt.step
+        for t in range(4):
+            params[0].grad = torch.full((5,), (-1.0) ** t)
+            params[1].grad = torch.full((3,), 0.5) if t >= 2 else None  # joins at step 2
+            step()
+        return [p.detach().clone() for p in params]
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eager = run(False)
+    for a, b in zip(run(True), eager):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_explain_counts_no_graph_breaks():
     model = torch.nn.Linear(4, 3)
     opt = AMAdamW(model.parameters(), backend="torch")
