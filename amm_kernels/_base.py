@@ -872,7 +872,8 @@ class AMOptimizer(torch.optim.Optimizer):
         every tensor it holds; the optimizer takes them from its live state at the next step,
         state_dict() or read of beta (_take_pending_carriers), refusing rows of another setting before
         anything changes. (The step that takes them makes small index tensors on the device: after
-        such a load, take an eager step before capturing a CUDA graph, as a warm-up does.)
+        such a load, take an eager step before capturing a CUDA graph, as a warm-up does.) A ZeRO
+        checkpoint loads into a plain optimizer too: its rows give the scope state.
         load_state_dict takes the scope rows of "amm", then each tensor's row over them: the rows move
         with their tensors' state however a hook renumbers the parameters, and they are right where a
         ZeRO checkpoint's group holds an old "amm" (ZeRO copies a loaded group's keys into the live
@@ -949,11 +950,15 @@ class AMOptimizer(torch.optim.Optimizer):
         state = state_dict.get("state")
         if meta is None and isinstance(state, dict) and any(isinstance(st, dict) and SCOPE_ENTRY in st
                                                              for st in state.values()):
-            raise ValueError(
-                f"{name}.load_state_dict: this state_dict's parameters carry their scope values "
-                f"({SCOPE_ENTRY!r}) but it has no {STATE_DICT_KEY!r} entry: it is a ZeroRedundancyOptimizer "
-                "checkpoint (NOTE [checkpoint carriers]); load it with ZeroRedundancyOptimizer.load_state_dict"
-            )
+            # a ZeroRedundancyOptimizer checkpoint (NOTE [checkpoint carriers]): no "amm" entry, but every
+            # parameter's row, each saying what it was saved under: checked, they give the scope state
+            width = self._carrier_width()
+            for pid, st in state.items():
+                if isinstance(st, dict) and SCOPE_ENTRY in st:
+                    self._check_carrier(st, f"{name}.load_state_dict: the state of parameter {pid!r}", width)
+            fresh = self.SCOPE_STATE.create(*self._scope_counts(), self._scope_init(), "cpu", torch.float32)
+            return {"format_version": FORMAT_VERSION, "optimizer": name, **self._meta_fields(),
+                    "scopes": fresh.to_dict()}
         if meta is None:
             raise ValueError(
                 f"{name}.load_state_dict: this state_dict has no {STATE_DICT_KEY!r} entry (at its top or in a "

@@ -602,8 +602,8 @@ def test_a_parameter_without_state_carries_its_scope_row_too(cls):
 def test_rows_of_another_setting_put_in_place_are_refused_before_anything_changes(cls):
     """Rows put in place without load_state_dict (as ZeroRedundancyOptimizer does) say what they were
     saved under: another scope mode, or another optimizer, is an error at the next step, not rows
-    written into the wrong scopes; and a ZeRO checkpoint (no "amm" entry) loaded into a plain
-    optimizer says what it is."""
+    written into the wrong scopes. A ZeRO checkpoint (no "amm" entry) loads into a plain optimizer
+    from its rows, of its own setting only."""
     key = "scope" if cls is amm_kernels.RLLC else "beta_scope"
     params = model_params()
     opt = cls(params, **{key: "tensor"})
@@ -621,5 +621,9 @@ def test_rows_of_another_setting_put_in_place_are_refused_before_anything_change
     assert all(set(st) == set(saved["state"][i]) for i, st in enumerate(target.state[p] for p in other))
     zero_like = {"state": saved["state"], "param_groups": [{k: v for k, v in g.items() if k != "amm"}
                                                            for g in saved["param_groups"]]}
-    with pytest.raises(ValueError, match="ZeroRedundancyOptimizer checkpoint"):
-        cls(params, **{key: "tensor"}).load_state_dict(zero_like)
+    plain = cls(params, **{key: "tensor"})
+    plain.load_state_dict(copy.deepcopy(zero_like))
+    for k, v in opt._scopes.to_dict().items():
+        assert torch.equal(getattr(plain._scopes, k), v), k
+    with pytest.raises(ValueError, match="was saved by .* with scope 'tensor'; this is .* with scope 'global'"):
+        cls(params, **{key: "global"}).load_state_dict(copy.deepcopy(zero_like))
