@@ -427,13 +427,17 @@ class AMOptimizer(torch.optim.Optimizer):
         params = [_local(p) for g in self.param_groups for p in g["params"]]
         if not params:
             return
-        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-        self._scope_state(params[0].device, dtype)
+        self._scope_state_of(params)
         for backend in {self.backend, "torch"}:
             try:
                 self._backend_module(backend, params[0].device, {p.dtype for p in params})
             except (RuntimeError, TypeError):
                 pass  # step() raises it, with the same message, if it still applies then
+
+    def _scope_state_of(self, params: list[Tensor]):
+        """The scope state on the (local) parameters' device, float64 if one of them is, else float32."""
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        return self._scope_state(params[0].device, dtype)
 
     def _reduce_group(self, params: list[Tensor]):
         """The group the sums are all-reduced over: `process_group` if given; else, for DTensor
@@ -758,14 +762,9 @@ class AMOptimizer(torch.optim.Optimizer):
         if meta["scopes"] is None:
             return sd
         # every parameter gets its row, those without state too (a ZeRO rank may hold only such tensors
-        # of a scope); saved ids are paired with the live parameters' positions through the groups (a
-        # state_dict post-hook may have keyed them otherwise than torch's integers)
-        position = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        ids, where = [], []
-        for saved, group in zip(sd["param_groups"], self.param_groups):
-            for pid, p in zip(saved["params"], group["params"]):
-                ids.append(pid)
-                where.append(position[id(p)])
+        # of a scope)
+        pairs = self._paired_with_saved(sd)
+        ids, where = [pid for pid, _, _ in pairs], [i for _, _, i in pairs]
         if ids:
             scope_of, group_of = self._scopes_of_all()
             device = meta["scopes"]["step"].device
@@ -787,6 +786,16 @@ class AMOptimizer(torch.optim.Optimizer):
                 group_of.append(gi)
         return scope_of, group_of
 
+    def _paired_with_saved(self, state_dict: dict[str, Any]) -> list[tuple[Any, Tensor, int]]:
+        """(saved id, live parameter, its position in param_groups order) for every parameter, paired
+        through the param groups as torch.optim pairs them (ids need not be 0..n-1: a hook may key
+        them by name)."""
+        pairs, offset = [], 0
+        for saved, group in zip(state_dict["param_groups"], self.param_groups):
+            pairs += [(pid, p, i) for i, (pid, p) in enumerate(zip(saved["params"], group["params"]), start=offset)]
+            offset += len(group["params"])
+        return pairs
+
     def _take_pending_carriers(self, scopes=None) -> None:
         """NOTE [checkpoint carriers]: per-parameter state put in place without load_state_dict
         (ZeroRedundancyOptimizer.load_state_dict writes each rank's share of a checkpoint straight into
@@ -797,9 +806,7 @@ class AMOptimizer(torch.optim.Optimizer):
         if not pending:
             return
         if scopes is None:
-            params = [_local(p) for g in self.param_groups for p in g["params"]]
-            dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-            scopes = self._scope_state(params[0].device, dtype)
+            scopes = self._scope_state_of([_local(p) for g in self.param_groups for p in g["params"]])
         self._set_carried(scopes, pending)
 
     def _pending_carriers(self) -> list[tuple[int, dict]]:
@@ -924,13 +931,11 @@ class AMOptimizer(torch.optim.Optimizer):
                 return
             device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
             self._scopes = self.SCOPE_STATE.from_dict(saved, device, saved["step"].dtype)
-            index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
             carried = []
-            for saved_group, group in zip(sd["param_groups"], self.param_groups):
-                for pid, p in zip(saved_group["params"], group["params"]):
-                    st = sd["state"].get(pid)
-                    if isinstance(st, dict) and SCOPE_ENTRY in st:
-                        carried.append((index[id(p)], dict(st)))  # (a copy: the caller's dict is left as it was)
+            for pid, _, i in self._paired_with_saved(sd):
+                st = sd["state"].get(pid)
+                if isinstance(st, dict) and SCOPE_ENTRY in st:
+                    carried.append((i, dict(st)))  # (a copy: the caller's dict is left as it was)
             if carried:
                 self._set_carried(self._scopes, carried)
 
@@ -986,15 +991,14 @@ class AMOptimizer(torch.optim.Optimizer):
         float32 state of a bfloat16 parameter to bfloat16. Under state_dtype (NOTE [state dtype] in
         _hyper.py) such state is taken again from the state_dict, cast from what was saved."""
         saved_state = state_dict["state"]
-        for saved, mine in zip(state_dict["param_groups"], self.param_groups):
-            for pid, p in zip(saved["params"], mine["params"]):
-                st = saved_state.get(pid)
-                if not st or self.STATE_NAMES[0] not in st:
-                    continue
-                dtype = state_dtype_for(p.dtype, self.state_dtype)
-                for key in self.STATE_NAMES:
-                    if self.state[p][key].dtype != dtype:
-                        self.state[p][key] = st[key].to(device=p.device, dtype=dtype)
+        for pid, p, _ in self._paired_with_saved(state_dict):
+            st = saved_state.get(pid)
+            if not st or self.STATE_NAMES[0] not in st:
+                continue
+            dtype = state_dtype_for(p.dtype, self.state_dtype)
+            for key in self.STATE_NAMES:
+                if self.state[p][key].dtype != dtype:
+                    self.state[p][key] = st[key].to(device=p.device, dtype=dtype)
 
     def _check_loadable(self, state_dict: dict[str, Any], meta: dict[str, Any]) -> None:
         """Raise ValueError, naming what is wrong, unless every part of state_dict fits this optimizer:
