@@ -31,6 +31,15 @@ CARRIER_KEYS = frozenset((SCOPE_ENTRY, SETTING_ENTRY))
 FORMAT_VERSION = 1
 
 
+def _carries_row(st) -> bool:
+    """Whether a parameter's state entry holds a checkpoint's row (NOTE [checkpoint carriers]): anything
+    under SCOPE_ENTRY but the empty stand-in that the live state keeps there."""
+    if not isinstance(st, dict) or SCOPE_ENTRY not in st:
+        return False
+    row = st[SCOPE_ENTRY]
+    return not (isinstance(row, Tensor) and row.numel() == 0)
+
+
 def _on_device(x, dtype: torch.dtype, device: torch.device) -> Tensor:
     """x (a number, or a 1-element tensor on any device) as a 0-d `dtype` tensor on `device`, made there
     (NOTE [no copies from the host]): a host value, a CPU tensor's too, becomes a fill."""
@@ -274,6 +283,8 @@ class AMOptimizer(torch.optim.Optimizer):
             dtype = state_dtype_for(k.dtype, self.state_dtype)
             old = {key: st[key] for key in self.STATE_NAMES if st[key].dtype != dtype}
             if old:
+                if not _carries_row(st):  # the stand-ins (NOTE [checkpoint carriers]) follow the state
+                    old.update({key: st[key] for key in CARRIER_KEYS if key in st})
                 replaced.append((st, old))
                 st.update({key: t.to(dtype) for key, t in old.items()})
         return replaced
@@ -531,12 +542,12 @@ class AMOptimizer(torch.optim.Optimizer):
         d, v = [], ([] if len(names) > 1 else None)
         fresh = []
         recast = carried = False
-        n_names = len(names)
         for i, k in enumerate(keys):
             st = self.state[k]
             first = st.get(names[0])
-            if first is None or len(st) != n_names:  # no state yet, or a checkpoint's row (NOTE [checkpoint carriers])
-                carried |= SCOPE_ENTRY in st
+            row = st.get(SCOPE_ENTRY)  # live state: an empty stand-in (NOTE [checkpoint carriers])
+            if first is None or row is None or not isinstance(row, Tensor) or row.numel():
+                carried |= row is not None  # no state yet, no stand-in, or a checkpoint's row: looked at below
                 if first is None:
                     fresh.append(i)
                     d.append(None)
@@ -552,6 +563,8 @@ class AMOptimizer(torch.optim.Optimizer):
         for i in fresh:
             st = self.state[keys[i]]
             st.update(self._new_param_state(keys[i]))
+            if SCOPE_ENTRY not in st:  # (a checkpoint's row is taken below, and leaves stand-ins)
+                self._add_stand_ins(st)
             d[i] = st[names[0]]
             if v is not None:
                 v[i] = st[names[1]]
@@ -759,7 +772,7 @@ class AMOptimizer(torch.optim.Optimizer):
         carrier = next((g for g in sd["param_groups"] if g["params"]), None)
         if carrier is not None:
             carrier[STATE_DICT_KEY] = meta  # the same object: torch.save writes it once
-        if meta["scopes"] is None:
+        if meta["scopes"] is None:  # (nothing has stepped: no state, so no stand-ins either)
             return sd
         # every parameter gets its row, those without state too (a ZeRO rank may hold only such tensors
         # of a scope)
@@ -813,13 +826,18 @@ class AMOptimizer(torch.optim.Optimizer):
         """[(position of the parameter in param_groups order, its state dict)] for the state dicts that
         carry a checkpoint's row, each checked (ValueError, before anything changes, for a row of another
         optimizer or scope mode, or of another width). Host only."""
-        # first a look without hashing tensors: ~25 us per 1000 tensors here
-        if not any(SCOPE_ENTRY in st for st in self.state.values()):
+        # first a look without hashing tensors (~80 us per 1000 tensors here): the live state holds
+        # empty stand-ins there
+        for st in self.state.values():
+            row = st.get(SCOPE_ENTRY)
+            if row is not None and (not isinstance(row, Tensor) or row.numel()):
+                break
+        else:
             return []
         pending, width = [], self._carrier_width()
         for i, p in enumerate(p for g in self.param_groups for p in g["params"]):
             st = self.state.get(p)
-            if st and SCOPE_ENTRY in st:
+            if _carries_row(st):
                 self._check_carrier(st, f"{type(self).__name__}: the state of parameter {i} (put in place by "
                                         "ZeroRedundancyOptimizer.load_state_dict, or by hand)", width)
                 pending.append((i, st))
@@ -855,8 +873,15 @@ class AMOptimizer(torch.optim.Optimizer):
         rows = torch.stack([st.pop(SCOPE_ENTRY).to(device=device, dtype=dtype) for _, st in pending])
         for _, st in pending:
             st.pop(SETTING_ENTRY, None)
+            if self.STATE_NAMES[0] in st:
+                self._add_stand_ins(st)
         scopes.set_tensor_rows(torch.tensor([scope_of[i] for i in ids], device=device),
                                torch.tensor([group_of[i] for i in ids], device=device), rows)
+
+    def _add_stand_ins(self, st: dict) -> None:
+        """Put the empty stand-ins of the carriers in a parameter's live state (NOTE [checkpoint carriers]):
+        a tool that rebuilds a state_dict from the keys the live state has keeps the rows under them."""
+        st[SCOPE_ENTRY] = st[SETTING_ENTRY] = _local(st[self.STATE_NAMES[0]]).new_empty(0)
 
     def _carrier_width(self) -> int:
         """The length of a parameter's scope-values row (NOTE [checkpoint carriers])."""
@@ -881,6 +906,13 @@ class AMOptimizer(torch.optim.Optimizer):
         anything changes. (The step that takes them makes small index tensors on the device: after
         such a load, take an eager step before capturing a CUDA graph, as a warm-up does.) A ZeRO
         checkpoint loads into a plain optimizer too: its rows give the scope state.
+        DCP with flatten_optimizer_state_dict=True (torchtitan's, OLMo-core's checkpoints) goes further:
+        the state_dict it loads is rebuilt from the keys the live optimizer has, each param group's keys
+        and each parameter's state keys, so "amm" is lost and the rows come back only under keys the
+        live state has. So a parameter's live state keeps empty stand-ins under both keys (one empty
+        tensor of the state's dtype and device, made with the state, after a load, after a row is taken,
+        and cast with the state): the flattened load brings every tensor's row, as ZeRO's does, and an
+        empty SCOPE_ENTRY is never a row (_carries_row). state_dict() puts the rows in their place.
         load_state_dict takes the scope rows of "amm", then each tensor's row over them: the rows move
         with their tensors' state however a hook renumbers the parameters, and they are right where a
         ZeRO checkpoint's group holds an old "amm" (ZeRO copies a loaded group's keys into the live
@@ -917,13 +949,16 @@ class AMOptimizer(torch.optim.Optimizer):
                 # (an entry of only the row is a parameter without state: no entry at all)
                 plain["state"] = {pid: {k: v for k, v in st.items() if k not in CARRIER_KEYS} if isinstance(st, dict)
                                   else st for pid, st in sd["state"].items()
-                                  if not (isinstance(st, dict) and SCOPE_ENTRY in st and not set(st) - CARRIER_KEYS)}
+                                  if not (isinstance(st, dict) and st and not set(st) - CARRIER_KEYS)}
             return plain
 
         def restore(_):
             sd = loaded["state_dict"]
             if self.state_dtype is not None:
                 self._restore_wide_state(sd)
+            for st in self.state.values():  # (torch.optim loaded the state without the carriers)
+                if self.STATE_NAMES[0] in st:
+                    self._add_stand_ins(st)
             saved = loaded["meta"]["scopes"]
             if saved is None:
                 self._scopes = None
@@ -934,7 +969,7 @@ class AMOptimizer(torch.optim.Optimizer):
             carried = []
             for pid, _, i in self._paired_with_saved(sd):
                 st = sd["state"].get(pid)
-                if isinstance(st, dict) and SCOPE_ENTRY in st:
+                if _carries_row(st):
                     carried.append((i, dict(st)))  # (a copy: the caller's dict is left as it was)
             if carried:
                 self._set_carried(self._scopes, carried)
@@ -953,13 +988,12 @@ class AMOptimizer(torch.optim.Optimizer):
         name = type(self).__name__
         meta = self._meta_of(state_dict)
         state = state_dict.get("state")
-        if meta is None and isinstance(state, dict) and any(isinstance(st, dict) and SCOPE_ENTRY in st
-                                                             for st in state.values()):
+        if meta is None and isinstance(state, dict) and any(_carries_row(st) for st in state.values()):
             # a ZeroRedundancyOptimizer checkpoint (NOTE [checkpoint carriers]): no "amm" entry, but every
             # parameter's row, each saying what it was saved under: checked, they give the scope state
             width = self._carrier_width()
             for pid, st in state.items():
-                if isinstance(st, dict) and SCOPE_ENTRY in st:
+                if _carries_row(st):
                     self._check_carrier(st, f"{name}.load_state_dict: the state of parameter {pid!r}", width)
             fresh = self.SCOPE_STATE.create(*self._scope_counts(), self._scope_init(), "cpu", torch.float32)
             return {"format_version": FORMAT_VERSION, "optimizer": name, **self._meta_fields(),
@@ -967,9 +1001,9 @@ class AMOptimizer(torch.optim.Optimizer):
         if meta is None:
             raise ValueError(
                 f"{name}.load_state_dict: this state_dict has no {STATE_DICT_KEY!r} entry (at its top or in a "
-                f"param group), so it was not saved by an amm_kernels optimizer, or a tool kept only the "
-                f"keys the live optimizer has (torch.distributed.checkpoint with flatten_optimizer_state_dict=True "
-                f"does; save without it) (keys: {sorted(state_dict)})"
+                f"param group) and no parameter's {SCOPE_ENTRY!r} row, so it was not saved by an amm_kernels "
+                f"optimizer (or by one older than the rows, and a tool kept only its 'state' and 'param_groups') "
+                f"(keys: {sorted(state_dict)})"
             )
         if meta.get("optimizer") != name:
             raise ValueError(f"{name}.load_state_dict: this state_dict was saved by {meta.get('optimizer')}, not {name}")
@@ -1023,7 +1057,7 @@ class AMOptimizer(torch.optim.Optimizer):
             param_of.update(zip(saved["params"], mine["params"]))
         width = self._carrier_width()
         for pid, st in state.items():
-            if isinstance(st, dict) and SCOPE_ENTRY in st:
+            if _carries_row(st):
                 self._check_carrier(st, f"{where}: the state of parameter {pid!r}", width)
             if isinstance(st, dict) and not set(st) - CARRIER_KEYS:
                 continue  # no state yet (an entry made by reading optimizer.state[p], or only p's scope row)

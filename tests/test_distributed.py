@@ -195,7 +195,7 @@ def build_model(kind, cls_name, world, backend):
     if cls_name.endswith("-bf16"):
         model = model.to(torch.bfloat16)
     layers = (model[0], model[2])
-    if kind == "fsdp":
+    if kind.startswith("fsdp"):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -228,21 +228,26 @@ def build_model(kind, cls_name, world, backend):
 def resumed_from_checkpoint(kind, cls_name, world, backend, model, opt, folder):
     """A fresh model and optimizer of `kind` loaded from a checkpoint of (model, opt), as each kind's
     users checkpoint: FSDP2 through torch.distributed.checkpoint (get_state_dict, dcp.save, dcp.load,
-    set_state_dict); ZeroRedundancyOptimizer through consolidate_state_dict on rank 0, the whole dict
-    handed to every rank (its load_state_dict takes each rank's share). NOTE [checkpoint carriers] in
-    _base.py: neither keeps more of an optimizer's state_dict than its "state" and "param_groups"."""
+    set_state_dict), "fsdp-flat" with flatten_optimizer_state_dict=True (as torchtitan does);
+    ZeroRedundancyOptimizer through consolidate_state_dict on rank 0, the whole dict handed to every
+    rank (its load_state_dict takes each rank's share). NOTE [checkpoint carriers] in _base.py: none
+    keeps more of an optimizer's state_dict than its "state" and "param_groups", and the flattened one
+    only the keys the live optimizer has."""
     new_model, new_opt = build_model(kind, cls_name, world, backend)
-    if kind == "fsdp":
+    if kind.startswith("fsdp"):
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-        saved_model, saved_optim = get_state_dict(model, opt)
-        path = os.path.join(folder, f"dcp-{cls_name}-{backend}")
+        options = StateDictOptions(flatten_optimizer_state_dict=kind == "fsdp-flat")
+        saved_model, saved_optim = get_state_dict(model, opt, options=options)
+        path = os.path.join(folder, f"dcp-{kind}-{cls_name}-{backend}")
         dcp.save({"model": saved_model, "optim": saved_optim}, checkpoint_id=path)
-        template_model, template_optim = get_state_dict(new_model, new_opt)  # (DCP steps new_opt with zero grads)
+        # (DCP steps new_opt with zero grads first)
+        template_model, template_optim = get_state_dict(new_model, new_opt, options=options)
         loaded = {"model": template_model, "optim": template_optim}
         dcp.load(loaded, checkpoint_id=path)
-        set_state_dict(new_model, new_opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+        set_state_dict(new_model, new_opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"],
+                       options=options)
     else:
         opt.consolidate_state_dict(to=0)
         whole = [opt.state_dict() if dist.get_rank() == 0 else None]
@@ -299,7 +304,7 @@ def worker(rank, world, port, out_path):
                     results[(layout, name, backend)] = run_hand_sharded(name, backend, rank, world, group, layout=layout)
             for name in LATE_CASES:
                 results[("late", name, backend)] = run_late_join(name, backend, rank, world, group)
-            for kind in ("fsdp", "zero"):
+            for kind in ("fsdp", "fsdp-flat", "zero"):
                 for cls_name in RESUME_CASES:
                     results[(f"{kind}-resumed", cls_name, backend)] = run_model(
                         kind, cls_name, rank, world, backend, resume_at=3, folder=os.path.dirname(out_path))
@@ -471,16 +476,16 @@ def test_fsdp2_and_ddp_match_single_process(ranks, kind, cls_name, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls_name", RESUME_CASES)
-@pytest.mark.parametrize("kind", ["fsdp", "zero"])
+@pytest.mark.parametrize("kind", ["fsdp", "fsdp-flat", "zero"])
 def test_a_checkpoint_resumes_as_the_run_without_one(ranks, kind, cls_name, backend):
-    """FSDP2 through torch.distributed.checkpoint, ZeroRedundancyOptimizer through its consolidated
-    state_dict, each after step 3 into a fresh model and optimizer: the betas and parameters are the
-    single process's (a lost step count or beta would change them: AMSGD's first-step rule, AMAdamW's
+    """FSDP2 through torch.distributed.checkpoint (also with flatten_optimizer_state_dict=True),
+    ZeroRedundancyOptimizer through its consolidated state_dict, each after step 3 into a fresh model
+    and optimizer: the betas and parameters are the single process's (a lost step count or beta would change them: AMSGD's first-step rule, AMAdamW's
     bias corrections)."""
     got = results_of(ranks, (f"{kind}-resumed", cls_name, backend))
     betas, params, _, _ = run_model("single", cls_name)
     for got_betas, got_params, held, _ in got:
-        if kind == "fsdp":
+        if kind.startswith("fsdp"):
             assert_model_close(cls_name, got_betas, betas)
         elif cls_name != "AMAdamW":  # (under ZeRO AMAdamW's per-tensor betas are each rank's own tensors')
             # a rank that ZeRO left none of a group's tensors has no state to carry that group's step

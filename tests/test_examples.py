@@ -65,7 +65,7 @@ def test_tensorboard_example_logs_every_steps_betas(example, capsys):
 TORCHRUN_EXAMPLE = EXAMPLE.parent / "torchrun_ddp_fsdp.py"
 
 
-def _torchrun(mode):
+def _torchrun(mode, *args):
     import os
     import subprocess
 
@@ -75,7 +75,7 @@ def _torchrun(mode):
         pytest.skip("torch.distributed with gloo is not available")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                          str(TORCHRUN_EXAMPLE), "--mode", mode, "--cpu", "--steps", "6"],
+                          str(TORCHRUN_EXAMPLE), "--mode", mode, "--cpu", *(args or ("--steps", "6"))],
                          env=env, capture_output=True, text=True, timeout=120)
     assert "2 ranks done" in out.stdout.splitlines(), out.stdout + out.stderr[-3000:]
     if out.returncode != 0:
@@ -93,3 +93,14 @@ def test_torchrun_example_fsdp_matches_ddp_on_cpu():
     prints the same losses and betas as DDP (each rank the whole model), step for step."""
     fsdp, ddp = _torchrun("fsdp"), _torchrun("ddp")
     assert len(fsdp) == 2 and fsdp == ddp, (fsdp, ddp)  # steps 0 and 5
+
+
+def test_torchrun_example_resumes_from_its_checkpoint_as_the_run_without_one(tmp_path):
+    """The example's checkpoint (torch.distributed.checkpoint, flattened as torchtitan saves it) after
+    step 3 of 6, loaded by a fresh launch: its last step prints the loss and beta of the run without a
+    checkpoint (NOTE [checkpoint carriers]: the scope state resumes with the parameters and moments)."""
+    folder = str(tmp_path / "ckpt")
+    straight = _torchrun("fsdp", "--steps", "6")
+    _torchrun("fsdp", "--steps", "3", "--save", folder)
+    resumed = _torchrun("fsdp", "--steps", "6", "--load", folder)
+    assert len(straight) == 2 and resumed == straight[1:], (straight, resumed)  # step 5

@@ -528,7 +528,7 @@ def test_state_written_straight_into_the_optimizer_brings_its_scope_values(cls, 
         assert torch.equal(a, b)
     for k, v in straight._scopes.to_dict().items():
         assert torch.equal(getattr(resumed._scopes, k), v), k
-    assert all("amm_scope" not in st for st in resumed.state.values())
+    assert all(st["amm_scope"].numel() == 0 for st in resumed.state.values())  # rows taken: stand-ins left
 
 
 @pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
@@ -627,3 +627,57 @@ def test_rows_of_another_setting_put_in_place_are_refused_before_anything_change
         assert torch.equal(getattr(plain._scopes, k), v), k
     with pytest.raises(ValueError, match="was saved by .* with scope 'tensor'; this is .* with scope 'global'"):
         cls(params, **{key: "global"}).load_state_dict(copy.deepcopy(zero_like))
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP in one process
+@pytest.mark.filterwarnings("ignore:AMAdamW.*first gradient after")
+@pytest.mark.parametrize("scope", ["global", "group", "tensor"])
+@pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
+def test_a_flattened_distributed_checkpoint_resumes_exactly(cls, scope, tmp_path):
+    """torch.distributed.checkpoint with flatten_optimizer_state_dict=True (as torchtitan and OLMo-core
+    checkpoint) rebuilds the state_dict it hands load_state_dict from the keys the live optimizer has:
+    its param groups' keys and each parameter's state keys, so the "amm" entry is dropped. The live
+    state keeps empty stand-ins under the rows' keys (NOTE [checkpoint carriers]): every tensor's row
+    comes back, and the run goes on exactly as one without the checkpoint (the same betas, step counts
+    and parameters; a lost step count changes AMSGD's first step and AMAdamW's bias corrections)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    key = "scope" if cls is amm_kernels.RLLC else "beta_scope"
+
+    def build():
+        model = torch.nn.ParameterList(model_params())
+        params = list(model)
+        return model, params, cls([{"params": params[:2], "lr": 0.03}, {"params": params[2:], "lr": 0.01}],
+                                  **{key: scope})
+
+    def steps(opt, params, which):  # tensors 2 and 3 join at step 1; step 3 has gradients for them only
+        for t in which:
+            set_grads(params, t)
+            for i in {0: (2, 3), 3: (0, 1)}.get(t, ()):
+                params[i].grad = None
+            opt.step()
+
+    _, params, straight = build()
+    steps(straight, params, range(5))
+
+    model, params, opt = build()
+    steps(opt, params, range(3))  # (DCP loads only state the checkpoint has: every tensor has some here)
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    saved = get_optimizer_state_dict(model, opt, options=flat)
+    assert not any(k.endswith(".amm_scope") and v.numel() == 0 for k, v in saved.items())  # rows, not stand-ins
+    dcp.save({"optim": saved}, checkpoint_id=tmp_path)
+
+    new_model, new_params, resumed = build()
+    with torch.no_grad():
+        for a, b in zip(new_params, params):
+            a.copy_(b)
+    template = {"optim": get_optimizer_state_dict(new_model, resumed, options=flat)}  # (steps it with zero grads)
+    dcp.load(template, checkpoint_id=tmp_path)
+    set_optimizer_state_dict(new_model, resumed, template["optim"], options=flat)
+    steps(resumed, new_params, range(3, 5))
+    for a, b in zip(new_params, [p for g in straight.param_groups for p in g["params"]]):
+        assert torch.equal(a, b)
+    for k, v in straight._scopes.to_dict().items():
+        assert torch.equal(getattr(resumed._scopes, k), v), k
