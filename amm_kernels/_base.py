@@ -33,11 +33,18 @@ FORMAT_VERSION = 1
 
 def _carries_row(st) -> bool:
     """Whether a parameter's state entry holds a checkpoint's row (NOTE [checkpoint carriers]): anything
-    under SCOPE_ENTRY but the empty stand-in that the live state keeps there."""
+    under SCOPE_ENTRY but the 0-d stand-in that the live state keeps there (or an empty tensor)."""
     if not isinstance(st, dict) or SCOPE_ENTRY not in st:
         return False
     row = st[SCOPE_ENTRY]
-    return not (isinstance(row, Tensor) and row.numel() == 0)
+    return not (isinstance(row, Tensor) and (row.dim() == 0 or row.numel() == 0))
+
+
+def _needs_stand_ins(st: dict, first_name: str) -> bool:
+    """Whether a parameter's live state has state tensors but neither stand-ins nor a row under the
+    carriers' keys (state made by hand, or pickled before the stand-ins; NOTE [checkpoint carriers])."""
+    row = st.get(SCOPE_ENTRY)
+    return first_name in st and not (isinstance(row, Tensor) and row.dim() == 0) and not _carries_row(st)
 
 
 def _on_device(x, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -152,6 +159,10 @@ class AMOptimizer(torch.optim.Optimizer):
             self.defaults.pop("differentiable", None)
         self._index_cache, self._in_graphs, self._device_tables, self._resolved = {}, {}, {}, {}
         self.__dict__.setdefault("state_dtype", None)  # pickled before state_dtype existed
+        made = {}
+        for st in self.state.values():  # pickled before the stand-ins (NOTE [checkpoint carriers])
+            if _needs_stand_ins(st, self.STATE_NAMES[0]):
+                self._add_stand_ins(st, made)
         self._late_pending = []
         self._wide = self._wide_args()
         self._wide_names = frozenset(self._wide)
@@ -540,13 +551,13 @@ class AMOptimizer(torch.optim.Optimizer):
         state_dtype = self.state_dtype
         had_state = len(self.state) > 0
         d, v = [], ([] if len(names) > 1 else None)
-        fresh = []
+        fresh, unmarked = [], []
         recast = carried = False
         for i, k in enumerate(keys):
             st = self.state[k]
             first = st.get(names[0])
-            row = st.get(SCOPE_ENTRY)  # live state: an empty stand-in (NOTE [checkpoint carriers])
-            if first is None or row is None or not isinstance(row, Tensor) or row.numel():
+            row = st.get(SCOPE_ENTRY)  # live state: a 0-d stand-in (NOTE [checkpoint carriers])
+            if first is None or row is None or not isinstance(row, Tensor) or row.dim():
                 carried |= row is not None  # no state yet, no stand-in, or a checkpoint's row: looked at below
                 if first is None:
                     fresh.append(i)
@@ -554,17 +565,22 @@ class AMOptimizer(torch.optim.Optimizer):
                     if v is not None:
                         v.append(None)
                     continue
+                if _needs_stand_ins(st, names[0]):
+                    unmarked.append(i)  # state made by hand, or a legacy stand-in
             recast |= first.dtype is not (k.dtype if state_dtype is None else state_dtype_for(k.dtype, state_dtype))
             d.append(first)
             if v is not None:
                 v.append(st[names[1]])
         # checked before any state is made (raises on rows saved under another setting)
         pending = self._pending_carriers() if carried or (fresh and had_state) else []
+        stand_ins = {}
+        for i in unmarked:
+            self._add_stand_ins(self.state[keys[i]], stand_ins)
         for i in fresh:
             st = self.state[keys[i]]
             st.update(self._new_param_state(keys[i]))
             if SCOPE_ENTRY not in st:  # (a checkpoint's row is taken below, and leaves stand-ins)
-                self._add_stand_ins(st)
+                self._add_stand_ins(st, stand_ins)
             d[i] = st[names[0]]
             if v is not None:
                 v[i] = st[names[1]]
@@ -756,8 +772,9 @@ class AMOptimizer(torch.optim.Optimizer):
     # state_dict
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state_dict, and the optimizer's own entry (the scope state and what it must
-        match) under "amm", at the top and in the first param group with parameters, and each
-        parameter's scope values in its state entry (NOTE [checkpoint carriers])."""
+        match) under "amm", and each parameter's scope values in its state entry (before any step,
+        when there are none, "amm" in the first param group with parameters instead: NOTE [checkpoint
+        carriers])."""
         self._take_pending_carriers()
         sd = super().state_dict()
         meta = {
@@ -767,12 +784,12 @@ class AMOptimizer(torch.optim.Optimizer):
             "scopes": None if self._scopes is None else self._scopes.to_dict(),
         }
         sd[STATE_DICT_KEY] = meta
-        for group in sd["param_groups"]:  # DCP drops the extra keys of a group without parameters
-            group.pop(STATE_DICT_KEY, None)  # (one a ZeroRedundancyOptimizer copied into the live groups)
-        carrier = next((g for g in sd["param_groups"] if g["params"]), None)
-        if carrier is not None:
-            carrier[STATE_DICT_KEY] = meta  # the same object: torch.save writes it once
-        if meta["scopes"] is None:  # (nothing has stepped: no state, so no stand-ins either)
+        for group in sd["param_groups"]:  # (one a ZeroRedundancyOptimizer copied into the live groups)
+            group.pop(STATE_DICT_KEY, None)
+        if meta["scopes"] is None:  # nothing has stepped (no state, so no stand-ins either)
+            carrier = next((g for g in sd["param_groups"] if g["params"]), None)  # (DCP drops the extra
+            if carrier is not None:  # keys of a group without parameters)
+                carrier[STATE_DICT_KEY] = meta  # the same object: torch.save writes it once
             return sd
         # every parameter gets its row, those without state too (a ZeRO rank may hold only such tensors
         # of a scope)
@@ -827,10 +844,10 @@ class AMOptimizer(torch.optim.Optimizer):
         carry a checkpoint's row, each checked (ValueError, before anything changes, for a row of another
         optimizer or scope mode, or of another width). Host only."""
         # first a look without hashing tensors (~80 us per 1000 tensors here): the live state holds
-        # empty stand-ins there
+        # 0-d stand-ins there
         for st in self.state.values():
             row = st.get(SCOPE_ENTRY)
-            if row is not None and (not isinstance(row, Tensor) or row.numel()):
+            if row is not None and (not isinstance(row, Tensor) or row.dim()) and _carries_row(st):
                 break
         else:
             return []
@@ -847,7 +864,8 @@ class AMOptimizer(torch.optim.Optimizer):
         """ValueError unless a state dict's row (NOTE [checkpoint carriers]) fits this optimizer (rows
         of `width` values)."""
         code, mine = st.get(SETTING_ENTRY), self._setting_code()
-        code = int(code) if isinstance(code, Tensor) and code.numel() == 1 else code
+        if isinstance(code, Tensor):
+            code = int(code) if code.numel() == 1 and not code.is_floating_point() else None
         if code != mine:
             raise ValueError(f"{where} was saved by {_setting_name(code)}; this is {_setting_name(mine)}: "
                              "construct it with the saved optimizer and scope to load this state")
@@ -878,10 +896,19 @@ class AMOptimizer(torch.optim.Optimizer):
         scopes.set_tensor_rows(torch.tensor([scope_of[i] for i in ids], device=device),
                                torch.tensor([group_of[i] for i in ids], device=device), rows)
 
-    def _add_stand_ins(self, st: dict) -> None:
-        """Put the empty stand-ins of the carriers in a parameter's live state (NOTE [checkpoint carriers]):
-        a tool that rebuilds a state_dict from the keys the live state has keeps the rows under them."""
-        st[SCOPE_ENTRY] = st[SETTING_ENTRY] = _local(st[self.STATE_NAMES[0]]).new_empty(0)
+    def _add_stand_ins(self, st: dict, made: dict | None = None) -> None:
+        """Put the stand-ins of the carriers in a parameter's live state (NOTE [checkpoint carriers]): a
+        tool that rebuilds a state_dict from the keys the live state has keeps the rows under them. One
+        0-d zero in the state's dtype and device, shared through `made` by the calls of one step."""
+        first = _local(st[self.STATE_NAMES[0]])
+        key = (first.device, first.dtype)
+        if made is None or key not in made:
+            stand_in = first.new_zeros(())
+            if made is None:
+                st[SCOPE_ENTRY] = st[SETTING_ENTRY] = stand_in
+                return
+            made[key] = stand_in
+        st[SCOPE_ENTRY] = st[SETTING_ENTRY] = made[key]
 
     def _carrier_width(self) -> int:
         """The length of a parameter's scope-values row (NOTE [checkpoint carriers])."""
@@ -892,27 +919,34 @@ class AMOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _meta_of(state_dict: dict[str, Any]):
         """NOTE [checkpoint carriers]: the optimizer-wide state (the scope state: step counts, beta, ...)
-        is not torch.optim's, and the tools that rebuild an optimizer's state_dict from its "state" and
-        "param_groups" alone drop a top-level entry: torch.distributed.checkpoint's get/set_state_dict
-        (FSDP2's checkpoints) and ZeroRedundancyOptimizer (which also writes each rank's share of the
-        state straight into its optimizer, never calling load_state_dict). So the "amm" entry is at the
-        top of a state_dict (where torch.save keeps it; checkpoints of earlier versions have it there
-        only) and in its first param group with parameters (DCP keeps it), and every parameter's state
-        entry, one without state too, carries its scope's and group's values as one row (SCOPE_ENTRY;
-        tensor_rows of the scope state classes) and what they were saved under (SETTING_ENTRY: the
-        optimizer and scope mode, a 0-d CPU tensor). ZeRO keeps those and hands each rank the rows of
-        every tensor it holds; the optimizer takes them from its live state at the next step,
-        state_dict() or read of beta (_take_pending_carriers), refusing rows of another setting before
-        anything changes. (The step that takes them makes small index tensors on the device: after
-        such a load, take an eager step before capturing a CUDA graph, as a warm-up does.) A ZeRO
-        checkpoint loads into a plain optimizer too: its rows give the scope state.
-        DCP with flatten_optimizer_state_dict=True (torchtitan's, OLMo-core's checkpoints) goes further:
-        the state_dict it loads is rebuilt from the keys the live optimizer has, each param group's keys
-        and each parameter's state keys, so "amm" is lost and the rows come back only under keys the
-        live state has. So a parameter's live state keeps empty stand-ins under both keys (one empty
-        tensor of the state's dtype and device, made with the state, after a load, after a row is taken,
-        and cast with the state): the flattened load brings every tensor's row, as ZeRO's does, and an
-        empty SCOPE_ENTRY is never a row (_carries_row). state_dict() puts the rows in their place.
+        is not torch.optim's, and three tools rebuild an optimizer's state_dict without a top-level entry:
+        - torch.distributed.checkpoint's get/set_state_dict (FSDP2's checkpoints) keep only "state" and
+          "param_groups";
+        - with flatten_optimizer_state_dict=True (torchtitan's, OLMo-core's checkpoints) they keep only
+          the keys the live optimizer has: each param group's keys, repeated for each of the group's
+          parameters, and each parameter's state keys;
+        - ZeroRedundancyOptimizer keeps "state" and "param_groups", and writes each rank's share of the
+          state straight into its optimizer, never calling load_state_dict.
+        So:
+        - the "amm" entry is at the top of a state_dict (where torch.save keeps it);
+        - every parameter's state entry, one without state too, carries its scope's and group's values
+          as one row (SCOPE_ENTRY; tensor_rows of the scope state classes) and what they were saved
+          under (SETTING_ENTRY: the optimizer and scope mode, a 0-d CPU tensor). A checkpoint without
+          "amm" loads from its rows, checked against this optimizer's setting;
+        - the live state keeps stand-ins under both keys (one 0-d zero of the state's dtype and device,
+          like torch's Adam's "step": made with the state, after a load, after a row is taken, at a
+          step or unpickling that finds state without them, and cast with the state), so that the
+          flattened load brings the rows back. A 0-d (or empty) SCOPE_ENTRY is never a row
+          (_carries_row); state_dict() puts the rows in the stand-ins' place. A load from rows alone
+          refuses state that came without its row (the live state had no stand-ins to ask for it);
+        - before any step there are no rows, and "amm" rides in the first param group with parameters
+          (DCP keeps a group's keys). Not after: the flattened form would hold a copy per parameter.
+        Checkpoints of earlier versions have "amm" at the top only, or also in that group.
+        ZeRO's rows land in the live state: the optimizer takes them at the next step (whichever tensors
+        have gradients there), state_dict() or read of beta (_take_pending_carriers), refusing rows of
+        another setting before anything changes. (The step that takes them makes small index tensors
+        on the device: after such a load, take an eager step before capturing a CUDA graph, as a
+        warm-up does.)
         load_state_dict takes the scope rows of "amm", then each tensor's row over them: the rows move
         with their tensors' state however a hook renumbers the parameters, and they are right where a
         ZeRO checkpoint's group holds an old "amm" (ZeRO copies a loaded group's keys into the live
@@ -956,9 +990,10 @@ class AMOptimizer(torch.optim.Optimizer):
             sd = loaded["state_dict"]
             if self.state_dtype is not None:
                 self._restore_wide_state(sd)
+            made = {}
             for st in self.state.values():  # (torch.optim loaded the state without the carriers)
                 if self.STATE_NAMES[0] in st:
-                    self._add_stand_ins(st)
+                    self._add_stand_ins(st, made)
             saved = loaded["meta"]["scopes"]
             if saved is None:
                 self._scopes = None
@@ -989,13 +1024,22 @@ class AMOptimizer(torch.optim.Optimizer):
         meta = self._meta_of(state_dict)
         state = state_dict.get("state")
         if meta is None and isinstance(state, dict) and any(_carries_row(st) for st in state.values()):
-            # a ZeroRedundancyOptimizer checkpoint (NOTE [checkpoint carriers]): no "amm" entry, but every
-            # parameter's row, each saying what it was saved under: checked, they give the scope state
+            # a checkpoint through ZeroRedundancyOptimizer or DCP (NOTE [checkpoint carriers]): no "amm"
+            # entry, but every parameter's row, each saying what it was saved under: checked, they give
+            # the scope state
             width = self._carrier_width()
             for pid, st in state.items():
                 if _carries_row(st):
                     self._check_carrier(st, f"{name}.load_state_dict: the state of parameter {pid!r}", width)
-            fresh = self.SCOPE_STATE.create(*self._scope_counts(), self._scope_init(), "cpu", torch.float32)
+                elif isinstance(st, dict) and self.STATE_NAMES[0] in st:
+                    raise ValueError(
+                        f"{name}.load_state_dict: the state of parameter {pid!r} came without its scope values "
+                        f"({SCOPE_ENTRY!r}), though other parameters' came with theirs: a tool that keeps only the "
+                        f"keys this optimizer's live state has (DCP's flatten_optimizer_state_dict=True) dropped "
+                        f"them; the live state gets those keys at a step")
+            params = [p for g in self.param_groups for p in g["params"]]
+            dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+            fresh = self.SCOPE_STATE.create(*self._scope_counts(), self._scope_init(), "cpu", dtype)
             return {"format_version": FORMAT_VERSION, "optimizer": name, **self._meta_fields(),
                     "scopes": fresh.to_dict()}
         if meta is None:

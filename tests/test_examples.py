@@ -97,10 +97,12 @@ def test_torchrun_example_fsdp_matches_ddp_on_cpu():
 
 def test_torchrun_example_resumes_from_its_checkpoint_as_the_run_without_one(tmp_path):
     """The example's checkpoint (torch.distributed.checkpoint, flattened as torchtitan saves it) after
-    step 3 of 6, loaded by a fresh launch: its last step prints the loss and beta of the run without a
-    checkpoint (NOTE [checkpoint carriers]: the scope state resumes with the parameters and moments)."""
+    step 13 of 16, loaded by a fresh launch: its last step prints the loss and beta of the run without
+    a checkpoint (NOTE [checkpoint carriers]: the scope state resumes with the parameters and moments).
+    Step 15 is one where a tensor's beta leaves beta_max, so the printed mean moves with it."""
     folder = str(tmp_path / "ckpt")
-    straight = _torchrun("fsdp", "--steps", "6")
-    _torchrun("fsdp", "--steps", "3", "--save", folder)
-    resumed = _torchrun("fsdp", "--steps", "6", "--load", folder)
-    assert len(straight) == 2 and resumed == straight[1:], (straight, resumed)  # step 5
+    straight = _torchrun("fsdp", "--steps", "16")
+    _torchrun("fsdp", "--steps", "13", "--save", folder)
+    resumed = _torchrun("fsdp", "--steps", "16", "--load", folder)
+    assert len(straight) == 4 and resumed == straight[3:], (straight, resumed)  # step 15
+    assert not straight[3].endswith("beta mean 0.9000"), straight

@@ -528,7 +528,7 @@ def test_state_written_straight_into_the_optimizer_brings_its_scope_values(cls, 
         assert torch.equal(a, b)
     for k, v in straight._scopes.to_dict().items():
         assert torch.equal(getattr(resumed._scopes, k), v), k
-    assert all(st["amm_scope"].numel() == 0 for st in resumed.state.values())  # rows taken: stand-ins left
+    assert all(st["amm_scope"].dim() == 0 for st in resumed.state.values())  # rows taken: stand-ins left
 
 
 @pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
@@ -631,15 +631,17 @@ def test_rows_of_another_setting_put_in_place_are_refused_before_anything_change
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP in one process
 @pytest.mark.filterwarnings("ignore:AMAdamW.*first gradient after")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("scope", ["global", "group", "tensor"])
 @pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
-def test_a_flattened_distributed_checkpoint_resumes_exactly(cls, scope, tmp_path):
+def test_a_flattened_distributed_checkpoint_resumes_exactly(cls, scope, dtype, tmp_path):
     """torch.distributed.checkpoint with flatten_optimizer_state_dict=True (as torchtitan and OLMo-core
     checkpoint) rebuilds the state_dict it hands load_state_dict from the keys the live optimizer has:
     its param groups' keys and each parameter's state keys, so the "amm" entry is dropped. The live
     state keeps empty stand-ins under the rows' keys (NOTE [checkpoint carriers]): every tensor's row
     comes back, and the run goes on exactly as one without the checkpoint (the same betas, step counts
-    and parameters; a lost step count changes AMSGD's first step and AMAdamW's bias corrections)."""
+    and parameters; a lost step count changes AMSGD's first step and AMAdamW's bias corrections), in
+    float64 too (its scope state is float64: rounded to float32, the run would differ)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                          set_optimizer_state_dict)
@@ -647,7 +649,7 @@ def test_a_flattened_distributed_checkpoint_resumes_exactly(cls, scope, tmp_path
     key = "scope" if cls is amm_kernels.RLLC else "beta_scope"
 
     def build():
-        model = torch.nn.ParameterList(model_params())
+        model = torch.nn.ParameterList(model_params(dtype=dtype))
         params = list(model)
         return model, params, cls([{"params": params[:2], "lr": 0.03}, {"params": params[2:], "lr": 0.01}],
                                   **{key: scope})
@@ -666,7 +668,10 @@ def test_a_flattened_distributed_checkpoint_resumes_exactly(cls, scope, tmp_path
     steps(opt, params, range(3))  # (DCP loads only state the checkpoint has: every tensor has some here)
     flat = StateDictOptions(flatten_optimizer_state_dict=True)
     saved = get_optimizer_state_dict(model, opt, options=flat)
-    assert not any(k.endswith(".amm_scope") and v.numel() == 0 for k, v in saved.items())  # rows, not stand-ins
+    assert all(v.dim() == 1 for k, v in saved.items() if k.endswith(".amm_scope"))  # rows, not stand-ins
+    # the flattened form repeats a group's keys for each of its parameters: after a step the scope state
+    # rides in the rows only, not in a group (a copy per parameter, each as long as the tensor scope)
+    assert not any(k.startswith("param_groups.") and k.endswith(".amm") for k in saved)
     dcp.save({"optim": saved}, checkpoint_id=tmp_path)
 
     new_model, new_params, resumed = build()
@@ -681,3 +686,66 @@ def test_a_flattened_distributed_checkpoint_resumes_exactly(cls, scope, tmp_path
         assert torch.equal(a, b)
     for k, v in straight._scopes.to_dict().items():
         assert torch.equal(getattr(resumed._scopes, k), v), k
+
+
+@pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
+def test_a_checkpoint_before_any_step_loads_from_its_state_and_groups_alone(cls):
+    """Before any step no parameter has scope values to carry, so the "amm" entry rides in the first
+    param group (NOTE [checkpoint carriers]): a checkpoint cut down to "state" and "param_groups", as
+    ZeroRedundancyOptimizer and DCP keep it, still loads, and the run then goes on as a fresh one."""
+    params = model_params()
+    saved = cls(params).state_dict()
+    kept = copy.deepcopy({"state": saved["state"], "param_groups": saved["param_groups"]})
+    loaded = cls(params)
+    loaded.load_state_dict(kept)
+    twin_params = [p.detach().clone().requires_grad_() for p in params]
+    fresh = cls(twin_params)
+    take_steps(loaded, params, range(2))
+    take_steps(fresh, twin_params, range(2))
+    for a, b in zip(params, twin_params):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP in one process
+@pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
+def test_state_without_the_stand_ins_gets_them_and_a_load_that_lost_a_row_is_refused(cls, tmp_path):
+    """NOTE [checkpoint carriers]: state without the stand-ins (pickled by an earlier version, or made
+    by hand) gets them when unpickled and at the next step. A flattened DCP load into an optimizer
+    where a parameter's state lacks them brings no row for that parameter: refused, naming why, rather
+    than that parameter's scope values silently reset."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    key = "scope" if cls is amm_kernels.RLLC else "beta_scope"
+    model = torch.nn.ParameterList(model_params())
+    params = list(model)
+    opt = cls(params, **{key: "tensor"})
+    take_steps(opt, params, range(2))
+    assert all(st["amm_scope"].dim() == 0 and st["amm_setting"].dim() == 0 for st in opt.state.values())
+
+    def strip(o):
+        for st in o.state.values():
+            del st["amm_scope"], st["amm_setting"]
+
+    strip(opt)
+    unpickled = pickle.loads(pickle.dumps(opt))
+    assert all(st["amm_scope"].dim() == 0 for st in unpickled.state.values())
+    strip(unpickled)
+    take_steps(unpickled, [p for g in unpickled.param_groups for p in g["params"]], range(2, 3))
+    assert all(st["amm_scope"].dim() == 0 for st in unpickled.state.values())
+
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    dcp.save({"optim": get_optimizer_state_dict(model, opt, options=flat)}, checkpoint_id=tmp_path)
+    new_model = torch.nn.ParameterList(model_params())
+    target = cls(list(new_model), **{key: "tensor"})
+    template = {"optim": get_optimizer_state_dict(new_model, target, options=flat)}
+    dcp.load(template, checkpoint_id=tmp_path)
+    first = target.state[new_model[0]]
+    del first["amm_scope"], first["amm_setting"]
+    before = {k: v.clone() for k, v in target._scopes.to_dict().items()}
+    with pytest.raises(ValueError, match="came without its scope values"):
+        set_optimizer_state_dict(new_model, target, template["optim"], options=flat)
+    assert all(torch.equal(getattr(target._scopes, k), v) for k, v in before.items())
