@@ -336,7 +336,11 @@ class AMOptimizer(torch.optim.Optimizer):
         if self._scopes is None:
             self._scopes = self.SCOPE_STATE.create(n_scopes, n_groups, self._scope_init(), device, dtype)
         if self._scopes.step.device != device or self._scopes.step.dtype != dtype:
-            self._scopes = self.SCOPE_STATE.from_dict(self._scopes.to_dict(), device, dtype)
+            # (the parameters' dtype or device changed) NOTE [compile]: set on the same object, whose
+            # attribute updates a compiled step keeps; a new object bound to the optimizer it drops
+            moved = self.SCOPE_STATE.from_dict(self._scopes.to_dict(), device, dtype)
+            for name in self.SCOPE_STATE.FIELDS:
+                setattr(self._scopes, name, getattr(moved, name))
         if not self._scopes.matches(n_scopes, n_groups):
             self._scopes.grow(n_scopes, n_groups, self._scope_init())
         return self._scopes
@@ -772,9 +776,8 @@ class AMOptimizer(torch.optim.Optimizer):
     # state_dict
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state_dict, and the optimizer's own entry (the scope state and what it must
-        match) under "amm", and each parameter's scope values in its state entry (before any step,
-        when there are none, "amm" in the first param group with parameters instead: NOTE [checkpoint
-        carriers])."""
+        match) under "amm", and each parameter's scope values in its state entry (without scope state,
+        "amm" in the first param group with parameters instead: NOTE [checkpoint carriers])."""
         self._take_pending_carriers()
         sd = super().state_dict()
         meta = {
@@ -786,7 +789,7 @@ class AMOptimizer(torch.optim.Optimizer):
         sd[STATE_DICT_KEY] = meta
         for group in sd["param_groups"]:  # (one a ZeroRedundancyOptimizer copied into the live groups)
             group.pop(STATE_DICT_KEY, None)
-        if meta["scopes"] is None:  # nothing has stepped (no state, so no stand-ins either)
+        if meta["scopes"] is None:  # built without parameters, not stepped since (no state, no stand-ins)
             carrier = next((g for g in sd["param_groups"] if g["params"]), None)  # (DCP drops the extra
             if carrier is not None:  # keys of a group without parameters)
                 carrier[STATE_DICT_KEY] = meta  # the same object: torch.save writes it once
@@ -939,8 +942,11 @@ class AMOptimizer(torch.optim.Optimizer):
           flattened load brings the rows back. A 0-d (or empty) SCOPE_ENTRY is never a row
           (_carries_row); state_dict() puts the rows in the stand-ins' place. A load from rows alone
           refuses state that came without its row (the live state had no stand-ins to ask for it);
-        - before any step there are no rows, and "amm" rides in the first param group with parameters
-          (DCP keeps a group's keys). Not after: the flattened form would hold a copy per parameter.
+        - an optimizer without scope state (built without parameters, given them by add_param_group,
+          not stepped since) has no rows: then "amm" rides in the first param group with parameters
+          (DCP keeps a group's keys). Not otherwise: the flattened form would hold a copy per parameter.
+          (The scope state is made at construction, so an optimizer built with parameters has rows
+          before its first step.)
         Checkpoints of earlier versions have "amm" at the top only, or also in that group.
         ZeRO's rows land in the live state: the optimizer takes them at the next step (whichever tensors
         have gradients there), state_dict() or read of beta (_take_pending_carriers), refusing rows of
@@ -1042,6 +1048,13 @@ class AMOptimizer(torch.optim.Optimizer):
             fresh = self.SCOPE_STATE.create(*self._scope_counts(), self._scope_init(), "cpu", dtype)
             return {"format_version": FORMAT_VERSION, "optimizer": name, **self._meta_fields(),
                     "scopes": fresh.to_dict()}
+        if meta is None and isinstance(state, dict) and state and all(st == {} for st in state.values()):
+            raise ValueError(
+                f"{name}.load_state_dict: this state_dict has an empty state entry for every parameter and no "
+                f"{STATE_DICT_KEY!r} entry: a tool rebuilt it from the keys of this optimizer's live state, which "
+                f"had none (DCP's flatten_optimizer_state_dict=True gives a fresh optimizer its state by a step "
+                f"with zero gradients, but skips that step when a parameter already has a gradient: call "
+                f"zero_grad(set_to_none=True) before loading)")
         if meta is None:
             raise ValueError(
                 f"{name}.load_state_dict: this state_dict has no {STATE_DICT_KEY!r} entry (at its top or in a "

@@ -20,19 +20,41 @@ class Backend:
     dtypes: tuple[torch.dtype, ...]
     load: Callable[[], object]  # returns a module with amsgd_step / amadamw_step, or raises ImportError
 
+    def loaded(self) -> tuple[object, ImportError | None, str | None]:
+        """What `load` gives: (module, None, None), or (None, the ImportError it raised, its message).
+        NOTE [compile]: a step traced by torch.compile may resolve a backend (new parameter dtypes
+        after model.to(dtype)); an import, a raised and caught ImportError or its str() cannot be
+        traced, a dict lookup can. So what the last eager call gave is kept, and a traced call reads
+        it: every loader has run by then (the optimizer's construction resolves its backends, which
+        asks each one whether it is available)."""
+        key = self.name
+        if key not in _LOADED or not torch.compiler.is_compiling():  # eager: loaded again (may change,
+            try:  # as TRITON_INTERPRET's effect does between imports)
+                _LOADED[key] = (self.load(), None, None)
+            except ImportError as err:
+                _LOADED[key] = (None, err, str(err))
+        return _LOADED[key]
+
+    def module(self):
+        """The backend's module (ImportError if it cannot be loaded here)."""
+        module, err, _ = self.loaded()
+        if err is not None:
+            raise err
+        return module
+
     def unavailable_reason(self, device: torch.device) -> str | None:
         if device.type not in self.device_types:
             return f"it runs on {', '.join(self.device_types)} tensors, not {device.type}"
-        try:
-            module = self.load()
-        except ImportError as err:
-            return str(err)
+        module, err, why = self.loaded()
+        if err is not None:
+            return why
         # A backend module may refine by device (triton: CPU tensors only in its interpreter mode).
         check = getattr(module, "unavailable_reason", None)
         return check(device) if callable(check) else None
 
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_LOADED: dict[str, tuple] = {}  # Backend.loaded: a backend's name -> what its loader last gave
 
 
 
@@ -73,6 +95,7 @@ def register(backend: Backend) -> None:
     """Adds (or replaces) a backend; its name becomes a valid `backend=` argument."""
     global BACKEND_NAMES
     _BACKENDS[backend.name] = backend
+    _LOADED.pop(backend.name, None)
     if backend.name not in BACKEND_NAMES:
         BACKEND_NAMES = (*BACKEND_NAMES, backend.name)
 
@@ -84,7 +107,7 @@ def available_backends(device: torch.device | str = "cpu", op: str | None = None
     order = _AUTO_ORDER.get(device.type, ("torch",))
     names = [n for n in order if n in _BACKENDS] + [n for n in _BACKENDS if n not in order]
     names = [n for n in names if _BACKENDS[n].unavailable_reason(device) is None]
-    return [n for n in names if op is None or hasattr(_BACKENDS[n].load(), op)]
+    return [n for n in names if op is None or hasattr(_BACKENDS[n].module(), op)]
 
 
 def backend_supports_dtype(name: str, dtype: torch.dtype) -> bool:
@@ -104,7 +127,7 @@ def resolve(name: str, device: torch.device, dtypes: set[torch.dtype], owner: st
     if name == "auto":
         for candidate in runnable:
             if all(backend_supports_dtype(candidate, dt) for dt in dtypes):
-                return _BACKENDS[candidate].load()
+                return _BACKENDS[candidate].module()
         if not runnable:
             reasons = "; ".join(f"{n!r}: {b.unavailable_reason(device)}" for n, b in _BACKENDS.items())
             raise RuntimeError(f"{owner}: no backend runs on {device.type} tensors here ({reasons})")
@@ -122,7 +145,7 @@ def resolve(name: str, device: torch.device, dtypes: set[torch.dtype], owner: st
             f"{owner}: backend {name!r} does not support parameters of dtype {unsupported[0]}; "
             f"it supports {', '.join(map(str, backend.dtypes))}"
         )
-    module = backend.load()
+    module = backend.module()
     if op is not None and not hasattr(module, op):
         raise RuntimeError(f"{owner}: backend {name!r} has no {owner} kernels yet; {fallbacks}")
     return module

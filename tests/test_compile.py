@@ -81,6 +81,35 @@ def test_a_tensor_joining_late_in_a_compiled_step_matches_eager():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend, new_dtype", [*((b, torch.bfloat16) for b in BACKENDS), ("auto", torch.float64)])
+@pytest.mark.parametrize("cls", [AMSGD, AMAdamW])
+def test_a_compiled_step_after_model_to_another_dtype_matches_eager(cls, backend, new_dtype):
+    """model.to(dtype) between compiled steps: the step resolves its backend for the new dtypes inside
+    the trace (NOTE [compile] in backends.py: no import there, every loader ran at construction) and
+    casts the state, as eager does."""
+    def run(compiled):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        opt = cls(model.parameters(), lr=0.05, backend=backend)
+        step = torch.compile(opt.step, fullgraph=True, backend="aot_eager") if compiled else opt.step
+        gen = torch.Generator().manual_seed(1)
+        for t in range(5):
+            if t == 3:
+                model.to(new_dtype)
+            dtype = next(model.parameters()).dtype
+            x, y = torch.randn(16, 6, generator=gen).to(dtype), torch.randn(16, 2, generator=gen).to(dtype)
+            ((-1) ** t * torch.nn.functional.mse_loss(model(x), y)).backward()
+            step()
+            opt.zero_grad()
+        assert {st[opt.STATE_NAMES[0]].dtype for st in opt.state.values()} == {new_dtype}
+        return opt.beta.clone(), [p.detach().clone() for p in model.parameters()]
+
+    eager, compiled = run(False), run(True)
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_explain_counts_no_graph_breaks():
     model = torch.nn.Linear(4, 3)
     opt = AMAdamW(model.parameters(), backend="torch")

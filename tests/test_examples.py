@@ -73,19 +73,33 @@ def _torchrun(mode, *args):
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
+    import signal
+
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                          str(TORCHRUN_EXAMPLE), "--mode", mode, "--cpu", *(args or ("--steps", "6"))],
-                         env=env, capture_output=True, text=True, timeout=120)
-    assert "2 ranks done" in out.stdout.splitlines(), out.stdout + out.stderr[-3000:]
-    if out.returncode != 0:
-        # NOTE [gloo teardown]: in about one launch of six under pytest (none of 16 from a shell), a rank
-        # aborts at exit, after every rank has finished (the barrier before "2 ranks done"):
-        # "terminate called without an active exception", from a thread of torch's, not ours. Only that
-        # abort, after the run finished, is let through, and it is reported as a warning.
-        assert "terminate called without an active exception" in out.stderr, out.stdout + out.stderr[-3000:]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             str(TORCHRUN_EXAMPLE), "--mode", mode, "--cpu", *(args or ("--steps", "6"))],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: a timeout ends the workers too
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+        hung = False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        hung = True
+    assert "2 ranks done" in stdout.splitlines(), f"hung: {hung}\n" + stdout + stderr[-3000:]
+    # NOTE [gloo teardown]: in about one launch of six under pytest (none of 16 from a shell), a rank
+    # aborts at exit, after every rank has finished (the barrier before "2 ranks done"): "terminate
+    # called without an active exception", from a thread of torch's, not ours. Once (a CI run on a
+    # machine busy with other work) a launch ran past its 120 s, where is not known: its output is now
+    # kept. Such an abort, or a hang, after the run finished is let through, reported as a warning;
+    # anything before that line fails, with the output.
+    if hung:
+        warnings.warn(f"torchrun {mode}: a rank hung at exit after finishing (NOTE [gloo teardown])")
+    elif proc.returncode != 0:
+        assert "terminate called without an active exception" in stderr, stdout + stderr[-3000:]
         warnings.warn(f"torchrun {mode}: a rank aborted at exit after finishing (NOTE [gloo teardown])")
-    return [line for line in out.stdout.splitlines() if line.startswith("step")]
+    return [line for line in stdout.splitlines() if line.startswith("step")]
 
 
 def test_torchrun_example_fsdp_matches_ddp_on_cpu():

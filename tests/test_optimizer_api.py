@@ -520,6 +520,10 @@ def test_state_written_straight_into_the_optimizer_brings_its_scope_values(cls, 
             resumed.state[p] = dict(saved["state"][i])
     if then == "state_dict":
         again = copy.deepcopy(resumed.state_dict())
+        # the rows taken, their keys keep stand-ins (a flattened DCP save would otherwise lose them)
+        assert all(st["amm_scope"].dim() == 0 for st in resumed.state.values() if "exp_avg" in st or
+                   "momentum_buffer" in st or "memory" in st)
+        assert any(st for st in resumed.state.values())
         resumed = cls(resumed_params, **kw)
         resumed.load_state_dict(again)
     _frozen_steps(resumed, resumed_params, range(3, 6))
@@ -689,17 +693,28 @@ def test_a_flattened_distributed_checkpoint_resumes_exactly(cls, scope, dtype, t
 
 
 @pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
-def test_a_checkpoint_before_any_step_loads_from_its_state_and_groups_alone(cls):
-    """Before any step no parameter has scope values to carry, so the "amm" entry rides in the first
-    param group (NOTE [checkpoint carriers]): a checkpoint cut down to "state" and "param_groups", as
-    ZeroRedundancyOptimizer and DCP keep it, still loads, and the run then goes on as a fresh one."""
+@pytest.mark.parametrize("built", ["with_params", "empty_then_added"])
+def test_a_checkpoint_before_any_step_loads_from_its_state_and_groups_alone(cls, built):
+    """Before any step, a checkpoint cut down to "state" and "param_groups" (as ZeroRedundancyOptimizer
+    and DCP keep it) loads, and the run then goes on as a fresh one: from the rows (the scope state is
+    made at construction), or, for an optimizer built without parameters and given them by
+    add_param_group, which has no scope state yet, from "amm" in the first param group with parameters
+    (NOTE [checkpoint carriers])."""
+    def build(params):
+        if built == "with_params":
+            return cls(params)
+        opt = cls([{"params": []}])
+        opt.add_param_group({"params": params})
+        return opt
+
     params = model_params()
-    saved = cls(params).state_dict()
+    saved = build(params).state_dict()
+    assert ("amm" in saved["param_groups"][-1]) == (built == "empty_then_added")
     kept = copy.deepcopy({"state": saved["state"], "param_groups": saved["param_groups"]})
-    loaded = cls(params)
+    loaded = build(params)
     loaded.load_state_dict(kept)
     twin_params = [p.detach().clone().requires_grad_() for p in params]
-    fresh = cls(twin_params)
+    fresh = build(twin_params)
     take_steps(loaded, params, range(2))
     take_steps(fresh, twin_params, range(2))
     for a, b in zip(params, twin_params):
@@ -749,3 +764,26 @@ def test_state_without_the_stand_ins_gets_them_and_a_load_that_lost_a_row_is_ref
     with pytest.raises(ValueError, match="came without its scope values"):
         set_optimizer_state_dict(new_model, target, template["optim"], options=flat)
     assert all(torch.equal(getattr(target._scopes, k), v) for k, v in before.items())
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP in one process
+def test_a_flattened_load_into_an_optimizer_without_state_says_why(tmp_path):
+    """DCP gives a fresh optimizer its state by a step with zero gradients, but not when a parameter
+    already has a gradient: the flattened load then asks for no state at all (torch's Adam loads
+    nothing, silently). Refused, saying what to do."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    model = torch.nn.ParameterList(model_params())
+    opt = AMAdamW(list(model))
+    take_steps(opt, list(model), range(2))
+    dcp.save({"optim": get_optimizer_state_dict(model, opt, options=flat)}, checkpoint_id=tmp_path)
+    new_model = torch.nn.ParameterList(model_params())
+    target = AMAdamW(list(new_model))
+    set_grads(list(new_model), 0)  # gradients already there
+    template = {"optim": get_optimizer_state_dict(new_model, target, options=flat)}
+    dcp.load(template, checkpoint_id=tmp_path)
+    with pytest.raises(ValueError, match=r"zero_grad\(set_to_none=True\) before loading"):
+        set_optimizer_state_dict(new_model, target, template["optim"], options=flat)
