@@ -208,8 +208,12 @@ class AMOptimizer(torch.optim.Optimizer):
             if getattr(self, "_constructed", True):  # a group added later (__init__ checks all at once)
                 self._refuse_aliases([p for g in self.param_groups for p in g["params"]] + tensors)
         super().add_param_group(param_group)
-        if getattr(self, "_scopes", None) is not None:  # grown here, not in a (possibly compiled) step
+        # grown (or, for an optimizer built without parameters, made) here, not in a possibly compiled
+        # step, which would drop a scope state bound to the optimizer inside it (NOTE [compile])
+        if getattr(self, "_scopes", None) is not None:
             self._scopes.grow(*self._scope_counts(), self._scope_init())
+        elif getattr(self, "_constructed", True):
+            self._prefill_backend_cache()
 
     def _refuse_aliases(self, params: list) -> None:
         """ValueError if two of the parameters (in param_groups order) share an element of memory
@@ -776,8 +780,8 @@ class AMOptimizer(torch.optim.Optimizer):
     # state_dict
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state_dict, and the optimizer's own entry (the scope state and what it must
-        match) under "amm", and each parameter's scope values in its state entry (without scope state,
-        "amm" in the first param group with parameters instead: NOTE [checkpoint carriers])."""
+        match) under "amm", and each parameter's scope values in its state entry (NOTE [checkpoint
+        carriers])."""
         self._take_pending_carriers()
         sd = super().state_dict()
         meta = {
@@ -789,10 +793,7 @@ class AMOptimizer(torch.optim.Optimizer):
         sd[STATE_DICT_KEY] = meta
         for group in sd["param_groups"]:  # (one a ZeroRedundancyOptimizer copied into the live groups)
             group.pop(STATE_DICT_KEY, None)
-        if meta["scopes"] is None:  # built without parameters, not stepped since (no state, no stand-ins)
-            carrier = next((g for g in sd["param_groups"] if g["params"]), None)  # (DCP drops the extra
-            if carrier is not None:  # keys of a group without parameters)
-                carrier[STATE_DICT_KEY] = meta  # the same object: torch.save writes it once
+        if meta["scopes"] is None:  # no parameters (the scope state is made with the first ones)
             return sd
         # every parameter gets its row, those without state too (a ZeRO rank may hold only such tensors
         # of a scope)
@@ -942,11 +943,11 @@ class AMOptimizer(torch.optim.Optimizer):
           flattened load brings the rows back. A 0-d (or empty) SCOPE_ENTRY is never a row
           (_carries_row); state_dict() puts the rows in the stand-ins' place. A load from rows alone
           refuses state that came without its row (the live state had no stand-ins to ask for it);
-        - an optimizer without scope state (built without parameters, given them by add_param_group,
-          not stepped since) has no rows: then "amm" rides in the first param group with parameters
-          (DCP keeps a group's keys). Not otherwise: the flattened form would hold a copy per parameter.
-          (The scope state is made at construction, so an optimizer built with parameters has rows
-          before its first step.)
+        - "amm" is in no param group (earlier versions put it in the first one with parameters): the
+          flattened form would hold a copy per parameter. The scope state is made with the first
+          parameters (construction, add_param_group), so every parameter has a row before any step;
+          a checkpoint cut to "state" and "param_groups" of an optimizer without parameters loads as
+          a fresh one.
         Checkpoints of earlier versions have "amm" at the top only, or also in that group.
         ZeRO's rows land in the live state: the optimizer takes them at the next step (whichever tensors
         have gradients there), state_dict() or read of beta (_take_pending_carriers), refusing rows of
@@ -1048,6 +1049,11 @@ class AMOptimizer(torch.optim.Optimizer):
             fresh = self.SCOPE_STATE.create(*self._scope_counts(), self._scope_init(), "cpu", dtype)
             return {"format_version": FORMAT_VERSION, "optimizer": name, **self._meta_fields(),
                     "scopes": fresh.to_dict()}
+        groups = state_dict.get("param_groups")
+        if meta is None and state == {} and isinstance(groups, (list, tuple)) and \
+                not any(isinstance(g, dict) and g.get("params") for g in groups):
+            # an optimizer without parameters: no state, no rows, nothing to restore
+            return {"format_version": FORMAT_VERSION, "optimizer": name, **self._meta_fields(), "scopes": None}
         if meta is None and isinstance(state, dict) and state and all(st == {} for st in state.values()):
             raise ValueError(
                 f"{name}.load_state_dict: this state_dict has an empty state entry for every parameter and no "

@@ -110,6 +110,33 @@ def test_a_compiled_step_after_model_to_another_dtype_matches_eager(cls, backend
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("cls", [AMSGD, AMAdamW])
+def test_compiled_steps_of_an_optimizer_built_without_parameters_match_eager(cls):
+    """Parameters given by add_param_group to an optimizer built without any: their scope state is made
+    there, eagerly (NOTE [compile]: a compiled step would drop one made inside it, and start afresh at
+    every call), so compiled steps count their steps as eager ones do."""
+    def run(compiled):
+        torch.manual_seed(0)
+        params = [torch.randn(5, requires_grad=True), torch.randn(3, requires_grad=True)]
+        opt = cls([{"params": []}], lr=0.05, backend="torch")
+        opt.add_param_group({"params": params})
+        step = torch.compile(opt.step, fullgraph=True, backend="aot_eager") if compiled else opt.step
+        betas = []
+        for t in range(4):
+            for i, p in enumerate(params):
+                p.grad = torch.full(p.shape, (-1.0) ** (t + i) * (t + 1))
+            step()
+            betas.append(opt.beta.clone())
+        return opt._scopes.step.clone(), torch.stack(betas), [p.detach().clone() for p in params]
+
+    eager, compiled = run(False), run(True)
+    assert eager[0].max() == 4
+    torch.testing.assert_close(compiled[0], eager[0], rtol=0, atol=0)
+    torch.testing.assert_close(compiled[1], eager[1], rtol=1e-6, atol=1e-7)
+    for a, b in zip(compiled[2], eager[2]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_explain_counts_no_graph_breaks():
     model = torch.nn.Linear(4, 3)
     opt = AMAdamW(model.parameters(), backend="torch")

@@ -696,10 +696,9 @@ def test_a_flattened_distributed_checkpoint_resumes_exactly(cls, scope, dtype, t
 @pytest.mark.parametrize("built", ["with_params", "empty_then_added"])
 def test_a_checkpoint_before_any_step_loads_from_its_state_and_groups_alone(cls, built):
     """Before any step, a checkpoint cut down to "state" and "param_groups" (as ZeroRedundancyOptimizer
-    and DCP keep it) loads, and the run then goes on as a fresh one: from the rows (the scope state is
-    made at construction), or, for an optimizer built without parameters and given them by
-    add_param_group, which has no scope state yet, from "amm" in the first param group with parameters
-    (NOTE [checkpoint carriers])."""
+    and DCP keep it) loads from its rows, and the run then goes on as a fresh one: the scope state is
+    made with the first parameters, at construction or by add_param_group (NOTE [checkpoint carriers]).
+    One of an optimizer without parameters, with no state at all, loads too."""
     def build(params):
         if built == "with_params":
             return cls(params)
@@ -709,7 +708,10 @@ def test_a_checkpoint_before_any_step_loads_from_its_state_and_groups_alone(cls,
 
     params = model_params()
     saved = build(params).state_dict()
-    assert ("amm" in saved["param_groups"][-1]) == (built == "empty_then_added")
+    assert not any("amm" in g for g in saved["param_groups"])  # (its rows carry the scope state)
+    assert all("amm_scope" in saved["state"][i] for i in range(len(params)))
+    empty = cls([{"params": []}]).state_dict()
+    cls([{"params": []}]).load_state_dict({"state": empty["state"], "param_groups": empty["param_groups"]})
     kept = copy.deepcopy({"state": saved["state"], "param_groups": saved["param_groups"]})
     loaded = build(params)
     loaded.load_state_dict(kept)
