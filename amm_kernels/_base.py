@@ -159,10 +159,7 @@ class AMOptimizer(torch.optim.Optimizer):
             self.defaults.pop("differentiable", None)
         self._index_cache, self._in_graphs, self._device_tables, self._resolved = {}, {}, {}, {}
         self.__dict__.setdefault("state_dtype", None)  # pickled before state_dtype existed
-        made = {}
-        for st in self.state.values():  # pickled before the stand-ins (NOTE [checkpoint carriers])
-            if _needs_stand_ins(st, self.STATE_NAMES[0]):
-                self._add_stand_ins(st, made)
+        self._add_missing_stand_ins()  # pickled before the stand-ins (NOTE [checkpoint carriers])
         self._late_pending = []
         self._wide = self._wide_args()
         self._wide_names = frozenset(self._wide)
@@ -903,16 +900,20 @@ class AMOptimizer(torch.optim.Optimizer):
     def _add_stand_ins(self, st: dict, made: dict | None = None) -> None:
         """Put the stand-ins of the carriers in a parameter's live state (NOTE [checkpoint carriers]): a
         tool that rebuilds a state_dict from the keys the live state has keeps the rows under them. One
-        0-d zero in the state's dtype and device, shared through `made` by the calls of one step."""
+        0-d zero in the state's dtype and device, shared through `made` by the calls of one pass."""
         first = _local(st[self.STATE_NAMES[0]])
+        made = {} if made is None else made
         key = (first.device, first.dtype)
-        if made is None or key not in made:
-            stand_in = first.new_zeros(())
-            if made is None:
-                st[SCOPE_ENTRY] = st[SETTING_ENTRY] = stand_in
-                return
-            made[key] = stand_in
+        if key not in made:
+            made[key] = first.new_zeros(())
         st[SCOPE_ENTRY] = st[SETTING_ENTRY] = made[key]
+
+    def _add_missing_stand_ins(self) -> None:
+        """Stand-ins for every parameter's state that has none (unpickled from a version without them)."""
+        made = {}
+        for st in self.state.values():
+            if _needs_stand_ins(st, self.STATE_NAMES[0]):
+                self._add_stand_ins(st, made)
 
     def _carrier_width(self) -> int:
         """The length of a parameter's scope-values row (NOTE [checkpoint carriers])."""
@@ -997,8 +998,8 @@ class AMOptimizer(torch.optim.Optimizer):
             sd = loaded["state_dict"]
             if self.state_dtype is not None:
                 self._restore_wide_state(sd)
-            made = {}
-            for st in self.state.values():  # (torch.optim loaded the state without the carriers)
+            made = {}  # (torch.optim loaded the state without the carriers; the ones its __setstate__
+            for st in self.state.values():  # made may have the dtype _restore_wide_state changed since)
                 if self.STATE_NAMES[0] in st:
                     self._add_stand_ins(st, made)
             saved = loaded["meta"]["scopes"]
