@@ -47,6 +47,12 @@ def _needs_stand_ins(st: dict, first_name: str) -> bool:
     return first_name in st and not (isinstance(row, Tensor) and row.dim() == 0) and not _carries_row(st)
 
 
+def _scope_dtype(dtypes) -> torch.dtype:
+    """The dtype of the scope state (and of the step's scalars) for parameters of `dtypes`: float64 if
+    one of them is, else float32."""
+    return torch.float64 if any(dt == torch.float64 for dt in dtypes) else torch.float32
+
+
 def _on_device(x, dtype: torch.dtype, device: torch.device) -> Tensor:
     """x (a number, or a 1-element tensor on any device) as a 0-d `dtype` tensor on `device`, made there
     (NOTE [no copies from the host]): a host value, a CPU tensor's too, becomes a fill."""
@@ -462,9 +468,8 @@ class AMOptimizer(torch.optim.Optimizer):
                 pass  # step() raises it, with the same message, if it still applies then
 
     def _scope_state_of(self, params: list[Tensor]):
-        """The scope state on the (local) parameters' device, float64 if one of them is, else float32."""
-        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-        return self._scope_state(params[0].device, dtype)
+        """The scope state on the (local) parameters' device, in _scope_dtype."""
+        return self._scope_state(params[0].device, _scope_dtype(p.dtype for p in params))
 
     def _reduce_group(self, params: list[Tensor]):
         """The group the sums are all-reduced over: `process_group` if given; else, for DTensor
@@ -540,7 +545,7 @@ class AMOptimizer(torch.optim.Optimizer):
         self._check_loss(loss)
 
         dtypes = {p.dtype for p in params}
-        dtype = torch.float64 if torch.float64 in dtypes else torch.float32
+        dtype = _scope_dtype(dtypes)
         if self.capturable and device.type not in ("cuda", "xpu"):
             raise RuntimeError(f"{name}: capturable=True needs parameters on a CUDA (or XPU) device, got {device}")
         self._backend_module(self.backend, device, dtypes)  # raises before any state exists
@@ -661,7 +666,7 @@ class AMOptimizer(torch.optim.Optimizer):
         if process_group is None:
             return None
         device = _local(params[0]).device
-        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        dtype = _scope_dtype(p.dtype for p in params)
         self._check_loss(loss)
         scopes = self._scope_state(device, dtype)
         self._take_pending_carriers(scopes)  # NOTE [checkpoint carriers]
@@ -1045,8 +1050,7 @@ class AMOptimizer(torch.optim.Optimizer):
                         f"({SCOPE_ENTRY!r}), though other parameters' came with theirs: a tool that keeps only the "
                         f"keys this optimizer's live state has (DCP's flatten_optimizer_state_dict=True) dropped "
                         f"them; the live state gets those keys at a step")
-            params = [p for g in self.param_groups for p in g["params"]]
-            dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+            dtype = _scope_dtype(p.dtype for g in self.param_groups for p in g["params"])
             fresh = self.SCOPE_STATE.create(*self._scope_counts(), self._scope_init(), "cpu", dtype)
             return {"format_version": FORMAT_VERSION, "optimizer": name, **self._meta_fields(),
                     "scopes": fresh.to_dict()}
