@@ -13,6 +13,22 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+try:  # DTensor parameters (FSDP2 fully_shard, tensor parallel)
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = ()
+
+
+def local_shard(t: Tensor) -> Tensor:
+    """A DTensor's local shard (the same storage: in-place updates reach the DTensor); else t itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def scope_dtype(dtypes) -> torch.dtype:
+    """The dtype of the scope state (and of the step's scalars) for parameters of `dtypes`: float64 if
+    one of them is, else float32."""
+    return torch.float64 if any(dt == torch.float64 for dt in dtypes) else torch.float32
+
 
 def capturing(device: torch.device) -> bool:
     """Whether the current stream is capturing a CUDA graph (never on other devices). Under torch.compile
@@ -93,7 +109,7 @@ class ScopeState:
     def to_dict(self) -> dict:
         return {name: getattr(self, name).clone() for name in self.FIELDS}
 
-    # A tensor's checkpoint carrier (NOTE [checkpoint carriers] in _base.py): one row per tensor, its
+    # A tensor's checkpoint carrier (NOTE [checkpoint carriers] in _checkpoint.py): one row per tensor, its
     # scope's step, beta, beta_prod, its group's prev_lr, and prev_loss.
     def tensor_rows(self, scope_of: Tensor, group_of: Tensor) -> Tensor:
         return torch.stack([self.step[scope_of], self.beta[scope_of], self.beta_prod[scope_of],

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._base import AMOptimizer, DTensor
+from ._base import AMOptimizer
+from ._step import DTensor
 
 try:
     from torch.distributed.tensor import Shard
@@ -79,7 +80,7 @@ class RLLCScopeState:
     def to_dict(self) -> dict:
         return {name: getattr(self, name).clone() for name in self.FIELDS}
 
-    # A tensor's checkpoint carrier (NOTE [checkpoint carriers] in _base.py): its scope's step and law.
+    # A tensor's checkpoint carrier (NOTE [checkpoint carriers] in _checkpoint.py): its scope's step and law.
     def tensor_rows(self, scope_of: Tensor, group_of: Tensor) -> Tensor:
         return torch.cat([self.step[scope_of, None], self.law[scope_of]], dim=1)
 

@@ -227,7 +227,7 @@ def test_a_checkpoint_before_any_step_loads(cls):
 
 
 # --------------------------------------------------------------------------------------------------
-# state that no longer fits its parameter (NOTE [state fits] in _base.py)
+# state that no longer fits its parameter (NOTE [state fits] in _step.py)
 def _resize_parameter_1(params):
     params[1].data = torch.cat([params[1].data, torch.randn(5)])  # an embedding extended in place
     set_grads(params, 2)

@@ -532,7 +532,7 @@ def test_parameters_in_any_layout(backend, name):
             opt.step()
             if step == 1:  # a state in another layout than its parameter's (contiguous, the transpose's not)
                 st = opt.state[params[1]]
-                for key in opt.STATE_NAMES:  # (not the empty carriers: NOTE [checkpoint carriers])
+                for key in opt.STATE_NAMES:  # (not the 0-d stand-ins: NOTE [checkpoint carriers])
                     t = st[key]
                     st[key] = t.contiguous() if not t.is_contiguous() else t.mT.contiguous().mT
         assert [p.data_ptr() for p in params] == ptrs

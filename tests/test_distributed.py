@@ -230,7 +230,7 @@ def resumed_from_checkpoint(kind, cls_name, world, backend, model, opt, folder):
     users checkpoint: FSDP2 through torch.distributed.checkpoint (get_state_dict, dcp.save, dcp.load,
     set_state_dict), "fsdp-flat" with flatten_optimizer_state_dict=True (as torchtitan does);
     ZeroRedundancyOptimizer through consolidate_state_dict on rank 0, the whole dict handed to every
-    rank (its load_state_dict takes each rank's share). NOTE [checkpoint carriers] in _base.py: none
+    rank (its load_state_dict takes each rank's share). NOTE [checkpoint carriers] in _checkpoint.py: none
     keeps more of an optimizer's state_dict than its "state" and "param_groups", and the flattened one
     only the keys the live optimizer has."""
     new_model, new_opt = build_model(kind, cls_name, world, backend)

@@ -436,7 +436,7 @@ def test_tiny_gradients_give_the_float64_beta(backend):
 @pytest.mark.parametrize("in_place", [False, True], ids=["new_dict", "in_place"])
 @pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
 def test_load_hooks_see_the_checkpoint_torch_loads_and_the_optimizer_as_loaded(cls, in_place):
-    """NOTE [load hooks] in _base.py: a pre-hook that renumbers a checkpoint's parameters (saved by an
+    """NOTE [load hooks] in _checkpoint.py: a pre-hook that renumbers a checkpoint's parameters (saved by an
     optimizer that listed them in another order) is applied before the checkpoint is checked and
     loaded; the per-tensor scope state (here tensors with different step counts) follows the tensors
     (NOTE [checkpoint carriers]); a post-hook sees the scope state loaded."""
@@ -642,7 +642,7 @@ def test_a_flattened_distributed_checkpoint_resumes_exactly(cls, scope, dtype, t
     """torch.distributed.checkpoint with flatten_optimizer_state_dict=True (as torchtitan and OLMo-core
     checkpoint) rebuilds the state_dict it hands load_state_dict from the keys the live optimizer has:
     its param groups' keys and each parameter's state keys, so the "amm" entry is dropped. The live
-    state keeps empty stand-ins under the rows' keys (NOTE [checkpoint carriers]): every tensor's row
+    state keeps 0-d stand-ins under the rows' keys (NOTE [checkpoint carriers]): every tensor's row
     comes back, and the run goes on exactly as one without the checkpoint (the same betas, step counts
     and parameters; a lost step count changes AMSGD's first step and AMAdamW's bias corrections), in
     float64 too (its scope state is float64: rounded to float32, the run would differ)."""

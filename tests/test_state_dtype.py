@@ -216,7 +216,7 @@ def test_loading_across_state_dtypes_casts_to_this_optimizers(cls, kwargs):
 @pytest.mark.parametrize("cls,kwargs", CLASSES)
 def test_a_load_pre_hook_that_reorders_the_checkpoint_is_followed(cls, kwargs):
     """The float32 state comes back from the checkpoint torch loads, after the pre-hooks (NOTE [load
-    hooks] in _base.py): here one that puts back the order of a checkpoint saved with the parameters
+    hooks] in _checkpoint.py): here one that puts back the order of a checkpoint saved with the parameters
     listed the other way round. Post-hooks see it float32."""
     a, b = (torch.nn.Parameter(torch.randn(4).to(torch.bfloat16)) for _ in range(2))
     opt = cls([a, b], state_dtype=torch.float32, **kwargs)
