@@ -12,6 +12,10 @@ other without a word; here they are refused, naming both.
   of the buffer, and column blocks of one weight (attention heads) are a legitimate layout.
 - Tensors without an address are passed over: empty, meta, fake (FakeTensorMode), lazy
   (nn.UninitializedParameter) and tensor subclasses without storage.
+One parameter whose own elements share memory (made with expand(): a stride of 0 over a dimension
+of more than one element) is refused too: every in-place update of it fails, in torch.optim's
+optimizers as here, and a fused step would fail after it had updated the other tensors. Other
+self-overlapping layouts (unfold's windows) are not examined, as torch does not (it writes them).
 Parameters that share a storage without sharing an element (disjoint slices of one flat buffer, as
 FSDP1's flat parameters and ZeRO's bucket views are) are fine. One tensor listed twice is a separate
 error (the duplicate check in add_param_group).
@@ -63,4 +67,13 @@ def first_overlap(tensors: list[Tensor], keys: list | None = None) -> tuple[int,
         # neighbours is enough (a span inside another overlaps its neighbour too)
         if dev_a == dev_b and start_b < end_a and (keys is None or keys[i] is not keys[j]):
             return min(i, j), max(i, j)
+    return None
+
+
+def first_self_overlap(tensors: list[Tensor]) -> int | None:
+    """The position of the first tensor of the list with a stride of 0 over a dimension of more than
+    one element (expand()'s broadcast: its elements share memory), or None."""
+    for i, t in enumerate(tensors):
+        if _span(t) is not None and any(s == 0 and n > 1 for n, s in zip(t.shape, t.stride())):
+            return i
     return None

@@ -14,10 +14,13 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._aliasing import first_overlap
-from ._hyper import BETA_SCOPES, check_choice, check_flag, check_group, check_state_dtype, state_dtype_for
+from ._aliasing import first_overlap, first_self_overlap
+from ._hyper import BETA_SCOPES, FOREIGN_GROUP_KEYS, check_choice, check_flag, check_group, check_state_dtype, state_dtype_for
 from ._checkpoint import CARRIER_KEYS, SCOPE_ENTRY, CheckpointMixin, _carries_row, _needs_stand_ins
 from ._step import DTensor, ScopeState, StepBatch, capturing, local_shard, scope_dtype
+
+
+_ABSENT = object()  # _undo: a key the state dict did not have
 
 
 def _on_device(x, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -142,13 +145,14 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
     # param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         name = type(self).__name__
-        unknown = sorted(k for k in param_group if k not in self.GROUP_KEYS and k not in self._wide
-                         and k not in self.ZERO_ONLY_KEYS)
-        if unknown:
+        foreign = sorted(k for k in param_group if k in FOREIGN_GROUP_KEYS and k not in self.GROUP_KEYS
+                         and k not in self._wide and k not in self.ZERO_ONLY_KEYS)  # NOTE [foreign group keys]
+        if foreign:
             allowed = " and ".join(k for k in self.GROUP_KEYS if k != "params")
             raise ValueError(
-                f"{name}: a param group may set only {allowed}; {', '.join(unknown)} "
-                f"{'is' if len(unknown) == 1 else 'are'} not an {name} argument"
+                f"{name}: a param group may set only {allowed}; {', '.join(foreign)} "
+                f"{'is' if len(foreign) == 1 else 'are'} not an {name} argument (another optimizer's, which "
+                f"{name} would ignore); keys that are no optimizer's argument (a name) are kept"
             )
         self._check_group_hypers({**self.defaults, **param_group})
         params = param_group["params"]
@@ -173,10 +177,17 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
             self._prefill_backend_cache()
 
     def _refuse_aliases(self, params: list) -> None:
-        """ValueError if two of the parameters (in param_groups order) share an element of memory
-        (NOTE [aliased parameters] in _aliasing.py)."""
+        """ValueError if a parameter repeats an element in memory, or two of the parameters (in
+        param_groups order) share one (NOTE [aliased parameters] in _aliasing.py)."""
         params = [p for p in params if isinstance(p, Tensor)]  # anything else: torch.optim's error
-        pair = first_overlap([local_shard(p) for p in params], keys=params)
+        local = [local_shard(p) for p in params]
+        i = first_self_overlap(local)
+        if i is not None:
+            raise ValueError(
+                f"{type(self).__name__}: parameter {i} (counted across param groups, shape {tuple(params[i].shape)}, "
+                f"strides {local[i].stride()}) repeats elements in memory (made by expand()): no in-place update "
+                "can write it; give the parameter as a tensor of its own (.contiguous() or .clone())")
+        pair = first_overlap(local, keys=params)
         if pair is not None:
             i, j = pair
             shapes = ", ".join(str(tuple(params[k].shape)) for k in pair)
@@ -191,7 +202,7 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         Checked when a group is given, when a state_dict is loaded, and at every step (a value set in
         param_groups by hand or by a scheduler), before anything is written."""
         keys = [k for k in self.GROUP_KEYS if k != "params"]
-        check_group(type(self).__name__, group, keys, index=index, skip_tensors=on_step)
+        check_group(type(self).__name__, group, keys, index=index, on_step=on_step)
         if len(group) > len(self.GROUP_KEYS) and not self._wide_names.isdisjoint(group):  # NOTE [wide keys in groups]
             self._check_wide_keys(group, index, on_step)
         for key in self.ZERO_ONLY_KEYS:
@@ -264,12 +275,17 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
     def _undo(self, made) -> None:
         """NOTE [refused steps]: a backend refuses a step before it writes anything (a misfit, NOTE
         [state fits]; a dtype or device it does not take), but by then _build_batch has made the zero
-        state of tensors stepping for the first time and cast state to new parameter dtypes. A refused
+        state of tensors stepping for the first time, cast state to new parameter dtypes and put
+        stand-ins in state made by hand (NOTE [checkpoint carriers] in _checkpoint.py). A refused
         step leaves the optimizer as it was: those are taken back here (eager only; a compiled step
         has no handler, and its failure leaves them)."""
         keys, fresh, _, _, replaced = made
-        for st, old in replaced:
-            st.update(old)
+        for st, old in reversed(replaced):  # (latest first: a cast saved the stand-ins made before it)
+            for key, value in old.items():
+                if value is _ABSENT:
+                    st.pop(key, None)
+                else:
+                    st[key] = value
         for i in fresh:
             self.state.pop(keys[i], None)
 
@@ -469,6 +485,9 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
                 if g is not None:
                     if g.is_sparse:
                         raise RuntimeError(f"{name} does not support sparse gradients")
+                    if g.is_complex():  # (a real parameter's: complex parameters are refused when given)
+                        raise TypeError(f"{name}: gradients must be real, got a {g.dtype} gradient for parameter "
+                                        f"{tensor_index} (counted across param groups)")
                     if not p.is_floating_point():
                         raise TypeError(f"{name}: parameters must be floating point, got {p.dtype}")
                     params.append(p)
@@ -500,6 +519,7 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
 
         dtypes = {p.dtype for p in params}
         dtype = scope_dtype(dtypes)
+        loss = self._loss_on(loss, device, dtype)  # (before any state is made: a conversion may fail)
         if self.capturable and device.type not in ("cuda", "xpu"):
             raise RuntimeError(f"{name}: capturable=True needs parameters on a CUDA (or XPU) device, got {device}")
         self._backend_module(self.backend, device, dtypes)  # raises before any state exists
@@ -537,9 +557,11 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
                 v.append(st[names[1]])
         # checked before any state is made (raises on rows saved under another setting)
         pending = self._pending_carriers() if carried or (fresh and had_state) else []
-        stand_ins = {}
+        stand_ins, replaced = {}, []
         for i in unmarked:
-            self._add_stand_ins(self.state[keys[i]], stand_ins)
+            st = self.state[keys[i]]
+            replaced.append((st, {key: st.get(key, _ABSENT) for key in CARRIER_KEYS}))  # for _undo
+            self._add_stand_ins(st, stand_ins)
         for i in fresh:
             st = self.state[keys[i]]
             st.update(self._new_param_state(keys[i]))
@@ -548,11 +570,10 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
             d[i] = st[names[0]]
             if v is not None:
                 v[i] = st[names[1]]
-        replaced = []
         if recast:
             # the parameters' dtype changed (model.to(dtype)) since their state was made: the state is
             # cast to the dtype it has for such a parameter (every backend then sees the dtypes it takes)
-            replaced = self._match_state_dtypes(keys)
+            replaced += self._match_state_dtypes(keys)
             d = [self.state[k][names[0]] for k in keys]
             v = None if v is None else [self.state[k][names[1]] for k in keys]
         if pending:
@@ -583,7 +604,7 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
             lr=lr,
             weight_decay=[float(g.get("weight_decay", 0.0)) for g in self.param_groups],
             scopes=scopes,
-            loss=self._loss_on(loss, device, dtype),
+            loss=loss,
             grad_scale=grad_scale,
             found_inf=found_inf,
             process_group=process_group,
@@ -640,11 +661,15 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         name = type(self).__name__
         if loss is None:
             raise RuntimeError(f"{name}: delta_f='loss' needs step(closure) returning the loss")
-        one = loss.numel() == 1 if isinstance(loss, Tensor) else isinstance(loss, numbers.Real) and not isinstance(loss, bool)
+        if isinstance(loss, Tensor):
+            one = loss.numel() == 1 and not (loss.is_complex() or loss.dtype == torch.bool or loss.device.type == "meta")
+        else:
+            one = isinstance(loss, numbers.Real) and not isinstance(loss, bool)
         if not one:
-            got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else repr(loss)
-            raise RuntimeError(f"{name}: delta_f='loss' needs the closure to return one loss (a number or a "
-                               f"1-element tensor), got {got}")
+            got = f"a {loss.dtype} tensor of shape {tuple(loss.shape)} on {loss.device}" if isinstance(loss, Tensor) \
+                else repr(loss)
+            raise RuntimeError(f"{name}: delta_f='loss' needs the closure to return one loss (a real number or a "
+                               f"1-element real tensor), got {got}")
 
     def _loss_on(self, loss, device: torch.device, dtype: torch.dtype) -> Tensor | None:
         """The loss the backends see (loss mode only, else None): a 0-d tensor on the parameters'

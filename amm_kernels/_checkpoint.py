@@ -79,6 +79,11 @@ def _needs_stand_ins(st: dict, first_name: str) -> bool:
     return first_name in st and not (isinstance(row, Tensor) and row.dim() == 0) and not _carries_row(st)
 
 
+def _holds_values(t) -> bool:
+    """A tensor a checkpoint may hold: strided (not sparse) and with values (not on the meta device)."""
+    return isinstance(t, Tensor) and t.layout == torch.strided and t.device.type != "meta"
+
+
 CARRIER_OPTIMIZERS = ("", "AMSGD", "AMAdamW", "RLLC")  # the optimizers of _setting_code (index 0: none)
 
 
@@ -96,9 +101,17 @@ class CheckpointMixin:
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state_dict, and the optimizer's own entry (the scope state and what it must
         match) under "amm", and each parameter's scope values in its state entry (NOTE [checkpoint
-        carriers])."""
+        carriers]). Those are added by the first state_dict post-hook, so the user's post-hooks see (and
+        may replace) the whole state_dict, as with torch's optimizers."""
         self._take_pending_carriers()
-        sd = super().state_dict()
+        hook = self.register_state_dict_post_hook(CheckpointMixin._add_carriers, prepend=True)
+        try:
+            return super().state_dict()
+        finally:
+            hook.remove()
+
+    def _add_carriers(self, sd: dict[str, Any]) -> dict[str, Any]:
+        """torch.optim's state_dict `sd` with the "amm" entry and every parameter's row (state_dict)."""
         meta = {
             "format_version": FORMAT_VERSION,
             "optimizer": type(self).__name__,
@@ -189,10 +202,11 @@ class CheckpointMixin:
             raise ValueError(f"{where} was saved by {_setting_name(code)}; this is {_setting_name(mine)}: "
                              "construct it with the saved optimizer and scope to load this state")
         row = st[SCOPE_ENTRY]
-        if not (isinstance(row, Tensor) and row.is_floating_point() and tuple(row.shape) == (width,)):
-            got = tuple(row.shape) if isinstance(row, Tensor) else type(row).__name__
+        if not (_holds_values(row) and row.is_floating_point() and tuple(row.shape) == (width,)):
+            got = f"{tuple(row.shape)} ({row.dtype}, {row.layout}, on {row.device})" if isinstance(row, Tensor) \
+                else type(row).__name__
             raise ValueError(f"{where} carries its scope's values ({SCOPE_ENTRY!r}) as {got}; this optimizer "
-                             f"keeps them as a floating-point ({width},) tensor")
+                             f"keeps them as a dense floating-point ({width},) tensor")
 
     def _setting_code(self) -> int:
         """The optimizer and its scope mode as one int (saved as a 0-d CPU tensor: code that walks a
@@ -412,6 +426,9 @@ class CheckpointMixin:
                 t = st.get(key) if isinstance(st, dict) else None
                 if not isinstance(t, Tensor):
                     raise ValueError(f"{where}: the state of parameter {pid!r} has no tensor {key!r}")
+                if not _holds_values(t) or t.is_complex():
+                    raise ValueError(f"{where}: state {key!r} of parameter {pid!r} is a {t.layout} {t.dtype} "
+                                     f"tensor on {t.device}; it must be a dense real tensor with values")
                 if tuple(t.shape) != shape:
                     raise ValueError(f"{where}: state {key!r} of parameter {pid!r} has shape {tuple(t.shape)}; "
                                      f"the parameter needs {shape}")
@@ -424,8 +441,9 @@ class CheckpointMixin:
         shapes = self.SCOPE_STATE.shapes(*self._scope_counts(), self._scope_init())
         for field, shape in shapes.items():
             t = scopes.get(field) if isinstance(scopes, dict) else None
-            if not isinstance(t, Tensor) or not t.is_floating_point():
-                raise ValueError(f"{where}: the scope state has no floating-point tensor {field!r}")
+            if not _holds_values(t) or not t.is_floating_point():
+                raise ValueError(f"{where}: the scope state has no floating-point tensor {field!r} (dense, with "
+                                 "values: not sparse, not on the meta device)")
             if tuple(t.shape) != shape:
                 raise ValueError(f"{where}: scope state {field!r} has shape {tuple(t.shape)}; this optimizer's "
                                  f"{self.beta_scope!r} scope needs {shape}")

@@ -2,31 +2,52 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
+
+try:  # numpy's bool is no numbers.Real today; refused explicitly, should that change
+    from numpy import bool_ as np_bool
+except ImportError:  # pragma: no cover - numpy is optional
+    np_bool = bool
 
 BETA_SCOPES = ("global", "group", "tensor")
 # The largest hyperparameter taken: the kernels hold lr, weight_decay, eps, ... in float32, where a
 # larger finite Python float (lr=1e39) is inf.
 F32_MAX = float(torch.finfo(torch.float32).max)
 DELTA_F_MODES = ("first_order", "loss")
+# NOTE [foreign group keys]: the arguments of torch.optim's optimizers (and of apex's, bitsandbytes'
+# AdamW-likes) that these optimizers do not take. A param group given one (code written for SGD sets
+# "momentum") would have it silently ignored, so it is refused when the group is given; a group's
+# other keys are kept as torch.optim keeps them (a name, a scheduler's initial_lr, timm's lr_scale).
+FOREIGN_GROUP_KEYS = frozenset((
+    "momentum", "dampening", "nesterov", "betas", "eps", "amsgrad", "lr_decay", "initial_accumulator_value",
+    "alpha", "centered", "rho", "momentum_decay", "decoupled_weight_decay", "lambd", "t0", "etas", "step_sizes",
+    "max_iter", "max_eval", "tolerance_grad", "tolerance_change", "history_size", "line_search_fn",
+    "foreach", "fused", "differentiable", "maximize", "capturable", "weight_decay", "bias_correction",
+    "adam_w_mode", "set_grad_none", "optim_bits", "percentile_clipping", "block_wise", "is_paged",
+))
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real number: int, float and the other numbers.Real (numpy's float32, int64, ...), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np_bool))
 
 
 def check_range(owner: str, name: str, value, lo=None, hi=None, lo_open=False, hi_open=False,
-                device_tensor_ok: bool = False):
+                device_tensor_ok: bool = False, read_tensor: bool = True):
     """Raise ValueError unless lo <= value <= hi (open ends as flagged) and value is finite in float32
-    (|value| <= F32_MAX); return it
-    as a float. A 1-element CPU tensor is read and checked. A device tensor is accepted, unchecked and
-    returned as is, only where `device_tensor_ok` (a capturable lr: reading it back would synchronise)."""
+    (|value| <= F32_MAX); return it as a float. A 1-element real CPU tensor is read and checked. A
+    device tensor is accepted, its value unchecked, and returned as is, only where `device_tensor_ok`
+    (a capturable lr: reading it back would synchronise); so is a CPU one where not `read_tensor` (inside
+    a compiled step, where reading it would break the graph)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{owner}: {name} must be a number or a 1-element tensor, got shape {tuple(value.shape)}")
-        if value.device.type != "cpu":
+        if value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"{owner}: {name} must be a real number, got a {value.dtype} tensor")
+        if value.device.type != "cpu" or not read_tensor:
             if device_tensor_ok:
                 return value
             raise ValueError(f"{owner}: {name} must be a number (or a CPU tensor), got a tensor on {value.device}: "
@@ -85,20 +106,26 @@ def state_dtype_for(param_dtype: torch.dtype, state_dtype) -> torch.dtype:
     return state_dtype
 
 
-def check_group(owner: str, group: dict, keys, index: int | None = None, skip_tensors: bool = False) -> None:
+def check_group(owner: str, group: dict, keys, index: int | None = None, on_step: bool = False) -> None:
     """A param group's hyperparameters (`keys`: lr, and weight_decay where the optimizer has it), each
-    in [0, inf); lr may be a tensor. `index` names the group in the message (param_groups[i]['lr']).
-    `skip_tensors`: leave a tensor lr alone (the check inside step(): it was checked when it was given,
-    and reading it again could synchronise or break a torch.compile graph). Any other tensor is
-    checked as at construction: a CPU tensor is read, a device tensor refused."""
+    in [0, inf); lr may be a tensor: a CPU tensor is read and checked, a device tensor's value is not
+    (reading it would synchronise), nor is any tensor's inside a compiled step (`on_step`, the check at
+    every step: reading it would break the graph); their shape, dtype and device are. Any other tensor
+    is checked as at construction: a CPU tensor is read, a device tensor refused. `index` names the
+    group in the message (param_groups[i]['lr'])."""
     for key in keys:
-        value = group[key]
+        value = group.get(key, _MISSING)
         if type(value) is float and 0.0 <= value <= F32_MAX:
             continue  # the usual case, at every step: no more host time than this (NOTE [host time], _base.py)
-        if skip_tensors and key == "lr" and isinstance(value, torch.Tensor):
-            continue
         name = key if index is None else f"param_groups[{index}][{key!r}]"
-        check_range(owner, name, value, lo=0.0, device_tensor_ok=key == "lr")
+        if value is _MISSING:
+            raise ValueError(f"{owner}: {'a param group' if index is None else f'param_groups[{index}]'} has no "
+                             f"{key!r}: set it (a number in [0, inf))")
+        check_range(owner, name, value, lo=0.0, device_tensor_ok=key == "lr",
+                    read_tensor=not (on_step and torch.compiler.is_compiling()))
+
+
+_MISSING = object()
 
 
 def _set_checked(hp, field: str, value) -> None:

@@ -36,23 +36,24 @@ def capturing(device: torch.device) -> bool:
     (a fullgraph trace refuses is_current_stream_capturing())."""
     return device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing()
 
-def check_fits(params, grads, states, units: int | None = None, exact_shapes: bool = True) -> None:
-    """NOTE [state fits]: ValueError unless every gradient fits its parameter and every state tensor
-    (each list in `states`: d, v or RLLC's memory) the parameter's shape, or (units, *p.shape) where
-    `units` is given (RLLC's k); without `exact_shapes` only the element counts (for flat kernels).
+def check_fits(params, grads, states, units: int | None = None) -> None:
+    """NOTE [state fits]: ValueError unless every gradient has its parameter's shape and every state
+    tensor (each list in `states`: d, v or RLLC's memory) the parameter's shape, or (units, *p.shape)
+    where `units` is given (RLLC's k). (Shapes, not element counts only: the reference refuses a
+    gradient of another shape with as many elements, and every backend does the same.)
     A parameter resized in place after it took steps (p.data = a bigger tensor) no longer fits its
     state, nor a gradient set through .grad.data its parameter: triton's address tables would have its
     kernels read and write past their ends, and the reference would update the tensors before the misfit
     and then fail. The backends call this before they change anything ("cpu" and "cuda" check the same
     in their C++ glue); on the hot path only where it is cheap (triton: when a table is looked up anew)."""
     for i, (p, g) in enumerate(zip(params, grads)):
-        if (g.shape != p.shape) if exact_shapes else (g.numel() != p.numel()):
+        if g.shape != p.shape:
             raise ValueError(f"tensor {i} of this step: its gradient has shape {tuple(g.shape)}, the parameter "
                              f"{tuple(p.shape)}")
         need = tuple(p.shape) if units is None else (units, *p.shape)
         for ts in states:
             t = ts[i]
-            if (tuple(t.shape) != need) if exact_shapes else (t.numel() != (units or 1) * p.numel()):
+            if tuple(t.shape) != need:
                 raise ValueError(f"tensor {i} of this step: its optimizer state has shape {tuple(t.shape)}, the "
                                  f"parameter needs {need} (was the parameter resized after it took steps? "
                                  "then reset its state: del optimizer.state[p])")

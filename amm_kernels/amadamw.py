@@ -33,9 +33,11 @@ class AMAdamW(AMOptimizer):
         lr (float or Tensor, default 1e-3): learning rate eta, >= 0.
         betas (tuple, default (0.9, 0.999)): (beta_max, beta2). beta_max in [0, 1) plays Adam's beta1
             (the clamp's upper end and the first step's beta); beta2 in [0, 1) is the second-moment decay.
-        lam (float, default 0.1): proximal weight lambda, >= 0.
         eps (float, default 1e-8): added to sqrt(v_hat), > 0 (outside the square root, as AdamW).
         weight_decay (float, default 1e-2): decoupled weight decay mu, >= 0.
+        (Positionally, lr to weight_decay come in torch.optim.AdamW's order; the arguments below are
+        keyword-only.)
+        lam (float, default 0.1): proximal weight lambda, >= 0.
         beta_min (float, default 0.0): lower clamp of beta, in [0, beta_max].
         adaptive (bool, default True): False fixes beta = beta_max.
         beta_scope (str, default "tensor"): one beta per parameter tensor ("tensor"), per param
@@ -74,9 +76,10 @@ class AMAdamW(AMOptimizer):
         params,
         lr=1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
-        lam: float = 0.1,
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        *,  # (torch.optim.AdamW's positional order up to here; the rest by keyword only)
+        lam: float = 0.1,
         beta_min: float = 0.0,
         adaptive: bool = True,
         beta_scope: str = "tensor",

@@ -27,7 +27,8 @@ class AMSGD(AMOptimizer):
     Args:
         params: iterable of parameters or dicts defining param groups (a group may set ``lr`` and
             ``weight_decay``; the other arguments are optimizer-wide).
-        lr (float or Tensor, default 1e-3): learning rate eta, >= 0.
+        lr (float or Tensor, default 1e-3): learning rate eta, >= 0. (The only positional argument after
+            params: the ones below are keyword-only, as SGD's second is momentum.)
         lam (float, default 0.1): proximal weight lambda of the two-plane model, >= 0.
         beta_max (float, default 0.9): upper clamp of beta, in [0, 1]; beta on the first step.
         beta_min (float, default 0.0): lower clamp of beta, in [0, beta_max].
@@ -66,6 +67,7 @@ class AMSGD(AMOptimizer):
         self,
         params,
         lr=1e-3,
+        *,  # by keyword only: torch.optim.SGD's next positional argument is momentum, which AMSGD computes
         lam: float = 0.1,
         beta_max: float = 0.9,
         beta_min: float = 0.0,

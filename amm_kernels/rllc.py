@@ -128,7 +128,7 @@ class RLLC(AMOptimizer):
     Args:
         params: iterable of parameters or dicts defining param groups (a group may set only ``lr``;
             the other arguments are optimizer-wide).
-        lr (float or Tensor, default 0.01): step size c1, >= 0.
+        lr (float or Tensor, default 0.01): step size c1, >= 0. (The arguments below are keyword-only.)
         law_lr (float, default 0.01): step size c2 of the law correction, >= 0 (0 freezes the law).
         memory (str or (U, b), default "M(0.9)+M(0)"): the memory units, joined by ``+``:
             ``M(beta)``: m <- beta m + g;  ``J(beta, j)``: a Jordan block of j units, m_1 <- beta m_1 + g,
@@ -165,7 +165,7 @@ class RLLC(AMOptimizer):
     SCOPE_ARG = "scope"
     SCOPE_STATE = RLLCScopeState
 
-    def __init__(self, params, lr=0.01, law_lr: float = 0.01, memory="M(0.9)+M(0)", law_init=None,
+    def __init__(self, params, lr=0.01, *, law_lr: float = 0.01, memory="M(0.9)+M(0)", law_init=None,
                  scope: str = "global", backend: str = "auto", process_group=None, capturable: bool = False,
                  state_dtype=None):
         name = type(self).__name__

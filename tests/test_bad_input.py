@@ -162,6 +162,118 @@ def test_loss_mode_refuses_anything_but_one_loss_before_any_change(backend, loss
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", [torch.tensor(True), torch.tensor(1.0 + 2.0j), torch.tensor(1.0, device="meta"), 10 ** 400],
+                         ids=["bool", "complex", "meta", "int-beyond-float"])
+def test_a_loss_that_cannot_be_used_is_refused_before_any_state_is_made(backend, loss):
+    """A loss that passes for one number but cannot become the step's loss (a bool to negate under
+    maximize, a complex or meta tensor, an int no float holds): refused before a tensor stepping for
+    the first time gets state."""
+    params = model_params()
+    opt = AMSGD(params[:2], delta_f="loss", maximize=True, backend=backend_ready(backend))
+    set_grads(params, 0)
+    opt.step(lambda: torch.tensor(2.0))
+    newcomer = torch.randn(3, requires_grad=True)
+    opt.add_param_group({"params": [newcomer]})
+    newcomer.grad = torch.randn(3)
+    set_grads(params, 1)
+    before = snapshot(opt, params[:2])
+    with pytest.raises((RuntimeError, OverflowError), match="delta_f='loss' needs the closure to return one loss|int too large"):
+        opt.step(lambda: loss)
+    assert_same_state(before, snapshot(opt, params[:2]))
+    assert newcomer not in opt.state
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_a_complex_gradient_of_a_real_parameter_is_refused(backend, cls):
+    """torch.optim's SGD refuses it; reading its real part alone would be silently wrong."""
+    params = model_params()
+    opt = cls(params, backend=backend_ready(backend))
+    take_steps(opt, params, [0])
+    set_grads(params, 1)
+    params[1].grad.data = torch.randn(7, dtype=torch.complex64)
+    before = full_snapshot(opt, params)
+    with pytest.raises(TypeError, match=r"gradients must be real, got a torch.complex64 gradient for parameter 1"):
+        opt.step()
+    assert_unchanged(before, opt, params)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_an_expanded_parameter_is_refused_when_given(cls):
+    """NOTE [aliased parameters]: expand()'s elements share memory; no in-place update can write them, and a
+    fused step would fail after updating the other tensors."""
+    wide = torch.randn(4, 1).expand(4, 3).requires_grad_()
+    with pytest.raises(ValueError, match=r"parameter 1 .*shape \(4, 3\), strides \(1, 0\)\) repeats elements"):
+        cls([torch.randn(2, requires_grad=True), wide])
+    params = model_params()
+    opt = cls(params)
+    with pytest.raises(ValueError, match=r"parameter 4 .*repeats elements"):
+        opt.add_param_group({"params": [wide]})
+    assert len(opt.param_groups) == 1
+    cls([torch.randn(4, 1).expand(4, 1).requires_grad_(), torch.randn(3).expand(1, 3).requires_grad_()])  # size-1 dims
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_a_gradient_cut_short_in_place_is_refused(backend, cls):
+    """A gradient made shorter at its own address (p.grad.data = p.grad.data[:2], gradients kept across
+    steps) is refused before anything changes (triton's case, whose tables are cached by address:
+    test_triton_backend.py)."""
+    params = model_params()
+    opt = cls(params, backend=backend_ready(backend))
+    set_grads(params, 0)
+    opt.step()
+    opt.step()  # the same gradients, at the same addresses: the cached table
+    params[0].grad.data = params[0].grad.data[:2]
+    before = full_snapshot(opt, params)
+    with pytest.raises((ValueError, RuntimeError), match=r"(tensor 0|grads\[0\]).*shape (\(2, 3\)|\[2, 3\])"):
+        opt.step()
+    assert_unchanged(before, opt, params)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_a_refused_step_adds_no_stand_ins_to_state_made_by_hand(backend, cls):
+    """NOTE [refused steps]: state put in place by hand (no stand-ins) keeps its keys when the step fails."""
+    params = model_params()
+    opt = cls(params, backend=backend_ready(backend))
+    take_steps(opt, params, [0])
+    hand_made = {key: t.clone() for key, t in opt.state[params[0]].items() if not key.startswith("amm_")}
+    opt.state[params[0]] = dict(hand_made)
+    set_grads(params, 1)
+    params[1].grad.data = torch.randn(2, 3)  # refused by every backend
+    with pytest.raises((ValueError, RuntimeError)):
+        opt.step()
+    assert set(opt.state[params[0]]) == set(hand_made)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+@pytest.mark.parametrize("lr,message", [
+    (torch.tensor(-1.0), r"param_groups\[0\]\['lr'\] must be in \[0.0, inf\), got -1.0"),
+    (torch.tensor(float("nan")), r"param_groups\[0\]\['lr'\] must be in \[0.0, inf\), got nan"),
+    (torch.tensor([0.1, 0.2]), r"param_groups\[0\]\['lr'\] must be a number or a 1-element tensor, got shape \(2,\)"),
+    (torch.tensor(0.1 + 0j), r"param_groups\[0\]\['lr'\] must be a real number, got a torch.complex64 tensor"),
+    (None, r"param_groups\[0\] has no 'lr'"),
+], ids=["negative-cpu-tensor", "nan-cpu-tensor", "2-elements", "complex", "removed"])
+def test_an_lr_tensor_set_in_a_group_later_is_checked_at_the_step(cls, lr, message):
+    """A CPU tensor is read at the step (no device to wait for), as the constructor reads it; any tensor's
+    shape and dtype are checked; a removed lr is named. Nothing changes."""
+    params = model_params()
+    opt = cls(params)
+    take_steps(opt, params, [0])
+    set_grads(params, 1)
+    before = full_snapshot(opt, params)
+    if lr is None:
+        del opt.param_groups[0]["lr"]
+    else:
+        opt.param_groups[0]["lr"] = lr
+    with pytest.raises(ValueError, match=message):
+        opt.step()
+    opt.param_groups[0]["lr"] = before[1][0]["lr"]
+    assert_unchanged(before, opt, params)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_float64_gradients_are_read_as_float32(backend, cls, dtype):
@@ -186,6 +298,18 @@ CORRUPTIONS = {
     "group-lr-missing": (lambda sd: sd["param_groups"][0].pop("lr"), r"param_groups\[0\] has no 'lr'"),
     "group-too-small": (lambda sd: sd["param_groups"][1]["params"].pop(), r"param_groups\[1\] has 1 parameters"),
     "groups-missing": (lambda sd: sd["param_groups"].pop(), "has 1 param groups, this optimizer has 2"),
+    # tensors without values, or sparse: refused before torch.optim replaces state and groups
+    "scope-tensor-meta": (lambda sd: sd["amm"]["scopes"].update(step=sd["amm"]["scopes"]["step"].to("meta")),
+                          "no floating-point tensor 'step' .dense, with values"),
+    "scope-tensor-sparse": (lambda sd: sd["amm"]["scopes"].update(step=sd["amm"]["scopes"]["step"].to_sparse()),
+                            "no floating-point tensor 'step' .dense, with values"),
+    "row-meta": (lambda sd: sd["state"][0].update(amm_scope=sd["state"][0]["amm_scope"].to("meta")),
+                 r"parameter 0 .*carries its scope's values .*meta.*dense floating-point"),
+    "row-sparse": (lambda sd: sd["state"][0].update(amm_scope=sd["state"][0]["amm_scope"].to_sparse()),
+                   r"parameter 0 .*carries its scope's values .*sparse.*dense floating-point"),
+    "param-state-sparse": (lambda sd: sd["state"][0].update({k: v.to_sparse() for k, v in sd["state"][0].items()
+                                                             if not k.startswith("amm_")}),
+                           r"of parameter 0 is a torch.sparse_coo .*dense real tensor"),
 }
 
 
@@ -238,11 +362,18 @@ def _misshape_gradient_0(params):
     params[0].grad.data = torch.randn(2, 3)  # .data bypasses autograd's own shape check
 
 
+def _transpose_gradient_0(params):
+    set_grads(params, 2)
+    params[0].grad.data = params[0].grad.data.t().contiguous()  # (3, 4): as many elements, another shape
+
+
 # the reference and triton: check_fits (_step.py); "cpu" and the CUDA glue: their own C++ checks
 MISFITS = {
     "parameter-resized": (_resize_parameter_1, r"(tensor 1|momentum\[1\]|memory\[1\]).*(shape|elements)"),
     "gradient-misshaped": (_misshape_gradient_0,
                            r"(tensor 0|grads\[0\]).*(gradient has shape \(2, 3\)|shape \[2, 3\]|as many elements)"),
+    # every backend refuses it as the reference does, not only a gradient with another element count
+    "gradient-transposed": (_transpose_gradient_0, r"(tensor 0|grads\[0\]).*(gradient has shape \(3, 4\)|shape \[3, 4\])"),
 }
 
 

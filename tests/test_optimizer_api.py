@@ -63,6 +63,94 @@ def test_bad_param_group_is_rejected(cls):
     assert len(opt.param_groups) == 1
 
 
+ALL_OPTIMIZERS = [AMSGD, AMAdamW, amm_kernels.RLLC]
+
+
+@pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
+def test_a_group_keeps_keys_that_are_no_optimizers_argument(cls):
+    """NOTE [foreign group keys]: as torch.optim, a group may carry a name, a scheduler's initial_lr, timm's
+    lr_scale; another optimizer's argument (SGD's momentum, Adam's amsgrad) is refused, never ignored."""
+    a, b = model_params(seed=1), model_params(seed=1)
+    with_keys = cls([{"params": a, "name": "encoder", "initial_lr": 0.1, "lr_scale": 0.5}], lr=0.1)
+    plain = cls([{"params": b}], lr=0.1)
+    assert with_keys.param_groups[0]["name"] == "encoder" and with_keys.param_groups[0]["lr_scale"] == 0.5
+    with_keys.add_param_group({"params": [torch.zeros(3, requires_grad=True)], "name": "head"})
+    take_steps(with_keys, a, [0, 1])
+    take_steps(plain, b, [0, 1])
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    resumed = cls([{"params": a, "name": "encoder"}, {"params": [torch.zeros(3, requires_grad=True)]}], lr=0.1)
+    resumed.load_state_dict(with_keys.state_dict())
+    assert resumed.param_groups[1]["name"] == "head"
+    for key in ("momentum", "amsgrad", "nesterov"):
+        with pytest.raises(ValueError, match=f"{key} is not an {cls.__name__} argument .another optimizer's"):
+            cls([{"params": model_params(), key: 0.9}])
+
+
+@pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
+def test_numpy_scalars_are_numbers(cls):
+    """torch.optim takes lr = np.float32(...) (a warm-up read from a float32 array): so do these, at
+    construction and when a scheduler sets it, stepping as with the float."""
+    import numpy as np
+
+    a, b = model_params(seed=1), model_params(seed=1)
+    extra = {} if cls is amm_kernels.RLLC else {"weight_decay": np.float32(0.25)}
+    with_np = cls(a, lr=np.float32(0.5), **extra)
+    plain = cls(b, lr=float(np.float32(0.5)), **({} if cls is amm_kernels.RLLC else {"weight_decay": 0.25}))
+    sched = torch.optim.lr_scheduler.LambdaLR(with_np, lambda step: np.float32(0.5) ** step)
+    plain_sched = torch.optim.lr_scheduler.LambdaLR(plain, lambda step: 0.5 ** step)
+    for s in range(3):
+        take_steps(with_np, a, [s])
+        take_steps(plain, b, [s])
+        sched.step(), plain_sched.step()
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="lr must be in"):
+        cls(model_params(), lr=np.float32(-1.0))
+    with pytest.raises(ValueError, match="must be a number"):
+        cls(model_params(), lr=np.bool_(True))
+
+
+@pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
+def test_state_dict_post_hooks_see_the_whole_state_dict(cls):
+    """torch.optim runs the state_dict post-hooks on the finished dict and returns what they return: they
+    see the "amm" entry and the rows, and a hook that returns a new dict gives a loadable checkpoint."""
+    params = model_params()
+    opt = cls(params)
+    take_steps(opt, params, [0, 1])
+    seen = {}
+
+    def look(optimizer, sd):
+        seen["amm"] = "amm" in sd
+        seen["rows"] = all("amm_scope" in st for st in sd["state"].values())
+
+    def replace(optimizer, sd):
+        return {**sd, "note": "written by a hook"}
+
+    hooks = [opt.register_state_dict_post_hook(look), opt.register_state_dict_post_hook(replace)]
+    saved = opt.state_dict()
+    for hook in hooks:
+        hook.remove()
+    assert seen == {"amm": True, "rows": True} and saved["note"] == "written by a hook"
+    fresh_params = [p.detach().clone().requires_grad_() for p in params]
+    fresh = cls(fresh_params)
+    fresh.load_state_dict(copy.deepcopy({k: v for k, v in saved.items() if k != "note"}))
+    take_steps(opt, params, [2])
+    take_steps(fresh, fresh_params, [2])
+    assert all(torch.equal(x, y) for x, y in zip(params, fresh_params))
+
+
+def test_arguments_after_torchs_positional_ones_are_keyword_only():
+    """AMAdamW(p, lr, betas, eps, weight_decay) reads as torch.optim.AdamW; AMSGD(p, lr, 0.9), written for
+    SGD's momentum, is an error, not a silently different lam."""
+    opt = AMAdamW(model_params(), 3e-4, (0.9, 0.95), 1e-6, 0.1)
+    assert (opt._hyper.eps, opt.defaults["weight_decay"], opt._hyper.beta2, opt._hyper.lam) == (1e-6, 0.1, 0.95, 0.1)
+    with pytest.raises(TypeError):
+        AMAdamW(model_params(), 3e-4, (0.9, 0.95), 1e-6, 0.1, 0.5)
+    with pytest.raises(TypeError):
+        AMSGD(model_params(), 0.1, 0.9)
+    with pytest.raises(TypeError):
+        amm_kernels.RLLC(model_params(), 0.1, 0.01)
+
+
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_sparse_gradient_raises_before_any_state_changes(cls):
     check_sparse_gradient_raises_before_any_state_changes(cls)

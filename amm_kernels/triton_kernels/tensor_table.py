@@ -96,7 +96,10 @@ def _key(params, grads, d, v, batch, block, n_sums):
         (p.data_ptr(), g.data_ptr(), dd.data_ptr(), 0 if v is None else v[i].data_ptr())
         for i, (p, g, dd) in enumerate(zip(params, grads, d))
     )
-    layout = (tuple((p.numel(), p.dtype, g.dtype, dd.dtype, None if v is None else v[i].dtype)
+    # every tensor's shape: one that changed at the same address (p.grad.data = a slice of it) is a new
+    # layout, so check_fits looks at it (NOTE [state fits])
+    layout = (tuple((p.shape, g.shape, dd.shape, p.dtype, g.dtype, dd.dtype,
+                     None if v is None else (v[i].shape, v[i].dtype))
                     for i, (p, g, dd) in enumerate(zip(params, grads, d))),
               tuple(batch.group_of), tuple(batch.scope_of), tuple(batch.present_groups),
               str(params[0].device), block, n_sums)
@@ -134,7 +137,7 @@ def get_table(params, grads, d, v, batch, block: int, n_sums: int, state_units: 
     in_capture = capturing(device)
     table = cache.exact.get(key)
     if table is None:  # new addresses: a resized parameter or state is among them (NOTE [state fits])
-        check_fits(params, grads, [d] if v is None else [d, v], units=state_units, exact_shapes=False)
+        check_fits(params, grads, [d] if v is None else [d, v], units=state_units)
         source = cache.by_layout.get(layout)
         if source is not None:
             table = _rebased(source, addresses, decays)

@@ -230,9 +230,10 @@ void rllc_run(AMM_RLLC_PARAMS, const std::optional<at::Tensor>& sums_in, at::Ten
     TORCH_CHECK(mem.scalar_type() == xt || mem.scalar_type() == at::kFloat, kOwner, ": memory[", i,
                 "] must have its parameter's dtype ", xt, " or float32, got ", mem.scalar_type());
     const int64_t n = x.numel();
-    TORCH_CHECK(grads[i].numel() == n, kOwner, ": grads[", i, "] must have as many elements as its parameter");
-    TORCH_CHECK(mem.dim() >= 1 && mem.size(0) == k && mem.numel() == k * n, kOwner, ": memory[", i,
-                "] must have shape (k, *param.shape) with k = ", k, ", got ", mem.sizes());
+    TORCH_CHECK(grads[i].sizes() == x.sizes(), kOwner, ": grads[", i, "] has shape ", grads[i].sizes(),
+                ", its parameter ", x.sizes());
+    TORCH_CHECK(mem.dim() == x.dim() + 1 && mem.size(0) == k && mem.sizes().slice(1) == x.sizes(), kOwner,
+                ": memory[", i, "] must have shape (k, *param.shape) with k = ", k, ", got ", mem.sizes());
     Tensor1& t = ts[i];
     t.n = n;
     if (x.is_contiguous()) {

@@ -231,8 +231,11 @@ Prepared prepare(at::TensorList params, at::TensorList grads, at::TensorList d, 
     TORCH_CHECK(is_supported_float(x.scalar_type()), kOwner, ": parameter ", i, " has unsupported dtype ",
                 x.scalar_type(), " (float32, bfloat16, float16 are supported)");
     const int64_t n = x.numel();
-    TORCH_CHECK(grads[i].numel() == n && d[i].numel() == n && (v == nullptr || (*v)[i].numel() == n), kOwner,
-                ": tensor ", i, ": grad and state must have as many elements as the parameter");
+    // shapes, not element counts only: as the reference and the CUDA glue (NOTE [state fits], _step.py)
+    TORCH_CHECK(grads[i].sizes() == x.sizes() && d[i].sizes() == x.sizes() &&
+                    (v == nullptr || (*v)[i].sizes() == x.sizes()),
+                kOwner, ": tensor ", i, ": its gradient has shape ", grads[i].sizes(), " and its state ",
+                d[i].sizes(), "; both must have the parameter's shape ", x.sizes());
     TORCH_CHECK(v == nullptr || (*v)[i].scalar_type() == d[i].scalar_type(), kOwner,
                 ": tensor ", i, ": exp_avg and exp_avg_sq must have one dtype");
     // Checked here, before anything is written: the passes run scope batch by scope batch (NOTE

@@ -74,12 +74,13 @@ void rllc_run(AMM_RLLC_PARAMS, const std::optional<at::Tensor>& sums_in, double*
                 ": tensor ", i, " is not on ", device);
     const at::Tensor p = copies.walkable(params[i], /*contiguous_only=*/true);
     const at::Tensor m = copies.walkable(memory[i], /*contiguous_only=*/true);
-    TORCH_CHECK(m.dim() >= 1 && m.size(0) == k && m.numel() == k * p.numel(), kOwner,
+    TORCH_CHECK(m.dim() == p.dim() + 1 && m.size(0) == k && m.sizes().slice(1) == p.sizes(), kOwner,
                 ": memory[", i, "] must be a (k, *param.shape) tensor with k = ", k);
     TORCH_CHECK(m.scalar_type() == p.scalar_type() || m.scalar_type() == at::kFloat, kOwner, ": memory[", i,
                 "] must have its parameter's dtype or float32");
     TORCH_CHECK(!grads[i].is_sparse(), kOwner, ": sparse gradients are not supported");
-    TORCH_CHECK(grads[i].numel() == p.numel(), kOwner, ": grads[", i, "] must have as many elements as its parameter");
+    TORCH_CHECK(grads[i].sizes() == p.sizes(), kOwner, ": grads[", i, "] has shape ", grads[i].sizes(),
+                ", its parameter ", p.sizes());
     at::Tensor g = grads[i];
     if (g.scalar_type() != p.scalar_type() && g.scalar_type() != at::kFloat) g = g.to(at::kFloat);
     if (!g.is_contiguous()) g = g.contiguous();
