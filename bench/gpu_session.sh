@@ -16,6 +16,7 @@
 #   build.log     the extension's full build output
 #   tests.log     pytest -v of the GPU tests (failures in full, skip reasons)
 #   bench.log     the benchmarks' output (the tables)
+#   sanitize.log  compute-sanitizer's findings (the last 40 lines of each tool's run)
 #   results.tgz   the bench/results files this call wrote, and pytest's junit xml files; made again
 #                 after every part, so a call cut short still returns what the finished parts wrote
 #
@@ -26,6 +27,7 @@
 #   bench_core   issue 3's figures: AMAdamW (wd 0.01 and 0) and AMSGD, cuda and triton, against fused
 #                AdamW / SGD, at 1e8, 3e8 and 1e9 parameters in a LLaMA-shaped list, with the copy bandwidth
 #   test_triton  the Triton backend's tests, compiled at full size
+#   sanitize     compute-sanitizer racecheck / synccheck / memcheck on small steps of every kernel path
 #   variants     persistent vs two-pass CUDA step by size (the threshold for AMM_CUDA_PERSISTENT_MAX_NUMEL)
 #   breakdown    per-kernel device time of each step at 1e8 parameters (why a figure falls short)
 #   overhead     a real training step, AdamW vs AMAdamW (issue 5)
@@ -46,12 +48,12 @@ T0=$(date +%s)
 STAMP_T="$(mktemp)"  # results newer than this were written by this call
 JUNIT="$(mktemp -d)"  # pytest's junit files, packed into results.tgz (not left in $OUT: at most 8 files come back)
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(build test_cuda bench_core test_triton variants breakdown overhead bench_full)
-declare -A MAX_S=([build]=240 [test_cuda]=150 [bench_core]=120 [test_triton]=150 [variants]=90 [breakdown]=60
-                  [overhead]=60 [bench_full]=240 [conv]=300)
+[ ${#parts[@]} -eq 0 ] && parts=(build test_cuda bench_core test_triton sanitize variants breakdown overhead bench_full)
+declare -A MAX_S=([build]=240 [test_cuda]=150 [bench_core]=120 [test_triton]=150 [sanitize]=120 [variants]=90
+                  [breakdown]=60 [overhead]=60 [bench_full]=240 [conv]=300)
 # the least a part needs to leave a result (below it the part is skipped, not started and killed)
-declare -A MIN_S=([test_cuda]=60 [bench_core]=60 [test_triton]=60 [variants]=40 [breakdown]=35 [overhead]=45
-                  [bench_full]=60)
+declare -A MIN_S=([test_cuda]=60 [bench_core]=60 [test_triton]=60 [sanitize]=50 [variants]=40 [breakdown]=35
+                  [overhead]=45 [bench_full]=60)
 RESERVE=15  # seconds kept for packing the results
 status=0
 unfinished=()  # parts skipped or stopped at their limit: what a second call on the still-warm machine would run
@@ -135,6 +137,25 @@ bench() { limited "$1" "$PY" "${@:2}" 2>&1 | tee -a "$OUT/bench.log"; }
 part_bench_core() {
   bench "$1" bench/throughput.py --layouts model --sizes 1e8,3e8,1e9 --stem-suffix core \
     --only "AMAdamW[cuda],AMAdamW[triton],AMSGD[cuda],AMSGD[triton]"
+}
+
+# compute-sanitizer (racecheck, synccheck, memcheck) on small steps of every kernel path
+# (bench/sanitize_step.py): what the CPU simulator cannot show (races, barriers, real alignment)
+part_sanitize() {
+  local cs rc=0 t0 tool rest
+  cs="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)"
+  [ -n "$cs" ] || { echo "compute-sanitizer not found: nothing checked"; return 1; }
+  has_cuda_part || { echo "amm_kernels._C has no CUDA part (see build.log)"; return 1; }
+  t0=$(date +%s)
+  for tool in racecheck synccheck memcheck; do
+    rest=$(( $1 - ($(date +%s) - t0) ))
+    [ "$rest" -ge 15 ] || { echo "sanitize: no time left for $tool"; return 124; }
+    echo "== compute-sanitizer --tool $tool"
+    limited "$rest" "$cs" --tool "$tool" --error-exitcode 9 "$PY" bench/sanitize_step.py 2>&1 | tail -n 40 \
+      | tee -a "$OUT/sanitize.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+  done
+  return $rc
 }
 
 part_variants() { bench "$1" bench/bench_cuda_variants.py; }

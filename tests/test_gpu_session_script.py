@@ -51,6 +51,19 @@ def test_a_part_that_does_not_fit_the_budget_is_skipped(tmp_path):
            "bench/gpu_session.sh variants)" in log, log
 
 
+def test_the_sanitize_part_fails_without_compute_sanitizer_and_its_script_without_cuda(tmp_path):
+    """The part checks nothing here (no compute-sanitizer on PATH): it fails and says why, never passes
+    silently; bench/sanitize_step.py imports and refuses a machine without CUDA."""
+    if shutil.which("compute-sanitizer") or list(Path("/usr/local").glob("cuda*/bin/compute-sanitizer")):
+        pytest.skip("compute-sanitizer is installed here")
+    proc, _, log = session(tmp_path, 300, "sanitize")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "compute-sanitizer not found: nothing checked" in log and "== part sanitize rc=1" in log, log
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "sanitize_step.py")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "", "HOME": "/tmp"})
+    assert run.returncode == 1 and "sanitize_step: no CUDA device" in run.stdout, run.stdout + run.stderr
+
+
 def _selection(name):
     """The node ids bench/gpu_session.sh's pytest selection NAME (CUDA_TESTS / TRITON_TESTS) collects here."""
     expr = re.search(rf'^{name}="([^"]+)"$', SCRIPT.read_text(), re.M).group(1)
