@@ -19,9 +19,11 @@ namespace {
 // elements). Which thread takes which element depends only on the tensor's size and alignment, so the
 // sums stay bit-identical run to run (NOTE [element order] in multi_tensor.cuh).
 // Only for k <= kRllcVecMaxK: a thread then holds (k + 1) x kVec (pass 2: k + 2) floats per iteration,
-// and pass 1 also its k(k+3)/2 double sums. ptxas (sm_90, launch bound 256 threads) fits k <= 5 in
-// registers (pass 1: 52, 66, 98, 118 registers for k = 2..5); at k = 6 it starts to spill (k = 8: ~10 KB
-// of spill stores per thread), so k >= 6 keeps the scalar walk.
+// and pass 1 also its k(k+3)/2 double sums. ptxas (CUDA 13.0, sm_90, launch bound kBlockSize = 512
+// threads: at most 128 registers) fits k <= 5 in registers (pass 1: 54, 82, 100, 120 registers for
+// k = 2..5); with the vector walk at k = 6 pass 1 starts to spill (16 bytes of spill stores; k = 7: 800,
+// k = 8: 1960), so k >= 6 keeps the scalar walk (100 and 128 registers, no spills). Measured
+// 2026-11-29 with nvcc -Xptxas -v, kRllcVecMaxK set to 8 for the vector figures.
 constexpr int kRllcVecMaxK = 5;
 
 template <int K>
