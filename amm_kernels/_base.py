@@ -485,9 +485,6 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
                 if g is not None:
                     if g.is_sparse:
                         raise RuntimeError(f"{name} does not support sparse gradients")
-                    if g.is_complex():  # (a real parameter's: complex parameters are refused when given)
-                        raise TypeError(f"{name}: gradients must be real, got a {g.dtype} gradient for parameter "
-                                        f"{tensor_index} (counted across param groups)")
                     if not p.is_floating_point():
                         raise TypeError(f"{name}: parameters must be floating point, got {p.dtype}")
                     params.append(p)

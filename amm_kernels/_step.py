@@ -40,13 +40,16 @@ def check_fits(params, grads, states, units: int | None = None) -> None:
     """NOTE [state fits]: ValueError unless every gradient has its parameter's shape and every state
     tensor (each list in `states`: d, v or RLLC's memory) the parameter's shape, or (units, *p.shape)
     where `units` is given (RLLC's k). (Shapes, not element counts only: the reference refuses a
-    gradient of another shape with as many elements, and every backend does the same.)
+    gradient of another shape with as many elements, and every backend does the same.) TypeError for
+    a complex gradient of a real parameter (every backend: here, and in the C++ glue).
     A parameter resized in place after it took steps (p.data = a bigger tensor) no longer fits its
     state, nor a gradient set through .grad.data its parameter: triton's address tables would have its
     kernels read and write past their ends, and the reference would update the tensors before the misfit
     and then fail. The backends call this before they change anything ("cpu" and "cuda" check the same
     in their C++ glue); on the hot path only where it is cheap (triton: when a table is looked up anew)."""
     for i, (p, g) in enumerate(zip(params, grads)):
+        if g.dtype != p.dtype and g.is_complex():  # (its real part alone would be read)
+            raise TypeError(f"tensor {i} of this step: gradients must be real, got {g.dtype}")
         if g.shape != p.shape:
             raise ValueError(f"tensor {i} of this step: its gradient has shape {tuple(g.shape)}, the parameter "
                              f"{tuple(p.shape)}")

@@ -138,6 +138,13 @@ def unavailable_reason(device: torch.device) -> str | None:
     return f"it runs on cuda (or cpu with TRITON_INTERPRET=1) tensors, not {device.type}"
 
 
+def _as_float32(i: int, g):
+    """A gradient in a dtype the kernels do not read, as float32 (TypeError for a complex one)."""
+    if g.is_complex():
+        raise TypeError(f"tensor {i} of this step: gradients must be real, got {g.dtype}")
+    return g.float()
+
+
 def _flat_tensors(batch: StepBatch):
     """params, grads, d, v as dense tensors the kernels can walk as flat arrays, and the write-backs.
 
@@ -156,7 +163,7 @@ def _flat_tensors(batch: StepBatch):
 
     params = [flat(t, True) for t in batch.params]
     # a gradient the kernels cannot read (float64) is read as float32, as the cpu and cuda backends do
-    grads = [flat(t if t.dtype in DTYPE_CODES else t.float(), False) for t in batch.grads]
+    grads = [flat(t if t.dtype in DTYPE_CODES else _as_float32(i, t), False) for i, t in enumerate(batch.grads)]
     d = [flat(t, True) for t in batch.d]
     v = None if batch.v is None else [flat(t, True) for t in batch.v]
     return params, grads, d, v, writeback

@@ -239,6 +239,23 @@ def test_a_tensor_changed_at_its_own_address_is_refused(cls, change):
     assert all(torch.equal(v, opt.state[params[1]][k]) for k, v in before[1].items())
 
 
+@pytest.mark.parametrize("cls", [AMSGD, AMAdamW, RLLC])
+def test_a_complex_gradient_is_refused_before_anything_changes(cls):
+    """Where the other backends refuse it (tests/test_bad_input.py): triton converts a gradient of a dtype
+    its kernels do not read, and a complex one would lose its imaginary part."""
+    params = make_params([(4, 3), (7,)], torch.float32, transposed_last=False)
+    opt = cls(params, backend="triton")
+    for p, g in zip(params, grads_for(params, 0)):
+        p.grad = g
+    opt.step()
+    params[1].grad.data = torch.randn(7, dtype=torch.complex64, device=DEV)  # (.data: autograd refuses it)
+    before = [t.detach().clone() for t in params], {k: v.clone() for k, v in opt.state[params[0]].items()}
+    with pytest.raises(TypeError, match=r"tensor 1 of this step: gradients must be real, got torch.complex64"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before[0], params))
+    assert all(torch.equal(v, opt.state[params[0]][k]) for k, v in before[1].items())
+
+
 def test_table_rebuilt_when_param_list_changes():
     params = make_params([(7,), (9,)], torch.float32)
     opt = AMSGD([{"params": params, "lr": 0.1}], backend="triton")

@@ -249,7 +249,11 @@ void rllc_run(AMM_RLLC_PARAMS, const std::optional<at::Tensor>& sums_in, at::Ten
       write_back.emplace_back(mem, t.m);
     }
     at::Tensor g = grads[i];
-    if (g.scalar_type() != xt && g.scalar_type() != at::kFloat) g = g.to(at::kFloat);
+    if (g.scalar_type() != xt && g.scalar_type() != at::kFloat) {
+      TORCH_CHECK(!c10::isComplexType(g.scalar_type()), kOwner, ": tensor ", i, ": gradients must be real, got ",
+                  g.scalar_type());
+      g = g.to(at::kFloat);
+    }
     t.g = g.is_contiguous() && g.sizes() == x.sizes() ? g : g.reshape(x.sizes()).contiguous();
     t.lr = lr_p[gi];
     if (runs.empty() || runs.back()[0] != si) {

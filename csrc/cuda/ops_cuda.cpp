@@ -100,6 +100,8 @@ Batch describe(at::TensorList params, at::TensorList grads, at::TensorList d, co
     const at::Tensor vi = v != nullptr ? b.copies.in_layout_of((*v)[i], p) : at::Tensor();
     TORCH_CHECK(!grads[i].is_sparse(), "amm_kernels (CUDA): sparse gradients are not supported");
     at::Tensor g = grads[i];
+    TORCH_CHECK(g.scalar_type() == p.scalar_type() || !c10::isComplexType(g.scalar_type()),
+                "amm_kernels (CUDA): tensor ", i, ": gradients must be real, got ", g.scalar_type());
     if (g.scalar_type() != p.scalar_type() && g.scalar_type() != at::kFloat && g.device() == p.device()) {
       g = b.copies.read_only(g.to(at::kFloat));  // a float64 gradient is read as float32, as on the cpu
     }
