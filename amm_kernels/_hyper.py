@@ -18,7 +18,7 @@ BETA_SCOPES = ("global", "group", "tensor")
 F32_MAX = float(torch.finfo(torch.float32).max)
 DELTA_F_MODES = ("first_order", "loss")
 # NOTE [foreign group keys]: the arguments of torch.optim's optimizers (and of apex's, bitsandbytes'
-# AdamW-likes) that these optimizers do not take. A param group given one (code written for SGD sets
+# AdamW-likes, and of this package's other optimizers) that an optimizer here does not take. A param group given one (code written for SGD sets
 # "momentum") would have it silently ignored, so it is refused when the group is given; a group's
 # other keys are kept as torch.optim keeps them (a name, a scheduler's initial_lr, timm's lr_scale).
 FOREIGN_GROUP_KEYS = frozenset((
@@ -27,6 +27,10 @@ FOREIGN_GROUP_KEYS = frozenset((
     "max_iter", "max_eval", "tolerance_grad", "tolerance_change", "history_size", "line_search_fn",
     "foreach", "fused", "differentiable", "maximize", "capturable", "weight_decay", "bias_correction",
     "adam_w_mode", "set_grad_none", "optim_bits", "percentile_clipping", "block_wise", "is_paged",
+    "beta2_decay", "d", "ns_steps", "ns_coefficients", "adjust_lr_fn",  # torch.optim.Adafactor's, Muon's
+    # this package's optimizers' (each class lets its own through: they are its optimizer-wide arguments)
+    "lam", "beta_max", "beta_min", "adaptive", "delta_f", "beta_scope", "backend", "process_group",
+    "state_dtype", "law_lr", "memory", "law_init", "scope",
 ))
 
 
@@ -122,7 +126,7 @@ def check_group(owner: str, group: dict, keys, index: int | None = None, on_step
             raise ValueError(f"{owner}: {'a param group' if index is None else f'param_groups[{index}]'} has no "
                              f"{key!r}: set it (a number in [0, inf))")
         check_range(owner, name, value, lo=0.0, device_tensor_ok=key == "lr",
-                    read_tensor=not (on_step and torch.compiler.is_compiling()))
+                    read_tensor=not (on_step and key == "lr" and torch.compiler.is_compiling()))
 
 
 _MISSING = object()

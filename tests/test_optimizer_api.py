@@ -81,7 +81,8 @@ def test_a_group_keeps_keys_that_are_no_optimizers_argument(cls):
     resumed = cls([{"params": a, "name": "encoder"}, {"params": [torch.zeros(3, requires_grad=True)]}], lr=0.1)
     resumed.load_state_dict(with_keys.state_dict())
     assert resumed.param_groups[1]["name"] == "head"
-    for key in ("momentum", "amsgrad", "nesterov"):
+    sibling = {AMSGD: "law_lr", AMAdamW: "beta_max", amm_kernels.RLLC: "lam"}[cls]  # this package's others'
+    for key in ("momentum", "amsgrad", "nesterov", "ns_steps", sibling):
         with pytest.raises(ValueError, match=f"{key} is not an {cls.__name__} argument .another optimizer's"):
             cls([{"params": model_params(), key: 0.9}])
 
