@@ -27,8 +27,8 @@
 #   bench_core   issue 3's figures: AMAdamW (wd 0.01 and 0) and AMSGD, cuda and triton, against fused
 #                AdamW / SGD, at 1e8, 3e8 and 1e9 parameters in a LLaMA-shaped list, with the copy bandwidth
 #   test_triton  the Triton backend's tests, compiled at full size
-#   sanitize     compute-sanitizer racecheck / synccheck / memcheck on small steps of every kernel path
 #   variants     persistent vs two-pass CUDA step by size (the threshold for AMM_CUDA_PERSISTENT_MAX_NUMEL)
+#   sanitize     compute-sanitizer racecheck / synccheck / memcheck on small steps of the main kernel paths
 #   breakdown    per-kernel device time of each step at 1e8 parameters (why a figure falls short)
 #   overhead     a real training step, AdamW vs AMAdamW (issue 5)
 #   bench_full   issue 5's whole throughput ladder (every backend, 1e5..1e9, flat and model)
@@ -48,7 +48,7 @@ T0=$(date +%s)
 STAMP_T="$(mktemp)"  # results newer than this were written by this call
 JUNIT="$(mktemp -d)"  # pytest's junit files, packed into results.tgz (not left in $OUT: at most 8 files come back)
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(build test_cuda bench_core test_triton sanitize variants breakdown overhead bench_full)
+[ ${#parts[@]} -eq 0 ] && parts=(build test_cuda bench_core test_triton variants sanitize breakdown overhead bench_full)
 declare -A MAX_S=([build]=240 [test_cuda]=150 [bench_core]=120 [test_triton]=150 [sanitize]=120 [variants]=90
                   [breakdown]=60 [overhead]=60 [bench_full]=240 [conv]=300)
 # the least a part needs to leave a result (below it the part is skipped, not started and killed)
@@ -139,23 +139,47 @@ part_bench_core() {
     --only "AMAdamW[cuda],AMAdamW[triton],AMSGD[cuda],AMSGD[triton]"
 }
 
-# compute-sanitizer (racecheck, synccheck, memcheck) on small steps of every kernel path
-# (bench/sanitize_step.py): what the CPU simulator cannot show (races, barriers, real alignment)
+# compute-sanitizer (racecheck, synccheck, memcheck) on small steps of the main kernel paths
+# (bench/sanitize_step.py: shared-memory hazards, barriers, out-of-bounds and misaligned accesses on
+# the real GPU, which the CPU simulator cannot show). Each tool gets an equal share of what is left;
+# a finding (exit 9) fails the part, a tool stopped at its share makes it "stopped at its limit".
+find_sanitizer() {
+  command -v compute-sanitizer && return
+  ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1 | grep . && return
+  local sp  # the nvidia-cuda-sanitizer-api wheel's copy
+  for sp in $("$PY" -c "import site; print(' '.join(site.getsitepackages()))" 2>/dev/null); do
+    ls "$sp"/nvidia/cuda_sanitizer_api/compute-sanitizer/compute-sanitizer 2>/dev/null && return
+  done
+  return 1
+}
+
 part_sanitize() {
-  local cs rc=0 t0 tool rest
-  cs="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)"
-  [ -n "$cs" ] || { echo "compute-sanitizer not found: nothing checked"; return 1; }
+  local cs found=0 cut=0 t0 tool rest share s n=3
+  cs="$(find_sanitizer)" || { echo "compute-sanitizer not found: nothing checked"; return 1; }
   has_cuda_part || { echo "amm_kernels._C has no CUDA part (see build.log)"; return 1; }
   t0=$(date +%s)
   for tool in racecheck synccheck memcheck; do
     rest=$(( $1 - ($(date +%s) - t0) ))
-    [ "$rest" -ge 15 ] || { echo "sanitize: no time left for $tool"; return 124; }
-    echo "== compute-sanitizer --tool $tool"
-    limited "$rest" "$cs" --tool "$tool" --error-exitcode 9 "$PY" bench/sanitize_step.py 2>&1 | tail -n 40 \
-      | tee -a "$OUT/sanitize.log"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+    share=$(( rest / n )); n=$(( n - 1 ))
+    if [ "$share" -lt 15 ]; then echo "== $tool: not run, ${rest} s left" | tee -a "$OUT/sanitize.log"; cut=1; continue; fi
+    echo "== compute-sanitizer --tool $tool (limit ${share} s)" | tee -a "$OUT/sanitize.log"
+    # memcheck without the caching allocator: an overrun then leaves its allocation instead of landing
+    # in a neighbour's part of one cached segment (only there: the variable is read as set, whatever
+    # its value, by some torch versions)
+    local envs=()
+    [ "$tool" = memcheck ] && envs=(PYTORCH_NO_CUDA_MEMORY_CACHING=1)
+    limited "$share" env "${envs[@]}" "$cs" --tool "$tool" --error-exitcode 9 "$PY" bench/sanitize_step.py 2>&1 \
+      | tail -n 40 | tee -a "$OUT/sanitize.log"
+    s=${PIPESTATUS[0]}
+    case $s in
+      0) echo "== $tool: clean" | tee -a "$OUT/sanitize.log" ;;
+      124|137) echo "== $tool: stopped at its limit (${share} s)" | tee -a "$OUT/sanitize.log"; cut=1 ;;
+      *) echo "== $tool: exit $s (9: a finding)" | tee -a "$OUT/sanitize.log"; found=1 ;;
+    esac
   done
-  return $rc
+  [ $found -eq 0 ] || return 1
+  [ $cut -eq 0 ] || return 124
+  return 0
 }
 
 part_variants() { bench "$1" bench/bench_cuda_variants.py; }
