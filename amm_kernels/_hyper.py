@@ -113,8 +113,8 @@ def state_dtype_for(param_dtype: torch.dtype, state_dtype) -> torch.dtype:
 def check_group(owner: str, group: dict, keys, index: int | None = None, on_step: bool = False) -> None:
     """A param group's hyperparameters (`keys`: lr, and weight_decay where the optimizer has it), each
     in [0, inf); lr may be a tensor: a CPU tensor is read and checked, a device tensor's value is not
-    (reading it would synchronise), nor is any tensor's inside a compiled step (`on_step`, the check at
-    every step: reading it would break the graph); their shape, dtype and device are. Any other tensor
+    (reading it would synchronise), nor is an lr tensor's inside a compiled step (`on_step`, the check
+    at every step: reading it would break the graph); their shape and dtype are. Any other tensor
     is checked as at construction: a CPU tensor is read, a device tensor refused. `index` names the
     group in the message (param_groups[i]['lr'])."""
     for key in keys:

@@ -40,7 +40,9 @@ def check_fits(params, grads, states, units: int | None = None) -> None:
     """NOTE [state fits]: ValueError unless every gradient has its parameter's shape and every state
     tensor (each list in `states`: d, v or RLLC's memory) the parameter's shape, or (units, *p.shape)
     where `units` is given (RLLC's k). (Shapes, not element counts only: the reference refuses a
-    gradient of another shape with as many elements, and every backend does the same.) TypeError for
+    gradient of another shape with as many elements, and so do the C++ glue and triton where its table
+    is looked up anew; triton walks such a view put at a gradient's own address as a flat array: its
+    table key holds element counts, tensor_table.py.) TypeError for
     a complex gradient of a real parameter (every backend: here, and in the C++ glue).
     A parameter resized in place after it took steps (p.data = a bigger tensor) no longer fits its
     state, nor a gradient set through .grad.data its parameter: triton's address tables would have its

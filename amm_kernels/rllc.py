@@ -21,7 +21,7 @@ try:
     from torch.distributed.tensor import Shard
 except ImportError:  # pragma: no cover - torch built without distributed
     Shard = ()
-from ._hyper import F32_MAX, check_range, state_dtype_for
+from ._hyper import F32_MAX, _is_number, check_range, state_dtype_for
 from .memory import memory_rule
 
 __all__ = ["RLLC", "RLLCHyper", "RLLCScopeState", "rllc_backends", "supports_rllc"]
@@ -178,11 +178,13 @@ class RLLC(AMOptimizer):
             law_init = default_law_init(k)
         if isinstance(law_init, Tensor):
             law_init = law_init.detach().cpu().tolist()
+        elif hasattr(law_init, "tolist") and not isinstance(law_init, (list, tuple)):  # a numpy array
+            law_init = law_init.tolist()
         if not isinstance(law_init, (list, tuple)) or len(law_init) != k:
             raise ValueError(f"{name}: law_init must be a sequence of k = {k} numbers (one per memory unit), "
                              f"got {law_init!r}")
         for i, value in enumerate(law_init):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= F32_MAX:
+            if not _is_number(value) or not abs(value) <= F32_MAX:
                 raise ValueError(f"{name}: law_init[{i}] must be a finite number, at most {F32_MAX!r} in magnitude "
                                  f"(the law is kept in float32), got {value!r}")
         self._hyper = RLLCHyper(law_lr=float(law_lr), U=U, b=b, law_init=tuple(float(v) for v in law_init))

@@ -351,6 +351,17 @@ def test_bad_arguments_raise_naming_them(kwargs, exc, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("law_init", [np.array([0.75, 0.25]), (np.float32(0.75), np.int64(0)), torch.tensor([0.75, 0.25])],
+                         ids=["numpy-array", "numpy-scalars", "tensor"])
+def test_law_init_may_be_an_array_or_hold_numpy_numbers(law_init):
+    """As the other numbers (numpy's are numbers): law_init is read once, into floats."""
+    expected = tuple(float(v) for v in law_init)
+    assert RLLC(model_params(), law_init=law_init)._hyper.law_init == expected
+    assert RLLC(model_params(), law_init=list(expected))._hyper.law_init == expected
+    with pytest.raises(ValueError, match=r"law_init\[0\] must be a finite number"):
+        RLLC(model_params(), law_init=(np.bool_(True), 0.0))
+
+
 def test_bad_param_group_is_rejected():
     opt = RLLC(model_params())
     with pytest.raises(ValueError, match="lr must be in"):
