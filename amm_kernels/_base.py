@@ -15,7 +15,8 @@ from torch import Tensor
 
 from . import backends
 from ._aliasing import first_overlap, first_self_overlap
-from ._hyper import BETA_SCOPES, FOREIGN_GROUP_KEYS, check_choice, check_flag, check_group, check_state_dtype, state_dtype_for
+from ._hyper import (BETA_SCOPES, FOREIGN_GROUP_KEYS, _is_number, check_choice, check_flag, check_group,
+                     check_state_dtype, state_dtype_for)
 from ._checkpoint import CARRIER_KEYS, SCOPE_ENTRY, CheckpointMixin, _carries_row, _needs_stand_ins
 from ._step import DTensor, ScopeState, StepBatch, capturing, local_shard, scope_dtype
 
@@ -661,7 +662,7 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         if isinstance(loss, Tensor):
             one = loss.numel() == 1 and not (loss.is_complex() or loss.dtype == torch.bool or loss.device.type == "meta")
         else:
-            one = isinstance(loss, numbers.Real) and not isinstance(loss, bool)
+            one = _is_number(loss)
         if not one:
             got = f"a {loss.dtype} tensor of shape {tuple(loss.shape)} on {loss.device}" if isinstance(loss, Tensor) \
                 else repr(loss)

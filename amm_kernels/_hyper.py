@@ -18,9 +18,10 @@ BETA_SCOPES = ("global", "group", "tensor")
 F32_MAX = float(torch.finfo(torch.float32).max)
 DELTA_F_MODES = ("first_order", "loss")
 # NOTE [foreign group keys]: the arguments of torch.optim's optimizers (and of apex's, bitsandbytes'
-# AdamW-likes, and of this package's other optimizers) that an optimizer here does not take. A param group given one (code written for SGD sets
-# "momentum") would have it silently ignored, so it is refused when the group is given; a group's
-# other keys are kept as torch.optim keeps them (a name, a scheduler's initial_lr, timm's lr_scale).
+# AdamW-likes, and of this package's other optimizers) that an optimizer here does not take. A param
+# group given one (code written for SGD sets "momentum") would have it silently ignored, so it is
+# refused when the group is given; a group's other keys are kept as torch.optim keeps them (a name, a
+# scheduler's initial_lr, timm's lr_scale).
 FOREIGN_GROUP_KEYS = frozenset((
     "momentum", "dampening", "nesterov", "betas", "eps", "amsgrad", "lr_decay", "initial_accumulator_value",
     "alpha", "centered", "rho", "momentum_decay", "decoupled_weight_decay", "lambd", "t0", "etas", "step_sizes",
@@ -110,6 +111,9 @@ def state_dtype_for(param_dtype: torch.dtype, state_dtype) -> torch.dtype:
     return state_dtype
 
 
+_MISSING = object()  # check_group: a key the group does not have
+
+
 def check_group(owner: str, group: dict, keys, index: int | None = None, on_step: bool = False) -> None:
     """A param group's hyperparameters (`keys`: lr, and weight_decay where the optimizer has it), each
     in [0, inf); lr may be a tensor: a CPU tensor is read and checked, a device tensor's value is not
@@ -128,8 +132,6 @@ def check_group(owner: str, group: dict, keys, index: int | None = None, on_step
         check_range(owner, name, value, lo=0.0, device_tensor_ok=key == "lr",
                     read_tensor=not (on_step and key == "lr" and torch.compiler.is_compiling()))
 
-
-_MISSING = object()
 
 
 def _set_checked(hp, field: str, value) -> None:

@@ -36,22 +36,29 @@ def capturing(device: torch.device) -> bool:
     (a fullgraph trace refuses is_current_stream_capturing())."""
     return device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing()
 
+def check_real_gradient(i: int, g: Tensor) -> None:
+    """TypeError for a complex gradient (tensor i of the step), whose real part alone would be read.
+    Called where a gradient of another dtype than its parameter's is converted (the C++ glue has its own)."""
+    if g.is_complex():
+        raise TypeError(f"tensor {i} of this step: gradients must be real, got {g.dtype}")
+
+
 def check_fits(params, grads, states, units: int | None = None) -> None:
     """NOTE [state fits]: ValueError unless every gradient has its parameter's shape and every state
     tensor (each list in `states`: d, v or RLLC's memory) the parameter's shape, or (units, *p.shape)
     where `units` is given (RLLC's k). (Shapes, not element counts only: the reference refuses a
     gradient of another shape with as many elements, and so do the C++ glue and triton where its table
     is looked up anew; triton walks such a view put at a gradient's own address as a flat array: its
-    table key holds element counts, tensor_table.py.) TypeError for
-    a complex gradient of a real parameter (every backend: here, and in the C++ glue).
+    table key holds element counts, tensor_table.py.) TypeError for a complex gradient of a real
+    parameter (check_real_gradient).
     A parameter resized in place after it took steps (p.data = a bigger tensor) no longer fits its
     state, nor a gradient set through .grad.data its parameter: triton's address tables would have its
     kernels read and write past their ends, and the reference would update the tensors before the misfit
     and then fail. The backends call this before they change anything ("cpu" and "cuda" check the same
     in their C++ glue); on the hot path only where it is cheap (triton: when a table is looked up anew)."""
     for i, (p, g) in enumerate(zip(params, grads)):
-        if g.dtype != p.dtype and g.is_complex():  # (its real part alone would be read)
-            raise TypeError(f"tensor {i} of this step: gradients must be real, got {g.dtype}")
+        if g.dtype != p.dtype:
+            check_real_gradient(i, g)
         if g.shape != p.shape:
             raise ValueError(f"tensor {i} of this step: its gradient has shape {tuple(g.shape)}, the parameter "
                              f"{tuple(p.shape)}")

@@ -85,7 +85,7 @@ if _interpreter_on():
         raise ImportError(_reason)
 
 from ._hyper import AMAdamWHyper, AMSGDHyper  # noqa: E402
-from ._step import StepBatch  # noqa: E402
+from ._step import StepBatch, check_real_gradient  # noqa: E402
 from .triton_kernels.finalize_kernel import finalize_kernel, tensor_terms_kernel  # noqa: E402
 from .triton_kernels.reduce_kernels import amadamw_reduce_kernel, amsgd_reduce_kernel  # noqa: E402
 from .triton_kernels.tensor_table import DTYPE_CODES, get_table  # noqa: E402
@@ -140,8 +140,7 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 def _as_float32(i: int, g):
     """A gradient in a dtype the kernels do not read, as float32 (TypeError for a complex one)."""
-    if g.is_complex():
-        raise TypeError(f"tensor {i} of this step: gradients must be real, got {g.dtype}")
+    check_real_gradient(i, g)
     return g.float()
 
 
