@@ -1,6 +1,6 @@
 """gram_pinv_apply (amm_kernels/reference/pinv.py): the host-sync-free pinv(G) r behind RLLC's law,
 against numpy.linalg.pinv / torch.linalg.pinv on well-conditioned, ill-conditioned and rank-deficient
-Gram matrices, k = 1..8."""
+Gram matrices, k = 1..8 (ill-conditioned ones also for k = 12 to 64)."""
 import numpy as np
 import pytest
 import torch
@@ -9,6 +9,8 @@ from amm_kernels.reference.pinv import gram_pinv_apply, jacobi_eigh, sweeps
 
 RCOND = 1e-6
 KS = range(1, 9)
+# k past 8, up to memory.MAX_UNITS = 64: the sweeps needed grow with k there (pinv.py sweeps)
+LARGE_KS = [12, 16, 32, 48, 64]
 
 
 def _orthogonal(gen, B, k):
@@ -52,7 +54,7 @@ def test_well_conditioned(k):
 
 
 @pytest.mark.parametrize("cond", [1e4, 1e5, 1e8])
-@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("k", list(KS) + LARGE_KS)
 def test_ill_conditioned(k, cond):
     # eigenvalues spread log-uniformly over [1/cond, 1], none within a factor 3 of the cutoff rcond * max
     # (there the kept / dropped decision is a matter of rounding, in numpy as here)

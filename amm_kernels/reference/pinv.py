@@ -36,14 +36,17 @@ def sweeps(k: int) -> int:
     """Jacobi sweeps for a k x k matrix: a host function of k alone. k = 1 needs none, k = 2 one
     rotation (a second one cleans up its rounding). Measured on the matrices of tests/test_pinv.py
     (cond up to 1e8, rank-deficient, clustered, RLLC-memory Gram matrices), pinv reaches its float64
-    accuracy after k sweeps for k = 3..7 and 7 for k = 8 (8 to 11 for k = 12..32); this adds 2."""
+    accuracy after k sweeps for k = 3..7 and 7 for k = 8. Past 8 the need grows with log2(k) and varies
+    with the matrix (two random sets, cond 1e4 and 1e8): up to 9, 10, 11, 14, 14, 15, 14 sweeps for
+    k = 12, 16, 24, 32, 48, 56, 64 (memory.MAX_UNITS). Each bound here adds at least 2 (past 8,
+    ceil(1.5 log2(k)) + 8: 14, 14, 15, 16, 17, 17, 17 for those k)."""
     if k <= 1:
         return 0
     if k == 2:
         return 2
     if k <= 8:
         return min(k, 7) + 2
-    return 7 + math.ceil(math.log2(k))
+    return math.ceil(1.5 * math.log2(k)) + 8
 
 
 def _rounds(k: int) -> list[list[tuple[int, int]]]:
