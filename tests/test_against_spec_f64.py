@@ -165,6 +165,23 @@ def test_tensor_without_grad_is_skipped(name, scope, dtype):
         run.check("end")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+@pytest.mark.parametrize("name", ["AMSGD", "AMAdamW"])
+def test_group_without_gradients_keeps_its_prev_lr(name, scope, dtype):
+    """prev_lr is the lr of the group's last step (x_{t-1} - x_t = eta_prev d): at step 5 no tensor of
+    group 0 has a gradient while every lr triples, so at step 6 group 0's eta_prev is still its lr of
+    step 4, whereas groups 1 and 2 stepped at 5 with the new lr (the oracle's prev_lr rule)."""
+    run = Run(name, dtype, 3, beta_scope=scope)
+    for i in range(10):
+        grads = run.random_grads()
+        if i == 5:
+            grads[0] = [None] * len(grads[0])
+            run.set_lrs([3.0 * lr for lr in run.lrs])
+        run.step_with_grads(grads)
+        run.check(i)
+
+
 @pytest.mark.filterwarnings("ignore:AMAdamW.*first gradient after")  # NOTE [late tensors] in amm_kernels/_base.py
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("adaptive", [True, False], ids=["adaptive", "fixed"])

@@ -53,6 +53,25 @@ def test_bad_arguments_raise_value_error_naming_them(cls, kwargs, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_beta_min_equal_to_beta_max_is_allowed_and_fixes_beta(cls, backend):
+    """beta_min may equal beta_max (the range check is beta_min <= beta_max): beta is then clamped to that
+    one value at every step, and the run is the adaptive=False run with the same beta_max."""
+    beta_max = 0.5
+    wide = dict(betas=(beta_max, 0.999)) if cls is AMAdamW else dict(beta_max=beta_max)
+
+    def run(**kwargs):
+        params = model_params()
+        opt = cls(params, lr=0.01, backend=backend, **wide, **kwargs)
+        take_steps(opt, params, range(4))
+        return snapshot(opt, params), opt.beta
+
+    (fixed, beta_fixed), (clamped, beta_clamped) = run(adaptive=False), run(beta_min=beta_max)
+    assert torch.equal(beta_clamped, beta_fixed)
+    torch.testing.assert_close(clamped[0], fixed[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_bad_param_group_is_rejected(cls):
     opt = cls(model_params())
@@ -222,6 +241,49 @@ def test_loading_another_optimizers_state_is_a_clear_error():
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_found_inf_skips_the_step_and_leaves_state_intact(backend, cls):
     check_found_inf_skips_the_step(lambda params: cls(params, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_only_a_positive_found_inf_skips_the_step(backend, cls):
+    """StepBatch.skip is found_inf > 0 (a GradScaler's found_inf is 0 or a count of infs): found_inf = 0
+    or NaN takes the step exactly as without a found_inf, on every backend."""
+    def run(values):
+        params = model_params()
+        opt = cls(params, lr=0.01, backend=backend)
+        for seed, value in enumerate(values):
+            opt.found_inf = None if value is None else torch.tensor([value])
+            take_steps(opt, params, [seed])
+        return snapshot(opt, params)
+
+    assert_same_state(run([0.0, float("nan"), 0.0, float("nan")]), run([None] * 4))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_skipped_step_in_loss_mode_is_no_step(backend):
+    """A step skipped by found_inf commits nothing, prev_loss included: a loss-mode run with a skipped
+    step (its closure's loss 1.0) ends exactly as the run without that step, whose next step takes
+    F = 4.0 - 3.9 (not 1.0 - 3.9)."""
+    def run(with_skipped_step):
+        params = model_params()
+        opt = AMSGD(params, lr=0.05, lam=0.2, delta_f="loss", backend=backend)
+        betas = []
+        for step, loss in enumerate([5.0, 4.0, 1.0, 3.9]):
+            if step == 2 and not with_skipped_step:
+                continue
+            opt.found_inf = torch.tensor([1.0 if step == 2 else 0.0])
+
+            def closure():
+                set_grads(params, step)
+                return torch.tensor(loss)
+
+            opt.step(closure)
+            betas.append(opt.beta.clone())
+        return snapshot(opt, params), betas
+
+    (skipped, betas), (without, _) = run(True), run(False)
+    assert 0.0 < betas[-1] < 0.9, betas  # the loss term reaches beta
+    assert_same_state(skipped, without)
 
 
 @pytest.mark.parametrize("backend", BACKENDS + [_cuda_sim.NAME])
@@ -520,6 +582,31 @@ def test_tiny_gradients_give_the_float64_beta(backend):
     exact = betas("torch", torch.float64)
     assert not torch.all(exact == exact[0]), "beta should differ per tensor"
     torch.testing.assert_close(betas(backend, torch.float32), exact, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_overflowing_sum_of_squares_gives_a_nan_beta_as_the_reference(backend):
+    """NOTE [non-finite sums] (reference/beta.py): a denominator that is not finite gives a NaN beta, also
+    when the numerator is finite; the "den not > 0" rule alone would give num / inf = 0, i.e. beta_min.
+    Loss mode with lam = 0.5 and gradients -2e19 then 1e19 (finite float32 numbers): d - g = -3e19, whose
+    float32 square overflows (den = inf), while g + lam d = 0 exactly (B = 0, and loss mode has no <g, d>
+    term), so num = (lam + 1) (prev_loss - loss) is finite."""
+    def betas(b):
+        x = torch.zeros(3, requires_grad=True)
+        opt = AMSGD([x], lr=1e-3, lam=0.5, delta_f="loss", backend=b)
+        out = []
+        for g, loss in [(-2e19, 1.0), (1e19, 0.5)]:
+            def closure():
+                x.grad = torch.full((3,), g)
+                return torch.tensor(loss)
+
+            opt.step(closure)
+            out.append(opt.beta.clone())
+        return torch.stack(out)
+
+    ref, got = betas("torch"), betas(backend)
+    assert torch.isnan(ref[1]), ref  # the reference's rule for non-finite sums
+    torch.testing.assert_close(got, ref, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("in_place", [False, True], ids=["new_dict", "in_place"])

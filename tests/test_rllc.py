@@ -505,6 +505,21 @@ def test_low_precision_tracks_float32():
         torch.testing.assert_close(a.float(), b, rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_nan_gradient_on_the_first_step_leaves_the_law_at_law_init(backend):
+    """SPEC.md section 4: the law is not updated on a scope's first step (the memory is still 0). A NaN in
+    the first gradient reaches the parameters, as in torch's SGD, but not the law: the first step's
+    correction pinv(0) (M^T g), with M^T g = 0 * NaN = NaN, is never applied."""
+    params = model_params()
+    law_init = (0.75, 0.25)
+    opt = RLLC(params, law_lr=0.1, law_init=law_init, backend=backend)
+    set_grads(params, 0)
+    params[0].grad[0, 0] = float("nan")
+    opt.step()
+    assert torch.isnan(params[0]).any()
+    assert torch.equal(opt.law.cpu().double(), torch.tensor(law_init, dtype=opt.law.dtype).double())
+
+
 def test_nonfinite_gradient_gives_nonfinite_law():
     params, opt = step_on_a_nan_gradient(RLLC)
     assert torch.isnan(opt.law).all()

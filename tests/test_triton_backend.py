@@ -121,9 +121,12 @@ def test_parity_when_the_finalize_tiles_take_several_loads(monkeypatch, name, sc
     assert_beta_moves(betas)
 
 
-def test_parity_loss_mode():
+@pytest.mark.parametrize("shapes", [SHAPES, [(7,), (3,)]], ids=["model", "small"])
+def test_parity_loss_mode(shapes):
+    """With the small model the loss term (lam + 1) (prev_loss - loss) outweighs the gradient terms, so the
+    first step's sums would give a beta far below beta_max: beta_max there comes from the first-step rule."""
     def closure_run(backend):
-        params = make_params(SHAPES, torch.float32)
+        params = make_params(shapes, torch.float32)
         opt = AMSGD(groups_of(params), backend=backend, delta_f="loss", lam=0.2)
         betas = []
         for step in range(STEPS):
@@ -139,6 +142,71 @@ def test_parity_loss_mode():
 
 
 @pytest.mark.parametrize("name", list(OPTS))
+def test_parity_maximize(name):
+    """maximize=True negates the gradient in both passes (the sums of beta and the update), on gradients
+    that flip sign so that beta leaves its clamp and the sums reach the result."""
+    _, _, betas = parity(OPTS[name], torch.float32, kwargs=dict(maximize=True, beta_scope="group"), flip=True)
+    assert_beta_moves(betas)
+
+
+@pytest.mark.parametrize("name,beta_min", [("AMSGD", 0.3), ("AMAdamW", 0.85)])
+def test_parity_lower_clamp(name, beta_min):
+    """beta_min > 0 and sign-flipping gradients: some tensors' betas are clamped to beta_min in the
+    reference run, others not, and the kernels clamp the same ones."""
+    kwargs = dict(beta_min=beta_min, beta_scope="tensor")
+    ref = run(OPTS[name], "torch", torch.float32, kwargs=kwargs, flip=True)
+    got = run(OPTS[name], "triton", torch.float32, kwargs=kwargs, flip=True)
+    later = torch.cat([b for b in ref[2][1:]])
+    assert (later == beta_min).any() and ((later > beta_min) & (later < 0.9)).any(), later
+    assert_same_run(ref, got, torch.float32, f"{name} beta_min={beta_min}")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # the interpreter's NumPy float32 sums
+def test_parity_overflowing_sum_of_squares():
+    """NOTE [non-finite sums] (reference/beta.py): finite gradients -2e19 then 1e19 in loss mode with
+    lam = 0.5 make the float32 partial sum of (d - g)^2 = 9e38 overflow (den = inf) while B = <d - g,
+    g + lam d> = 0 and num stays finite: beta is NaN, as the reference's, not num / inf clamped to beta_min."""
+    def overflow_run(backend):
+        params = [torch.zeros(5, device=DEV, requires_grad=True)]
+        opt = AMSGD(params, lr=1e-3, lam=0.5, delta_f="loss", backend=backend)
+        betas = []
+        for g, loss in [(-2e19, 1.0), (1e19, 0.5)]:
+            def closure():
+                params[0].grad = torch.full((5,), g, device=DEV)
+                return torch.tensor(loss, device=DEV)
+            opt.step(closure)
+            betas.append(opt.beta.clone())
+        return params, opt, betas
+
+    ref, got = overflow_run("torch"), overflow_run("triton")
+    assert torch.isnan(ref[2][1])
+    assert_same_run(ref, got, torch.float32, "overflowing sum of squares")
+
+
+def test_parity_loss_mode_with_a_skipped_step():
+    """A step skipped by found_inf commits nothing, prev_loss included: the step after it takes
+    F = prev_loss - loss from the loss of the last step taken, as the reference."""
+    def closure_run(backend):
+        params = make_params([(7,), (3,)], torch.float32)
+        opt = AMSGD([{"params": params, "lr": 0.05}], backend=backend, delta_f="loss", lam=0.2)
+        betas = []
+        for step, loss in enumerate([5.0, 4.0, 1.0, 3.9]):  # step 3: F = 4.0 - 3.9, not 1.0 - 3.9
+            opt.found_inf = torch.tensor([1.0 if step == 2 else 0.0], device=DEV)
+
+            def closure():
+                for p, g in zip(params, grads_for(params, step)):
+                    p.grad = g
+                return torch.tensor(loss, device=DEV)
+            opt.step(closure)
+            betas.append(opt.beta.clone())
+        return params, opt, betas
+
+    ref, got = closure_run("torch"), closure_run("triton")
+    assert 0.0 < ref[2][3] < 0.9  # beta off its clamps: the loss term reaches it
+    assert_same_run(ref, got, torch.float32, "loss mode, skipped step")
+
+
+@pytest.mark.parametrize("name", list(OPTS))
 def test_parity_grad_scale_and_found_inf(name):
     def hook(opt, step):
         opt.grad_scale = torch.tensor(4.0, device=DEV)
@@ -147,6 +215,39 @@ def test_parity_grad_scale_and_found_inf(name):
     params, opt, betas = parity(OPTS[name], torch.float32, hook=hook, kwargs=dict(beta_scope="group"))
     # skipped steps change nothing: step 0 skipped leaves beta at beta_max, step count excludes skips
     assert torch.equal(opt._scopes.step.cpu(), torch.full_like(opt._scopes.step.cpu(), STEPS - 2))
+
+
+@pytest.mark.parametrize("name", list(OPTS))
+def test_parity_found_inf_that_is_not_positive_does_not_skip(name):
+    """Only found_inf > 0 skips a step (StepBatch.skip); a NaN found_inf does not, and then both the update
+    and the scope commit (step count, beta, beta_prod) happen, as in the reference."""
+    def hook(opt, step):
+        opt.found_inf = torch.tensor([float("nan") if step == 1 else 0.0], device=DEV)
+
+    _, opt, _ = parity(OPTS[name], torch.float32, hook=hook, kwargs=dict(beta_scope="group"))
+    assert torch.equal(opt._scopes.step.cpu(), torch.full_like(opt._scopes.step.cpu(), STEPS))
+
+
+@pytest.mark.parametrize("name", list(OPTS))
+def test_parity_grad_scale_in_the_sums_and_lr_change_on_a_skipped_step(name):
+    """With test_parity_grad_scale_and_found_inf's 3 steps on CPU, the only step taken is the scopes' first
+    (beta_max whatever the sums): here two more steps reach beta's sums, whose gradients are divided by
+    grad_scale. Group 0's lr changes at the skipped step 2: prev_lr must keep the lr of step 1, the last
+    step taken (a skipped step commits nothing), so step 3 weighs <g, d> with the old lr."""
+    def hook(opt, step):
+        opt.grad_scale = torch.tensor(4.0, device=DEV)
+        opt.found_inf = torch.tensor([1.0 if step in (0, 2) else 0.0], device=DEV)
+        if step == 2:
+            opt.param_groups[0]["lr"] = 0.01
+        if step == 3:  # flip=True alternates the sign each step: step 3's gradients against step 1's
+            for p in (p for group in opt.param_groups for p in group["params"]):
+                p.grad.neg_()
+
+    steps = STEPS + 2
+    _, opt, betas = parity(OPTS[name], torch.float32, hook=hook, steps=steps, kwargs=dict(beta_scope="group"),
+                           flip=True)
+    assert_beta_moves(betas[:1] + betas[3:4])  # step 3's beta leaves beta_max (betas[0]: step 0 was skipped)
+    assert torch.equal(opt._scopes.step.cpu(), torch.full_like(opt._scopes.step.cpu(), steps - 2))
 
 
 @pytest.mark.parametrize("name", list(OPTS))
@@ -163,6 +264,27 @@ def test_parity_lr_tensor_and_lr_change(name):
 @pytest.mark.parametrize("name", list(OPTS))
 def test_an_inf_parameter_without_weight_decay_keeps_beta_finite(name):
     check_inf_parameter_without_decay(OPTS[name], "triton", DEV)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's NumPy: inf * 0 in pass 2
+@pytest.mark.parametrize("name", list(OPTS))
+def test_an_inf_parameter_in_whole_blocks_without_weight_decay_keeps_beta_finite(monkeypatch, name):
+    """test_an_inf_parameter_without_weight_decay_keeps_beta_finite on the unmasked path (NOTE [vector
+    access]): a tensor of whole, aligned blocks, whose pass-1 load of x must still be switched off in a
+    group without decay (NOTE [x in pass 1]: AM-AdamW's mu x with mu = 0 and x = inf would be NaN)."""
+    monkeypatch.setattr(triton_backend, "BLOCK", triton_backend.COMPILED_BLOCK)
+
+    def inf_run(backend):
+        params = make_params([(2 * triton_backend.COMPILED_BLOCK,), (7,)], torch.float32)
+        with torch.no_grad():
+            params[0][5] = float("inf")
+        opt = OPTS[name](params, lr=0.05, weight_decay=0.0, backend=backend)
+        return params, opt, train(opt, params, 3, "beta", flip=True)
+
+    ref, got = inf_run("torch"), inf_run("triton")
+    assert all(torch.isfinite(b).all() for b in got[2])
+    assert torch.isfinite(got[0][0]).sum() == got[0][0].numel() - 1  # only the inf element
+    assert_same_run(ref, got, torch.float32, f"{name} inf parameter, whole blocks")
 
 
 @pytest.mark.parametrize("name", list(OPTS))
@@ -183,6 +305,22 @@ def test_parity_nonfinite_grad(name):
     ref, got = poisoned("torch"), poisoned("triton")
     assert torch.isnan(got[2][-1][1]) and not torch.isnan(got[2][-1][0])
     assert_same_run(ref, got, torch.float32, "non-finite grad")
+
+
+def test_bfloat16_ties_round_to_even_as_torch():
+    """NOTE [bfloat16 rounding] (triton_kernels/tensor_table.py store_as): a float32 result exactly halfway
+    between two bfloat16 numbers is stored as the even one, as torch's .to(torch.bfloat16) (random data
+    almost never hits a tie). AMSGD's first step with lr = 1 is x - g = 1 + (2 i + 1) 2^-8 here: every
+    element a tie, half of them rounding down."""
+    def tie_run(backend):
+        x = (1.0 + torch.arange(8, dtype=torch.float32) * 2.0 ** -7).to(DEV, torch.bfloat16).requires_grad_()
+        opt = AMSGD([x], lr=1.0, backend=backend)
+        x.grad = torch.full_like(x, -(2.0 ** -8))
+        opt.step()
+        return x.detach().cpu()
+
+    ref, got = tie_run("torch"), tie_run("triton")
+    assert torch.equal(got, ref), ((got.float() - 1) * 2 ** 8, (ref.float() - 1) * 2 ** 8)
 
 
 def test_parity_mixed_dtypes():

@@ -156,6 +156,46 @@ def test_parity_nonfinite_grad():
     assert_same_run(ref, got, torch.float32, "non-finite grad")
 
 
+def test_parity_nonfinite_grad_on_the_first_step():
+    """A NaN gradient at the first step reaches the parameters and the memory but not the law, which is
+    not updated on a scope's first step (SPEC.md section 4), as the reference."""
+    def first_step_nan(backend):
+        params = make_params([(7,), (4,), (5,)], torch.float32)
+        opt = RLLC([{"params": params, "lr": 0.05}], law_lr=0.1, backend=backend)
+
+        def poison(_opt, step):
+            if step == 0:
+                params[2].grad[1] = float("nan")
+
+        return params, opt, train(opt, params, 1, "law", hook=poison)
+
+    ref, got = first_step_nan("torch"), first_step_nan("triton")
+    assert torch.isfinite(got[2][0]).all() and torch.isnan(got[0][2]).any()
+    assert_same_run(ref, got, torch.float32, "non-finite grad on the first step")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's NumPy: 0 * inf
+def test_parity_inf_grad_with_a_tile_row_past_k():
+    """k = 3 units in a 4-row tile: the row past k must be 0, not b_3 g = 0 * inf = NaN. On the first step
+    the law is not updated (a later step's correction from an inf gradient makes it NaN), so with a law of
+    positive weights an inf gradient element gives M L = +inf there and the parameter becomes -inf (as
+    torch's SGD would), not NaN."""
+    def inf_run(backend):
+        params = make_params([(7,), (5,)], torch.float32)
+        opt = RLLC([{"params": params, "lr": 0.05}], law_lr=0.1, law_init=(0.5, 0.3, 0.2),
+                   memory="M(0.9)+M(0.8)+M(0.7)", backend=backend)
+
+        def poison(_opt, step):
+            if step == 0:
+                params[1].grad[2] = float("inf")
+
+        return params, opt, train(opt, params, 1, "law", hook=poison)
+
+    ref, got = inf_run("torch"), inf_run("triton")
+    assert ref[0][1][2] == float("-inf")
+    assert_same_run(ref, got, torch.float32, "inf grad, k = 3")
+
+
 def test_parity_lr_tensor_and_lr_change():
     parity(torch.float32, groups=lr_tensor_groups(groups_of), hook=change_lrs_at_step_2, memory="M(0.9)+M(0)")
 
