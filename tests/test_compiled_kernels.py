@@ -544,3 +544,180 @@ def test_parameters_in_any_layout(backend, name):
     for pa, pb in zip(got, ref):
         for key, t in got_opt.state[pa].items():
             torch.testing.assert_close(t, ref_opt.state[pb][key], rtol=rtol, atol=atol)
+
+
+# ---- paths the tests above do not reach: NaN found_inf, skipped steps, absent groups, gradient layouts,
+# ---- offsets off 16 bytes, three tables, the finalize's warp path, the split step in CPU batches
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,kwargs", OPT_CASES)
+def test_a_nan_found_inf_does_not_skip_the_step(backend, cls, kwargs):
+    """found_inf = NaN is not > 0: the step is taken, as the reference's `found_inf > 0` (the CPU
+    driver's and the CUDA kernels' step_skipped compare the same way; `!(found_inf <= 0)` would skip)."""
+    def hook(opt, step):
+        device = opt.param_groups[0]["params"][0].device
+        opt.grad_scale = torch.tensor(1.0, device=device)
+        opt.found_inf = torch.tensor(float("nan") if step in (3, 4) else 0.0, device=device)
+
+    check(backend, cls, kwargs, [SHAPES], torch.float32, "found_inf_nan", hook=hook)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,kwargs,loss_mode", [
+    pytest.param(AMSGD, dict(lr=0.05, lam=0.1, beta_max=0.9), False, id="AMSGD"),
+    pytest.param(AMSGD, dict(lr=0.05, lam=0.1, beta_max=0.9, delta_f="loss"), True, id="AMSGD-loss"),
+    pytest.param(AMAdamW, dict(lr=1e-2, weight_decay=0.05), False, id="AMAdamW"),
+])
+def test_a_skipped_step_keeps_prev_lr_and_prev_loss(backend, cls, kwargs, loss_mode):
+    """A step skipped by found_inf writes no scope state, even where it would change it: the lr of
+    every group changes at the skipped step (prev_lr must keep the lr the groups last moved with) and,
+    in loss mode, the skipped step's loss differs from the last one (prev_loss must keep the old one)."""
+    pairs = []
+
+    def hook(opt, step):
+        device = opt.param_groups[0]["params"][0].device
+        opt.grad_scale = torch.tensor(1.0, device=device)
+        opt.found_inf = torch.tensor(1.0 if step == 4 else 0.0, device=device)
+        if step == 4:
+            for g in opt.param_groups:
+                g["lr"] = g["lr"] * 0.5
+            pairs.append([_snapshot(opt)])
+
+    class Spy(cls):
+        def step(self, closure=None):
+            out = super().step(closure)
+            if pairs and len(pairs[-1]) == 1:
+                pairs[-1].append(_snapshot(self))
+            return out
+
+    check(backend, Spy, kwargs, [SHAPES, [(33,), (2, 3, 5)]], torch.float32, "skip_state", hook=hook,
+          lrs=[0.03, 0.01], loss_mode=loss_mode)
+    assert len(pairs) == 2
+    for before, after in pairs:
+        for a, b in zip(before, after):
+            assert torch.equal(a, b), "a step with found_inf > 0 changed the optimizer's state"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,kwargs", OPT_CASES)
+def test_a_group_without_gradients_keeps_its_prev_lr(backend, cls, kwargs):
+    """A group none of whose parameters has a gradient does not move: its prev_lr stays the lr it last
+    moved with, even when its lr changes meanwhile (the reference writes prev_lr of the stepping groups
+    only); the first-order term of its next step uses that prev_lr."""
+    def hook(opt, step):
+        if step == 3:
+            opt.param_groups[1]["lr"] = opt.param_groups[1]["lr"] * 0.25
+        if step in (3, 4):
+            for p in opt.param_groups[1]["params"]:
+                p.grad = None
+
+    check(backend, cls, {**kwargs, "beta_scope": "global"}, [SHAPES, [(33,), (2, 3, 5)]], torch.float32,
+          "absent_group", lrs=[0.03, 0.01], hook=hook, steps=7)
+
+
+def _odd_layout_grad(p, gen, step):
+    """A gradient of p's shape in a non-contiguous layout: gapped (every other element of a larger
+    buffer) on even steps, dimension-reversed (a transpose's) on odd ones."""
+    if step % 2 == 0:
+        return torch.randn((*p.shape, 2), generator=gen)[..., 0]
+    dims = list(range(p.dim()))[::-1]
+    return torch.randn([p.shape[d] for d in dims], generator=gen).permute(*dims)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["AMSGD", "AMAdamW", "RLLC"])
+def test_gradients_in_any_layout(backend, name):
+    """Gradients that are not contiguous (a gapped view, a transpose's layout; autograd gives a
+    parameter's layout, hooks and user code give anything) are read in the parameter's element order,
+    as on the reference."""
+    if backend == _cuda_sim.NAME:
+        _cuda_sim.ensure()
+    cls = {"AMSGD": AMSGD, "AMAdamW": AMAdamW, "RLLC": amm_kernels.RLLC}[name]
+    device = _device(backend)
+    runs = []
+    for b in ("torch", backend):
+        gen = torch.Generator().manual_seed(5)
+        params = [torch.randn(s, generator=gen).to(device).requires_grad_() for s in [(5, 3), (2, 3, 4), (37,), (40, 33)]]
+        opt = cls([{"params": params[:2], "lr": 0.05}, {"params": params[2:], "lr": 0.02}], backend=b)
+        for step in range(4):
+            for p in params:
+                g = _odd_layout_grad(p, gen, step).to(device)
+                assert not g.is_contiguous() or p.dim() == 1 and step % 2 == 1
+                p.grad = g
+            opt.step()
+        runs.append((params, opt))
+    (ref, ref_opt), (got, got_opt) = runs
+    rtol, atol = tolerance(torch.float32)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.detach().cpu(), b.detach().cpu(), rtol=rtol, atol=atol)
+    for pa, pb in zip(got, ref):
+        for key, t in got_opt.state[pa].items():
+            torch.testing.assert_close(t.cpu(), ref_opt.state[pb][key].cpu(), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cls,kwargs", OPT_CASES)
+def test_parameters_at_every_offset_from_16_bytes(backend, dtype, cls, kwargs):
+    """Parameters that are views k elements into a buffer, for every k that leaves them off a 16-byte
+    boundary (float32: 4, 8, 12 bytes; bfloat16: 2 to 14): the CUDA step must take the scalar path for
+    all of them (an 8-byte aligned pointer is not 16-byte aligned: a vector access there faults)."""
+    if backend == _cuda_sim.NAME:
+        _cuda_sim.ensure()
+    device = _device(backend)
+    per_vector = 16 // torch.tensor([], dtype=dtype).element_size()
+    runs = []
+    for b in ("torch", backend):
+        gen = torch.Generator().manual_seed(8)
+        bufs = [torch.randn(n + off, generator=gen).to(device=device, dtype=dtype)
+                for off in range(1, per_vector) for n in (9, 4099)]
+        offs = [off for off in range(1, per_vector) for _ in (9, 4099)]
+        params = [torch.nn.Parameter(buf[off:]) for buf, off in zip(bufs, offs)]
+        assert all(p.data_ptr() % 16 != 0 for p in params)
+        opt = cls(params, backend=b, **kwargs)
+        betas = []
+        for step in range(5):
+            for p in params:
+                p.grad = ((-1.0) ** step * torch.ones(p.shape) + 0.3 * torch.randn(p.shape, generator=gen)).to(
+                    device=device, dtype=dtype)
+            opt.step()
+            betas.append(opt.beta.detach().clone())
+        runs.append((betas, [p.detach().clone() for p in params]))
+    rtol, atol = tolerance(dtype)
+    for a, b in zip(runs[1][0] + runs[1][1], runs[0][0] + runs[0][1]):
+        torch.testing.assert_close(a.cpu().float(), b.cpu().float(), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,kwargs", OPT_CASES)
+def test_more_tensors_than_two_launches_hold(backend, cls, kwargs):
+    """300 tensors under one global scope: the CUDA step splits them over three tables (128 tensors
+    each), so the third table's slots must start after the first two tables' (slot_base)."""
+    shapes = [[(7,), (33,), (1,), (16, 9), (130,)] * 60]
+    check(backend, cls, {**kwargs, "beta_scope": "global"}, shapes, torch.float32, "three-tables", steps=4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,kwargs", OPT_CASES)
+def test_a_tensor_of_more_than_32_chunks(backend, cls, kwargs):
+    """A tensor of 33 CUDA chunks (65536 elements each, the last partial): the finalize sums a tensor
+    of more than kSerialSlots (32) slots with a warp instead of one thread (finalize.cuh)."""
+    check(backend, cls, kwargs, [[(33 * 65_536 + 5,), (7,)]], torch.float32, "33-chunks", steps=3)
+
+
+@_CPU_BUILT
+@pytest.mark.parametrize("scope", ["group", "tensor"])
+@pytest.mark.parametrize("cls,kwargs", OPT_CASES)
+def test_split_step_under_cpu_scope_batches(one_rank_group, monkeypatch, scope, cls, kwargs):
+    """NOTE [sharded sums]: the sums op needs every scope's sums before any update, so it runs as one
+    batch whatever AMM_CPU_BATCH_BYTES says; the split step is still the one-op step bit for bit."""
+    monkeypatch.setenv("AMM_CPU_BATCH_BYTES", "1")  # every scope a batch of its own
+    kw = dict(kwargs, beta_scope=scope)
+    shapes = [MIXED[:6], MIXED[6:12]]
+    seed = _seed("split-batches", scope, cls.__name__)
+    whole = run("cpu", cls, kw, shapes, torch.float32, seed, steps=4, lrs=[0.05, 0.02], wds=[0.0, 0.01])
+    split = run("cpu", cls, {**kw, "process_group": one_rank_group}, shapes, torch.float32, seed, steps=4,
+                lrs=[0.05, 0.02], wds=[0.0, 0.01])
+    for a, b in zip(whole[:2], split[:2]):  # betas, parameters
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+

@@ -242,3 +242,11 @@ def test_split_step_is_the_one_op_step(one_rank_group, backend, scope, memory):
                 process_group=one_rank_group)
     assert_close_runs(split, whole, torch.float32, f"split {memory} {scope} {backend}", exact=True)
     assert not torch.equal(whole[0][1], whole[0][-1]), "the law should move"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_tensor_of_more_than_32_chunks(backend):
+    """A tensor of 33 CUDA chunks (65536 elements each, the last partial): the RLLC finalize sums the
+    slots of a tensor of more than kSerialSlots (32) with a warp instead of one thread."""
+    check(backend, "M(0.9)+M(0.8)", torch.float32, "33-chunks", steps=3, shapes=[[(33 * 65_536 + 5,), (7,)]],
+          lrs=[0.01])
