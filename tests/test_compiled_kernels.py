@@ -451,11 +451,21 @@ from _dist import one_rank_group, one_rank_nccl_group  # noqa: E402,F401
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("variant", ["global", "group", "tensor", "loss", "grad_scale", "non_adaptive"])
+@pytest.mark.parametrize("variant", ["global", "group", "tensor", "loss", "grad_scale", "non_adaptive",
+                                     "group_batched", "tensor_batched"])
 @pytest.mark.parametrize("cls,kwargs", OPT_CASES)
-def test_split_step_is_the_one_op_step(one_rank_group, backend, variant, cls, kwargs):
+def test_split_step_is_the_one_op_step(one_rank_group, monkeypatch, backend, variant, cls, kwargs):
+    """The step split around the all-reduce (the sums op, then the step op with the reduced sums) is the
+    one-op step bit for bit. "_batched": the cpu backend with every scope a batch of its own
+    (AMM_CPU_BATCH_BYTES=1), where the one-op step runs scope batch after scope batch but the sums op,
+    which needs every scope's sums before any update, must still run as one batch (NOTE [sharded sums])."""
     if variant == "loss" and cls is not AMSGD:
         pytest.skip("delta_f='loss' is AMSGD's")
+    if variant.endswith("_batched"):
+        if backend != "cpu":
+            pytest.skip("AMM_CPU_BATCH_BYTES is the cpu backend's")
+        monkeypatch.setenv("AMM_CPU_BATCH_BYTES", "1")
+        variant = variant.split("_")[0]
     kw = dict(kwargs)
     run_kw = dict(lrs=[0.05, 0.02], wds=[0.0, 0.01])
     if variant in ("global", "group", "tensor"):
@@ -547,7 +557,7 @@ def test_parameters_in_any_layout(backend, name):
 
 
 # ---- paths the tests above do not reach: NaN found_inf, skipped steps, absent groups, gradient layouts,
-# ---- offsets off 16 bytes, three tables, the finalize's warp path, the split step in CPU batches
+# ---- offsets off 16 bytes, three tables, the finalize's warp path
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls,kwargs", OPT_CASES)
@@ -703,21 +713,3 @@ def test_a_tensor_of_more_than_32_chunks(backend, cls, kwargs):
     """A tensor of 33 CUDA chunks (65536 elements each, the last partial): the finalize sums a tensor
     of more than kSerialSlots (32) slots with a warp instead of one thread (finalize.cuh)."""
     check(backend, cls, kwargs, [[(33 * 65_536 + 5,), (7,)]], torch.float32, "33-chunks", steps=3)
-
-
-@_CPU_BUILT
-@pytest.mark.parametrize("scope", ["group", "tensor"])
-@pytest.mark.parametrize("cls,kwargs", OPT_CASES)
-def test_split_step_under_cpu_scope_batches(one_rank_group, monkeypatch, scope, cls, kwargs):
-    """NOTE [sharded sums]: the sums op needs every scope's sums before any update, so it runs as one
-    batch whatever AMM_CPU_BATCH_BYTES says; the split step is still the one-op step bit for bit."""
-    monkeypatch.setenv("AMM_CPU_BATCH_BYTES", "1")  # every scope a batch of its own
-    kw = dict(kwargs, beta_scope=scope)
-    shapes = [MIXED[:6], MIXED[6:12]]
-    seed = _seed("split-batches", scope, cls.__name__)
-    whole = run("cpu", cls, kw, shapes, torch.float32, seed, steps=4, lrs=[0.05, 0.02], wds=[0.0, 0.01])
-    split = run("cpu", cls, {**kw, "process_group": one_rank_group}, shapes, torch.float32, seed, steps=4,
-                lrs=[0.05, 0.02], wds=[0.0, 0.01])
-    for a, b in zip(whole[:2], split[:2]):  # betas, parameters
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
-
