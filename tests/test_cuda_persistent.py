@@ -92,6 +92,14 @@ def test_larger_than_the_tile_cache(monkeypatch, backend, cache, cls, kwargs):
     _both(monkeypatch, backend, cls, kwargs, [LARGE[backend]], torch.float32, "large", cache=cache, steps=4)
 
 
+@pytest.mark.parametrize("cls,kwargs", [OPT_CASES[0], OPT_CASES[2]])
+def test_a_tile_cache_request_over_what_fits_is_clamped(monkeypatch, backend, cls, kwargs):
+    """AMM_CUDA_PERSISTENT_CACHE=8 (the most the variable allows) asks for more shared memory than a
+    block has (8 iterations x 3 or 4 lists x 16 KB): the plan keeps what fits (fit_kernel), and the
+    step still runs as one launch, bit-identical to the two-pass step."""
+    _both(monkeypatch, backend, cls, kwargs, [LARGE[backend]], torch.float32, "cache-over", cache=8, steps=2)
+
+
 @pytest.mark.parametrize("scope", ["global", "group", "tensor"])
 @pytest.mark.parametrize("cls,kwargs", OPT_CASES[1:3])
 def test_scopes(monkeypatch, backend, scope, cls, kwargs):
@@ -180,6 +188,13 @@ def test_forcing_it_where_it_cannot_run_is_an_error(monkeypatch, backend):
     few[0].grad = torch.randn_like(few[0])
     with pytest.raises(RuntimeError, match="AMM_CUDA_STEP=persistent"):
         AMSGD(few, backend=backend, adaptive=False).step()
+
+
+@pytest.mark.parametrize("cls,kwargs", [OPT_CASES[0], OPT_CASES[2]])
+def test_a_step_of_exactly_one_table_runs_as_one_launch(monkeypatch, backend, cls, kwargs):
+    """kMaxTensors (128) tensors, empty ones between the others, fill one TensorTable exactly: a forced
+    persistent step takes them (one more is the error above), bit-identical to the two-pass step."""
+    _both(monkeypatch, backend, cls, kwargs, [[(7,), (0,), (33,), (1,)] * 32], torch.float32, "one-table", steps=2)
 
 
 def test_a_refused_cooperative_launch_falls_back_to_two_pass(monkeypatch, backend):
