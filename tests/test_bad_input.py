@@ -211,7 +211,7 @@ def test_an_expanded_parameter_is_refused_when_given(cls):
     with pytest.raises(ValueError, match=r"parameter 4 .*repeats elements"):
         opt.add_param_group({"params": [wide]})
     assert len(opt.param_groups) == 1
-    cls([torch.randn(4, 1).expand(4, 1).requires_grad_(), torch.randn(3).expand(1, 3).requires_grad_()])  # size-1 dims
+    # (a stride of 0 over a size-1 dimension repeats nothing: test_a_zero_stride_over_a_size_1_dimension_is_no_repeat)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -549,3 +549,171 @@ def test_a_group_may_repeat_an_argument_in_any_form_the_constructor_takes(cls, k
 def test_a_groups_capturable_other_than_the_optimizers_is_refused():
     with pytest.raises(ValueError, match="sets capturable=True, but capturable is optimizer-wide"):
         AMSGD([{"params": model_params(), "capturable": True}])
+
+
+@pytest.mark.parametrize("backend", amm_kernels.available_backends("cpu"))
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_a_refused_step_after_model_to_leaves_the_state_in_its_dtype(backend, cls):
+    """NOTE [refused steps]: the step after model.to(dtype) casts the state to the parameters' new dtype
+    before the backend runs; when the backend refuses that step (here a resized parameter), the cast is
+    taken back: the state is left in its dtype, with its values."""
+    params = model_params()
+    opt = cls(params, lr=0.1, backend=backend_ready(backend))
+    take_steps(opt, params, [0, 1])
+    params[0].data = params[0].data.to(torch.bfloat16)  # its state is cast at the next step,
+    _resize_parameter_1(params)  # which is refused
+    before = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+    with pytest.raises((ValueError, RuntimeError), match=MISFITS["parameter-resized"][1]):
+        opt.step()
+    for p, st in zip(params, before):
+        assert set(opt.state[p]) == set(st)
+        for key, t in st.items():
+            assert opt.state[p][key].dtype == t.dtype, key
+            assert torch.equal(opt.state[p][key], t), key
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_the_scope_state_follows_the_parameters_to_float64(cls):
+    """The scope state (step counts, beta, lr, ...) is float64 for float64 parameters (scope_dtype in
+    _step.py), float32 else: after model.to(torch.float64) the next step moves it to float64, with its
+    values, as a checkpoint then shows."""
+    params = model_params()
+    opt = cls(params, lr=0.1)
+    take_steps(opt, params, [0, 1])
+    before = {k: v.clone() for k, v in opt.state_dict()["amm"]["scopes"].items()}
+    assert all(v.dtype == torch.float32 for v in before.values())
+    for p in params:
+        p.data = p.data.to(torch.float64)
+    take_steps(opt, params, [2])
+    after = opt.state_dict()["amm"]["scopes"]
+    assert all(v.dtype == torch.float64 for v in after.values()), {k: v.dtype for k, v in after.items()}
+    assert torch.equal(after["step"], before["step"] + 1)
+
+
+@pytest.mark.parametrize("backend", ["auto"] + amm_kernels.available_backends("cpu"))
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_an_integer_parameter_with_a_gradient_is_a_type_error_naming_it(cls, backend):
+    """Parameters must be floating point: an integer one given a gradient is refused by the step with a
+    TypeError that says so, whatever the backend ("auto" too), before any state is made."""
+    params = model_params()
+    counts = torch.zeros(3, dtype=torch.long)
+    opt = cls([*params, counts], backend=backend)
+    set_grads(params, 0)
+    counts.grad = torch.ones(3, dtype=torch.long)
+    with pytest.raises(TypeError, match="parameters must be floating point, got torch.int64"):
+        opt.step()
+    assert len(opt.state) == 0
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_one_float64_parameter_makes_the_scope_state_float64(cls):
+    """scope_dtype (_step.py): the scope state is float64 when one of the parameters is float64, the
+    others float32."""
+    params = model_params()
+    params[1] = params[1].detach().double().requires_grad_()
+    opt = cls(params, lr=0.1)
+    take_steps(opt, params, [0, 1])
+    scopes = opt.state_dict()["amm"]["scopes"]
+    assert all(v.dtype == torch.float64 for v in scopes.values()), {k: v.dtype for k, v in scopes.items()}
+    assert params[0].dtype == torch.float32 and params[1].dtype == torch.float64
+
+
+@pytest.mark.parametrize("cls,name", [(AMSGD, "adaptive"), (AMSGD, "maximize"), (AMAdamW, "adaptive"),
+                                      (AMAdamW, "maximize"), (AMSGD, "capturable"), (RLLC, "capturable")])
+def test_a_flag_given_as_a_tensor_is_refused(cls, name):
+    """A flag is True or False (0 or 1), not a tensor, though a bool tensor compares equal to one."""
+    for value in (torch.tensor(True), torch.tensor(False)):
+        with pytest.raises(ValueError, match=f"{name} must be True or False, got tensor"):
+            cls(model_params(), **{name: value})
+
+
+@pytest.mark.parametrize("cls,kwargs,name", [
+    (AMSGD, dict(lr=True), "lr"), (AMSGD, dict(lam=False), "lam"), (AMSGD, dict(beta_max=True), "beta_max"),
+    (AMAdamW, dict(eps=True), "eps"), (AMAdamW, dict(weight_decay=False), "weight_decay"),
+    (RLLC, dict(law_lr=True), "law_lr"), (RLLC, dict(lr=np.bool_(True)), "lr"),
+], ids=["AMSGD-lr", "AMSGD-lam", "AMSGD-beta_max", "AMAdamW-eps", "AMAdamW-weight_decay", "RLLC-law_lr",
+        "RLLC-lr-numpy"])
+def test_a_bool_is_no_number(cls, kwargs, name):
+    """A hyperparameter is a real number: True and False (Python's or NumPy's) are refused, naming the
+    argument, though Python counts bool as an int."""
+    with pytest.raises(ValueError, match=f"{name} must be a number, got"):
+        cls(model_params(), **kwargs)
+
+
+@pytest.mark.parametrize("backend", amm_kernels.available_backends("cpu"))
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_a_zero_stride_over_a_size_1_dimension_is_no_repeat(cls, backend):
+    """NOTE [aliased parameters]: a stride of 0 repeats elements only over a dimension of more than one
+    element. A parameter with stride 0 over a size-1 dimension (as torch makes some views) holds each
+    element once: accepted, and it steps as its contiguous copy does. (torch.randn(3).expand(1, 3) does
+    not give such strides: as_strided does.)"""
+    odd = torch.arange(3.0).as_strided((1, 3), (0, 1)).requires_grad_()
+    plain = torch.arange(3.0).reshape(1, 3).requires_grad_()
+    assert odd.stride() == (0, 1)
+    a, b = cls([odd], lr=0.1, backend=backend_ready(backend)), cls([plain], lr=0.1, backend=backend_ready(backend))
+    for t in range(3):
+        g = torch.randn(1, 3, generator=torch.Generator().manual_seed(t))
+        odd.grad, plain.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+    assert torch.equal(odd, plain)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_a_parameter_added_again_in_a_new_group_is_torchs_duplicate_error(cls):
+    """NOTE [aliased parameters]: one tensor listed twice is its own error, not two parameters that share
+    memory: in a later group, torch.optim's ("appear in more than one parameter group")."""
+    params = model_params()
+    opt = cls(params)
+    with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
+        opt.add_param_group({"params": [params[0]]})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.skipif("cpu" not in amm_kernels.available_backends("cpu"), reason="the C++ extension is not built")
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_a_backend_asked_for_by_name_refuses_a_dtype_it_does_not_run(cls):
+    """backend="cpu" (the C++ ops) runs float32, bfloat16 and float16 parameters: float64 ones are a
+    TypeError naming the backend and the dtype, at the step, before any state is made (never a silent
+    run on another backend)."""
+    params = model_params(dtype=torch.float64)
+    opt = cls(params, backend="cpu")
+    set_grads(params, 0)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(TypeError, match="backend 'cpu' does not support parameters of dtype torch.float64"):
+        opt.step()
+    assert len(opt.state) == 0
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+EVERY_ARGUMENT = {
+    AMSGD: dict(lam=0.2, beta_max=0.85, beta_min=0.1, adaptive=True, delta_f="first_order", beta_scope="group",
+                maximize=False, backend="torch", process_group=None, capturable=False, state_dtype=None),
+    AMAdamW: dict(betas=(0.85, 0.99), eps=1e-7, lam=0.2, beta_min=0.1, adaptive=True, beta_scope="group",
+                  maximize=False, backend="torch", process_group=None, capturable=False, state_dtype=None),
+    RLLC: dict(law_lr=0.02, memory="M(0.8)+M(0)", law_init=(0.9, 0.1), scope="group", backend="torch",
+               process_group=None, capturable=False, state_dtype=None),
+}
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_a_group_repeating_every_argument_with_its_value_is_accepted(cls):
+    """NOTE [wide keys in groups]: ZeroRedundancyOptimizer hands each param group every constructor
+    argument with the optimizer's value: each one (here not its default) is accepted, and the run is the
+    one without them; each one with another value is refused."""
+    import inspect
+
+    kwargs = EVERY_ARGUMENT[cls]
+    assert set(kwargs) == set(inspect.signature(cls).parameters) - {"params", "lr", "weight_decay"}
+    a, b = model_params(), model_params()
+    repeated = cls([{"params": a, **kwargs}], lr=0.1, **kwargs)
+    plain = cls([{"params": b}], lr=0.1, **kwargs)
+    take_steps(repeated, a, [0, 1])
+    take_steps(plain, b, [0, 1])
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    other = {"lam": 0.3, "beta_max": 0.8, "beta_min": 0.05, "adaptive": False, "beta_scope": "tensor", "maximize": True,
+             "betas": (0.8, 0.99), "eps": 1e-6, "law_lr": 0.03, "memory": "M(0.7)+M(0)", "law_init": (1.0, 0.0),
+             "scope": "tensor"}
+    for key in set(kwargs) & set(other):
+        with pytest.raises(ValueError, match=f"sets {key}=.* but {key} is optimizer-wide"):
+            cls([{"params": model_params(), key: other[key]}], lr=0.1, **kwargs)

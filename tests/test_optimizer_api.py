@@ -965,3 +965,248 @@ def test_a_flattened_load_into_an_optimizer_without_state_says_why(tmp_path):
     dcp.load(template, checkpoint_id=tmp_path)
     with pytest.raises(ValueError, match=r"zero_grad\(set_to_none=True\) before loading"):
         set_optimizer_state_dict(new_model, target, template["optim"], options=flat)
+
+
+@pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
+def test_an_empty_tensor_under_the_scope_key_is_no_row(cls):
+    """NOTE [checkpoint carriers]: only values under "amm_scope" are a row; the 0-d stand-in and an empty
+    tensor there are none (_carries_row). A checkpoint whose entries hold empty tensors there loads its
+    scope state from its "amm" entry, and the run goes on exactly."""
+    params = model_params()
+    opt = cls(params)
+    take_steps(opt, params, range(3))
+    saved = copy.deepcopy(opt.state_dict())
+    for st in saved["state"].values():
+        st["amm_scope"] = torch.empty(0)
+    twin_params = [p.detach().clone().requires_grad_() for p in params]
+    twin = cls(twin_params)
+    twin.load_state_dict(saved)
+    for k, v in opt._scopes.to_dict().items():
+        assert torch.equal(getattr(twin._scopes, k), v), k
+    take_steps(opt, params, range(3, 5))
+    take_steps(twin, twin_params, range(3, 5))
+    for a, b in zip(params, twin_params):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
+def test_load_state_dict_leaves_the_callers_checkpoint_as_it_was(cls):
+    """load_state_dict takes the rows (NOTE [checkpoint carriers]) without editing the caller's
+    checkpoint: its entries keep their rows and setting codes, so it loads again, into another optimizer,
+    from its rows alone."""
+    params = model_params()
+    scope = {"scope": "tensor"} if cls is amm_kernels.RLLC else {"beta_scope": "tensor"}
+    opt = cls(params, **scope)
+    for step in range(3):
+        set_grads(params, step)
+        if step == 0:
+            params[1].grad = None  # scopes with different step counts
+        opt.step()
+    saved = opt.state_dict()
+    kept = copy.deepcopy(saved)
+    twin = cls([p.detach().clone().requires_grad_() for p in params], **scope)
+    twin.load_state_dict(saved)
+    assert saved["state"].keys() == kept["state"].keys()
+    for pid, st in kept["state"].items():
+        assert set(saved["state"][pid]) == set(st), pid
+        for key, t in st.items():
+            assert torch.equal(saved["state"][pid][key], t), (pid, key)
+    again = cls([p.detach().clone().requires_grad_() for p in params], **scope)
+    again.load_state_dict({"state": saved["state"], "param_groups": saved["param_groups"]})
+    for k, v in opt._scopes.to_dict().items():
+        assert torch.equal(getattr(again._scopes, k), v), k
+
+
+@pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
+def test_an_amm_entry_copied_into_a_live_group_stays_out_of_state_dict(cls):
+    """ZeroRedundancyOptimizer copies a loaded checkpoint's group keys into the live param groups, an
+    earlier version's "amm" entry among them (NOTE [checkpoint carriers]). state_dict() puts "amm" in no
+    param group: only the current one, at its top."""
+    params = model_params()
+    opt = cls(params)
+    take_steps(opt, params, range(2))
+    stale = copy.deepcopy(opt.state_dict()["amm"])
+    take_steps(opt, params, range(2, 4))
+    opt.param_groups[0]["amm"] = stale  # as ZeroRedundancyOptimizer.load_state_dict leaves it
+    sd = opt.state_dict()
+    assert not any("amm" in g for g in sd["param_groups"])
+    for k, v in opt._scopes.to_dict().items():
+        assert torch.equal(sd["amm"]["scopes"][k], v), k
+
+
+@pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
+def test_an_earlier_versions_checkpoint_with_amm_in_a_group_only_loads(cls):
+    """Checkpoints of earlier versions carry no rows and kept "amm" in the first param group too
+    (NOTE [checkpoint carriers]); cut to "state" and "param_groups" (ZeroRedundancyOptimizer's), the
+    group's copy is the one there is: it loads, and the run goes on exactly."""
+    scope = {"scope": "tensor"} if cls is amm_kernels.RLLC else {"beta_scope": "tensor"}
+    params = model_params()
+    opt = cls(params, **scope)
+    for step in range(3):
+        set_grads(params, step)
+        if step == 0:
+            params[1].grad = None  # scopes with different step counts
+        opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    old = {"state": {pid: {k: v for k, v in st.items() if k not in ("amm_scope", "amm_setting")}
+                     for pid, st in sd["state"].items()},
+           "param_groups": [dict(sd["param_groups"][0], amm=sd["amm"])]}
+    twin_params = [p.detach().clone().requires_grad_() for p in params]
+    twin = cls(twin_params, **scope)
+    twin.load_state_dict(old)
+    for k, v in opt._scopes.to_dict().items():
+        assert torch.equal(getattr(twin._scopes, k), v), k
+    take_steps(opt, params, range(3, 5))
+    take_steps(twin, twin_params, range(3, 5))
+    for a, b in zip(params, twin_params):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
+def test_a_load_pre_hook_that_returns_another_checkpoint_loads_that_ones_scope_state(cls):
+    """NOTE [load hooks]: torch loads the dict the pre-hooks return, and so does the scope state: a hook
+    that hands over another checkpoint (here one of an earlier step, without rows, as an earlier
+    version saved it) loads that checkpoint's "amm" entry, not the one of the dict given."""
+    params = model_params()
+    opt = cls(params)
+    take_steps(opt, params, range(2))
+    earlier = copy.deepcopy(opt.state_dict())
+    earlier["state"] = {pid: {k: v for k, v in st.items() if k not in ("amm_scope", "amm_setting")}
+                        for pid, st in earlier["state"].items()}
+    take_steps(opt, params, range(2, 5))
+    later = copy.deepcopy(opt.state_dict())
+    twin = cls([p.detach().clone().requires_grad_() for p in params])
+    twin.register_load_state_dict_pre_hook(lambda _, sd: earlier)
+    twin.load_state_dict(later)
+    for k, v in earlier["amm"]["scopes"].items():
+        assert torch.equal(getattr(twin._scopes, k), v), k
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_beta_of_an_optimizer_without_parameters_is_beta_max(cls):
+    """Before any step beta is beta_max (its first step's), also for an optimizer built without
+    parameters, whose scope state is made only with its first ones."""
+    kwargs = dict(beta_max=0.8, beta_min=0.2) if cls is AMSGD else dict(betas=(0.8, 0.999), beta_min=0.2)
+    opt = cls([{"params": []}], beta_scope="global", **kwargs)
+    assert opt.beta.shape == ()
+    assert opt.beta.item() == pytest.approx(0.8)
+    beta = cls([{"params": []}, {"params": []}], beta_scope="group", **kwargs).beta
+    assert beta.shape == (2,) and torch.all(beta == torch.tensor(0.8))
+
+
+@pytest.mark.filterwarnings("ignore:AMAdamW.*first gradient after")  # tensors 2 and 3 join late
+@pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
+def test_rows_written_straight_in_are_taken_at_a_step_of_only_other_tensors(cls):
+    """NOTE [checkpoint carriers]: state written straight into the optimizer (as ZeroRedundancyOptimizer
+    does) for the tensors that have state only (2 and 3 had no gradient yet: no entry written for them).
+    The next step has gradients for 2 and 3 only: the rows of 0 and 1 are taken there all the same, and
+    the run goes on exactly as one without the checkpoint."""
+    kw = {"scope": "global"} if cls is amm_kernels.RLLC else {"beta_scope": "global"}
+    params = model_params()
+    straight = cls(params, **kw)
+    _frozen_steps(straight, params, range(6))
+
+    params = model_params()
+    opt = cls(params, **kw)
+    _frozen_steps(opt, params, range(3))
+    saved = copy.deepcopy(opt.state_dict())
+    resumed_params = [p.detach().clone().requires_grad_() for p in params]
+    resumed = cls(resumed_params, **kw)
+    for i, p in enumerate(resumed_params):
+        if set(saved["state"][i]) - {"amm_scope", "amm_setting"}:  # (0 and 1)
+            resumed.state[p] = dict(saved["state"][i])
+    _frozen_steps(resumed, resumed_params, range(3, 6))
+    for a, b in zip(resumed_params, [p for g in straight.param_groups for p in g["params"]]):
+        assert torch.equal(a, b)
+    for k, v in straight._scopes.to_dict().items():
+        assert torch.equal(getattr(resumed._scopes, k), v), k
+
+
+@pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
+def test_an_lr_tensor_changed_in_place_is_read_at_every_step_beside_float_lrs(cls):
+    """A group's lr may be a tensor, changed in place between steps (a capturable run's schedule), while
+    another group's lr is a float: every step reads the tensor's current value. Set to 0, its group's
+    parameters stay where they are; the other group's go on moving."""
+    params = model_params()
+    lr = torch.tensor(0.1)
+    opt = cls([{"params": params[:2], "lr": lr}, {"params": params[2:], "lr": 0.05}])
+    take_steps(opt, params, [0])
+    lr.fill_(0.0)
+    before = [p.detach().clone() for p in params]
+    take_steps(opt, params, [1])
+    for p, b in zip(params[:2], before[:2]):
+        assert torch.equal(p, b)
+    assert not torch.equal(params[2], before[2])
+
+
+@pytest.mark.parametrize("cls,kwargs", [(AMSGD, {}), (AMSGD, {"delta_f": "loss"}), (AMAdamW, {})],
+                         ids=["AMSGD", "AMSGD-loss", "AMAdamW"])
+def test_add_param_group_keeps_the_scope_state_of_the_groups_there(cls, kwargs):
+    """add_param_group grows the scope state for the new group and keeps what the groups there had: the
+    lr each moved with (prev_lr) and the previous loss. The run equals one where the group was there from
+    the start with no gradient until it joins."""
+    def run(add_later):
+        params = model_params()
+        extra = torch.randn(5, generator=torch.Generator().manual_seed(7)).requires_grad_()
+        groups = [{"params": params}] + ([] if add_later else [{"params": [extra], "lr": 0.02}])
+        opt = cls(groups, lr=0.05, **kwargs)
+        for t in range(4):
+            if t == 2 and add_later:
+                opt.add_param_group({"params": [extra], "lr": 0.02})
+            set_grads(params, t)
+            if t >= 2:
+                extra.grad = torch.randn(5, generator=torch.Generator().manual_seed(t))
+            opt.step(lambda: torch.tensor(1.0 / (t + 1)))
+        return [*params, extra], opt
+
+    (pa, a), (pb, b) = run(True), run(False)
+    for x, y in zip(pa, pb):
+        assert torch.equal(x, y)
+    for k, v in b._scopes.to_dict().items():
+        assert torch.equal(getattr(a._scopes, k), v), k
+
+
+def test_a_checkpoint_of_rows_alone_resumes_loss_mode_exactly():
+    """NOTE [checkpoint carriers]: each row carries the previous loss too (delta_f="loss"): a checkpoint
+    cut to "state" and "param_groups" (DCP's, ZeroRedundancyOptimizer's) resumes exactly."""
+    def steps(opt, params, ts):
+        for t in ts:
+            set_grads(params, t)
+            opt.step(lambda: torch.tensor(1.0 / (t + 1)))
+
+    ref_params = model_params()
+    ref = AMSGD(ref_params, delta_f="loss")
+    steps(ref, ref_params, range(5))
+    params = model_params()
+    opt = AMSGD(params, delta_f="loss")
+    steps(opt, params, range(3))
+    sd = copy.deepcopy(opt.state_dict())
+    resumed_params = [p.detach().clone().requires_grad_() for p in params]
+    resumed = AMSGD(resumed_params, delta_f="loss")
+    resumed.load_state_dict({"state": sd["state"], "param_groups": sd["param_groups"]})
+    steps(resumed, resumed_params, range(3, 5))
+    for a, b in zip(resumed_params, ref_params):
+        assert torch.equal(a, b)
+    for k, v in ref._scopes.to_dict().items():
+        assert torch.equal(getattr(resumed._scopes, k), v), k
+
+
+@pytest.mark.parametrize("cls", [AMSGD, amm_kernels.RLLC])
+def test_adams_betas_and_eps_in_a_group_are_refused(cls):
+    """NOTE [foreign group keys]: a param group written for Adam/AdamW (betas, eps, amsgrad, foreach) given
+    to an optimizer without those arguments is refused, naming the key, not silently ignored."""
+    for key, value in (("betas", (0.9, 0.99)), ("eps", 1e-6), ("amsgrad", True), ("foreach", False)):
+        with pytest.raises(ValueError, match=f"{key} is not an {cls.__name__} argument .another optimizer's"):
+            cls([{"params": model_params(), key: value}])
+
+
+def test_auto_on_the_cpu_is_the_compiled_backend_before_the_reference():
+    """available_backends lists the backends fastest first, and "auto" takes the first that runs the
+    parameters: on the CPU the C++ ops ("cpu", where built) before the reference ("torch")."""
+    names = amm_kernels.available_backends("cpu")
+    assert "torch" in names
+    if amm_kernels.backend_supports_dtype("cpu", torch.float32) and "cpu" in names:
+        assert names.index("cpu") < names.index("torch")
+        from amm_kernels import compiled_backend
+        opt = AMSGD(model_params())
+        assert opt._backend_module("auto", torch.device("cpu"), {torch.float32}) is compiled_backend

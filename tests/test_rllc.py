@@ -526,3 +526,105 @@ def test_nonfinite_gradient_gives_nonfinite_law():
     set_grads(params, 2)  # a NaN memory afterwards: still no error from the eigensolver
     opt.step()
     assert torch.isnan(opt.law).all()
+
+
+def test_a_backend_without_rllc_kernels_is_not_offered_and_is_refused_by_name(monkeypatch):
+    """A registered backend (amm_kernels.backends.register) whose module has no rllc_step: rllc_backends()
+    and supports_rllc leave it out, "auto" passes it over, and RLLC(backend=its name) is refused at the
+    step, naming the backends that run RLLC, before any state is made."""
+    import types
+
+    from amm_kernels import backends
+    from amm_kernels.rllc import supports_rllc
+
+    monkeypatch.setattr(backends, "_BACKENDS", dict(backends._BACKENDS))
+    monkeypatch.setattr(backends, "BACKEND_NAMES", backends.BACKEND_NAMES)
+    monkeypatch.setattr(backends, "_LOADED", dict(backends._LOADED))
+    module = types.SimpleNamespace(amsgd_step=lambda batch, hp: None, amadamw_step=lambda batch, hp: None)
+    backends.register(backends.Backend("am_only", ("cpu",), (torch.float32,), lambda: module))
+    assert "am_only" in backends.available_backends(CPU)
+    assert "am_only" not in rllc_backends(CPU) and not supports_rllc("am_only", CPU)
+    params = model_params()
+    opt = RLLC(params, backend="am_only")
+    set_grads(params, 0)
+    with pytest.raises(RuntimeError, match="backend 'am_only' has no RLLC kernels yet; use one of .*'torch'"):
+        opt.step()
+    assert len(opt.state) == 0
+
+
+def test_a_memory_of_more_than_64_units_is_refused_in_either_form():
+    """At most 64 memory units (the k x k law solve, k state tensors per parameter): 64 are taken, 65 are
+    refused, as a string (the caret at the unit that goes past) and as a pair (U, b)."""
+    U, b = parse_memory("J(0.5, 64)")
+    assert len(b) == 64 and len(U) == 64
+    assert len(parse_memory("J(0.5, 62) + C(0.9, 0.1)")[1]) == 64
+    for text in ("J(0.5, 65)", "J(0.5, 64) + M(0)", "J(0.5, 63) + C(0.9, 0.1)"):
+        with pytest.raises(MemorySyntaxError, match="65 memory units; at most 64 are supported"):
+            parse_memory(text)
+    with pytest.raises(ValueError, match=r"k in \[1, 64\] units, got k = 65"):
+        memory_rule(([[0.0] * 65] * 65, [1.0] * 65))
+    memory_rule(([[0.0] * 64] * 64, [1.0] * 64))
+
+
+def test_a_memory_pair_holding_bools_is_refused():
+    """memory=(U, b) holds real numbers: True / False in U or b are refused, naming which, though Python
+    counts bool as an int."""
+    with pytest.raises(ValueError, match="memory U must hold real numbers, got True"):
+        memory_rule(([[True, 0.0], [0.0, 0.0]], [1.0, 1.0]))
+    with pytest.raises(ValueError, match="memory b must hold real numbers, got False"):
+        memory_rule(([[0.9, 0.0], [0.0, 0.0]], [1.0, False]))
+    with pytest.raises(ValueError, match="memory b must hold real numbers"):
+        RLLC(model_params(), memory=([[0.9]], [True]))
+
+
+def test_a_memory_pair_whose_u_is_not_k_by_k_is_refused():
+    """memory=(U, b): U must be k x k with k = len(b); a ragged U, or rows of another length, is refused."""
+    for U in ([[0.9, 0.0], [0.0]], [[0.9, 0.0, 0.0], [0.0, 0.0, 0.0]], [[0.9], [0.0]]):
+        with pytest.raises(ValueError, match=r"memory U must be a k x k matrix with k = len\(b\) = 2"):
+            memory_rule((U, [1.0, 1.0]))
+
+
+def test_law_lr_given_as_a_tensor_is_refused():
+    """law_lr is a number (optimizer-wide, fixed at construction): a tensor, even a CPU one, is refused;
+    only lr may be a tensor."""
+    for law_lr in (torch.tensor(0.01), torch.tensor([0.01])):
+        with pytest.raises(ValueError, match="law_lr must be a number, got a tensor"):
+            RLLC(model_params(), law_lr=law_lr)
+    RLLC(model_params(), lr=torch.tensor(0.01))
+
+
+def test_a_group_repeating_law_init_none_is_accepted():
+    """NOTE [wide keys in groups]: ZeroRedundancyOptimizer hands each group every argument with its value,
+    law_init=None (the default, (1, 0, ..., 0)) among them: accepted, as the default law itself; another
+    law is refused."""
+    opt = RLLC([{"params": model_params(), "law_init": None}], law_init=None)
+    opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], "law_init": (1.0, 0.0)})
+    with pytest.raises(ValueError, match="sets law_init=None, but law_init is optimizer-wide"):
+        RLLC([{"params": model_params(), "law_init": None}], law_init=(0.5, 0.5))
+
+
+def test_add_param_group_keeps_the_laws_learnt_so_far():
+    """add_param_group grows the law for a new scope (at law_init, step 0) and keeps the laws and step
+    counts the scopes there have learnt."""
+    params = model_params()
+    opt = RLLC([{"params": params}], law_lr=0.05, scope="group")
+    for t in range(3):
+        set_grads(params, t)
+        opt.step()
+    law = opt.law.clone()
+    assert not torch.equal(law[0], torch.tensor([1.0, 0.0]))  # learnt
+    opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)]})
+    grown = opt.law
+    assert grown.shape == (2, 2)
+    assert torch.equal(grown[0], law[0]) and torch.equal(grown[1], torch.tensor([1.0, 0.0]))
+    assert opt.state_dict()["amm"]["scopes"]["step"].tolist() == [3.0, 0.0]
+
+
+def test_the_documented_defaults():
+    """The defaults the docstrings give (RLLC: lr=0.01, law_lr=0.01, memory "M(0.9)+M(0)", law (1, 0),
+    scope "global")."""
+    opt = RLLC(model_params())
+    assert opt.param_groups[0]["lr"] == 0.01 and opt.defaults["lr"] == 0.01
+    assert opt._hyper.law_lr == 0.01 and opt.k == 2
+    assert opt._hyper.U == ((0.9, 0.0), (0.0, 0.0)) and opt._hyper.b == (1.0, 1.0)
+    assert torch.equal(opt.law, torch.tensor([1.0, 0.0])) and opt.scope == "global"
