@@ -672,14 +672,16 @@ def _frozen_steps(opt, params, steps):
 
 
 @pytest.mark.filterwarnings("ignore:AMAdamW.*first gradient after")  # tensors 2 and 3 join late
-@pytest.mark.parametrize("then", ["step", "state_dict"])
+@pytest.mark.parametrize("then", ["step", "step_of_others", "state_dict"])
 @pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
 def test_state_written_straight_into_the_optimizer_brings_its_scope_values(cls, then):
     """NOTE [checkpoint carriers]: ZeroRedundancyOptimizer.load_state_dict writes each parameter's
     state_dict entry straight into the optimizer's state (done so here, without torch.distributed).
     Each entry carries its scope's values; the optimizer takes them at its next step, even one where
-    only tensors without saved state have gradients ("step"), or at a state_dict() before any step
-    ("state_dict", loaded again): the run goes on exactly as one without the checkpoint."""
+    only tensors without saved state have gradients ("step"; "step_of_others": entries written only for
+    the tensors with state, 0 and 1, while the step has gradients for 2 and 3 only), or at a
+    state_dict() before any step ("state_dict", loaded again): the run goes on exactly as one without
+    the checkpoint."""
     kw = {"scope": "global"} if cls is amm_kernels.RLLC else {"beta_scope": "global"}
     params = model_params()
     straight = cls(params, **kw)
@@ -692,7 +694,8 @@ def test_state_written_straight_into_the_optimizer_brings_its_scope_values(cls, 
     resumed_params = [p.detach().clone().requires_grad_() for p in params]
     resumed = cls(resumed_params, **kw)
     for i, p in enumerate(resumed_params):  # as ZeroRedundancyOptimizer.load_state_dict
-        if i in saved["state"]:
+        has_state = bool(set(saved["state"].get(i, {})) - {"amm_scope", "amm_setting"})
+        if i in saved["state"] and (has_state or then != "step_of_others"):
             resumed.state[p] = dict(saved["state"][i])
     if then == "state_dict":
         again = copy.deepcopy(resumed.state_dict())
@@ -967,6 +970,16 @@ def test_a_flattened_load_into_an_optimizer_without_state_says_why(tmp_path):
         set_optimizer_state_dict(new_model, target, template["optim"], options=flat)
 
 
+def assert_resumes_alike(opt, params, twin, twin_params, steps):
+    """twin (loaded from a checkpoint of opt) holds opt's scope state, and the two go on alike."""
+    for k, v in opt._scopes.to_dict().items():
+        assert torch.equal(getattr(twin._scopes, k), v), k
+    take_steps(opt, params, steps)
+    take_steps(twin, twin_params, steps)
+    for a, b in zip(params, twin_params):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
 def test_an_empty_tensor_under_the_scope_key_is_no_row(cls):
     """NOTE [checkpoint carriers]: only values under "amm_scope" are a row; the 0-d stand-in and an empty
@@ -981,12 +994,7 @@ def test_an_empty_tensor_under_the_scope_key_is_no_row(cls):
     twin_params = [p.detach().clone().requires_grad_() for p in params]
     twin = cls(twin_params)
     twin.load_state_dict(saved)
-    for k, v in opt._scopes.to_dict().items():
-        assert torch.equal(getattr(twin._scopes, k), v), k
-    take_steps(opt, params, range(3, 5))
-    take_steps(twin, twin_params, range(3, 5))
-    for a, b in zip(params, twin_params):
-        assert torch.equal(a, b)
+    assert_resumes_alike(opt, params, twin, twin_params, range(3, 5))
 
 
 @pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
@@ -1054,12 +1062,7 @@ def test_an_earlier_versions_checkpoint_with_amm_in_a_group_only_loads(cls):
     twin_params = [p.detach().clone().requires_grad_() for p in params]
     twin = cls(twin_params, **scope)
     twin.load_state_dict(old)
-    for k, v in opt._scopes.to_dict().items():
-        assert torch.equal(getattr(twin._scopes, k), v), k
-    take_steps(opt, params, range(3, 5))
-    take_steps(twin, twin_params, range(3, 5))
-    for a, b in zip(params, twin_params):
-        assert torch.equal(a, b)
+    assert_resumes_alike(opt, params, twin, twin_params, range(3, 5))
 
 
 @pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
@@ -1092,34 +1095,6 @@ def test_beta_of_an_optimizer_without_parameters_is_beta_max(cls):
     assert opt.beta.item() == pytest.approx(0.8)
     beta = cls([{"params": []}, {"params": []}], beta_scope="group", **kwargs).beta
     assert beta.shape == (2,) and torch.all(beta == torch.tensor(0.8))
-
-
-@pytest.mark.filterwarnings("ignore:AMAdamW.*first gradient after")  # tensors 2 and 3 join late
-@pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
-def test_rows_written_straight_in_are_taken_at_a_step_of_only_other_tensors(cls):
-    """NOTE [checkpoint carriers]: state written straight into the optimizer (as ZeroRedundancyOptimizer
-    does) for the tensors that have state only (2 and 3 had no gradient yet: no entry written for them).
-    The next step has gradients for 2 and 3 only: the rows of 0 and 1 are taken there all the same, and
-    the run goes on exactly as one without the checkpoint."""
-    kw = {"scope": "global"} if cls is amm_kernels.RLLC else {"beta_scope": "global"}
-    params = model_params()
-    straight = cls(params, **kw)
-    _frozen_steps(straight, params, range(6))
-
-    params = model_params()
-    opt = cls(params, **kw)
-    _frozen_steps(opt, params, range(3))
-    saved = copy.deepcopy(opt.state_dict())
-    resumed_params = [p.detach().clone().requires_grad_() for p in params]
-    resumed = cls(resumed_params, **kw)
-    for i, p in enumerate(resumed_params):
-        if set(saved["state"][i]) - {"amm_scope", "amm_setting"}:  # (0 and 1)
-            resumed.state[p] = dict(saved["state"][i])
-    _frozen_steps(resumed, resumed_params, range(3, 6))
-    for a, b in zip(resumed_params, [p for g in straight.param_groups for p in g["params"]]):
-        assert torch.equal(a, b)
-    for k, v in straight._scopes.to_dict().items():
-        assert torch.equal(getattr(resumed._scopes, k), v), k
 
 
 @pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
