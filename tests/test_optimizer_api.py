@@ -997,19 +997,26 @@ def test_an_empty_tensor_under_the_scope_key_is_no_row(cls):
     assert_resumes_alike(opt, params, twin, twin_params, range(3, 5))
 
 
+def _tensor_scopes_of_uneven_steps(cls):
+    """An optimizer of per-tensor scopes after 3 steps, tensor 1 without a gradient at the first: scopes
+    with different step counts. Returns (optimizer, params, its scope argument)."""
+    scope = {"scope": "tensor"} if cls is amm_kernels.RLLC else {"beta_scope": "tensor"}
+    params = model_params()
+    opt = cls(params, **scope)
+    for step in range(3):
+        set_grads(params, step)
+        if step == 0:
+            params[1].grad = None
+        opt.step()
+    return opt, params, scope
+
+
 @pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
 def test_load_state_dict_leaves_the_callers_checkpoint_as_it_was(cls):
     """load_state_dict takes the rows (NOTE [checkpoint carriers]) without editing the caller's
     checkpoint: its entries keep their rows and setting codes, so it loads again, into another optimizer,
     from its rows alone."""
-    params = model_params()
-    scope = {"scope": "tensor"} if cls is amm_kernels.RLLC else {"beta_scope": "tensor"}
-    opt = cls(params, **scope)
-    for step in range(3):
-        set_grads(params, step)
-        if step == 0:
-            params[1].grad = None  # scopes with different step counts
-        opt.step()
+    opt, params, scope = _tensor_scopes_of_uneven_steps(cls)
     saved = opt.state_dict()
     kept = copy.deepcopy(saved)
     twin = cls([p.detach().clone().requires_grad_() for p in params], **scope)
@@ -1047,14 +1054,7 @@ def test_an_earlier_versions_checkpoint_with_amm_in_a_group_only_loads(cls):
     """Checkpoints of earlier versions carry no rows and kept "amm" in the first param group too
     (NOTE [checkpoint carriers]); cut to "state" and "param_groups" (ZeroRedundancyOptimizer's), the
     group's copy is the one there is: it loads, and the run goes on exactly."""
-    scope = {"scope": "tensor"} if cls is amm_kernels.RLLC else {"beta_scope": "tensor"}
-    params = model_params()
-    opt = cls(params, **scope)
-    for step in range(3):
-        set_grads(params, step)
-        if step == 0:
-            params[1].grad = None  # scopes with different step counts
-        opt.step()
+    opt, params, scope = _tensor_scopes_of_uneven_steps(cls)
     sd = copy.deepcopy(opt.state_dict())
     old = {"state": {pid: {k: v for k, v in st.items() if k not in ("amm_scope", "amm_setting")}
                      for pid, st in sd["state"].items()},
