@@ -543,6 +543,24 @@ def _odd_layouts(device, seed):
             leaf(20, lambda t: t[3:10]), leaf(6, lambda t: t)]
 
 
+def _layout_case(backend, name):
+    """The optimizer class named and the backend's device (the simulator built where it is the backend)."""
+    if backend == _cuda_sim.NAME:
+        _cuda_sim.ensure()
+    return {"AMSGD": AMSGD, "AMAdamW": AMAdamW, "RLLC": amm_kernels.RLLC}[name], _device(backend)
+
+
+def _assert_runs_alike(runs):
+    """runs = [(params, optimizer) of the reference, of the backend]: parameters and state agree."""
+    (ref, ref_opt), (got, got_opt) = runs
+    rtol, atol = tolerance(torch.float32)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.detach().cpu(), b.detach().cpu(), rtol=rtol, atol=atol)
+    for pa, pb in zip(got, ref):
+        for key, t in got_opt.state[pa].items():
+            torch.testing.assert_close(t.cpu(), ref_opt.state[pb][key].cpu(), rtol=rtol, atol=atol)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["AMSGD", "AMAdamW", "RLLC"])
 def test_parameters_in_any_layout(backend, name):
@@ -550,10 +568,7 @@ def test_parameters_in_any_layout(backend, name):
     tensor, not a copy), and a state tensor in another layout than its parameter's (as a checkpoint
     may load it) is followed, not refused. The CUDA glue walks only dense parameters and RLLC's only
     contiguous ones: these used to be errors on "cuda" (and "cuda_sim")."""
-    if backend == _cuda_sim.NAME:
-        _cuda_sim.ensure()
-    cls = {"AMSGD": AMSGD, "AMAdamW": AMAdamW, "RLLC": amm_kernels.RLLC}[name]
-    device = _device(backend)
+    cls, device = _layout_case(backend, name)
     runs = []
     for b in ("torch", backend):
         params = _odd_layouts(device, seed=3)
@@ -571,13 +586,7 @@ def test_parameters_in_any_layout(backend, name):
                     st[key] = t.contiguous() if not t.is_contiguous() else t.mT.contiguous().mT
         assert [p.data_ptr() for p in params] == ptrs
         runs.append((params, opt))
-    (ref, ref_opt), (got, got_opt) = runs
-    rtol, atol = tolerance(torch.float32)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a.detach(), b.detach(), rtol=rtol, atol=atol)
-    for pa, pb in zip(got, ref):
-        for key, t in got_opt.state[pa].items():
-            torch.testing.assert_close(t, ref_opt.state[pb][key], rtol=rtol, atol=atol)
+    _assert_runs_alike(runs)
 
 
 # ---- paths the tests above do not reach: NaN found_inf, skipped steps, absent groups, gradient layouts,
@@ -664,10 +673,7 @@ def test_gradients_in_any_layout(backend, name):
     """Gradients that are not contiguous (a gapped view, a transpose's layout; autograd gives a
     parameter's layout, hooks and user code give anything) are read in the parameter's element order,
     as on the reference."""
-    if backend == _cuda_sim.NAME:
-        _cuda_sim.ensure()
-    cls = {"AMSGD": AMSGD, "AMAdamW": AMAdamW, "RLLC": amm_kernels.RLLC}[name]
-    device = _device(backend)
+    cls, device = _layout_case(backend, name)
     runs = []
     for b in ("torch", backend):
         gen = torch.Generator().manual_seed(5)
@@ -680,13 +686,7 @@ def test_gradients_in_any_layout(backend, name):
                 p.grad = g
             opt.step()
         runs.append((params, opt))
-    (ref, ref_opt), (got, got_opt) = runs
-    rtol, atol = tolerance(torch.float32)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a.detach().cpu(), b.detach().cpu(), rtol=rtol, atol=atol)
-    for pa, pb in zip(got, ref):
-        for key, t in got_opt.state[pa].items():
-            torch.testing.assert_close(t.cpu(), ref_opt.state[pb][key].cpu(), rtol=rtol, atol=atol)
+    _assert_runs_alike(runs)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
