@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cpu_kernels.h"  // the lanes, the instruction-set builds (Isa, AMM_PICK_ISA) and ld()
+#include "gradient_dtype.h"
 #include "op_signatures.h"
 #include "rllc_math.h"
 
@@ -248,12 +249,7 @@ void rllc_run(AMM_RLLC_PARAMS, const std::optional<at::Tensor>& sums_in, at::Ten
       t.m = mem.contiguous();
       write_back.emplace_back(mem, t.m);
     }
-    at::Tensor g = grads[i];
-    if (g.scalar_type() != xt && g.scalar_type() != at::kFloat) {
-      TORCH_CHECK(!c10::isComplexType(g.scalar_type()), kOwner, ": tensor ", i, ": gradients must be real, got ",
-                  g.scalar_type());
-      g = g.to(at::kFloat);
-    }
+    const at::Tensor g = amm::readable_gradient(grads[i], xt, kOwner, i);
     t.g = g.is_contiguous() && g.sizes() == x.sizes() ? g : g.reshape(x.sizes()).contiguous();
     t.lr = lr_p[gi];
     if (runs.empty() || runs.back()[0] != si) {

@@ -16,6 +16,7 @@
 #include <optional>
 
 #include "amm_math.h"
+#include "gradient_dtype.h"
 #include "op_signatures.h"
 
 namespace amm {
@@ -246,12 +247,7 @@ Prepared prepare(at::TensorList params, at::TensorList grads, at::TensorList d, 
     StepTensor& t = p.ts[i];
     t.numel = n;
     t.x = working(x, true, p);
-    at::Tensor g = grads[i];
-    if (g.scalar_type() != x.scalar_type() && g.scalar_type() != at::kFloat) {
-      TORCH_CHECK(!c10::isComplexType(g.scalar_type()), kOwner, ": tensor ", i, ": gradients must be real, got ",
-                  g.scalar_type());
-      g = g.to(at::kFloat);
-    }
+    const at::Tensor g = amm::readable_gradient(grads[i], x.scalar_type(), kOwner, i);
     // grads and state are indexed like the parameter: flat in the parameter's (contiguous) order.
     t.g = g.is_contiguous() && g.sizes() == x.sizes() ? g : g.reshape(x.sizes()).contiguous();
     t.d = working(d[i], true, p);

@@ -17,6 +17,7 @@
 #include "cuda/rllc_launchers.h"
 #include "cuda/tensor_plan.h"
 #include "cuda/working_copies.h"
+#include "gradient_dtype.h"
 #include "op_signatures.h"
 #include "rllc_math.h"
 
@@ -81,12 +82,7 @@ void rllc_run(AMM_RLLC_PARAMS, const std::optional<at::Tensor>& sums_in, double*
     TORCH_CHECK(!grads[i].is_sparse(), kOwner, ": sparse gradients are not supported");
     TORCH_CHECK(grads[i].sizes() == p.sizes(), kOwner, ": grads[", i, "] has shape ", grads[i].sizes(),
                 ", its parameter ", p.sizes());
-    at::Tensor g = grads[i];
-    if (g.scalar_type() != p.scalar_type() && g.scalar_type() != at::kFloat) {
-      TORCH_CHECK(!c10::isComplexType(g.scalar_type()), kOwner, ": tensor ", i, ": gradients must be real, got ",
-                  g.scalar_type());
-      g = g.to(at::kFloat);
-    }
+    at::Tensor g = amm::readable_gradient(grads[i], p.scalar_type(), kOwner, i);
     if (!g.is_contiguous()) g = g.contiguous();
     if (!g.is_same(grads[i])) copies.read_only(g);
     const int64_t group = group_of[i], scope = scope_of[i];
