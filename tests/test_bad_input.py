@@ -4,6 +4,7 @@ tensors, truthy non-bools), group values set by hand after construction, a loss 
 and corrupted checkpoints. The constructor's plain range errors are in test_optimizer_api.py and
 test_rllc.py."""
 import copy
+import inspect
 import re
 
 import _cuda_sim
@@ -701,8 +702,6 @@ def test_a_group_repeating_every_argument_with_its_value_is_accepted(cls):
     """NOTE [wide keys in groups]: ZeroRedundancyOptimizer hands each param group every constructor
     argument with the optimizer's value: each one (here not its default) is accepted, and the run is the
     one without them; each one with another value is refused."""
-    import inspect
-
     kwargs = EVERY_ARGUMENT[cls]
     assert set(kwargs) == set(inspect.signature(cls).parameters) - {"params", "lr", "weight_decay"}
     a, b = model_params(), model_params()

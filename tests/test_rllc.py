@@ -1,15 +1,16 @@
 """RLLC (SPEC.md section 4): memory grammar, conformance vectors, the float64 oracle, torch parity,
 basis invariance, rank-deficient memories, and the torch.optim behaviour shared with AMSGD/AMAdamW."""
 import copy
+import types
 
 import _cuda_sim
 import numpy as np
 import pytest
 import torch
 
-from amm_kernels import backend_supports_dtype
+from amm_kernels import backend_supports_dtype, backends
 from amm_kernels.memory import MemorySyntaxError, memory_rule, parse_memory
-from amm_kernels.rllc import RLLC, rllc_backends
+from amm_kernels.rllc import RLLC, rllc_backends, supports_rllc
 
 from _helpers import (assert_params_after, check_found_inf_skips_the_step, check_grad_scaler_skips_inf_steps,
                       check_low_precision_params_keep_dtype, check_scheduler_closure_and_add_param_group,
@@ -532,11 +533,6 @@ def test_a_backend_without_rllc_kernels_is_not_offered_and_is_refused_by_name(mo
     """A registered backend (amm_kernels.backends.register) whose module has no rllc_step: rllc_backends()
     and supports_rllc leave it out, "auto" passes it over, and RLLC(backend=its name) is refused at the
     step, naming the backends that run RLLC, before any state is made."""
-    import types
-
-    from amm_kernels import backends
-    from amm_kernels.rllc import supports_rllc
-
     monkeypatch.setattr(backends, "_BACKENDS", dict(backends._BACKENDS))
     monkeypatch.setattr(backends, "BACKEND_NAMES", backends.BACKEND_NAMES)
     monkeypatch.setattr(backends, "_LOADED", dict(backends._LOADED))
