@@ -114,11 +114,12 @@ def model_params(seed=0, dtype=None, device="cpu"):
 
 
 def set_grads(params, seed):
+    """Seeded gradients, drawn on the CPU (the same numbers on every device) and put on each p's device."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     for p in params:
-        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
 
 
 def snapshot(opt, params):
@@ -280,8 +281,6 @@ def check_inf_parameter_without_decay(cls, backend, device="cpu"):
         betas = []
         for seed in range(4):
             set_grads(params, seed)
-            for p in params:
-                p.grad = p.grad.to(device)
             opt.step()
             betas.append(opt.beta.detach().cpu().clone())
         state = [t.cpu() for p in params for t in opt.state[p].values() if torch.is_tensor(t)]

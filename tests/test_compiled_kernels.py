@@ -659,12 +659,13 @@ def test_a_group_without_gradients_keeps_its_prev_lr(backend, cls, kwargs):
 
 
 def _odd_layout_grad(p, gen, step):
-    """A gradient of p's shape in a non-contiguous layout: gapped (every other element of a larger
-    buffer) on even steps, dimension-reversed (a transpose's) on odd ones."""
+    """A gradient of p's shape, on p's device, in a non-contiguous layout: gapped (every other element
+    of a larger buffer) on even steps, dimension-reversed (a transpose's) on odd ones. The view is taken
+    on the device: moving a gapped view there would give a contiguous copy."""
     if step % 2 == 0:
-        return torch.randn((*p.shape, 2), generator=gen)[..., 0]
+        return torch.randn((*p.shape, 2), generator=gen).to(p.device)[..., 0]
     dims = list(range(p.dim()))[::-1]
-    return torch.randn([p.shape[d] for d in dims], generator=gen).permute(*dims)
+    return torch.randn([p.shape[d] for d in dims], generator=gen).to(p.device).permute(*dims)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -681,7 +682,7 @@ def test_gradients_in_any_layout(backend, name):
         opt = cls([{"params": params[:2], "lr": 0.05}, {"params": params[2:], "lr": 0.02}], backend=b)
         for step in range(4):
             for p in params:
-                g = _odd_layout_grad(p, gen, step).to(device)
+                g = _odd_layout_grad(p, gen, step)
                 assert not g.is_contiguous() or p.dim() == 1 and step % 2 == 1
                 p.grad = g
             opt.step()
