@@ -41,6 +41,11 @@ PARTS = (("persistent", "step"), ("finalize", "finalize"), ("tensor_terms", "fin
          ("reduce", "pass1"), ("update", "pass2"))
 
 
+# torch.optim's record_function ranges: on a GPU they also come back as device-side user annotations that
+# span the step's kernels (the first GPU run listed "Optimizer.step#AMAdamW.step" beside its kernels and
+# summed the step twice: "kernels 200% of the step"). Not kernels: left out.
+ANNOTATIONS = ("Optimizer.step#", "Optimizer.zero_grad#", "ProfilerStep#")
+
 KIND = {"adamw": "AMAdamW", "adamw0": "AMAdamW wd=0", "sgd": "AMSGD"}  # throughput family -> PASS_BYTES
 
 
@@ -65,6 +70,8 @@ def kernel_times(prof, device) -> list[tuple[str, int, float]]:
     self time; the longest first."""
     out = []
     for e in prof.key_averages():
+        if e.key.startswith(ANNOTATIONS):
+            continue
         if device.type == "cuda":
             if e.device_type != torch.autograd.DeviceType.CUDA:
                 continue

@@ -24,6 +24,8 @@
 #   build        amm_kernels._C with its CUDA part (strict), for sm_90 only (AMM_CUDA_ARCHS; CI
 #                compile-checks sm_80 and sm_90 with nvcc). A failed build does not stop the Triton parts.
 #   test_cuda    the CUDA extension's tests: parity, persistent step, CUDA graphs, vectors, NCCL, sharded
+#   errors       whether the extension's C++ errors reach Python or crash the process (bench/probe_errors.py;
+#                the first GPU session saw a segfault where the simulator raises), with cuda-gdb backtraces
 #   bench_core   issue 3's figures: AMAdamW (wd 0.01 and 0) and AMSGD, cuda and triton, against fused
 #                AdamW / SGD, at 1e8, 3e8 and 1e9 parameters in a LLaMA-shaped list, with the copy bandwidth
 #   test_triton  the Triton backend's tests, compiled at full size
@@ -48,11 +50,11 @@ T0=$(date +%s)
 STAMP_T="$(mktemp)"  # results newer than this were written by this call
 JUNIT="$(mktemp -d)"  # pytest's junit files, packed into results.tgz (not left in $OUT: at most 8 files come back)
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(build test_cuda bench_core test_triton variants sanitize breakdown overhead bench_full)
-declare -A MAX_S=([build]=240 [test_cuda]=150 [bench_core]=120 [test_triton]=150 [sanitize]=120 [variants]=90
+[ ${#parts[@]} -eq 0 ] && parts=(build test_cuda errors bench_core test_triton variants sanitize breakdown overhead bench_full)
+declare -A MAX_S=([build]=240 [test_cuda]=150 [errors]=90 [bench_core]=120 [test_triton]=150 [sanitize]=120 [variants]=90
                   [breakdown]=60 [overhead]=60 [bench_full]=240 [conv]=300)
 # the least a part needs to leave a result (below it the part is skipped, not started and killed)
-declare -A MIN_S=([test_cuda]=60 [bench_core]=60 [test_triton]=60 [sanitize]=50 [variants]=40 [breakdown]=35
+declare -A MIN_S=([test_cuda]=60 [errors]=30 [bench_core]=60 [test_triton]=60 [sanitize]=50 [variants]=40 [breakdown]=35
                   [overhead]=45 [bench_full]=60)
 RESERVE=15  # seconds kept for packing the results
 status=0
@@ -62,9 +64,13 @@ log() { echo "$*" | tee -a "$OUT/session.log"; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) - RESERVE )); }
 src_hash() { cat setup.py csrc/*.h csrc/*.cpp csrc/*/* 2>/dev/null | sha1sum | cut -c1-12; }
 
+# xdist hands out single tests (--dist load), not whole files: a test that crashes its worker (a segfault
+# on the first GPU session) then costs that test only. Under loadfile the crashed worker's file went to a
+# new worker, which crashed on the same test again, four times, until xdist's scheduler failed
+# (INTERNALERROR, KeyError) with 12 of the file's tests never run.
 pytest_args() {  # xdist and pytest-timeout where installed (the GPU image has both)
   local a=(-v -rs -p no:cacheprovider --continue-on-collection-errors)
-  "$PY" -c "import xdist" 2>/dev/null && a+=(-n 8 --dist loadfile)
+  "$PY" -c "import xdist" 2>/dev/null && a+=(-n 8 --dist load)
   "$PY" -c "import pytest_timeout" 2>/dev/null && a+=(--timeout 120)
   echo "${a[@]}"
 }
@@ -134,6 +140,11 @@ part_test_triton() { run_pytest "$1" triton -k "$TRITON_TESTS"; }
 
 bench() { limited "$1" "$PY" "${@:2}" 2>&1 | tee -a "$OUT/bench.log"; }
 
+part_errors() {
+  has_cuda_part || { echo "amm_kernels._C has no CUDA part (see build.log)"; return 1; }
+  bench "$1" bench/probe_errors.py --timeout 30
+}
+
 part_bench_core() {
   bench "$1" bench/throughput.py --layouts model --sizes 1e8,3e8,1e9 --stem-suffix core \
     --only "AMAdamW[cuda],AMAdamW[triton],AMSGD[cuda],AMSGD[triton]"
@@ -166,9 +177,11 @@ part_sanitize() {
     # memcheck without the caching allocator: an overrun then leaves its allocation instead of landing
     # in a neighbour's part of one cached segment (only there: the variable is read as set, whatever
     # its value, by some torch versions)
-    local envs=()
+    local envs=() which=cuda,triton
     [ "$tool" = memcheck ] && envs=(PYTORCH_NO_CUDA_MEMORY_CACHING=1)
-    limited "$share" env "${envs[@]}" "$cs" --tool "$tool" --error-exitcode 9 "$PY" bench/sanitize_step.py 2>&1 \
+    # racecheck is the slowest: twice it ran the CUDA backend's 31 runs and was cut in Triton's (40 s, 20 s)
+    [ "$tool" = racecheck ] && which=cuda
+    limited "$share" env "${envs[@]}" "$cs" --tool "$tool" --error-exitcode 9 "$PY" bench/sanitize_step.py --backends "$which" 2>&1 \
       | tail -n 40 | tee -a "$OUT/sanitize.log"
     s=${PIPESTATUS[0]}
     case $s in

@@ -1,0 +1,127 @@
+"""Do the C++ errors of amm_kernels._C reach Python as exceptions on this machine, or crash it?
+
+Run by bench/gpu_session.sh's part "errors". The first GPU session (2026-11-29, H200, torch 2.11) saw
+tests/test_cuda_persistent.py::test_forcing_it_where_it_cannot_run_is_an_error end its process with a
+segmentation fault inside the CUDA step op, where the CUDA-on-CPU simulator (the same glue, the same
+TORCH_CHECK) raises the RuntimeError the test expects. These probes tell a general fault (every C++
+error of the extension, or of its CUDA part) from one error path: each case runs in its own process,
+some through torch's own C++ errors and the extension's CPU part as controls, and prints whether it
+raised, crashed (the signal) or did neither. A crashed case runs again under cuda-gdb where there is
+one (the GPU image has no gdb; cuda-gdb also debugs host code), for the native backtrace.
+
+    python bench/probe_errors.py [--gdb-cases 2] [--timeout 60]
+Exits 0 when every case raised; 1 otherwise (and where there is no CUDA device).
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+PRELUDE = textwrap.dedent("""\
+    import os, sys, torch
+    sys.path.insert(0, {root!r})
+    from amm_kernels import AMSGD, AMAdamW
+    def params(n, size=3, device="cuda"):
+        ps = [torch.randn(size, device=device, requires_grad=True) for _ in range(n)]
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        return ps
+    """).format(root=ROOT)
+
+# name: (environment, code that must raise a RuntimeError or TypeError). The CUDA cases follow the order
+# in which the glue checks (csrc/cuda/ops_cuda.cpp): describe() before run_step(), then choose_persistent().
+CASES = {
+    "torch's own error (control)": ({}, "torch.ones(2, device='cuda') + torch.ones(3, device='cuda')"),
+    "the CPU part: AMM_CPU_BATCH_BYTES": ({"AMM_CPU_BATCH_BYTES": "abc"}, "AMSGD(params(1, device='cpu'), backend='cpu').step()"),
+    "CUDA describe(): a float64 state tensor": ({}, textwrap.dedent("""\
+        ps = params(2)
+        opt = AMAdamW(ps, backend="cuda")
+        opt.step()
+        AMAdamW._match_state_dtypes = lambda self, keys: []  # the optimizer's own cast off: the glue's check
+        opt.state[ps[1]]["exp_avg_sq"] = opt.state[ps[1]]["exp_avg_sq"].double()
+        opt.state[ps[1]]["exp_avg"] = opt.state[ps[1]]["exp_avg"].double()
+        opt.step()""")),
+    "CUDA step_variant(): AMM_CUDA_STEP=bogus": ({"AMM_CUDA_STEP": "bogus"}, "AMSGD(params(1), backend='cuda').step()"),
+    "CUDA env_int(): AMM_CUDA_PERSISTENT_CACHE=99": ({"AMM_CUDA_STEP": "persistent", "AMM_CUDA_PERSISTENT_CACHE": "99"},
+                                                     "AMSGD(params(1), backend='cuda').step()"),
+    "CUDA choose_persistent(): forced, adaptive=False": ({"AMM_CUDA_STEP": "persistent"},
+                                                         "AMSGD(params(1), backend='cuda', adaptive=False).step()"),
+    "CUDA choose_persistent(): forced, 200 tensors (the test)": ({"AMM_CUDA_STEP": "persistent"},
+                                                                 "AMSGD(params(200), backend='cuda').step()"),
+}
+
+EPILOGUE = textwrap.dedent("""\
+    except (RuntimeError, TypeError, ValueError) as err:
+        print("RAISED", type(err).__name__ + ":", str(err).splitlines()[0][:200], flush=True)
+        sys.exit(0)
+    print("NOT RAISED", flush=True)
+    sys.exit(2)
+    """)
+
+
+def script(code: str) -> str:
+    return PRELUDE + "try:\n" + textwrap.indent(code, "    ") + "\n" + EPILOGUE
+
+
+def run_case(env: dict, code: str, timeout: float) -> tuple[str, str]:
+    try:
+        proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", script(code)], cwd=ROOT,
+                              env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "TIMEOUT", ""
+    out = (proc.stdout + proc.stderr).strip()
+    if proc.returncode < 0:
+        return f"CRASHED (signal {-proc.returncode})", out
+    if proc.returncode == 0:
+        return "raised", out
+    return f"exit {proc.returncode}", out
+
+
+def gdb_backtrace(env: dict, code: str, timeout: float) -> str:
+    gdb = shutil.which("cuda-gdb") or ("/usr/local/cuda/bin/cuda-gdb" if os.path.exists("/usr/local/cuda/bin/cuda-gdb") else None)
+    if gdb is None:
+        return "(no cuda-gdb here)"
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), "amm_probe_case.py")
+    with open(path, "w") as f:
+        f.write(script(code))
+    cmd = [gdb, "-q", "-batch", "-ex", "set pagination off", "-ex", "set print thread-events off",
+           "-ex", "handle SIGPIPE nostop noprint", "-ex", "run", "-ex", "bt 40", "-ex", "info sharedlibrary amm",
+           "--args", sys.executable, path]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"(cuda-gdb took more than {timeout:.0f} s)"
+    lines = (proc.stdout + proc.stderr).splitlines()
+    keep = [ln for ln in lines if ln.startswith(("#", "Thread", "Program", "From", "0x")) or "SIG" in ln]
+    return "\n".join(keep[-60:]) or "\n".join(lines[-40:])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per case")
+    parser.add_argument("--gdb-cases", type=int, default=2, help="crashed cases to run again under cuda-gdb")
+    args = parser.parse_args()
+    import torch
+    if not torch.cuda.is_available():
+        print("probe_errors: no CUDA device")
+        return 1
+    crashed, ok = [], True
+    for name, (env, code) in CASES.items():
+        verdict, out = run_case(env, code, args.timeout)
+        ok &= verdict == "raised"
+        detail = out.splitlines()[-1] if out else ""
+        print(f"probe_errors: {name}: {verdict}  | {detail[:220]}", flush=True)
+        if verdict.startswith("CRASHED"):
+            crashed.append((name, env, code))
+    for name, env, code in crashed[:args.gdb_cases]:
+        print(f"probe_errors: cuda-gdb backtrace of '{name}':", flush=True)
+        print(textwrap.indent(gdb_backtrace(env, code, 3 * args.timeout), "    "), flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
