@@ -155,9 +155,13 @@ LaunchPlan plan_or_throw(const std::vector<TensorDesc>& descs, bool one_block_pe
 //                   table holds, a split step of the *_scope_sums ops, adaptive=False, a device
 //                   without cooperative launch), so a test or a benchmark cannot silently get the other.
 // AMM_CUDA_PERSISTENT_CACHE sets the vector iterations per thread its tile cache keeps (default:
-// as many as one block's shared memory holds). kPersistentMaxNumel is a first estimate, not yet a
-// measurement: bench/bench_cuda_variants.py times both variants by size on the GPU to set it.
-constexpr int64_t kPersistentMaxNumel = int64_t{1} << 22;
+// as many as one block's shared memory holds).
+// kPersistentMaxNumel is measured (bench/bench_cuda_variants.py, H200, 2026-11-29, CUDA-graph replay,
+// bench/results/cuda_variants_nvidia_h200.csv): the persistent step was 4-6% faster up to 53,648
+// elements, level at 287,720, and slower from 997,128 on (2% there, 24% for AMAdamW at 3.9M). Its tile
+// cache gained nothing measurable (persistent-nocache ran as fast). The threshold sits between the last
+// tie and the first loss.
+constexpr int64_t kPersistentMaxNumel = int64_t{1} << 19;
 
 enum class StepVariant { kAuto, kTwoPass, kPersistent };
 
