@@ -28,6 +28,8 @@
 #                the first GPU session saw a segfault where the simulator raises), with cuda-gdb backtraces
 #   bench_core   issue 3's figures: AMAdamW (wd 0.01 and 0) and AMSGD, cuda and triton, against fused
 #                AdamW / SGD, at 1e8, 3e8 and 1e9 parameters in a LLaMA-shaped list, with the copy bandwidth
+#   chunks       bench_core's CUDA rows at 1e8 and 1e9 again with smaller chunks (AMM_CUDA_CHUNK=16384,
+#                32768; NOTE [chunk size] in csrc/cuda/ops_cuda.cpp), and the 1e8 breakdown at 16384
 #   test_triton  the Triton backend's tests, compiled at full size
 #   variants     persistent vs two-pass CUDA step by size (the threshold for AMM_CUDA_PERSISTENT_MAX_NUMEL)
 #   sanitize     compute-sanitizer racecheck / synccheck / memcheck on small steps of the main kernel paths
@@ -50,11 +52,11 @@ T0=$(date +%s)
 STAMP_T="$(mktemp)"  # results newer than this were written by this call
 JUNIT="$(mktemp -d)"  # pytest's junit files, packed into results.tgz (not left in $OUT: at most 8 files come back)
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(build test_cuda errors bench_core test_triton variants sanitize breakdown overhead bench_full)
-declare -A MAX_S=([build]=240 [test_cuda]=150 [errors]=90 [bench_core]=120 [test_triton]=150 [sanitize]=120 [variants]=90
+[ ${#parts[@]} -eq 0 ] && parts=(build test_cuda errors bench_core chunks test_triton variants sanitize breakdown overhead bench_full)
+declare -A MAX_S=([build]=240 [test_cuda]=150 [errors]=90 [bench_core]=120 [chunks]=100 [test_triton]=150 [sanitize]=120 [variants]=90
                   [breakdown]=60 [overhead]=60 [bench_full]=240 [conv]=300)
 # the least a part needs to leave a result (below it the part is skipped, not started and killed)
-declare -A MIN_S=([test_cuda]=60 [errors]=30 [bench_core]=60 [test_triton]=60 [sanitize]=50 [variants]=40 [breakdown]=35
+declare -A MIN_S=([test_cuda]=60 [errors]=30 [bench_core]=60 [chunks]=40 [test_triton]=60 [sanitize]=50 [variants]=40 [breakdown]=35
                   [overhead]=45 [bench_full]=60)
 RESERVE=15  # seconds kept for packing the results
 status=0
@@ -148,6 +150,23 @@ part_errors() {
 part_bench_core() {
   bench "$1" bench/throughput.py --layouts model --sizes 1e8,3e8,1e9 --stem-suffix core \
     --only "AMAdamW[cuda],AMAdamW[triton],AMSGD[cuda],AMSGD[triton]"
+}
+
+# Is the two-pass step's shortfall at 1e8 the last wave's idle blocks (NOTE [chunk size])? The same rows
+# with smaller chunks, each beside its own fused baselines; then where the time goes at 16384.
+part_chunks() {
+  has_cuda_part || { echo "amm_kernels._C has no CUDA part (see build.log)"; return 1; }
+  local t0 chunk rest
+  t0=$(date +%s)
+  for chunk in 16384 32768; do
+    rest=$(( $1 - ($(date +%s) - t0) ))
+    [ "$rest" -ge 20 ] || { echo "chunks: $chunk not run, ${rest} s left"; return 124; }
+    AMM_CUDA_CHUNK=$chunk bench "$rest" bench/throughput.py --layouts model --sizes 1e8,1e9 \
+      --stem-suffix "chunk$chunk" --only "AMAdamW[cuda],AMSGD[cuda]" || return $?
+  done
+  rest=$(( $1 - ($(date +%s) - t0) ))
+  [ "$rest" -ge 20 ] || { echo "chunks: the breakdown not run, ${rest} s left"; return 124; }
+  AMM_CUDA_CHUNK=16384 bench "$rest" bench/bench_kernel_breakdown.py --size 1e8 --out-dir bench/results/chunk16384
 }
 
 # compute-sanitizer (racecheck, synccheck, memcheck) on small steps of the main kernel paths

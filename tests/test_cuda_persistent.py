@@ -215,6 +215,26 @@ def test_a_refused_cooperative_launch_falls_back_to_two_pass(monkeypatch, backen
     _run_with(monkeypatch, backend, "persistent", cls, kwargs, shapes, torch.float32, seed, steps=1)  # fits again
 
 
+@pytest.mark.parametrize("chunk", [4096, 16384])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("cls,kwargs", OPT_CASES[::2])
+def test_a_smaller_chunk_matches_the_reference(monkeypatch, backend, chunk, variant, cls, kwargs):
+    """NOTE [chunk size]: AMM_CUDA_CHUNK cuts every tensor into smaller chunks (more blocks, more pass-1
+    slots; a block of the persistent step walks more of them). Each variant still matches the reference,
+    with tensors of several chunks, a partial last chunk, an exact multiple, and tensors of one chunk."""
+    monkeypatch.setenv("AMM_CUDA_CHUNK", str(chunk))
+    monkeypatch.setenv("AMM_CUDA_STEP", variant)
+    check(backend, cls, kwargs, [[(3 * chunk + 5,), (2 * chunk,), (7,), (0,), (257, 33)], SHAPES], torch.float32,
+          f"chunk-{chunk}-{variant}", lrs=[0.05, 0.02], wds=[0.0, 0.01])
+
+
+@pytest.mark.parametrize("cls,kwargs", OPT_CASES[::2])
+def test_the_variants_agree_bit_for_bit_at_a_smaller_chunk(monkeypatch, backend, cls, kwargs):
+    monkeypatch.setenv("AMM_CUDA_CHUNK", "4096")
+    _both(monkeypatch, backend, cls, kwargs, [[(3 * 4096 + 5,), (4096,), (7,), (0,)], SHAPES], torch.float32,
+          "chunk-4096", steps=4)
+
+
 def test_bad_settings_name_the_variable(monkeypatch, backend):
     p = torch.randn(3, device=_device(backend), requires_grad=True)
     p.grad = torch.randn_like(p)
@@ -224,6 +244,14 @@ def test_bad_settings_name_the_variable(monkeypatch, backend):
     monkeypatch.setenv("AMM_CUDA_STEP", "persistent")
     monkeypatch.setenv("AMM_CUDA_PERSISTENT_CACHE", "99")
     with pytest.raises(RuntimeError, match=r"AMM_CUDA_PERSISTENT_CACHE must be an integer in \[-1, 8\]"):
+        AMSGD([p], backend=backend).step()
+    monkeypatch.delenv("AMM_CUDA_PERSISTENT_CACHE")
+    monkeypatch.setenv("AMM_CUDA_STEP", "two_pass")
+    monkeypatch.setenv("AMM_CUDA_CHUNK", "5000")
+    with pytest.raises(RuntimeError, match="AMM_CUDA_CHUNK must be a multiple of 4096 in \\[4096, 65536\\], got 5000"):
+        AMSGD([p], backend=backend).step()
+    monkeypatch.setenv("AMM_CUDA_CHUNK", "131072")
+    with pytest.raises(RuntimeError, match=r"AMM_CUDA_CHUNK must be an integer in \[4096, 65536\]"):
         AMSGD([p], backend=backend).step()
 
 

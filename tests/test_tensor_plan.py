@@ -39,3 +39,12 @@ def test_a_scope_split_in_the_lists_is_refused(plan_check):
 def test_a_tensor_larger_than_a_grid_is_refused(plan_check):
     assert plan_check["huge_tensor_throws"] == "yes"  # 2^31 chunks: the block count would wrap
     assert plan_check["largest_tensor_throws"] == "no"  # 2^31 - 1 chunks still fit
+
+
+def test_a_chunk_size_cuts_tensors_and_travels_in_the_table(plan_check):
+    """NOTE [chunk size] in csrc/cuda/ops_cuda.cpp: 4 + 1 + 1 chunks of 4096 (a partial one, an exact one,
+    an empty tensor's one); the default is 65536; sizes that are not a multiple of 4096 up to 65536 are refused."""
+    assert plan_check["chunk_4096_blocks"] == "6"
+    assert plan_check["chunk_4096_table"] == "4096"
+    assert plan_check["default_chunk_table"] == "65536"
+    assert plan_check["chunk_5000_throws"] == plan_check["chunk_0_throws"] == plan_check["chunk_131072_throws"] == "yes"

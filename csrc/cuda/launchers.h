@@ -31,11 +31,14 @@ namespace amm_cuda {
 // chunk is one block of kBlockSize threads. A thread handles kVec consecutive elements per
 // iteration: 2 x 16 bytes for float32, 1 x 16 bytes for bfloat16 / float16. kChunkSize is a
 // multiple of kBlockSize * kVec, so an aligned tensor stays 16-byte aligned at every chunk start.
+// kChunkSize is the default; a launch's own size is TensorTable::chunk_size (NOTE [chunk size] in
+// ops_cuda.cpp), any multiple of kChunkQuantum up to kChunkSize.
 constexpr int kChunkSize = 65536;
 constexpr int kBlockSize = 512;
 constexpr int kVec = 8;
 constexpr int kFinalizeThreads = 512;
-static_assert(kChunkSize % (kBlockSize * kVec) == 0, "a chunk is a whole number of block iterations");
+constexpr int kChunkQuantum = kBlockSize * kVec;  // one block iteration
+static_assert(kChunkSize % kChunkQuantum == 0, "a chunk is a whole number of block iterations");
 
 // The lists of a tensor table (named so every kernel indexes them the same way).
 enum List : int { kX = 0, kG = 1, kD = 2, kV = 3, kMaxLists = 4 };
@@ -81,6 +84,7 @@ struct TensorTable {
   int64_t slot_base;                    // global slot of this table's block 0
   int32_t num_tensors;
   int32_t num_blocks;                   // == block_begin[num_tensors]: the grid size
+  int32_t chunk_size;                   // elements per chunk (a multiple of kChunkQuantum)
   int32_t block_begin[kMaxTensors + 1];
   TensorEntry tensors[kMaxTensors];
 };

@@ -229,10 +229,10 @@ struct TileCache {
 // NOTE [element order]: which thread handles which element, and the order in which a thread visits
 // its elements, depend only on the tensor's size and alignment, so per-thread sums are reproducible.
 template <class Op, class Cache>
-__device__ __forceinline__ void apply_chunk(const TensorEntry& e, int64_t chunk, uint32_t load_mask,
+__device__ __forceinline__ void apply_chunk(const TensorEntry& e, int64_t chunk, int64_t chunk_size, uint32_t load_mask,
                                             uint32_t store_mask, Op& op, Cache& cache) {
-  const int64_t begin = chunk * kChunkSize;
-  const int64_t end = begin + kChunkSize < e.numel ? begin + kChunkSize : e.numel;
+  const int64_t begin = chunk * chunk_size;
+  const int64_t end = begin + chunk_size < e.numel ? begin + chunk_size : e.numel;
   float r[kMaxLists][kVec];
   int64_t tail = begin;
   if (e.flags & kAligned) {
@@ -336,7 +336,7 @@ __device__ __forceinline__ void reduce_chunk(const TensorTable& table, const Pas
   if (args.step[e.scope] != 0.f) {
     const uint32_t loads = Pass::sums_loads(e);
     cache.begin_chunk(loads);
-    apply_chunk(e, work.chunk, loads, 0u, op, cache);
+    apply_chunk(e, work.chunk, table.chunk_size, loads, 0u, op, cache);
   }
   block_sum(op.acc);
   if (threadIdx.x == 0) {
@@ -356,7 +356,7 @@ __device__ __forceinline__ void update_chunk(const TensorTable& table, const Pas
   const bool first = sc.first_step != 0.f;
   auto op = Pass::update_op(args, e, sc);
   cache.begin_chunk(first ? 0u : Pass::sums_loads(e));  // what pass 1 read (nothing on a first step)
-  apply_chunk(e, work.chunk, Pass::update_loads(first), Pass::kUpdateStores, op, cache);
+  apply_chunk(e, work.chunk, table.chunk_size, Pass::update_loads(first), Pass::kUpdateStores, op, cache);
 }
 
 __device__ __forceinline__ bool step_skipped(const float* found_inf) {

@@ -135,9 +135,9 @@ Batch describe(at::TensorList params, at::TensorList grads, at::TensorList d, co
   return b;
 }
 
-LaunchPlan plan_or_throw(const std::vector<TensorDesc>& descs, bool one_block_per_tensor) {
+LaunchPlan plan_or_throw(const std::vector<TensorDesc>& descs, bool one_block_per_tensor, int64_t chunk_size) {
   try {
-    return plan_launches(descs, one_block_per_tensor);
+    return plan_launches(descs, one_block_per_tensor, chunk_size);
   } catch (const std::invalid_argument& err) {
     TORCH_CHECK(false, err.what());
   }
@@ -184,6 +184,23 @@ int64_t env_int(const char* name, int64_t fallback, int64_t lo, int64_t hi) {
   return parsed;
 }
 
+// NOTE [chunk size]: a block's chunk (kChunkSize = 65,536 elements by default) sets how finely the work
+// is cut, and so the last wave's idle share of a launch (a launch rarely fills a whole number of
+// waves) and the number of pass-1 slots the finalize sums. On an H200 at 1e8 parameters the two-pass
+// AMAdamW update ran at 0.86 of copy bandwidth where Triton's, in blocks of 1,024 elements, ran at 0.98
+// (bench/results/kernel_breakdown_nvidia_h200.csv). By a count (not a measurement): two blocks of 512
+// threads share an SM, so a 65,536-element chunk of the update (28 bytes an element) is ~115 us of one
+// block's time, and the two launches of a 219-tensor step leave about 1.2 waves partly idle, ~140 us
+// of the 0.76 ms. AMM_CUDA_CHUNK (a multiple of kChunkQuantum = 4,096, up to 65,536, read at every
+// step) sets the chunk size so a GPU session can measure this (bench/gpu_session.sh, part "chunks")
+// before the default moves. Results depend on it (the sums' grouping), within the tolerances.
+int64_t chunk_size() {
+  const int64_t size = env_int("AMM_CUDA_CHUNK", kChunkSize, kChunkQuantum, kChunkSize);
+  TORCH_CHECK(size % kChunkQuantum == 0, "amm_kernels (CUDA): AMM_CUDA_CHUNK must be a multiple of ", kChunkQuantum,
+              " in [", kChunkQuantum, ", ", kChunkSize, "], got ", size);
+  return size;
+}
+
 // The persistent step's plan for this step, or a plan with grid 0 where the two-pass step runs.
 // run_pass1 and split are run_step's: whether pass 1 runs here, and whether this is a *_scope_sums op.
 PersistentPlan choose_persistent(int algorithm, const Batch& batch, const LaunchPlan& chunks, const at::Device& device,
@@ -218,8 +235,10 @@ void run_step(int algorithm, const Batch& batch, const at::Device& device, PassA
   // The current stream (at::cuda::getCurrentCUDAStream is this function; c10 keeps the include light).
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
   const int n_sums = algorithm == kAlgoAmsgd ? static_cast<int>(amm::kAmsgdSums) : static_cast<int>(amm::kAmadamwSums);
-  const LaunchPlan chunks = plan_or_throw(batch.descs, /*one_block_per_tensor=*/false);
-  const LaunchPlan meta_only = run_pass1 ? LaunchPlan{} : plan_or_throw(batch.descs, /*one_block_per_tensor=*/true);
+  const int64_t chunk = chunk_size();
+  const LaunchPlan chunks = plan_or_throw(batch.descs, /*one_block_per_tensor=*/false, chunk);
+  const LaunchPlan meta_only =
+      run_pass1 ? LaunchPlan{} : plan_or_throw(batch.descs, /*one_block_per_tensor=*/true, chunk);
   const int64_t n_slots = run_pass1 ? chunks.total_blocks : 0;
   const int64_t n_tensors = static_cast<int64_t>(batch.descs.size());
   const WorkspaceLayout layout = workspace_layout(n_slots, n_sums, n_tensors, batch.n_scopes);

@@ -26,12 +26,21 @@ struct LaunchPlan {
   int64_t total_blocks = 0;  // == number of slots of pass 1
 };
 
-inline int64_t chunks_of(int64_t numel) { return numel <= 0 ? 1 : (numel + kChunkSize - 1) / kChunkSize; }
+inline int64_t chunks_of(int64_t numel, int64_t chunk_size = kChunkSize) {
+  return numel <= 0 ? 1 : (numel + chunk_size - 1) / chunk_size;
+}
 
 // one_block_per_tensor: the launch only writes TensorMeta (adaptive=False), one block per tensor.
-// Throws std::invalid_argument when a scope's tensors are not contiguous (the StepBatch contract), or
-// when one tensor needs more blocks than a grid holds (2^31 - 1 chunks: about 1.4e14 elements).
-inline LaunchPlan plan_launches(const std::vector<TensorDesc>& descs, bool one_block_per_tensor) {
+// chunk_size: elements per chunk, a multiple of kChunkQuantum up to kChunkSize.
+// Throws std::invalid_argument when a scope's tensors are not contiguous (the StepBatch contract), when
+// one tensor needs more blocks than a grid holds (2^31 - 1 chunks: about 1.4e14 elements at the default
+// chunk size), or for a chunk size outside that range.
+inline LaunchPlan plan_launches(const std::vector<TensorDesc>& descs, bool one_block_per_tensor,
+                                int64_t chunk_size = kChunkSize) {
+  if (chunk_size < kChunkQuantum || chunk_size > kChunkSize || chunk_size % kChunkQuantum != 0) {
+    throw std::invalid_argument("amm_kernels: a chunk size must be a multiple of " + std::to_string(kChunkQuantum) +
+                                " up to " + std::to_string(kChunkSize) + ", got " + std::to_string(chunk_size));
+  }
   LaunchPlan plan;
   const int64_t n = static_cast<int64_t>(descs.size());
   // Scope runs and group leaders, in list order.
@@ -70,7 +79,7 @@ inline LaunchPlan plan_launches(const std::vector<TensorDesc>& descs, bool one_b
   int64_t blocks_in_table = 0;
   for (int64_t i = 0; i < n; ++i) {
     const TensorDesc& d = descs[i];
-    const int64_t chunks = one_block_per_tensor ? 1 : chunks_of(d.numel);
+    const int64_t chunks = one_block_per_tensor ? 1 : chunks_of(d.numel, chunk_size);
     if (chunks > INT32_MAX) {
       throw std::invalid_argument("amm_kernels: a tensor of " + std::to_string(d.numel) +
                                   " elements needs more blocks than one launch's grid holds");
@@ -80,6 +89,7 @@ inline LaunchPlan plan_launches(const std::vector<TensorDesc>& descs, bool one_b
       table = &plan.tables.back();
       *table = TensorTable{};
       table->slot_base = plan.total_blocks;
+      table->chunk_size = static_cast<int32_t>(chunk_size);
       blocks_in_table = 0;
     }
     TensorEntry& e = table->tensors[table->num_tensors];

@@ -16,9 +16,9 @@ static TensorDesc desc(int64_t numel, int32_t group, int32_t scope) {
   return d;
 }
 
-static const char* throws(const std::vector<TensorDesc>& descs) {
+static const char* throws(const std::vector<TensorDesc>& descs, int64_t chunk_size = amm_cuda::kChunkSize) {
   try {
-    amm_cuda::plan_launches(descs, false);
+    amm_cuda::plan_launches(descs, false, chunk_size);
   } catch (const std::invalid_argument&) {
     return "yes";
   }
@@ -44,5 +44,13 @@ int main() {
   const int64_t too_many = (int64_t{INT32_MAX} + 1) * amm_cuda::kChunkSize;
   std::printf("huge_tensor_throws %s\n", throws({desc(too_many, 0, 0)}));
   std::printf("largest_tensor_throws %s\n", throws({desc(int64_t{INT32_MAX} * amm_cuda::kChunkSize, 0, 0)}));
+  // a smaller chunk size (NOTE [chunk size]): more blocks per tensor, recorded in every table
+  const amm_cuda::LaunchPlan small = amm_cuda::plan_launches({desc(3 * 4096 + 5, 0, 0), desc(4096, 0, 0), desc(0, 0, 0)},
+                                                             false, 4096);
+  std::printf("chunk_4096_blocks %lld\nchunk_4096_table %d\n", static_cast<long long>(small.total_blocks),
+              small.tables[0].chunk_size);
+  std::printf("default_chunk_table %d\n", plan.tables[0].chunk_size);
+  std::printf("chunk_5000_throws %s\nchunk_0_throws %s\nchunk_131072_throws %s\n", throws({desc(5, 0, 0)}, 5000),
+              throws({desc(5, 0, 0)}, 0), throws({desc(5, 0, 0)}, 131072));
   return 0;
 }
