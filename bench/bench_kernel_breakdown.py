@@ -18,7 +18,6 @@ points at launches. Writes bench/results/kernel_breakdown_<device>.{csv,json}.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
