@@ -31,6 +31,8 @@
 #   chunks       bench_core's CUDA rows at 1e8 and 1e9 again with smaller chunks (AMM_CUDA_CHUNK=16384,
 #                32768; NOTE [chunk size] in csrc/cuda/ops_cuda.cpp), and the 1e8 breakdown at 16384
 #   test_triton  the Triton backend's tests, compiled at full size
+#   triton_variants  why Triton's pass 1 falls short (bench/bench_triton_variants.py: BLOCK, warps, exact
+#                math, each variant in its own process), at 1e8 parameters
 #   variants     persistent vs two-pass CUDA step by size (the threshold for AMM_CUDA_PERSISTENT_MAX_NUMEL)
 #   sanitize     compute-sanitizer racecheck / synccheck / memcheck on small steps of the main kernel paths
 #   breakdown    per-kernel device time of each step at 1e8 parameters (why a figure falls short)
@@ -52,11 +54,11 @@ T0=$(date +%s)
 STAMP_T="$(mktemp)"  # results newer than this were written by this call
 JUNIT="$(mktemp -d)"  # pytest's junit files, packed into results.tgz (not left in $OUT: at most 8 files come back)
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(build test_cuda errors bench_core chunks test_triton variants sanitize breakdown overhead bench_full)
-declare -A MAX_S=([build]=240 [test_cuda]=150 [errors]=90 [bench_core]=120 [chunks]=100 [test_triton]=150 [sanitize]=120 [variants]=90
+[ ${#parts[@]} -eq 0 ] && parts=(build test_cuda errors bench_core chunks test_triton triton_variants variants sanitize breakdown overhead bench_full)
+declare -A MAX_S=([build]=240 [test_cuda]=150 [errors]=90 [bench_core]=120 [chunks]=100 [triton_variants]=160 [test_triton]=150 [sanitize]=120 [variants]=90
                   [breakdown]=60 [overhead]=60 [bench_full]=240 [conv]=300)
 # the least a part needs to leave a result (below it the part is skipped, not started and killed)
-declare -A MIN_S=([test_cuda]=60 [errors]=30 [bench_core]=60 [chunks]=40 [test_triton]=60 [sanitize]=50 [variants]=40 [breakdown]=35
+declare -A MIN_S=([test_cuda]=60 [errors]=30 [bench_core]=60 [chunks]=40 [triton_variants]=60 [test_triton]=60 [sanitize]=50 [variants]=40 [breakdown]=35
                   [overhead]=45 [bench_full]=60)
 RESERVE=15  # seconds kept for packing the results
 status=0
@@ -131,7 +133,7 @@ run_pytest() {  # $1 limit, $2 junit name, $3 xdist or serial, then pytest's pat
 # tests ride along (CI runs those): "not cpu" drops the cpu backend's cases, test_distributed's GPU cases
 # (triton among them) run once, here. Checked with pytest --collect-only (tests/test_gpu_session_script.py).
 CUDA_TESTS="(cuda or persistent or graph or compiled or vectors or nccl or sharded) and not cuda_sim and not cpu and not test_compile.py and (not triton or test_distributed)"
-TRITON_TESTS="triton and not cuda_sim and not gpu_compile and not test_distributed"
+TRITON_TESTS="triton and not cuda_sim and not gpu_compile and not test_distributed and not test_bench_smoke"
 
 part_test_cuda() {
   # without the CUDA part every CUDA test would skip and the part would pass: fail it instead
@@ -226,6 +228,8 @@ part_sanitize() {
   [ $cut -eq 0 ] || return 124
   return 0
 }
+
+part_triton_variants() { bench "$1" bench/bench_triton_variants.py --timeout $(( $1 / 5 )); }
 
 part_variants() { bench "$1" bench/bench_cuda_variants.py; }
 

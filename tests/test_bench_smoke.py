@@ -24,6 +24,8 @@ SCRIPTS = [  # (module, files it must write, a numeric CSV column that must be f
     ("conv_digits", ["conv_digits.csv", "conv_digits.json", "conv_digits.png"], "train_loss_final_mean", True),
     ("conv_lm", ["conv_lm.csv", "conv_lm.json", "conv_lm.png"], "val_loss_final_mean", False),
     ("conv_rllc", ["conv_rllc.csv", "conv_rllc.json", "conv_rllc.png"], "score", False),  # digits part needs sklearn
+    # GPU-only in earnest; --quick runs two variants' children in Triton's interpreter (plumbing only)
+    ("bench_triton_variants", ["triton_variants_cpu.csv", "triton_variants_cpu.json"], "step_ms", False),
 ]
 
 
@@ -58,6 +60,11 @@ def test_cpu_step_quick(dtype, tmp_path):
 def test_script_quick(module, files, column, needs_sklearn, tmp_path, monkeypatch):
     if needs_sklearn:
         pytest.importorskip("sklearn", reason="scikit-learn is not installed (pip install scikit-learn)")
+    if module == "bench_triton_variants":
+        from _triton import interpreter_unusable
+
+        if interpreter_unusable():
+            pytest.skip(interpreter_unusable())
     monkeypatch.setenv("TQDM_DISABLE", "1")
     argv = ["--quick", "--out-dir", str(tmp_path)]
     if module in ("throughput", "bench_kernel_breakdown", "train_step_overhead", "conv_lm"):

@@ -1,0 +1,148 @@
+"""Why the Triton step falls short of the copy bandwidth: the same step under variants that each change
+one thing, with each pass's device time (issue 4: "say why", as bench_cuda_variants.py does for CUDA).
+
+    python bench/bench_triton_variants.py                # GPU: 1e8 parameters, LLaMA-shaped list
+    python bench/bench_triton_variants.py --size 3e8 --variants base,block4096
+
+The first GPU session (H200, 2026-11-29, bench/results/kernel_breakdown_nvidia_h200.csv) measured the
+Triton AMAdamW step's pass 1 at 0.72 of copy bandwidth (0.55 without weight decay: fewer bytes, the
+same time), where its pass 2, and CUDA's pass 1 with the same math, ran near 0.9-1.0. So pass 1 is
+bound by something other than memory; the candidates, one variant each:
+  base          as shipped: BLOCK 1024 elements a program, 4 warps, exact division and square root
+  block2048     BLOCK 2048 (both passes): half the programs, so half the per-program cost (loading the
+  block4096     table row, the tl.sum reductions into a slot), over the same elements
+  warps8        8 warps a program: more threads to cover the latency of each program's loads
+  approx_math   tl.div_rn -> tl.fdiv (div.full.f32) and tl.sqrt_rn -> tl.sqrt (sqrt.approx): the
+                cost of NOTE [IEEE division] (am_math.py). For this measurement only: those results
+                differ from the reference's rounding, which the product does not allow.
+Each variant runs in its own process with its own Triton cache (the kernels' source is unchanged by a
+patch, so a shared cache would hand back the base build). Rows: variant, optimizer, step ms, and per
+pass ms and fraction of the copy bandwidth measured in that process. Writes
+bench/results/triton_variants_<device>.{csv,json}. Needs a GPU; --quick runs a tiny case on CPU
+tensors in Triton's interpreter, which checks the plumbing only (it times NumPy).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+VARIANTS = ("base", "block2048", "block4096", "warps8", "approx_math")
+OPTIMIZERS = ("AMAdamW", "AMAdamW wd=0", "AMSGD")  # bench_kernel_breakdown.PASS_BYTES keys
+
+
+def child(variant: str, size: float, steps: int, quick: bool) -> None:
+    """One variant in this process: patch, then import the backend, then measure. Prints ROW lines."""
+    import triton.language as tl
+
+    if variant == "approx_math":  # before any kernel is compiled; the codegen looks tl.div_rn up then
+        tl.div_rn, tl.sqrt_rn = tl.fdiv, tl.sqrt
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from amm_kernels import AMSGD, AMAdamW, triton_backend
+    from bench_kernel_breakdown import PASS_BYTES, kernel_times, part_of
+    from common import copy_bandwidth, time_fn
+    from throughput import free, make_params, model_shapes
+
+    if variant.startswith("block"):
+        triton_backend.BLOCK = int(variant[len("block"):])
+    if variant == "warps8" and triton_backend.LAUNCH:
+        triton_backend.LAUNCH = dict(triton_backend.LAUNCH, num_warps=8)
+    device = torch.device("cpu" if quick else "cuda")
+    shapes = [(int(size),)] if quick else model_shapes(int(size))
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    copy_gbs = copy_bandwidth(device, 10_000 if quick else 256 << 20)
+    factories = {"AMAdamW": lambda p: AMAdamW(p, lr=1e-3, weight_decay=0.01, backend="triton"),
+                 "AMAdamW wd=0": lambda p: AMAdamW(p, lr=1e-3, weight_decay=0.0, backend="triton"),
+                 "AMSGD": lambda p: AMSGD(p, lr=1e-2, backend="triton")}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for name in OPTIMIZERS:
+        params = make_params(shapes, device)
+        opt = factories[name](params)
+        step_ms = time_fn(opt.step, device, warmup=1 if quick else 3, repeats=2 if quick else 20)
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        parts: dict[str, float] = {}
+        for kname, _, us in kernel_times(prof, device):
+            parts[part_of(kname)] = parts.get(part_of(kname), 0.0) + us / 1e3 / steps
+        row = dict(variant=variant, optimizer=name, numel=numel, tensors=len(shapes), step_ms=round(step_ms, 4),
+                   copy_gbs=round(copy_gbs, 1))
+        for part, bpp in PASS_BYTES[name].items():
+            ms = parts.get(part, float("nan"))
+            row[f"{part}_ms"] = round(ms, 4)
+            row[f"{part}_of_copy"] = round(bpp * numel / (ms * 1e-3) / 1e9 / copy_gbs, 3) if ms == ms and ms > 0 else None
+        row["finalize_ms"] = round(parts.get("finalize", 0.0), 4)
+        print("ROW " + json.dumps(row), flush=True)
+        params = opt = None
+        free(device)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=float, default=1e8, help="parameters (default 1e8)")
+    ap.add_argument("--variants", default=None,
+                    help=f"comma-separated, of {', '.join(VARIANTS)} (default: all; --quick: base,approx_math)")
+    ap.add_argument("--steps", type=int, default=10, help="steps profiled per optimizer")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per variant")
+    ap.add_argument("--quick", action="store_true", help="CPU tensors in the interpreter, 20k parameters: plumbing only")
+    ap.add_argument("--out-dir", default=str(HERE / "results"))
+    ap.add_argument("--run", default=None, help=argparse.SUPPRESS)  # the child process
+    args = ap.parse_args(argv)
+    if args.run:
+        child(args.run, 2e4 if args.quick else args.size, 2 if args.quick else args.steps, args.quick)
+        return 0
+
+    import torch
+
+    from common import device_tag, environment, write_results
+
+    if not args.quick and not torch.cuda.is_available():
+        print("bench_triton_variants: no CUDA device (--quick runs the plumbing on CPU)")
+        return 1
+    device = torch.device("cpu" if args.quick else "cuda")
+    env = environment(device)
+    rows, failed = [], []
+    for variant in (args.variants or ("base,approx_math" if args.quick else ",".join(VARIANTS))).split(","):
+        if variant not in VARIANTS:
+            raise SystemExit(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+        with tempfile.TemporaryDirectory() as cache:
+            child_env = dict(os.environ, TRITON_CACHE_DIR=cache)
+            if args.quick:
+                child_env["TRITON_INTERPRET"] = "1"
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--run", variant, "--size", str(args.size),
+                   "--steps", str(args.steps)] + (["--quick"] if args.quick else [])
+            try:
+                proc = subprocess.run(cmd, env=child_env, capture_output=True, text=True, timeout=args.timeout)
+                out, err, code = proc.stdout, proc.stderr, proc.returncode
+            except subprocess.TimeoutExpired as exc:
+                out, err, code = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or ""), "", "timeout"
+        got = [json.loads(line[4:]) for line in out.splitlines() if line.startswith("ROW ")]
+        for row in got:
+            print(f"{row['variant']:12s} {row['optimizer']:13s} step {row['step_ms']:8.3f} ms  pass1 {row['pass1_ms']:7.3f} ms "
+                  f"({row['pass1_of_copy']} of copy)  pass2 {row['pass2_ms']:7.3f} ms ({row['pass2_of_copy']})  "
+                  f"finalize {row['finalize_ms']:.3f} ms", flush=True)
+        rows += got
+        if code != 0 or len(got) < len(OPTIMIZERS):
+            failed.append(variant)
+            print(f"{variant}: exit {code}, {len(got)} of {len(OPTIMIZERS)} rows; {(err.strip().splitlines() or [''])[-1][:200]}",
+                  flush=True)
+        if rows:  # after every variant: a run stopped at its time limit keeps what it measured
+            csv_path, _ = write_results(f"triton_variants_{device_tag(device)}", rows, env, Path(args.out_dir))
+    if rows:
+        print(f"wrote {csv_path}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
