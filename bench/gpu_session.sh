@@ -55,7 +55,7 @@ STAMP_T="$(mktemp)"  # results newer than this were written by this call
 JUNIT="$(mktemp -d)"  # pytest's junit files, packed into results.tgz (not left in $OUT: at most 8 files come back)
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(build test_cuda errors bench_core chunks test_triton triton_variants variants sanitize breakdown overhead bench_full)
-declare -A MAX_S=([build]=240 [test_cuda]=150 [errors]=90 [bench_core]=120 [chunks]=100 [triton_variants]=160 [test_triton]=150 [sanitize]=120 [variants]=90
+declare -A MAX_S=([build]=240 [test_cuda]=150 [errors]=120 [bench_core]=120 [chunks]=100 [triton_variants]=160 [test_triton]=150 [sanitize]=120 [variants]=90
                   [breakdown]=60 [overhead]=60 [bench_full]=240 [conv]=300)
 # the least a part needs to leave a result (below it the part is skipped, not started and killed)
 declare -A MIN_S=([test_cuda]=60 [errors]=30 [bench_core]=60 [chunks]=40 [triton_variants]=60 [test_triton]=60 [sanitize]=50 [variants]=40 [breakdown]=35
@@ -159,7 +159,8 @@ bench() { limited "$1" "$PY" "${@:2}" 2>&1 | tee -a "$OUT/bench.log"; }
 
 part_errors() {
   has_cuda_part || { echo "amm_kernels._C has no CUDA part (see build.log)"; return 1; }
-  bench "$1" bench/probe_errors.py --timeout 30
+  # each case ~5 s (a fresh python importing torch); what is left goes to cuda-gdb's backtrace of a crash
+  bench "$1" bench/probe_errors.py --timeout 30 --gdb-timeout $(( $1 > 60 ? $1 - 50 : 20 ))
 }
 
 part_bench_core() {

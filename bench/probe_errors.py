@@ -7,9 +7,9 @@ TORCH_CHECK) raises the RuntimeError the test expects. These probes tell a gener
 error of the extension, or of its CUDA part) from one error path: each case runs in its own process,
 some through torch's own C++ errors and the extension's CPU part as controls, and prints whether it
 raised, crashed (the signal) or did neither. A crashed case runs again under cuda-gdb where there is
-one (the GPU image has no gdb; cuda-gdb also debugs host code), for the native backtrace.
+one (the GPU image has no gdb; cuda-gdb also debugs host code; elsewhere gdb), for the native backtrace.
 
-    python bench/probe_errors.py [--gdb-cases 2] [--timeout 60]
+    python bench/probe_errors.py [--timeout 60] [--gdb-cases 1] [--gdb-timeout 120]
 Exits 0 when every case raised; 1 otherwise (and where there is no CUDA device).
 """
 import argparse
@@ -82,28 +82,34 @@ def run_case(env: dict, code: str, timeout: float) -> tuple[str, str]:
 
 
 def gdb_backtrace(env: dict, code: str, timeout: float) -> str:
-    gdb = shutil.which("cuda-gdb") or ("/usr/local/cuda/bin/cuda-gdb" if os.path.exists("/usr/local/cuda/bin/cuda-gdb") else None)
+    gdb = (shutil.which("cuda-gdb") or ("/usr/local/cuda/bin/cuda-gdb" if os.path.exists("/usr/local/cuda/bin/cuda-gdb") else None)
+           or shutil.which("gdb"))
     if gdb is None:
-        return "(no cuda-gdb here)"
+        return "(no cuda-gdb or gdb here)"
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), "amm_probe_case.py")
     with open(path, "w") as f:
         f.write(script(code))
+    # symbols only of the libraries a C++ error passes through (torch's take minutes to read)
+    libs = ["_C.cpython", "libc10.so", "libstdc++", "libgcc_s", "libtorch_python", "libtorch_cpu", "libtorch_cuda"]
     cmd = [gdb, "-q", "-batch", "-ex", "set pagination off", "-ex", "set print thread-events off",
-           "-ex", "handle SIGPIPE nostop noprint", "-ex", "run", "-ex", "bt 40", "-ex", "info sharedlibrary amm",
-           "--args", sys.executable, path]
+           "-ex", "set auto-solib-add off", "-ex", "handle SIGPIPE nostop noprint", "-ex", "run"]
+    for lib in libs:
+        cmd += ["-ex", f"sharedlibrary {lib}"]
+    cmd += ["-ex", "bt 40", "-ex", "info sharedlibrary _C", "--args", sys.executable, path]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return f"(cuda-gdb took more than {timeout:.0f} s)"
     lines = (proc.stdout + proc.stderr).splitlines()
     keep = [ln for ln in lines if ln.startswith(("#", "Thread", "Program", "From", "0x")) or "SIG" in ln]
-    return "\n".join(keep[-60:]) or "\n".join(lines[-40:])
+    return "\n".join(keep[-80:]) or "\n".join(lines[-40:])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per case")
-    parser.add_argument("--gdb-cases", type=int, default=2, help="crashed cases to run again under cuda-gdb")
+    parser.add_argument("--gdb-cases", type=int, default=1, help="crashed cases to run again under cuda-gdb")
+    parser.add_argument("--gdb-timeout", type=float, default=120.0, help="seconds for each cuda-gdb run")
     args = parser.parse_args()
     import torch
     if not torch.cuda.is_available():
@@ -119,7 +125,7 @@ def main() -> int:
             crashed.append((name, env, code))
     for name, env, code in crashed[:args.gdb_cases]:
         print(f"probe_errors: cuda-gdb backtrace of '{name}':", flush=True)
-        print(textwrap.indent(gdb_backtrace(env, code, 3 * args.timeout), "    "), flush=True)
+        print(textwrap.indent(gdb_backtrace(env, code, args.gdb_timeout), "    "), flush=True)
     return 0 if ok else 1
 
 
