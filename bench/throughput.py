@@ -124,7 +124,17 @@ def main(argv=None):
     ap.add_argument("--stem-suffix", default=None, help="appended to the result files' stem (default: 'only' when --only)")
     ap.add_argument("--layouts", default="flat,model", help="comma-separated: flat (one tensor), model (LLaMA-shaped list)")
     ap.add_argument("--out-dir", default=str(RESULTS))
+    ap.add_argument("--replot", default=None, metavar="JSON",
+                    help="measure nothing: draw the PNG again from a results JSON this script wrote (beside it)")
     args = ap.parse_args(argv)
+    if args.replot:
+        import json
+
+        data = json.load(open(args.replot))
+        png = Path(args.replot).with_suffix(".png")
+        plot(data["rows"], data["environment"], data["copy_gbs"], png)
+        print(f"wrote {png}")
+        return data["rows"]
     layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
     if not layouts or set(layouts) - {"flat", "model"}:
         ap.error(f"--layouts takes flat and/or model, got {args.layouts!r}")
@@ -227,19 +237,34 @@ def print_row(r):
           f"{'' if r['status'] == 'ok' else '  ' + r['status']}", flush=True)
 
 
+# Line style and marker by backend (the name's [..] or fused / foreach), colour by optimizer: with ~20
+# rows on a GPU, the default ten-colour cycle gave two optimizers one colour (the first H200 plot).
+_STYLE = {"cuda": ("-", "o"), "triton": ("-", "s"), "cpu": ("-", "o"), "torch": (":", "x"),
+          "fused": ("--", "^"), "foreach": ("-.", "v")}
+
+
+def _style(name: str) -> tuple[str, str]:
+    for key, style in _STYLE.items():
+        if f"[{key}]" in name or f" {key}" in name:
+            return style
+    return "-", "o"
+
+
 def plot(rows, env, copy_gbs, path):
     pyplot = plt()
     layouts = [x for x in ("flat", "model") if any(r["layout"] == x for r in rows)]
     fig, axes = pyplot.subplots(1, len(layouts), figsize=(6.5 * len(layouts), 5), sharey=True, squeeze=False)
     axes = axes[0]
+    names = list(dict.fromkeys(r["optimizer"] for r in rows))
+    cmap = pyplot.get_cmap("tab20")
+    colors = {name: cmap(i % 20) for i, name in enumerate(names)}
     for ax, layout in zip(axes, layouts):
-        names = list(dict.fromkeys(r["optimizer"] for r in rows))
         for name in names:
             pts = [(r["numel"], r["effective_gbs"]) for r in rows if r["layout"] == layout and r["optimizer"] == name]
             pts = [p for p in pts if p[1] == p[1]]
             if pts:
-                style = "-" if name.startswith(("AM", "RLLC")) else "--"
-                ax.plot(*zip(*pts), style, marker="o", label=name)
+                style, marker = _style(name)
+                ax.plot(*zip(*pts), style, marker=marker, color=colors[name], label=name)
         ax.axhline(copy_gbs, color="k", lw=0.8, ls=":", label=f"copy {copy_gbs:.0f} GB/s")
         ax.set_xscale("log")
         ax.set_xlabel("parameters")
@@ -247,10 +272,10 @@ def plot(rows, env, copy_gbs, path):
         ax.set_title("one flat tensor" if layout == "flat" else f"LLaMA-shaped list ({tensors} tensors)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("effective GB/s (bytes the step must move / time)")
-    axes[-1].legend(fontsize=8)
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the plots, not over them
     fig.suptitle(f"optimizer.step() throughput\n{footer(env)}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     pyplot.close(fig)
 
 

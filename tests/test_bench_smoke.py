@@ -99,3 +99,17 @@ def test_throughput_ratios_name_their_baseline(tmp_path, monkeypatch):
         assert math.isclose(r["ratio_to_baseline"], r["ms_per_step"] / base, rel_tol=1e-2, abs_tol=1e-3), r
     assert any(r["family"] == "adamw0" and r["optimizer"].startswith("AMAdamW") for r in rows) or \
         "cpu" not in importlib.import_module("amm_kernels").available_backends("cpu")
+
+
+def test_throughput_replot_draws_the_png_from_its_json(tmp_path, monkeypatch):
+    """--replot measures nothing: it draws the PNG again from a results JSON (bench/results' GPU plots were
+    redrawn so, with a colour per optimizer)."""
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    throughput = importlib.import_module("throughput")
+    throughput.main(["--quick", "--device", "cpu", "--layouts", "flat", "--only", "AMSGD[", "--out-dir", str(tmp_path)])
+    (json_path,) = tmp_path.glob("*.json")
+    png = json_path.with_suffix(".png")
+    png.unlink()
+    rows = throughput.main(["--replot", str(json_path)])
+    assert png.is_file() and png.stat().st_size > 0
+    assert rows == json.load(open(json_path))["rows"]
