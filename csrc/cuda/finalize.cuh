@@ -45,9 +45,14 @@ __device__ __forceinline__ void weigh_tensor(const FinalizeArgs& a, const Tensor
 }
 
 // A scope's end of the finalize, by one thread: its summed (num, den) into the sharded sums_out, or
-// beta, the scratch for pass 2 and (unless the step is skipped) the scope state.
+// beta, the scratch for pass 2 and (unless the step is skipped) the scope state. In a split step's
+// second half (sums_in: NOTE [sharded sums]) the caller has no terms; the all-reduced pair is read here.
 __device__ __forceinline__ void finish_scope(const FinalizeArgs& a, int s, double num, double den, double extra_num,
                                              bool skip) {
+  if (a.adaptive && a.sums_in != nullptr) {
+    num = a.sums_in[2 * s];
+    den = a.sums_in[2 * s + 1];
+  }
   const float step = a.step[s];
   const bool first = step == 0.f;
   if (a.sums_out != nullptr) {  // as the CPU op: zeros on a scope's first step
@@ -116,9 +121,6 @@ __device__ __forceinline__ void finalize_block(const FinalizeArgs& a) {
     if (a.adaptive && a.sums_in == nullptr) {
       num += a.tensor_terms[2 * t];
       den += a.tensor_terms[2 * t + 1];
-    } else if (a.adaptive) {
-      num = a.sums_in[2 * m.scope];
-      den = a.sums_in[2 * m.scope + 1];
     }
     finish_scope(a, m.scope, num, den, extra_num, skip);
   }
@@ -133,9 +135,6 @@ __device__ __forceinline__ void finalize_block(const FinalizeArgs& a) {
       }
       num = warp_sum_down(num);
       den = warp_sum_down(den);
-    } else if (a.adaptive) {
-      num = a.sums_in[2 * m.scope];
-      den = a.sums_in[2 * m.scope + 1];
     }
     if (lane == 0) finish_scope(a, m.scope, num, den, extra_num, skip);
   }

@@ -17,8 +17,9 @@ namespace amm_cuda {
 // ---------------------------------------------------------------------------------------------
 // Which tensor (local index in the table) and which chunk of it this block works on.
 struct BlockWork {
-  int tensor;     // local index into table.tensors
-  int64_t chunk;  // chunk of that tensor
+  int tensor;          // local index into table.tensors
+  int64_t chunk;       // chunk of that tensor
+  int64_t begin, end;  // its elements [begin, end): table.chunk_size of them, fewer in the tensor's last
 };
 
 // Chunk c of the table (the two-pass kernels: c = blockIdx.x; the persistent step walks them).
@@ -29,7 +30,9 @@ __device__ __forceinline__ BlockWork locate_chunk(const TensorTable& table, int 
     const int mid = (lo + hi + 1) / 2;
     if (table.block_begin[mid] <= b) lo = mid; else hi = mid - 1;
   }
-  return {lo, static_cast<int64_t>(b - table.block_begin[lo])};
+  const int64_t chunk = b - table.block_begin[lo], numel = table.tensors[lo].numel;
+  const int64_t begin = chunk * table.chunk_size;
+  return {lo, chunk, begin, begin + table.chunk_size < numel ? begin + table.chunk_size : numel};
 }
 
 __device__ __forceinline__ BlockWork locate_block(const TensorTable& table) {
@@ -229,10 +232,9 @@ struct TileCache {
 // NOTE [element order]: which thread handles which element, and the order in which a thread visits
 // its elements, depend only on the tensor's size and alignment, so per-thread sums are reproducible.
 template <class Op, class Cache>
-__device__ __forceinline__ void apply_chunk(const TensorEntry& e, int64_t chunk, int64_t chunk_size, uint32_t load_mask,
+__device__ __forceinline__ void apply_chunk(const TensorEntry& e, const BlockWork& work, uint32_t load_mask,
                                             uint32_t store_mask, Op& op, Cache& cache) {
-  const int64_t begin = chunk * chunk_size;
-  const int64_t end = begin + chunk_size < e.numel ? begin + chunk_size : e.numel;
+  const int64_t begin = work.begin, end = work.end;
   float r[kMaxLists][kVec];
   int64_t tail = begin;
   if (e.flags & kAligned) {
@@ -336,7 +338,7 @@ __device__ __forceinline__ void reduce_chunk(const TensorTable& table, const Pas
   if (args.step[e.scope] != 0.f) {
     const uint32_t loads = Pass::sums_loads(e);
     cache.begin_chunk(loads);
-    apply_chunk(e, work.chunk, table.chunk_size, loads, 0u, op, cache);
+    apply_chunk(e, work, loads, 0u, op, cache);
   }
   block_sum(op.acc);
   if (threadIdx.x == 0) {
@@ -356,7 +358,7 @@ __device__ __forceinline__ void update_chunk(const TensorTable& table, const Pas
   const bool first = sc.first_step != 0.f;
   auto op = Pass::update_op(args, e, sc);
   cache.begin_chunk(first ? 0u : Pass::sums_loads(e));  // what pass 1 read (nothing on a first step)
-  apply_chunk(e, work.chunk, table.chunk_size, Pass::update_loads(first), Pass::kUpdateStores, op, cache);
+  apply_chunk(e, work, Pass::update_loads(first), Pass::kUpdateStores, op, cache);
 }
 
 __device__ __forceinline__ bool step_skipped(const float* found_inf) {

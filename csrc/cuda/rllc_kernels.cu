@@ -88,10 +88,8 @@ rllc_sums_kernel(const __grid_constant__ TensorTable table, const RllcArgs args)
     const bool has_scale = args.grad_scale != nullptr;
     const float scale = has_scale ? *args.grad_scale : 1.f;
     const int64_t n = e.numel;
-    const int64_t begin = work.chunk * table.chunk_size;
-    const int64_t end = begin + table.chunk_size < n ? begin + table.chunk_size : n;
     const uint32_t dm = dtype_of(e.dtypes, kD), dg = dtype_of(e.dtypes, kG);
-    walk_rows<K>(e, begin, end, [&](auto width, int64_t i) {
+    walk_rows<K>(e, work.begin, work.end, [&](auto width, int64_t i) {
       constexpr int N = decltype(width)::value;
       float mv[K][N], gv[N];
 #pragma unroll
@@ -195,10 +193,8 @@ rllc_update_kernel(const __grid_constant__ TensorTable table, const RllcArgs arg
   const bool has_scale = args.grad_scale != nullptr;
   const float scale = has_scale ? *args.grad_scale : 1.f;
   const int64_t n = e.numel;
-  const int64_t begin = work.chunk * table.chunk_size;
-  const int64_t end = begin + table.chunk_size < n ? begin + table.chunk_size : n;
   const uint32_t dx = dtype_of(e.dtypes, kX), dm = dtype_of(e.dtypes, kD), dg = dtype_of(e.dtypes, kG);
-  walk_rows<K>(e, begin, end, [&](auto width, int64_t i) {
+  walk_rows<K>(e, work.begin, work.end, [&](auto width, int64_t i) {
     constexpr int N = decltype(width)::value;
     float mv[K][N], gv[N], xv[N];
 #pragma unroll
