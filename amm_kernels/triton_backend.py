@@ -2,7 +2,8 @@
 
 Per step, for the whole parameter list at once (no per-tensor launches):
     [AMAdamW] bias corrections per scope, in float64 on the device (two tiny torch ops, see below)
-    pass 1    reduce kernel: per block of BLOCK elements, float32 sums into the block's own slot
+    pass 1    reduce kernel: per span of PASS1_ITERS blocks of BLOCK elements, float32 sums into the
+              span's own slot
               (skipped when adaptive=False: beta is beta_max)
     terms     one program per tensor: its slots summed in float64 and weighted by its group's lrs
     finalize  one program per present scope: beta in float64 from its tensors' terms, in a fixed order;
@@ -98,6 +99,9 @@ INTERPRETED = _interpreter_on()
 # (tests/_triton_gpu_compile.py records its launches at COMPILED_BLOCK: what a GPU would compile.)
 COMPILED_BLOCK = 1024
 BLOCK = 4096 if INTERPRETED else COMPILED_BLOCK
+# Blocks of BLOCK elements per pass-1 program and slot (NOTE [pass-1 spans] in
+# triton_kernels/reduce_kernels.py): 1 until a GPU measures more (bench/bench_triton_variants.py).
+PASS1_ITERS = 1
 CHUNK = 512  # tensors summed per load by the finalize kernel (NOTE [finalize in two launches])
 TERMS_CHUNK = 2048  # slots summed per load by the tensor-terms kernel, with 16 warps (NOTE [finalize tiles])
 NUM_WARPS = 4
@@ -171,7 +175,7 @@ def _flat_tensors(batch: StepBatch):
 def _step(batch: StepBatch, hp, amadamw: bool) -> None:
     params, grads, d, v, writeback = _flat_tensors(batch)
     n_sums = 4 if amadamw else 3
-    table = get_table(params, grads, d, v, batch, BLOCK, n_sums)
+    table = get_table(params, grads, d, v, batch, BLOCK, n_sums, span=PASS1_ITERS)
     state = batch.scopes
     device = params[0].device
     n_scopes = len(batch.present_scopes)
@@ -199,20 +203,20 @@ def _step(batch: StepBatch, hp, amadamw: bool) -> None:
     # pass 1
     if adaptive:
         for bucket in table.buckets:
-            if bucket.n_blocks == 0:
+            if bucket.n_spans == 0:
                 continue
             cx, cg, cd, cv = bucket.codes
             if amadamw:
-                amadamw_reduce_kernel[(bucket.n_blocks,)](
-                    table.meta, bucket.blocks, table.partials, table.weight_decay, grad_scale, scratch[2:],
+                amadamw_reduce_kernel[(bucket.n_spans,)](
+                    table.meta, bucket.spans, table.partials, table.weight_decay, grad_scale, scratch[2:],
                     n_scopes, lam, float(hp.beta2), 1.0 - float(hp.beta2), float(hp.eps),
                     HAS_GRAD_SCALE=has_scale, MAXIMIZE=maximize, X_CODE=cx, G_CODE=cg, D_CODE=cd, V_CODE=cv,
-                    BLOCK=BLOCK, **LAUNCH)
+                    BLOCK=BLOCK, ITERS=PASS1_ITERS, **LAUNCH)
             else:
-                amsgd_reduce_kernel[(bucket.n_blocks,)](
-                    table.meta, bucket.blocks, table.partials, table.weight_decay, grad_scale, lam,
+                amsgd_reduce_kernel[(bucket.n_spans,)](
+                    table.meta, bucket.spans, table.partials, table.weight_decay, grad_scale, lam,
                     HAS_GRAD_SCALE=has_scale, MAXIMIZE=maximize, X_CODE=cx, G_CODE=cg, D_CODE=cd,
-                    BLOCK=BLOCK, **LAUNCH)
+                    BLOCK=BLOCK, ITERS=PASS1_ITERS, **LAUNCH)
 
     # each tensor's weighted terms, then beta per scope and the scope-state commit
     # (NOTE [finalize in two launches] in triton_kernels/finalize_kernel.py)

@@ -6,15 +6,24 @@ one thing, with each pass's device time (issue 4: "say why", as bench_cuda_varia
 
 The first GPU session (H200, 2026-11-29, bench/results/kernel_breakdown_nvidia_h200.csv) measured the
 Triton AMAdamW step's pass 1 at 0.72 of copy bandwidth (0.55 without weight decay: fewer bytes, the
-same time), where its pass 2, and CUDA's pass 1 with the same math, ran near 0.9-1.0. So pass 1 is
-bound by something other than memory; the candidates, one variant each:
+same time), where its pass 2 ran at 0.98 and CUDA's pass 1, the same math, at 0.80-0.91. So pass 1 is
+bound by something other than memory. Read off its sm_90 build (bench/triton_occupancy.py), 5 of its
+programs share an SM, 80 KiB of loads (60 without weight decay), against 96-168 KiB for the AM
+kernels that ran at 0.89-1.00 (bench/README.md, "Pass 1 by the registers"). The candidates, one
+variant each, in the order run (a part stopped at its time limit keeps the first):
   base          as shipped: BLOCK 1024 elements a program, 4 warps, exact division and square root
-  block2048     BLOCK 2048 (both passes): half the programs, so half the per-program cost (loading the
-  block4096     table row, the tl.sum reductions into a slot), over the same elements
-  warps8        8 warps a program: more threads to cover the latency of each program's loads
+  block4096     BLOCK 4096 (both passes): a quarter of the programs, 128 KiB of pass 1 an SM (96 without
+                weight decay), but 255 registers and a 72-byte spill
+  iters4        pass 1 in spans of 4 and 8 blocks (triton_backend.PASS1_ITERS; NOTE [pass-1 spans] in
+  iters8        amm_kernels/triton_kernels/reduce_kernels.py): each program pays its prologue (the table
+                row, then the addresses in it) and its tl.sum reductions once for 4 or 8 blocks, looping
+                over them, at 128 registers (64 KiB an SM); pass 2 unchanged
+  block2048     BLOCK 2048 (both passes): half the programs, 96 KiB of pass 1 an SM
   approx_math   tl.div_rn -> tl.fdiv (div.full.f32) and tl.sqrt_rn -> tl.sqrt (sqrt.approx): the
                 cost of NOTE [IEEE division] (am_math.py). For this measurement only: those results
                 differ from the reference's rounding, which the product does not allow.
+  warps8        8 warps a program: more threads to cover each program's latency (53 registers: 4
+                programs, 64 KiB an SM)
 Each variant runs in its own process with its own Triton cache (the kernels' source is unchanged by a
 patch, so a shared cache would hand back the base build). Rows: variant, optimizer, step ms, and per
 pass ms and fraction of the copy bandwidth measured in that process. Writes
@@ -34,7 +43,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-VARIANTS = ("base", "block2048", "block4096", "warps8", "approx_math")
+VARIANTS = ("base", "block4096", "iters4", "iters8", "block2048", "approx_math", "warps8")
 OPTIMIZERS = ("AMAdamW", "AMAdamW wd=0", "AMSGD")  # bench_kernel_breakdown.PASS_BYTES keys
 
 
@@ -54,6 +63,8 @@ def child(variant: str, size: float, steps: int, quick: bool) -> None:
 
     if variant.startswith("block"):
         triton_backend.BLOCK = int(variant[len("block"):])
+    if variant.startswith("iters"):
+        triton_backend.PASS1_ITERS = int(variant[len("iters"):])
     if variant == "warps8" and triton_backend.LAUNCH:
         triton_backend.LAUNCH = dict(triton_backend.LAUNCH, num_warps=8)
     device = torch.device("cpu" if quick else "cuda")
@@ -92,7 +103,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=float, default=1e8, help="parameters (default 1e8)")
     ap.add_argument("--variants", default=None,
-                    help=f"comma-separated, of {', '.join(VARIANTS)} (default: all; --quick: base,approx_math)")
+                    help=f"comma-separated, of {', '.join(VARIANTS)} (default: all; --quick: base,iters4,approx_math)")
     ap.add_argument("--steps", type=int, default=10, help="steps profiled per optimizer")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per variant")
     ap.add_argument("--quick", action="store_true", help="CPU tensors in the interpreter, 20k parameters: plumbing only")
@@ -113,7 +124,7 @@ def main(argv=None) -> int:
     device = torch.device("cpu" if args.quick else "cuda")
     env = environment(device)
     rows, failed = [], []
-    for variant in (args.variants or ("base,approx_math" if args.quick else ",".join(VARIANTS))).split(","):
+    for variant in (args.variants or ("base,iters4,approx_math" if args.quick else ",".join(VARIANTS))).split(","):
         if variant not in VARIANTS:
             raise SystemExit(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
         with tempfile.TemporaryDirectory() as cache:

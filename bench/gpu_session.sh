@@ -31,8 +31,8 @@
 #   chunks       bench_core's CUDA rows at 1e8 and 1e9 again with smaller chunks (AMM_CUDA_CHUNK=16384,
 #                32768; NOTE [chunk size] in csrc/cuda/ops_cuda.cpp), and the 1e8 breakdown at 16384
 #   test_triton  the Triton backend's tests, compiled at full size
-#   triton_variants  why Triton's pass 1 falls short (bench/bench_triton_variants.py: BLOCK, warps, exact
-#                math, each variant in its own process), at 1e8 parameters
+#   triton_variants  why Triton's pass 1 falls short (bench/bench_triton_variants.py: pass-1 spans, BLOCK,
+#                exact math, warps, each variant in its own process, the likeliest cause first), at 1e8
 #   variants     persistent vs two-pass CUDA step by size (the threshold for AMM_CUDA_PERSISTENT_MAX_NUMEL)
 #   sanitize     compute-sanitizer racecheck / synccheck / memcheck on small steps of the main kernel paths
 #   breakdown    per-kernel device time of each step at 1e8 parameters (why a figure falls short)

@@ -72,6 +72,16 @@ def _workloads():
     run(lambda p: AMSGD(p, adaptive=False, backend="triton"), scale=True)
     run(lambda p: AMAdamW(p, backend="triton"), scale=True)
     run(lambda p: RLLC(p, memory="M(0.9)+M(0.8)+M(0.7)", law_lr=0.05, backend="triton"), scale=True)
+    # pass 1 in spans of several blocks (NOTE [pass-1 spans] in triton_kernels/reduce_kernels.py): not the
+    # default, but bench/bench_triton_variants.py runs it on the GPU, so it must compile there
+    from amm_kernels import triton_backend
+
+    triton_backend.PASS1_ITERS = 4
+    try:
+        run(lambda p: AMSGD(p, weight_decay=0.01, backend="triton"))
+        run(lambda p: AMAdamW(p, backend="triton"))
+    finally:
+        triton_backend.PASS1_ITERS = 1
 
 
 def record(path: str) -> None:

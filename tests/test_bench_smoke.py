@@ -24,7 +24,7 @@ SCRIPTS = [  # (module, files it must write, a numeric CSV column that must be f
     ("conv_digits", ["conv_digits.csv", "conv_digits.json", "conv_digits.png"], "train_loss_final_mean", True),
     ("conv_lm", ["conv_lm.csv", "conv_lm.json", "conv_lm.png"], "val_loss_final_mean", False),
     ("conv_rllc", ["conv_rllc.csv", "conv_rllc.json", "conv_rllc.png"], "score", False),  # digits part needs sklearn
-    # GPU-only in earnest; --quick runs two variants' children in Triton's interpreter (plumbing only)
+    # GPU-only in earnest; --quick runs three variants' children in Triton's interpreter (plumbing only)
     ("bench_triton_variants", ["triton_variants_cpu.csv", "triton_variants_cpu.json"], "step_ms", False),
 ]
 
@@ -78,6 +78,8 @@ def test_script_quick(module, files, column, needs_sklearn, tmp_path, monkeypatc
     assert ok, f"{files[0]}: no row ran"
     for r in ok:
         assert math.isfinite(float(r[column])), (column, r)
+    if module == "bench_triton_variants":  # each variant patches its own process: each must have run
+        assert {r["variant"] for r in rows} == {"base", "iters4", "approx_math"}, rows
     data = json.load(open(tmp_path / files[1]))
     assert data["environment"]["device"] and data["rows"]
 
@@ -113,3 +115,25 @@ def test_throughput_replot_draws_the_png_from_its_json(tmp_path, monkeypatch):
     rows = throughput.main(["--replot", str(json_path)])
     assert png.is_file() and png.stat().st_size > 0
     assert rows == json.load(open(json_path))["rows"]
+
+
+def test_triton_occupancy_counts_programs_from_the_registers(tmp_path):
+    """bench/triton_occupancy.py compiles a pass kernel for sm_90 without a GPU and counts the programs an
+    SM holds from its registers: checked here against sm_90's limits for what it read."""
+    triton = pytest.importorskip("triton")
+    import os
+
+    if not os.access(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump", os.X_OK):
+        pytest.skip("this triton carries no cuobjdump")
+    sys.path.insert(0, str(BENCH))
+    occupancy = importlib.import_module("triton_occupancy")
+    assert occupancy.main(["--configs", "1024x4x1,1024x4x2", "--kernels", "amsgd_reduce_kernel",
+                           "--out-dir", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / f"triton_occupancy_sm90_triton{triton.__version__}.csv")))
+    assert [(r["BLOCK"], r["ITERS"]) for r in rows] == [("1024", "1"), ("1024", "2")], rows
+    for r in rows:
+        regs, programs = int(r["registers"]), int(r["programs_per_sm"])
+        assert 16 <= regs <= 255
+        per_thread = -(-regs // 8) * 8
+        assert programs * 128 * per_thread <= 65536 < (programs + 1) * 128 * per_thread or programs == 16
+        assert float(r["kib_in_flight_per_sm"]) == programs * 1024 * 8 / 1024

@@ -104,6 +104,34 @@ def test_parity_unaligned_views(monkeypatch, name, dtype, block):
     assert_same_run(views("torch"), views("triton"), dtype, f"{name} unaligned views")
 
 
+@pytest.mark.parametrize("iters", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+@pytest.mark.parametrize("name", list(OPTS))
+def test_parity_pass1_spans(monkeypatch, name, scope, dtype, iters):
+    """NOTE [pass-1 spans] (triton_kernels/reduce_kernels.py): pass 1 with spans of 2 and 3 blocks of a
+    GPU's BLOCK. Tensors of exactly one span, of a span and a partial one whose last block is partial,
+    of part of a block, empty, and a view one element into its buffer (the masked path for all its
+    spans); two groups, with and without weight decay (x read or not in pass 1)."""
+    block = triton_backend.COMPILED_BLOCK
+    monkeypatch.setattr(triton_backend, "BLOCK", block)
+    monkeypatch.setattr(triton_backend, "PASS1_ITERS", iters)
+    span = iters * block
+
+    def spans(backend):
+        gen = torch.Generator().manual_seed(5)
+        sizes = (span, span + block + 5, 7, 0, span + 2)
+        bufs = [torch.randn(n, generator=gen).to(DEV, dtype) for n in sizes]
+        params = [torch.nn.Parameter(b) for b in bufs[:4]] + [torch.nn.Parameter(bufs[4][1:])]
+        opt = OPTS[name]([{"params": params[:2]}, {"params": params[2:], "lr": 0.02, "weight_decay": 0.1}],
+                         lr=0.05, beta_scope=scope, backend=backend)
+        return params, opt, train(opt, params, STEPS, "beta", flip=True)
+
+    got = spans("triton")
+    assert_same_run(spans("torch"), got, dtype, f"{name} spans of {iters} blocks")
+    assert_beta_moves(got[2])
+
+
 @pytest.mark.parametrize("scope", ["global", "group"])
 @pytest.mark.parametrize("name", list(OPTS))
 def test_parity_when_the_finalize_tiles_take_several_loads(monkeypatch, name, scope):

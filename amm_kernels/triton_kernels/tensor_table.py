@@ -13,7 +13,9 @@ buffer, in slots numbered in tensor order, so the finalize kernel sees the step 
 Layout (int64):
     meta[T, META_COLS]: x, grad, d, v addresses, numel, group, scope position, first slot
     blocks[nb, 2] per bucket: tensor index, block index within the tensor (elements j*BLOCK ...)
-    slot_start[T + 1]: partial-sum slots of tensor t are slot_start[t] .. slot_start[t+1]-1
+    spans[ns, 2] per bucket: the same for pass 1's spans of SPAN blocks (elements j*SPAN*BLOCK ...;
+        NOTE [pass-1 spans] in reduce_kernels.py); the blocks tensor itself where SPAN is 1
+    slot_start[T + 1]: partial-sum slots (one a span) of tensor t are slot_start[t] .. slot_start[t+1]-1
     tensor_start[S + 1]: tensors of present scope s are tensor_start[s] .. tensor_start[s+1]-1
 """
 from __future__ import annotations
@@ -53,6 +55,8 @@ class Bucket:
     codes: tuple[int, int, int, int]  # x, grad, d, v dtype codes
     blocks: torch.Tensor  # int64 [nb, 2]
     n_blocks: int
+    spans: torch.Tensor  # int64 [ns, 2]: pass 1's rows, one a slot (`blocks` where a span is one block)
+    n_spans: int
 
 
 @dataclass
@@ -89,7 +93,7 @@ class TableCache:
         self.by_layout: OrderedDict = OrderedDict()
 
 
-def _key(params, grads, d, v, batch, block, n_sums):
+def _key(params, grads, d, v, batch, block, n_sums, span):
     """(addresses per tensor, weight decay per group, the rest): a table serves exactly this key; the
     rest alone fixes its layout (NOTE [tables and graphs])."""
     addresses = tuple(
@@ -105,7 +109,7 @@ def _key(params, grads, d, v, batch, block, n_sums):
                      None if v is None else (v[i].numel(), v[i].dtype))
                     for i, (p, g, dd) in enumerate(zip(params, grads, d))),
               tuple(batch.group_of), tuple(batch.scope_of), tuple(batch.present_groups),
-              str(params[0].device), block, n_sums)
+              str(params[0].device), block, n_sums, span)
     return addresses, tuple(batch.weight_decay), layout
 
 
@@ -129,11 +133,13 @@ def _remember(cache: OrderedDict, key, table: Table) -> None:
 # (_IN_GRAPHS): the graph reads it at every replay, and the LRU must not free it; so is the table a
 # captured one was rebased from, whose meta the graph's clone reads at every replay. A layout never seen
 # before cannot be built during a capture: run a warm-up step.
-def get_table(params, grads, d, v, batch, block: int, n_sums: int, state_units: int | None = None) -> Table:
+def get_table(params, grads, d, v, batch, block: int, n_sums: int, state_units: int | None = None,
+              span: int = 1) -> Table:
     """The cached table for this exact list of tensors: rebased when only addresses or weight decays
     changed, rebuilt when a size, dtype, group or scope did (NOTE [tables and graphs]). `state_units`:
-    RLLC's k, where the state tensors are (k, *param.shape) (check_fits)."""
-    addresses, decays, layout = _key(params, grads, d, v, batch, block, n_sums)
+    RLLC's k, where the state tensors are (k, *param.shape) (check_fits). `span`: blocks per pass-1
+    program and slot (NOTE [pass-1 spans])."""
+    addresses, decays, layout = _key(params, grads, d, v, batch, block, n_sums, span)
     device = params[0].device
     key = (addresses, decays, layout)
     cache = batch.device_tables.setdefault("triton", TableCache())
@@ -153,7 +159,7 @@ def get_table(params, grads, d, v, batch, block: int, n_sums: int, state_units: 
                 "optimizer outside the capture first (the usual warm-up), with the same parameters getting "
                 f"gradients (an optimizer keeps the tables of its {_CACHE_SIZE} latest such lists)")
         else:
-            table = _build(params, grads, d, v, batch, block, n_sums)
+            table = _build(params, grads, d, v, batch, block, n_sums, span)
     _remember(cache.exact, key, table)
     _remember(cache.by_layout, layout, table)
     if in_capture:
@@ -212,24 +218,29 @@ def _rebased(source: Table, addresses: tuple, decays: tuple) -> Table:
                    extras={key: value.rebased() for key, value in source.extras.items()})
 
 
-def _build(params, grads, d, v, batch, block, n_sums) -> Table:
+def _rows(i: int, n: int) -> torch.Tensor:
+    """The (tensor i, j) rows j = 0 .. n-1, made by torch, not as Python pairs: a 1e9-element step has
+    ~1e6 blocks, and this runs again whenever the layout changes (took 1.5 s at 1e9 as Python lists)."""
+    return torch.stack([torch.full((n,), i, dtype=torch.int64), torch.arange(n, dtype=torch.int64)], dim=1)
+
+
+def _build(params, grads, d, v, batch, block, n_sums, span) -> Table:
     device = params[0].device
     scope_pos = batch.scope_pos
     meta, slot_start, buckets, addresses = [], [0], {}, []
     for i, (p, g, dd) in enumerate(zip(params, grads, d)):
         vv = None if v is None else v[i]
         n = p.numel()
-        n_blocks = triton.cdiv(n, block)
+        n_spans = triton.cdiv(n, block * span)
         addresses.append((p.data_ptr(), g.data_ptr(), dd.data_ptr(), 0 if vv is None else vv.data_ptr()))
         meta.append([*addresses[-1], n, batch.group_of[i], scope_pos[i], slot_start[-1]])
-        slot_start.append(slot_start[-1] + n_blocks)
+        slot_start.append(slot_start[-1] + n_spans)
         codes = (DTYPE_CODES[p.dtype], DTYPE_CODES[g.dtype], DTYPE_CODES[dd.dtype],
                  0 if vv is None else DTYPE_CODES[vv.dtype])
-        # (tensor, block) rows made by torch, not as Python pairs: a 1e9-element step has ~1e6 blocks,
-        # and this runs again whenever the layout changes (took 1.5 s at 1e9 as Python lists)
-        rows = buckets.setdefault(codes, [])
-        rows.append(torch.stack([torch.full((n_blocks,), i, dtype=torch.int64),
-                                 torch.arange(n_blocks, dtype=torch.int64)], dim=1))
+        block_rows, span_rows = buckets.setdefault(codes, ([], []))
+        block_rows.append(_rows(i, triton.cdiv(n, block)))
+        if span > 1:
+            span_rows.append(_rows(i, n_spans))
     tensor_start = [0]
     for n in batch.scope_lengths:
         tensor_start.append(tensor_start[-1] + n)
@@ -252,8 +263,9 @@ def _build(params, grads, d, v, batch, block, n_sums) -> Table:
         present_scopes=dev(batch.present_scopes),
         present_groups=dev(batch.present_groups),
         weight_decay=dev(batch.weight_decay, torch.float32),
-        buckets=[Bucket(codes, blocks.to(device), blocks.shape[0])
-                 for codes, blocks in ((codes, torch.cat(rows)) for codes, rows in buckets.items())],
+        buckets=[_bucket(codes, torch.cat(block_rows).to(device),
+                         torch.cat(span_rows).to(device) if span_rows else None)
+                 for codes, (block_rows, span_rows) in buckets.items()],
         n_slots=n_slots,
         partials=torch.zeros((max(n_slots, 1), n_sums), dtype=torch.float32, device=device),
         terms=torch.zeros((max(len(params), 1), 2), dtype=torch.float64, device=device),
@@ -261,6 +273,11 @@ def _build(params, grads, d, v, batch, block, n_sums) -> Table:
         addresses=tuple(addresses),
         decays=tuple(batch.weight_decay),
     )
+
+
+def _bucket(codes, blocks: torch.Tensor, spans: torch.Tensor | None) -> Bucket:
+    spans = blocks if spans is None else spans
+    return Bucket(codes, blocks, blocks.shape[0], spans, spans.shape[0])
 
 
 # NOTE [vector access]: the kernels get their tensors as int64 addresses from the table, so Triton
