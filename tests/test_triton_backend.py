@@ -104,11 +104,10 @@ def test_parity_unaligned_views(monkeypatch, name, dtype, block):
     assert_same_run(views("torch"), views("triton"), dtype, f"{name} unaligned views")
 
 
-@pytest.mark.parametrize("iters", [2, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("iters,dtype", [(2, torch.bfloat16), (3, torch.float32)], ids=["2-bf16", "3-f32"])
 @pytest.mark.parametrize("scope", ["global", "tensor"])
 @pytest.mark.parametrize("name", list(OPTS))
-def test_parity_pass1_spans(monkeypatch, name, scope, dtype, iters):
+def test_parity_pass1_spans(monkeypatch, name, scope, iters, dtype):
     """NOTE [pass-1 spans] (triton_kernels/reduce_kernels.py): pass 1 with spans of 2 and 3 blocks of a
     GPU's BLOCK. Tensors of exactly one span, of a span and a partial one whose last block is partial,
     of part of a block, empty, and a view one element into its buffer (the masked path for all its
