@@ -85,7 +85,8 @@ def _amsgd_terms_block(x_addr, g_addr, d_addr, start, numel, wd, scale, lam, HAS
 def _amsgd_span(row, start, numel, slot, partials, weight_decay, grad_scale_ptr, lam,
                 HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, X_CODE: tl.constexpr, G_CODE: tl.constexpr,
                 D_CODE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, WHOLE: tl.constexpr):
-    """NOTE [pass-1 spans]: the span's blocks summed lane by lane, then over the block into the slot."""
+    """NOTE [pass-1 spans]: the span's blocks summed lane by lane, then over the block into the slot.
+    The first block starts the sums (no 0 + term), so with ITERS = 1 this is the kernel as measured."""
     xa, ga, da = tl.load(row + 0), tl.load(row + 1), tl.load(row + 2)  # addresses: read once a span
     wd = tl.load(weight_decay + tl.load(row + 5))
     scale = _grad_scale(grad_scale_ptr, HAS_GRAD_SCALE)
@@ -145,7 +146,8 @@ def _amadamw_span(row, start, numel, slot, partials, weight_decay, grad_scale_pt
                   beta2, one_minus_beta2, eps, HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr,
                   X_CODE: tl.constexpr, G_CODE: tl.constexpr, D_CODE: tl.constexpr, V_CODE: tl.constexpr,
                   BLOCK: tl.constexpr, ITERS: tl.constexpr, WHOLE: tl.constexpr):
-    """NOTE [pass-1 spans]: the span's blocks summed lane by lane, then over the block into the slot."""
+    """NOTE [pass-1 spans]: the span's blocks summed lane by lane, then over the block into the slot
+    (the first block starts the sums, as in _amsgd_span)."""
     xa, ga, da, va = tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)  # once a span
     mu = tl.load(weight_decay + tl.load(row + 5))
     s = tl.load(row + 6)
