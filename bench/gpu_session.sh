@@ -20,22 +20,25 @@
 #   results.tgz   the bench/results files this call wrote, and pytest's junit xml files; made again
 #                 after every part, so a call cut short still returns what the finished parts wrote
 #
-# Parts (default order = order of value; limits are maxima, each also capped by what is left):
+# Parts (default order = order of value, new information first; limits are maxima, each also capped by
+# what is left):
 #   build        amm_kernels._C with its CUDA part (strict), for sm_90 only (AMM_CUDA_ARCHS; CI
 #                compile-checks sm_80 and sm_90 with nvcc). A failed build does not stop the Triton parts.
 #   test_cuda    the CUDA extension's tests: parity, persistent step, CUDA graphs, vectors, NCCL, sharded
 #   errors       whether the extension's C++ errors reach Python or crash the process (bench/probe_errors.py;
 #                the first GPU session saw a segfault where the simulator raises), with cuda-gdb backtraces
-#   bench_core   issue 3's figures: AMAdamW (wd 0.01 and 0) and AMSGD, cuda and triton, against fused
-#                AdamW / SGD, at 1e8, 3e8 and 1e9 parameters in a LLaMA-shaped list, with the copy bandwidth
-#   chunks       bench_core's CUDA rows at 1e8 and 1e9 again with smaller chunks (AMM_CUDA_CHUNK=16384,
-#                32768; NOTE [chunk size] in csrc/cuda/ops_cuda.cpp), and the 1e8 breakdown at 16384
+#   chunks       bench_core's CUDA rows at 1e8 and 1e9 with chunks of 16384, 65536 (the default: this run's
+#                baseline) and 32768 (AMM_CUDA_CHUNK; NOTE [chunk size] in csrc/cuda/ops_cuda.cpp), and
+#                the 1e8 breakdown at 16384
 #   test_triton  the Triton backend's tests, compiled at full size
 #   triton_variants  why Triton's pass 1 falls short (bench/bench_triton_variants.py: pass-1 spans, BLOCK,
 #                exact math, warps, each variant in its own process, the likeliest cause first), at 1e8
-#   variants     persistent vs two-pass CUDA step by size (the threshold for AMM_CUDA_PERSISTENT_MAX_NUMEL)
-#   sanitize     compute-sanitizer racecheck / synccheck / memcheck on small steps of the main kernel paths
+#   bench_core   issue 3's figures: AMAdamW (wd 0.01 and 0) and AMSGD, cuda and triton, against fused
+#                AdamW / SGD, at 1e8, 3e8 and 1e9 parameters in a LLaMA-shaped list, with the copy bandwidth
+#                (measured in the first GPU session: after the parts that can say something new)
 #   breakdown    per-kernel device time of each step at 1e8 parameters (why a figure falls short)
+#   sanitize     compute-sanitizer racecheck / synccheck / memcheck on small steps of the main kernel paths
+#   variants     persistent vs two-pass CUDA step by size (the threshold for AMM_CUDA_PERSISTENT_MAX_NUMEL)
 #   overhead     a real training step, AdamW vs AMAdamW (issue 5)
 #   bench_full   issue 5's whole throughput ladder (every backend, 1e5..1e9, flat and model)
 #   conv         the byte-level LM convergence run, larger than on CPU (not in the default list)
@@ -54,8 +57,8 @@ T0=$(date +%s)
 STAMP_T="$(mktemp)"  # results newer than this were written by this call
 JUNIT="$(mktemp -d)"  # pytest's junit files, packed into results.tgz (not left in $OUT: at most 8 files come back)
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(build test_cuda errors bench_core chunks test_triton triton_variants variants sanitize breakdown overhead bench_full)
-declare -A MAX_S=([build]=240 [test_cuda]=150 [errors]=120 [bench_core]=120 [chunks]=100 [triton_variants]=160 [test_triton]=150 [sanitize]=120 [variants]=90
+[ ${#parts[@]} -eq 0 ] && parts=(build test_cuda errors chunks test_triton triton_variants bench_core breakdown sanitize variants overhead bench_full)
+declare -A MAX_S=([build]=240 [test_cuda]=150 [errors]=120 [bench_core]=120 [chunks]=130 [triton_variants]=160 [test_triton]=150 [sanitize]=120 [variants]=90
                   [breakdown]=60 [overhead]=60 [bench_full]=240 [conv]=300)
 # the least a part needs to leave a result (below it the part is skipped, not started and killed)
 declare -A MIN_S=([test_cuda]=60 [errors]=30 [bench_core]=60 [chunks]=40 [triton_variants]=60 [test_triton]=60 [sanitize]=50 [variants]=40 [breakdown]=35
@@ -174,7 +177,7 @@ part_chunks() {
   has_cuda_part || { echo "amm_kernels._C has no CUDA part (see build.log)"; return 1; }
   local t0 chunk rest
   t0=$(date +%s)
-  for chunk in 16384 32768; do
+  for chunk in 16384 65536 32768; do
     rest=$(( $1 - ($(date +%s) - t0) ))
     [ "$rest" -ge 20 ] || { echo "chunks: $chunk not run, ${rest} s left"; return 124; }
     AMM_CUDA_CHUNK=$chunk bench "$rest" bench/throughput.py --layouts model --sizes 1e8,1e9 \
