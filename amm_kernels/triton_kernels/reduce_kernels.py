@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .am_math import adamw_precond, adamw_second_moment, amadamw_terms, amsgd_terms, effective_grad
-from .tensor_table import as_ptr, load_f32, whole_block
+from .tensor_table import as_ptr, grad_scale_of, load_f32, whole_block
 
 
 @triton.jit
@@ -56,14 +56,6 @@ def _load_x_if_decay(x_addr, offs, mask, decay, X_CODE: tl.constexpr, BLOCK: tl.
     return x.to(tl.float32)
 
 
-@triton.jit
-def _grad_scale(grad_scale_ptr, HAS_GRAD_SCALE: tl.constexpr):
-    scale = 1.0
-    if HAS_GRAD_SCALE:
-        scale = tl.load(grad_scale_ptr).to(tl.float32)
-    return scale
-
-
 # ---------------------------------------------------------------------------------------------
 # AM-SGD
 @triton.jit
@@ -89,7 +81,7 @@ def _amsgd_span(row, start, numel, slot, partials, weight_decay, grad_scale_ptr,
     The first block starts the sums (no 0 + term), so with ITERS = 1 this is the kernel as measured."""
     xa, ga, da = tl.load(row + 0), tl.load(row + 1), tl.load(row + 2)  # addresses: read once a span
     wd = tl.load(weight_decay + tl.load(row + 5))
-    scale = _grad_scale(grad_scale_ptr, HAS_GRAD_SCALE)
+    scale = grad_scale_of(grad_scale_ptr, HAS_GRAD_SCALE)
     gd, b, dd = _amsgd_terms_block(xa, ga, da, start, numel, wd, scale, lam, HAS_GRAD_SCALE, MAXIMIZE,
                                    X_CODE, G_CODE, D_CODE, BLOCK, WHOLE)
     for i in range(1, ITERS):
@@ -153,7 +145,7 @@ def _amadamw_span(row, start, numel, slot, partials, weight_decay, grad_scale_pt
     s = tl.load(row + 6)
     bias1 = tl.load(bias + s)
     bias2 = tl.load(bias + n_scopes + s)
-    scale = _grad_scale(grad_scale_ptr, HAS_GRAD_SCALE)
+    scale = grad_scale_of(grad_scale_ptr, HAS_GRAD_SCALE)
     a, b, c, dd = _amadamw_terms_block(xa, ga, da, va, start, numel, mu, bias1, bias2, scale, lam, beta2,
                                        one_minus_beta2, eps, HAS_GRAD_SCALE, MAXIMIZE, X_CODE, G_CODE, D_CODE,
                                        V_CODE, BLOCK, WHOLE)

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .rllc_math import (gram_first_slot, law_direction, memory_input, memory_propagate, rllc_grad, rllc_param,
                         unit_dots)
-from .tensor_table import as_ptr, load_f32, store_as, whole_block
+from .tensor_table import as_ptr, grad_scale_of, load_f32, store_as, whole_block
 from .update_kernels import _block, _skip
 
 
@@ -67,9 +67,7 @@ def _rllc_sums_block(row, offs, numel, slot, partials, grad_scale_ptr, HAS_GRAD_
                      G_CODE: tl.constexpr, D_CODE: tl.constexpr, K: tl.constexpr, KP2: tl.constexpr,
                      N_SUMS: tl.constexpr, BLOCK: tl.constexpr, WHOLE: tl.constexpr):
     mask = offs < numel
-    scale = 1.0
-    if HAS_GRAD_SCALE:
-        scale = tl.load(grad_scale_ptr).to(tl.float32)
+    scale = grad_scale_of(grad_scale_ptr, HAS_GRAD_SCALE)
     grad = load_f32(tl.load(row + 1), offs, mask, G_CODE, WHOLE)
     g = rllc_grad(grad, scale, HAS_GRAD_SCALE)
     if not WHOLE:
@@ -144,9 +142,7 @@ def _rllc_update_block(row, offs, lim, numel, law, u_ptr, b_ptr, lr_ptr, grad_sc
     d_addr = tl.load(row + 2)
     x = load_f32(x_addr, offs, mask, X_CODE, WHOLE)
     grad = load_f32(tl.load(row + 1), offs, mask, G_CODE, WHOLE)
-    scale = 1.0
-    if HAS_GRAD_SCALE:
-        scale = tl.load(grad_scale_ptr).to(tl.float32)
+    scale = grad_scale_of(grad_scale_ptr, HAS_GRAD_SCALE)
     g = rllc_grad(grad, scale, HAS_GRAD_SCALE)
     units = tl.arange(0, KP2)
     in_k = units < K

@@ -301,6 +301,15 @@ def whole_block(row, start, lim, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def grad_scale_of(grad_scale_ptr, HAS_GRAD_SCALE: tl.constexpr):
+    """The step's grad scale as float32 (read through its pointer), 1 without one."""
+    scale = 1.0
+    if HAS_GRAD_SCALE:
+        scale = tl.load(grad_scale_ptr).to(tl.float32)
+    return scale
+
+
+@triton.jit
 def load_f32(addr, offs, mask, CODE: tl.constexpr, WHOLE: tl.constexpr):
     """The block's elements of the tensor at `addr` (dtype CODE) as float32; masked (0 outside `mask`)
     unless WHOLE (NOTE [vector access])."""

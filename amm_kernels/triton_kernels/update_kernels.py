@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .am_math import (adamw_param, adamw_precond, adamw_second_moment, amadamw_momentum, amsgd_momentum,
                       effective_grad, sgd_param)
-from .tensor_table import load_f32, store_as, whole_block
+from .tensor_table import grad_scale_of, load_f32, store_as, whole_block
 
 
 @triton.jit
@@ -66,9 +66,7 @@ def _load_common(row, offs, mask, lr_ptr, weight_decay, grad_scale_ptr, HAS_GRAD
     s = tl.load(row + 6)
     wd = tl.load(weight_decay + group)
     lr = tl.load(lr_ptr + group).to(tl.float32)
-    scale = 1.0
-    if HAS_GRAD_SCALE:
-        scale = tl.load(grad_scale_ptr).to(tl.float32)
+    scale = grad_scale_of(grad_scale_ptr, HAS_GRAD_SCALE)
     return x, grad, d, s, wd, lr, scale
 
 
