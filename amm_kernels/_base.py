@@ -16,7 +16,7 @@ from torch import Tensor
 from . import backends
 from ._aliasing import first_overlap, first_self_overlap
 from ._hyper import (BETA_SCOPES, FOREIGN_GROUP_KEYS, _is_number, check_choice, check_flag, check_group,
-                     check_state_dtype, state_dtype_for)
+                     check_process_group, check_state_dtype, state_dtype_for)
 from ._checkpoint import CARRIER_KEYS, SCOPE_ENTRY, CheckpointMixin, _carries_row, _needs_stand_ins
 from ._step import DTensor, ScopeState, StepBatch, capturing, local_shard, scope_dtype
 
@@ -34,10 +34,12 @@ def _on_device(x, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 def _plain(x):
-    """A value as the constructor reads it: CPU tensors as numbers (or tuples), numbers and flags as
-    floats (1 is True), sequences as tuples; anything else (a string, a process group) as it is."""
+    """A value as the constructor reads it: CPU tensors and numpy values as numbers (or tuples), numbers
+    and flags as floats (1 is True), sequences as tuples; anything else (a string, a process group) as it is."""
     if isinstance(x, Tensor) and x.device.type == "cpu":
         x = x.item() if x.numel() == 1 else x.tolist()
+    elif type(x).__module__ == "numpy" and hasattr(x, "tolist"):  # an array or a numpy scalar (np.bool_ too)
+        x = x.tolist()
     if isinstance(x, numbers.Real):
         return float(x)
     if isinstance(x, (list, tuple)):
@@ -87,12 +89,13 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         self._check_group_hypers(defaults)
         self.beta_scope = beta_scope
         self.backend = backend
-        self.process_group = process_group
+        self.process_group = check_process_group(name, process_group)
         self.capturable = check_flag(name, "capturable", capturable)
         self.state_dtype = check_state_dtype(name, state_dtype)
         self._wide = self._wide_args()  # fixed from here on (NOTE [wide keys in groups])
         self._wide_names = frozenset(self._wide)  # dynamo traces frozenset.isdisjoint, not dict_keys'
         self._scopes: ScopeState | None = None
+        self._layout: list = []  # the tensors tensor scopes are ordered by; [] until known (NOTE [tensor scopes follow their tensors])
         self._index_cache: dict = {}  # device index tensors and lr, reused across steps (no H2D copy once warm)
         self._in_graphs: dict = {}  # id -> tensor: what a captured step read from _index_cache (NOTE [kept for graphs])
         self._device_tables: dict = {}  # the backends' own, kept across steps (StepBatch.device_tables)
@@ -125,6 +128,7 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         self.__dict__.setdefault("state_dtype", None)  # pickled before state_dtype existed
         self._add_missing_stand_ins()  # pickled before the stand-ins (NOTE [checkpoint carriers])
         self._late_pending = []
+        self._layout = []  # the copy's scopes are in its param_groups' order
         self._wide = self._wide_args()
         self._wide_names = frozenset(self._wide)
         self._prefill_backend_cache()
@@ -173,7 +177,7 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         # grown (or, for an optimizer built without parameters, made) here, not in a possibly compiled
         # step, which would drop a scope state bound to the optimizer inside it (NOTE [compile])
         if getattr(self, "_scopes", None) is not None:
-            self._scopes.grow(*self._scope_counts(), self._scope_init())
+            self._fit_scopes()
         elif getattr(self, "_constructed", True):
             self._prefill_backend_cache()
 
@@ -309,19 +313,49 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         }[self.beta_scope]
         return n_scopes, n_groups
 
-    def _scope_state(self, device: torch.device, dtype: torch.dtype):
-        n_scopes, n_groups = self._scope_counts()
+    def _scope_state(self, device: torch.device, dtype: torch.dtype, moved: bool = True):
+        """The scope state, made, moved to `device` and `dtype`, and fitted to the param groups. `moved`
+        False: the caller has seen that the tensors are the ones the tensor scopes are ordered by."""
         if self._scopes is None:
+            n_scopes, n_groups = self._scope_counts()
             self._scopes = self.SCOPE_STATE.create(n_scopes, n_groups, self._scope_init(), device, dtype)
+            self._layout.clear()
         if self._scopes.step.device != device or self._scopes.step.dtype != dtype:
             # (the parameters' dtype or device changed) NOTE [compile]: set on the same object, whose
             # attribute updates a compiled step keeps; a new object bound to the optimizer it drops
             moved = self.SCOPE_STATE.from_dict(self._scopes.to_dict(), device, dtype)
             for name in self.SCOPE_STATE.FIELDS:
                 setattr(self._scopes, name, getattr(moved, name))
-        if not self._scopes.matches(n_scopes, n_groups):
-            self._scopes.grow(n_scopes, n_groups, self._scope_init())
+        self._fit_scopes(moved)
         return self._scopes
+
+    # NOTE [tensor scopes follow their tensors]: under beta_scope="tensor" scope s is the s-th tensor of
+    # param_groups (all groups, in order), as a checkpoint numbers them. add_param_group appends tensors;
+    # a hand edit of a group's "params" (a tensor inserted, removed or replaced: torch.optim, whose state
+    # is keyed by the tensor, takes it) would move every later tensor onto another's step count, beta and
+    # bias correction. So the tensors the scopes are ordered by are kept (self._layout), each step looks
+    # whether param_groups still lists them in that order (one `is` per tensor, in _build_batch's loop),
+    # and where not, each tensor's scope values follow it to its new position; a tensor new to the groups
+    # starts a fresh scope, and a removed one's values are dropped (given back, it starts afresh).
+    def _fit_scopes(self, moved: bool = True) -> None:
+        n_scopes, n_groups = self._scope_counts()
+        kept = self._moved_tensor_scopes() if moved else None
+        if kept is not None or not self._scopes.matches(n_scopes, n_groups):
+            self._scopes.grow(n_scopes, n_groups, self._scope_init(), kept)
+
+    def _moved_tensor_scopes(self) -> tuple[list[int], list[int]] | None:
+        """(new positions, old positions) of the tensors whose scopes moved, or None where none did (the
+        same tensors in the same order, perhaps more after them: grow() appends those)."""
+        if self.beta_scope != "tensor":
+            return None
+        current = [p for g in self.param_groups for p in g["params"]]
+        old = list(self._layout)
+        self._layout[:] = current  # in place: a compiled step keeps it (NOTE [compile])
+        if len(old) <= len(current) and all(a is b for a, b in zip(old, current)):
+            return None
+        at = {id(p): i for i, p in enumerate(old)}
+        pairs = [(j, at[id(p)]) for j, p in enumerate(current) if id(p) in at]
+        return [j for j, _ in pairs], [i for _, i in pairs]
 
     @property
     def beta(self) -> Tensor:
@@ -479,9 +513,14 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         scope_mode = self.beta_scope
         params, grads, group_of, scope_of = [], [], [], []
         tensor_index = 0
+        layout = self._layout  # NOTE [tensor scopes follow their tensors]
+        n_layout = len(layout) if scope_mode == "tensor" else -1
+        moved = False
         for gi, group in enumerate(self.param_groups):
             self._check_group_hypers(group, index=gi, on_step=True)
             for p in group["params"]:
+                if tensor_index < n_layout and layout[tensor_index] is not p:
+                    moved = True
                 g = p.grad
                 if g is not None:
                     if g.is_sparse:
@@ -521,7 +560,7 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         if self.capturable and device.type not in ("cuda", "xpu"):
             raise RuntimeError(f"{name}: capturable=True needs parameters on a CUDA (or XPU) device, got {device}")
         self._backend_module(self.backend, device, dtypes)  # raises before any state exists
-        scopes = self._scope_state(device, dtype)
+        scopes = self._scope_state(device, dtype, moved or tensor_index != n_layout)
         # NOTE [no copies from the host]: values made on the host reach the device as fills (torch.full: a
         # kernel with the value as its argument), never as copies: a copy from pageable host memory can
         # wait for the stream (a host synchronisation inside step()), and a CUDA graph capture refuses it.
@@ -531,7 +570,6 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         # Shapes are the backends' to check (NOTE [state fits] in _step.py).
         names = self.STATE_NAMES
         state_dtype = self.state_dtype
-        had_state = len(self.state) > 0
         d, v = [], ([] if len(names) > 1 else None)
         fresh, unmarked = [], []
         recast = carried = False
@@ -553,6 +591,9 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
             d.append(first)
             if v is not None:
                 v.append(st[names[1]])
+        # whether any tensor had state before this step, where some have none yet: a dict of self.state
+        # may be empty (indexing it makes one: the loop above, or a user reading opt.state[p])
+        had_state = bool(fresh) and (len(fresh) < len(keys) or any(self.state.values()))
         # checked before any state is made (raises on rows saved under another setting)
         pending = self._pending_carriers() if carried or (fresh and had_state) else []
         stand_ins, replaced = {}, []

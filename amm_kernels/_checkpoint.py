@@ -305,6 +305,7 @@ class CheckpointMixin:
                 return
             device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
             self._scopes = self.SCOPE_STATE.from_dict(saved, device, saved["step"].dtype)
+            self._layout.clear()  # (the checkpoint's scopes are in param_groups' order)
             carried = []
             for pid, _, i in self._paired_with_saved(sd):
                 st = sd["state"].get(pid)

@@ -16,6 +16,7 @@ BETA_SCOPES = ("global", "group", "tensor")
 # The largest hyperparameter taken: the kernels hold lr, weight_decay, eps, ... in float32, where a
 # larger finite Python float (lr=1e39) is inf.
 F32_MAX = float(torch.finfo(torch.float32).max)
+F32_TINY = float(torch.finfo(torch.float32).tiny)  # the smallest normal float32 (NOTE [smallest eps])
 DELTA_F_MODES = ("first_order", "loss")
 # NOTE [foreign group keys]: the arguments of torch.optim's optimizers (and of apex's, bitsandbytes'
 # AdamW-likes, and of this package's other optimizers) that an optimizer here does not take. A param
@@ -134,6 +135,19 @@ def check_group(owner: str, group: dict, keys, index: int | None = None, on_step
 
 
 
+def check_process_group(owner: str, group):
+    """None, or a torch.distributed ProcessGroup (a DeviceMesh is not one: its shard dimension's group is)."""
+    if group is None:
+        return None
+    dist = torch.distributed
+    if dist.is_available() and isinstance(group, dist.ProcessGroup):
+        return group
+    hint = (" (a DeviceMesh: pass mesh.get_group(dim), the group of the dimension the parameters are sharded over)"
+            if type(group).__name__ == "DeviceMesh" else "")
+    raise TypeError(f"{owner}: process_group must be a torch.distributed ProcessGroup or None, got "
+                    f"{type(group).__name__}{hint}")
+
+
 def _set_checked(hp, field: str, value) -> None:
     object.__setattr__(hp, field, value)  # a frozen dataclass stores the checked value (a float, a bool)
 
@@ -168,6 +182,15 @@ class AMAdamWHyper:
         _check_common("AMAdamW", self, beta_max_name="betas[0] (beta_max)", beta_max_below_1=True)
         _set_checked(self, "beta2", check_range("AMAdamW", "betas[1] (beta2)", self.beta2, lo=0.0, hi=1.0, hi_open=True))
         _set_checked(self, "eps", check_range("AMAdamW", "eps", self.eps, lo=0.0, lo_open=True))
+        # NOTE [smallest eps]: beta's terms weigh each element by 1 / ((1 + lam p) p), p >= (1 - beta_max) eps
+        # (SPEC.md section 2). Below float32's smallest normal p that weight is inf, and an element with
+        # d = g (a zero gradient on a zero momentum) makes inf * 0 = NaN: a NaN beta for its whole scope.
+        # torch.optim.AdamW takes such an eps; adaptive=False here does too (it forms no terms).
+        low = F32_TINY / (1.0 - self.beta_max)
+        if self.adaptive and self.eps < low:
+            raise ValueError(f"AMAdamW: eps must be in [{low:.4g}, {F32_MAX:.4g}] with betas[0] (beta_max) = "
+                             f"{self.beta_max} and adaptive=True (so that (1 - beta_max) * eps, the smallest "
+                             f"preconditioner, is a normal float32), got {self.eps!r}")
 
 
 def _check_common(owner: str, hp, beta_max_name: str = "beta_max", beta_max_below_1: bool = False) -> None:

@@ -71,6 +71,20 @@ def check_fits(params, grads, states, units: int | None = None) -> None:
                                  "then reset its state: del optimizer.state[p])")
 
 
+def copy_scopes(old, fresh, names: tuple[str, ...], kept=None) -> None:
+    """The per-scope rows `names` of scope state `old` into `fresh`: the first ones (as many as both
+    hold), or with kept = (new positions, old positions) row old[kept[1][i]] into fresh[kept[0][i]]."""
+    for name in names:
+        src, dst = getattr(old, name), getattr(fresh, name)
+        if kept is None:
+            n = min(src.shape[0], dst.shape[0])
+            dst[:n] = src[:n]
+        elif kept[0]:
+            # index lists from the host: a copy, made only when the parameters were rearranged by hand
+            new_at, old_at = (torch.tensor(k, dtype=torch.long).to(src.device) for k in kept)
+            dst[new_at] = src[old_at]
+
+
 @dataclass
 class ScopeState:
     """Optimizer-wide scalars, kept on the parameters' device so that step() never syncs.
@@ -109,13 +123,14 @@ class ScopeState:
     def matches(self, n_scopes: int, n_groups: int) -> bool:
         return self.step.numel() == n_scopes and self.prev_lr.numel() == n_groups
 
-    def grow(self, n_scopes: int, n_groups: int, beta_max: float) -> None:
-        """Extend for scopes and groups added by add_param_group (new entries start fresh)."""
+    def grow(self, n_scopes: int, n_groups: int, beta_max: float, kept=None) -> None:
+        """Resize for scopes and groups added by add_param_group (new entries start fresh), or, with
+        kept = (new positions, old positions), for tensor scopes that moved (NOTE [tensor scopes follow
+        their tensors] in _base.py): scope kept[1][i] becomes scope kept[0][i], the others start fresh."""
         fresh = ScopeState.create(n_scopes, n_groups, beta_max, self.step.device, self.step.dtype)
-        for name in ("step", "beta", "beta_prod"):
-            old = getattr(self, name)
-            getattr(fresh, name)[: old.numel()] = old
-        fresh.prev_lr[: self.prev_lr.numel()] = self.prev_lr
+        copy_scopes(self, fresh, ("step", "beta", "beta_prod"), kept)
+        n = min(n_groups, self.prev_lr.numel())
+        fresh.prev_lr[:n] = self.prev_lr[:n]
         fresh.prev_loss.copy_(self.prev_loss)
         self.__dict__.update(fresh.__dict__)
 

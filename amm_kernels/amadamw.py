@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import warnings
 
+from torch import Tensor
+
 from ._base import AMOptimizer
 from ._hyper import AMAdamWHyper
 
@@ -33,7 +35,8 @@ class AMAdamW(AMOptimizer):
         lr (float or Tensor, default 1e-3): learning rate eta, >= 0.
         betas (tuple, default (0.9, 0.999)): (beta_max, beta2). beta_max in [0, 1) plays Adam's beta1
             (the clamp's upper end and the first step's beta); beta2 in [0, 1) is the second-moment decay.
-        eps (float, default 1e-8): added to sqrt(v_hat), > 0 (outside the square root, as AdamW).
+        eps (float, default 1e-8): added to sqrt(v_hat), > 0 (outside the square root, as AdamW); with
+            adaptive=True at least float32's smallest normal / (1 - beta_max), ~1.2e-37 at beta_max 0.9.
         weight_decay (float, default 1e-2): decoupled weight decay mu, >= 0.
         (Positionally, lr to weight_decay come in torch.optim.AdamW's order; the arguments below are
         keyword-only.)
@@ -89,6 +92,8 @@ class AMAdamW(AMOptimizer):
         capturable: bool = False,
         state_dtype=None,
     ):
+        if (isinstance(betas, Tensor) or type(betas).__module__ == "numpy") and getattr(betas, "ndim", 0) == 1:
+            betas = tuple(betas)  # a pair as an array or a 1-d tensor, as torch.optim.AdamW takes it
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"AMAdamW: betas must be a pair (beta_max, beta2), got {betas!r}")
         self._hyper = AMAdamWHyper(

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import backends
 from ._base import AMOptimizer
-from ._step import DTensor
+from ._step import DTensor, copy_scopes
 
 try:
     from torch.distributed.tensor import Shard
@@ -70,11 +70,11 @@ class RLLCScopeState:
     def matches(self, n_scopes: int, n_groups: int) -> bool:
         return self.step.numel() == n_scopes
 
-    def grow(self, n_scopes: int, n_groups: int, law_init) -> None:
-        """Extend for scopes added by add_param_group (new scopes start at law_init, step 0)."""
+    def grow(self, n_scopes: int, n_groups: int, law_init, kept=None) -> None:
+        """Resize for scopes added by add_param_group (new scopes start at law_init, step 0), or for
+        tensor scopes that moved (kept: as ScopeState.grow)."""
         fresh = RLLCScopeState.create(n_scopes, n_groups, law_init, self.step.device, self.step.dtype)
-        fresh.step[: self.step.numel()] = self.step
-        fresh.law[: self.law.shape[0]] = self.law
+        copy_scopes(self, fresh, ("step", "law"), kept)
         self.__dict__.update(fresh.__dict__)
 
     def to_dict(self) -> dict:
@@ -169,9 +169,7 @@ class RLLC(AMOptimizer):
                  scope: str = "global", backend: str = "auto", process_group=None, capturable: bool = False,
                  state_dtype=None):
         name = type(self).__name__
-        check_range(name, "law_lr", law_lr, lo=0.0)
-        if isinstance(law_lr, Tensor):
-            raise ValueError(f"{name}: law_lr must be a number, got a tensor")
+        law_lr = check_range(name, "law_lr", law_lr, lo=0.0)  # a CPU tensor read, as lam and eps are
         U, b = memory_rule(memory, name)
         k = len(b)
         if law_init is None:

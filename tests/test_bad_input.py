@@ -85,6 +85,15 @@ def test_cpu_tensor_hyperparameters_are_read_as_numbers(cls):
         cls(model_params(), lam=torch.tensor(-0.2))
 
 
+@pytest.mark.parametrize("cls", [AMSGD, AMAdamW, RLLC])
+def test_a_process_group_must_be_one(cls):
+    """Refused at construction, naming the argument (not an AttributeError from inside the first step)."""
+    for bad in ("world", 0, object()):
+        with pytest.raises(TypeError, match=f"{cls.__name__}: process_group must be a torch.distributed "
+                                            f"ProcessGroup or None, got {type(bad).__name__}"):
+            cls(model_params(), process_group=bad)
+
+
 @pytest.mark.parametrize("cls,name", [(AMSGD, "adaptive"), (AMSGD, "maximize"), (AMAdamW, "adaptive"),
                                       (AMAdamW, "maximize"), (AMSGD, "capturable"), (RLLC, "capturable")])
 def test_flags_must_be_bools(cls, name):
@@ -535,7 +544,9 @@ def test_parameters_without_an_address_pass_the_shared_memory_check(cls):
 
 
 REPEATS = [(AMSGD, dict(adaptive=1)), (AMSGD, dict(lam=torch.tensor(0.1))), (AMAdamW, dict(eps=torch.tensor(1e-8))),
-           (AMAdamW, dict(betas=[0.9, torch.tensor(0.999)])), (RLLC, dict(law_init=torch.tensor([1.0, 0.0])))]
+           (AMAdamW, dict(betas=[0.9, torch.tensor(0.999)])), (RLLC, dict(law_init=torch.tensor([1.0, 0.0]))),
+           (AMSGD, dict(maximize=np.False_)), (AMAdamW, dict(lam=np.float32(0.25))),
+           (RLLC, dict(law_init=np.array([1.0, 0.0])))]
 
 
 @pytest.mark.parametrize("cls,kwargs", REPEATS, ids=[f"{c.__name__}-{list(k)[0]}" for c, k in REPEATS])

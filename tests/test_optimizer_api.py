@@ -38,6 +38,7 @@ BAD_ARGS = [
     (AMAdamW, dict(betas=(0.9, -0.1)), "betas[1] (beta2) must be in [0.0, 1.0)"),
     (AMAdamW, dict(betas=(0.9,)), "betas must be a pair"),
     (AMAdamW, dict(eps=0.0), "eps must be in (0.0, inf)"),
+    (AMAdamW, dict(eps=1e-38), "eps must be in [1.175e-37, 3.403e+38] with betas[0] (beta_max) = 0.9"),
     (AMAdamW, dict(lam=-1.0), "lam must be in [0.0, inf)"),
     (AMAdamW, dict(weight_decay=-0.1), "weight_decay must be in [0.0, inf)"),
     (AMAdamW, dict(beta_min=0.95), "beta_min must be <= betas[0] (beta_max)"),
@@ -51,6 +52,37 @@ def test_bad_arguments_raise_value_error_naming_them(cls, kwargs, message):
     with pytest.raises(ValueError) as err:
         cls(model_params(), **kwargs)
     assert message in str(err.value)
+
+
+def test_betas_may_be_an_array_or_a_tensor_as_adamw_takes_them():
+    import numpy as np
+
+    for betas in (np.array([0.8, 0.99]), torch.tensor([0.8, 0.99], dtype=torch.float64), [np.float32(0.8), 0.99]):
+        opt = AMAdamW(model_params(), betas=betas)
+        assert (opt._hyper.beta_max, opt._hyper.beta2) == (float(betas[0]), float(betas[1]))
+        assert type(opt._hyper.beta_max) is float and type(opt._hyper.beta2) is float
+    for bad in (np.array([0.8, 0.9, 0.99]), torch.tensor(0.9), np.array([[0.8, 0.99]])):
+        with pytest.raises(ValueError, match="betas must be a pair"):
+            AMAdamW(model_params(), betas=bad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("beta_max", [0.0, 0.9, 0.999])
+def test_the_smallest_eps_taken_gives_a_finite_beta_where_gradients_are_zero(beta_max, backend):
+    """NOTE [smallest eps]: at the smallest eps taken, the weight 1 / ((1 + lam p) p) of an element with a
+    zero gradient (d = g = 0 at the first step, then d = 0 from there) stays finite: a finite beta. Just
+    below it, an error naming eps's range; adaptive=False takes any eps > 0, as torch.optim.AdamW."""
+    low = torch.finfo(torch.float32).tiny / (1.0 - beta_max)
+    params = [torch.zeros(5, requires_grad=True), torch.ones(3, requires_grad=True)]
+    opt = AMAdamW(params, betas=(beta_max, 0.999), eps=low * (1 + 1e-6), backend=backend, beta_scope="global")
+    for t in range(3):
+        params[0].grad, params[1].grad = torch.zeros(5), torch.full((3,), 0.5 * (t + 1))
+        opt.step()
+        assert torch.isfinite(opt.beta).all(), t
+        assert all(torch.isfinite(p).all() for p in params)
+    with pytest.raises(ValueError, match=r"AMAdamW: eps must be in \["):
+        AMAdamW(params, betas=(beta_max, 0.999), eps=low * (1 - 1e-6))
+    AMAdamW(params, betas=(beta_max, 0.999), eps=low * (1 - 1e-6), adaptive=False).step()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -346,9 +378,11 @@ def test_amadamw_warns_once_of_a_late_tensor_in_a_shared_scope():
     starts together, nor for AMSGD (whose late tensor takes a smaller first step, not a larger one)."""
     import warnings
 
-    def run(cls, scope, late):
+    def run(cls, scope, late, read_state_first=False):
         params = model_params()
         opt = cls([{"params": params[:2]}, {"params": params[2:]}], beta_scope=scope)
+        if read_state_first:  # a look at the state before any step makes empty entries: no state taken
+            assert all(len(opt.state[p]) == 0 for p in params)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for seed in range(4):
@@ -365,6 +399,9 @@ def test_amadamw_warns_once_of_a_late_tensor_in_a_shared_scope():
     assert run(AMAdamW, "group", {2: 2, 3: 2}) == []  # group 1 starts as a whole: its scope's first step
     assert run(AMAdamW, "tensor", {0: 1, 2: 2}) == []
     assert run(AMSGD, "global", {0: 1}) == []
+    assert run(AMAdamW, "global", {}, read_state_first=True) == []  # the first step is every scope's first
+    said = run(AMAdamW, "global", {0: 1}, read_state_first=True)  # so the warning is still there to give
+    assert len(said) == 1 and "1 parameter tensor(s)" in said[0]
 
 
 def test_late_counts_read_back_from_a_gpu_are_each_reported_and_never_polled_in_a_capture(monkeypatch):
@@ -1139,6 +1176,60 @@ def test_add_param_group_keeps_the_scope_state_of_the_groups_there(cls, kwargs):
         assert torch.equal(x, y)
     for k, v in b._scopes.to_dict().items():
         assert torch.equal(getattr(a._scopes, k), v), k
+
+
+TENSOR_SCOPES = [(AMSGD, {"beta_scope": "tensor"}), (AMAdamW, {}), (amm_kernels.RLLC, {"scope": "tensor"})]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,kwargs", TENSOR_SCOPES, ids=[c.__name__ for c, _ in TENSOR_SCOPES])
+def test_tensor_scopes_follow_their_tensors_when_groups_are_edited_by_hand(cls, kwargs, backend):
+    """NOTE [tensor scopes follow their tensors]: a tensor inserted into a group's "params" by hand, the
+    tensors reordered, one replaced and one removed: each tensor keeps its own step count, beta (law) and
+    bias correction, as in a run where every tensor was listed from the start and had no gradient while
+    it was not in the groups. Without it, every tensor after the insertion took its neighbour's."""
+    def grads(named, t):
+        for k, (name, p) in enumerate(sorted(named.items())):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * t + k))
+
+    def make():
+        gen = torch.Generator().manual_seed(3)
+        return {n: torch.randn(s, generator=gen).requires_grad_() for n, s in
+                [("a", (4, 3)), ("b", (7,)), ("c", (5,)), ("e", (3,)), ("f", (6,))]}
+
+    # edited by hand: [a, b], [c] for 2 steps; then e inserted first and a, b swapped; then c removed
+    # and b replaced by f
+    t_ = make()
+    edited = cls([{"params": [t_["a"], t_["b"]]}, {"params": [t_["c"]]}], lr=0.05, backend=backend, **kwargs)
+    listed = {0: "a b c", 2: "e b a c", 4: "e f a"}
+    for t in range(6):
+        if t == 2:
+            edited.param_groups[0]["params"][:] = [t_["e"], t_["b"], t_["a"]]
+        if t == 4:
+            edited.param_groups[0]["params"][1] = t_["f"]
+            edited.param_groups[1]["params"].remove(t_["c"])
+        names = listed[max(k for k in listed if k <= t)].split()
+        grads({n: t_[n] for n in names}, t)
+        edited.step()
+        for n in set(t_) - set(names):
+            t_[n].grad = None
+    # every tensor listed from the start, without a gradient while it is not in the groups above
+    r_ = make()
+    whole = cls([{"params": [r_[n] for n in "abef"]}, {"params": [r_["c"]]}], lr=0.05, backend=backend, **kwargs)
+    for t in range(6):
+        names = listed[max(k for k in listed if k <= t)].split()
+        for n in r_:
+            r_[n].grad = None
+        grads({n: r_[n] for n in names}, t)
+        whole.step()
+    for n in t_:
+        assert torch.equal(t_[n], r_[n]), n
+    scope = "law" if cls is amm_kernels.RLLC else "beta"
+    final = dict(zip("efa", getattr(edited, scope)))
+    for n, value in zip("abefc", getattr(whole, scope)):
+        if n in final:
+            assert torch.equal(final[n], value), n
+    assert edited._scopes.step.tolist() == [4.0, 2.0, 6.0] and whole._scopes.step.tolist() == [6.0, 4.0, 4.0, 2.0, 4.0]
 
 
 def test_a_checkpoint_of_rows_alone_resumes_loss_mode_exactly():

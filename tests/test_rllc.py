@@ -580,12 +580,16 @@ def test_a_memory_pair_whose_u_is_not_k_by_k_is_refused():
             memory_rule((U, [1.0, 1.0]))
 
 
-def test_law_lr_given_as_a_tensor_is_refused():
-    """law_lr is a number (optimizer-wide, fixed at construction): a tensor, even a CPU one, is refused;
-    only lr may be a tensor."""
-    for law_lr in (torch.tensor(0.01), torch.tensor([0.01])):
-        with pytest.raises(ValueError, match="law_lr must be a number, got a tensor"):
-            RLLC(model_params(), law_lr=law_lr)
+def test_law_lr_given_as_a_tensor_is_read_on_the_cpu_and_refused_on_a_device():
+    """law_lr is a number (optimizer-wide, fixed at construction): a 1-element CPU tensor is read, as AMSGD's
+    lam and AMAdamW's eps are; a tensor on a device is refused (only lr may be one)."""
+    for law_lr in (torch.tensor(0.25), torch.tensor([0.25])):
+        opt = RLLC(model_params(), law_lr=law_lr)
+        assert opt._hyper.law_lr == 0.25 and type(opt._hyper.law_lr) is float
+    with pytest.raises(ValueError, match="law_lr must be a number .or a CPU tensor., got a tensor on meta"):
+        RLLC(model_params(), law_lr=torch.tensor(0.25, device="meta"))
+    with pytest.raises(ValueError, match="law_lr must be a number or a 1-element tensor"):
+        RLLC(model_params(), law_lr=torch.tensor([0.25, 0.5]))
     RLLC(model_params(), lr=torch.tensor(0.01))
 
 
