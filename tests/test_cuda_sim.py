@@ -128,14 +128,16 @@ def test_a_step_moves_the_budgeted_bytes(monkeypatch, name, wd, variant, cache, 
 # -fsanitize=address, run in a subprocess that preloads libasan; any access outside a tensor aborts it.
 REPO = Path(__file__).resolve().parents[1]
 ASAN_TESTS = ["tests/test_compiled_kernels.py", "tests/test_cuda_persistent.py", "tests/test_rllc_kernels.py"]
-ASAN_SELECTION = "cuda_sim and (test_shapes or multi_chunk or unaligned or global_scope)"
+# (the error paths too: a step the glue refuses throws, unwinding through csrc/cuda)
+ASAN_SELECTION = ("cuda_sim and (test_shapes or multi_chunk or unaligned or global_scope or forcing or refused "
+                  "or bad_settings)")
 
 
 def _asan_env():
-    runtime = _cuda_sim.build_module().asan_runtime()
-    if runtime is None:
+    preload = _cuda_sim.build_module().asan_runtime()
+    if preload is None:
         pytest.skip("no AddressSanitizer runtime (libasan) for this compiler")
-    return dict(os.environ, LD_PRELOAD=runtime, AMM_SIM_ASAN="1",
+    return dict(os.environ, LD_PRELOAD=preload, AMM_SIM_ASAN="1",
                 ASAN_OPTIONS="detect_leaks=0:detect_stack_use_after_return=0")
 
 

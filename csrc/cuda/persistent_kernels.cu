@@ -41,16 +41,16 @@ persistent_step_kernel(const __grid_constant__ TensorTable table, const PassArgs
   extern __shared__ float4 tile_smem[];  // float4: 16-byte alignment
   const cg::grid_group grid = cg::this_grid();
   TileCache<Pass::kCacheLists> cache{reinterpret_cast<float*>(tile_smem), cache_iters, 0, 0u, true};
-  for (int c = static_cast<int>(blockIdx.x); c < table.num_blocks; c += static_cast<int>(gridDim.x))
-    reduce_chunk<Pass>(table, pass, c, cache);
+  for (int64_t c = blockIdx.x; c < table.num_blocks; c += gridDim.x)  // (int64: c + gridDim.x may pass INT32_MAX)
+    reduce_chunk<Pass>(table, pass, static_cast<int>(c), cache);
   grid.sync();  // every slot and every TensorMeta is written
   if (blockIdx.x == 0) finalize_block(fin);
   grid.sync();  // beta and the ScopeScratch are written
   if (step_skipped(pass.found_inf)) return;
   cache.next = 0;
   cache.filling = false;
-  for (int c = static_cast<int>(blockIdx.x); c < table.num_blocks; c += static_cast<int>(gridDim.x))
-    update_chunk<Pass>(table, pass, c, cache);
+  for (int64_t c = blockIdx.x; c < table.num_blocks; c += gridDim.x)
+    update_chunk<Pass>(table, pass, static_cast<int>(c), cache);
 }
 
 template <class Pass>

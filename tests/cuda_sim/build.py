@@ -198,10 +198,18 @@ def _flags(src_dir: Path, sanitize: bool) -> tuple[list[str], list[str]]:
 
 
 def asan_runtime() -> str | None:
-    """The path of libasan for LD_PRELOAD (a Python process must load it first), or None."""
-    res = subprocess.run([os.environ.get("CXX", "g++"), "-print-file-name=libasan.so"], capture_output=True, text=True)
-    path = res.stdout.strip()
-    return path if res.returncode == 0 and os.path.isabs(path) and os.path.exists(path) else None
+    """LD_PRELOAD for a Python process that loads the AddressSanitizer build, or None: libasan (it must be
+    loaded first), then libstdc++, whose __cxa_throw ASan's interceptor must find at start-up. Without it
+    the first C++ exception (a TORCH_CHECK) aborts the process: "CHECK failed: asan_interceptors.cpp ...
+    real___cxa_throw", so no error path could run under ASan."""
+    paths = []
+    for name in ("libasan.so", "libstdc++.so.6"):
+        res = subprocess.run([os.environ.get("CXX", "g++"), f"-print-file-name={name}"], capture_output=True, text=True)
+        path = res.stdout.strip()
+        if res.returncode != 0 or not os.path.isabs(path) or not os.path.exists(path):
+            return None
+        paths.append(path)
+    return ":".join(paths)
 
 
 def build(verbose: bool = False, sanitize: bool = False) -> Path:
