@@ -124,11 +124,15 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         super().__setstate__(state)
         if not had_differentiable:  # torch.optim's __setstate__ adds it; not an argument here
             self.defaults.pop("differentiable", None)
-        self._index_cache, self._in_graphs, self._device_tables, self._resolved = {}, {}, {}, {}
+        # load_state_dict ends in __setstate__ too: there the caches stay (keyed by the tensors' addresses and
+        # values, they rebase to the loaded state; and a captured graph may still read what _in_graphs keeps);
+        # pickle and deepcopy make an object without them (_PICKLED leaves them out): they start empty
+        for name in ("_index_cache", "_in_graphs", "_device_tables", "_resolved"):
+            self.__dict__.setdefault(name, {})
         self.__dict__.setdefault("state_dtype", None)  # pickled before state_dtype existed
         self._add_missing_stand_ins()  # pickled before the stand-ins (NOTE [checkpoint carriers])
-        self._late_pending = []
-        self._layout = []  # the copy's scopes are in its param_groups' order
+        self.__dict__.setdefault("_late_pending", [])
+        self._layout = []  # (a copy's, or a loaded checkpoint's, scopes are in its param_groups' order)
         self._wide = self._wide_args()
         self._wide_names = frozenset(self._wide)
         self._prefill_backend_cache()

@@ -7,10 +7,13 @@ from pathlib import Path
 import numpy as np
 
 # The one tolerance table: (rtol, atol) by parameter dtype name. The vectors' parameters are O(1).
+# float32's rtol is 1e-5 (~80 ulps), not 1e-6: at 1e-6 the kernel-vs-reference comparisons of
+# parameters, states and beta all pass, but beta_prod (a product over steps, 4.7e-6 apart) and loss
+# mode's beta against the float64 spec (F = prev_loss - loss cancels in the float32 losses: 3e-6) do not.
 TOLERANCES = {
     "float64": (1e-10, 0.0),
     "float32": (1e-5, 1e-6),
-    "bfloat16": (2e-2, 2e-2),
+    "bfloat16": (1e-2, 1e-2),
     "float16": (5e-3, 5e-3),
 }
 
@@ -24,6 +27,19 @@ def scaled_atol(atol, *tensors):
     large g)."""
     scale = max([1.0] + [float(t.detach().abs().max()) for t in tensors if t.numel()])
     return atol * scale
+
+
+def state_atol(name, atol, state, *tensors):
+    """atol for state tensor `name` after several steps. AMAdamW's second moment (exp_avg_sq) does not
+    depend on beta: its atol is scaled by its own largest value alone (no floor of 1: its elements are
+    ~1e-4 to 0.1, and the table's atol would cover a 5% error in most of them); the others' as
+    scaled_atol."""
+    import torch
+
+    if name == "exp_avg_sq":
+        finite = state.detach().abs()[torch.isfinite(state)]  # (a non-finite element is compared as such)
+        return atol * (float(finite.max()) if finite.numel() else 0.0)
+    return scaled_atol(atol, state, *tensors)
 
 
 def tolerance(dtype):

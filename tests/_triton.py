@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _helpers import tolerance
+from _helpers import state_atol, tolerance
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -145,7 +145,9 @@ def train(opt, params, steps, watch, hook=None, seed=0, flip=False):
 def assert_same_run(ref, got, dtype, what, watch, scope_fields):
     """Two runs, each (params, opt, the `watch` values per step), agree to the tolerance of `dtype`: the
     watched value of every step, the parameters (and their dtypes), every per-parameter state tensor (the
-    same names, dtypes and shapes) and the scope state fields `scope_fields`."""
+    same names, dtypes and shapes) and the scope state fields `scope_fields`. The watched values and the
+    scope state to the tolerance of `dtype` (of the coarsest parameters in a run of several dtypes); each
+    parameter and its state to that of its own dtype."""
     rtol, atol = tolerance(dtype)
     (p_ref, o_ref, w_ref), (p_got, o_got, w_got) = ref, got
     for i, (wr, wg) in enumerate(zip(w_ref, w_got)):
@@ -153,14 +155,17 @@ def assert_same_run(ref, got, dtype, what, watch, scope_fields):
                                    msg=lambda m: f"{what} step {i} {watch}: {m}")
     for i, (a, b) in enumerate(zip(p_ref, p_got)):
         assert b.dtype == a.dtype
+        rtol, atol = tolerance(a.dtype)
         torch.testing.assert_close(b.detach().float().cpu(), a.detach().float().cpu(), rtol=rtol, atol=atol,
                                    equal_nan=True, msg=lambda m: f"{what} param {i}: {m}")
         assert o_ref.state[a].keys() == o_got.state[b].keys()
         for key, sr in o_ref.state[a].items():
             sg = o_got.state[b][key]
             assert sg.dtype == sr.dtype and sg.shape == sr.shape
-            torch.testing.assert_close(sg.float().cpu(), sr.float().cpu(), rtol=rtol, atol=atol, equal_nan=True,
+            s_atol = state_atol(key, atol, sr.float().cpu()) if key == "exp_avg_sq" else atol
+            torch.testing.assert_close(sg.float().cpu(), sr.float().cpu(), rtol=rtol, atol=s_atol, equal_nan=True,
                                        msg=lambda m: f"{what} state {key} of param {i}: {m}")
+    rtol, atol = tolerance(dtype)
     for name in scope_fields:
         torch.testing.assert_close(getattr(o_got._scopes, name).cpu(), getattr(o_ref._scopes, name).cpu(),
                                    rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what} scope {name}: {m}")

@@ -11,7 +11,7 @@ import zlib
 import _cuda_sim
 import pytest
 import torch
-from _helpers import scaled_atol, tolerance
+from _helpers import scaled_atol, state_atol, tolerance
 
 import amm_kernels
 from amm_kernels import AMAdamW, AMSGD
@@ -28,6 +28,7 @@ BACKENDS = [
     pytest.param(_cuda_sim.NAME),  # csrc/cuda on CPU tensors: skips itself where the simulator cannot build
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+MIXED_DTYPES = tuple(DTYPES)  # a step of all three: parameter k has DTYPES[k % 3]
 SHAPES = [(1,), (7,), (4097,), (0,), (3, 5)]
 MIXED = [(1,), (7,), (33,), (4097,), (0,), (16, 9), (2, 3, 5), (130,), (64, 64), (5,)] * 6  # 60 tensors
 
@@ -40,11 +41,23 @@ def _device(backend):
     return torch.device("cuda" if backend == "cuda" else "cpu")
 
 
+def _dtype_of(dtype, k):
+    """The k-th parameter's dtype: `dtype`, or of a tuple of dtypes (a step of several) the (k mod n)-th."""
+    return dtype[k % len(dtype)] if isinstance(dtype, tuple) else dtype
+
+
+def _coarsest(dtype):
+    """The dtype whose tolerance beta and the scope state are held to: of several, the coarsest."""
+    return max(dtype, key=lambda d: tolerance(d)[0]) if isinstance(dtype, tuple) else dtype
+
+
 def make_groups(shapes_per_group, dtype, device, seed, lrs=None, wds=None):
     gen = torch.Generator().manual_seed(seed)
-    groups = []
+    groups, k = [], 0
     for gi, shapes in enumerate(shapes_per_group):
-        params = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
+        params = [torch.randn(s, generator=gen).to(device=device, dtype=_dtype_of(dtype, k + j))
+                  for j, s in enumerate(shapes)]
+        k += len(shapes)
         group = {"params": params}
         if lrs is not None:
             group["lr"] = lrs[gi]
@@ -75,7 +88,7 @@ def run(backend, cls, kwargs, shapes_per_group, dtype, seed, steps=10, lrs=None,
     betas = []
     grad_max = [torch.zeros(()) for _ in params]  # the largest |gradient| per tensor (scaled_atol)
     for step in range(steps):
-        grads = [((-1) ** step * b + 0.3 * torch.randn(p.shape, generator=gen)).to(device=device, dtype=dtype)
+        grads = [((-1) ** step * b + 0.3 * torch.randn(p.shape, generator=gen)).to(device=device, dtype=p.dtype)
                  for b, p in zip(base, params)]
         grad_max = [torch.maximum(m, g.abs().max().float().cpu()) if g.numel() else m for m, g in zip(grad_max, grads)]
         loss_value = torch.rand((), generator=gen).item() * 10
@@ -98,24 +111,28 @@ def run(backend, cls, kwargs, shapes_per_group, dtype, seed, steps=10, lrs=None,
 
 
 def assert_runs_close(ours, ref, dtype, where):
-    rtol, atol = tolerance(dtype)
+    """beta and the scope state to the tolerance of `dtype` (the coarsest, of a tuple); each parameter and its
+    state to that of its own dtype."""
+    rtol, atol = tolerance(_coarsest(dtype))
     b_ours, p_ours, s_ours, sc_ours, _ = ours
     b_ref, p_ref, s_ref, sc_ref, g_max = ref
     for i, (a, b) in enumerate(zip(b_ours, b_ref)):
         torch.testing.assert_close(a.cpu().float(), b.cpu().float(), rtol=rtol, atol=atol, equal_nan=True,
                                    msg=lambda m: f"{where}: beta at step {i}: {m}")
+    for k in sc_ref:
+        torch.testing.assert_close(sc_ours[k].cpu(), sc_ref[k].cpu(), rtol=rtol, atol=atol, equal_nan=True,
+                                   msg=lambda m: f"{where}: scope state {k}: {m}")
     for i, (a, b) in enumerate(zip(p_ours, p_ref)):
         assert a.dtype == b.dtype
+        rtol, atol = tolerance(a.dtype)
         torch.testing.assert_close(a.cpu(), b.cpu(), rtol=rtol, atol=scaled_atol(atol, b, g_max[i]),
                                    equal_nan=True, msg=lambda m: f"{where}: param {i}: {m}")
     for i, (a, b) in enumerate(zip(s_ours, s_ref)):
         assert a.keys() == b.keys()
+        rtol, atol = tolerance(p_ref[i].dtype)
         for k in a:
-            torch.testing.assert_close(a[k].cpu(), b[k].cpu(), rtol=rtol, atol=scaled_atol(atol, b[k], g_max[i]), equal_nan=True,
+            torch.testing.assert_close(a[k].cpu(), b[k].cpu(), rtol=rtol, atol=state_atol(k, atol, b[k], g_max[i]), equal_nan=True,
                                        msg=lambda m: f"{where}: state {k} of param {i}: {m}")
-    for k in sc_ref:
-        torch.testing.assert_close(sc_ours[k].cpu(), sc_ref[k].cpu(), rtol=rtol, atol=atol, equal_nan=True,
-                                   msg=lambda m: f"{where}: scope state {k}: {m}")
 
 
 def check(backend, cls, kwargs, shapes_per_group, dtype, case, **run_kw):
@@ -199,12 +216,14 @@ def test_16bit_stores_round_to_nearest(backend, dtype, cls, kwargs):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scope", ["global", "group", "tensor"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES + [MIXED_DTYPES], ids=lambda d: "mixed" if isinstance(d, tuple) else str(d))
 @pytest.mark.parametrize("cls,kwargs", OPT_CASES)
 def test_groups_and_scopes(backend, scope, dtype, cls, kwargs):
-    shapes = [[(7,), (4097,)], [(1,), (0,), (3, 5)], [(130,), (16, 9)]]
+    """Several groups (lr, weight decay), each scope, each dtype, and a step of float32, bfloat16 and float16
+    parameters together (parameter k of the step has DTYPES[k mod 3]: groups of two and three dtypes)."""
+    shapes = [[(7,), (4097,)], [(1,), (0,), (3, 5)], [(130,), (16, 9)], [(33,), (5,), (2, 3)]]
     check(backend, cls, {**kwargs, "beta_scope": scope}, shapes, dtype, f"groups-{scope}",
-          lrs=[0.05, 0.01, 0.002], wds=[0.0, 0.01, 0.1])
+          lrs=[0.05, 0.01, 0.002, 0.02], wds=[0.0, 0.01, 0.1, 0.0])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -323,6 +342,26 @@ for name, make in [("AMSGD", lambda p: AMSGD(p, weight_decay=0.01, backend="cpu"
             t.clone() for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
 torch.save(out, sys.argv[1])
 """
+
+
+@pytest.mark.skipif("cpu" not in amm_kernels.available_backends("cpu"), reason="amm_kernels._C is not built")
+def test_an_unknown_cpu_isa_is_an_error_before_any_write():
+    """AMM_CPU_ISA=AVX2 (or any name but base, avx2, avx512) fails the step, naming the variable and its
+    values, with nothing changed; it does not run the best build under another name. In its own process:
+    the variable is read once."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom amm_kernels import AMAdamW, RLLC\n"
+            "for make in (lambda p: AMAdamW(p, backend='cpu'), lambda p: RLLC(p, backend='cpu')):\n"
+            "    p = [torch.ones(5, requires_grad=True)]\n    p[0].grad = torch.ones(5)\n    opt = make(p)\n"
+            "    try:\n        opt.step()\n    except RuntimeError as err:\n        print('RAISED', err)\n"
+            "    assert torch.equal(p[0].detach(), torch.ones(5)) and all(not s for s in opt.state.values())\n")
+    res = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "AMM_CPU_ISA": "AVX2"},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    said = [ln for ln in res.stdout.splitlines() if ln.startswith("RAISED")]
+    assert len(said) == 2 and all("AMM_CPU_ISA must be base, avx2 or avx512" in ln and "'AVX2'" in ln for ln in said), res.stdout
 
 
 @pytest.mark.skipif("cpu" not in amm_kernels.available_backends("cpu"), reason="amm_kernels._C is not built")
@@ -717,10 +756,14 @@ def test_parameters_at_every_offset_from_16_bytes(backend, dtype, cls, kwargs):
                     device=device, dtype=dtype)
             opt.step()
             betas.append(opt.beta.detach().clone())
-        runs.append((betas, [p.detach().clone() for p in params]))
+        states = [(k, t.detach().clone(), p.grad) for p in params for k, t in opt.state[p].items() if t.dim()]
+        runs.append((betas, [p.detach().clone() for p in params], states))
     rtol, atol = tolerance(dtype)
     for a, b in zip(runs[1][0] + runs[1][1], runs[0][0] + runs[0][1]):
         torch.testing.assert_close(a.cpu().float(), b.cpu().float(), rtol=rtol, atol=atol)
+    assert len(runs[1][2]) == len(runs[0][2]) == len(cls.STATE_NAMES) * len(params)
+    for (k, a, _), (_, b, g) in zip(runs[1][2], runs[0][2]):
+        torch.testing.assert_close(a.cpu().float(), b.cpu().float(), rtol=rtol, atol=state_atol(k, atol, b.float(), g.float()))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -418,7 +418,8 @@ def test_loading_a_mismatched_state_is_a_clear_error():
     sd = opt.state_dict()
     with pytest.raises(ValueError, match="saved with k = 2 memory units, this optimizer's memory has k = 3"):
         RLLC(params, memory="M(0.9)+M(0.5)+M(0)").load_state_dict(sd)
-    with pytest.raises(ValueError, match="scope"):
+    with pytest.raises(ValueError, match="saved with scope='global', this optimizer has scope='tensor'; construct it "
+                                         "with scope='global'"):
         RLLC(params, scope="tensor").load_state_dict(sd)
     with pytest.raises(ValueError, match="saved by AMSGD, not RLLC"):
         sgd = AMSGD(params)

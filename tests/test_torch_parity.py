@@ -4,6 +4,7 @@ AMSGD(adaptive=False, lam=0) == torch.optim.SGD(momentum=b, dampening=b);
 AMAdamW(adaptive=False, lam=0) == torch.optim.AdamW (same lr, betas, eps, weight_decay).
 20 steps, odd and empty shapes, two param groups with different lr and weight decay.
 """
+import _cuda_sim
 import pytest
 import torch
 from _helpers import tolerance
@@ -12,7 +13,14 @@ import amm_kernels
 from amm_kernels import AMAdamW, AMSGD
 
 SHAPES = [(1,), (7,), (4097,), (0,), (3, 5), (2, 3, 4)]
-BACKENDS = amm_kernels.available_backends("cpu")
+# (triton: tests/test_triton_backend.py runs these in the interpreter)
+BACKENDS = amm_kernels.available_backends("cpu") + [_cuda_sim.NAME]
+
+
+def _supports(backend, dtype):
+    if backend == _cuda_sim.NAME:
+        _cuda_sim.ensure()  # (registers the backend, or skips)
+    return amm_kernels.backend_supports_dtype(backend, dtype)
 
 
 def make_groups(dtype, seed, weight_decays):
@@ -52,7 +60,7 @@ def run_pair(ours_cls, ours_kw, torch_cls, torch_kw, dtype, seed, weight_decays,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("maximize", [False, True])
 def test_amsgd_fixed_beta_is_torch_sgd(backend, dtype, maximize):
-    if not amm_kernels.backend_supports_dtype(backend, dtype):
+    if not _supports(backend, dtype):
         pytest.skip(f"{backend} does not support {dtype}")
     b = 0.85
     run_pair(
@@ -66,7 +74,7 @@ def test_amsgd_fixed_beta_is_torch_sgd(backend, dtype, maximize):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("weight_decays", [(0.0, 0.0), (0.01, 0.1)])
 def test_amadamw_fixed_beta_is_torch_adamw(backend, dtype, weight_decays):
-    if not amm_kernels.backend_supports_dtype(backend, dtype):
+    if not _supports(backend, dtype):
         pytest.skip(f"{backend} does not support {dtype}")
     betas = (0.8, 0.99)
     run_pair(
@@ -82,6 +90,7 @@ def test_tensor_scope_is_torch_for_tensors_that_join_late(backend, name):
     """README "Tensors that join late": with beta_scope="tensor" every tensor counts its own steps, as
     torch.optim does, so tensors whose first gradient comes at step 4 or 12 still match torch."""
     late = {1: 4, 4: 12}
+    assert _supports(backend, torch.float32)
     if name == "AMSGD":
         run_pair(AMSGD, dict(adaptive=False, lam=0.0, beta_max=0.85, beta_scope="tensor", backend=backend),
                  torch.optim.SGD, dict(momentum=0.85, dampening=0.85), torch.float32, seed=5,

@@ -21,6 +21,8 @@ from _triton import assert_beta_moves, blocks_to_test
 triton_backend = import_triton_backend()
 
 from _helpers import check_float64_grads_are_read_as_float32, check_inf_parameter_without_decay  # noqa: E402
+from _helpers import vector_params  # noqa: E402
+from test_vectors import replay_am_vector  # noqa: E402
 
 from amm_kernels import RLLC, AMAdamW, AMSGD  # noqa: E402
 
@@ -351,7 +353,35 @@ def test_bfloat16_ties_round_to_even_as_torch():
     assert torch.equal(got, ref), ((got.float() - 1) * 2 ** 8, (ref.float() - 1) * 2 ** 8)
 
 
+@pytest.mark.parametrize("path", vector_params("am"))
+def test_vector(path):
+    """SPEC.md's AM conformance vectors (test_vectors.py lists triton only where a GPU or the interpreter
+    was on when the tests were collected), float32."""
+    replay_am_vector(path, DEV, "triton", torch.float32)
+
+
+@pytest.mark.parametrize("name", ["AMSGD", "AMAdamW", "AMAdamW-late"])
+def test_fixed_beta_is_torchs_own_optimizer(name):
+    """README: adaptive=False, lam=0 is torch.optim.SGD(momentum=b, dampening=b) / AdamW, here on triton
+    (test_torch_parity.py's cases: 20 steps, two groups, odd and empty shapes, an lr change; with tensors
+    whose first gradient comes late under beta_scope="tensor")."""
+    from test_torch_parity import run_pair
+
+    if name == "AMSGD":
+        run_pair(AMSGD, dict(adaptive=False, lam=0.0, beta_max=0.85, maximize=True, backend="triton"),
+                 torch.optim.SGD, dict(momentum=0.85, dampening=0.85, maximize=True), torch.float32, seed=3,
+                 weight_decays=(0.0, 0.01))
+    else:
+        kw = dict(betas=(0.8, 0.99), eps=1e-8)
+        late = {1: 4, 4: 12} if name.endswith("late") else None
+        run_pair(AMAdamW, dict(adaptive=False, lam=0.0, beta_scope="tensor", backend="triton", **kw),
+                 torch.optim.AdamW, dict(kw, foreach=False), torch.float32, seed=5, weight_decays=(0.01, 0.1),
+                 late=late)
+
+
 def test_parity_mixed_dtypes():
+    """float32, bfloat16 and float16 parameters in one step: each compared at its own dtype's tolerance,
+    with gradients that move beta off its clamp."""
     def groups(ps):
         return [{"params": ps[:3], "lr": 0.05}, {"params": ps[3:], "lr": 0.02, "weight_decay": 0.01}]
 
@@ -359,7 +389,7 @@ def test_parity_mixed_dtypes():
         def run_mixed(backend):
             params = mixed_dtype_params()
             opt = cls(groups(params), backend=backend)
-            return params, opt, train(opt, params, 3, "beta")
+            return params, opt, train(opt, params, 3, "beta", flip=True)
 
         assert_same_run(run_mixed("torch"), run_mixed("triton"), torch.bfloat16, f"{cls.__name__} mixed dtypes")
 
@@ -433,6 +463,35 @@ def test_table_rebuilt_when_param_list_changes():
         torch.testing.assert_close(opt.beta, ref.beta, rtol=1e-5, atol=1e-6)
     for a, b in zip(params, ref_params):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [AMSGD, AMAdamW, RLLC])
+def test_load_state_dict_keeps_the_tables(monkeypatch, cls):
+    """load_state_dict ends in __setstate__, which keeps the caches (a pickle or deepcopy starts without
+    them): the next step rebases the table to the loaded state tensors instead of building one (a build
+    copies from the host), and the resumed run is the uninterrupted one bit for bit."""
+    import copy
+
+    from amm_kernels.triton_kernels import tensor_table
+
+    def run(load_at=None):
+        params = make_params([(7,), (4097,), (0,), (3, 5)], torch.float32, seed=2)
+        opt = cls([{"params": params[:2], "lr": 0.05}, {"params": params[2:], "lr": 0.02}], backend="triton")
+        for step in range(4):
+            for p, g in zip(params, grads_for(params, step, flip=True)):
+                p.grad = g
+            if step == load_at:
+                builds.clear()
+                opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # new state tensors, same values
+                assert opt._device_tables, "the tables were dropped"
+            opt.step()
+        return params, (opt.law if cls is RLLC else opt.beta)
+
+    builds = []
+    monkeypatch.setattr(tensor_table, "_build", lambda *a, _f=tensor_table._build: builds.append(1) or _f(*a))
+    (p_ref, b_ref), (p_got, b_got) = run(), run(load_at=2)
+    assert builds == [], builds
+    assert all(torch.equal(a, b) for a, b in zip(p_ref, p_got)) and torch.equal(b_ref, b_got)
 
 
 @pytest.mark.parametrize("cls", [AMSGD, AMAdamW, RLLC])

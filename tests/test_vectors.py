@@ -70,6 +70,12 @@ def test_vector(path, device, backend, dtype, monkeypatch):
     if backend == CPU_BATCHED:
         monkeypatch.setenv("AMM_CPU_BATCH_BYTES", "1")
         backend = "cpu"
+    replay_am_vector(path, device, backend, dtype)
+
+
+def replay_am_vector(path, device, backend, dtype):
+    """Every step of the vector at `path` on `backend`: beta(s) and the parameters after each step, to the
+    tolerance of `dtype` (tests/test_triton_backend.py replays them on triton, in the interpreter here)."""
     vec = load_vector(path)
     rtol, atol = tolerance(dtype)
     opt, params = build(vec, backend, dtype, device)

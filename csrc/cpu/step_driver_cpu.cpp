@@ -96,6 +96,9 @@ Isa cpu_isa() {
     if (std::strcmp(env, "base") == 0) want = Isa::kBase;
     else if (std::strcmp(env, "avx2") == 0) want = Isa::kAvx2;
     else if (std::strcmp(env, "avx512") == 0) want = Isa::kAvx512;
+    else  // (a typo must not time the best ISA under another name; thrown, the initializer runs again next call)
+      TORCH_CHECK(false, "amm_kernels (cpu): AMM_CPU_ISA must be base, avx2 or avx512 (or unset: the best the CPU "
+                  "has), got '", env, "'");
     return static_cast<int>(want) < static_cast<int>(best) ? want : best;
   }();
   return isa;
@@ -132,6 +135,7 @@ std::vector<ScopeBatch> scope_batches(const ScopeRuns& runs, const std::function
                                       bool split) {
   std::vector<ScopeBatch> batches;
   if (runs.empty()) return batches;
+  (void)cpu_isa();  // the knobs are read here, before anything is written: a bad AMM_CPU_ISA fails the step whole
   const int64_t budget = split ? batch_bytes() : 0;
   if (budget == 0) return {{0, runs.size(), runs.front()[1], runs.back()[2]}};
   int64_t bytes = 0;
