@@ -9,6 +9,12 @@ some through torch's own C++ errors and the extension's CPU part as controls, an
 raised, crashed (the signal) or did neither. A crashed case runs again under cuda-gdb where there is
 one (the GPU image has no gdb; cuda-gdb also debugs host code; elsewhere gdb), for the native backtrace.
 
+First it prints what the exception runtime of the build is (NOTE [toolchain facts]): that image builds
+with /opt/gcc's g++ (build.log), and a C++ exception unwinds through _C.so with whatever libstdc++ and
+libgcc_s the process loaded. The cases with TORCH_SHOW_CPP_STACKTRACES=1 (torch's own stack walker,
+not glibc's backtrace()) and with that compiler's libstdc++ / libgcc_s preloaded tell the unwinder and
+the stack capture apart from the glue.
+
     python bench/probe_errors.py [--timeout 60] [--gdb-cases 1] [--gdb-timeout 120]
 Exits 0 when every case raised; 1 otherwise (and where there is no CUDA device).
 """
@@ -18,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
@@ -50,9 +57,63 @@ CASES = {
                                                      "AMSGD(params(1), backend='cuda').step()"),
     "CUDA choose_persistent(): forced, adaptive=False": ({"AMM_CUDA_STEP": "persistent"},
                                                          "AMSGD(params(1), backend='cuda', adaptive=False).step()"),
+    "CUDA chunk_size(): AMM_CUDA_CHUNK=5000 (first in run_step)": ({"AMM_CUDA_CHUNK": "5000"},
+                                                                    "AMSGD(params(1), backend='cuda').step()"),
     "CUDA choose_persistent(): forced, 200 tensors (the test)": ({"AMM_CUDA_STEP": "persistent"},
                                                                  "AMSGD(params(200), backend='cuda').step()"),
+    "the test, TORCH_SHOW_CPP_STACKTRACES=1": ({"AMM_CUDA_STEP": "persistent", "TORCH_SHOW_CPP_STACKTRACES": "1"},
+                                              "AMSGD(params(200), backend='cuda').step()"),
 }
+FORCED_200 = "CUDA choose_persistent(): forced, 200 tensors (the test)"
+
+
+def compiler_runtime_preload() -> str | None:
+    """LD_PRELOAD of the build compiler's own libstdc++ and libgcc_s ($CXX, else g++), or None."""
+    paths = []
+    for name in ("libstdc++.so.6", "libgcc_s.so.1"):
+        try:
+            res = subprocess.run([os.environ.get("CXX", "g++"), f"-print-file-name={name}"], capture_output=True,
+                                 text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        path = res.stdout.strip()
+        if os.path.isabs(path) and os.path.exists(path):
+            paths.append(path)
+    return ":".join(paths) or None
+
+
+# NOTE [toolchain facts]: what decides how a C++ exception leaves _C.so, printed before the cases: the
+# compiler named by CC / CXX and its version; which compilers built the objects (.comment); what _C.so
+# needs and where it looks (NEEDED, RUNPATH); whether it carries its own unwinder or C++ runtime (defined
+# _Unwind_* / __gxx_personality_v0 / __cxa_* symbols: it should define none); and which libstdc++,
+# libgcc_s and libgomp a process that imported it has mapped.
+MAPS_CODE = ("import sys, torch; sys.path.insert(0, {root!r}); import amm_kernels._C\n"
+             "libs = sorted({{l.split()[-1] for l in open('/proc/self/maps') if any(k in l for k in "
+             "('libstdc++', 'libgcc_s', 'libgomp', 'libc10.so', '_C.cpython'))}})\nprint('\\n'.join(libs))")
+
+
+def toolchain_facts() -> list[str]:
+    out = [f"CC={os.environ.get('CC', '')!r} CXX={os.environ.get('CXX', '')!r}"]
+
+    def run(cmd, keep=lambda line: True, limit=12):
+        try:
+            res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            return [f"{' '.join(cmd[:2])}: {err}"]
+        lines = [ln.strip() for ln in (res.stdout + res.stderr).splitlines() if ln.strip() and keep(ln)]
+        return [f"{cmd[0]} {cmd[1]}: {ln}" for ln in dict.fromkeys(lines)][:limit] or [f"{' '.join(cmd[:2])}: (nothing)"]
+
+    out += run([os.environ.get("CXX", "g++"), "--version"], limit=1)
+    so = sorted(p for p in os.listdir(os.path.join(ROOT, "amm_kernels")) if p.startswith("_C") and p.endswith(".so"))
+    if not so:
+        return out + ["no amm_kernels/_C*.so"]
+    lib = os.path.join("amm_kernels", so[0])
+    out += run(["readelf", "-p", ".comment", lib], keep=lambda ln: "]" in ln)
+    out += run(["readelf", "-d", lib], keep=lambda ln: "NEEDED" in ln or "RUNPATH" in ln or "RPATH" in ln, limit=20)
+    out += run(["nm", "-D", "--defined-only", lib],
+               keep=lambda ln: any(k in ln for k in ("_Unwind_", "__gxx_personality", "__cxa_")))
+    out += run([sys.executable, "-c", MAPS_CODE.format(root=ROOT)], limit=12)
+    return out
 
 EPILOGUE = textwrap.dedent("""\
     except (RuntimeError, TypeError, ValueError) as err:
@@ -95,14 +156,14 @@ def gdb_backtrace(env: dict, code: str, timeout: float) -> str:
            "-ex", "set auto-solib-add off", "-ex", "handle SIGPIPE nostop noprint", "-ex", "run"]
     for lib in libs:
         cmd += ["-ex", f"sharedlibrary {lib}"]
-    cmd += ["-ex", "bt 40", "-ex", "info sharedlibrary _C", "--args", sys.executable, path]
+    cmd += ["-ex", "bt 40", "-ex", "x/4i $pc", "-ex", "info sharedlibrary", "--args", sys.executable, path]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return f"(cuda-gdb took more than {timeout:.0f} s)"
     lines = (proc.stdout + proc.stderr).splitlines()
-    keep = [ln for ln in lines if ln.startswith(("#", "Thread", "Program", "From", "0x")) or "SIG" in ln]
-    return "\n".join(keep[-80:]) or "\n".join(lines[-40:])
+    keep = [ln for ln in lines if ln.startswith(("#", "Thread", "Program", "From", "0x", "=>")) or "SIG" in ln]
+    return "\n".join(keep[-120:]) or "\n".join(lines[-40:])
 
 
 def main() -> int:
@@ -115,9 +176,18 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("probe_errors: no CUDA device")
         return 1
+    for line in toolchain_facts():
+        print(f"probe_errors: toolchain: {line}", flush=True)
+    cases = dict(CASES)
+    preload = compiler_runtime_preload()
+    if preload:
+        env, code = CASES[FORCED_200]
+        cases[f"the test, the compiler's runtime preloaded ({preload})"] = ({**env, "LD_PRELOAD": preload}, code)
+    # each case is its own process (~5 s, most of it importing torch): four at a time
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        verdicts = list(pool.map(lambda item: run_case(*item[1], args.timeout), cases.items()))
     crashed, ok = [], True
-    for name, (env, code) in CASES.items():
-        verdict, out = run_case(env, code, args.timeout)
+    for (name, (env, code)), (verdict, out) in zip(cases.items(), verdicts):
         ok &= verdict == "raised"
         detail = out.splitlines()[-1] if out else ""
         print(f"probe_errors: {name}: {verdict}  | {detail[:220]}", flush=True)

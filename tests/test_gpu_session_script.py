@@ -125,3 +125,25 @@ def test_the_build_falls_back_to_an_in_place_build_only_when_pip_failed_before_c
     assert ("pip failed before compiling" in build_log) == falls_back, build_log
     assert ("== part build rc=0" in log) == falls_back, log
     assert proc.returncode == (0 if falls_back else 1), proc.stdout + proc.stderr
+
+
+def test_probe_errors_builds_its_cases_and_reads_the_toolchain_without_a_gpu():
+    """bench/probe_errors.py (the part "errors") runs once, on the GPU: here, that every case's script is
+    valid Python that imports what it uses, that the toolchain facts read this build (readelf, nm and a
+    process's mapped libraries), and that without CUDA it says so and exits 1 without running a case."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import probe_errors
+    finally:
+        sys.path.pop(0)
+    for name, (env, code) in probe_errors.CASES.items():
+        compile(probe_errors.script(code), name, "exec")
+        assert all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()), name
+    assert probe_errors.FORCED_200 in probe_errors.CASES
+    facts = "\n".join(probe_errors.toolchain_facts())
+    assert "readelf -d:" in facts and "libc10.so" in facts, facts
+    assert "nm -D: (nothing)" in facts, facts  # _C.so defines no unwinder or C++ runtime of its own
+    assert "libstdc++" in facts and "amm_kernels/_C" in facts, facts
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "probe_errors.py")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": ""})
+    assert res.returncode == 1 and "no CUDA device" in res.stdout, res.stdout + res.stderr
