@@ -327,9 +327,9 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         if self._scopes.step.device != device or self._scopes.step.dtype != dtype:
             # (the parameters' dtype or device changed) NOTE [compile]: set on the same object, whose
             # attribute updates a compiled step keeps; a new object bound to the optimizer it drops
-            moved = self.SCOPE_STATE.from_dict(self._scopes.to_dict(), device, dtype)
+            there = self.SCOPE_STATE.from_dict(self._scopes.to_dict(), device, dtype)
             for name in self.SCOPE_STATE.FIELDS:
-                setattr(self._scopes, name, getattr(moved, name))
+                setattr(self._scopes, name, getattr(there, name))
         self._fit_scopes(moved)
         return self._scopes
 
