@@ -116,10 +116,11 @@ def test_parity_global_scope(backend, dtype, memory):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("scope", ["group", "tensor"])
 @pytest.mark.parametrize("memory", ["M(0.9)+M(0)", "M(0.9)+M(0.8)+M(0.7)"])
-def test_parity_scopes(backend, scope, memory):
-    ours, _ = check(backend, memory, torch.float32, f"scope-{scope}", scope=scope)
+def test_parity_scopes(backend, scope, memory, dtype):
+    ours, _ = check(backend, memory, dtype, f"scope-{scope}", scope=scope)
     assert ours[0][-1].shape[0] == (len(SHAPES) if scope == "group" else sum(map(len, SHAPES)))
 
 
