@@ -129,7 +129,8 @@ int64_t parallel_thread_count();
 // chunk functions are compiled a second and third time with GCC's target attribute (AVX2+FMA and
 // AVX-512) and one is picked at run time (cpu_isa(), step_driver_cpu.cpp): the best the CPU has,
 // or the one named by the environment variable AMM_CPU_ISA ("avx512", "avx2" or "base"; a level the
-// CPU lacks falls back to the best it has; another name is an error at the first step; read once a process). The files with these loops are compiled with
+// CPU lacks falls back to the best it has; another name is an error at the first step; read once a
+// process). The files with these loops are compiled with
 // fp-contract=off, so no variant fuses a*b+c into an FMA: every variant does the same float32
 // operations in the same order (the lanes below fix the order of the sums), and the results are
 // bit-identical whichever variant runs.
