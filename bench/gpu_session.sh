@@ -26,7 +26,8 @@
 #                compile-checks sm_80 and sm_90 with nvcc). A failed build does not stop the Triton parts.
 #   test_cuda    the CUDA extension's tests: parity, persistent step, CUDA graphs, vectors, NCCL, sharded
 #   errors       whether the extension's C++ errors reach Python or crash the process (bench/probe_errors.py;
-#                the first GPU session saw a segfault where the simulator raises), with cuda-gdb backtraces
+#                the first GPU session saw a segfault where the simulator raises), with cuda-gdb backtraces,
+#                and whether a one-function extension built by each C++ compiler there raises
 #   chunks       bench_core's CUDA rows at 1e8 and 1e9 with chunks of 16384, 65536 (the default: this run's
 #                baseline) and 32768 (AMM_CUDA_CHUNK; NOTE [chunk size] in csrc/cuda/ops_cuda.cpp), and
 #                the 1e8 breakdown at 16384
@@ -58,10 +59,10 @@ STAMP_T="$(mktemp)"  # results newer than this were written by this call
 JUNIT="$(mktemp -d)"  # pytest's junit files, packed into results.tgz (not left in $OUT: at most 8 files come back)
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(build test_cuda errors chunks test_triton triton_variants bench_core breakdown sanitize variants overhead bench_full)
-declare -A MAX_S=([build]=240 [test_cuda]=150 [errors]=120 [bench_core]=120 [chunks]=130 [triton_variants]=160 [test_triton]=150 [sanitize]=120 [variants]=90
+declare -A MAX_S=([build]=240 [test_cuda]=150 [errors]=150 [bench_core]=120 [chunks]=130 [triton_variants]=160 [test_triton]=150 [sanitize]=120 [variants]=90
                   [breakdown]=60 [overhead]=60 [bench_full]=240 [conv]=300)
 # the least a part needs to leave a result (below it the part is skipped, not started and killed)
-declare -A MIN_S=([test_cuda]=60 [errors]=30 [bench_core]=60 [chunks]=40 [triton_variants]=60 [test_triton]=60 [sanitize]=50 [variants]=40 [breakdown]=35
+declare -A MIN_S=([test_cuda]=60 [errors]=45 [bench_core]=60 [chunks]=40 [triton_variants]=60 [test_triton]=60 [sanitize]=50 [variants]=40 [breakdown]=35
                   [overhead]=45 [bench_full]=60)
 RESERVE=15  # seconds kept for packing the results
 status=0
@@ -162,8 +163,9 @@ bench() { limited "$1" "$PY" "${@:2}" 2>&1 | tee -a "$OUT/bench.log"; }
 
 part_errors() {
   has_cuda_part || { echo "amm_kernels._C has no CUDA part (see build.log)"; return 1; }
-  # each case ~5 s (a fresh python importing torch); what is left goes to cuda-gdb's backtrace of a crash
-  bench "$1" bench/probe_errors.py --timeout 30 --gdb-timeout $(( $1 > 60 ? $1 - 50 : 20 ))
+  # each case ~5 s (a fresh python importing torch), the minimal extensions' builds beside them (~30 s);
+  # what is left of the part goes to cuda-gdb's backtrace of a crash
+  bench "$1" bench/probe_errors.py --timeout 30 --build-timeout $(( $1 > 115 ? 100 : $1 - 15 )) --budget $(( $1 - 10 ))
 }
 
 part_bench_core() {

@@ -13,9 +13,12 @@ First it prints what the exception runtime of the build is (NOTE [toolchain fact
 with /opt/gcc's g++ (build.log), and a C++ exception unwinds through _C.so with whatever libstdc++ and
 libgcc_s the process loaded. The cases with TORCH_SHOW_CPP_STACKTRACES=1 (torch's own stack walker,
 not glibc's backtrace()) and with that compiler's libstdc++ / libgcc_s preloaded tell the unwinder and
-the stack capture apart from the glue.
+the stack capture apart from the glue. Beside the cases, a one-function extension is built by each C++
+compiler here and made to raise (NOTE [a minimal extension]): whether any extension this machine builds
+can raise, and whether another compiler would fix it.
 
-    python bench/probe_errors.py [--timeout 60] [--gdb-cases 1] [--gdb-timeout 120]
+    python bench/probe_errors.py [--timeout 60] [--gdb-cases 1] [--gdb-timeout 120] [--build-timeout 120]
+                                 [--budget SECONDS]
 Exits 0 when every case raised; 1 otherwise (and where there is no CUDA device).
 """
 import argparse
@@ -24,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -115,6 +119,66 @@ def toolchain_facts() -> list[str]:
     out += run([sys.executable, "-c", MAPS_CODE.format(root=ROOT)], limit=12)
     return out
 
+# NOTE [a minimal extension]: does a C++ error of ANY torch extension built on this machine reach Python,
+# apart from ours? A one-function extension (a TORCH_CHECK that always fails, bound through pybind11 and
+# registered as a dispatcher op, as _C.so's ops are) is built with torch's load_inline, with _C.so's host
+# flags, by each C++ compiler found here ($CXX first, then g++ / c++ on the PATH and in /usr/bin, each a
+# different file), and called on a CUDA tensor. If the one $CXX built crashes and another compiler's
+# raises, the fix is the build's compiler, not our code; if every one raises, the crash is in our path.
+MINIMAL_SRC = r"""
+#include <torch/extension.h>
+at::Tensor amm_probe_throw(const at::Tensor& x) {
+  TORCH_CHECK(x.numel() < 0, "amm_probe: the minimal extension's TORCH_CHECK (", x.numel(), " elements)");
+  return x;
+}
+TORCH_LIBRARY(NAME, m) { m.def("throw_check(Tensor x) -> Tensor"); }
+TORCH_LIBRARY_IMPL(NAME, CompositeExplicitAutograd, m) { m.impl("throw_check", &amm_probe_throw); }
+"""
+MINIMAL_SCRIPT = textwrap.dedent("""\
+    import sys, tempfile, torch
+    from torch.utils.cpp_extension import load_inline
+    name = {name!r}
+    mod = load_inline(name=name, cpp_sources=[{src!r}.replace("NAME", name)], functions=["amm_probe_throw"],
+                      build_directory=tempfile.mkdtemp(), extra_cflags=["-O3", "-fopenmp"],
+                      extra_ldflags=["-fopenmp"], verbose=False)
+    x = torch.ones(2, device="cuda" if torch.cuda.is_available() else "cpu")
+    for how, call in (("pybind11", lambda: mod.amm_probe_throw(x)),
+                      ("dispatcher", lambda: getattr(torch.ops, name).throw_check(x))):
+        print("CALLING", how, flush=True)
+        try:
+            call()
+        except RuntimeError as err:
+            print("RAISED", how, str(err).splitlines()[0][:120], flush=True)
+            continue
+        print("NOT RAISED", how, flush=True)
+        sys.exit(2)
+    """)
+
+
+def compilers() -> list[str]:
+    """$CXX (else c++), then the other C++ compilers here, one per file, at most three."""
+    found, seen = [], set()
+    for cand in [os.environ.get("CXX") or "c++", "g++", "c++", "/usr/bin/g++", "/usr/bin/c++"]:
+        path = shutil.which(cand)
+        if path and os.path.realpath(path) not in seen:
+            seen.add(os.path.realpath(path))
+            found.append(path)
+    return found[:3]
+
+
+def compiler_version(cxx: str) -> str:
+    try:
+        res = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return str(err)
+    return (res.stdout.splitlines() or ["?"])[0].strip()
+
+
+def minimal_case(index: int, compiler: str) -> tuple[dict, str]:
+    """The environment and script that build the minimal extension with compiler and call it."""
+    return {"CXX": compiler}, MINIMAL_SCRIPT.format(name=f"amm_probe_{index}", src=MINIMAL_SRC)
+
+
 EPILOGUE = textwrap.dedent("""\
     except (RuntimeError, TypeError, ValueError) as err:
         print("RAISED", type(err).__name__ + ":", str(err).splitlines()[0][:200], flush=True)
@@ -128,9 +192,10 @@ def script(code: str) -> str:
     return PRELUDE + "try:\n" + textwrap.indent(code, "    ") + "\n" + EPILOGUE
 
 
-def run_case(env: dict, code: str, timeout: float) -> tuple[str, str]:
+def run_case(env: dict, code: str, timeout: float, whole: bool = False) -> tuple[str, str]:
+    """Run one case in its own process; whole: code is the whole script (not wrapped in PRELUDE)."""
     try:
-        proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", script(code)], cwd=ROOT,
+        proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code if whole else script(code)], cwd=ROOT,
                               env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return "TIMEOUT", ""
@@ -171,6 +236,11 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per case")
     parser.add_argument("--gdb-cases", type=int, default=1, help="crashed cases to run again under cuda-gdb")
     parser.add_argument("--gdb-timeout", type=float, default=120.0, help="seconds for each cuda-gdb run")
+    parser.add_argument("--build-timeout", type=float, default=120.0,
+                        help="seconds for each minimal extension's build and call")
+    parser.add_argument("--budget", type=float, default=0.0,
+                        help="seconds for the whole probe, counted from the cases' start (0: no limit); "
+                             "cuda-gdb gets what is left")
     args = parser.parse_args()
     import torch
     if not torch.cuda.is_available():
@@ -183,19 +253,35 @@ def main() -> int:
     if preload:
         env, code = CASES[FORCED_200]
         cases[f"the test, the compiler's runtime preloaded ({preload})"] = ({**env, "LD_PRELOAD": preload}, code)
-    # each case is its own process (~5 s, most of it importing torch): four at a time
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    t0 = time.monotonic()
+    # each case is its own process (~5 s, most of it importing torch); the minimal extensions' builds
+    # (NOTE [a minimal extension], ~30 s of one core each) start first and run beside them
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        minimal = {cxx: pool.submit(run_case, *minimal_case(i, cxx), args.build_timeout, True)
+                   for i, cxx in enumerate(compilers())}
         verdicts = list(pool.map(lambda item: run_case(*item[1], args.timeout), cases.items()))
-    crashed, ok = [], True
-    for (name, (env, code)), (verdict, out) in zip(cases.items(), verdicts):
-        ok &= verdict == "raised"
-        detail = out.splitlines()[-1] if out else ""
-        print(f"probe_errors: {name}: {verdict}  | {detail[:220]}", flush=True)
-        if verdict.startswith("CRASHED"):
-            crashed.append((name, env, code))
+        crashed, ok = [], True
+        for (name, (env, code)), (verdict, out) in zip(cases.items(), verdicts):
+            ok &= verdict == "raised"
+            detail = out.splitlines()[-1] if out else ""
+            print(f"probe_errors: {name}: {verdict}  | {detail[:220]}", flush=True)
+            if verdict.startswith("CRASHED"):
+                crashed.append((name, env, code))
+        for cxx, future in minimal.items():
+            verdict, out = future.result()
+            calls = [ln for ln in out.splitlines() if ln.startswith(("RAISED", "NOT RAISED", "CALLING"))]
+            detail = "; ".join(calls[-2:]) if calls else (out.splitlines()[-1] if out else "")
+            ok &= verdict == "raised"
+            print(f"probe_errors: a minimal extension built by {cxx} ({compiler_version(cxx)}): {verdict}  | "
+                  f"{detail[:220]}", flush=True)
     for name, env, code in crashed[:args.gdb_cases]:
+        # cuda-gdb takes what is left of the part's time (--budget), at most --gdb-timeout
+        left = args.budget - (time.monotonic() - t0) - 5 if args.budget else args.gdb_timeout
+        if left < 10:
+            print(f"probe_errors: no time left for cuda-gdb's backtrace of '{name}'", flush=True)
+            break
         print(f"probe_errors: cuda-gdb backtrace of '{name}':", flush=True)
-        print(textwrap.indent(gdb_backtrace(env, code, args.gdb_timeout), "    "), flush=True)
+        print(textwrap.indent(gdb_backtrace(env, code, min(left, args.gdb_timeout)), "    "), flush=True)
     return 0 if ok else 1
 
 
