@@ -10,6 +10,8 @@
 #   git rev-parse --short HEAD > .carry/commit    # the commit, for session.log (.git may not travel)
 #   run: OUT=$OUT bash bench/gpu_session.sh       # carry [".carry"], timeout_s 600
 #   OUT=... bash bench/gpu_session.sh build conv  # named parts only (see PARTS below)
+#   CC=gcc CXX=g++ OUT=... bash bench/gpu_session.sh build test_cuda errors
+#                                                 # rebuilt by other compilers (the part "errors" says when)
 #
 # What comes back in $OUT (the tool returns at most 8 files):
 #   session.log   each part's tail, wall time and exit status, and the machine (nvidia-smi, versions)
@@ -70,7 +72,9 @@ unfinished=()  # parts skipped or stopped at their limit: what a second call on 
 
 log() { echo "$*" | tee -a "$OUT/session.log"; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) - RESERVE )); }
-src_hash() { cat setup.py csrc/*.h csrc/*.cpp csrc/*/* 2>/dev/null | sha1sum | cut -c1-12; }
+# what the build is made from: the sources and the compilers named by CC / CXX (a second call with
+# CC=... CXX=... rebuilds with them: the part "errors" may show that another compiler's build raises)
+src_hash() { { cat setup.py csrc/*.h csrc/*.cpp csrc/*/* 2>/dev/null; echo "CC=${CC:-} CXX=${CXX:-}"; } | sha1sum | cut -c1-12; }
 
 # xdist hands out single tests (--dist load), not whole files: a test that crashes its worker (a segfault
 # on the first GPU session) then costs that test only. Under loadfile the crashed worker's file went to a
@@ -101,6 +105,9 @@ part_build() {
     echo "build: amm_kernels._C with CUDA is already built from csrc/ $want; skipped"
     return 0
   fi
+  # a build from other sources or by other compilers: from scratch (setup.py build_ext skips an
+  # extension whose _C.so is newer than its .cpp / .cu files, whatever the headers or the compiler)
+  [ -f "$stamp" ] && rm -rf build/temp.* amm_kernels/_C*.so
   local t0 rc
   t0=$(date +%s)
   # for both builds below, this call only: sm_90 (the GPU's), all cores, a failed extension an error

@@ -127,6 +127,36 @@ def test_the_build_falls_back_to_an_in_place_build_only_when_pip_failed_before_c
     assert proc.returncode == (0 if falls_back else 1), proc.stdout + proc.stderr
 
 
+def test_the_build_is_redone_from_scratch_when_the_compiler_changes(tmp_path):
+    """A second call with CC / CXX naming other compilers (what the part "errors" may call for) builds
+    again, after removing the first build's _C.so (setup.py build_ext would keep it as up to date); the
+    same compilers and sources skip the build."""
+    repo = tmp_path / "repo"
+    (repo / "bench").mkdir(parents=True)
+    (repo / "amm_kernels").mkdir()
+    shutil.copy(SCRIPT, repo / "bench" / SCRIPT.name)
+    (repo / "setup.py").write_text("")
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/sh\ncase "$*" in *"pip install"*) echo "stub: pip built it";; esac\nexit 0\n')
+    stub.chmod(0o755)
+    old_so = repo / "amm_kernels" / "_C.stub.so"
+
+    def build(cxx):
+        out = tmp_path / f"out_{cxx}_{len(list(tmp_path.iterdir()))}"
+        env = {"PATH": "/usr/bin:/bin", "OUT": str(out), "PYTHON": str(stub), "AMM_GPU_BUDGET_S": "300",
+               "HOME": str(tmp_path), "CXX": cxx}
+        proc = subprocess.run(["bash", str(repo / "bench" / SCRIPT.name), "build"], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return (out / "session.log").read_text()
+
+    assert "stub: pip built it" in build("/opt/gcc/bin/g++")
+    old_so.write_text("the first build's")
+    assert "already built" in build("/opt/gcc/bin/g++") and old_so.exists()
+    log = build("/usr/bin/g++")
+    assert "stub: pip built it" in log and "already built" not in log and not old_so.exists(), log
+
+
 def test_probe_errors_builds_its_cases_and_reads_the_toolchain_without_a_gpu():
     """bench/probe_errors.py (the part "errors") runs once, on the GPU: here, that every case's script is
     valid Python that imports what it uses, that the minimal extension builds and raises, that the
