@@ -58,7 +58,7 @@ def check_range(owner: str, name: str, value, lo=None, hi=None, lo_open=False, h
                 return value
             raise ValueError(f"{owner}: {name} must be a number (or a CPU tensor), got a tensor on {value.device}: "
                              "only lr may be a device tensor")
-        value = float(value)
+        value = float(value.detach())  # (a tensor that requires grad: no warning)
     if not _is_number(value):
         raise ValueError(f"{owner}: {name} must be a number, got {value!r}")
     bad = not math.isfinite(value)

@@ -163,10 +163,20 @@ def parse_memory(text: str, owner: str = "RLLC") -> tuple[Matrix, tuple[float, .
     return units_to_matrices([u[:-1] for u in units])
 
 
+def values_of(owner: str, name: str, value):
+    """value.tolist() of a tensor or a NumPy array; a tensor whose values cannot be read (on the meta
+    device, a fake tensor) is an error naming the argument."""
+    try:
+        return value.tolist()
+    except (RuntimeError, NotImplementedError) as err:
+        raise ValueError(f"{owner}: {name} must hold numbers that can be read, got a tensor without values "
+                         f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
+
+
 def _as_floats(owner: str, name: str, value) -> list:
-    """Nested lists of floats from lists, tuples, NumPy arrays or (CPU) tensors."""
+    """Nested lists of floats from lists, tuples, NumPy arrays or tensors."""
     if hasattr(value, "tolist"):
-        value = value.tolist()
+        value = values_of(owner, name, value)
     if isinstance(value, (list, tuple)):
         return [_as_floats(owner, name, v) for v in value]
     if isinstance(value, bool) or not isinstance(value, (int, float)):

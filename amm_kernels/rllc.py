@@ -22,7 +22,7 @@ try:
 except ImportError:  # pragma: no cover - torch built without distributed
     Shard = ()
 from ._hyper import F32_MAX, _is_number, check_range, state_dtype_for
-from .memory import memory_rule
+from .memory import memory_rule, values_of
 
 __all__ = ["RLLC", "RLLCHyper", "RLLCScopeState", "rllc_backends", "supports_rllc"]
 
@@ -174,10 +174,8 @@ class RLLC(AMOptimizer):
         k = len(b)
         if law_init is None:
             law_init = default_law_init(k)
-        if isinstance(law_init, Tensor):
-            law_init = law_init.detach().cpu().tolist()
-        elif hasattr(law_init, "tolist") and not isinstance(law_init, (list, tuple)):  # a numpy array
-            law_init = law_init.tolist()
+        if hasattr(law_init, "tolist") and not isinstance(law_init, (list, tuple)):  # a tensor or a numpy array
+            law_init = values_of(name, "law_init", law_init)
         if not isinstance(law_init, (list, tuple)) or len(law_init) != k:
             raise ValueError(f"{name}: law_init must be a sequence of k = {k} numbers (one per memory unit), "
                              f"got {law_init!r}")

@@ -4,7 +4,9 @@ The op (csrc/OPS.md) does the whole step of SPEC.md section 4 in place, exactly 
 amm_kernels/reference/rllc_reference.py: pass 1 (per-chunk double sums of the previous memory's Gram
 entries and M^T g), the law update per scope (pinv of the k x k Gram matrix, on the device for CUDA),
 pass 2 (memory and parameter), the scope state (step, law), and the GradScaler's found_inf skip.
-Memories of more than 8 units and float64 parameters run on the reference instead.
+Memories of more than 8 units run on the reference instead (so would float64 parameters and their
+float64 scope state, but they do not come here: backends.resolve refuses them for "cpu" and "cuda",
+and "auto" gives them the reference).
 
 Raises ImportError when the extension is not built (through compiled_backend.py).
 """

@@ -6,6 +6,9 @@ test_rllc.py."""
 import copy
 import inspect
 import re
+import subprocess
+import sys
+import textwrap
 
 import _cuda_sim
 import numpy as np
@@ -83,6 +86,24 @@ def test_cpu_tensor_hyperparameters_are_read_as_numbers(cls):
     assert opt._hyper.lam == 0.25 and type(opt._hyper.lam) is float
     with pytest.raises(ValueError, match="lam must be in"):
         cls(model_params(), lam=torch.tensor(-0.2))
+
+
+def test_an_lr_tensor_that_requires_grad_is_read_without_a_warning():
+    """A CPU lr tensor is read as a number at construction and at every step: one that requires grad (a
+    learnt lr) is read through detach(), without torch's "Converting a tensor with requires_grad=True".
+    In a fresh process: torch gives that warning once per process, so an earlier test could hide it."""
+    code = textwrap.dedent("""\
+        import warnings, torch
+        from amm_kernels import AMSGD, AMAdamW, RLLC
+        warnings.simplefilter("error")
+        for cls in (AMSGD, AMAdamW, RLLC):
+            params = [torch.nn.Parameter(torch.randn(3))]
+            opt = cls(params, lr=torch.tensor(0.01, requires_grad=True), backend="torch")
+            params[0].grad = torch.ones(3)
+            opt.step()
+        """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
 
 
 @pytest.mark.parametrize("cls", [AMSGD, AMAdamW, RLLC])

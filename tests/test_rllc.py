@@ -342,6 +342,9 @@ BAD_ARGS = [
     (dict(law_init=(1.0, float("inf"))), ValueError, "law_init[1] must be a finite number"),
     (dict(memory="M(0.9)+"), ValueError, "bad memory string"),
     (dict(memory=None), ValueError, "memory must be a string"),
+    # a tensor without values (meta): the argument named, not torch's "Cannot copy out of meta tensor"
+    (dict(law_init=torch.ones(2, device="meta")), ValueError, "law_init must hold numbers that can be read"),
+    (dict(memory=(torch.eye(2, device="meta"), [1.0, 0.0])), ValueError, "memory U must hold numbers that can be read"),
 ]
 
 
