@@ -170,7 +170,7 @@ bench() { limited "$1" "$PY" "${@:2}" 2>&1 | tee -a "$OUT/bench.log"; }
 
 part_errors() {
   has_cuda_part || { echo "amm_kernels._C has no CUDA part (see build.log)"; return 1; }
-  # each case ~5 s (a fresh python importing torch), the minimal extensions' builds beside them (~30 s);
+  # each case ~5 s (a fresh python importing torch), the minimal extensions' builds beside them (~10 s);
   # what is left of the part goes to cuda-gdb's backtrace of a crash
   bench "$1" bench/probe_errors.py --timeout 30 --build-timeout $(( $1 > 115 ? 100 : $1 - 15 )) --budget $(( $1 - 10 ))
 }

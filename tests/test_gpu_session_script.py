@@ -171,12 +171,12 @@ def test_probe_errors_builds_its_cases_and_reads_the_toolchain_without_a_gpu():
         compile(probe_errors.script(code), name, "exec")
         assert all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()), name
     assert probe_errors.FORCED_200 in probe_errors.CASES
-    # NOTE [a minimal extension]: built here by the first compiler (as on the GPU, with $CXX's), it raises
-    # through both of its ways in (this machine's toolchain is sound: the CPU suite raises from _C.so)
+    # NOTE [a minimal extension]: built here by the first compiler (as on the GPU, with $CXX's), its op
+    # raises through torch.ops (this machine's toolchain is sound: the CPU suite raises from _C.so)
     cxx = probe_errors.compilers()
     assert cxx, "no C++ compiler found"
     verdict, out = probe_errors.run_case(*probe_errors.minimal_case(0, cxx[0]), 300, True)
-    assert verdict == "raised" and "RAISED pybind11" in out and "RAISED dispatcher" in out, (verdict, out)
+    assert verdict == "raised" and "RAISED amm_probe: the minimal extension's TORCH_CHECK" in out, (verdict, out)
     facts = "\n".join(probe_errors.toolchain_facts())
     assert "readelf -d:" in facts and "libc10.so" in facts, facts
     assert "nm -D: (nothing)" in facts, facts  # _C.so defines no unwinder or C++ runtime of its own
