@@ -107,7 +107,8 @@ def toolchain_facts() -> list[str]:
         lines = [ln.strip() for ln in (res.stdout + res.stderr).splitlines() if ln.strip() and keep(ln)]
         return [f"{cmd[0]} {cmd[1]}: {ln}" for ln in dict.fromkeys(lines)][:limit] or [f"{' '.join(cmd[:2])}: (nothing)"]
 
-    out += run([os.environ.get("CXX", "g++"), "--version"], limit=1)
+    cxx = os.environ.get("CXX", "g++")
+    out.append(f"{cxx} --version: {compiler_version(cxx)}")
     so = sorted(p for p in os.listdir(os.path.join(ROOT, "amm_kernels")) if p.startswith("_C") and p.endswith(".so"))
     if not so:
         return out + ["no amm_kernels/_C*.so"]
