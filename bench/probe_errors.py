@@ -218,20 +218,33 @@ def gdb_backtrace(env: dict, code: str, timeout: float) -> str:
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), "amm_probe_case.py")
     with open(path, "w") as f:
         f.write(script(code))
-    # symbols only of the libraries a C++ error passes through (torch's take minutes to read)
+    # symbols only of the libraries a C++ error passes through (torch's take minutes to read). The
+    # backtrace comes first without them (addresses, and the libraries' ranges to place them), so that a
+    # gdb stopped while it reads symbols has printed it; then again with them.
     libs = ["_C.cpython", "libc10.so", "libstdc++", "libgcc_s", "libtorch_python", "libtorch_cpu", "libtorch_cuda"]
     cmd = [gdb, "-q", "-batch", "-ex", "set pagination off", "-ex", "set print thread-events off",
-           "-ex", "set auto-solib-add off", "-ex", "handle SIGPIPE nostop noprint", "-ex", "run"]
+           "-ex", "set auto-solib-add off", "-ex", "handle SIGPIPE nostop noprint", "-ex", "run",
+           "-ex", "bt 40", "-ex", "x/4i $pc", "-ex", "info sharedlibrary"]
     for lib in libs:
         cmd += ["-ex", f"sharedlibrary {lib}"]
-    cmd += ["-ex", "bt 40", "-ex", "x/4i $pc", "-ex", "info sharedlibrary", "--args", sys.executable, path]
+    cmd += ["-ex", "bt 40", "--args", sys.executable, path]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return f"(cuda-gdb took more than {timeout:.0f} s)"
-    lines = (proc.stdout + proc.stderr).splitlines()
+        out, note = proc.stdout + proc.stderr, ""
+    except subprocess.TimeoutExpired as exc:
+        # what gdb printed before its time ran out (at least the first backtrace, once the crash came)
+        out = "".join(_text(part) for part in (exc.stdout, exc.stderr))
+        note = f"(cuda-gdb stopped at {timeout:.0f} s; what it printed before:)"
+    lines = out.splitlines()
     keep = [ln for ln in lines if ln.startswith(("#", "Thread", "Program", "From", "0x", "=>")) or "SIG" in ln]
-    return "\n".join(keep[-120:]) or "\n".join(lines[-40:])
+    return "\n".join(([note] if note else []) + (keep[-400:] or lines[-40:]))
+
+
+def _text(data) -> str:
+    """A captured stream as text: subprocess's TimeoutExpired holds bytes even under text=True."""
+    if data is None:
+        return ""
+    return data.decode(errors="replace") if isinstance(data, bytes) else data
 
 
 def main() -> int:
@@ -242,9 +255,12 @@ def main() -> int:
     parser.add_argument("--build-timeout", type=float, default=120.0,
                         help="seconds for each minimal extension's build and call")
     parser.add_argument("--budget", type=float, default=0.0,
-                        help="seconds for the whole probe, counted from the cases' start (0: no limit); "
+                        help="seconds for the whole probe, counted from its start (0: no limit); "
                              "cuda-gdb gets what is left")
     args = parser.parse_args()
+    # --budget counts from here: the part's limit in gpu_session.sh includes torch's import and the
+    # toolchain facts (~10-20 s there), so cuda-gdb's deadline must too
+    t0 = time.monotonic()
     import torch
     if not torch.cuda.is_available():
         print("probe_errors: no CUDA device")
@@ -256,7 +272,6 @@ def main() -> int:
     if preload:
         env, code = CASES[FORCED_200]
         cases[f"the test, the compiler's runtime preloaded ({preload})"] = ({**env, "LD_PRELOAD": preload}, code)
-    t0 = time.monotonic()
     # each case is its own process (~5 s, most of it importing torch); the minimal extensions' builds
     # (NOTE [a minimal extension], ~7 s of one core each here) start first and run beside them
     with ThreadPoolExecutor(max_workers=6) as pool:

@@ -3,6 +3,7 @@ runs and reports its status, an unknown part fails the run, a part that does not
 skipped and says so, and what comes back is at most 8 plain files with names the device tool accepts
 (its README: letters, digits, '.', '_' and '-'). Only the cheap "variants" part runs (it exits at
 once without CUDA); each call still imports torch a few times, about 15 s."""
+import os
 import re
 import shutil
 import subprocess
@@ -184,3 +185,23 @@ def test_probe_errors_builds_its_cases_and_reads_the_toolchain_without_a_gpu():
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "probe_errors.py")], cwd=ROOT, capture_output=True,
                          text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": ""})
     assert res.returncode == 1 and "no CUDA device" in res.stdout, res.stdout + res.stderr
+
+
+def test_a_cuda_gdb_stopped_at_its_time_still_returns_the_backtrace_it_printed(tmp_path, monkeypatch):
+    """bench/probe_errors.py: cuda-gdb reading torch's symbols can outlast its share of the part; what it
+    printed before (the first backtrace, before it reads any symbols) still comes back. A stand-in
+    cuda-gdb prints a frame, then hangs."""
+    fake = tmp_path / "cuda-gdb"
+    fake.write_text("#!/bin/sh\necho 'Thread 1 \"python\" received signal SIGSEGV, Segmentation fault.'\n"
+                    "echo '#0  0x00007f in __cxa_throw () from libstdc++.so.6'\nexec sleep 60\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import probe_errors
+    finally:
+        sys.path.pop(0)
+    env, code = probe_errors.CASES[probe_errors.FORCED_200]
+    out = probe_errors.gdb_backtrace(env, code, 3)
+    assert "cuda-gdb stopped at 3 s" in out and "#0  0x00007f in __cxa_throw ()" in out and "SIGSEGV" in out, out
