@@ -24,9 +24,13 @@ variant each, in the order run (a part stopped at its time limit keeps the first
                 differ from the reference's rounding, which the product does not allow.
   warps8        8 warps a program: more threads to cover each program's latency (53 registers: 4
                 programs, 64 KiB an SM)
-Each variant runs in its own process with its own Triton cache (the kernels' source is unchanged by a
-patch, so a shared cache would hand back the base build). Rows: variant, optimizer, step ms, and per
-pass ms and fraction of the copy bandwidth measured in that process. Writes
+Each variant runs in its own process. They share one Triton cache, so that a variant compiles only the
+kernels it changes (BLOCK and ITERS are constexprs and num_warps an option: all three are in Triton's
+cache key), except approx_math, which gets its own: it patches triton.language, which the key does not
+see, so a shared cache would hand it the base build. --budget shares a time limit among the variants
+(gpu_session.sh's part): each gets --timeout or what is left, whichever is less, and keeps the rows it
+printed if stopped. Rows: variant, optimizer, step ms, and per pass ms and fraction of the copy
+bandwidth measured in that process. Writes
 bench/results/triton_variants_<device>.{csv,json}. Needs a GPU; --quick runs a tiny case on CPU
 tensors in Triton's interpreter, which checks the plumbing only (it times NumPy).
 """
@@ -38,6 +42,8 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
+from contextlib import nullcontext
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -45,6 +51,8 @@ sys.path.insert(0, str(HERE))
 
 VARIANTS = ("base", "block4096", "iters4", "iters8", "block2048", "approx_math", "warps8")
 OPTIMIZERS = ("AMAdamW", "AMAdamW wd=0", "AMSGD")  # bench_kernel_breakdown.PASS_BYTES keys
+OWN_CACHE = ("approx_math",)  # variants whose patch Triton's cache key does not see
+MIN_VARIANT_S = 20  # under this much of --budget left, a variant is not started (importing alone takes ~5 s)
 
 
 def child(variant: str, size: float, steps: int, quick: bool) -> None:
@@ -100,12 +108,15 @@ def child(variant: str, size: float, steps: int, quick: bool) -> None:
 
 
 def main(argv=None) -> int:
+    t0 = time.monotonic()  # --budget counts from here: torch's import below is part of it
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=float, default=1e8, help="parameters (default 1e8)")
     ap.add_argument("--variants", default=None,
                     help=f"comma-separated, of {', '.join(VARIANTS)} (default: all; --quick: base,iters4,approx_math)")
     ap.add_argument("--steps", type=int, default=10, help="steps profiled per optimizer")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per variant")
+    ap.add_argument("--budget", type=float, default=0.0,
+                    help="seconds for all the variants (0: no limit); each gets --timeout or what is left")
     ap.add_argument("--quick", action="store_true", help="CPU tensors in the interpreter, 20k parameters: plumbing only")
     ap.add_argument("--out-dir", default=str(HERE / "results"))
     ap.add_argument("--run", default=None, help=argparse.SUPPRESS)  # the child process
@@ -123,18 +134,29 @@ def main(argv=None) -> int:
         return 1
     device = torch.device("cpu" if args.quick else "cuda")
     env = environment(device)
+    variants = (args.variants or ("base,iters4,approx_math" if args.quick else ",".join(VARIANTS))).split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)}")
     rows, failed = [], []
-    for variant in (args.variants or ("base,iters4,approx_math" if args.quick else ",".join(VARIANTS))).split(","):
-        if variant not in VARIANTS:
-            raise SystemExit(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
-        with tempfile.TemporaryDirectory() as cache:
+    shared_cache = tempfile.TemporaryDirectory()
+    for variant in variants:
+        timeout = args.timeout
+        if args.budget:
+            left = args.budget - (time.monotonic() - t0)
+            if left < MIN_VARIANT_S:
+                print(f"{variant}: not run, {left:.0f} s of --budget left", flush=True)
+                failed.append(variant)
+                continue
+            timeout = min(timeout, left)
+        with (tempfile.TemporaryDirectory() if variant in OWN_CACHE else nullcontext(shared_cache.name)) as cache:
             child_env = dict(os.environ, TRITON_CACHE_DIR=cache)
             if args.quick:
                 child_env["TRITON_INTERPRET"] = "1"
             cmd = [sys.executable, str(Path(__file__).resolve()), "--run", variant, "--size", str(args.size),
                    "--steps", str(args.steps)] + (["--quick"] if args.quick else [])
             try:
-                proc = subprocess.run(cmd, env=child_env, capture_output=True, text=True, timeout=args.timeout)
+                proc = subprocess.run(cmd, env=child_env, capture_output=True, text=True, timeout=timeout)
                 out, err, code = proc.stdout, proc.stderr, proc.returncode
             except subprocess.TimeoutExpired as exc:
                 out, err, code = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or ""), "", "timeout"
@@ -150,6 +172,7 @@ def main(argv=None) -> int:
                   flush=True)
         if rows:  # after every variant: a run stopped at its time limit keeps what it measured
             csv_path, _ = write_results(f"triton_variants_{device_tag(device)}", rows, env, Path(args.out_dir))
+    shared_cache.cleanup()
     if rows:
         print(f"wrote {csv_path}")
     return 1 if failed else 0

@@ -140,3 +140,33 @@ def test_triton_occupancy_counts_programs_from_the_registers(tmp_path):
         per_thread = -(-regs // 8) * 8
         assert programs * 128 * per_thread <= 65536 < (programs + 1) * 128 * per_thread or programs == 16
         assert float(r["kib_in_flight_per_sm"]) == programs * 1024 * 8 / 1024
+
+
+def test_triton_variants_share_a_cache_but_approx_math_and_a_budget_among_them(tmp_path, monkeypatch):
+    """bench_triton_variants.py's plumbing, its children stood in for: the variants that change a constexpr
+    or a compile option share one Triton cache (in its key), approx_math gets its own (its patch is not);
+    --budget caps each child's timeout at what is left and does not start a variant under 20 s."""
+    variants = importlib.import_module("bench_triton_variants")
+    calls = []
+
+    def fake_run(cmd, env, timeout, **kw):
+        variant = cmd[cmd.index("--run") + 1]
+        calls.append((variant, env["TRITON_CACHE_DIR"], timeout))
+        rows = "".join("ROW " + json.dumps(dict(variant=variant, optimizer=o, step_ms=1.0, pass1_ms=0.5, pass2_ms=0.4,
+                                                 pass1_of_copy=0.9, pass2_of_copy=0.9, finalize_ms=0.01)) + "\n"
+                       for o in variants.OPTIMIZERS)
+        return subprocess.CompletedProcess(cmd, 0, rows, "")
+
+    monkeypatch.setattr(variants.subprocess, "run", fake_run)
+    argv = ["--quick", "--out-dir", str(tmp_path), "--timeout", "50"]
+    assert variants.main(argv + ["--variants", "base,iters4,approx_math,block2048", "--budget", "600"]) == 0
+    cache = {v: c for v, c, _ in calls}
+    assert cache["base"] == cache["iters4"] == cache["block2048"] != cache["approx_math"], calls
+    assert all(t == 50 for _, _, t in calls), calls
+    calls.clear()
+    assert variants.main(argv + ["--variants", "base", "--budget", "30"]) == 0
+    assert 20 <= calls[0][2] <= 30, calls  # what is left of 30 s, under --timeout
+    calls.clear()
+    assert variants.main(argv + ["--variants", "base,iters4", "--budget", "19"]) == 1  # nothing started
+    assert calls == []
+
