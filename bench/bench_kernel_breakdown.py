@@ -91,6 +91,9 @@ def main(argv=None):
     ap.add_argument("--layout", choices=("flat", "model"), default="model")
     ap.add_argument("--steps", type=int, default=10, help="steps profiled per optimizer")
     ap.add_argument("--top", type=int, default=6, help="kernels listed per optimizer")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated substrings: only the optimizers whose names contain one, e.g. '[cuda]' "
+                         "(the baselines too only if one matches)")
     ap.add_argument("--quick", action="store_true", help="20k parameters, 2 steps (smoke test)")
     ap.add_argument("--out-dir", default=str(RESULTS))
     args = ap.parse_args(argv)
@@ -106,8 +109,16 @@ def main(argv=None):
           f"{copy_gbs:.1f} GB/s; torch {env['torch']}, triton {env['triton']}", flush=True)
     # CPU too on a GPU: CUDA-only traces have come back without kernel events (tritonbench #401)
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    picked = cases(device)
+    if args.only:
+        keys = [k.strip() for k in args.only.split(",") if k.strip()]
+        picked = [c for c in picked if any(k in c[0] for k in keys)]
+        if not picked:
+            print(f"bench_kernel_breakdown: no optimizer here matches --only {args.only!r}; available: "
+                  f"{', '.join(c[0] for c in cases(device))}")
+            return []
     rows = []
-    for name, kind, factory in cases(device):
+    for name, kind, factory in picked:
         try:
             params = make_params(shapes, device)
             opt = factory(params)

@@ -32,7 +32,7 @@
 #                and whether a one-function extension built by each C++ compiler there raises
 #   chunks       bench_core's CUDA rows at 1e8 and 1e9 with chunks of 16384, 65536 (the default: this run's
 #                baseline) and 32768 (AMM_CUDA_CHUNK; NOTE [chunk size] in csrc/cuda/ops_cuda.cpp), and
-#                the 1e8 breakdown at 16384
+#                the 1e8 breakdown of the CUDA steps at 16384 (the part "breakdown" has them at 65536)
 #   test_triton  the Triton backend's tests, compiled at full size
 #   triton_variants  why Triton's pass 1 falls short (bench/bench_triton_variants.py: pass-1 spans, BLOCK,
 #                exact math, warps, each variant in its own process, the likeliest cause first), at 1e8
@@ -194,7 +194,7 @@ part_chunks() {
   done
   rest=$(( $1 - ($(date +%s) - t0) ))
   [ "$rest" -ge 20 ] || { echo "chunks: the breakdown not run, ${rest} s left"; return 124; }
-  AMM_CUDA_CHUNK=16384 bench "$rest" bench/bench_kernel_breakdown.py --size 1e8 --out-dir bench/results/chunk16384
+  AMM_CUDA_CHUNK=16384 bench "$rest" bench/bench_kernel_breakdown.py --size 1e8 --only "[cuda]" --out-dir bench/results/chunk16384
 }
 
 # compute-sanitizer (racecheck, synccheck, memcheck) on small steps of the main kernel paths
@@ -242,7 +242,9 @@ part_sanitize() {
   return 0
 }
 
-part_triton_variants() { bench "$1" bench/bench_triton_variants.py --timeout $(( $1 / 5 )); }
+# the variants one after another, each with what is left of the part (at most 90 s: base compiles every
+# kernel from an empty cache; the others only what they change): a part cut short keeps the first ones
+part_triton_variants() { bench "$1" bench/bench_triton_variants.py --timeout 90 --budget $(( $1 - 5 )); }
 
 part_variants() { bench "$1" bench/bench_cuda_variants.py; }
 

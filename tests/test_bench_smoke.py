@@ -170,3 +170,14 @@ def test_triton_variants_share_a_cache_but_approx_math_and_a_budget_among_them(t
     assert variants.main(argv + ["--variants", "base,iters4", "--budget", "19"]) == 1  # nothing started
     assert calls == []
 
+
+def test_kernel_breakdown_only_keeps_the_named_steps(tmp_path, monkeypatch):
+    """--only (gpu_session.sh's chunks part: '[cuda]', the steps a chunk size changes) measures those
+    alone, no baseline; a filter that matches nothing measures nothing and says what there is."""
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    breakdown = importlib.import_module("bench_kernel_breakdown")
+    argv = ["--quick", "--device", "cpu", "--out-dir", str(tmp_path)]
+    rows = breakdown.main(argv + ["--only", "AMSGD["])
+    assert rows and {r["optimizer"] for r in rows} == {n for n, _, _ in breakdown.cases(torch.device("cpu"))
+                                                       if n.startswith("AMSGD[")}, rows
+    assert breakdown.main(argv + ["--only", "[no such backend]"]) == []
