@@ -61,7 +61,7 @@ STAMP_T="$(mktemp)"  # results newer than this were written by this call
 JUNIT="$(mktemp -d)"  # pytest's junit files, packed into results.tgz (not left in $OUT: at most 8 files come back)
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(build test_cuda errors chunks test_triton triton_variants bench_core breakdown sanitize variants overhead bench_full)
-declare -A MAX_S=([build]=240 [test_cuda]=150 [errors]=150 [bench_core]=120 [chunks]=130 [triton_variants]=160 [test_triton]=150 [sanitize]=120 [variants]=90
+declare -A MAX_S=([build]=240 [test_cuda]=150 [errors]=120 [bench_core]=120 [chunks]=130 [triton_variants]=160 [test_triton]=150 [sanitize]=120 [variants]=90
                   [breakdown]=60 [overhead]=60 [bench_full]=240 [conv]=300)
 # the least a part needs to leave a result (below it the part is skipped, not started and killed)
 declare -A MIN_S=([test_cuda]=60 [errors]=45 [bench_core]=60 [chunks]=40 [triton_variants]=60 [test_triton]=60 [sanitize]=50 [variants]=40 [breakdown]=35
@@ -171,8 +171,9 @@ bench() { limited "$1" "$PY" "${@:2}" 2>&1 | tee -a "$OUT/bench.log"; }
 part_errors() {
   has_cuda_part || { echo "amm_kernels._C has no CUDA part (see build.log)"; return 1; }
   # each case ~5 s (a fresh python importing torch), the minimal extensions' builds beside them (~10 s);
-  # what is left of the part goes to cuda-gdb's backtrace of a crash
-  bench "$1" bench/probe_errors.py --timeout 30 --build-timeout $(( $1 > 115 ? 100 : $1 - 15 )) --budget $(( $1 - 10 ))
+  # what is left of the part goes to cuda-gdb's backtraces of a crash (printed as it reads symbols:
+  # a gdb stopped at its time keeps the ones it printed)
+  bench "$1" bench/probe_errors.py --timeout 30 --build-timeout $(( $1 / 2 )) --budget $(( $1 - 10 ))
 }
 
 part_bench_core() {

@@ -218,16 +218,20 @@ def gdb_backtrace(env: dict, code: str, timeout: float) -> str:
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), "amm_probe_case.py")
     with open(path, "w") as f:
         f.write(script(code))
-    # symbols only of the libraries a C++ error passes through (torch's take minutes to read). The
-    # backtrace comes first without them (addresses, and the libraries' ranges to place them), so that a
-    # gdb stopped while it reads symbols has printed it; then again with them.
-    libs = ["_C.cpython", "libc10.so", "libstdc++", "libgcc_s", "libtorch_python", "libtorch_cpu", "libtorch_cuda"]
+    # symbols only of the libraries a C++ error passes through. The backtrace comes three times, each
+    # with more symbols, so that a gdb stopped while it reads them has printed what it could: first with
+    # none (addresses, and the libraries' ranges to place them), then with the small libraries' (ours,
+    # c10 and the C++ runtime's: seconds), then with torch's big ones (minutes on some machines).
+    small = ["_C.cpython", "libc10.so", "libstdc++", "libgcc_s"]
+    big = ["libtorch_python", "libtorch_cpu", "libtorch_cuda"]
     cmd = [gdb, "-q", "-batch", "-ex", "set pagination off", "-ex", "set print thread-events off",
            "-ex", "set auto-solib-add off", "-ex", "handle SIGPIPE nostop noprint", "-ex", "run",
            "-ex", "bt 40", "-ex", "x/4i $pc", "-ex", "info sharedlibrary"]
-    for lib in libs:
-        cmd += ["-ex", f"sharedlibrary {lib}"]
-    cmd += ["-ex", "bt 40", "--args", sys.executable, path]
+    for libs in (small, big):
+        for lib in libs:
+            cmd += ["-ex", f"sharedlibrary {lib}"]
+        cmd += ["-ex", "bt 40"]
+    cmd += ["--args", sys.executable, path]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
         out, note = proc.stdout + proc.stderr, ""
