@@ -158,16 +158,22 @@ def test_the_build_is_redone_from_scratch_when_the_compiler_changes(tmp_path):
     assert "stub: pip built it" in log and "already built" not in log and not old_so.exists(), log
 
 
-def test_probe_errors_builds_its_cases_and_reads_the_toolchain_without_a_gpu():
-    """bench/probe_errors.py (the part "errors") runs once, on the GPU: here, that every case's script is
-    valid Python that imports what it uses, that the minimal extension builds and raises, that the
-    toolchain facts read this build (readelf, nm and a process's mapped libraries), and that without
-    CUDA it says so and exits 1 without running a case."""
+def _probe_errors():
+    """bench/probe_errors.py as a module (bench/ is not a package)."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import probe_errors
     finally:
         sys.path.pop(0)
+    return probe_errors
+
+
+def test_probe_errors_builds_its_cases_and_reads_the_toolchain_without_a_gpu():
+    """bench/probe_errors.py (the part "errors") runs once, on the GPU: here, that every case's script is
+    valid Python that imports what it uses, that the minimal extension builds and raises, that the
+    toolchain facts read this build (readelf, nm and a process's mapped libraries), and that without
+    CUDA it says so and exits 1 without running a case."""
+    probe_errors = _probe_errors()
     for name, (env, code) in probe_errors.CASES.items():
         compile(probe_errors.script(code), name, "exec")
         assert all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()), name
@@ -197,11 +203,7 @@ def test_a_cuda_gdb_stopped_at_its_time_still_returns_the_backtrace_it_printed(t
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import probe_errors
-    finally:
-        sys.path.pop(0)
+    probe_errors = _probe_errors()
     env, code = probe_errors.CASES[probe_errors.FORCED_200]
     out = probe_errors.gdb_backtrace(env, code, 3)
     assert "cuda-gdb stopped at 3 s" in out and "#0  0x00007f in __cxa_throw ()" in out and "SIGSEGV" in out, out
