@@ -115,6 +115,8 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
                 "_warned_late_state", "_memory_arg")
 
     def __getstate__(self) -> dict[str, Any]:
+        if self.__dict__.get("_scopes") is not None:
+            self._fit_scopes()  # the copy's scopes are in its param_groups' order (a hand edit since the last step)
         state = super().__getstate__()
         state.update({k: self.__dict__[k] for k in self._PICKLED if k in self.__dict__})
         return state
@@ -341,11 +343,23 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
     # whether param_groups still lists them in that order (one `is` per tensor, in _build_batch's loop),
     # and where not, each tensor's scope values follow it to its new position; a tensor new to the groups
     # starts a fresh scope, and a removed one's values are dropped (given back, it starts afresh).
+    # state_dict(), a read of beta / law and a copy (pickle, deepcopy) fit them too before they read
+    # them (_scopes_as_listed, __getstate__): between a hand edit and the next step, they would
+    # otherwise save or show every tensor's values under its old position.
     def _fit_scopes(self, moved: bool = True) -> None:
         n_scopes, n_groups = self._scope_counts()
         kept = self._moved_tensor_scopes() if moved else None
         if kept is not None or not self._scopes.matches(n_scopes, n_groups):
             self._scopes.grow(n_scopes, n_groups, self._scope_init(), kept)
+
+    def _scopes_as_listed(self) -> None:
+        """Before the scope state is read between steps (state_dict, beta, law): rows put in place
+        without load_state_dict taken (NOTE [checkpoint carriers]), and the tensor scopes fitted to
+        param_groups as they are now, as the next step would fit them, so that a hand edit since the
+        last step is not read (or saved) in the old order."""
+        self._take_pending_carriers()
+        if self._scopes is not None:
+            self._fit_scopes()
 
     def _moved_tensor_scopes(self) -> tuple[list[int], list[int]] | None:
         """(new positions, old positions) of the tensors whose scopes moved, or None where none did (the
@@ -365,7 +379,7 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
     def beta(self) -> Tensor:
         """The last beta on the parameters' device: 0-d for beta_scope="global", else one per group /
         per parameter tensor (groups in order). A copy; reading it never synchronises."""
-        self._take_pending_carriers()
+        self._scopes_as_listed()
         if self._scopes is None:
             n_scopes, _ = self._scope_counts()
             beta = torch.full((n_scopes,), float(self._hyper.beta_max))

@@ -103,7 +103,7 @@ class CheckpointMixin:
         match) under "amm", and each parameter's scope values in its state entry (NOTE [checkpoint
         carriers]). Those are added by the first state_dict post-hook, so the user's post-hooks see (and
         may replace) the whole state_dict, as with torch's optimizers."""
-        self._take_pending_carriers()
+        self._scopes_as_listed()
         hook = self.register_state_dict_post_hook(CheckpointMixin._add_carriers, prepend=True)
         try:
             return super().state_dict()

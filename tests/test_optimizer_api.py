@@ -1,5 +1,6 @@
 """torch.optim behaviour of AMSGD and AMAdamW: errors, groups, state_dict, AMP skip, schedulers."""
 import copy
+import pickle
 
 import _cuda_sim
 import pytest
@@ -1230,6 +1231,51 @@ def test_tensor_scopes_follow_their_tensors_when_groups_are_edited_by_hand(cls, 
         if n in final:
             assert torch.equal(final[n], value), n
     assert edited._scopes.step.tolist() == [4.0, 2.0, 6.0] and whole._scopes.step.tolist() == [6.0, 4.0, 4.0, 2.0, 4.0]
+
+
+@pytest.mark.parametrize("how", ["read", "state_dict", "deepcopy", "pickle"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,kwargs", TENSOR_SCOPES, ids=[c.__name__ for c, _ in TENSOR_SCOPES])
+def test_a_hand_edit_is_seen_before_the_next_step(cls, kwargs, backend, how):
+    """NOTE [tensor scopes follow their tensors]: between a hand edit of a group's "params" and the next
+    step, a read of beta (law) shows each tensor's value at its new position, and a run resumed from a
+    state_dict() or a copy taken there is the uninterrupted run to the bit. Before, all of them read the
+    scope state in the old order: a resumed run swapped two tensors' step counts and betas."""
+    scope = "law" if cls is amm_kernels.RLLC else "beta"
+
+    def grads(params, t, which):
+        for k, p in enumerate(params):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * t + k)) if k in which else None
+
+    gen = torch.Generator().manual_seed(4)
+    a, b, c = (torch.randn(s, generator=gen).requires_grad_() for s in [(4, 3), (7,), (5,)])
+    opt = cls([{"params": [a, b]}], lr=0.05, backend=backend, **kwargs)
+    grads([a, b], 0, {0})  # a steps twice, b once: their step counts, and so their values, differ
+    opt.step()
+    grads([a, b], 1, {0, 1})
+    opt.step()
+    before = getattr(opt, scope)
+    opt.param_groups[0]["params"][:] = [c, b, a]  # by hand: c new, a and b swapped
+    if how == "read":
+        after = getattr(opt, scope)
+        fresh = getattr(cls([c], lr=0.05, backend=backend, **kwargs), scope)
+        assert torch.equal(after[0], fresh[0]) and torch.equal(after[1], before[1]) and torch.equal(after[2], before[0])
+        return
+    if how == "state_dict":
+        params = [p.detach().clone().requires_grad_() for p in (c, b, a)]
+        resumed = cls([{"params": params}], lr=0.05, backend=backend, **kwargs)
+        resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    else:
+        resumed = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+        params = resumed.param_groups[0]["params"]
+    for o, ps in ((opt, [c, b, a]), (resumed, params)):
+        grads(ps, 2, {0, 1, 2})
+        o.step()
+    for x, y in zip([c, b, a], params):
+        assert torch.equal(x, y)
+    for k, v in opt._scopes.to_dict().items():
+        assert torch.equal(getattr(resumed._scopes, k), v), k
+    assert resumed._scopes.step.tolist() == [1.0, 2.0, 3.0]
 
 
 def test_a_checkpoint_of_rows_alone_resumes_loss_mode_exactly():
