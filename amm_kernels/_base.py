@@ -115,10 +115,10 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
                 "_warned_late_state", "_memory_arg")
 
     def __getstate__(self) -> dict[str, Any]:
-        if self.__dict__.get("_scopes") is not None:
-            self._fit_scopes()  # the copy's scopes are in its param_groups' order (a hand edit since the last step)
         state = super().__getstate__()
         state.update({k: self.__dict__[k] for k in self._PICKLED if k in self.__dict__})
+        if state.get("_scopes") is not None:
+            state["_scopes"] = self._scopes_view()  # the copy's scopes in its param_groups' order
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -343,32 +343,46 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
     # whether param_groups still lists them in that order (one `is` per tensor, in _build_batch's loop),
     # and where not, each tensor's scope values follow it to its new position; a tensor new to the groups
     # starts a fresh scope, and a removed one's values are dropped (given back, it starts afresh).
-    # state_dict(), a read of beta / law and a copy (pickle, deepcopy) fit them too before they read
-    # them (_scopes_as_listed, __getstate__): between a hand edit and the next step, they would
-    # otherwise save or show every tensor's values under its old position.
+    # state_dict(), a read of beta / law and a copy (pickle, deepcopy) between a hand edit and the next
+    # step see the scopes as the next step will (_scopes_view): each tensor's values at its new place.
+    # They only look: the fit itself is the step's, so a read changes nothing that follows (a tensor
+    # taken out and given back before the next step keeps its scope, read or not).
     def _fit_scopes(self, moved: bool = True) -> None:
         n_scopes, n_groups = self._scope_counts()
         kept = self._moved_tensor_scopes() if moved else None
         if kept is not None or not self._scopes.matches(n_scopes, n_groups):
             self._scopes.grow(n_scopes, n_groups, self._scope_init(), kept)
 
-    def _scopes_as_listed(self) -> None:
-        """Before the scope state is read between steps (state_dict, beta, law): rows put in place
-        without load_state_dict taken (NOTE [checkpoint carriers]), and the tensor scopes fitted to
-        param_groups as they are now, as the next step would fit them, so that a hand edit since the
-        last step is not read (or saved) in the old order."""
-        self._take_pending_carriers()
-        if self._scopes is not None:
-            self._fit_scopes()
+    def _scopes_view(self):
+        """The scope state as the next step will fit it to param_groups (None before there is one):
+        the scope state itself where nothing moved, else a fitted copy; nothing here changes."""
+        if self._scopes is None:
+            return None
+        n_scopes, n_groups = self._scope_counts()
+        kept = self._moved_tensor_scopes(commit=False)
+        if kept is None and self._scopes.matches(n_scopes, n_groups):
+            return self._scopes
+        view = self.SCOPE_STATE.from_dict(self._scopes.to_dict(), self._scopes.step.device, self._scopes.step.dtype)
+        view.grow(n_scopes, n_groups, self._scope_init(), kept)
+        return view
 
-    def _moved_tensor_scopes(self) -> tuple[list[int], list[int]] | None:
+    def _scopes_as_listed(self):
+        """What a read of beta or law reads: rows put in place without load_state_dict taken (NOTE
+        [checkpoint carriers]; taking them fits the scope state, as it needs each row's position),
+        then _scopes_view()."""
+        self._take_pending_carriers()
+        return self._scopes_view()
+
+    def _moved_tensor_scopes(self, commit: bool = True) -> tuple[list[int], list[int]] | None:
         """(new positions, old positions) of the tensors whose scopes moved, or None where none did (the
-        same tensors in the same order, perhaps more after them: grow() appends those)."""
+        same tensors in the same order, perhaps more after them: grow() appends those). commit: the
+        tensors listed now become the ones the scopes are ordered by."""
         if self.beta_scope != "tensor":
             return None
         current = [p for g in self.param_groups for p in g["params"]]
         old = list(self._layout)
-        self._layout[:] = current  # in place: a compiled step keeps it (NOTE [compile])
+        if commit:
+            self._layout[:] = current  # in place: a compiled step keeps it (NOTE [compile])
         if len(old) <= len(current) and all(a is b for a, b in zip(old, current)):
             return None
         at = {id(p): i for i, p in enumerate(old)}
@@ -379,12 +393,12 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
     def beta(self) -> Tensor:
         """The last beta on the parameters' device: 0-d for beta_scope="global", else one per group /
         per parameter tensor (groups in order). A copy; reading it never synchronises."""
-        self._scopes_as_listed()
-        if self._scopes is None:
+        scopes = self._scopes_as_listed()
+        if scopes is None:
             n_scopes, _ = self._scope_counts()
             beta = torch.full((n_scopes,), float(self._hyper.beta_max))
         else:
-            beta = self._scopes.beta.clone()
+            beta = scopes.beta.clone()
         return beta.reshape(()) if self.beta_scope == "global" else beta
 
     # ----------------------------------------------------------------------------------------------

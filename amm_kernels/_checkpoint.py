@@ -103,7 +103,7 @@ class CheckpointMixin:
         match) under "amm", and each parameter's scope values in its state entry (NOTE [checkpoint
         carriers]). Those are added by the first state_dict post-hook, so the user's post-hooks see (and
         may replace) the whole state_dict, as with torch's optimizers."""
-        self._scopes_as_listed()
+        self._take_pending_carriers()
         hook = self.register_state_dict_post_hook(CheckpointMixin._add_carriers, prepend=True)
         try:
             return super().state_dict()
@@ -112,11 +112,12 @@ class CheckpointMixin:
 
     def _add_carriers(self, sd: dict[str, Any]) -> dict[str, Any]:
         """torch.optim's state_dict `sd` with the "amm" entry and every parameter's row (state_dict)."""
+        scopes = self._scopes_view()  # NOTE [tensor scopes follow their tensors] in _base.py
         meta = {
             "format_version": FORMAT_VERSION,
             "optimizer": type(self).__name__,
             **self._meta_fields(),
-            "scopes": None if self._scopes is None else self._scopes.to_dict(),
+            "scopes": None if scopes is None else scopes.to_dict(),
         }
         sd[STATE_DICT_KEY] = meta
         for group in sd["param_groups"]:  # (one a ZeroRedundancyOptimizer copied into the live groups)
@@ -305,7 +306,8 @@ class CheckpointMixin:
                 return
             device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
             self._scopes = self.SCOPE_STATE.from_dict(saved, device, saved["step"].dtype)
-            self._layout.clear()  # (the checkpoint's scopes are in param_groups' order)
+            # the checkpoint's scopes are in param_groups' order: a hand edit before the next step moves them
+            self._layout[:] = [p for g in self.param_groups for p in g["params"]]
             carried = []
             for pid, _, i in self._paired_with_saved(sd):
                 st = sd["state"].get(pid)

@@ -253,12 +253,12 @@ class RLLC(AMOptimizer):
     def law(self) -> Tensor:
         """The current learning law on the parameters' device: (k,) for scope="global", else one row
         per group / parameter tensor (groups in order). A copy; reading it never synchronises."""
-        self._scopes_as_listed()
-        if self._scopes is None:
+        scopes = self._scopes_as_listed()
+        if scopes is None:
             n_scopes, n_groups = self._scope_counts()
             law = RLLCScopeState.create(n_scopes, n_groups, self._hyper.law_init, "cpu", torch.float32).law
         else:
-            law = self._scopes.law.clone()
+            law = scopes.law.clone()
         return law.reshape(self.k) if self.beta_scope == "global" else law
 
     @property

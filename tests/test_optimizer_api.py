@@ -1278,6 +1278,76 @@ def test_a_hand_edit_is_seen_before_the_next_step(cls, kwargs, backend, how):
     assert resumed._scopes.step.tolist() == [1.0, 2.0, 3.0]
 
 
+def _staggered_run(cls, kwargs, backend, between):
+    """Tensors a, b stepped 2 and 1 times (so their scope values differ), then between(opt, params)
+    (which returns the optimizer and parameters to go on with), then one step of every listed tensor.
+    The scope state (step counts, beta or law, ...) and the parameters at the end."""
+    gen = torch.Generator().manual_seed(6)
+    params = [torch.randn(s, generator=gen).requires_grad_() for s in [(4, 3), (7,)]]
+    opt = cls([{"params": params}], lr=0.05, backend=backend, **kwargs)
+    for t, which in enumerate([{0}, {0, 1}]):
+        for k, p in enumerate(params):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * t + k)) if k in which else None
+        opt.step()
+    opt, params = between(opt, params)
+    listed = opt.param_groups[0]["params"]
+    for k, p in enumerate(listed):
+        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 + k))
+    opt.step()
+    return opt._scopes.to_dict(), [p.detach().clone() for p in listed]
+
+
+def _assert_same_run(x, y):
+    assert all(torch.equal(a, b) for a, b in zip(x[1], y[1])) and len(x[1]) == len(y[1])
+    for k, v in x[0].items():
+        assert torch.equal(y[0][k], v), k
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,kwargs", TENSOR_SCOPES, ids=[c.__name__ for c, _ in TENSOR_SCOPES])
+def test_a_hand_edit_right_after_a_load_moves_the_loaded_scopes(cls, kwargs, backend):
+    """NOTE [tensor scopes follow their tensors]: the loaded scopes are in param_groups' order, and a
+    hand edit before the first step after load_state_dict moves them as any other. Before, the load
+    left no record of that order: the edit went unseen and the tensors swapped their step counts."""
+    def reverse(opt, params):
+        opt.param_groups[0]["params"].reverse()
+        return opt, params
+
+    def load_then_reverse(opt, params):
+        loaded = cls([{"params": params}], lr=0.05, backend=backend, **kwargs)
+        loaded.load_state_dict(copy.deepcopy(opt.state_dict()))
+        return reverse(loaded, params)
+
+    uninterrupted = _staggered_run(cls, kwargs, backend, reverse)
+    assert uninterrupted[0]["step"].tolist() == [2.0, 3.0]  # b listed first now: its one step and this one
+    _assert_same_run(uninterrupted, _staggered_run(cls, kwargs, backend, load_then_reverse))
+
+
+@pytest.mark.parametrize("how", ["read", "deepcopy", "pickle"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,kwargs", TENSOR_SCOPES, ids=[c.__name__ for c, _ in TENSOR_SCOPES])
+def test_a_read_between_steps_changes_nothing(cls, kwargs, backend, how):
+    """A read of beta (law) or a copy between steps only looks: a tensor taken out and given back before
+    the next step keeps its scope, read or not (the fit is the step's). Before, the read fitted the
+    scopes to the tensor's absence, and the step after started it afresh. (state_dict() goes the same
+    way, but torch.optim's refuses the state of a tensor that is not in param_groups: a KeyError.)"""
+    read = {"read": lambda o: o.law if cls is amm_kernels.RLLC else o.beta,
+            "deepcopy": copy.deepcopy, "pickle": pickle.dumps}[how]
+
+    def out_and_back(reading):
+        def between(opt, params):
+            taken = opt.param_groups[0]["params"].pop(1)
+            if reading:
+                read(opt)
+            opt.param_groups[0]["params"].append(taken)
+            return opt, params
+        return between
+
+    unread = _staggered_run(cls, kwargs, backend, out_and_back(False))
+    assert unread[0]["step"].tolist() == [3.0, 2.0]
+    _assert_same_run(unread, _staggered_run(cls, kwargs, backend, out_and_back(True)))
+
+
 def test_a_checkpoint_of_rows_alone_resumes_loss_mode_exactly():
     """NOTE [checkpoint carriers]: each row carries the previous loss too (delta_f="loss"): a checkpoint
     cut to "state" and "param_groups" (DCP's, ZeroRedundancyOptimizer's) resumes exactly."""
