@@ -68,6 +68,16 @@ def _cuda_capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def _device_of_group(group) -> torch.device:
+    """Where a rank without tensors hands its zeros to a process group's all_reduce: the current GPU
+    for NCCL (which reduces only there), else the CPU (gloo's; mixed backends such as
+    "cpu:gloo,cuda:nccl" reduce CPU tensors through gloo)."""
+    backend = str(torch.distributed.get_backend(group)).lower()
+    if "nccl" in backend and "gloo" not in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
     """Base class of every optimizer here. A subclass sets `_hyper` (a frozen dataclass) before calling
     __init__, and declares what differs through these class attributes and the small hooks below."""
@@ -704,14 +714,16 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         all_reduce, or the ranks that step wait for it forever: this batch, without tensors, is what it
         joins with (step() hands the all_reduce zeros of the shape every backend reduces) and then
         commits the scopes that stepped elsewhere (NOTE [scopes stepped elsewhere]). None where
-        nothing is reduced (no sharding; adaptive=False), as torch.optim's step without gradients."""
+        nothing is reduced (no sharding; adaptive=False), as torch.optim's step without gradients.
+        A rank whose optimizer holds no tensor at all (ZeroRedundancyOptimizer with more ranks than
+        tensors) joins too, where process_group names the group: on the device the group reduces on."""
         params = [p for g in self.param_groups for p in g["params"]]
-        if self._sums_width() is None or not params:
+        if self._sums_width() is None or not (params or self.process_group is not None):
             return None
         process_group = self._reduce_group(params)  # None for plain parameters without a process_group
         if process_group is None:
             return None
-        device = local_shard(params[0]).device
+        device = local_shard(params[0]).device if params else _device_of_group(process_group)
         dtype = scope_dtype(p.dtype for p in params)
         self._check_loss(loss)
         scopes = self._scope_state(device, dtype)

@@ -120,7 +120,9 @@ def run_hand_sharded(name, backend, rank=0, world=1, group=None, device="cpu", l
     the others holding only a frozen tensor that never gets a gradient ("idle": a rank that steps
     with no gradient; the one process of world = 1 holds it too); or tensors 0 and 1 whole on the
     first rank, 2 and 3 on the last, and 0 and 1 without a gradient at step 2 ("gap": the first rank
-    sits one step out, then steps again); or sharded, with a GradScaler-like found_inf on every step
+    sits one step out, then steps again); or every tensor whole on the last rank and no tensor at all on
+    the others ("empty": as ZeroRedundancyOptimizer leaves a rank when there are more ranks than
+    tensors); or sharded, with a GradScaler-like found_inf on every step
     that is 1 at step 2 on the first rank only ("inf": one rank's inf skips the step everywhere, as
     one process skips it). Returns the betas (or laws) of the 5 steps and the rank's tensors (None
     for one it does not hold)."""
@@ -128,7 +130,7 @@ def run_hand_sharded(name, backend, rank=0, world=1, group=None, device="cpu", l
     last = rank == world - 1
 
     def whole(i):
-        return layout in ("idle", "gap") or (layout == "owned" and i >= 2)
+        return layout in ("idle", "gap", "empty") or (layout == "owned" and i >= 2)
 
     def local(t, i):  # this rank's part of tensor i
         return (t.clone() if whole(i) else shard(t, rank, world)).to(device)
@@ -300,7 +302,7 @@ def worker(rank, world, port, out_path):
             for name in CASES:
                 results[("inf", name, backend)] = run_hand_sharded(name, backend, rank, world, group, layout="inf")
             for name in OWNED_CASES:
-                for layout in ("owned", "idle", "gap"):
+                for layout in ("owned", "idle", "gap", "empty"):
                     results[(layout, name, backend)] = run_hand_sharded(name, backend, rank, world, group, layout=layout)
             for name in LATE_CASES:
                 results[("late", name, backend)] = run_late_join(name, backend, rank, world, group)
@@ -424,6 +426,23 @@ def test_a_rank_whose_tensors_join_late_warns(ranks, name, backend):
         assert len(first) == 1 and first[0] >= 2, first
     else:
         assert first == [2]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", OWNED_CASES)
+def test_a_rank_without_any_tensor_joins_the_reduce(ranks, name, backend):
+    """NOTE [a rank without gradients]: a rank whose optimizer holds no tensor at all (its groups
+    empty) joins the all_reduce with zeros too, and has every scope's beta. Before, its step returned
+    without it, and the others waited for it until gloo's timeout (or paired with its next one)."""
+    got = results_of(ranks, ("empty", name, backend))
+    betas, params = run_hand_sharded(name, "torch", layout="empty")
+    for rank_betas, _ in got:
+        assert_close(rank_betas, betas)
+    for i, full in enumerate(params):
+        held = [rank_params[i] for _, rank_params in got]
+        assert_close(held[-1], full)
+        assert all(t is None for t in held[:-1])
+    assert not torch.all(betas[1:] == betas[0])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
