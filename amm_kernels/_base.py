@@ -69,11 +69,13 @@ def _cuda_capturing() -> bool:
 
 
 def _device_of_group(group) -> torch.device:
-    """Where a rank without tensors hands its zeros to a process group's all_reduce: the current GPU
-    for NCCL (which reduces only there), else the CPU (gloo's; mixed backends such as
-    "cpu:gloo,cuda:nccl" reduce CPU tensors through gloo)."""
+    """Where a rank without tensors hands its zeros to a process group's all_reduce, so that they meet
+    the other ranks' sums in the same collective backend: the current GPU where the group has NCCL
+    (NCCL reduces only there; a mixed "cpu:gloo,cuda:nccl" group, init_process_group()'s default on a
+    GPU machine, reduces GPU tensors through it, and the models of such runs are on the GPU), else
+    the CPU (gloo)."""
     backend = str(torch.distributed.get_backend(group)).lower()
-    if "nccl" in backend and "gloo" not in backend:
+    if "nccl" in backend and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
