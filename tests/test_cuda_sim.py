@@ -123,6 +123,44 @@ def test_a_step_moves_the_budgeted_bytes(monkeypatch, name, wd, variant, cache, 
     assert per_step[1:] == [budget, budget], f"bytes per parameter of the three steps: {per_step}"
 
 
+
+def test_a_captured_step_tries_one_launch_only_where_one_ran(monkeypatch):
+    """NOTE [cooperative launch under capture] in csrc/cuda/ops_cuda.cpp: a cooperative launch refused
+    while a stream is captured would invalidate the graph, so under auto a step being captured runs as
+    the persistent step only where a launch of its grid ran before, with no refusal since. Modelled here:
+    AMM_SIM_COOP_SMS=1 refuses the grid (an MPS client), AMM_SIM_CAPTURING=1 is a capture (a launch that
+    fails then fails every launch after it). Which step ran is told by the bytes it moved (the persistent
+    step keeps its tiles: 28 bytes per parameter against 44), and every step must give the two-pass bits."""
+    set_variant(monkeypatch, "auto")
+    # (eager or captured, the device refuses the grid, the bytes the step must move; the first step's
+    # differ, it has no state to read)
+    schedule = [(False, True, None), (True, True, 44), (True, True, 44),  # refused eagerly: captured two-pass
+                (False, False, 28), (True, False, 28)]  # ran eagerly: captured as one launch
+    bytes_moved = []
+
+    def hook(opt, step):
+        captured, refused, _ = schedule[step]
+        for name, on in (("AMM_SIM_CAPTURING", captured), ("AMM_SIM_COOP_SMS", refused)):
+            monkeypatch.setenv(name, "1") if on else monkeypatch.delenv(name, raising=False)
+        loaded, stored = torch.ops.amm_cuda_sim_selftest.take_traffic()  # the step before this one
+        if step > 0:
+            bytes_moved.append((loaded + stored) / N_TRAFFIC if step > 1 else None)
+
+    shapes, seed = [[(N_TRAFFIC // 4,)] * 4], _seed("captured")
+    kwargs = dict(lr=1e-2, weight_decay=0.01)
+    try:
+        auto = run(_cuda_sim.NAME, AMAdamW, kwargs, shapes, torch.float32, seed, steps=len(schedule), hook=hook)
+    finally:
+        monkeypatch.delenv("AMM_SIM_CAPTURING", raising=False)
+        monkeypatch.delenv("AMM_SIM_COOP_SMS", raising=False)
+    loaded, stored = torch.ops.amm_cuda_sim_selftest.take_traffic()
+    bytes_moved.append((loaded + stored) / N_TRAFFIC)
+    assert bytes_moved == [b for _, _, b in schedule], f"bytes per parameter of the steps: {bytes_moved}"
+    set_variant(monkeypatch, "two_pass")
+    two = run(_cuda_sim.NAME, AMAdamW, kwargs, shapes, torch.float32, seed, steps=len(schedule))
+    assert_identical(auto, two, "captured")
+
+
 # --------------------------------------------------------------------------------------------------
 # AddressSanitizer (NOTE [AddressSanitizer] in amm_cuda_sim.cpp): the simulator and csrc/cuda built with
 # -fsanitize=address, run in a subprocess that preloads libasan; any access outside a tensor aborts it.

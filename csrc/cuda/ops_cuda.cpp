@@ -8,10 +8,14 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
+#include <utility>
 #include <vector>
 
 #include "amm_math.h"
@@ -149,7 +153,8 @@ LaunchPlan plan_or_throw(const std::vector<TensorDesc>& descs, bool one_block_pe
 // instead of the two-pass step (three launches). Both give bit-identical results. The environment
 // variable AMM_CUDA_STEP chooses, read at every step:
 //   auto (default)  the persistent step for steps of at most AMM_CUDA_PERSISTENT_MAX_NUMEL elements
-//                   (default kPersistentMaxNumel), where it can run; the two-pass step otherwise;
+//                   (default kPersistentMaxNumel), where it can run (under stream capture: NOTE
+//                   [cooperative launch under capture]); the two-pass step otherwise;
 //   two_pass        always the two-pass step;
 //   persistent      always the persistent step: an error where it cannot run (more tensors than one
 //                   table holds, a split step of the *_scope_sums ops, adaptive=False, a device
@@ -203,10 +208,52 @@ int64_t chunk_size() {
   return size;
 }
 
+// NOTE [cooperative launch under capture]: outside stream capture a refused cooperative launch costs
+// nothing (NOTE [cooperative refusal] below: the two-pass step runs instead). Under capture
+// (torch.cuda.graph, capturable=True) it would cost the graph: a launch that fails while a stream is
+// captured invalidates the capture (cudaErrorStreamCaptureInvalidated, "operation failed due to a
+// previous error during capture"), so the two-pass launches after it fail too. So under auto a step
+// being captured runs as the persistent step only where a cooperative launch of at least its grid has
+// already run on this device for this algorithm, with no refusal of a grid that size since: the eager
+// steps before a capture (the warm-up torch.cuda.graph asks for) find that out. Otherwise the captured
+// step is the two-pass one, with the same bits. A grid that ran is remembered up to the largest; a
+// refused grid lowers that below itself.
+class CooperativeRecord {
+ public:
+  static CooperativeRecord& instance() {
+    static CooperativeRecord record;
+    return record;
+  }
+  void note(int device, int algorithm, int grid, bool ran) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    int& known = proven_[{device, algorithm}];
+    known = ran ? std::max(known, grid) : std::min(known, grid - 1);
+  }
+  bool proven(int device, int algorithm, int grid) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = proven_.find({device, algorithm});
+    return it != proven_.end() && grid <= it->second;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::map<std::pair<int, int>, int> proven_;  // (device, algorithm) -> the largest grid known to launch
+};
+
+bool is_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  // A failed query counts as a capture: the two-pass step is then the safe choice.
+  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return true;
+  }
+  return status != cudaStreamCaptureStatusNone;
+}
+
 // The persistent step's plan for this step, or a plan with grid 0 where the two-pass step runs.
 // run_pass1 and split are run_step's: whether pass 1 runs here, and whether this is a *_scope_sums op.
 PersistentPlan choose_persistent(int algorithm, const Batch& batch, const LaunchPlan& chunks, const at::Device& device,
-                                 bool run_pass1, bool split) {
+                                 cudaStream_t stream, bool run_pass1, bool split) {
   const StepVariant variant = step_variant();
   if (variant == StepVariant::kTwoPass) return PersistentPlan{};
   int64_t numel = 0;
@@ -221,10 +268,21 @@ PersistentPlan choose_persistent(int algorithm, const Batch& batch, const Launch
               batch.descs.size(), ")");
   if (!fits) return PersistentPlan{};
   PersistentPlan plan;
-  C10_CUDA_CHECK(plan_persistent(algorithm, device.index(), chunks.total_blocks,
-                                 static_cast<int>(env_int("AMM_CUDA_PERSISTENT_CACHE", -1, -1, kMaxCacheIters)), &plan));
+  const cudaError_t err = plan_persistent(algorithm, device.index(), chunks.total_blocks,
+                                          static_cast<int>(env_int("AMM_CUDA_PERSISTENT_CACHE", -1, -1, kMaxCacheIters)),
+                                          &plan);
+  if (err != cudaSuccess) {  // the device's attributes or the occupancy query failed: auto runs the two-pass step
+    if (forced) C10_CUDA_CHECK(err);
+    (void)cudaGetLastError();
+    return PersistentPlan{};
+  }
   TORCH_CHECK(plan.grid > 0 || !forced, "amm_kernels (CUDA): AMM_CUDA_STEP=persistent, but ", device,
               " cannot run the persistent step (no cooperative launch, or no room for its blocks)");
+  // NOTE [cooperative launch under capture]
+  if (!forced && plan.grid > 0 && is_capturing(stream) &&
+      !CooperativeRecord::instance().proven(device.index(), algorithm, plan.grid)) {
+    return PersistentPlan{};
+  }
   return plan;
 }
 
@@ -257,10 +315,13 @@ void run_step(int algorithm, const Batch& batch, const at::Device& device, PassA
   fin.num_tensors = static_cast<int32_t>(n_tensors);
   fin.algorithm = algorithm;
 
-  const PersistentPlan persistent = choose_persistent(algorithm, batch, chunks, device, run_pass1,
+  const PersistentPlan persistent = choose_persistent(algorithm, batch, chunks, device, stream.stream(), run_pass1,
                                                        /*split=*/fin.sums_out != nullptr);
   if (persistent.grid > 0) {
     const cudaError_t err = launch_persistent_step(algorithm, persistent, chunks.tables[0], pass, fin, stream.stream());
+    if (err == cudaSuccess || err == cudaErrorCooperativeLaunchTooLarge) {
+      CooperativeRecord::instance().note(device.index(), algorithm, persistent.grid, err == cudaSuccess);
+    }
     // NOTE [cooperative refusal]: the grid is sized from the SM count the device reports, and a
     // process that may use only part of the GPU (an MPS client with a thread percentage) is refused
     // the launch. Nothing ran, so under AMM_CUDA_STEP=auto the two-pass step runs instead (after the

@@ -78,9 +78,15 @@ cudaError_t fit_kernel(int device, int cache_iters_wanted, Fit* out) {
     *out = fits[device][wanted + 1];
     return cudaSuccess;
   }
+  // The attribute calls below take `device`, but cudaFuncGetAttributes, cudaFuncSetAttribute and the
+  // occupancy query act on the current device: the caller's device guard must have made it `device`.
+  int current = -1;
+  cudaError_t err = cudaGetDevice(&current);
+  if (err != cudaSuccess) return err;
+  if (current != device) return cudaErrorInvalidDevice;
   Fit fit;
   int coop = 0, optin = 0;
-  cudaError_t err = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device);
+  err = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&fit.sms, cudaDevAttrMultiProcessorCount, device);
   cudaFuncAttributes attr{};

@@ -148,6 +148,14 @@ int cooperative_sms() {
   return n;
 }
 
+// AMM_SIM_CAPTURING=1: every stream is being captured (NOTE [CUDA on the CPU]). A launch that fails
+// while capturing invalidates the capture until the variable is unset.
+bool capturing() {
+  const char* v = std::getenv("AMM_SIM_CAPTURING");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+bool g_capture_invalidated = false;
+
 // The runnable fibers, in the policy's order.
 class ReadyQueue {
  public:
@@ -351,9 +359,24 @@ void set_last_error(cudaError_t err) {
   if (err != cudaSuccess) g_last_error = err;
 }
 
+cudaError_t launch_grid(const void* func, dim3 grid_dim, dim3 block_dim, size_t dynamic_shared, bool cooperative,
+                        size_t param_bytes, const std::function<void()>& body);
+
 cudaError_t run_grid(const void* func, dim3 grid_dim, dim3 block_dim, size_t dynamic_shared, bool cooperative,
                      size_t param_bytes, const std::function<void()>& body) {
   std::lock_guard<std::recursive_mutex> lock(g_mutex);
+  if (!capturing()) {
+    g_capture_invalidated = false;
+    return launch_grid(func, grid_dim, block_dim, dynamic_shared, cooperative, param_bytes, body);
+  }
+  if (g_capture_invalidated) return cudaErrorStreamCaptureInvalidated;
+  const cudaError_t err = launch_grid(func, grid_dim, block_dim, dynamic_shared, cooperative, param_bytes, body);
+  if (err != cudaSuccess) g_capture_invalidated = true;
+  return err;
+}
+
+cudaError_t launch_grid(const void* func, dim3 grid_dim, dim3 block_dim, size_t dynamic_shared, bool cooperative,
+                        size_t param_bytes, const std::function<void()>& body) {
   if (g_grid != nullptr) throw std::runtime_error("cuda_sim: a kernel launched a kernel");
   const uint64_t threads = uint64_t{block_dim.x} * block_dim.y * block_dim.z;
   const uint64_t blocks = uint64_t{grid_dim.x} * grid_dim.y * grid_dim.z;
@@ -504,12 +527,21 @@ const char* cudaGetErrorString(cudaError_t err) {
     case cudaErrorInvalidDeviceFunction: return "invalid device function";
     case cudaErrorLaunchFailure: return "unspecified launch failure";
     case cudaErrorCooperativeLaunchTooLarge: return "too many blocks in cooperative launch";
+    case cudaErrorStreamCaptureInvalidated: return "operation failed due to a previous error during capture";
   }
   return "unknown error";
 }
 
 cudaError_t cudaGetDevice(int* device) {
   *device = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* status) {
+  std::lock_guard<std::recursive_mutex> lock(amm_sim::g_mutex);
+  *status = !amm_sim::capturing()              ? cudaStreamCaptureStatusNone
+            : amm_sim::g_capture_invalidated ? cudaStreamCaptureStatusInvalidated
+                                             : cudaStreamCaptureStatusActive;
   return cudaSuccess;
 }
 

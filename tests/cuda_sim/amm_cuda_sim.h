@@ -15,6 +15,10 @@
 //     shared memory before writing it shows up as NaN, and a canary after it catches overruns.
 //   - Launch checks as the driver makes them: grid and block sizes, dynamic shared memory over 48 KB
 //     only after cudaFuncSetAttribute raised the kernel's limit, kernel arguments within 32764 bytes.
+//   - Stream capture, as a model of it: with AMM_SIM_CAPTURING=1 every stream reports an active capture
+//     (cudaStreamIsCapturing). Kernels still run, so a test sees what the captured step computed, but a
+//     launch that fails while capturing invalidates the capture, as the runtime does: every launch after
+//     it fails with cudaErrorStreamCaptureInvalidated until the capture ends (the variable unset).
 // What it cannot show: timing, memory ordering between threads (everything here is sequentially
 // consistent), races (one schedule only), and the device's own rounding (setup.py builds with
 // --fmad=false, so a GPU contracts no a * b + c either, but its math functions are not the host's),
@@ -96,10 +100,16 @@ enum cudaError_t {
   cudaErrorInvalidDeviceFunction = 98,
   cudaErrorLaunchFailure = 719,
   cudaErrorCooperativeLaunchTooLarge = 720,
+  cudaErrorStreamCaptureInvalidated = 901,
 };
 using cudaError = cudaError_t;
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;
+enum cudaStreamCaptureStatus {
+  cudaStreamCaptureStatusNone = 0,
+  cudaStreamCaptureStatusActive = 1,
+  cudaStreamCaptureStatusInvalidated = 2,
+};
 enum cudaDeviceAttr {
   cudaDevAttrMaxSharedMemoryPerBlock = 8,
   cudaDevAttrMultiProcessorCount = 16,
@@ -239,6 +249,7 @@ cudaError_t cudaGetLastError();
 cudaError_t cudaPeekAtLastError();
 const char* cudaGetErrorString(cudaError_t err);
 cudaError_t cudaGetDevice(int* device);
+cudaError_t cudaStreamIsCapturing(cudaStream_t stream, cudaStreamCaptureStatus* status);
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
 
 template <class... P>
