@@ -263,5 +263,18 @@ def build(verbose: bool = False, sanitize: bool = False) -> Path:
     return library
 
 
+def build_program(source: Path, exe: Path, units: list[str]) -> None:
+    """A C++ program that calls csrc/cuda's launchers directly (tests/cpp/huge_tensor_check.cpp), linked
+    with the plain build's objects of `units` (e.g. "cuda/amsgd_kernels.cu") and of the simulator."""
+    library = build()
+    cflags, _ = _flags(library.parent / "src", sanitize=False)
+    objects = [library.parent / (unit.replace("/", "_") + ".o") for unit in units]
+    cmd = [os.environ.get("CXX", "g++"), *cflags, "-Wall", "-Werror", str(source), *(str(o) for o in objects),
+           str(library.parent / "amm_cuda_sim.o"), "-o", str(exe)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"cuda_sim: building {source.name} failed:\n{res.stderr[-8000:]}")
+
+
 if __name__ == "__main__":
     print(build(verbose="-v" in sys.argv, sanitize="--asan" in sys.argv))
