@@ -17,11 +17,8 @@ from . import backends
 from ._aliasing import first_overlap, first_self_overlap
 from ._hyper import (BETA_SCOPES, FOREIGN_GROUP_KEYS, _is_number, check_choice, check_flag, check_group,
                      check_process_group, check_state_dtype, state_dtype_for)
-from ._checkpoint import CARRIER_KEYS, SCOPE_ENTRY, CheckpointMixin, _carries_row, _needs_stand_ins
+from ._checkpoint import _ABSENT, CARRIER_KEYS, SCOPE_ENTRY, CheckpointMixin, _carries_row, _needs_stand_ins
 from ._step import DTensor, ScopeState, StepBatch, capturing, local_shard, scope_dtype
-
-
-_ABSENT = object()  # _undo: a key the state dict did not have
 
 
 def _on_device(x, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -301,8 +298,11 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         state of tensors stepping for the first time, cast state to new parameter dtypes and put
         stand-ins in state made by hand (NOTE [checkpoint carriers] in _checkpoint.py). A refused
         step leaves the optimizer as it was: those are taken back here (eager only; a compiled step
-        has no handler, and its failure leaves them)."""
-        keys, fresh, _, _, replaced = made
+        has no handler, and its failure leaves them). So is what the step did to the scope state: moved to
+        the parameters' new dtype or device (float64 -> float32 rounds it), fitted to the param groups,
+        made, or given a checkpoint's rows."""
+        keys, fresh, _, _, replaced, scopes_before = made
+        self._restore_scopes(scopes_before)
         for st, old in reversed(replaced):  # (latest first: a cast saved the stand-ins made before it)
             for key, value in old.items():
                 if value is _ABSENT:
@@ -311,6 +311,27 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
                     st[key] = value
         for i in fresh:
             self.state.pop(keys[i], None)
+
+    def _scopes_before(self):
+        """What _restore_scopes needs to put the scope state back as it is now (NOTE [refused steps]): the
+        object, its fields and the tensors the tensor scopes are ordered by. The fields are references: a
+        move or a fit replaces them and writes none of them (a checkpoint's rows do: _own_scope_fields)."""
+        scopes = self._scopes
+        return scopes, (None if scopes is None else dict(vars(scopes))), list(self._layout)
+
+    def _own_scope_fields(self, before):
+        """`before` with its own copy of each field that is still the live one (before rows are written into them)."""
+        scopes, fields, layout = before
+        if fields is not None:
+            fields = {name: t.clone() if t is getattr(self._scopes, name) else t for name, t in fields.items()}
+        return scopes, fields, layout
+
+    def _restore_scopes(self, before) -> None:
+        scopes, fields, layout = before
+        if scopes is not None:  # (the same object: a compiled step keeps it, NOTE [compile])
+            vars(scopes).update(fields)
+        self._scopes = scopes
+        self._layout[:] = layout
 
     def _scope_init(self):
         """What a new scope starts from (its beta before any step)."""
@@ -445,7 +466,7 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
                                                              or len(batch.present_groups) < batch.lr.numel())
             # the loss before this step, for those scopes (the backend commits this step's)
             prev_loss = batch.scopes.prev_loss.clone() if completes and self._uses_loss() else None
-            keys, fresh, group_of, had_state, _ = made
+            keys, fresh, group_of, had_state, _, _ = made
             # before the backend counts this step (NOTE [late tensors, sharded])
             late_count = self._late_count(batch, fresh) if fresh and batch.process_group is not None else None
             if torch.compiler.is_compiling():  # folded by dynamo: no try in the graph
@@ -604,7 +625,19 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         if self.capturable and device.type not in ("cuda", "xpu"):
             raise RuntimeError(f"{name}: capturable=True needs parameters on a CUDA (or XPU) device, got {device}")
         self._backend_module(self.backend, device, dtypes)  # raises before any state exists
+        scopes_before = self._scopes_before()
         scopes = self._scope_state(device, dtype, moved or tensor_index != n_layout)
+        try:
+            return self._collect_state(keys, params, grads, group_of, scope_of, device, dtype, loss, scopes,
+                                       scopes_before, process_group, sharded)
+        except BaseException:  # (a checkpoint's row of another setting is refused there: NOTE [refused steps])
+            self._restore_scopes(scopes_before)
+            raise
+
+    def _collect_state(self, keys, params, grads, group_of, scope_of, device, dtype, loss, scopes, scopes_before,
+                       process_group, sharded) -> tuple[StepBatch, tuple]:
+        """_build_batch's second half: each parameter's state (made, cast, given its checkpoint row), and
+        the batch. The scope state is already on the device and fitted."""
         # NOTE [no copies from the host]: values made on the host reach the device as fills (torch.full: a
         # kernel with the value as its argument), never as copies: a copy from pageable host memory can
         # wait for the stream (a host synchronisation inside step()), and a CUDA graph capture refuses it.
@@ -631,10 +664,12 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
                     continue
                 if _needs_stand_ins(st, names[0]):
                     unmarked.append(i)  # state made by hand, or a legacy stand-in
-            recast |= first.dtype is not (k.dtype if state_dtype is None else state_dtype_for(k.dtype, state_dtype))
+            want = k.dtype if state_dtype is None else state_dtype_for(k.dtype, state_dtype)
             d.append(first)
+            recast |= first.dtype is not want
             if v is not None:
                 v.append(st[names[1]])
+                recast |= v[-1].dtype is not want  # (exp_avg_sq alone may differ: set by hand)
         # whether any tensor had state before this step, where some have none yet: a dict of self.state
         # may be empty (indexing it makes one: the loop above, or a user reading opt.state[p])
         had_state = bool(fresh) and (len(fresh) < len(keys) or any(self.state.values()))
@@ -660,8 +695,9 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
             d = [self.state[k][names[0]] for k in keys]
             v = None if v is None else [self.state[k][names[1]] for k in keys]
         if pending:
-            self._set_carried(scopes, pending)
-        made = (keys, fresh, group_of, had_state, replaced)
+            scopes_before = self._own_scope_fields(scopes_before)
+            self._set_carried(scopes, pending, replaced)
+        made = (keys, fresh, group_of, had_state, replaced, scopes_before)
         if sharded:
             d = [local_shard(t) for t in d]
             v = None if v is None else [local_shard(t) for t in v]

@@ -60,6 +60,7 @@ STATE_DICT_KEY = "amm"
 SCOPE_ENTRY = "amm_scope"
 SETTING_ENTRY = "amm_setting"
 CARRIER_KEYS = frozenset((SCOPE_ENTRY, SETTING_ENTRY))
+_ABSENT = object()  # a key a state dict did not have (what a refused step's undo removes again)
 FORMAT_VERSION = 1
 
 
@@ -215,12 +216,14 @@ class CheckpointMixin:
         return 10 * CARRIER_OPTIMIZERS.index(type(self).__name__) + BETA_SCOPES.index(self.beta_scope) \
             if type(self).__name__ in CARRIER_OPTIMIZERS else -1
 
-    def _set_carried(self, scopes, pending: list[tuple[int, dict]]) -> None:
+    def _set_carried(self, scopes, pending: list[tuple[int, dict]], replaced: list | None = None) -> None:
         """Move the rows of `pending` (checked by _pending_carriers or _check_loadable) out of the state
         dicts into the scope state. The rows of one scope are equal, so which tensor's lands is
-        immaterial."""
+        immaterial. replaced: where a step records each state dict's entries before, for _undo."""
         scope_of, group_of = self._scopes_of_all()
         device, dtype = scopes.step.device, scopes.step.dtype
+        if replaced is not None:
+            replaced += [(st, {key: st.get(key, _ABSENT) for key in CARRIER_KEYS}) for _, st in pending]
         ids = [i for i, _ in pending]
         rows = torch.stack([st.pop(SCOPE_ENTRY).to(device=device, dtype=dtype) for _, st in pending])
         for _, st in pending:

@@ -212,6 +212,28 @@ def check_float64_grads_are_read_as_float32(make_opt, dtype=None, steps=3, devic
     assert_same_state(*runs)
 
 
+def check_exp_avg_sq_alone_is_cast(make_opt, dtype, device="cpu"):
+    """AMAdamW's exp_avg_sq alone put in place by hand in another dtype (`dtype`) than its parameter's
+    state has is cast at the next step (_match_state_dtypes), as exp_avg would be: the run is the one
+    whose exp_avg_sq was cast back by hand, to the bit. Before, only exp_avg's dtype was looked at: the
+    reference went on computing in float16 / float64, cpu refused the step, triton took float16 and
+    failed on float64 (a KeyError)."""
+    import torch
+
+    def run(cast_back):
+        params = model_params(device=device)
+        opt = make_opt(params)
+        take_steps(opt, params, [0])
+        for p in params:
+            other = opt.state[p]["exp_avg_sq"].to(dtype)
+            opt.state[p]["exp_avg_sq"] = other.float() if cast_back else other
+        take_steps(opt, params, [1, 2])
+        assert all(st["exp_avg_sq"].dtype == torch.float32 for st in opt.state.values())
+        return snapshot(opt, params)
+
+    assert_same_state(run(cast_back=False), run(cast_back=True))
+
+
 def step_on_a_nan_gradient(make_opt):
     """stepped_once, then a step with a NaN in the first gradient, which must reach the parameter;
     returns (params, opt)."""

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import amm_kernels
-from _helpers import (assert_same_state, check_float64_grads_are_read_as_float32, model_params, set_grads, snapshot,
-                      take_steps, tolerance)
+from _helpers import (assert_same_state, check_exp_avg_sq_alone_is_cast, check_float64_grads_are_read_as_float32,
+                      model_params, set_grads, snapshot, take_steps, tolerance)
 from amm_kernels import RLLC, AMAdamW, AMSGD
 
 BACKENDS = amm_kernels.available_backends("cpu") + [_cuda_sim.NAME]
@@ -604,6 +604,42 @@ def test_a_refused_step_after_model_to_leaves_the_state_in_its_dtype(backend, cl
         for key, t in st.items():
             assert opt.state[p][key].dtype == t.dtype, key
             assert torch.equal(opt.state[p][key], t), key
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])  # (float64: the reference's; auto goes there)
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_a_refused_step_after_model_to_leaves_the_scope_state_as_it_was(backend, cls):
+    """NOTE [refused steps]: the scope state (step counts, beta or law, beta_prod, prev_lr, prev_loss) is
+    float64 for float64 parameters; the step after model.to(float16) moves it to float32, rounding it.
+    When the backend refuses that step, the move is taken back: the run going on in float64 is the one
+    without the refused call, to the bit. Before, the scope state stayed rounded to float32."""
+    def run(refuse):
+        params = model_params(dtype=torch.float64)
+        opt = cls(params, lr=0.1, backend=backend)
+        take_steps(opt, params, [0, 1])
+        if refuse:
+            before, kept = snapshot(opt, params), [p.detach().clone() for p in params]
+            for p in params:
+                p.data = p.data.to(torch.float16)
+            _misshape_gradient_0(params)
+            with pytest.raises((ValueError, RuntimeError), match=MISFITS["gradient-misshaped"][1]):
+                opt.step()
+            for p, x in zip(params, kept):
+                p.data = x
+            after = opt.state_dict()["amm"]["scopes"]
+            assert {k: t.dtype for k, t in after.items()} == {k: torch.float64 for k in after}
+            assert_same_state(before, snapshot(opt, params))
+        take_steps(opt, params, [2, 3])
+        return snapshot(opt, params)
+
+    assert_same_state(run(refuse=True), run(refuse=False))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)  # (triton: test_triton_backend.py)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=str)
+def test_exp_avg_sq_alone_in_another_dtype_is_cast_at_the_next_step(backend, dtype):
+    check_exp_avg_sq_alone_is_cast(lambda ps: AMAdamW(ps, lr=0.05, weight_decay=0.01, backend=backend_ready(backend)),
+                                   dtype)
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS)

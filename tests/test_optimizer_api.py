@@ -850,6 +850,40 @@ def test_rows_of_another_setting_put_in_place_are_refused_before_anything_change
         cls(params, **{key: "global"}).load_state_dict(copy.deepcopy(zero_like))
 
 
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
+def test_a_refused_step_leaves_rows_put_in_place_where_they_were(cls, backend, scope):
+    """NOTE [refused steps]: rows put in place without load_state_dict (as ZeroRedundancyOptimizer does)
+    move into the scope state at the next step. When the backend refuses that step, the move is taken
+    back: each state dict holds what it held (its row, not a stand-in) and the scope state is as it was,
+    and the run goes on as one without the refused call, to the bit. Before, the rows stayed moved."""
+    key = "scope" if cls is amm_kernels.RLLC else "beta_scope"
+    params = model_params()
+    opt = cls(params, **{key: scope})
+    take_steps(opt, params, range(2))
+    saved = copy.deepcopy(opt.state_dict())
+
+    def resumed(refuse):
+        held = [p.detach().clone().requires_grad_() for p in params]
+        rank = cls(held, backend=backend, **{key: scope})
+        for i, p in enumerate(held):
+            rank.state[p] = copy.deepcopy(saved["state"][i])  # (each run its own state: the steps write it)
+        if refuse:
+            before = [dict(rank.state[p]) for p in held], rank._scopes.to_dict()
+            set_grads(held, 2)
+            held[0].grad.data = torch.zeros(2, 3)  # (.data: past autograd's own check) refused by the backend
+            with pytest.raises((ValueError, RuntimeError), match=r"(tensor 0|grads\[0\]).*(shape|as many elements)"):
+                rank.step()
+            for p, st in zip(held, before[0]):
+                assert rank.state[p].keys() == st.keys() and all(rank.state[p][k] is t for k, t in st.items())
+            assert all(torch.equal(getattr(rank._scopes, k), v) for k, v in before[1].items())
+        take_steps(rank, held, [2, 3])
+        return snapshot(rank, held)
+
+    assert_same_state(resumed(refuse=True), resumed(refuse=False))
+
+
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP in one process
 @pytest.mark.filterwarnings("ignore:AMAdamW.*first gradient after")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -1314,16 +1348,25 @@ def test_a_hand_edit_right_after_a_load_moves_the_loaded_scopes(cls, kwargs, bac
     _assert_same_run(uninterrupted, _staggered_run(cls, kwargs, backend, load_then_reverse))
 
 
-@pytest.mark.parametrize("how", ["read", "deepcopy", "pickle"])
+def _refused_step(opt):
+    p = opt.param_groups[0]["params"][0]
+    p.grad = torch.zeros(p.shape)
+    p.grad.data = torch.zeros(2, 3)  # (.data: past autograd's own check) a gradient the backend refuses
+    with pytest.raises((ValueError, RuntimeError), match=r"(tensor 0|grads\[0\]).*(shape|as many elements)"):
+        opt.step()
+
+
+@pytest.mark.parametrize("how", ["read", "deepcopy", "pickle", "refused-step"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls,kwargs", TENSOR_SCOPES, ids=[c.__name__ for c, _ in TENSOR_SCOPES])
-def test_a_read_between_steps_changes_nothing(cls, kwargs, backend, how):
-    """A read of beta (law) or a copy between steps only looks: a tensor taken out and given back before
-    the next step keeps its scope, read or not (the fit is the step's). Before, the read fitted the
-    scopes to the tensor's absence, and the step after started it afresh. (state_dict() goes the same
-    way, but torch.optim's refuses the state of a tensor that is not in param_groups: a KeyError.)"""
+def test_a_read_or_a_refused_step_between_steps_changes_nothing(cls, kwargs, backend, how):
+    """A read of beta (law) or a copy between steps only looks, and a step the backend refuses changes
+    nothing (NOTE [refused steps]): a tensor taken out and given back before the next step keeps its
+    scope, read or not (the fit is the step's). Before, the read fitted the scopes to the tensor's
+    absence, and so did the refused step, and the step after started it afresh. (state_dict() goes the
+    same way, but torch.optim's refuses the state of a tensor that is not in param_groups: a KeyError.)"""
     read = {"read": lambda o: o.law if cls is amm_kernels.RLLC else o.beta,
-            "deepcopy": copy.deepcopy, "pickle": pickle.dumps}[how]
+            "deepcopy": copy.deepcopy, "pickle": pickle.dumps, "refused-step": _refused_step}[how]
 
     def out_and_back(reading):
         def between(opt, params):

@@ -20,7 +20,8 @@ from _triton import assert_beta_moves, blocks_to_test
 
 triton_backend = import_triton_backend()
 
-from _helpers import check_float64_grads_are_read_as_float32, check_inf_parameter_without_decay  # noqa: E402
+from _helpers import check_exp_avg_sq_alone_is_cast, check_float64_grads_are_read_as_float32  # noqa: E402
+from _helpers import check_inf_parameter_without_decay  # noqa: E402
 from _helpers import vector_params  # noqa: E402
 from test_vectors import replay_am_vector  # noqa: E402
 
@@ -405,6 +406,11 @@ def test_bit_identical_runs(name):
     a = run(OPTS[name], "triton", torch.float32, kwargs=dict(beta_scope="tensor"))
     b = run(OPTS[name], "triton", torch.float32, kwargs=dict(beta_scope="tensor"))
     assert_bit_identical(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=str)
+def test_exp_avg_sq_alone_in_another_dtype_is_cast_at_the_next_step(dtype):
+    check_exp_avg_sq_alone_is_cast(lambda ps: AMAdamW(ps, lr=0.05, weight_decay=0.01, backend="triton"), dtype, DEV)
 
 
 @pytest.mark.parametrize("cls", [AMSGD, AMAdamW, RLLC])
