@@ -309,27 +309,33 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
                     st.pop(key, None)
                 else:
                     st[key] = value
-        for i in fresh:
-            self.state.pop(keys[i], None)
+        for i in fresh:  # state made by this step (an entry that held a checkpoint's row alone keeps it)
+            st = self.state.get(keys[i])
+            if st is None or self.STATE_NAMES[0] in st:
+                self.state.pop(keys[i], None)
 
     def _scopes_before(self):
         """What _restore_scopes needs to put the scope state back as it is now (NOTE [refused steps]): the
-        object, its fields and the tensors the tensor scopes are ordered by. The fields are references: a
-        move or a fit replaces them and writes none of them (a checkpoint's rows do: _own_scope_fields)."""
+        object, its fields and the tensors the tensor scopes are ordered by, and the values of fields a
+        checkpoint's rows are written into (_keep_scope_values). The fields are references: a move or a
+        fit replaces them and writes none of them."""
         scopes = self._scopes
-        return scopes, (None if scopes is None else dict(vars(scopes))), list(self._layout)
+        return scopes, (None if scopes is None else dict(vars(scopes))), list(self._layout), {}
 
-    def _own_scope_fields(self, before):
-        """`before` with its own copy of each field that is still the live one (before rows are written into them)."""
-        scopes, fields, layout = before
-        if fields is not None:
-            fields = {name: t.clone() if t is getattr(self._scopes, name) else t for name, t in fields.items()}
-        return scopes, fields, layout
+    def _keep_scope_values(self, before):
+        """`before` with a copy of the values of each field that is still the live one (before a checkpoint's
+        rows are written into it): _restore_scopes writes them back into the same tensor (a captured graph and
+        a compiled step hold it: NOTE [compile], NOTE [kept for graphs])."""
+        scopes, fields, layout, _ = before
+        live = {} if fields is None else {name: t.clone() for name, t in fields.items() if t is getattr(self._scopes, name)}
+        return scopes, fields, layout, live
 
     def _restore_scopes(self, before) -> None:
-        scopes, fields, layout = before
+        scopes, fields, layout, written = before
         if scopes is not None:  # (the same object: a compiled step keeps it, NOTE [compile])
             vars(scopes).update(fields)
+            for name, values in written.items():
+                getattr(scopes, name).copy_(values)
         self._scopes = scopes
         self._layout[:] = layout
 
@@ -682,6 +688,8 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
             self._add_stand_ins(st, stand_ins)
         for i in fresh:
             st = self.state[keys[i]]
+            if SCOPE_ENTRY in st:  # a checkpoint's row alone (a ZeRO rank's tensor that had no state): _undo keeps it
+                replaced.append((st, {key: _ABSENT for key in names}))
             st.update(self._new_param_state(keys[i]))
             if SCOPE_ENTRY not in st:  # (a checkpoint's row is taken below, and leaves stand-ins)
                 self._add_stand_ins(st, stand_ins)
@@ -695,7 +703,7 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
             d = [self.state[k][names[0]] for k in keys]
             v = None if v is None else [self.state[k][names[1]] for k in keys]
         if pending:
-            scopes_before = self._own_scope_fields(scopes_before)
+            scopes_before = self._keep_scope_values(scopes_before)
             self._set_carried(scopes, pending, replaced)
         made = (keys, fresh, group_of, had_state, replaced, scopes_before)
         if sharded:

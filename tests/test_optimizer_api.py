@@ -850,19 +850,25 @@ def test_rows_of_another_setting_put_in_place_are_refused_before_anything_change
         cls(params, **{key: "global"}).load_state_dict(copy.deepcopy(zero_like))
 
 
+@pytest.mark.filterwarnings("ignore:AMAdamW.*first gradient after")  # (row-alone: tensors 2 and 3 join late)
+@pytest.mark.parametrize("entries", ["with-state", "row-alone"])
 @pytest.mark.parametrize("scope", ["global", "tensor"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
-def test_a_refused_step_leaves_rows_put_in_place_where_they_were(cls, backend, scope):
+def test_a_refused_step_leaves_rows_put_in_place_where_they_were(cls, backend, scope, entries):
     """NOTE [refused steps]: rows put in place without load_state_dict (as ZeroRedundancyOptimizer does)
     move into the scope state at the next step. When the backend refuses that step, the move is taken
-    back: each state dict holds what it held (its row, not a stand-in) and the scope state is as it was,
-    and the run goes on as one without the refused call, to the bit. Before, the rows stayed moved."""
+    back: each state dict holds what it held (its row, not a stand-in; "row-alone": the entry of a tensor
+    that had no state, its row alone, is neither dropped nor given state) and the scope state is as it
+    was, its tensors the same objects, and the run goes on as one without the refused call, to the bit.
+    Before, the rows stayed moved (and a row alone was dropped with the state the step had made)."""
     key = "scope" if cls is amm_kernels.RLLC else "beta_scope"
     params = model_params()
     opt = cls(params, **{key: scope})
-    take_steps(opt, params, range(2))
+    (_frozen_steps if entries == "row-alone" else take_steps)(opt, params, range(2))
     saved = copy.deepcopy(opt.state_dict())
+    if entries == "row-alone":
+        assert set(saved["state"][3]) == {"amm_scope", "amm_setting"}
 
     def resumed(refuse):
         held = [p.detach().clone().requires_grad_() for p in params]
@@ -870,14 +876,15 @@ def test_a_refused_step_leaves_rows_put_in_place_where_they_were(cls, backend, s
         for i, p in enumerate(held):
             rank.state[p] = copy.deepcopy(saved["state"][i])  # (each run its own state: the steps write it)
         if refuse:
-            before = [dict(rank.state[p]) for p in held], rank._scopes.to_dict()
+            before = [dict(rank.state[p]) for p in held], dict(vars(rank._scopes)), rank._scopes.to_dict()
             set_grads(held, 2)
             held[0].grad.data = torch.zeros(2, 3)  # (.data: past autograd's own check) refused by the backend
             with pytest.raises((ValueError, RuntimeError), match=r"(tensor 0|grads\[0\]).*(shape|as many elements)"):
                 rank.step()
             for p, st in zip(held, before[0]):
                 assert rank.state[p].keys() == st.keys() and all(rank.state[p][k] is t for k, t in st.items())
-            assert all(torch.equal(getattr(rank._scopes, k), v) for k, v in before[1].items())
+            assert all(getattr(rank._scopes, k) is t for k, t in before[1].items())
+            assert all(torch.equal(getattr(rank._scopes, k), v) for k, v in before[2].items())
         take_steps(rank, held, [2, 3])
         return snapshot(rank, held)
 

@@ -15,7 +15,7 @@
 #include <mutex>
 #include <optional>
 #include <stdexcept>
-#include <utility>
+#include <tuple>
 #include <vector>
 
 #include "amm_math.h"
@@ -214,30 +214,31 @@ int64_t chunk_size() {
 // captured invalidates the capture (cudaErrorStreamCaptureInvalidated, "operation failed due to a
 // previous error during capture"), so the two-pass launches after it fail too. So under auto a step
 // being captured runs as the persistent step only where a cooperative launch of at least its grid has
-// already run on this device for this algorithm, with no refusal of a grid that size since: the eager
-// steps before a capture (the warm-up torch.cuda.graph asks for) find that out. Otherwise the captured
-// step is the two-pass one, with the same bits. A grid that ran is remembered up to the largest; a
-// refused grid lowers that below itself.
+// already run on this device for this algorithm and tile cache (its shared memory sets the blocks an
+// SM holds, and so the largest grid a device takes), with no refusal of a grid that size since: the
+// eager steps before a capture (the warm-up torch.cuda.graph asks for) find that out. Otherwise the
+// captured step is the two-pass one, with the same bits. A grid that ran is remembered up to the
+// largest; a refused grid lowers that below itself.
 class CooperativeRecord {
  public:
   static CooperativeRecord& instance() {
     static CooperativeRecord record;
     return record;
   }
-  void note(int device, int algorithm, int grid, bool ran) {
+  void note(int device, int algorithm, const PersistentPlan& plan, bool ran) {
     std::lock_guard<std::mutex> lock(mutex_);
-    int& known = proven_[{device, algorithm}];
-    known = ran ? std::max(known, grid) : std::min(known, grid - 1);
+    int& known = proven_[{device, algorithm, plan.smem_bytes}];
+    known = ran ? std::max(known, plan.grid) : std::min(known, plan.grid - 1);
   }
-  bool proven(int device, int algorithm, int grid) {
+  bool proven(int device, int algorithm, const PersistentPlan& plan) {
     std::lock_guard<std::mutex> lock(mutex_);
-    const auto it = proven_.find({device, algorithm});
-    return it != proven_.end() && grid <= it->second;
+    const auto it = proven_.find({device, algorithm, plan.smem_bytes});
+    return it != proven_.end() && plan.grid <= it->second;
   }
 
  private:
   std::mutex mutex_;
-  std::map<std::pair<int, int>, int> proven_;  // (device, algorithm) -> the largest grid known to launch
+  std::map<std::tuple<int, int, int>, int> proven_;  // (device, algorithm, shared memory) -> the largest grid known to launch
 };
 
 bool is_capturing(cudaStream_t stream) {
@@ -280,7 +281,7 @@ PersistentPlan choose_persistent(int algorithm, const Batch& batch, const Launch
               " cannot run the persistent step (no cooperative launch, or no room for its blocks)");
   // NOTE [cooperative launch under capture]
   if (!forced && plan.grid > 0 && is_capturing(stream) &&
-      !CooperativeRecord::instance().proven(device.index(), algorithm, plan.grid)) {
+      !CooperativeRecord::instance().proven(device.index(), algorithm, plan)) {
     return PersistentPlan{};
   }
   return plan;
@@ -320,7 +321,7 @@ void run_step(int algorithm, const Batch& batch, const at::Device& device, PassA
   if (persistent.grid > 0) {
     const cudaError_t err = launch_persistent_step(algorithm, persistent, chunks.tables[0], pass, fin, stream.stream());
     if (err == cudaSuccess || err == cudaErrorCooperativeLaunchTooLarge) {
-      CooperativeRecord::instance().note(device.index(), algorithm, persistent.grid, err == cudaSuccess);
+      CooperativeRecord::instance().note(device.index(), algorithm, persistent, err == cudaSuccess);
     }
     // NOTE [cooperative refusal]: the grid is sized from the SM count the device reports, and a
     // process that may use only part of the GPU (an MPS client with a thread percentage) is refused
