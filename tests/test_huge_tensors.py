@@ -6,7 +6,6 @@ past 2^31 or 2^32) and on a small tensor holding the same values: the slots and 
 same bits. A 32-bit index on the way reads or writes other elements (DIFFER) or crashes the program.
 The planner's arithmetic at these sizes is tests/test_tensor_plan.py's; Triton's kernels take their
 element offsets from int64 tables and widen program ids (checked by reading, not by a test)."""
-import os
 import subprocess
 from pathlib import Path
 
@@ -21,12 +20,8 @@ UNITS = ["cuda/amsgd_kernels.cu", "cuda/amadamw_kernels.cu", "cuda/rllc_kernels.
 
 @pytest.fixture(scope="module")
 def huge_check(tmp_path_factory):
-    if os.environ.get("AMM_NO_CUDA_SIM") == "1":
-        pytest.skip("AMM_NO_CUDA_SIM=1: the CUDA-on-CPU simulator is not built in this run")
+    _cuda_sim.ensure()  # (or a skip with the reason: AMM_NO_CUDA_SIM=1, no compiler, not x86-64 Linux)
     sim_build = _cuda_sim.build_module()
-    reason = sim_build.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
     exe = tmp_path_factory.mktemp("huge_tensors") / "huge_tensor_check"
     sim_build.build_program(ROOT / "tests" / "cpp" / "huge_tensor_check.cpp", exe, UNITS)
     res = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
