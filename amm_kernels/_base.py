@@ -275,12 +275,11 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         """The shape of each state tensor of parameter p (what load_state_dict checks a checkpoint against)."""
         return {key: tuple(p.shape) for key in self.STATE_NAMES}
 
-    def _match_state_dtypes(self, keys: list[Tensor]) -> list[tuple[dict, dict]]:
+    def _match_state_dtypes(self, keys: list[Tensor], replaced: list[tuple[dict, dict]]) -> None:
         """Cast state to the dtype its parameter's state has (NOTE [state dtype] in _hyper.py) where they
         differ: the parameter's dtype changed (model.to(dtype)) since its state was made, or a
-        checkpoint held state in another dtype. Returns (state dict, the tensors it had) for each one
-        changed, for _undo."""
-        replaced = []
+        checkpoint held state in another dtype. Appends (state dict, the tensors it had) to `replaced`
+        before each one is changed, for _undo."""
         for k in keys:
             st = self.state[k]
             dtype = state_dtype_for(k.dtype, self.state_dtype)
@@ -290,7 +289,6 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
                     old.update({key: st[key] for key in CARRIER_KEYS if key in st})
                 replaced.append((st, old))
                 st.update({key: t.to(dtype) for key, t in old.items()})
-        return replaced
 
     def _undo(self, made) -> None:
         """NOTE [refused steps]: a backend refuses a step before it writes anything (a misfit, NOTE
@@ -300,7 +298,8 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         step leaves the optimizer as it was: those are taken back here (eager only; a compiled step
         has no handler, and its failure leaves them). So is what the step did to the scope state: moved to
         the parameters' new dtype or device (float64 -> float32 rounds it), fitted to the param groups,
-        made, or given a checkpoint's rows."""
+        made, or given a checkpoint's rows. The same undo runs when making that state fails part-way (out
+        of memory): each change is recorded before it is made."""
         keys, fresh, _, _, replaced, scopes_before = made
         self._restore_scopes(scopes_before)
         for st, old in reversed(replaced):  # (latest first: a cast saved the stand-ins made before it)
@@ -309,9 +308,9 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
                     st.pop(key, None)
                 else:
                     st[key] = value
-        for i in fresh:  # state made by this step (an entry that held a checkpoint's row alone keeps it)
-            st = self.state.get(keys[i])
-            if st is None or self.STATE_NAMES[0] in st:
+        for i in fresh:  # state made by this step (an entry that held a checkpoint's row alone keeps it;
+            st = self.state.get(keys[i])  # an empty one, not reached by a step that failed part-way, goes)
+            if not st or self.STATE_NAMES[0] in st:
                 self.state.pop(keys[i], None)
 
     def _scopes_before(self):
@@ -632,11 +631,11 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
             raise RuntimeError(f"{name}: capturable=True needs parameters on a CUDA (or XPU) device, got {device}")
         self._backend_module(self.backend, device, dtypes)  # raises before any state exists
         scopes_before = self._scopes_before()
-        scopes = self._scope_state(device, dtype, moved or tensor_index != n_layout)
         try:
+            scopes = self._scope_state(device, dtype, moved or tensor_index != n_layout)
             return self._collect_state(keys, params, grads, group_of, scope_of, device, dtype, loss, scopes,
                                        scopes_before, process_group, sharded)
-        except BaseException:  # (a checkpoint's row of another setting is refused there: NOTE [refused steps])
+        except BaseException:  # (a checkpoint's row of another setting is refused there; out of memory: NOTE [refused steps])
             self._restore_scopes(scopes_before)
             raise
 
@@ -682,29 +681,33 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         # checked before any state is made (raises on rows saved under another setting)
         pending = self._pending_carriers() if carried or (fresh and had_state) else []
         stand_ins, replaced = {}, []
-        for i in unmarked:
-            st = self.state[keys[i]]
-            replaced.append((st, {key: st.get(key, _ABSENT) for key in CARRIER_KEYS}))  # for _undo
-            self._add_stand_ins(st, stand_ins)
-        for i in fresh:
-            st = self.state[keys[i]]
-            if SCOPE_ENTRY in st:  # a checkpoint's row alone (a ZeRO rank's tensor that had no state): _undo keeps it
-                replaced.append((st, {key: _ABSENT for key in names}))
-            st.update(self._new_param_state(keys[i]))
-            if SCOPE_ENTRY not in st:  # (a checkpoint's row is taken below, and leaves stand-ins)
+        try:  # (each change is recorded in `replaced` before it is made: an error part-way is undone too)
+            for i in unmarked:
+                st = self.state[keys[i]]
+                replaced.append((st, {key: st.get(key, _ABSENT) for key in CARRIER_KEYS}))  # for _undo
                 self._add_stand_ins(st, stand_ins)
-            d[i] = st[names[0]]
-            if v is not None:
-                v[i] = st[names[1]]
-        if recast:
-            # the parameters' dtype changed (model.to(dtype)) since their state was made: the state is
-            # cast to the dtype it has for such a parameter (every backend then sees the dtypes it takes)
-            replaced += self._match_state_dtypes(keys)
-            d = [self.state[k][names[0]] for k in keys]
-            v = None if v is None else [self.state[k][names[1]] for k in keys]
-        if pending:
-            scopes_before = self._keep_scope_values(scopes_before)
-            self._set_carried(scopes, pending, replaced)
+            for i in fresh:
+                st = self.state[keys[i]]
+                if SCOPE_ENTRY in st:  # a checkpoint's row alone (a ZeRO rank's tensor that had no state): _undo keeps it
+                    replaced.append((st, {key: _ABSENT for key in names}))
+                st.update(self._new_param_state(keys[i]))
+                if SCOPE_ENTRY not in st:  # (a checkpoint's row is taken below, and leaves stand-ins)
+                    self._add_stand_ins(st, stand_ins)
+                d[i] = st[names[0]]
+                if v is not None:
+                    v[i] = st[names[1]]
+            if recast:
+                # the parameters' dtype changed (model.to(dtype)) since their state was made: the state is
+                # cast to the dtype it has for such a parameter (every backend then sees the dtypes it takes)
+                self._match_state_dtypes(keys, replaced)
+                d = [self.state[k][names[0]] for k in keys]
+                v = None if v is None else [self.state[k][names[1]] for k in keys]
+            if pending:
+                scopes_before = self._keep_scope_values(scopes_before)
+                self._set_carried(scopes, pending, replaced)
+        except BaseException:  # out of memory (or an interrupt) while making state: NOTE [refused steps]
+            self._undo((keys, fresh, group_of, had_state, replaced, scopes_before))
+            raise
         made = (keys, fresh, group_of, had_state, replaced, scopes_before)
         if sharded:
             d = [local_shard(t) for t in d]

@@ -642,6 +642,110 @@ def test_exp_avg_sq_alone_in_another_dtype_is_cast_at_the_next_step(backend, dty
                                    dtype)
 
 
+class _FailingCall(torch.overrides.TorchFunctionMode):
+    """Raises torch.OutOfMemoryError at the n-th torch call made under it (n = 0: never); counts them."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n, self.calls = n, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        if self.calls == self.n:
+            raise torch.OutOfMemoryError(f"injected at torch call {self.n} ({getattr(func, '__name__', func)})")
+        return func(*args, **(kwargs or {}))
+
+
+def _before_a_step_that_makes_state(cls, case):
+    """An optimizer and its parameters, their gradients set for a step that changes the state before the
+    backend runs: "first-state" makes the state of tensors 2 and 3 (frozen until then); "model-to" moves
+    the scope state and casts the state (the parameters now float64); "rows-by-hand" moves checkpoint rows
+    put in place by hand (as ZeroRedundancyOptimizer does) into the scope state; "new-group" refits the
+    tensor scopes to a param group added since the last step and makes its state."""
+    key = "scope" if cls is RLLC else "beta_scope"
+    params = model_params()
+    if case == "new-group":
+        opt = cls(params[:2], lr=0.05, **{key: "tensor"})
+        take_steps(opt, params[:2], [0, 1])
+        opt.add_param_group(dict(params=params[2:]))
+    elif case == "rows-by-hand":
+        first = cls(params, lr=0.05, **{key: "tensor"})
+        take_steps(first, params, [0, 1])
+        saved = copy.deepcopy(first.state_dict())
+        params = [p.detach().clone().requires_grad_() for p in params]
+        opt = cls(params, lr=0.05, **{key: "tensor"})
+        for i, p in enumerate(params):
+            opt.state[p] = copy.deepcopy(saved["state"][i])
+    else:
+        opt = cls(params, lr=0.05)
+        for t in [0, 1]:
+            set_grads(params, t)
+            if case == "first-state":
+                params[2].grad = params[3].grad = None
+            opt.step()
+        if case == "model-to":
+            for p in params:
+                p.data = p.data.double()
+    set_grads(params, 2)
+    return opt, params
+
+
+def _fail_in_build_batch(opt, n):
+    """Make opt's next step fail at the n-th torch call of _build_batch (which checks, makes and casts
+    state before the backend runs). Returns the mode, to read how many calls it saw."""
+    mode = _FailingCall(n)
+
+    def build_batch(loss):
+        del opt._build_batch  # (one step only)
+        with mode:
+            return type(opt)._build_batch(opt, loss)
+
+    opt._build_batch = build_batch
+    return mode
+
+
+@pytest.mark.filterwarnings("ignore:AMAdamW.*first gradient after")  # first-state: tensors 2 and 3 join late
+@pytest.mark.parametrize("case", ["first-state", "model-to", "rows-by-hand", "new-group"])
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_a_step_that_fails_part_way_through_making_state_leaves_the_optimizer_as_it_was(cls, case):
+    """NOTE [refused steps]: before the backend runs, a step makes the state of tensors stepping for the
+    first time, casts state to new parameter dtypes, moves checkpoint rows and refits the scope state. An
+    error part-way through that (out of memory, an interrupt) leaves the optimizer as it was: every torch
+    call the step makes before the backend is made to fail in turn, and after each failure every state
+    entry holds the same tensors with the same values (tensors without state before have none), the
+    scope state is the same object with the same tensors and values, and going on (the same step again,
+    then one more) gives the run without the failure, to the bit. Before, only the scope state was put
+    back: a failure after the first tensor's state was made left that state, half of a cast, rows moved."""
+    opt, params = _before_a_step_that_makes_state(cls, case)
+    calls = _fail_in_build_batch(opt, 0)
+    take_steps(opt, params, [2, 3])
+    expected = snapshot(opt, params)
+    assert calls.calls > 20, calls.calls  # (the mode saw the step's calls)
+    for n in range(1, calls.calls + 1):
+        opt, params = _before_a_step_that_makes_state(cls, case)
+        state = [dict(opt.state[p]) if p in opt.state else None for p in params]
+        values = [None if st is None else {k: t.clone() for k, t in st.items()} for st in state]
+        fields = dict(vars(opt._scopes)) if opt._scopes is not None else None
+        scope_values = {k: t.clone() for k, t in fields.items()} if fields is not None else None
+        layout = list(opt._layout)
+        _fail_in_build_batch(opt, n)
+        with pytest.raises(torch.OutOfMemoryError, match=f"injected at torch call {n} "):
+            opt.step()
+        for p, st, vals in zip(params, state, values):
+            if st is None:
+                assert p not in opt.state or not opt.state[p], (n, "state made")
+                continue
+            assert opt.state[p].keys() == st.keys(), n
+            assert all(opt.state[p][k] is t and torch.equal(t, vals[k]) for k, t in st.items()), n
+        assert (opt._scopes is None) == (fields is None), n
+        if fields is not None:
+            assert vars(opt._scopes).keys() == fields.keys(), n
+            assert all(getattr(opt._scopes, k) is t and torch.equal(t, scope_values[k]) for k, t in fields.items()), n
+        assert len(opt._layout) == len(layout) and all(a is b for a, b in zip(opt._layout, layout)), n
+        take_steps(opt, params, [2, 3])
+        assert_same_state(snapshot(opt, params), expected)
+
+
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_the_scope_state_follows_the_parameters_to_float64(cls):
     """The scope state (step counts, beta, lr, ...) is float64 for float64 parameters (scope_dtype in

@@ -487,7 +487,7 @@ def test_cpu_bad_state_dtype_fails_before_any_write(monkeypatch, cls, kwargs):
     last one. (The optimizer casts state to its parameter's dtype first: that is switched off here,
     so the kernels' own check is what is tested.)"""
     monkeypatch.setenv("AMM_CPU_BATCH_BYTES", "1")
-    monkeypatch.setattr(cls, "_match_state_dtypes", lambda self, keys: [])
+    monkeypatch.setattr(cls, "_match_state_dtypes", lambda self, keys, replaced: None)
     params = [torch.randn(s, requires_grad=True) for s in [(7,), (300,), (11,)]]
     opt = cls(params, backend="cpu", beta_scope="tensor", **kwargs)
     for step in range(2):
