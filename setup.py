@@ -122,7 +122,7 @@ setup(
     install_requires=["torch>=2.4"],
     extras_require={
         "demo": ["tqdm", "matplotlib"],
-        "test": ["pytest", "numpy", "tqdm", "matplotlib"],
+        "test": ["pytest", "pytest-xdist", "numpy", "tqdm", "matplotlib"],
         "triton": ["triton"],
     },
     ext_modules=ext_modules,
