@@ -463,22 +463,12 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
             if capturing(device):  # NOTE [kept for graphs], below
                 self._in_graphs.update((id(t), t) for t in self._index_cache.values())
         elif batch is not None:
-            module = self._backend_module(self.backend, batch.params[0].device, {p.dtype for p in batch.params})
-            # a sharded step where a scope or group of this optimizer does not step here: it may have stepped
-            # elsewhere (NOTE [scopes stepped elsewhere]); where every one steps here (FSDP2's usual step)
-            # there is nothing to commit, and the completion's ~25 small ops are not run
-            completes = batch.process_group is not None and (len(batch.present_scopes) < batch.scopes.step.numel()
-                                                             or len(batch.present_groups) < batch.lr.numel())
-            # the loss before this step, for those scopes (the backend commits this step's)
-            prev_loss = batch.scopes.prev_loss.clone() if completes and self._uses_loss() else None
             keys, fresh, group_of, had_state, _, _ = made
-            # before the backend counts this step (NOTE [late tensors, sharded])
-            late_count = self._late_count(batch, fresh) if fresh and batch.process_group is not None else None
             if torch.compiler.is_compiling():  # folded by dynamo: no try in the graph
-                getattr(module, self.STEP_OP)(batch, self._hyper)
+                completes, prev_loss, late_count = self._run_backend(batch, fresh)
             else:
                 try:
-                    getattr(module, self.STEP_OP)(batch, self._hyper)
+                    completes, prev_loss, late_count = self._run_backend(batch, fresh)
                 except BaseException:
                     self._undo(made)  # NOTE [refused steps]
                     raise
@@ -495,6 +485,23 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
                 # entries. Freed, their memory could hold anything by the next replay: they are kept.
                 self._in_graphs.update((id(t), t) for t in self._index_cache.values())
         return loss
+
+    def _run_backend(self, batch: StepBatch, fresh: list[int]):
+        """The backend's step, and what step() reads before it runs, returned: (whether this step completes
+        scopes that stepped elsewhere, the loss before it for those scopes, the count of late tensors, NOTE
+        [late tensors, sharded]). An error anywhere here, before the backend writes, is undone by step()."""
+        module = self._backend_module(self.backend, batch.params[0].device, {p.dtype for p in batch.params})
+        # a sharded step where a scope or group of this optimizer does not step here: it may have stepped
+        # elsewhere (NOTE [scopes stepped elsewhere]); where every one steps here (FSDP2's usual step)
+        # there is nothing to commit, and the completion's ~25 small ops are not run
+        completes = batch.process_group is not None and (len(batch.present_scopes) < batch.scopes.step.numel()
+                                                         or len(batch.present_groups) < batch.lr.numel())
+        # the loss before this step, for those scopes (the backend commits this step's)
+        prev_loss = batch.scopes.prev_loss.clone() if completes and self._uses_loss() else None
+        # before the backend counts this step
+        late_count = self._late_count(batch, fresh) if fresh and batch.process_group is not None else None
+        getattr(module, self.STEP_OP)(batch, self._hyper)
+        return completes, prev_loss, late_count
 
     def _sums_width(self) -> int | None:
         """Columns of the per-scope sums a sharded step all-reduces (num, den), or None where the step

@@ -3,6 +3,7 @@ before anything changes. Here: values that pass the constructor's type but not i
 tensors, truthy non-bools), group values set by hand after construction, a loss of several elements,
 and corrupted checkpoints. The constructor's plain range errors are in test_optimizer_api.py and
 test_rllc.py."""
+import contextlib
 import copy
 import inspect
 import re
@@ -643,29 +644,39 @@ def test_exp_avg_sq_alone_in_another_dtype_is_cast_at_the_next_step(backend, dty
 
 
 class _FailingCall(torch.overrides.TorchFunctionMode):
-    """Raises torch.OutOfMemoryError at the n-th torch call made under it (n = 0: never); counts them."""
+    """Raises torch.OutOfMemoryError at the n-th torch call made under it (n = 0: never); records the
+    calls it sees."""
 
     def __init__(self, n):
         super().__init__()
-        self.n, self.calls = n, 0
+        self.n, self.calls = n, []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.calls += 1
-        if self.calls == self.n:
+        self.calls.append(func)
+        if len(self.calls) == self.n:
             raise torch.OutOfMemoryError(f"injected at torch call {self.n} ({getattr(func, '__name__', func)})")
         return func(*args, **(kwargs or {}))
 
 
-def _before_a_step_that_makes_state(cls, case):
+# (backend, case): on the fused backends the step writes only inside one op (the extension's, the
+# simulator's), and every torch call before it may fail and leave the optimizer as it was; the reference
+# writes with many torch calls: for it, the calls of _build_batch, which makes the state before the update's
+# first write. The cases differ only in _build_batch: the simulator (CUDA's glue, slow) runs one.
+FAILING_CASES = ["first-state", "model-to", "rows-by-hand", "new-group"]
+FAILING_STEPS = [(b, c) for b in ["torch", "cpu"] for c in FAILING_CASES] + [(_cuda_sim.NAME, "first-state")]
+
+
+def _before_a_step_that_makes_state(cls, case, backend):
     """An optimizer and its parameters, their gradients set for a step that changes the state before the
     backend runs: "first-state" makes the state of tensors 2 and 3 (frozen until then); "model-to" moves
-    the scope state and casts the state (the parameters now float64); "rows-by-hand" moves checkpoint rows
-    put in place by hand (as ZeroRedundancyOptimizer does) into the scope state; "new-group" refits the
-    tensor scopes to a param group added since the last step and makes its state."""
+    the scope state and casts the state (the parameters now float64, or bfloat16 on a fused backend, which
+    takes no float64); "rows-by-hand" moves checkpoint rows put in place by hand (as
+    ZeroRedundancyOptimizer does) into the scope state; "new-group" refits the tensor scopes to a param
+    group added since the last step and makes its state."""
     key = "scope" if cls is RLLC else "beta_scope"
     params = model_params()
     if case == "new-group":
-        opt = cls(params[:2], lr=0.05, **{key: "tensor"})
+        opt = cls(params[:2], lr=0.05, backend=backend, **{key: "tensor"})
         take_steps(opt, params[:2], [0, 1])
         opt.add_param_group(dict(params=params[2:]))
     elif case == "rows-by-hand":
@@ -673,11 +684,11 @@ def _before_a_step_that_makes_state(cls, case):
         take_steps(first, params, [0, 1])
         saved = copy.deepcopy(first.state_dict())
         params = [p.detach().clone().requires_grad_() for p in params]
-        opt = cls(params, lr=0.05, **{key: "tensor"})
+        opt = cls(params, lr=0.05, backend=backend, **{key: "tensor"})
         for i, p in enumerate(params):
             opt.state[p] = copy.deepcopy(saved["state"][i])
     else:
-        opt = cls(params, lr=0.05)
+        opt = cls(params, lr=0.05, backend=backend)
         for t in [0, 1]:
             set_grads(params, t)
             if case == "first-state":
@@ -685,52 +696,64 @@ def _before_a_step_that_makes_state(cls, case):
             opt.step()
         if case == "model-to":
             for p in params:
-                p.data = p.data.double()
+                p.data = p.data.to(torch.float64 if backend == "torch" else torch.bfloat16)
     set_grads(params, 2)
     return opt, params
 
 
-def _fail_in_build_batch(opt, n):
-    """Make opt's next step fail at the n-th torch call of _build_batch (which checks, makes and casts
-    state before the backend runs). Returns the mode, to read how many calls it saw."""
+def _failing_step(opt, n, backend):
+    """opt.step() under _FailingCall(n): the whole step on a fused backend, _build_batch on the reference
+    (FAILING_STEPS). Returns the mode."""
     mode = _FailingCall(n)
+    if backend == "torch":
+        def build_batch(loss):
+            with mode:
+                return type(opt)._build_batch(opt, loss)
 
-    def build_batch(loss):
-        del opt._build_batch  # (one step only)
-        with mode:
-            return type(opt)._build_batch(opt, loss)
-
-    opt._build_batch = build_batch
+        opt._build_batch = build_batch
+    try:
+        with contextlib.nullcontext() if backend == "torch" else mode:
+            opt.step()
+    finally:
+        opt.__dict__.pop("_build_batch", None)
     return mode
 
 
 @pytest.mark.filterwarnings("ignore:AMAdamW.*first gradient after")  # first-state: tensors 2 and 3 join late
-@pytest.mark.parametrize("case", ["first-state", "model-to", "rows-by-hand", "new-group"])
+@pytest.mark.parametrize("backend,case", FAILING_STEPS)
 @pytest.mark.parametrize("cls", OPTIMIZERS)
-def test_a_step_that_fails_part_way_through_making_state_leaves_the_optimizer_as_it_was(cls, case):
-    """NOTE [refused steps]: before the backend runs, a step makes the state of tensors stepping for the
+def test_a_step_that_fails_before_the_backend_writes_leaves_the_optimizer_as_it_was(cls, backend, case):
+    """NOTE [refused steps]: before the backend writes, a step makes the state of tensors stepping for the
     first time, casts state to new parameter dtypes, moves checkpoint rows and refits the scope state. An
-    error part-way through that (out of memory, an interrupt) leaves the optimizer as it was: every torch
-    call the step makes before the backend is made to fail in turn, and after each failure every state
-    entry holds the same tensors with the same values (tensors without state before have none), the
-    scope state is the same object with the same tensors and values, and going on (the same step again,
-    then one more) gives the run without the failure, to the bit. Before, only the scope state was put
-    back: a failure after the first tensor's state was made left that state, half of a cast, rows moved."""
-    opt, params = _before_a_step_that_makes_state(cls, case)
-    calls = _fail_in_build_batch(opt, 0)
-    take_steps(opt, params, [2, 3])
+    error anywhere before the write (out of memory, an interrupt) leaves the optimizer as it was: every
+    torch call the step makes before that is made to fail in turn (up to the backend's op, itself included,
+    on the fused backends), and after each failure the parameters are as they were, every state entry
+    holds the same tensors with the same values (tensors without state before have none), the scope
+    state is the same object with the same tensors and values, and going on (the same step again, then one
+    more) gives the run without the failure, to the bit. Before, only the scope state was put back, and not
+    where its move failed: a failure after the first tensor's state was made left that state, half of a
+    cast, or rows moved."""
+    backend_ready(backend)
+    opt, params = _before_a_step_that_makes_state(cls, case, backend)
+    calls = _failing_step(opt, 0, backend).calls
+    take_steps(opt, params, [3])
     expected = snapshot(opt, params)
-    assert calls.calls > 20, calls.calls  # (the mode saw the step's calls)
-    for n in range(1, calls.calls + 1):
-        opt, params = _before_a_step_that_makes_state(cls, case)
+    if backend == "torch":
+        last = len(calls)
+    else:  # the backend's op: it writes, after every check (NOTE [state fits] in _step.py)
+        last = max(i for i, f in enumerate(calls, 1) if getattr(f, "_qualified_op_name", "").endswith(cls.STEP_OP))
+    assert last > 20, last  # (the mode saw the step's calls)
+    for n in range(1, last + 1):
+        opt, params = _before_a_step_that_makes_state(cls, case, backend)
         state = [dict(opt.state[p]) if p in opt.state else None for p in params]
         values = [None if st is None else {k: t.clone() for k, t in st.items()} for st in state]
+        kept = [p.detach().clone() for p in params]
         fields = dict(vars(opt._scopes)) if opt._scopes is not None else None
         scope_values = {k: t.clone() for k, t in fields.items()} if fields is not None else None
         layout = list(opt._layout)
-        _fail_in_build_batch(opt, n)
         with pytest.raises(torch.OutOfMemoryError, match=f"injected at torch call {n} "):
-            opt.step()
+            _failing_step(opt, n, backend)
+        assert all(torch.equal(p, x) for p, x in zip(params, kept)), n
         for p, st, vals in zip(params, state, values):
             if st is None:
                 assert p not in opt.state or not opt.state[p], (n, "state made")
