@@ -319,10 +319,25 @@ class CheckpointMixin:
             if carried:
                 self._set_carried(self._scopes, carried)
 
+        # NOTE [a load that fails part-way]: torch.optim's load puts new state and param groups in place (new
+        # objects, in __setstate__) and then runs the post-hooks, where the scope state is made and the
+        # stand-ins added: an error there (out of memory; a user's post-hook) would leave the loaded state
+        # beside the old scope state. The optimizer's attributes (the objects they held, which the load
+        # replaces but does not write into) and the scope state's fields (moved or refitted on the same
+        # object by __setstate__) are put back instead: a load either happens whole or changes nothing.
+        attributes, scopes, layout = dict(self.__dict__), self._scopes, list(self._layout)
+        fields = None if scopes is None else dict(vars(scopes))
         hooks = [self.register_load_state_dict_pre_hook(check),
                  self.register_load_state_dict_post_hook(restore, prepend=True)]
         try:
             super().load_state_dict(state_dict)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(attributes)
+            if scopes is not None:
+                vars(scopes).update(fields)
+            self._layout[:] = layout
+            raise
         finally:
             for hook in hooks:
                 hook.remove()
