@@ -169,9 +169,15 @@ class CheckpointMixin:
         pending = self._pending_carriers()
         if not pending:
             return
-        if scopes is None:
-            scopes = self._scope_state_of([local_shard(p) for g in self.param_groups for p in g["params"]])
-        self._set_carried(scopes, pending)
+        before, replaced = self._scopes_before(), []
+        try:  # (a read that fails part-way, out of memory, leaves the rows where they were: NOTE [refused steps])
+            if scopes is None:
+                scopes = self._scope_state_of([local_shard(p) for g in self.param_groups for p in g["params"]])
+            before = self._keep_scope_values(before)
+            self._set_carried(scopes, pending, replaced)
+        except BaseException:
+            self._undo(([], [], None, None, replaced, before))
+            raise
 
     def _pending_carriers(self) -> list[tuple[int, dict]]:
         """[(position of the parameter in param_groups order, its state dict)] for the state dicts that

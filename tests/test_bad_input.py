@@ -821,6 +821,46 @@ def test_a_load_that_fails_part_way_changes_nothing(cls, case):
         assert_same_state(snapshot(opt, params), expected)
 
 
+@pytest.mark.parametrize("read", ["state_dict", "beta"])
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_a_read_that_fails_part_way_leaves_rows_put_in_place_where_they_were(cls, read):
+    """NOTE [checkpoint carriers]: rows put in place by hand (as ZeroRedundancyOptimizer does) move into the
+    scope state at the first state_dict() or read of beta / law. Every torch call of that read is made to
+    fail in turn: the run then goes on as one without the failed read, to the bit. Before, a failure after
+    the rows left the state dicts and before they reached the scope state lost them."""
+    key = "scope" if cls is RLLC else "beta_scope"
+
+    def build():
+        params = model_params()
+        opt = cls(params, lr=0.05, **{key: "tensor"})
+        for i, p in enumerate(params):
+            opt.state[p] = copy.deepcopy(saved["state"][i])
+        return opt, params
+
+    def do_read(opt):
+        return opt.state_dict() if read == "state_dict" else (opt.law if cls is RLLC else opt.beta)
+
+    first = cls(model_params(), lr=0.05, **{key: "tensor"})
+    take_steps(first, list(first.param_groups[0]["params"]), [0, 1])
+    saved = copy.deepcopy(first.state_dict())
+    opt, params = build()
+    calls = _FailingCall(0)
+    with calls:
+        do_read(opt)
+    take_steps(opt, params, [2, 3])
+    expected = snapshot(opt, params)
+    assert len(calls.calls) > 30, len(calls.calls)
+    for n in range(1, len(calls.calls) + 1):
+        opt, params = build()
+        try:
+            with _FailingCall(n):
+                do_read(opt)
+        except torch.OutOfMemoryError:
+            pass
+        take_steps(opt, params, [2, 3])
+        assert_same_state(snapshot(opt, params), expected)
+
+
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_the_scope_state_follows_the_parameters_to_float64(cls):
     """The scope state (step counts, beta, lr, ...) is float64 for float64 parameters (scope_dtype in
