@@ -1,8 +1,9 @@
 """Bad input for every optimizer (AMSGD, AMAdamW, RLLC): a clear error that names what is wrong, raised
 before anything changes. Here: values that pass the constructor's type but not its range (inf, device
 tensors, truthy non-bools), group values set by hand after construction, a loss of several elements,
-and corrupted checkpoints. The constructor's plain range errors are in test_optimizer_api.py and
-test_rllc.py."""
+and corrupted checkpoints; and errors part-way through a step, a load or a read (an out-of-memory error
+injected at each torch call in turn), which leave the optimizer as it was. The constructor's plain range
+errors are in test_optimizer_api.py and test_rllc.py."""
 import contextlib
 import copy
 import inspect
