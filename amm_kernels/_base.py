@@ -308,8 +308,8 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
                     st.pop(key, None)
                 else:
                     st[key] = value
-        for i in fresh:  # state made by this step (an entry that held a checkpoint's row alone keeps it;
-            st = self.state.get(keys[i])  # an empty one, not reached by a step that failed part-way, goes)
+        for i in fresh:  # state made by this step (an entry that held something before keeps it, less what the
+            st = self.state.get(keys[i])  # step added; an empty one, made by the lookup, goes)
             if not st or self.STATE_NAMES[0] in st:
                 self.state.pop(keys[i], None)
 
@@ -390,6 +390,9 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         kept = self._moved_tensor_scopes() if moved else None
         if kept is not None or not self._scopes.matches(n_scopes, n_groups):
             self._scopes.grow(n_scopes, n_groups, self._scope_init(), kept)
+        if moved and self.beta_scope == "tensor":  # (after grow: where it fails, the scopes and the order
+            # they follow are both left as they were, and the next fit moves them)
+            self._layout[:] = [p for g in self.param_groups for p in g["params"]]  # in place (NOTE [compile])
 
     def _scopes_view(self):
         """The scope state as the next step will fit it to param_groups (None before there is one):
@@ -397,7 +400,7 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         if self._scopes is None:
             return None
         n_scopes, n_groups = self._scope_counts()
-        kept = self._moved_tensor_scopes(commit=False)
+        kept = self._moved_tensor_scopes()
         if kept is None and self._scopes.matches(n_scopes, n_groups):
             return self._scopes
         view = self.SCOPE_STATE.from_dict(self._scopes.to_dict(), self._scopes.step.device, self._scopes.step.dtype)
@@ -411,16 +414,14 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         self._take_pending_carriers()
         return self._scopes_view()
 
-    def _moved_tensor_scopes(self, commit: bool = True) -> tuple[list[int], list[int]] | None:
+    def _moved_tensor_scopes(self) -> tuple[list[int], list[int]] | None:
         """(new positions, old positions) of the tensors whose scopes moved, or None where none did (the
-        same tensors in the same order, perhaps more after them: grow() appends those). commit: the
-        tensors listed now become the ones the scopes are ordered by."""
+        same tensors in the same order, perhaps more after them: grow() appends those). Only looks:
+        _fit_scopes makes the tensors listed now the ones the scopes are ordered by."""
         if self.beta_scope != "tensor":
             return None
         current = [p for g in self.param_groups for p in g["params"]]
-        old = list(self._layout)
-        if commit:
-            self._layout[:] = current  # in place: a compiled step keeps it (NOTE [compile])
+        old = self._layout
         if len(old) <= len(current) and all(a is b for a, b in zip(old, current)):
             return None
         at = {id(p): i for i, p in enumerate(old)}
@@ -695,8 +696,9 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
                 self._add_stand_ins(st, stand_ins)
             for i in fresh:
                 st = self.state[keys[i]]
-                if SCOPE_ENTRY in st:  # a checkpoint's row alone (a ZeRO rank's tensor that had no state): _undo keeps it
-                    replaced.append((st, {key: _ABSENT for key in names}))
+                if st:  # a checkpoint's row alone (a ZeRO rank's tensor that had no state), a key of the user's:
+                    # _undo keeps the entry, and takes out what the step adds
+                    replaced.append((st, {key: _ABSENT for key in (*names, *CARRIER_KEYS) if key not in st}))
                 st.update(self._new_param_state(keys[i]))
                 if SCOPE_ENTRY not in st:  # (a checkpoint's row is taken below, and leaves stand-ins)
                     self._add_stand_ins(st, stand_ins)

@@ -862,6 +862,123 @@ def test_a_read_that_fails_part_way_leaves_rows_put_in_place_where_they_were(cls
         assert_same_state(snapshot(opt, params), expected)
 
 
+def _swapped_after_tensor_0_stepped_alone(params, opt):
+    """Tensor 0 steps alone (its scope's step count now differs), then a hand edit swaps tensors 0 and 1 in
+    group 0: under beta_scope="tensor" their scopes must follow them at the next fit."""
+    take_steps(opt, params[:3], [0, 1])
+    for p in params[1:]:
+        p.grad = None
+    set_grads(params[:1], 7)
+    opt.step()
+    group = opt.param_groups[0]["params"]
+    group[0], group[1] = group[1], group[0]
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_an_add_param_group_that_fails_part_way_leaves_the_tensor_scopes_on_their_tensors(cls):
+    """NOTE [tensor scopes follow their tensors]: add_param_group fits the scope state to the groups, moving
+    the scopes of tensors a hand edit reordered. Every torch call of it is made to fail in turn (torch.optim
+    has appended the group by then, or not): the run then goes on as one without the failure, to the bit.
+    Before, the new order was recorded before the scopes moved, so after a failure the next step saw nothing
+    to move, and each of the two tensors went on with the other's step count and beta."""
+    key = "scope" if cls is RLLC else "beta_scope"
+
+    def build():
+        params = model_params()
+        opt = cls(params[:3], lr=0.05, **{key: "tensor"})
+        _swapped_after_tensor_0_stepped_alone(params, opt)
+        return opt, params
+
+    opt, params = build()
+    calls = _FailingCall(0)
+    with calls:
+        opt.add_param_group(dict(params=[params[3]]))
+    take_steps(opt, params, [2, 3])
+    expected = snapshot(opt, params)
+    for n in range(1, len(calls.calls) + 1):
+        opt, params = build()
+        try:  # (the prefill of the backend cache skips what it cannot do: no failure there)
+            with _FailingCall(n):
+                opt.add_param_group(dict(params=[params[3]]))
+        except torch.OutOfMemoryError:
+            pass
+        if len(opt.param_groups) == 1:  # (failed before torch.optim appended it)
+            opt.add_param_group(dict(params=[params[3]]))
+        take_steps(opt, params, [2, 3])
+        assert_same_state(snapshot(opt, params), expected)
+
+
+from _dist import one_rank_group  # noqa: E402,F401  (a fixture)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_a_step_without_gradients_on_a_rank_that_fails_part_way_leaves_the_tensor_scopes_on_their_tensors(
+        cls, one_rank_group):
+    """NOTE [a rank without gradients]: with a process_group, a step where this rank has no gradient still
+    fits the scope state and joins the all_reduce. Every torch call before the all_reduce is made to fail in
+    turn: the same step again, then two more, give the run without the failure, to the bit (as
+    test_an_add_param_group_that_fails_part_way_leaves_the_tensor_scopes_on_their_tensors, through the
+    step's own fit)."""
+    key = "scope" if cls is RLLC else "beta_scope"
+
+    def build():
+        params = model_params()
+        opt = cls(params, lr=0.05, process_group=one_rank_group, backend="torch", **{key: "tensor"})
+        _swapped_after_tensor_0_stepped_alone(params, opt)
+        for p in params:
+            p.grad = None
+        return opt, params
+
+    def go_on(opt, params):
+        opt.step()  # (no gradients: the step that failed)
+        take_steps(opt, params, [2, 3])
+        return snapshot(opt, params)
+
+    opt, params = build()
+    calls = _FailingCall(0)
+    with calls:
+        opt.step()
+    take_steps(opt, params, [2, 3])
+    expected = snapshot(opt, params)
+    reduce_at = [i for i, f in enumerate(calls.calls, 1) if getattr(f, "__name__", "") == "all_reduce"]
+    assert len(reduce_at) == 1, reduce_at  # (the mode saw the step's calls)
+    for n in range(1, reduce_at[0] + 1):
+        opt, params = build()
+        with pytest.raises(torch.OutOfMemoryError):
+            with _FailingCall(n):
+                opt.step()
+        assert_same_state(go_on(opt, params), expected)
+
+
+
+def test_a_step_that_fails_leaves_a_key_of_the_users_in_a_state_entry():
+    """A parameter without state whose entry holds a key of the user's (opt.state[p]["note"] = ...) keeps
+    it, and only it, after a step that fails before the backend writes (at each torch call in turn, up to
+    the op); a step that succeeds adds to it. Before, a failed step dropped the entry, the key with it."""
+    def build():
+        params = model_params()
+        opt = AMSGD(params, lr=0.05, backend="cpu")
+        take_steps(opt, params, [0])
+        del opt.state[params[1]]
+        opt.state[params[1]]["note"] = "mine"
+        set_grads(params, 1)
+        return opt, params
+
+    opt, params = build()
+    counted = _FailingCall(0)
+    with counted:
+        opt.step()
+    assert {"note", "momentum_buffer"} <= set(opt.state[params[1]])
+    last = max(i for i, f in enumerate(counted.calls, 1) if getattr(f, "_qualified_op_name", "").endswith("amsgd_step"))
+    for n in range(1, last + 1):
+        opt, params = build()
+        entry = opt.state[params[1]]
+        with pytest.raises(torch.OutOfMemoryError):
+            with _FailingCall(n):
+                opt.step()
+        assert opt.state[params[1]] is entry and entry == {"note": "mine"}, n
+
+
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_the_scope_state_follows_the_parameters_to_float64(cls):
     """The scope state (step counts, beta, lr, ...) is float64 for float64 parameters (scope_dtype in
