@@ -667,6 +667,37 @@ FAILING_CASES = ["first-state", "model-to", "rows-by-hand", "new-group"]
 FAILING_STEPS = [(b, c) for b in ["torch", "cpu"] for c in FAILING_CASES] + [(_cuda_sim.NAME, "first-state")]
 
 
+def _objects(opt, params):
+    """What an optimizer holds, to see that a failure left it as it was: the parameters' values, each state
+    entry (its tensors and their values; None where the parameter has none), the state mapping, the scope
+    state (its fields and their values) and the order the tensor scopes follow."""
+    state = [dict(opt.state[p]) if p in opt.state else None for p in params]
+    fields = None if opt._scopes is None else dict(vars(opt._scopes))
+    return dict(params=[p.detach().clone() for p in params], state=state, mapping=opt.state,
+                values=[None if st is None else {k: t.clone() for k, t in st.items()} for st in state],
+                scopes=opt._scopes, fields=fields,
+                field_values=None if fields is None else {k: t.clone() for k, t in fields.items()},
+                layout=list(opt._layout))
+
+
+def _assert_same_objects(before, opt, params, n):
+    """The same objects as _objects saw, with the same values (n: the failed call, for the message)."""
+    assert all(torch.equal(p, x) for p, x in zip(params, before["params"])), n
+    assert opt.state is before["mapping"], n
+    for p, st, vals in zip(params, before["state"], before["values"]):
+        if st is None:
+            assert p not in opt.state or not opt.state[p], (n, "state made")
+            continue
+        assert opt.state[p].keys() == st.keys(), n
+        assert all(opt.state[p][k] is t and torch.equal(t, vals[k]) for k, t in st.items()), n
+    assert opt._scopes is before["scopes"], n
+    if before["fields"] is not None:
+        assert vars(opt._scopes).keys() == before["fields"].keys(), n
+        assert all(getattr(opt._scopes, k) is t and torch.equal(t, before["field_values"][k])
+                   for k, t in before["fields"].items()), n
+    assert len(opt._layout) == len(before["layout"]) and all(a is b for a, b in zip(opt._layout, before["layout"])), n
+
+
 def _before_a_step_that_makes_state(cls, case, backend):
     """An optimizer and its parameters, their gradients set for a step that changes the state before the
     backend runs: "first-state" makes the state of tensors 2 and 3 (frozen until then); "model-to" moves
@@ -746,26 +777,10 @@ def test_a_step_that_fails_before_the_backend_writes_leaves_the_optimizer_as_it_
     assert last > 20, last  # (the mode saw the step's calls)
     for n in range(1, last + 1):
         opt, params = _before_a_step_that_makes_state(cls, case, backend)
-        state = [dict(opt.state[p]) if p in opt.state else None for p in params]
-        values = [None if st is None else {k: t.clone() for k, t in st.items()} for st in state]
-        kept = [p.detach().clone() for p in params]
-        fields = dict(vars(opt._scopes)) if opt._scopes is not None else None
-        scope_values = {k: t.clone() for k, t in fields.items()} if fields is not None else None
-        layout = list(opt._layout)
+        before = _objects(opt, params)
         with pytest.raises(torch.OutOfMemoryError, match=f"injected at torch call {n} "):
             _failing_step(opt, n, backend)
-        assert all(torch.equal(p, x) for p, x in zip(params, kept)), n
-        for p, st, vals in zip(params, state, values):
-            if st is None:
-                assert p not in opt.state or not opt.state[p], (n, "state made")
-                continue
-            assert opt.state[p].keys() == st.keys(), n
-            assert all(opt.state[p][k] is t and torch.equal(t, vals[k]) for k, t in st.items()), n
-        assert (opt._scopes is None) == (fields is None), n
-        if fields is not None:
-            assert vars(opt._scopes).keys() == fields.keys(), n
-            assert all(getattr(opt._scopes, k) is t and torch.equal(t, scope_values[k]) for k, t in fields.items()), n
-        assert len(opt._layout) == len(layout) and all(a is b for a, b in zip(opt._layout, layout)), n
+        _assert_same_objects(before, opt, params, n)
         take_steps(opt, params, [2, 3])
         assert_same_state(snapshot(opt, params), expected)
 
@@ -808,15 +823,14 @@ def test_a_load_that_fails_part_way_changes_nothing(cls, case):
     assert len(calls.calls) > 50, len(calls.calls)
     for n in range(1, len(calls.calls) + 1):
         opt, params = build([5])
-        before, state = full_snapshot(opt, params), opt.state
-        entries = {p: dict(st) for p, st in state.items()}
+        before, objects = full_snapshot(opt, params), _objects(opt, params)
         loaded = copy.deepcopy(saved)
         try:
             with _FailingCall(n):
                 opt.load_state_dict(loaded)
         except torch.OutOfMemoryError:
             assert_unchanged(before, opt, params)
-            assert opt.state is state and all(opt.state[p][k] is t for p, st in entries.items() for k, t in st.items()), n
+            _assert_same_objects(objects, opt, params, n)
             opt.load_state_dict(copy.deepcopy(saved))
         take_steps(opt, params, [3])
         assert_same_state(snapshot(opt, params), expected)
