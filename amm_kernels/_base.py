@@ -301,6 +301,14 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         made, or given a checkpoint's rows. The same undo runs when making that state fails part-way (out
         of memory): each change is recorded before it is made."""
         keys, fresh, _, _, replaced, scopes_before = made
+        self._undo_changes(replaced, scopes_before)
+        for i in fresh:  # state made by this step (an entry that held something before keeps it, less what the
+            st = self.state.get(keys[i])  # step added; an empty one, made by the lookup, goes)
+            if not st or self.STATE_NAMES[0] in st:
+                self.state.pop(keys[i], None)
+
+    def _undo_changes(self, replaced, scopes_before) -> None:
+        """Put back the scope state (_scopes_before) and each state dict's entries recorded in `replaced`."""
         self._restore_scopes(scopes_before)
         for st, old in reversed(replaced):  # (latest first: a cast saved the stand-ins made before it)
             for key, value in old.items():
@@ -308,10 +316,6 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
                     st.pop(key, None)
                 else:
                     st[key] = value
-        for i in fresh:  # state made by this step (an entry that held something before keeps it, less what the
-            st = self.state.get(keys[i])  # step added; an empty one, made by the lookup, goes)
-            if not st or self.STATE_NAMES[0] in st:
-                self.state.pop(keys[i], None)
 
     def _scopes_before(self):
         """What _restore_scopes needs to put the scope state back as it is now (NOTE [refused steps]): the

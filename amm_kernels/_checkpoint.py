@@ -176,7 +176,7 @@ class CheckpointMixin:
             before = self._keep_scope_values(before)
             self._set_carried(scopes, pending, replaced)
         except BaseException:
-            self._undo(([], [], None, None, replaced, before))
+            self._undo_changes(replaced, before)
             raise
 
     def _pending_carriers(self) -> list[tuple[int, dict]]:
@@ -331,8 +331,7 @@ class CheckpointMixin:
         # beside the old scope state. The optimizer's attributes (the objects they held, which the load
         # replaces but does not write into) and the scope state's fields (moved or refitted on the same
         # object by __setstate__) are put back instead: a load either happens whole or changes nothing.
-        attributes, scopes, layout = dict(self.__dict__), self._scopes, list(self._layout)
-        fields = None if scopes is None else dict(vars(scopes))
+        attributes, scopes_before = dict(self.__dict__), self._scopes_before()
         hooks = [self.register_load_state_dict_pre_hook(check),
                  self.register_load_state_dict_post_hook(restore, prepend=True)]
         try:
@@ -340,9 +339,7 @@ class CheckpointMixin:
         except BaseException:
             self.__dict__.clear()
             self.__dict__.update(attributes)
-            if scopes is not None:
-                vars(scopes).update(fields)
-            self._layout[:] = layout
+            self._restore_scopes(scopes_before)
             raise
         finally:
             for hook in hooks:
