@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,44 @@ def test_probe_errors_builds_its_cases_and_reads_the_toolchain_without_a_gpu():
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "probe_errors.py")], cwd=ROOT, capture_output=True,
                          text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": ""})
     assert res.returncode == 1 and "no CUDA device" in res.stdout, res.stdout + res.stderr
+
+
+# the simulator's backend in a case's own process (its code may patch a class, and the glue reads its
+# environment variables at the step)
+_ON_THE_SIMULATOR = ("import sys; sys.path.insert(0, {tests!r}); import _cuda_sim\n"
+                     "assert _cuda_sim.register() is None\n")
+
+
+def _on_the_simulator(script: str) -> str:
+    """A probe case's script with its CUDA tensors and backend put on the CUDA-on-CPU simulator."""
+    for quote in "'\"":
+        script = script.replace(f"device={quote}cuda{quote}", f"device={quote}cpu{quote}")
+        script = script.replace(f"backend={quote}cuda{quote}", f"backend={quote}cuda_sim{quote}")
+    return _ON_THE_SIMULATOR.format(tests=str(ROOT / "tests")) + script
+
+
+def test_each_probe_case_of_the_cuda_glue_raises_the_glues_error_on_the_simulator():
+    """bench/probe_errors.py counts a case as "raised" on any RuntimeError, TypeError or ValueError: a case
+    whose own Python broke (a patch that no longer fits the method it replaces) would pass on the GPU
+    without reaching the check it names. Each CUDA case, run on the simulator (the same glue), must
+    raise the glue's RuntimeError ("amm_kernels (CUDA): ...") and nothing else."""
+    import _cuda_sim
+    _cuda_sim.ensure()
+    probe_errors = _probe_errors()
+    cases = {name: case for name, case in probe_errors.CASES.items() if name.startswith(("CUDA", "the test"))}
+    assert len(cases) >= 7 and probe_errors.FORCED_200 in cases, sorted(cases)
+
+    def run(item):
+        name, (env, code) = item
+        proc = subprocess.run([sys.executable, "-c", _on_the_simulator(probe_errors.script(code))], cwd=ROOT,
+                              env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+        return name, proc.returncode, proc.stdout + proc.stderr
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for name, rc, out in pool.map(run, cases.items()):
+            raised = [ln for ln in out.splitlines() if ln.startswith(("RAISED", "NOT RAISED"))]
+            assert rc == 0 and raised and raised[-1].startswith(probe_errors.GLUE_ERROR), \
+                (name, rc, out[-2000:])
 
 
 def test_a_cuda_gdb_stopped_at_its_time_still_returns_the_backtrace_it_printed(tmp_path, monkeypatch):
