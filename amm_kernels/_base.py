@@ -105,6 +105,7 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         self._wide_names = frozenset(self._wide)  # dynamo traces frozenset.isdisjoint, not dict_keys'
         self._scopes: ScopeState | None = None
         self._layout: list = []  # the tensors tensor scopes are ordered by; [] until known (NOTE [tensor scopes follow their tensors])
+        self._group_layout: list = []  # the groups (dicts) the per-group rows are ordered by; [] until known (the same NOTE)
         self._index_cache: dict = {}  # device index tensors and lr, reused across steps (no H2D copy once warm)
         self._in_graphs: dict = {}  # id -> tensor: what a captured step read from _index_cache (NOTE [kept for graphs])
         self._device_tables: dict = {}  # the backends' own, kept across steps (StepBatch.device_tables)
@@ -144,6 +145,7 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         self._add_missing_stand_ins()  # pickled before the stand-ins (NOTE [checkpoint carriers])
         self.__dict__.setdefault("_late_pending", [])
         self._layout = []  # (a copy's, or a loaded checkpoint's, scopes are in its param_groups' order)
+        self._group_layout = []
         self._wide = self._wide_args()
         self._wide_names = frozenset(self._wide)
         self._prefill_backend_cache()
@@ -323,7 +325,8 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         checkpoint's rows are written into (_keep_scope_values). The fields are references: a move or a
         fit replaces them and writes none of them."""
         scopes = self._scopes
-        return scopes, (None if scopes is None else dict(vars(scopes))), list(self._layout), {}
+        layouts = list(self._layout), list(self._group_layout)
+        return scopes, (None if scopes is None else dict(vars(scopes))), layouts, {}
 
     def _keep_scope_values(self, before):
         """`before` with a copy of the values of each field that is still the live one (before a checkpoint's
@@ -334,13 +337,14 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         return scopes, fields, layout, live
 
     def _restore_scopes(self, before) -> None:
-        scopes, fields, layout, written = before
+        scopes, fields, (layout, group_layout), written = before
         if scopes is not None:  # (the same object: a compiled step keeps it, NOTE [compile])
             vars(scopes).update(fields)
             for name, values in written.items():
                 getattr(scopes, name).copy_(values)
         self._scopes = scopes
         self._layout[:] = layout
+        self._group_layout[:] = group_layout
 
     def _scope_init(self):
         """What a new scope starts from (its beta before any step)."""
@@ -368,6 +372,7 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
             n_scopes, n_groups = self._scope_counts()
             self._scopes = self.SCOPE_STATE.create(n_scopes, n_groups, self._scope_init(), device, dtype)
             self._layout.clear()
+            self._group_layout.clear()
         if self._scopes.step.device != device or self._scopes.step.dtype != dtype:
             # (the parameters' dtype or device changed) NOTE [compile]: set on the same object, whose
             # attribute updates a compiled step keeps; a new object bound to the optimizer it drops
@@ -385,18 +390,34 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
     # whether param_groups still lists them in that order (one `is` per tensor, in _build_batch's loop),
     # and where not, each tensor's scope values follow it to its new position; a tensor new to the groups
     # starts a fresh scope, and a removed one's values are dropped (given back, it starts afresh).
+    # The same for the rows kept per param group (prev_lr; the group scopes' step, beta, beta_prod), which
+    # follow the group (its dict, as torch.optim's own keys do) where groups are removed or reordered by
+    # hand (self._group_layout); a group dict new to param_groups starts fresh ones. (A tensor moved into
+    # another group takes that group's prev_lr: the lr its last step moved with is kept per group, not per
+    # tensor, as SPEC.md section 3 keeps it.)
     # state_dict(), a read of beta / law and a copy (pickle, deepcopy) between a hand edit and the next
     # step see the scopes as the next step will (_scopes_view): each tensor's values at its new place.
     # They only look: the fit itself is the step's, so a read changes nothing that follows (a tensor
     # taken out and given back before the next step keeps its scope, read or not).
     def _fit_scopes(self, moved: bool = True) -> None:
         n_scopes, n_groups = self._scope_counts()
-        kept = self._moved_tensor_scopes() if moved else None
-        if kept is not None or not self._scopes.matches(n_scopes, n_groups):
-            self._scopes.grow(n_scopes, n_groups, self._scope_init(), kept)
-        if moved and self.beta_scope == "tensor":  # (after grow: where it fails, the scopes and the order
-            # they follow are both left as they were, and the next fit moves them)
+        kept, kept_groups = self._scope_moves(moved)
+        if kept is not None or kept_groups is not None or not self._scopes.matches(n_scopes, n_groups):
+            self._scopes.grow(n_scopes, n_groups, self._scope_init(), kept, kept_groups)
+        # (after grow: where it fails, the scopes and the order they follow are both left as they were,
+        # and the next fit moves them)
+        if moved and self.beta_scope == "tensor":
             self._layout[:] = [p for g in self.param_groups for p in g["params"]]  # in place (NOTE [compile])
+        if kept_groups is not None or len(self._group_layout) != n_groups:
+            self._group_layout[:] = self.param_groups
+
+    def _scope_moves(self, moved: bool = True):
+        """(kept, kept_groups) for grow(): the scope rows and the group rows that moved, each None where
+        none did. Only looks."""
+        kept_groups = self._moved_groups()
+        if self.beta_scope == "group":
+            return kept_groups, kept_groups
+        return (self._moved_tensor_scopes() if moved else None), kept_groups
 
     def _scopes_view(self):
         """The scope state as the next step will fit it to param_groups (None before there is one):
@@ -404,11 +425,11 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         if self._scopes is None:
             return None
         n_scopes, n_groups = self._scope_counts()
-        kept = self._moved_tensor_scopes()
-        if kept is None and self._scopes.matches(n_scopes, n_groups):
+        kept, kept_groups = self._scope_moves()
+        if kept is None and kept_groups is None and self._scopes.matches(n_scopes, n_groups):
             return self._scopes
         view = self.SCOPE_STATE.from_dict(self._scopes.to_dict(), self._scopes.step.device, self._scopes.step.dtype)
-        view.grow(n_scopes, n_groups, self._scope_init(), kept)
+        view.grow(n_scopes, n_groups, self._scope_init(), kept, kept_groups)
         return view
 
     def _scopes_as_listed(self):
@@ -430,6 +451,16 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
             return None
         at = {id(p): i for i, p in enumerate(old)}
         pairs = [(j, at[id(p)]) for j, p in enumerate(current) if id(p) in at]
+        return [j for j, _ in pairs], [i for _, i in pairs]
+
+    def _moved_groups(self) -> tuple[list[int], list[int]] | None:
+        """(new positions, old positions) of the param groups whose rows moved (removed or reordered by
+        hand), or None where none did (the same groups in the same order, perhaps more after them)."""
+        current, old = self.param_groups, self._group_layout
+        if len(old) <= len(current) and all(a is b for a, b in zip(old, current)):
+            return None
+        at = {id(g): i for i, g in enumerate(old)}
+        pairs = [(j, at[id(g)]) for j, g in enumerate(current) if id(g) in at]
         return [j for j, _ in pairs], [i for _, i in pairs]
 
     @property
@@ -692,6 +723,7 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         had_state = bool(fresh) and (len(fresh) < len(keys) or any(self.state.values()))
         # checked before any state is made (raises on rows saved under another setting)
         pending = self._pending_carriers() if carried or (fresh and had_state) else []
+        restart = self._restarted_scopes(keys, fresh, group_of, scope_of, had_state, process_group, scopes_before)
         stand_ins, replaced = {}, []
         try:  # (each change is recorded in `replaced` before it is made: an error part-way is undone too)
             for i in unmarked:
@@ -715,9 +747,12 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
                 self._match_state_dtypes(keys, replaced)
                 d = [self.state[k][names[0]] for k in keys]
                 v = None if v is None else [self.state[k][names[1]] for k in keys]
+            if pending or restart:
+                scopes_before = self._keep_scope_values(scopes_before)  # (written below: undone from these)
             if pending:
-                scopes_before = self._keep_scope_values(scopes_before)
                 self._set_carried(scopes, pending, replaced)
+            if restart:
+                scopes.restart(restart, self._scope_init())
         except BaseException:  # out of memory (or an interrupt) while making state: NOTE [refused steps]
             self._undo((keys, fresh, group_of, had_state, replaced, scopes_before))
             raise
@@ -754,6 +789,31 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
             index_cache=self._index_cache,
             device_tables=self._device_tables,
         ), made
+
+    # NOTE [a reset tensor restarts its scope]: torch.optim's ways to reset a parameter's state (del
+    # opt.state[p], as after resizing p; opt.state.clear(); a new opt.state) restart its `step`. Here steps
+    # and bias corrections are the beta scope's, so a scope none of whose tensors has state any more (after
+    # its scope state was made) starts again too: step 0, beta and beta_prod as new (RLLC: its law); its
+    # zero moments then meet a first step's bias corrections, as AdamW's do (kept, they met the old ones:
+    # AMAdamW's updates ~4x AdamW's, 10 steps after a reset at step 1000). Under beta_scope="tensor" that is
+    # every reset tensor; a shared scope (global, group) restarts where all its tensors were reset, and a
+    # tensor reset alone joins it late (NOTE [late tensors]). Not under a process_group: a rank without a
+    # tensor's gradient in this step cannot tell, and the ranks' scope state must stay the same; there a
+    # reset tensor joins its scope late.
+    def _restarted_scopes(self, keys: list[Tensor], fresh: list[int], group_of: list[int], scope_of: list[int],
+                          had_state: bool, process_group, scopes_before) -> list[int]:
+        """The scopes that start again in this step (host only, before any state is made): those of the
+        tensors whose state is made anew where no other tensor of the scope has state (none on a first
+        step, before which nothing can have stepped)."""
+        if not fresh or process_group is not None or scopes_before[0] is None:
+            return []
+        if self.beta_scope == "tensor":
+            return [scope_of[i] for i in fresh]
+        if self.beta_scope == "global":
+            return [] if had_state else [0]
+        fresh_ids, first = {id(keys[i]) for i in fresh}, self.STATE_NAMES[0]
+        return [gi for gi in sorted({group_of[i] for i in fresh})
+                if not any(id(q) not in fresh_ids and first in self.state.get(q, ()) for q in self.param_groups[gi]["params"])]
 
     def _lr_tensor(self, device: torch.device, dtype: torch.dtype) -> Tensor:
         """Every group's lr as one [G] device tensor (NOTE [no copies from the host] in _build_batch)."""

@@ -317,6 +317,7 @@ class CheckpointMixin:
             self._scopes = self.SCOPE_STATE.from_dict(saved, device, saved["step"].dtype)
             # the checkpoint's scopes are in param_groups' order: a hand edit before the next step moves them
             self._layout[:] = [p for g in self.param_groups for p in g["params"]]
+            self._group_layout[:] = self.param_groups
             carried = []
             for pid, _, i in self._paired_with_saved(sd):
                 st = sd["state"].get(pid)

@@ -123,16 +123,22 @@ class ScopeState:
     def matches(self, n_scopes: int, n_groups: int) -> bool:
         return self.step.numel() == n_scopes and self.prev_lr.numel() == n_groups
 
-    def grow(self, n_scopes: int, n_groups: int, beta_max: float, kept=None) -> None:
+    def grow(self, n_scopes: int, n_groups: int, beta_max: float, kept=None, kept_groups=None) -> None:
         """Resize for scopes and groups added by add_param_group (new entries start fresh), or, with
-        kept = (new positions, old positions), for tensor scopes that moved (NOTE [tensor scopes follow
-        their tensors] in _base.py): scope kept[1][i] becomes scope kept[0][i], the others start fresh."""
+        kept = (new positions, old positions), for scopes that moved (NOTE [tensor scopes follow their
+        tensors] in _base.py): scope kept[1][i] becomes scope kept[0][i], the others start fresh; the
+        same for the group rows (prev_lr) with kept_groups."""
         fresh = ScopeState.create(n_scopes, n_groups, beta_max, self.step.device, self.step.dtype)
         copy_scopes(self, fresh, ("step", "beta", "beta_prod"), kept)
-        n = min(n_groups, self.prev_lr.numel())
-        fresh.prev_lr[:n] = self.prev_lr[:n]
+        copy_scopes(self, fresh, ("prev_lr",), kept_groups)
         fresh.prev_loss.copy_(self.prev_loss)
         self.__dict__.update(fresh.__dict__)
+
+    def restart(self, scopes: list[int], beta_max: float) -> None:
+        """Scopes `scopes` start again as new ones do (NOTE [a reset tensor restarts its scope] in _base.py):
+        fills, not copies from the host."""
+        for s in scopes:
+            self.step[s], self.beta[s], self.beta_prod[s] = 0, beta_max, 1
 
     def to_dict(self) -> dict:
         return {name: getattr(self, name).clone() for name in self.FIELDS}

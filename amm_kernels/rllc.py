@@ -70,12 +70,20 @@ class RLLCScopeState:
     def matches(self, n_scopes: int, n_groups: int) -> bool:
         return self.step.numel() == n_scopes
 
-    def grow(self, n_scopes: int, n_groups: int, law_init, kept=None) -> None:
+    def grow(self, n_scopes: int, n_groups: int, law_init, kept=None, kept_groups=None) -> None:
         """Resize for scopes added by add_param_group (new scopes start at law_init, step 0), or for
-        tensor scopes that moved (kept: as ScopeState.grow)."""
+        scopes that moved (kept: as ScopeState.grow; no rows are kept per group here but the group
+        scopes', which come as kept)."""
         fresh = RLLCScopeState.create(n_scopes, n_groups, law_init, self.step.device, self.step.dtype)
         copy_scopes(self, fresh, ("step", "law"), kept)
         self.__dict__.update(fresh.__dict__)
+
+    def restart(self, scopes: list[int], law_init) -> None:
+        """Scopes `scopes` start again at law_init, step 0 (as ScopeState.restart): fills."""
+        for s in scopes:
+            self.step[s] = 0
+            for j, value in enumerate(law_init):
+                self.law[s, j] = value
 
     def to_dict(self) -> dict:
         return {name: getattr(self, name).clone() for name in self.FIELDS}

@@ -182,6 +182,102 @@ def stepped_once(make_opt, dtype=None):
 # behaviour checks shared by AMSGD/AMAdamW (test_optimizer_api.py) and RLLC (test_rllc.py): each takes
 # make_opt(params, **kwargs), the optimizer under test with its test's arguments, and returns what the
 # caller checks further
+def check_a_reset_tensor_restarts_its_scope(make_opt, how, device="cpu"):
+    """NOTE [a reset tensor restarts its scope]: make_opt(params) under the tensor scope, adaptive. After 6
+    steps one tensor's state is reset (how: "del" opt.state[p]; "clear", opt.state.clear(), then each
+    other tensor's entry is put back as it was). From there that tensor moves as it would under a new
+    optimizer holding it alone, from where it stands, and the others as if nothing had happened."""
+    import torch
+
+    params = model_params(device=device)
+    control = [p.detach().clone().requires_grad_() for p in params]
+    opt, opt_control = make_opt(params), make_opt(control)
+    take_steps(opt, params, range(6))
+    take_steps(opt_control, control, range(6))
+    k = 2
+    alone = params[k].detach().clone().requires_grad_()
+    opt_alone = make_opt([alone])
+    if how == "del":
+        del opt.state[params[k]]
+    else:
+        kept = {p: opt.state[p] for p in params if p is not params[k]}
+        opt.state.clear()
+        opt.state.update(kept)
+    for seed in range(6, 10):
+        set_grads(params, seed)
+        set_grads(control, seed)
+        alone.grad = params[k].grad.clone()
+        opt.step(), opt_control.step(), opt_alone.step()
+    torch.testing.assert_close(params[k], alone, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(control[k], alone)  # (the reset changed that tensor's course)
+    for i, (p, q) in enumerate(zip(params, control)):
+        if i != k:
+            torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def check_groups_rearranged_by_hand(make_opt, how):
+    """NOTE [tensor scopes follow their tensors]: the rows kept per param group (prev_lr, a group scope's step
+    and beta) follow their group when groups are removed ("remove": the first one, and its tensors' state)
+    or reordered ("reverse") by hand, as torch.optim's state follows its tensors. make_opt(groups) builds
+    the optimizer under test; three groups of different lr take 4 steps, are rearranged, and take 4 more
+    (a copy and state_dict taken in between see them where they are). The run must be the one of an
+    optimizer that held them so from the start ("remove": groups B and C only; "reverse": not reversed).
+    Before, the rows stayed by position: B took A's step count, beta and prev_lr."""
+    import copy
+
+    import torch
+
+    def groups(params):
+        return [{"params": params[0:3], "lr": 0.05}, {"params": params[3:6], "lr": 0.02},
+                {"params": params[6:], "lr": 0.01}]
+
+    params = model_params(0) + model_params(1)
+    twin = [p.detach().clone().requires_grad_() for p in params]
+    opt = make_opt(groups(params))
+    opt_twin = make_opt(groups(twin)[1:] if how == "remove" else groups(twin))
+    take_steps(opt, params, range(4))
+    take_steps(opt_twin, twin, range(4))
+    if how == "remove":
+        for p in opt.param_groups[0]["params"]:
+            opt.state.pop(p, None)
+        del opt.param_groups[0]
+        params, twin = params[3:], twin[3:]
+    else:
+        opt.param_groups.reverse()
+    copied = copy.deepcopy(opt)
+    saved = copy.deepcopy(opt.state_dict())
+    # the rows themselves, where they are now (a beta at its clamp would hide a row in the wrong place)
+    twin_lrs = [g["lr"] for g in opt_twin.param_groups]
+    rows_of = {"group": [twin_lrs.index(g["lr"]) for g in opt.param_groups],  # (each group's lr is its own)
+               "tensor": [next(i for i, q in enumerate(params) if q is p) for g in opt.param_groups for p in g["params"]]}
+    mine, theirs = saved["amm"]["scopes"], opt_twin.state_dict()["amm"]["scopes"]
+    scope = next(m[k] for m in [saved["amm"]] for k in ("beta_scope", "scope") if k in m)
+    for name, rows in theirs.items():
+        if name == "prev_lr":
+            rows = rows[rows_of["group"]]
+        elif name != "prev_loss" and scope in rows_of:
+            rows = rows[rows_of[scope]]
+        torch.testing.assert_close(mine[name], rows, rtol=1e-6, atol=0, msg=name)
+    loaded = make_opt([{**g, "params": [p.detach().clone().requires_grad_() for p in g["params"]]}
+                       for g in opt.param_groups])
+    loaded.load_state_dict(saved)
+    copied_params = [p for g in copied.param_groups for p in g["params"]]
+    loaded_params = [p for g in loaded.param_groups for p in g["params"]]
+    order = [p for g in opt.param_groups for p in g["params"]]
+    for seed in range(4, 8):
+        set_grads(params, seed)
+        set_grads(twin, seed)
+        for mine, theirs in ((copied_params, order), (loaded_params, order)):
+            for a, b in zip(mine, theirs):
+                a.grad = b.grad.clone()
+        opt.step(), opt_twin.step(), copied.step(), loaded.step()
+    for a, b in zip(params, twin):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for other in (copied_params, loaded_params):
+        for a, b in zip(other, order):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def check_sparse_gradient_raises_before_any_state_changes(make_opt):
     import pytest
 

@@ -663,21 +663,21 @@ class _FailingCall(torch.overrides.TorchFunctionMode):
 # simulator's), and every torch call before it may fail and leave the optimizer as it was; the reference
 # writes with many torch calls: for it, the calls of _build_batch, which makes the state before the update's
 # first write. The cases differ only in _build_batch: the simulator (CUDA's glue, slow) runs one.
-FAILING_CASES = ["first-state", "model-to", "rows-by-hand", "new-group"]
+FAILING_CASES = ["first-state", "model-to", "rows-by-hand", "new-group", "reset", "groups-reordered"]
 FAILING_STEPS = [(b, c) for b in ["torch", "cpu"] for c in FAILING_CASES] + [(_cuda_sim.NAME, "first-state")]
 
 
 def _objects(opt, params):
     """What an optimizer holds, to see that a failure left it as it was: the parameters' values, each state
     entry (its tensors and their values; None where the parameter has none), the state mapping, the scope
-    state (its fields and their values) and the order the tensor scopes follow."""
+    state (its fields and their values) and the orders the tensor scopes and the group rows follow."""
     state = [dict(opt.state[p]) if p in opt.state else None for p in params]
     fields = None if opt._scopes is None else dict(vars(opt._scopes))
     return dict(params=[p.detach().clone() for p in params], state=state, mapping=opt.state,
                 values=[None if st is None else {k: t.clone() for k, t in st.items()} for st in state],
                 scopes=opt._scopes, fields=fields,
                 field_values=None if fields is None else {k: t.clone() for k, t in fields.items()},
-                layout=list(opt._layout))
+                layout=list(opt._layout), group_layout=list(opt._group_layout))
 
 
 def _assert_same_objects(before, opt, params, n):
@@ -695,7 +695,9 @@ def _assert_same_objects(before, opt, params, n):
         assert vars(opt._scopes).keys() == before["fields"].keys(), n
         assert all(getattr(opt._scopes, k) is t and torch.equal(t, before["field_values"][k])
                    for k, t in before["fields"].items()), n
-    assert len(opt._layout) == len(before["layout"]) and all(a is b for a, b in zip(opt._layout, before["layout"])), n
+    for name in ("layout", "group_layout"):
+        now = getattr(opt, "_" + name)
+        assert len(now) == len(before[name]) and all(a is b for a, b in zip(now, before[name])), (n, name)
 
 
 def _before_a_step_that_makes_state(cls, case, backend):
@@ -704,10 +706,21 @@ def _before_a_step_that_makes_state(cls, case, backend):
     the scope state and casts the state (the parameters now float64, or bfloat16 on a fused backend, which
     takes no float64); "rows-by-hand" moves checkpoint rows put in place by hand (as
     ZeroRedundancyOptimizer does) into the scope state; "new-group" refits the tensor scopes to a param
-    group added since the last step and makes its state."""
+    group added since the last step and makes its state; "reset" makes the state of tensor 1 again (deleted
+    by hand) and restarts its tensor scope (NOTE [a reset tensor restarts its scope]); "groups-reordered"
+    moves the group scopes' rows and prev_lr to the groups' new places (reversed by hand)."""
     key = "scope" if cls is RLLC else "beta_scope"
     params = model_params()
-    if case == "new-group":
+    if case == "groups-reordered":
+        opt = cls([{"params": params[:2], "lr": 0.05}, {"params": params[2:], "lr": 0.02}], backend=backend,
+                  **{key: "group"})
+        take_steps(opt, params, [0, 1])
+        opt.param_groups.reverse()
+    elif case == "reset":
+        opt = cls(params, lr=0.05, backend=backend, **{key: "tensor"})
+        take_steps(opt, params, [0, 1])
+        del opt.state[params[1]]
+    elif case == "new-group":
         opt = cls(params[:2], lr=0.05, backend=backend, **{key: "tensor"})
         take_steps(opt, params[:2], [0, 1])
         opt.add_param_group(dict(params=params[2:]))

@@ -81,6 +81,32 @@ def test_a_tensor_joining_late_in_a_compiled_step_matches_eager():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scope", ["tensor", "group"])
+def test_a_compiled_step_after_a_state_reset_matches_eager(backend, scope):
+    """NOTE [a reset tensor restarts its scope] inside a compiled step: the scopes whose tensors were all
+    reset (del opt.state[p] under the tensor scope, the whole group's under the group scope) start again
+    there as in eager."""
+    def run(compiled):
+        torch.manual_seed(0)
+        params = [torch.randn(5, requires_grad=True), torch.randn(3, requires_grad=True)]
+        opt = AMAdamW([{"params": params[:1]}, {"params": params[1:], "lr": 0.02}], lr=0.05, beta_scope=scope,
+                      backend=backend)
+        step = torch.compile(opt.step, fullgraph=True, backend="aot_eager") if compiled else opt.step
+        for t in range(6):
+            if t == 3:
+                del opt.state[params[1]]
+            params[0].grad = torch.full((5,), (-1.0) ** t)
+            params[1].grad = torch.full((3,), 0.5 + t)
+            step()
+        return [p.detach().clone() for p in params], opt.state_dict()["amm"]["scopes"]["step"]
+
+    (eager, eager_steps), (compiled, compiled_steps) = run(False), run(True)
+    assert eager_steps.tolist() == [6.0, 3.0] and compiled_steps.tolist() == [6.0, 3.0]
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("backend, new_dtype", [*((b, torch.bfloat16) for b in BACKENDS), ("auto", torch.float64)])
 @pytest.mark.parametrize("cls", [AMSGD, AMAdamW])
 def test_a_compiled_step_after_model_to_another_dtype_matches_eager(cls, backend, new_dtype):

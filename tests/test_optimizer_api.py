@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import amm_kernels
-from _helpers import (check_found_inf_skips_the_step, check_grad_scaler_skips_inf_steps,
+from _helpers import (check_a_reset_tensor_restarts_its_scope, check_groups_rearranged_by_hand, check_found_inf_skips_the_step, check_grad_scaler_skips_inf_steps,
                       check_inf_parameter_without_decay, check_low_precision_params_keep_dtype,
                       check_scheduler_closure_and_add_param_group, check_sparse_gradient_raises_before_any_state_changes,
                       assert_same_state, model_params, resume_from_state_dict, set_grads, snapshot,
@@ -371,6 +371,27 @@ def test_a_late_first_gradient_matches_the_reference(backend, cls, scope):
     torch.testing.assert_close(got_beta, ref_beta, rtol=rtol, atol=atol)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + [_cuda_sim.NAME])
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+@pytest.mark.parametrize("how", ["del", "clear"])
+def test_a_tensor_whose_state_is_reset_restarts_its_scope(backend, cls, how):
+    """NOTE [a reset tensor restarts its scope], with beta adaptive (test_torch_parity.py: against torch)."""
+    if backend == _cuda_sim.NAME:
+        _cuda_sim.ensure()
+    check_a_reset_tensor_restarts_its_scope(lambda params: cls(params, lr=0.05, beta_scope="tensor", backend=backend),
+                                            how)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + [_cuda_sim.NAME])
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+@pytest.mark.parametrize("scope,how", [("group", "remove"), ("tensor", "remove"), ("global", "reverse"),
+                                       ("group", "reverse"), ("tensor", "reverse")])
+def test_param_groups_removed_or_reordered_by_hand_keep_their_rows(backend, cls, scope, how):
+    if backend == _cuda_sim.NAME:
+        _cuda_sim.ensure()
+    check_groups_rearranged_by_hand(lambda groups: cls(groups, beta_scope=scope, backend=backend), how)
 
 
 def test_amadamw_warns_once_of_a_late_tensor_in_a_shared_scope():

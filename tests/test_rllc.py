@@ -12,7 +12,7 @@ from amm_kernels import backend_supports_dtype, backends
 from amm_kernels.memory import MemorySyntaxError, memory_rule, parse_memory
 from amm_kernels.rllc import RLLC, rllc_backends, supports_rllc
 
-from _helpers import (assert_params_after, check_found_inf_skips_the_step, check_grad_scaler_skips_inf_steps,
+from _helpers import (assert_params_after, check_a_reset_tensor_restarts_its_scope, check_groups_rearranged_by_hand, check_found_inf_skips_the_step, check_grad_scaler_skips_inf_steps,
                       check_low_precision_params_keep_dtype, check_scheduler_closure_and_add_param_group,
                       check_sparse_gradient_raises_before_any_state_changes, load_vector, model_params,
                       resume_from_state_dict, set_grads, set_vector_grads, step_on_a_nan_gradient, tolerance,
@@ -441,6 +441,20 @@ def test_loading_a_mismatched_state_is_a_clear_error():
     bad["amm"]["format_version"] = 99
     with pytest.raises(ValueError, match="format_version 99"):
         RLLC(params).load_state_dict(bad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scope,how", [("group", "remove"), ("tensor", "remove"), ("group", "reverse")])
+def test_param_groups_removed_or_reordered_by_hand_keep_their_rows(backend, scope, how):
+    check_groups_rearranged_by_hand(lambda groups: RLLC(groups, law_lr=0.1, scope=scope, backend=backend), how)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["del", "clear"])
+def test_a_tensor_whose_state_is_reset_restarts_its_scope(backend, how):
+    """NOTE [a reset tensor restarts its scope]: its law starts again from the memory's, step 0."""
+    check_a_reset_tensor_restarts_its_scope(lambda params: RLLC(params, law_lr=0.1, scope="tensor", backend=backend),
+                                            how)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -4,6 +4,8 @@ AMSGD(adaptive=False, lam=0) == torch.optim.SGD(momentum=b, dampening=b);
 AMAdamW(adaptive=False, lam=0) == torch.optim.AdamW (same lr, betas, eps, weight_decay).
 20 steps, odd and empty shapes, two param groups with different lr and weight decay.
 """
+import collections
+
 import _cuda_sim
 import pytest
 import torch
@@ -32,8 +34,20 @@ def make_groups(dtype, seed, weight_decays):
     ]
 
 
-def run_pair(ours_cls, ours_kw, torch_cls, torch_kw, dtype, seed, weight_decays, steps=20, late=None):
-    """`late`: {tensor index (through the groups): the step of its first gradient} (None before it)."""
+def reset_state(opt, how, params):
+    """torch.optim's ways to reset state: del opt.state[p] for p in params, opt.state.clear(), a new opt.state."""
+    if how == "del":
+        for p in params:
+            del opt.state[p]
+    elif how == "clear":
+        opt.state.clear()
+    else:
+        opt.state = collections.defaultdict(dict)
+
+
+def run_pair(ours_cls, ours_kw, torch_cls, torch_kw, dtype, seed, weight_decays, steps=20, late=None, reset=None):
+    """`late`: {tensor index (through the groups): the step of its first gradient} (None before it);
+    `reset`: (step, how, tensor indices): reset_state on both optimizers before that step."""
     groups = make_groups(dtype, seed, weight_decays)
     mine = [{**g, "params": [p.clone().requires_grad_() for p in g["params"]]} for g in groups]
     theirs = [{**g, "params": [p.clone().requires_grad_() for p in g["params"]]} for g in groups]
@@ -49,6 +63,9 @@ def run_pair(ours_cls, ours_kw, torch_cls, torch_kw, dtype, seed, weight_decays,
         if step == 10:  # an lr change mid-run, as a scheduler would make
             for g in mine + theirs:
                 g["lr"] *= 0.5
+        if reset and step == reset[0]:
+            reset_state(opt_a, reset[1], [pairs[i][0] for i in reset[2]])
+            reset_state(opt_b, reset[1], [pairs[i][1] for i in reset[2]])
         opt_a.step(), opt_b.step()
     rtol, atol = tolerance(dtype)
     for ga, gb in zip(mine, theirs):
@@ -99,3 +116,25 @@ def test_tensor_scope_is_torch_for_tensors_that_join_late(backend, name):
         kw = dict(betas=(0.8, 0.99), eps=1e-8)
         run_pair(AMAdamW, dict(adaptive=False, lam=0.0, beta_scope="tensor", backend=backend, **kw),
                  torch.optim.AdamW, kw, torch.float32, seed=5, weight_decays=(0.0, 0.01), late=late)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["AMSGD", "AMAdamW"])
+@pytest.mark.parametrize("scope,how", [("tensor", "del"), ("tensor", "clear"), ("tensor", "new"), ("global", "clear"),
+                                       ("group", "new"), ("group", "del")])
+def test_a_reset_tensor_starts_again_as_torchs_does(backend, name, scope, how):
+    """NOTE [a reset tensor restarts its scope]: torch.optim restarts a parameter's step count when its
+    state is reset (del opt.state[p], as after resizing p; opt.state.clear(); a new opt.state). A scope
+    none of whose tensors has state any more restarts with them (under beta_scope="tensor", that of each
+    reset tensor), so the run still matches torch's after a reset at step 13 (of two tensors, of a group's under the group scope, or of all).
+    Kept, AMAdamW's zero moments met the old bias corrections."""
+    assert _supports(backend, torch.float32)
+    reset = (13, how, ([3, 4, 5] if scope == "group" else [1, 4]) if how == "del" else [])
+    if name == "AMSGD":
+        run_pair(AMSGD, dict(adaptive=False, lam=0.0, beta_max=0.85, beta_scope=scope, backend=backend),
+                 torch.optim.SGD, dict(momentum=0.85, dampening=0.85), torch.float32, seed=7,
+                 weight_decays=(0.0, 0.01), reset=reset)
+    else:
+        kw = dict(betas=(0.8, 0.99), eps=1e-8)
+        run_pair(AMAdamW, dict(adaptive=False, lam=0.0, beta_scope=scope, backend=backend, **kw),
+                 torch.optim.AdamW, kw, torch.float32, seed=7, weight_decays=(0.0, 0.01), reset=reset)

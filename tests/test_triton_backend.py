@@ -21,7 +21,7 @@ from _triton import assert_beta_moves, blocks_to_test
 triton_backend = import_triton_backend()
 
 from _helpers import check_exp_avg_sq_alone_is_cast, check_float64_grads_are_read_as_float32  # noqa: E402
-from _helpers import check_inf_parameter_without_decay  # noqa: E402
+from _helpers import check_a_reset_tensor_restarts_its_scope, check_inf_parameter_without_decay  # noqa: E402
 from _helpers import vector_params  # noqa: E402
 from test_vectors import replay_am_vector  # noqa: E402
 
@@ -393,6 +393,13 @@ def test_parity_mixed_dtypes():
             return params, opt, train(opt, params, 3, "beta", flip=True)
 
         assert_same_run(run_mixed("torch"), run_mixed("triton"), torch.bfloat16, f"{cls.__name__} mixed dtypes")
+
+
+@pytest.mark.parametrize("cls", [AMSGD, AMAdamW, RLLC])
+def test_a_tensor_whose_state_is_reset_restarts_its_scope(cls):
+    # NOTE [a reset tensor restarts its scope] (every backend: test_optimizer_api.py, test_rllc.py)
+    scope = {"scope": "tensor"} if cls is RLLC else {"beta_scope": "tensor"}
+    check_a_reset_tensor_restarts_its_scope(lambda params: cls(params, backend="triton", **scope), "del", device=DEV)
 
 
 @pytest.mark.parametrize("cls", [AMSGD, AMAdamW, RLLC])
