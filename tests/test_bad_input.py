@@ -1149,3 +1149,32 @@ def test_a_group_repeating_every_argument_with_its_value_is_accepted(cls):
     for key in set(kwargs) & set(other):
         with pytest.raises(ValueError, match=f"sets {key}=.* but {key} is optimizer-wide"):
             cls([{"params": model_params(), key: other[key]}], lr=0.1, **kwargs)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_dtensors_sharded_over_two_mesh_dimensions_or_over_different_groups_are_refused(cls, one_rank_group):
+    """README "Not supported": parameters sharded over more than one mesh dimension (FSDP + tensor
+    parallel) would need beta's sums reduced over several groups, and parameters sharded over different
+    groups (or some not sharded) have no one group to reduce over: each is an error naming the way out,
+    raised before any state is made. One rank of gloo, 1 x 1 and 1-long CPU meshes."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    def dtensor(mesh, placements, shape):
+        p = torch.nn.Parameter(distribute_tensor(torch.randn(shape), mesh, placements))
+        p.grad = distribute_tensor(torch.randn(shape), mesh, placements)
+        return p
+
+    two_d = init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "tp"))
+    opt = cls([dtensor(two_d, [Shard(0), Shard(1)], (4, 4))])
+    scopes = opt._scopes
+    with pytest.raises(NotImplementedError, match=r"sharded over 2 mesh dimensions .*shard over one mesh dimension"):
+        opt.step()
+    assert not opt.state and opt._scopes is scopes
+    plain = torch.randn(3, requires_grad=True)
+    plain.grad = torch.randn(3)
+    opt = cls([dtensor(init_device_mesh("cpu", (1,)), [Shard(0)], (4,)), plain])
+    scopes = opt._scopes
+    with pytest.raises(RuntimeError, match="sharded over different process groups .*pass process_group= explicitly"):
+        opt.step()
+    assert not opt.state and opt._scopes is scopes
