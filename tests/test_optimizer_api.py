@@ -1454,3 +1454,50 @@ def test_auto_on_the_cpu_is_the_compiled_backend_before_the_reference():
         from amm_kernels import compiled_backend
         opt = AMSGD(model_params())
         assert opt._backend_module("auto", torch.device("cpu"), {torch.float32}) is compiled_backend
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+@pytest.mark.parametrize("make", [
+    lambda opt, **kw: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10, **kw),
+    lambda opt, **kw: torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.01, max_lr=0.1, step_size_up=2, **kw),
+], ids=["OneCycleLR", "CyclicLR"])
+def test_schedulers_that_cycle_momentum_need_it_off(cls, make):
+    """README: OneCycleLR and CyclicLR need cycle_momentum=False (beta is computed every step: there is no
+    momentum to cycle). With it on (their default) torch refuses the optimizer when the scheduler is made;
+    with it off the lr follows the schedule torch.optim.SGD's takes."""
+    p = torch.randn(3, requires_grad=True)
+    opt = cls([p], lr=0.01)
+    with pytest.raises(ValueError, match="cycle_momentum"):
+        make(opt)
+    ours = make(opt, cycle_momentum=False)
+    theirs = make(torch.optim.SGD([torch.randn(3, requires_grad=True)], lr=0.01), cycle_momentum=False)
+    for _ in range(6):
+        p.grad = torch.randn(3)
+        opt.step()
+        ours.step(), theirs.optimizer.step(), theirs.step()
+        assert opt.param_groups[0]["lr"] == theirs.optimizer.param_groups[0]["lr"]
+    assert torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"] + [_cuda_sim.NAME])
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_a_float32_step_count_stops_at_2_to_the_24(backend, cls):
+    """README: a scope's step count is float32 (as torch's capturable Adam's "step"): it counts exactly to
+    2^24 and stays there, on every backend as on the reference, and the step goes on finite (the counts
+    put 2 below it by hand)."""
+    if backend == _cuda_sim.NAME:
+        _cuda_sim.ensure()
+    runs = []
+    for b in ("torch", backend):
+        params = model_params()
+        opt = cls(params, lr=0.05, beta_scope="tensor", backend=b)
+        take_steps(opt, params, [0])
+        opt._scopes.step.fill_(2.0 ** 24 - 2)
+        take_steps(opt, params, [1, 2, 3])
+        steps = opt.state_dict()["amm"]["scopes"]["step"]
+        assert steps.dtype == torch.float32 and steps.tolist() == [2.0 ** 24] * 4, (b, steps)
+        assert all(torch.isfinite(p).all() for p in params)
+        runs.append(params)
+    rtol, atol = tolerance(torch.float32)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
