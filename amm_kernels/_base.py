@@ -391,8 +391,9 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
     # and where not, each tensor's scope values follow it to its new position; a tensor new to the groups
     # starts a fresh scope, and a removed one's values are dropped (given back, it starts afresh).
     # The same for the rows kept per param group (prev_lr; the group scopes' step, beta, beta_prod), which
-    # follow the group (its dict, as torch.optim's own keys do) where groups are removed or reordered by
-    # hand (self._group_layout); a group dict new to param_groups starts fresh ones. (A tensor moved into
+    # follow the group (its dict, as torch.optim's own keys do, or a dict that replaced it holding the same
+    # tensors) where groups are removed, reordered or copied by hand (self._group_layout); another group
+    # dict new to param_groups starts fresh ones. (A tensor moved into
     # another group takes that group's prev_lr: the lr its last step moved with is kept per group, not per
     # tensor, as SPEC.md section 3 keeps it.)
     # state_dict(), a read of beta / law and a copy (pickle, deepcopy) between a hand edit and the next
@@ -460,7 +461,14 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         if len(old) <= len(current) and all(a is b for a, b in zip(old, current)):
             return None
         at = {id(g): i for i, g in enumerate(old)}
-        pairs = [(j, at[id(g)]) for j, g in enumerate(current) if id(g) in at]
+        # a dict that replaced one holding the same tensors (a copy: dict(group)) is that group
+        holding = {tuple(map(id, g["params"])): i for i, g in enumerate(old) if g["params"]}
+        pairs, taken = [], set()
+        for j, g in enumerate(current):
+            i = at.get(id(g), holding.get(tuple(map(id, g["params"]))))
+            if i is not None and i not in taken:
+                pairs.append((j, i))
+                taken.add(i)
         return [j for j, _ in pairs], [i for _, i in pairs]
 
     @property
@@ -695,6 +703,12 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         # Shapes are the backends' to check (NOTE [state fits] in _step.py).
         names = self.STATE_NAMES
         state_dtype = self.state_dtype
+        if torch.compiler.is_compiling():
+            # NOTE [compile: the order of opt.state]: dynamo reaches a parameter's state entry by its position
+            # in opt.state (the key is a tensor), and without this guards nothing of the keys' order: after
+            # del opt.state[p] (made again at the end) or an entry moved by hand, a compiled step read every
+            # later tensor's moments from another's entry. Iterating the keys makes it guard their order.
+            tuple(self.state)
         d, v = [], ([] if len(names) > 1 else None)
         fresh, unmarked = [], []
         recast = carried = False
@@ -723,7 +737,8 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         had_state = bool(fresh) and (len(fresh) < len(keys) or any(self.state.values()))
         # checked before any state is made (raises on rows saved under another setting)
         pending = self._pending_carriers() if carried or (fresh and had_state) else []
-        restart = self._restarted_scopes(keys, fresh, group_of, scope_of, had_state, process_group, scopes_before)
+        restart = self._restarted_scopes(keys, fresh, group_of, scope_of, had_state, process_group, scopes_before,
+                                         pending)
         stand_ins, replaced = {}, []
         try:  # (each change is recorded in `replaced` before it is made: an error part-way is undone too)
             for i in unmarked:
@@ -801,19 +816,26 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
     # tensor's gradient in this step cannot tell, and the ranks' scope state must stay the same; there a
     # reset tensor joins its scope late.
     def _restarted_scopes(self, keys: list[Tensor], fresh: list[int], group_of: list[int], scope_of: list[int],
-                          had_state: bool, process_group, scopes_before) -> list[int]:
+                          had_state: bool, process_group, scopes_before, pending) -> list[int]:
         """The scopes that start again in this step (host only, before any state is made): those of the
         tensors whose state is made anew where no other tensor of the scope has state (none on a first
-        step, before which nothing can have stepped)."""
+        step, before which nothing can have stepped), and none that a checkpoint's row (`pending`, NOTE
+        [checkpoint carriers]) gives its values in this step."""
         if not fresh or process_group is not None or scopes_before[0] is None:
             return []
         if self.beta_scope == "tensor":
-            return [scope_of[i] for i in fresh]
-        if self.beta_scope == "global":
-            return [] if had_state else [0]
-        fresh_ids, first = {id(keys[i]) for i in fresh}, self.STATE_NAMES[0]
-        return [gi for gi in sorted({group_of[i] for i in fresh})
-                if not any(id(q) not in fresh_ids and first in self.state.get(q, ()) for q in self.param_groups[gi]["params"])]
+            scopes = [scope_of[i] for i in fresh]
+        elif self.beta_scope == "global":
+            scopes = [] if had_state else [0]
+        else:
+            fresh_ids, first = {id(keys[i]) for i in fresh}, self.STATE_NAMES[0]
+            scopes = [gi for gi in sorted({group_of[i] for i in fresh}) if not any(
+                id(q) not in fresh_ids and first in self.state.get(q, ()) for q in self.param_groups[gi]["params"])]
+        if scopes and pending:
+            given = self._scopes_of_all()[0]
+            given = {given[i] for i, _ in pending}
+            scopes = [s for s in scopes if s not in given]
+        return scopes
 
     def _lr_tensor(self, device: torch.device, dtype: torch.dtype) -> Tensor:
         """Every group's lr as one [G] device tensor (NOTE [no copies from the host] in _build_batch)."""

@@ -111,16 +111,19 @@ class AMAdamW(AMOptimizer):
     def _watches_late_tensors(self) -> bool:
         # NOTE [late tensors] in _base.py. For AMAdamW this matters: zero moments under the scope's bias
         # corrections make such a tensor's first updates several times AdamW's (about 5x ten steps after
-        # it joins at step 1000 with beta2 = 0.999: bench/README.md). Said once per optimizer.
-        return self.beta_scope != "tensor" and not getattr(self, "_warned_late_state", False)
+        # it joins at step 1000 with beta2 = 0.999: bench/README.md). Said once per optimizer. (Under the
+        # tensor scope only a reset tensor under a process_group joins late, NOTE [a reset tensor restarts
+        # its scope]; the host's look, _late_in_scope, finds none there, the device's count does.)
+        return not getattr(self, "_warned_late_state", False)
 
     def _warn_late(self, n_late: int) -> None:
         self._warned_late_state = True
+        hint = ("beta_scope='tensor' (the default) counts steps per tensor." if self.beta_scope != "tensor" else
+                "Under a process_group a tensor whose state was reset keeps its scope's step count.")
         warnings.warn(
-            f"AMAdamW: {n_late} parameter tensor(s) got their first gradient after their beta scope "
-            f"(beta_scope={self.beta_scope!r}) had taken steps. They start from zero moments with the "
-            "scope's bias corrections (steps are counted per scope), so their first updates are larger "
-            "than torch.optim.AdamW's (up to about 5x over the first ~1/(1 - beta2) steps). "
-            "beta_scope='tensor' (the default) counts steps per tensor. (Shown once.)",
+            f"AMAdamW: {n_late} parameter tensor(s) got their first gradient (or had their state reset) after "
+            f"their beta scope (beta_scope={self.beta_scope!r}) had taken steps. They start from zero moments "
+            "with the scope's bias corrections (steps are counted per scope), so their first updates are larger "
+            f"than torch.optim.AdamW's (up to about 5x over the first ~1/(1 - beta2) steps). {hint} (Shown once.)",
             stacklevel=6,  # _warn_late, its caller, step, no_grad, torch.optim hooks, the caller of step
         )

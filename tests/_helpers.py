@@ -218,10 +218,11 @@ def check_a_reset_tensor_restarts_its_scope(make_opt, how, device="cpu"):
 def check_groups_rearranged_by_hand(make_opt, how):
     """NOTE [tensor scopes follow their tensors]: the rows kept per param group (prev_lr, a group scope's step
     and beta) follow their group when groups are removed ("remove": the first one, and its tensors' state)
-    or reordered ("reverse") by hand, as torch.optim's state follows its tensors. make_opt(groups) builds
+    or reordered ("reverse") by hand, or a group's dict is replaced by a copy ("copy"), as torch.optim's state
+    follows its tensors. make_opt(groups) builds
     the optimizer under test; three groups of different lr take 4 steps, are rearranged, and take 4 more
     (a copy and state_dict taken in between see them where they are). The run must be the one of an
-    optimizer that held them so from the start ("remove": groups B and C only; "reverse": not reversed).
+    optimizer that held them so from the start ("remove": groups B and C only; else as they were).
     Before, the rows stayed by position: B took A's step count, beta and prev_lr."""
     import copy
 
@@ -242,6 +243,8 @@ def check_groups_rearranged_by_hand(make_opt, how):
             opt.state.pop(p, None)
         del opt.param_groups[0]
         params, twin = params[3:], twin[3:]
+    elif how == "copy":
+        opt.param_groups[1] = dict(opt.param_groups[1])
     else:
         opt.param_groups.reverse()
     copied = copy.deepcopy(opt)

@@ -764,7 +764,7 @@ def _failing_step(opt, n, backend):
     return mode
 
 
-@pytest.mark.filterwarnings("ignore:AMAdamW.*first gradient after")  # first-state: tensors 2 and 3 join late
+@pytest.mark.filterwarnings("ignore:AMAdamW.*first gradient")  # first-state: tensors 2 and 3 join late
 @pytest.mark.parametrize("backend,case", FAILING_STEPS)
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 def test_a_step_that_fails_before_the_backend_writes_leaves_the_optimizer_as_it_was(cls, backend, case):
@@ -1178,3 +1178,32 @@ def test_dtensors_sharded_over_two_mesh_dimensions_or_over_different_groups_are_
     with pytest.raises(RuntimeError, match="sharded over different process groups .*pass process_group= explicitly"):
         opt.step()
     assert not opt.state and opt._scopes is scopes
+
+
+@pytest.mark.parametrize("how", ["del", "clear"])
+def test_a_reset_tensor_under_a_process_group_joins_its_tensor_scope_late_and_amadamw_says_so(how, one_rank_group):
+    """NOTE [a reset tensor restarts its scope]: not under a process_group (a rank without the tensor's
+    gradient could not tell): there the tensor scope keeps its step count, and AMAdamW warns, once, as of a
+    late tensor in a shared scope (NOTE [late tensors, sharded]: counted on the device). Without a reset,
+    no warning."""
+    import warnings
+
+    def run(reset):
+        params = model_params()
+        opt = AMAdamW(params, lr=0.05, process_group=one_rank_group, backend="torch")  # beta_scope="tensor"
+        take_steps(opt, params, range(3))
+        if reset:
+            if how == "del":
+                del opt.state[params[1]]
+            else:
+                opt.state.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            take_steps(opt, params, range(3, 5))
+        return opt._scopes.step.tolist(), [str(w.message) for w in caught if "first gradient" in str(w.message)]
+
+    steps, said = run(True)
+    assert steps == [5.0] * 4
+    assert len(said) == 1 and ("1 parameter" if how == "del" else "4 parameter") in said[0], said
+    assert "or had their state reset" in said[0] and "keeps its scope's step count" in said[0]
+    assert run(False) == ([5.0] * 4, [])

@@ -444,7 +444,8 @@ def test_loading_a_mismatched_state_is_a_clear_error():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("scope,how", [("group", "remove"), ("tensor", "remove"), ("group", "reverse")])
+@pytest.mark.parametrize("scope,how", [("group", "remove"), ("tensor", "remove"), ("group", "reverse"),
+                                       ("group", "copy")])
 def test_param_groups_removed_or_reordered_by_hand_keep_their_rows(backend, scope, how):
     check_groups_rearranged_by_hand(lambda groups: RLLC(groups, law_lr=0.1, scope=scope, backend=backend), how)
 
