@@ -1207,3 +1207,23 @@ def test_a_reset_tensor_under_a_process_group_joins_its_tensor_scope_late_and_am
     assert len(said) == 1 and ("1 parameter" if how == "del" else "4 parameter") in said[0], said
     assert "or had their state reset" in said[0] and "keeps its scope's step count" in said[0]
     assert run(False) == ([5.0] * 4, [])
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_a_deepcopy_with_a_process_group_shares_it_and_pickling_fails(cls, one_rank_group):
+    """README, Full torch.optim behaviour: with a process_group, copy.deepcopy shares the group (it cannot
+    be copied) and steps on as the original does; pickling fails, as the group cannot be pickled."""
+    import pickle
+
+    params = model_params()
+    opt = cls(params, lr=0.05, process_group=one_rank_group)
+    take_steps(opt, params, [0])
+    copied = copy.deepcopy(opt)
+    assert copied.process_group is one_rank_group
+    copied_params = [p for g in copied.param_groups for p in g["params"]]
+    assert all(a is not b for a, b in zip(copied_params, params))
+    take_steps(opt, params, [1])
+    take_steps(copied, copied_params, [1])
+    assert_same_state(snapshot(copied, copied_params), snapshot(opt, params))
+    with pytest.raises(TypeError, match="pickle"):
+        pickle.dumps(opt)

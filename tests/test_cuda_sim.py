@@ -124,6 +124,31 @@ def test_a_step_moves_the_budgeted_bytes(monkeypatch, name, wd, variant, cache, 
 
 
 
+@pytest.mark.parametrize("limit,budget", [(None, 28), (N_TRAFFIC, 28), (N_TRAFFIC - 1, 44), (0, 44)])
+def test_auto_runs_the_persistent_step_up_to_its_limit(monkeypatch, limit, budget):
+    """AMM_CUDA_PERSISTENT_MAX_NUMEL (README, Backends; default 524,288): under auto, a step of at most
+    that many elements runs as the persistent step, told here by the bytes it moves (28 per parameter
+    for AMAdamW with weight decay, its tiles kept; 44 as two passes), a larger one as two passes; and a
+    value that is not an integer >= 0 is an error naming the variable."""
+    set_variant(monkeypatch, "auto")
+    if limit is None:
+        monkeypatch.delenv("AMM_CUDA_PERSISTENT_MAX_NUMEL", raising=False)
+    else:
+        monkeypatch.setenv("AMM_CUDA_PERSISTENT_MAX_NUMEL", str(limit))
+    params = [torch.randn(N_TRAFFIC // 4, requires_grad=True) for _ in range(4)]
+    opt = AMAdamW(params, lr=0.01, weight_decay=0.01, backend=_cuda_sim.NAME)
+    for step in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        torch.ops.amm_cuda_sim_selftest.take_traffic()
+        opt.step()
+    loaded, stored = torch.ops.amm_cuda_sim_selftest.take_traffic()
+    assert (loaded + stored) / N_TRAFFIC == budget
+    monkeypatch.setenv("AMM_CUDA_PERSISTENT_MAX_NUMEL", "-1")
+    with pytest.raises(RuntimeError, match="AMM_CUDA_PERSISTENT_MAX_NUMEL must be an integer"):
+        opt.step()
+
+
 def test_a_captured_step_tries_one_launch_only_where_one_ran(monkeypatch):
     """NOTE [cooperative launch under capture] in csrc/cuda/ops_cuda.cpp: a cooperative launch refused
     while a stream is captured would invalidate the graph, so under auto a step being captured runs as
