@@ -1505,3 +1505,56 @@ def test_a_float32_step_count_stops_at_2_to_the_24(backend, cls):
     rtol, atol = tolerance(torch.float32)
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP in one process
+def test_a_loss_mode_optimizer_takes_its_state_for_a_dcp_load_from_a_step_at_lr_0(tmp_path):
+    """README (checkpoints): DCP gives a fresh optimizer its state by a step without a closure, which
+    delta_f="loss" refuses; one step(closure) at lr=0 in every group first gives it its state and moves
+    nothing, the load replaces what that step computed, and the run resumes exactly."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+
+    def build():
+        model = torch.nn.ParameterList(model_params())
+        return model, list(model), AMSGD([{"params": list(model)[:2]}, {"params": list(model)[2:], "lr": 0.02}],
+                                         lr=0.05, delta_f="loss")
+
+    def steps(opt, params, which):
+        for t in which:
+            set_grads(params, t)
+            opt.step(lambda: torch.tensor(10.0 - t))
+
+    _, params, straight = build()
+    steps(straight, params, range(5))
+    model, params, opt = build()
+    steps(opt, params, range(3))
+    dcp.save({"optim": get_optimizer_state_dict(model, opt, options=flat)}, checkpoint_id=tmp_path)
+
+    new_model, new_params, resumed = build()
+    with torch.no_grad():
+        for a, b in zip(new_params, params):
+            a.copy_(b)
+    with pytest.raises(RuntimeError, match="closure"):
+        get_optimizer_state_dict(new_model, resumed, options=flat)
+    for p in new_params:
+        p.grad = None  # (the refused step made no state)
+    assert not any(resumed.state.values())
+    lrs = [g["lr"] for g in resumed.param_groups]
+    for g in resumed.param_groups:
+        g["lr"] = 0.0
+    set_grads(new_params, 0)
+    resumed.step(lambda: torch.tensor(0.0))
+    for g, lr in zip(resumed.param_groups, lrs):
+        g["lr"] = lr
+    assert all(torch.equal(a, b) for a, b in zip(new_params, params))  # it moved nothing
+    resumed.zero_grad()
+    template = {"optim": get_optimizer_state_dict(new_model, resumed, options=flat)}
+    dcp.load(template, checkpoint_id=tmp_path)
+    set_optimizer_state_dict(new_model, resumed, template["optim"], options=flat)
+    steps(resumed, new_params, range(3, 5))
+    for a, b in zip(new_params, [p for g in straight.param_groups for p in g["params"]]):
+        assert torch.equal(a, b)
