@@ -391,9 +391,9 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
     # and where not, each tensor's scope values follow it to its new position; a tensor new to the groups
     # starts a fresh scope, and a removed one's values are dropped (given back, it starts afresh).
     # The same for the rows kept per param group (prev_lr; the group scopes' step, beta, beta_prod), which
-    # follow the group (its dict, as torch.optim's own keys do, or a dict that replaced it holding the same
-    # tensors) where groups are removed, reordered or copied by hand (self._group_layout); another group
-    # dict new to param_groups starts fresh ones. (A tensor moved into
+    # follow the group (its dict, as torch.optim's own keys do; a dict put in its place, the group it shares
+    # the most tensors with) where groups are removed, reordered or replaced by hand (self._group_layout);
+    # a group dict sharing no tensor with one before starts fresh ones. (A tensor moved into
     # another group takes that group's prev_lr: the lr its last step moved with is kept per group, not per
     # tensor, as SPEC.md section 3 keeps it.)
     # state_dict(), a read of beta / law and a copy (pickle, deepcopy) between a hand edit and the next
@@ -461,14 +461,24 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         if len(old) <= len(current) and all(a is b for a, b in zip(old, current)):
             return None
         at = {id(g): i for i, g in enumerate(old)}
-        # a dict that replaced one holding the same tensors (a copy: dict(group)) is that group
-        holding = {tuple(map(id, g["params"])): i for i, g in enumerate(old) if g["params"]}
-        pairs, taken = [], set()
+        pairs = [(j, at[id(g)]) for j, g in enumerate(current) if id(g) in at]
+        taken = {i for _, i in pairs}
+        # a dict put in place of a group (a copy, dict(group), perhaps with tensors added or taken out) is
+        # the group it shares the most tensors with (the first of those, on a tie)
+        owner = {id(p): i for i, g in enumerate(old) if i not in taken for p in g["params"]}
         for j, g in enumerate(current):
-            i = at.get(id(g), holding.get(tuple(map(id, g["params"]))))
-            if i is not None and i not in taken:
+            if id(g) in at:
+                continue
+            shared: dict[int, int] = {}
+            for p in g["params"]:
+                i = owner.get(id(p))
+                if i is not None and i not in taken:
+                    shared[i] = shared.get(i, 0) + 1
+            if shared:
+                i = max(shared, key=lambda i: (shared[i], -i))
                 pairs.append((j, i))
                 taken.add(i)
+        pairs.sort()
         return [j for j, _ in pairs], [i for _, i in pairs]
 
     @property
@@ -825,17 +835,26 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
             return []
         if self.beta_scope == "tensor":
             scopes = [scope_of[i] for i in fresh]
-        elif self.beta_scope == "global":
-            scopes = [] if had_state else [0]
         else:
-            fresh_ids, first = {id(keys[i]) for i in fresh}, self.STATE_NAMES[0]
-            scopes = [gi for gi in sorted({group_of[i] for i in fresh}) if not any(
-                id(q) not in fresh_ids and first in self.state.get(q, ()) for q in self.param_groups[gi]["params"])]
+            fresh_ids = {id(keys[i]) for i in fresh}
+            if self.beta_scope == "global":
+                scopes = [] if had_state and self._stepped_in(range(len(self.param_groups)), fresh_ids) else [0]
+            else:
+                scopes = [gi for gi in sorted({group_of[i] for i in fresh}) if not self._stepped_in([gi], fresh_ids)]
         if scopes and pending:
             given = self._scopes_of_all()[0]
             given = {given[i] for i, _ in pending}
             scopes = [s for s in scopes if s not in given]
         return scopes
+
+    def _stepped_in(self, groups, fresh_ids: set[int]) -> bool:
+        """Whether a tensor of these param groups other than those of `fresh_ids` (the ids of the tensors this
+        step makes state for) has state (its moments: an entry holding only a checkpoint's row or a key of the
+        user's has none): on the host, whether their scope has taken a step (a step skipped by found_inf
+        counts: it makes state)."""
+        first = self.STATE_NAMES[0]
+        return any(id(q) not in fresh_ids and first in self.state.get(q, ())
+                   for gi in groups for q in self.param_groups[gi]["params"])
 
     def _lr_tensor(self, device: torch.device, dtype: torch.dtype) -> Tensor:
         """Every group's lr as one [G] device tensor (NOTE [no copies from the host] in _build_batch)."""
@@ -972,14 +991,12 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
 
     def _late_in_scope(self, keys: list[Tensor], fresh: list[int], group_of: list[int]) -> list[int]:
         """Those of `fresh` whose beta scope had already taken a step before this one (on the host: some
-        other parameter of the scope has state; a step skipped by found_inf is counted as taken)."""
+        other parameter of the scope has state, _stepped_in; a step skipped by found_inf is counted as
+        taken)."""
         if self.beta_scope == "tensor":
             return []
         fresh_ids = {id(keys[i]) for i in fresh}
         if self.beta_scope == "global":
-            return list(fresh)
-
-        def group_stepped(gi):
-            return any(id(q) not in fresh_ids and self.state.get(q) for q in self.param_groups[gi]["params"])
-
-        return [i for i in fresh if group_stepped(group_of[i])]
+            return list(fresh) if self._stepped_in(range(len(self.param_groups)), fresh_ids) else []
+        stepped = {gi: self._stepped_in([gi], fresh_ids) for gi in {group_of[i] for i in fresh}}
+        return [i for i in fresh if stepped[group_of[i]]]

@@ -85,6 +85,13 @@ def copy_scopes(old, fresh, names: tuple[str, ...], kept=None) -> None:
             dst[new_at] = src[old_at]
 
 
+def restart_index(scopes: list[int], device) -> Tensor:
+    """The scopes that start again, as a device index. A copy from the host (as StepBatch.index makes on a
+    first step), made only at a step that makes state anew: one copy where a fill per scope would be three
+    launches per tensor on a first step under the tensor scope."""
+    return torch.tensor(scopes, dtype=torch.long).to(device, non_blocking=True)
+
+
 @dataclass
 class ScopeState:
     """Optimizer-wide scalars, kept on the parameters' device so that step() never syncs.
@@ -135,10 +142,11 @@ class ScopeState:
         self.__dict__.update(fresh.__dict__)
 
     def restart(self, scopes: list[int], beta_max: float) -> None:
-        """Scopes `scopes` start again as new ones do (NOTE [a reset tensor restarts its scope] in _base.py):
-        fills, not copies from the host."""
-        for s in scopes:
-            self.step[s], self.beta[s], self.beta_prod[s] = 0, beta_max, 1
+        """Scopes `scopes` start again as new ones do (NOTE [a reset tensor restarts its scope] in _base.py)."""
+        at = restart_index(scopes, self.step.device)
+        self.step.index_fill_(0, at, 0)
+        self.beta.index_fill_(0, at, beta_max)
+        self.beta_prod.index_fill_(0, at, 1)
 
     def to_dict(self) -> dict:
         return {name: getattr(self, name).clone() for name in self.FIELDS}

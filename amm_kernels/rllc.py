@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import backends
 from ._base import AMOptimizer
-from ._step import DTensor, copy_scopes
+from ._step import DTensor, copy_scopes, restart_index
 
 try:
     from torch.distributed.tensor import Shard
@@ -79,11 +79,11 @@ class RLLCScopeState:
         self.__dict__.update(fresh.__dict__)
 
     def restart(self, scopes: list[int], law_init) -> None:
-        """Scopes `scopes` start again at law_init, step 0 (as ScopeState.restart): fills."""
-        for s in scopes:
-            self.step[s] = 0
-            for j, value in enumerate(law_init):
-                self.law[s, j] = value
+        """Scopes `scopes` start again at law_init, step 0 (as ScopeState.restart)."""
+        at = restart_index(scopes, self.step.device)
+        self.step.index_fill_(0, at, 0)
+        for j, value in enumerate(law_init):
+            self.law[:, j].index_fill_(0, at, value)
 
     def to_dict(self) -> dict:
         return {name: getattr(self, name).clone() for name in self.FIELDS}

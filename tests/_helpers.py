@@ -218,8 +218,8 @@ def check_a_reset_tensor_restarts_its_scope(make_opt, how, device="cpu"):
 def check_groups_rearranged_by_hand(make_opt, how):
     """NOTE [tensor scopes follow their tensors]: the rows kept per param group (prev_lr, a group scope's step
     and beta) follow their group when groups are removed ("remove": the first one, and its tensors' state)
-    or reordered ("reverse") by hand, or a group's dict is replaced by a copy ("copy"), as torch.optim's state
-    follows its tensors. make_opt(groups) builds
+    or reordered ("reverse") by hand, or a group's dict is replaced by a copy ("copy"; "copy-fewer": without
+    one of its tensors), as torch.optim's state follows its tensors. make_opt(groups) builds
     the optimizer under test; three groups of different lr take 4 steps, are rearranged, and take 4 more
     (a copy and state_dict taken in between see them where they are). The run must be the one of an
     optimizer that held them so from the start ("remove": groups B and C only; else as they were).
@@ -245,14 +245,21 @@ def check_groups_rearranged_by_hand(make_opt, how):
         params, twin = params[3:], twin[3:]
     elif how == "copy":
         opt.param_groups[1] = dict(opt.param_groups[1])
+    elif how == "copy-fewer":  # a copy with one tensor taken out, against the same taken out in place
+        opt.state.pop(opt.param_groups[1]["params"][-1])  # (torch.optim's state_dict wants no entry without
+        opt_twin.state.pop(opt_twin.param_groups[1]["params"][-1])  # its tensor in param_groups)
+        opt.param_groups[1] = {**opt.param_groups[1], "params": opt.param_groups[1]["params"][:-1]}
+        opt_twin.param_groups[1]["params"] = opt_twin.param_groups[1]["params"][:-1]
     else:
         opt.param_groups.reverse()
     copied = copy.deepcopy(opt)
     saved = copy.deepcopy(opt.state_dict())
     # the rows themselves, where they are now (a beta at its clamp would hide a row in the wrong place)
     twin_lrs = [g["lr"] for g in opt_twin.param_groups]
+    twin_of = {id(p): q for p, q in zip(params, twin)}
+    twin_order = [id(q) for g in opt_twin.param_groups for q in g["params"]]
     rows_of = {"group": [twin_lrs.index(g["lr"]) for g in opt.param_groups],  # (each group's lr is its own)
-               "tensor": [next(i for i, q in enumerate(params) if q is p) for g in opt.param_groups for p in g["params"]]}
+               "tensor": [twin_order.index(id(twin_of[id(p)])) for g in opt.param_groups for p in g["params"]]}
     mine, theirs = saved["amm"]["scopes"], opt_twin.state_dict()["amm"]["scopes"]
     scope = next(m[k] for m in [saved["amm"]] for k in ("beta_scope", "scope") if k in m)
     for name, rows in theirs.items():

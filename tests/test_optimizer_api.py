@@ -388,7 +388,7 @@ def test_a_tensor_whose_state_is_reset_restarts_its_scope(backend, cls, how):
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 @pytest.mark.parametrize("scope,how", [("group", "remove"), ("tensor", "remove"), ("global", "reverse"),
                                        ("group", "reverse"), ("tensor", "reverse"), ("global", "copy"),
-                                       ("group", "copy")])
+                                       ("group", "copy"), ("group", "copy-fewer"), ("tensor", "copy-fewer")])
 def test_param_groups_removed_or_reordered_by_hand_keep_their_rows(backend, cls, scope, how):
     if backend == _cuda_sim.NAME:
         _cuda_sim.ensure()
@@ -1558,3 +1558,48 @@ def test_a_loss_mode_optimizer_takes_its_state_for_a_dcp_load_from_a_step_at_lr_
     steps(resumed, new_params, range(3, 5))
     for a, b in zip(new_params, [p for g in straight.param_groups for p in g["params"]]):
         assert torch.equal(a, b)
+
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", ALL_OPTIMIZERS)
+@pytest.mark.parametrize("scope", ["global", "group"])
+@pytest.mark.parametrize("left", ["a-key-of-the-users", "a-replaced-tensor"])
+def test_a_shared_scope_restarts_where_no_tensor_of_it_has_moments_left(backend, cls, scope, left):
+    """NOTE [a reset tensor restarts its scope] in a shared scope: what counts as state is a tensor's
+    moments, among the tensors param_groups lists. After opt.state.clear() an entry that holds only a key
+    of the user's, or the entry of a tensor replaced in param_groups by hand (torch.optim leaves it), keeps
+    nothing of the scope's steps: the scope starts again (the run, and AMAdamW's warnings of late tensors, are
+    a fresh optimizer's)."""
+    import warnings
+
+    key = "scope" if cls is amm_kernels.RLLC else "beta_scope"
+    params = model_params()
+    opt = cls([{"params": params[:2]}, {"params": params[2:], "lr": 0.02}], lr=0.05, backend=backend, **{key: scope})
+    take_steps(opt, params, range(4))
+    if left == "a-replaced-tensor":  # (its old entry stays in opt.state, keyed by the old tensor)
+        params[0] = params[0].detach().clone().requires_grad_()
+        opt.param_groups[0]["params"][0] = params[0]
+        for p in params[1:]:
+            del opt.state[p]
+    else:
+        opt.state.clear()
+        opt.state[params[1]]["my_key"] = 1
+    twin = [p.detach().clone().requires_grad_() for p in params]
+    fresh = cls([{"params": twin[:2]}, {"params": twin[2:], "lr": 0.02}], lr=0.05, backend=backend, **{key: scope})
+    said = []
+    for o, ps in ((opt, params), (fresh, twin)):
+        said.append([])
+        for t in range(4, 7):
+            set_grads(ps, t)
+            if t == 4:
+                ps[1].grad = None  # (the entry holding the user's key: no gradient at the restart)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                o.step()
+            said[-1] += [(t, str(w.message)) for w in caught if "first gradient" in str(w.message)]
+    assert said[0] == said[1]  # (tensor 1 joins the restarted scope a step late: at the same step in both)
+    assert opt._scopes.step.tolist() == fresh._scopes.step.tolist() == [3.0] * (1 if scope == "global" else 2), \
+        (opt._scopes.step, fresh._scopes.step)
+    for a, b in zip(params, twin):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
