@@ -817,20 +817,22 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
 
     # NOTE [a reset tensor restarts its scope]: torch.optim's ways to reset a parameter's state (del
     # opt.state[p], as after resizing p; opt.state.clear(); a new opt.state) restart its `step`. Here steps
-    # and bias corrections are the beta scope's, so a scope none of whose tensors has state any more (after
-    # its scope state was made) starts again too: step 0, beta and beta_prod as new (RLLC: its law); its
+    # and bias corrections are the beta scope's, so a scope none of whose tensors has moments any more (an
+    # entry holding only a checkpoint's row or a key of the user's, or one of a tensor no longer in
+    # param_groups, keeps none) starts again too: step 0, beta and beta_prod as new (RLLC: its law); its
     # zero moments then meet a first step's bias corrections, as AdamW's do (kept, they met the old ones:
     # AMAdamW's updates ~4x AdamW's, 10 steps after a reset at step 1000). Under beta_scope="tensor" that is
     # every reset tensor; a shared scope (global, group) restarts where all its tensors were reset, and a
-    # tensor reset alone joins it late (NOTE [late tensors]). Not under a process_group: a rank without a
+    # tensor reset alone joins it late (NOTE [late tensors]). A checkpoint's row taken in the same step
+    # gives the scope its values instead. Not under a process_group: a rank without a
     # tensor's gradient in this step cannot tell, and the ranks' scope state must stay the same; there a
     # reset tensor joins its scope late.
     def _restarted_scopes(self, keys: list[Tensor], fresh: list[int], group_of: list[int], scope_of: list[int],
                           had_state: bool, process_group, scopes_before, pending) -> list[int]:
         """The scopes that start again in this step (host only, before any state is made): those of the
-        tensors whose state is made anew where no other tensor of the scope has state (none on a first
-        step, before which nothing can have stepped), and none that a checkpoint's row (`pending`, NOTE
-        [checkpoint carriers]) gives its values in this step."""
+        tensors whose state is made anew where no other tensor of the scope has state (on a first step
+        every scope, which holds a new scope's values already), and none that a checkpoint's row
+        (`pending`, NOTE [checkpoint carriers]) gives its values in this step."""
         if not fresh or process_group is not None or scopes_before[0] is None:
             return []
         if self.beta_scope == "tensor":
