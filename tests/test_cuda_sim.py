@@ -110,17 +110,24 @@ TRAFFIC = [  # (optimizer, weight decay, variant, cache setting, bytes per param
 def test_a_step_moves_the_budgeted_bytes(monkeypatch, name, wd, variant, cache, budget):
     set_variant(monkeypatch, variant, cache)
     cls = {"AMSGD": AMSGD, "AMAdamW": AMAdamW}[name]
+    per_step, _ = _bytes_per_parameter(cls, dict(lr=0.01, weight_decay=wd), steps=3)
+    assert per_step[1:] == [budget, budget], f"bytes per parameter of the three steps: {per_step}"
+
+
+def _bytes_per_parameter(cls, kwargs, steps):
+    """The bytes each of `steps` steps of cls(**kwargs) moves per parameter, on N_TRAFFIC float32 parameters
+    in four tensors, and the optimizer."""
     params = [torch.randn(N_TRAFFIC // 4, requires_grad=True) for _ in range(4)]
-    opt = cls(params, lr=0.01, weight_decay=wd, backend=_cuda_sim.NAME)
+    opt = cls(params, backend=_cuda_sim.NAME, **kwargs)
     per_step = []
-    for step in range(3):
+    for _ in range(steps):
         for p in params:
             p.grad = torch.randn_like(p)
         torch.ops.amm_cuda_sim_selftest.take_traffic()
         opt.step()
         loaded, stored = torch.ops.amm_cuda_sim_selftest.take_traffic()
         per_step.append((loaded + stored) / N_TRAFFIC)
-    assert per_step[1:] == [budget, budget], f"bytes per parameter of the three steps: {per_step}"
+    return per_step, opt
 
 
 
@@ -135,15 +142,8 @@ def test_auto_runs_the_persistent_step_up_to_its_limit(monkeypatch, limit, budge
         monkeypatch.delenv("AMM_CUDA_PERSISTENT_MAX_NUMEL", raising=False)
     else:
         monkeypatch.setenv("AMM_CUDA_PERSISTENT_MAX_NUMEL", str(limit))
-    params = [torch.randn(N_TRAFFIC // 4, requires_grad=True) for _ in range(4)]
-    opt = AMAdamW(params, lr=0.01, weight_decay=0.01, backend=_cuda_sim.NAME)
-    for step in range(2):
-        for p in params:
-            p.grad = torch.randn_like(p)
-        torch.ops.amm_cuda_sim_selftest.take_traffic()
-        opt.step()
-    loaded, stored = torch.ops.amm_cuda_sim_selftest.take_traffic()
-    assert (loaded + stored) / N_TRAFFIC == budget
+    per_step, opt = _bytes_per_parameter(AMAdamW, dict(lr=0.01, weight_decay=0.01), steps=2)
+    assert per_step[1] == budget, per_step
     monkeypatch.setenv("AMM_CUDA_PERSISTENT_MAX_NUMEL", "-1")
     with pytest.raises(RuntimeError, match="AMM_CUDA_PERSISTENT_MAX_NUMEL must be an integer"):
         opt.step()
