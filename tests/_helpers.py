@@ -261,7 +261,7 @@ def check_groups_rearranged_by_hand(make_opt, how):
     rows_of = {"group": [twin_lrs.index(g["lr"]) for g in opt.param_groups],  # (each group's lr is its own)
                "tensor": [twin_order.index(id(twin_of[id(p)])) for g in opt.param_groups for p in g["params"]]}
     mine, theirs = saved["amm"]["scopes"], opt_twin.state_dict()["amm"]["scopes"]
-    scope = next(m[k] for m in [saved["amm"]] for k in ("beta_scope", "scope") if k in m)
+    scope = saved["amm"].get("beta_scope", saved["amm"].get("scope"))  # (RLLC saves it as "scope")
     for name, rows in theirs.items():
         if name == "prev_lr":
             rows = rows[rows_of["group"]]
