@@ -14,7 +14,9 @@ other without a word; here they are refused, naming both.
   (nn.UninitializedParameter) and tensor subclasses without storage.
 One parameter whose own elements share memory (made with expand(): a stride of 0 over a dimension
 of more than one element) is refused too: every in-place update of it fails, in torch.optim's
-optimizers as here, and a fused step would fail after it had updated the other tensors. Other
+optimizers as here, and a fused step would fail after it had updated the other tensors. A parameter
+or state tensor made so later (p.data = t.expand(...)) is refused by every backend's check that the
+step's tensors fit (_step.check_fits; the C++ glue's own), before anything is written. Other
 self-overlapping layouts (unfold's windows) are not examined, as torch does not (it writes them).
 Parameters that share a storage without sharing an element (disjoint slices of one flat buffer, as
 FSDP1's flat parameters and ZeRO's bucket views are) are fine. One tensor listed twice is a separate
@@ -70,10 +72,15 @@ def first_overlap(tensors: list[Tensor], keys: list | None = None) -> tuple[int,
     return None
 
 
+def repeats_elements(t: Tensor) -> bool:
+    """A stride of 0 over a dimension of more than one element (expand()'s broadcast: its elements share
+    memory). Reads only the shape and strides: no address (a compiled step traces it)."""
+    return t.numel() > 1 and any(s == 0 and n > 1 for n, s in zip(t.shape, t.stride()))
+
+
 def first_self_overlap(tensors: list[Tensor]) -> int | None:
-    """The position of the first tensor of the list with a stride of 0 over a dimension of more than
-    one element (expand()'s broadcast: its elements share memory), or None."""
+    """The position of the first tensor of the list that repeats elements (repeats_elements), or None."""
     for i, t in enumerate(tensors):
-        if _span(t) is not None and any(s == 0 and n > 1 for n, s in zip(t.shape, t.stride())):
+        if _span(t) is not None and repeats_elements(t):
             return i
     return None

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._aliasing import repeats_elements
+
 try:  # DTensor parameters (FSDP2 fully_shard, tensor parallel)
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - torch built without distributed
@@ -46,10 +48,12 @@ def check_real_gradient(i: int, g: Tensor) -> None:
 def check_fits(params, grads, states, units: int | None = None) -> None:
     """NOTE [state fits]: ValueError unless every gradient has its parameter's shape and every state
     tensor (each list in `states`: d, v or RLLC's memory) the parameter's shape, or (units, *p.shape)
-    where `units` is given (RLLC's k). (Shapes, not element counts only: the reference refuses a
+    where `units` is given (RLLC's k), and no parameter or state tensor repeats elements in memory
+    (check_writable). (Shapes, not element counts only: the reference refuses a
     gradient of another shape with as many elements, and so do the C++ glue and triton where its table
-    is looked up anew; triton walks such a view put at a gradient's own address as a flat array: its
-    table key holds element counts, tensor_table.py.) TypeError for a complex gradient of a real
+    is looked up anew; triton walks such a view put at the tensor's own address, of a gradient, a
+    parameter or a state tensor, as the flat array it is: its table key holds element counts,
+    tensor_table.py.) TypeError for a complex gradient of a real
     parameter (check_real_gradient).
     A parameter resized in place after it took steps (p.data = a bigger tensor) no longer fits its
     state, nor a gradient set through .grad.data its parameter: triton's address tables would have its
@@ -62,6 +66,7 @@ def check_fits(params, grads, states, units: int | None = None) -> None:
         if g.shape != p.shape:
             raise ValueError(f"tensor {i} of this step: its gradient has shape {tuple(g.shape)}, the parameter "
                              f"{tuple(p.shape)}")
+        check_writable(i, p, "parameter")
         need = tuple(p.shape) if units is None else (units, *p.shape)
         for ts in states:
             t = ts[i]
@@ -69,6 +74,17 @@ def check_fits(params, grads, states, units: int | None = None) -> None:
                 raise ValueError(f"tensor {i} of this step: its optimizer state has shape {tuple(t.shape)}, the "
                                  f"parameter needs {need} (was the parameter resized after it took steps? "
                                  "then reset its state: del optimizer.state[p])")
+            check_writable(i, t, "optimizer state")
+
+
+def check_writable(i: int, t: Tensor, what: str) -> None:
+    """ValueError for a tensor the step writes whose elements share memory (made by expand() after the
+    optimizer took it: construction refuses such a parameter, NOTE [aliased parameters]). Writing it fails
+    only after the other tensors were written; a contiguous tensor (the usual one) is not looked at."""
+    if not t.is_contiguous() and repeats_elements(t):
+        raise ValueError(f"tensor {i} of this step: its {what} (shape {tuple(t.shape)}, strides {t.stride()}) "
+                         "repeats elements in memory (made by expand()): no in-place update can write it; give "
+                         "it a tensor of its own (.contiguous() or .clone())")
 
 
 def copy_scopes(old, fresh, names: tuple[str, ...], kept=None) -> None:

@@ -86,7 +86,7 @@ if _interpreter_on():
         raise ImportError(_reason)
 
 from ._hyper import AMAdamWHyper, AMSGDHyper  # noqa: E402
-from ._step import StepBatch, check_real_gradient  # noqa: E402
+from ._step import StepBatch, check_real_gradient, check_writable  # noqa: E402
 from .triton_kernels.finalize_kernel import finalize_kernel, tensor_terms_kernel  # noqa: E402
 from .triton_kernels.reduce_kernels import amadamw_reduce_kernel, amsgd_reduce_kernel  # noqa: E402
 from .triton_kernels.tensor_table import DTYPE_CODES, get_table  # noqa: E402
@@ -153,22 +153,26 @@ def _flat_tensors(batch: StepBatch):
 
     The kernels index storage linearly, so a non-contiguous tensor is replaced for this step by a
     contiguous copy, copied back after the update (rare; such a step is not graph-capturable). The
-    CUDA glue does the same in C++ (NOTE [working copies] in csrc/cuda/working_copies.h)."""
+    CUDA glue does the same in C++ (NOTE [working copies] in csrc/cuda/working_copies.h). A tensor to be
+    written back whose elements share memory is refused here, before any kernel (check_writable: the
+    copy back would fail after the others were written)."""
     writeback = []
 
-    def flat(t, write):
+    def flat(i, t, write, what=""):
         if t.is_contiguous():
             return t
+        if write:
+            check_writable(i, t, what)
         c = t.contiguous()
         if write:
             writeback.append((t, c))
         return c
 
-    params = [flat(t, True) for t in batch.params]
+    params = [flat(i, t, True, "parameter") for i, t in enumerate(batch.params)]
     # a gradient the kernels cannot read (float64) is read as float32, as the cpu and cuda backends do
-    grads = [flat(t if t.dtype in DTYPE_CODES else _as_float32(i, t), False) for i, t in enumerate(batch.grads)]
-    d = [flat(t, True) for t in batch.d]
-    v = None if batch.v is None else [flat(t, True) for t in batch.v]
+    grads = [flat(i, t if t.dtype in DTYPE_CODES else _as_float32(i, t), False) for i, t in enumerate(batch.grads)]
+    d = [flat(i, t, True, "optimizer state") for i, t in enumerate(batch.d)]
+    v = None if batch.v is None else [flat(i, t, True, "optimizer state") for i, t in enumerate(batch.v)]
     return params, grads, d, v, writeback
 
 

@@ -433,6 +433,35 @@ def test_a_state_or_gradient_that_does_not_fit_fails_the_step_before_any_change(
     assert newcomer not in opt.state
 
 
+def _expand_parameter_1(opt, params):
+    params[1].data = torch.randn(1).expand(7)  # a stride of 0: refused at construction, made so later
+    set_grads(params, 2)
+
+
+def _expand_state_1(opt, params):
+    set_grads(params, 2)
+    state = opt.state[params[1]]
+    name = type(opt).STATE_NAMES[-1]
+    state[name] = torch.zeros(1, dtype=state[name].dtype).expand(state[name].shape)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+@pytest.mark.parametrize("make", [_expand_parameter_1, _expand_state_1], ids=["parameter", "state"])
+def test_a_tensor_made_by_expand_after_construction_fails_the_step_before_any_change(backend, cls, make):
+    """NOTE [aliased parameters]: a parameter whose elements share memory is refused at construction; one
+    made so later (p.data = t.expand(...)), or such a state tensor, is refused by every backend before
+    anything is written (the copy back of its working copy would fail after tensor 0 was updated)."""
+    params = model_params()
+    opt = cls(params, lr=0.1, backend=backend_ready(backend))
+    take_steps(opt, params, [0, 1])
+    make(opt, params)
+    before = full_snapshot(opt, params)
+    with pytest.raises((ValueError, RuntimeError), match=r"tensor 1.*repeats elements in memory \(made by expand"):
+        opt.step()
+    assert_unchanged(before, opt, params)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 @pytest.mark.parametrize("old,new", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)], ids=str)

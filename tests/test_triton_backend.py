@@ -447,6 +447,32 @@ def test_a_tensor_changed_at_its_own_address_is_refused(cls, change):
 
 
 @pytest.mark.parametrize("cls", [AMSGD, AMAdamW, RLLC])
+@pytest.mark.parametrize("what", ["parameter", "state"])
+def test_a_tensor_made_by_expand_after_construction_is_refused_before_anything_changes(cls, what):
+    """As on the other backends (tests/test_bad_input.py): a parameter or state tensor whose elements share
+    memory, made so after construction, is refused before any kernel; its working copy's copy back would
+    fail only after tensor 0 was updated and the scope's step counted."""
+    params = make_params([(4, 3), (7,)], torch.float32, transposed_last=False)
+    opt = cls(params, backend="triton")
+    for p, g in zip(params, grads_for(params, 0)):
+        p.grad = g
+    opt.step()
+    if what == "parameter":
+        params[1].data = torch.randn(1, device=DEV).expand(7)
+    else:
+        name = cls.STATE_NAMES[-1]
+        t = opt.state[params[1]][name]
+        opt.state[params[1]][name] = torch.zeros(1, dtype=t.dtype, device=DEV).expand(t.shape)
+    before = [t.detach().clone() for t in params], {k: v.clone() for k, v in opt.state[params[0]].items()}
+    scopes = {k: v.clone() for k, v in opt._scopes.to_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(ValueError, match=r"tensor 1 of this step: its (parameter|optimizer state) .*repeats elements"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before[0], params))
+    assert all(torch.equal(v, opt.state[params[0]][k]) for k, v in before[1].items())
+    assert all(torch.equal(v, opt._scopes.to_dict()[k]) for k, v in scopes.items())
+
+
+@pytest.mark.parametrize("cls", [AMSGD, AMAdamW, RLLC])
 def test_a_complex_gradient_is_refused_before_anything_changes(cls):
     """Where the other backends refuse it (tests/test_bad_input.py): triton converts a gradient of a dtype
     its kernels do not read, and a complex one would lose its imaginary part."""

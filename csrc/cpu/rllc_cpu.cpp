@@ -19,6 +19,7 @@
 
 #include "cpu_kernels.h"  // the lanes, the instruction-set builds (Isa, AMM_PICK_ISA) and ld()
 #include "gradient_dtype.h"
+#include "writable.h"
 #include "op_signatures.h"
 #include "rllc_math.h"
 
@@ -235,6 +236,8 @@ void rllc_run(AMM_RLLC_PARAMS, const std::optional<at::Tensor>& sums_in, at::Ten
                 ", its parameter ", x.sizes());
     TORCH_CHECK(mem.dim() == x.dim() + 1 && mem.size(0) == k && mem.sizes().slice(1) == x.sizes(), kOwner,
                 ": memory[", i, "] must have shape (k, *param.shape) with k = ", k, ", got ", mem.sizes());
+    amm::check_writable(x, kOwner, i, "parameter");
+    amm::check_writable(mem, kOwner, i, "memory");
     Tensor1& t = ts[i];
     t.n = n;
     if (x.is_contiguous()) {

@@ -17,6 +17,7 @@
 
 #include "amm_math.h"
 #include "gradient_dtype.h"
+#include "writable.h"
 #include "op_signatures.h"
 
 namespace amm {
@@ -248,6 +249,9 @@ Prepared prepare(at::TensorList params, at::TensorList grads, at::TensorList d, 
     TORCH_CHECK(d[i].scalar_type() == x.scalar_type() || d[i].scalar_type() == at::kFloat, kOwner, ": tensor ", i,
                 ": state dtype ", d[i].scalar_type(), " for a ", x.scalar_type(),
                 " parameter (the parameter's dtype or float32)");
+    amm::check_writable(x, kOwner, i, "parameter");
+    amm::check_writable(d[i], kOwner, i, "state");
+    if (v != nullptr) amm::check_writable((*v)[i], kOwner, i, "state");
     StepTensor& t = p.ts[i];
     t.numel = n;
     t.x = working(x, true, p);

@@ -23,6 +23,7 @@
 #include "cuda/launchers.h"
 #include "cuda/tensor_plan.h"
 #include "cuda/working_copies.h"
+#include "writable.h"
 
 namespace amm_cuda {
 namespace {
@@ -99,6 +100,9 @@ Batch describe(at::TensorList params, at::TensorList grads, at::TensorList d, co
   for (size_t i = 0; i < n; ++i) {
     TORCH_CHECK(params[i].device() == device, "amm_kernels (CUDA): params[", i, "] is on ", params[i].device(),
                 ", expected ", device);
+    amm::check_writable(params[i], "amm_kernels (CUDA)", i, "parameter");
+    amm::check_writable(d[i], "amm_kernels (CUDA)", i, "state");
+    if (v != nullptr) amm::check_writable((*v)[i], "amm_kernels (CUDA)", i, "state");
     const at::Tensor p = b.copies.walkable(params[i], /*contiguous_only=*/false);
     const at::Tensor di = b.copies.in_layout_of(d[i], p);
     const at::Tensor vi = v != nullptr ? b.copies.in_layout_of((*v)[i], p) : at::Tensor();

@@ -18,6 +18,7 @@
 #include "cuda/tensor_plan.h"
 #include "cuda/working_copies.h"
 #include "gradient_dtype.h"
+#include "writable.h"
 #include "op_signatures.h"
 #include "rllc_math.h"
 
@@ -73,6 +74,8 @@ void rllc_run(AMM_RLLC_PARAMS, const std::optional<at::Tensor>& sums_in, double*
   for (size_t i = 0; i < T; ++i) {
     TORCH_CHECK(params[i].device() == device && grads[i].device() == device && memory[i].device() == device, kOwner,
                 ": tensor ", i, " is not on ", device);
+    amm::check_writable(params[i], kOwner, i, "parameter");
+    amm::check_writable(memory[i], kOwner, i, "memory");
     const at::Tensor p = copies.walkable(params[i], /*contiguous_only=*/true);
     const at::Tensor m = copies.walkable(memory[i], /*contiguous_only=*/true);
     TORCH_CHECK(m.dim() == p.dim() + 1 && m.size(0) == k && m.sizes().slice(1) == p.sizes(), kOwner,
