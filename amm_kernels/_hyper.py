@@ -61,7 +61,11 @@ def check_range(owner: str, name: str, value, lo=None, hi=None, lo_open=False, h
         value = float(value.detach())  # (a tensor that requires grad: no warning)
     if not _is_number(value):
         raise ValueError(f"{owner}: {name} must be a number, got {value!r}")
-    bad = not math.isfinite(value)
+    try:
+        bad = not math.isfinite(value)
+    except OverflowError:  # an int (or a Fraction) beyond every float: 10**400
+        raise ValueError(f"{owner}: {name} must be at most {F32_MAX!r} in magnitude (the largest float32: the "
+                         f"kernels compute in float32), got a number beyond every float") from None
     if lo is not None:
         bad |= value <= lo if lo_open else value < lo
     if hi is not None:

@@ -86,6 +86,9 @@ class _Parser:
             # "J(0.8, 2.5)": point at the '.' rather than at the ')' that the caller would expect
             if self.pos < len(self.text) and self.text[self.pos] in ".eE":
                 self.fail(f"{name} must be an integer", start)
+            if len(match.group().lstrip("+-0")) > 18:  # (Python refuses to read an int of over 4300 digits)
+                self.fail(f"{name} has {len(match.group())} digits: at most {MAX_UNITS} memory units are supported",
+                          start)
             value = int(match.group())
             if value < 1:
                 self.fail(f"{name} (the Jordan block size) must be >= 1, got {value}", start)
@@ -181,7 +184,11 @@ def _as_floats(owner: str, name: str, value) -> list:
         return [_as_floats(owner, name, v) for v in value]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{owner}: {name} must hold real numbers, got {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond every float: 10**400
+        raise ValueError(f"{owner}: {name} must be finite in float32 (at most {F32_MAX!r} in magnitude), got a "
+                         "number beyond every float") from None
     if not abs(value) <= F32_MAX:
         raise ValueError(f"{owner}: {name} must be finite in float32 (at most {F32_MAX!r} in magnitude), got {value!r}")
     return value

@@ -67,6 +67,34 @@ def test_infinite_hyperparameters_are_refused(cls, kwargs, message):
     assert message in str(err.value)
 
 
+HUGE = 10**400  # a Python int beyond every float: float(HUGE) raises OverflowError
+BEYOND_FLOATS = [
+    (AMSGD, dict(lr=HUGE), "lr must be at most 3.4028234663852886e+38 in magnitude"),
+    (AMSGD, dict(lr=-HUGE), "lr must be at most 3.4028234663852886e+38 in magnitude"),
+    (AMAdamW, dict(weight_decay=HUGE), "weight_decay must be at most 3.4028234663852886e+38 in magnitude"),
+    (RLLC, dict(law_lr=HUGE), "law_lr must be at most 3.4028234663852886e+38 in magnitude"),
+    (RLLC, dict(memory=([[HUGE, 0], [0, 0]], [1, 1])), "memory U must be finite in float32"),
+    (RLLC, dict(memory=([[0.5, 0], [0, 0]], [HUGE, 1])), "memory b must be finite in float32"),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs,message", BEYOND_FLOATS, ids=[f"{c.__name__}-{i}" for i, (c, _, _) in enumerate(BEYOND_FLOATS)])
+def test_an_int_beyond_every_float_is_a_value_error_naming_the_argument(cls, kwargs, message):
+    # (not the OverflowError of float(10**400), which names nothing)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cls(model_params(), **kwargs)
+    params = model_params()
+    opt = cls(params)
+    take_steps(opt, params, [0])
+    set_grads(params, 1)
+    before = full_snapshot(opt, params)
+    opt.param_groups[0]["lr"] = HUGE  # set by hand: checked again at the step, before anything changes
+    with pytest.raises(ValueError, match=re.escape("param_groups[0]['lr'] must be at most 3.4028234663852886e+38")):
+        opt.step()
+    opt.param_groups[0]["lr"] = before[1][0]["lr"]
+    assert_unchanged(before, opt, params)
+
+
 DEVICE_TENSORS = [
     (AMSGD, "lam"), (AMSGD, "beta_max"), (AMSGD, "beta_min"), (AMSGD, "weight_decay"),
     (AMAdamW, "eps"), (AMAdamW, "lam"), (AMAdamW, "weight_decay"),

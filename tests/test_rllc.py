@@ -586,6 +586,10 @@ def test_a_memory_of_more_than_64_units_is_refused_in_either_form():
     with pytest.raises(ValueError, match=r"k in \[1, 64\] units, got k = 65"):
         memory_rule(([[0.0] * 65] * 65, [1.0] * 65))
     memory_rule(([[0.0] * 64] * 64, [1.0] * 64))
+    # a j past what Python reads as an int (4300 digits): the parser's error, not Python's own
+    with pytest.raises(MemorySyntaxError, match="at character 6: j has 5000 digits: at most 64 memory units"):
+        parse_memory("J(0.5," + "9" * 5000 + ")")
+    assert len(parse_memory("J(0.5, 0000000000000000000000000002)")[1]) == 2  # leading zeros are no digits
 
 
 def test_a_memory_pair_holding_bools_is_refused():
