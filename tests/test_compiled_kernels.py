@@ -29,6 +29,8 @@ BACKENDS = [
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 MIXED_DTYPES = tuple(DTYPES)  # a step of all three: parameter k has DTYPES[k % 3]
+DTYPE_CASES = DTYPES + [MIXED_DTYPES]
+DTYPE_IDS = lambda d: "mixed" if isinstance(d, tuple) else str(d)  # noqa: E731
 SHAPES = [(1,), (7,), (4097,), (0,), (3, 5)]
 MIXED = [(1,), (7,), (33,), (4097,), (0,), (16, 9), (2, 3, 5), (130,), (64, 64), (5,)] * 6  # 60 tensors
 
@@ -216,7 +218,7 @@ def test_16bit_stores_round_to_nearest(backend, dtype, cls, kwargs):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scope", ["global", "group", "tensor"])
-@pytest.mark.parametrize("dtype", DTYPES + [MIXED_DTYPES], ids=lambda d: "mixed" if isinstance(d, tuple) else str(d))
+@pytest.mark.parametrize("dtype", DTYPE_CASES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("cls,kwargs", OPT_CASES)
 def test_groups_and_scopes(backend, scope, dtype, cls, kwargs):
     """Several groups (lr, weight decay), each scope, each dtype, and a step of float32, bfloat16 and float16
@@ -226,10 +228,15 @@ def test_groups_and_scopes(backend, scope, dtype, cls, kwargs):
           lrs=[0.05, 0.01, 0.002, 0.02], wds=[0.0, 0.01, 0.1, 0.0])
 
 
+BETA_MIN = {AMSGD: 0.3, AMAdamW: 0.85}  # where the NOTE [moving beta] gradients take beta below it at some steps
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("variant", ["non_adaptive", "maximize", "lr_tensor", "grad_scale", "lr_change"])
+@pytest.mark.parametrize("variant", ["non_adaptive", "maximize", "lr_tensor", "lr_tensor_change", "grad_scale",
+                                     "lr_change", "beta_min"])
+@pytest.mark.parametrize("dtype", DTYPE_CASES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("cls,kwargs", OPT_CASES)
-def test_variants(backend, variant, cls, kwargs):
+def test_variants(backend, variant, dtype, cls, kwargs):
     kw, run_kw = dict(kwargs), {}
     if variant == "non_adaptive":
         kw["adaptive"] = False
@@ -237,6 +244,16 @@ def test_variants(backend, variant, cls, kwargs):
         kw["maximize"] = True
     elif variant == "lr_tensor":
         run_kw["lr_tensor"] = True
+    elif variant == "lr_tensor_change":  # the first-order term's prev_lr, committed from a tensor lr
+        run_kw["lr_tensor"] = True
+
+        def hook(opt, step):
+            for g in opt.param_groups:
+                if step == 4:
+                    g["lr"].mul_(0.3)  # in place: the tensor the steps read
+                elif step == 7:
+                    g["lr"] = g["lr"] * 2.5  # a new tensor
+        run_kw["hook"] = hook
     elif variant == "grad_scale":
         run_kw["grad_scale"] = 1024.0
     elif variant == "lr_change":
@@ -245,8 +262,13 @@ def test_variants(backend, variant, cls, kwargs):
                 for g in opt.param_groups:
                     g["lr"] = g["lr"] * 0.3
         run_kw["hook"] = hook
-    check(backend, cls, kw, [SHAPES, [(33,), (2, 3, 5)]], torch.float32, variant, lrs=[0.03, 0.01],
-          wds=[0.01, 0.0], **run_kw)
+    elif variant == "beta_min":
+        kw["beta_min"] = BETA_MIN[cls]
+    betas = check(backend, cls, kw, [SHAPES, [(33,), (2, 3, 5)]], dtype, variant, lrs=[0.03, 0.01],
+                  wds=[0.01, 0.0], **run_kw)[0]
+    if variant == "beta_min":  # the clamp was reached, so the comparison above saw it
+        lowest = torch.stack([b.float().cpu() for b in betas]).min()
+        assert lowest == torch.tensor(BETA_MIN[cls], dtype=lowest.dtype), f"beta never reached beta_min: {lowest}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -256,8 +278,9 @@ def test_amsgd_loss_mode(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPE_CASES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("cls,kwargs", OPT_CASES)
-def test_found_inf_skips_the_step(backend, cls, kwargs):
+def test_found_inf_skips_the_step(backend, dtype, cls, kwargs):
     pairs = []  # (state before, state after) of each run's skipped step
 
     def hook(opt, step):
@@ -274,7 +297,7 @@ def test_found_inf_skips_the_step(backend, cls, kwargs):
                 pairs[-1].append(_snapshot(self))
             return out
 
-    check(backend, Spy, kwargs, [SHAPES], torch.float32, "found_inf", hook=hook)
+    check(backend, Spy, kwargs, [SHAPES], dtype, "found_inf", hook=hook)
     assert len(pairs) == 2
     for before, after in pairs:
         assert len(before) == len(after)

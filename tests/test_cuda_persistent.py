@@ -12,7 +12,7 @@ import _cuda_sim
 import pytest
 import torch
 from _helpers import tolerance
-from test_compiled_kernels import MIXED, SHAPES, _cuda_ok, _device, _seed, check, run
+from test_compiled_kernels import BETA_MIN, MIXED, SHAPES, _cuda_ok, _device, _seed, check, run
 
 from amm_kernels import AMAdamW, AMSGD
 
@@ -108,10 +108,12 @@ def test_scopes(monkeypatch, backend, scope, cls, kwargs):
           lrs=[0.05, 0.01, 0.02], wds=[0.0, 0.01, 0.1])
 
 
-@pytest.mark.parametrize("variant", ["loss", "grad_scale", "lr_tensor", "maximize"])
+@pytest.mark.parametrize("variant", ["loss", "grad_scale", "lr_tensor", "maximize", "beta_min"])
 def test_variants(monkeypatch, backend, variant):
     cls, kwargs, run_kw = AMSGD, dict(lr=0.05, lam=0.1), {}
-    if variant == "loss":
+    if variant == "beta_min":  # a clamp the steps reach (test_compiled_kernels.py::test_variants)
+        cls, kwargs = AMAdamW, dict(lr=1e-2, beta_min=BETA_MIN[AMAdamW])
+    elif variant == "loss":
         kwargs["delta_f"] = "loss"
         run_kw["loss_mode"] = True
     elif variant == "grad_scale":
