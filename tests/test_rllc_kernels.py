@@ -8,6 +8,7 @@ tolerance (tests/_helpers.py). Also: rank-deficient memories, found_inf, grad_sc
 NaN gradients, k > 8 (reference fallback) and determinism (bit-identical, 1 vs 2 threads).
 The CUDA backend's code also runs here without a GPU, as "cuda_sim" (tests/_cuda_sim.py).
 """
+import contextlib
 import zlib
 
 import _cuda_sim
@@ -16,6 +17,8 @@ import torch
 from _helpers import tolerance
 
 import amm_kernels
+from amm_kernels.memory import parse_memory
+from amm_kernels.reference import rllc_reference
 from amm_kernels.rllc import RLLC
 
 try:
@@ -47,16 +50,45 @@ def _seed(*parts) -> int:
     return zlib.crc32(repr(parts).encode())
 
 
+@contextlib.contextmanager
+def kernels_only(backend, memory):
+    """On a C++ backend, a step handed to the reference (rllc_compiled._fallback) is an error, unless the
+    memory has more units than the kernels hold (that fallback is the design): otherwise a backend that
+    quietly ran the reference would pass every comparison with it."""
+    if backend == "torch" or len(parse_memory(memory)[1]) > rllc_compiled.MAX_K:
+        yield
+        return
+
+    def refuse(batch, hp):
+        raise AssertionError(f"backend {backend!r} handed an RLLC step to the reference")
+    saved = rllc_reference.rllc_step
+    rllc_reference.rllc_step = refuse
+    try:
+        yield
+    finally:
+        rllc_reference.rllc_step = saved
+
+
 def run(backend, device, memory, dtype, seed, steps=10, shapes=SHAPES, lrs=LRS, lr_tensor=False, grad_scale=None,
         found_inf_at=(), nan_at=None, **kwargs):
     """`steps` steps; returns (law after each step, params, memories, scope state)."""
     if backend == _cuda_sim.NAME:
-        _cuda_sim.ensure()
+        _cuda_sim.ensure()  # (skips where the simulator cannot build: before rllc_compiled is looked at)
+    with kernels_only(backend, memory):
+        return _run(backend, device, memory, dtype, seed, steps, shapes, lrs, lr_tensor, grad_scale, found_inf_at,
+                    nan_at, **kwargs)
+
+
+def _run(backend, device, memory, dtype, seed, steps, shapes, lrs, lr_tensor, grad_scale, found_inf_at, nan_at,
+         **kwargs):
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
-    groups = []
+    groups, k = [], 0
     for shapes_g, lr in zip(shapes, lrs):
-        params = [torch.randn(s, generator=gen).to(device=device, dtype=dtype).requires_grad_() for s in shapes_g]
+        # `dtype`, or of a tuple of dtypes (a step of several) parameter k has the (k mod n)-th
+        params = [torch.randn(s, generator=gen).to(device=device, dtype=_dtype_of(dtype, k + j)).requires_grad_()
+                  for j, s in enumerate(shapes_g)]
+        k += len(shapes_g)
         groups.append({"params": params, "lr": torch.tensor(lr) if lr_tensor else lr})
     kwargs.setdefault("law_lr", 0.05)
     opt = RLLC(groups, memory=memory, backend=backend, **kwargs)
@@ -71,7 +103,7 @@ def run(backend, device, memory, dtype, seed, steps=10, shapes=SHAPES, lrs=LRS, 
             opt.grad_scale = torch.tensor(grad_scale, device=device)
             opt.found_inf = torch.tensor(1.0 if step in found_inf_at else 0.0, device=device)
         for p, g in zip(params, grads):
-            p.grad = g.to(device=device, dtype=dtype)
+            p.grad = g.to(device=device, dtype=p.dtype)
         opt.step()
         laws.append(opt.law.detach().clone())
     memories = [opt.state[p]["memory"].detach().clone() for p in params]
@@ -82,13 +114,18 @@ def _device(backend):
     return "cuda" if backend == "cuda" else "cpu"
 
 
+def _dtype_of(dtype, k):
+    return dtype[k % len(dtype)] if isinstance(dtype, tuple) else dtype
+
+
 def assert_close_runs(ours, ref, dtype, where, exact=False):
-    rtol, atol = (0.0, 0.0) if exact else tolerance(dtype)
+    """The law and the scope state to the float32 tolerance; each parameter and its memory to that of
+    its own dtype."""
     law_tol = (0.0, 0.0) if exact else tolerance(torch.float32)  # the law is float32 state
-    for name, a_list, b_list, tol in (("law", ours[0], ref[0], law_tol), ("param", ours[1], ref[1], (rtol, atol)),
-                                      ("memory", ours[2], ref[2], (rtol, atol))):
+    for name, a_list, b_list in (("law", ours[0], ref[0]), ("param", ours[1], ref[1]), ("memory", ours[2], ref[2])):
         for i, (a, b) in enumerate(zip(a_list, b_list)):
             assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {name} {i}"
+            tol = law_tol if name == "law" or exact else tolerance(b.dtype)
             torch.testing.assert_close(a.cpu(), b.cpu(), rtol=tol[0], atol=tol[1], equal_nan=True,
                                        msg=lambda m: f"{where}: {name} {i}: {m}")
     for k in ref[3]:
@@ -129,6 +166,14 @@ def test_parity_scopes(backend, scope, memory, dtype):
 def test_parity_k6_and_k4(backend, dtype):
     check(backend, "J(0.8,2)+C(0.9,0.3)+M(0.5)+M(0)", dtype, "k6")
     check(backend, "M(0.95)+M(0.9)+M(0.5)+M(0)", dtype, "k4", scope="group")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_parity_mixed_dtypes_in_one_step(backend, scope):
+    # float32, bfloat16 and float16 parameters (and their memories) in one step: parameter k has DTYPES[k % 3]
+    ours, _ = check(backend, "J(0.8,2)+M(0)", tuple(DTYPES), f"mixed-{scope}", scope=scope)
+    assert {p.dtype for p in ours[1]} == set(DTYPES)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
