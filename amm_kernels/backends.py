@@ -26,13 +26,18 @@ class Backend:
         after model.to(dtype)); an import, a raised and caught ImportError or its str() cannot be
         traced, a dict lookup can. So what the last eager call gave is kept, and a traced call reads
         it: every loader has run by then (the optimizer's construction resolves its backends, which
-        asks each one whether it is available)."""
+        asks each one whether it is available).
+        Of an ImportError only its message is kept, in a new ImportError: the caught one's traceback (and
+        its cause's) holds the frames of the call that asked, whose callers reach the optimizer under
+        construction and every local of the user's function that built it (a whole model and its data),
+        which a module-level dict would keep alive until the next construction."""
         key = self.name
         if key not in _LOADED or not torch.compiler.is_compiling():  # eager: loaded again (may change,
             try:  # as TRITON_INTERPRET's effect does between imports)
                 _LOADED[key] = (self.load(), None, None)
             except ImportError as err:
-                _LOADED[key] = (None, err, str(err))
+                why = str(err)
+                _LOADED[key] = (None, ImportError(why), why)
         return _LOADED[key]
 
     def module(self):

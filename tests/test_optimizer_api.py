@@ -1603,3 +1603,36 @@ def test_a_shared_scope_restarts_where_no_tensor_of_it_has_moments_left(backend,
         (opt._scopes.step, fresh._scopes.step)
     for a, b in zip(params, twin):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cls", [AMSGD, AMAdamW, amm_kernels.RLLC])
+def test_a_deleted_optimizer_is_freed_where_a_backend_cannot_load(monkeypatch, cls):
+    """A backend whose loader raises (triton on a machine without a GPU, a build without _C) must not keep
+    the optimizer that asked, its parameters or its caller's locals alive: the ImportError's traceback
+    holds those frames, so only its message is kept (Backend.loaded)."""
+    import gc
+    import weakref
+
+    from amm_kernels import backends
+
+    monkeypatch.setattr(backends, "_BACKENDS", dict(backends._BACKENDS))
+    monkeypatch.setattr(backends, "_LOADED", dict(backends._LOADED))
+
+    def cannot_load():
+        raise ImportError("this backend cannot load here")
+    backends.register(backends.Backend("never", ("cpu",), (torch.float32,), cannot_load))
+
+    def train():
+        data = torch.zeros(10)  # a local of the user's function that built the optimizer
+        params = [torch.nn.Parameter(torch.randn(4))]
+        opt = cls(params, backend="auto")
+        params[0].grad = torch.randn(4)
+        opt.step()
+        return weakref.ref(opt), weakref.ref(params[0]), weakref.ref(data)
+
+    refs = train()
+    gc.collect()
+    assert [r() is None for r in refs] == [True, True, True]
+    assert "cannot load here" in backends._BACKENDS["never"].unavailable_reason(torch.device("cpu"))
+    with pytest.raises(ImportError, match="this backend cannot load here"):
+        backends._BACKENDS["never"].module()
