@@ -40,7 +40,7 @@ def _type_of(value) -> str | None:
 
 def _workloads():
     """Small steps covering the launch variants: every optimizer and dtype, grad scaling, found_inf,
-    loss mode, maximize, adaptive=False, each beta scope, several groups, an empty tensor."""
+    loss mode, maximize, adaptive=False, each beta scope, several groups, an empty tensor, sharded sums."""
     import torch
 
     from amm_kernels import RLLC, AMAdamW, AMSGD
@@ -72,6 +72,19 @@ def _workloads():
     run(lambda p: AMSGD(p, adaptive=False, backend="triton"), scale=True)
     run(lambda p: AMAdamW(p, backend="triton"), scale=True)
     run(lambda p: RLLC(p, memory="M(0.9)+M(0.8)+M(0.7)", law_lr=0.05, backend="triton"), scale=True)
+    # sharded parameters (a process_group): the finalize writes the scope sums (SUMS_OUT), then reads the
+    # all-reduced ones (SUMS_IN) in place of pass 1's, as on several GPUs
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_gloo_available() and not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        try:
+            group = dist.group.WORLD
+            run(lambda p: AMSGD(p, process_group=group, backend="triton"))
+            run(lambda p: AMAdamW(p, beta_scope="group", process_group=group, backend="triton"), scale=True)
+            run(lambda p: RLLC(p, law_lr=0.05, process_group=group, backend="triton"))
+        finally:
+            dist.destroy_process_group()
     # pass 1 in spans of several blocks (NOTE [pass-1 spans] in triton_kernels/reduce_kernels.py): not the
     # default, but bench/bench_triton_variants.py runs it on the GPU, so it must compile there
     from amm_kernels import triton_backend
