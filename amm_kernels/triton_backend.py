@@ -158,21 +158,19 @@ def _flat_tensors(batch: StepBatch):
     copy back would fail after the others were written)."""
     writeback = []
 
-    def flat(i, t, write, what=""):
+    def written(i, t, what):  # a tensor the step writes: a copy of it is written back
         if t.is_contiguous():
             return t
-        if write:
-            check_writable(i, t, what)
+        check_writable(i, t, what)
         c = t.contiguous()
-        if write:
-            writeback.append((t, c))
+        writeback.append((t, c))
         return c
 
-    params = [flat(i, t, True, "parameter") for i, t in enumerate(batch.params)]
+    params = [written(i, t, "parameter") for i, t in enumerate(batch.params)]
     # a gradient the kernels cannot read (float64) is read as float32, as the cpu and cuda backends do
-    grads = [flat(i, t if t.dtype in DTYPE_CODES else _as_float32(i, t), False) for i, t in enumerate(batch.grads)]
-    d = [flat(i, t, True, "optimizer state") for i, t in enumerate(batch.d)]
-    v = None if batch.v is None else [flat(i, t, True, "optimizer state") for i, t in enumerate(batch.v)]
+    grads = [(t if t.dtype in DTYPE_CODES else _as_float32(i, t)).contiguous() for i, t in enumerate(batch.grads)]
+    d = [written(i, t, "optimizer state") for i, t in enumerate(batch.d)]
+    v = None if batch.v is None else [written(i, t, "optimizer state") for i, t in enumerate(batch.v)]
     return params, grads, d, v, writeback
 
 
