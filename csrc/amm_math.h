@@ -23,11 +23,13 @@ enum AmsgdSum : int { kSgdGD = 0, kSgdB = 1, kSgdD = 2, kAmsgdSums = 3 };
 enum AdamwSum : int { kAdamA = 0, kAdamB = 1, kAdamC = 2, kAdamD = 3, kAmadamwSums = 4 };
 
 // ---------------------------------------------------------------------------------------------
-// The effective gradient: grad / grad_scale, negated if maximize, plus coupled L2 (AMSGD only).
+// The effective gradient: grad / grad_scale, negated if maximize, plus coupled L2 (AMSGD only). The L2
+// term only where there is decay, as the reference adds it (and torch.optim.SGD): g + 0 * x would turn a
+// gradient of -0 into +0, and the momentum's zeros would lose their sign.
 AMM_HD float effective_grad(float grad, float x, float inv_grad_scale, bool maximize, float coupled_wd) {
   float g = grad * inv_grad_scale;
   if (maximize) g = -g;
-  return g + coupled_wd * x;
+  return coupled_wd != 0.f ? g + coupled_wd * x : g;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Shared helpers of the conformance tests: where the SPEC.md vectors live, and the tolerances."""
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -440,6 +441,30 @@ def check_inf_parameter_without_decay(cls, backend, device="cpu"):
     # With decay x does enter beta: the reference then gives NaN (so this check tells the two apart).
     # (The inf parameter is tensor 0: its scope is the first, under every beta scope.)
     assert torch.isnan(run("torch", 0.01)[0][-1].reshape(-1)[0])
+
+
+def check_signed_zeros_as_the_reference(cls, backend, device="cpu"):
+    """Zeros keep their sign as in the reference (and torch.optim): without weight decay the effective
+    gradient is the gradient itself (not g + 0 * x, which turns -0 into +0), with maximize its negation
+    (RLLC has no maximize)."""
+    import torch
+
+    def run(name, maximize):
+        x = torch.tensor([-0.0, 0.0, 1.0, -0.0, 2.0, 0.0, -0.0, 3.0], device=device, requires_grad=True)
+        grad = torch.tensor([-0.0, -0.0, -0.0, 0.0, 1.0, 0.0, 0.0, -0.0], device=device)
+        opt = cls([x], lr=0.1, backend=name, **({"maximize": True} if maximize else {}))
+        for _ in range(2):
+            x.grad = grad.clone()
+            opt.step()
+        return [x.detach().cpu()] + [t.cpu() for t in opt.state[x].values() if torch.is_tensor(t)]
+
+    for maximize in (False, True) if "maximize" in inspect.signature(cls).parameters else (False,):
+        ours, ref = run(backend, maximize), run("torch", maximize)
+        assert len(ours) == len(ref)
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            zero = b == 0
+            assert torch.equal(a[zero].signbit(), b[zero].signbit()), f"maximize={maximize}: {a} where {b}"
 
 
 def check_grad_scaler_skips_inf_steps(make_opt, good_steps):

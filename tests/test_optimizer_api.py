@@ -8,7 +8,7 @@ import torch
 
 import amm_kernels
 from _helpers import (check_a_reset_tensor_restarts_its_scope, check_groups_rearranged_by_hand, check_found_inf_skips_the_step, check_grad_scaler_skips_inf_steps,
-                      check_inf_parameter_without_decay, check_low_precision_params_keep_dtype,
+                      check_inf_parameter_without_decay, check_low_precision_params_keep_dtype, check_signed_zeros_as_the_reference,
                       check_scheduler_closure_and_add_param_group, check_sparse_gradient_raises_before_any_state_changes,
                       assert_same_state, model_params, resume_from_state_dict, set_grads, snapshot,
                       step_on_a_nan_gradient, take_steps, tolerance)
@@ -325,6 +325,14 @@ def test_an_inf_parameter_without_weight_decay_keeps_beta_finite(backend, cls):
     if backend == _cuda_sim.NAME:
         _cuda_sim.ensure()
     check_inf_parameter_without_decay(cls, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + [_cuda_sim.NAME])
+@pytest.mark.parametrize("cls", [AMSGD, AMAdamW, amm_kernels.RLLC])
+def test_zeros_keep_their_sign_as_in_the_reference(backend, cls):
+    if backend == _cuda_sim.NAME:
+        _cuda_sim.ensure()
+    check_signed_zeros_as_the_reference(cls, backend)
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS)

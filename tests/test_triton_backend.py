@@ -21,7 +21,8 @@ from _triton import assert_beta_moves, blocks_to_test
 triton_backend = import_triton_backend()
 
 from _helpers import check_exp_avg_sq_alone_is_cast, check_float64_grads_are_read_as_float32  # noqa: E402
-from _helpers import check_a_reset_tensor_restarts_its_scope, check_inf_parameter_without_decay  # noqa: E402
+from _helpers import (check_a_reset_tensor_restarts_its_scope, check_inf_parameter_without_decay,  # noqa: E402
+                      check_signed_zeros_as_the_reference)
 from _helpers import vector_params  # noqa: E402
 from test_vectors import replay_am_vector  # noqa: E402
 
@@ -295,6 +296,11 @@ def test_parity_lr_tensor_and_lr_change(name):
 @pytest.mark.parametrize("name", list(OPTS))
 def test_an_inf_parameter_without_weight_decay_keeps_beta_finite(name):
     check_inf_parameter_without_decay(OPTS[name], "triton", DEV)
+
+
+@pytest.mark.parametrize("cls", [AMSGD, AMAdamW, RLLC])
+def test_zeros_keep_their_sign_as_in_the_reference(cls):
+    check_signed_zeros_as_the_reference(cls, "triton", DEV)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's NumPy: inf * 0 in pass 2
