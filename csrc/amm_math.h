@@ -24,10 +24,11 @@ enum AdamwSum : int { kAdamA = 0, kAdamB = 1, kAdamC = 2, kAdamD = 3, kAmadamwSu
 
 // ---------------------------------------------------------------------------------------------
 // The effective gradient: grad / grad_scale, negated if maximize, plus coupled L2 (AMSGD only). The L2
-// term only where there is decay, as the reference adds it (and torch.optim.SGD): g + 0 * x would turn a
-// gradient of -0 into +0, and the momentum's zeros would lose their sign. The scale is applied as a
-// product with its reciprocal (formed outside the element loops): exact for the powers of two a GradScaler uses,
-// within an ulp of the reference's division otherwise (the Triton kernels divide: am_math.py).
+// term only where there is decay, as the reference adds it (and torch.optim.SGD): g + 0 * x would turn
+// a gradient of -0 into +0, so the momentum's zeros would lose their sign, and an inf x would give NaN.
+// The scale is applied as a product with its reciprocal (formed outside the element loops): exact for
+// the powers of two a GradScaler uses, within an ulp of the reference's division otherwise (the Triton
+// kernels divide: am_math.py).
 AMM_HD float effective_grad(float grad, float x, float inv_grad_scale, bool maximize, float coupled_wd) {
   float g = grad * inv_grad_scale;
   if (maximize) g = -g;

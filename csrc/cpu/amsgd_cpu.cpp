@@ -49,10 +49,9 @@ AMM_ALWAYS_INLINE void sums_chunk(const TX* __restrict__ x, const TG* __restrict
 template <class TX, class TG, class TS>
 AMM_ALWAYS_INLINE void update_chunk(TX* __restrict__ x, const TG* __restrict__ g, TS* __restrict__ d, int64_t n, float inv_scale,
                   float wd, float lam, float beta, bool first, float lr) {
-  const bool coupled = wd != 0.f;
   for (int64_t i = 0; i < n; ++i) {
     const float xv = ld(x[i]);
-    const float gv = amm::effective_grad(ld(g[i]), coupled ? xv : 0.f, inv_scale, false, wd);
+    const float gv = amm::effective_grad(ld(g[i]), xv, inv_scale, false, wd);
     const float dn = amm::amsgd_momentum(gv, ld(d[i]), beta, lam, first);
     d[i] = st<TS>(dn);
     x[i] = st<TX>(amm::sgd_param(xv, dn, lr));

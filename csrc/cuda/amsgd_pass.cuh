@@ -8,10 +8,10 @@
 
 namespace amm_cuda {
 
-// The effective gradient of one element. Coupled L2 reads x only when the group has weight decay
-// (as the reference adds `weight_decay * x` only then: an inf x with no decay must not give NaN).
+// The effective gradient of one element (coupled L2 only where the group has weight decay:
+// amm::effective_grad).
 __device__ __forceinline__ float sgd_grad(float grad, float x, float inv_scale, bool maximize, float wd) {
-  return amm::effective_grad(grad, wd != 0.f ? x : 0.f, inv_scale, maximize, wd);
+  return amm::effective_grad(grad, x, inv_scale, maximize, wd);
 }
 
 struct AmsgdSumsOp {
