@@ -43,6 +43,11 @@ def state_atol(name, atol, state, *tensors):
     return scaled_atol(atol, state, *tensors)
 
 
+def dtype_of(dtype, k):
+    """The k-th parameter's dtype: `dtype`, or of a tuple of dtypes (a step of several) the (k mod n)-th."""
+    return dtype[k % len(dtype)] if isinstance(dtype, tuple) else dtype
+
+
 def tolerance(dtype):
     """(rtol, atol) for a torch dtype, a NumPy dtype or a dtype name such as "float32"."""
     name = str(dtype).rsplit(".", 1)[-1]

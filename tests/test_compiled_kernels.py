@@ -11,7 +11,7 @@ import zlib
 import _cuda_sim
 import pytest
 import torch
-from _helpers import scaled_atol, state_atol, tolerance
+from _helpers import dtype_of, scaled_atol, state_atol, tolerance
 
 import amm_kernels
 from amm_kernels import AMAdamW, AMSGD
@@ -43,11 +43,6 @@ def _device(backend):
     return torch.device("cuda" if backend == "cuda" else "cpu")
 
 
-def _dtype_of(dtype, k):
-    """The k-th parameter's dtype: `dtype`, or of a tuple of dtypes (a step of several) the (k mod n)-th."""
-    return dtype[k % len(dtype)] if isinstance(dtype, tuple) else dtype
-
-
 def _coarsest(dtype):
     """The dtype whose tolerance beta and the scope state are held to: of several, the coarsest."""
     return max(dtype, key=lambda d: tolerance(d)[0]) if isinstance(dtype, tuple) else dtype
@@ -57,7 +52,7 @@ def make_groups(shapes_per_group, dtype, device, seed, lrs=None, wds=None):
     gen = torch.Generator().manual_seed(seed)
     groups, k = [], 0
     for gi, shapes in enumerate(shapes_per_group):
-        params = [torch.randn(s, generator=gen).to(device=device, dtype=_dtype_of(dtype, k + j))
+        params = [torch.randn(s, generator=gen).to(device=device, dtype=dtype_of(dtype, k + j))
                   for j, s in enumerate(shapes)]
         k += len(shapes)
         group = {"params": params}

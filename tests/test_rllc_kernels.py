@@ -14,7 +14,7 @@ import zlib
 import _cuda_sim
 import pytest
 import torch
-from _helpers import tolerance
+from _helpers import dtype_of, tolerance
 
 import amm_kernels
 from amm_kernels.memory import parse_memory
@@ -85,8 +85,7 @@ def _run(backend, device, memory, dtype, seed, steps, shapes, lrs, lr_tensor, gr
     gen = torch.Generator().manual_seed(seed)
     groups, k = [], 0
     for shapes_g, lr in zip(shapes, lrs):
-        # `dtype`, or of a tuple of dtypes (a step of several) parameter k has the (k mod n)-th
-        params = [torch.randn(s, generator=gen).to(device=device, dtype=_dtype_of(dtype, k + j)).requires_grad_()
+        params = [torch.randn(s, generator=gen).to(device=device, dtype=dtype_of(dtype, k + j)).requires_grad_()
                   for j, s in enumerate(shapes_g)]
         k += len(shapes_g)
         groups.append({"params": params, "lr": torch.tensor(lr) if lr_tensor else lr})
@@ -112,10 +111,6 @@ def _run(backend, device, memory, dtype, seed, steps, shapes, lrs, lr_tensor, gr
 
 def _device(backend):
     return "cuda" if backend == "cuda" else "cpu"
-
-
-def _dtype_of(dtype, k):
-    return dtype[k % len(dtype)] if isinstance(dtype, tuple) else dtype
 
 
 def assert_close_runs(ours, ref, dtype, where, exact=False):
