@@ -65,38 +65,96 @@ def test_tensorboard_example_logs_every_steps_betas(example, capsys):
 TORCHRUN_EXAMPLE = EXAMPLE.parent / "torchrun_ddp_fsdp.py"
 
 
-def _torchrun(mode, *args):
+def _end_tagged(tag):
+    """SIGKILL every process whose environment carries AMM_TEST_RUN_TAG=tag (Linux /proc)."""
     import os
-    import subprocess
+    import signal
 
+    mark = f"AMM_TEST_RUN_TAG={tag}".encode()
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if mark in (entry / "environ").read_bytes().split(b"\0"):
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass  # gone, or not ours to read
+
+
+def run_bounded(cmd, timeout, env=None):
+    """cmd's (returncode, stdout, stderr, hung): cmd and every process it starts, wherever they run, end
+    within `timeout` + ~30 s.
+
+    NOTE [torchrun workers]: torchrun starts each worker in a session of its own (torch's
+    SubprocessHandler: start_new_session), so killing torchrun's process group leaves a worker that hangs
+    at exit (NOTE [gloo teardown]) alive; with the output read from pipes, which that worker holds open,
+    the wait for their end then never returned. Here the output goes to files, torchrun is asked to stop
+    (SIGTERM: it ends its workers), then killed, and whatever it started is found by a tag in its
+    environment, which every descendant inherits, and killed."""
+    import os
+    import signal
+    import subprocess
+    import tempfile
+    import uuid
+
+    tag = uuid.uuid4().hex
+    env = dict(os.environ if env is None else env, AMM_TEST_RUN_TAG=tag)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+            hung = False
+        except subprocess.TimeoutExpired:
+            hung = True
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        _end_tagged(tag)  # a worker left behind, on either path
+        out.seek(0)
+        err.seek(0)
+        return proc.returncode, out.read(), err.read(), hung
+
+
+def test_run_bounded_ends_a_child_in_a_session_of_its_own():
+    """A parent that hangs, with a child in its own session that holds the output open and hangs too (as
+    torchrun and a worker hung at exit): run_bounded returns in time, with what both printed, and the
+    child is gone."""
+    import subprocess
+    import time
+
+    child = "import time; print('child up', flush=True); time.sleep(600)"
+    parent = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}], "
+              "start_new_session=True); time.sleep(1); print('parent up', flush=True); time.sleep(600)")
+    start = time.monotonic()
+    code, out, err, hung = run_bounded([sys.executable, "-c", parent], timeout=5)
+    assert hung and time.monotonic() - start < 60, (code, out, err)
+    assert "parent up" in out and "child up" in out, (out, err)
+    left = subprocess.run(["pgrep", "-f", "child up"], capture_output=True, text=True).stdout.split()
+    assert not left, f"the child is still running: {left}"
+
+
+def _torchrun(mode, *args):
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    import signal
+    import os
 
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                             str(TORCHRUN_EXAMPLE), "--mode", mode, "--cpu", *(args or ("--steps", "6"))],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # its own process group: a timeout ends the workers too
-    try:
-        stdout, stderr = proc.communicate(timeout=120)
-        hung = False
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        hung = True
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(TORCHRUN_EXAMPLE),
+           "--mode", mode, "--cpu", *(args or ("--steps", "6"))]
+    returncode, stdout, stderr, hung = run_bounded(cmd, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert "2 ranks done" in stdout.splitlines(), f"hung: {hung}\n" + stdout + stderr[-3000:]
     # NOTE [gloo teardown]: in about one launch of six under pytest (none of 16 from a shell), a rank
     # aborts at exit, after every rank has finished (the barrier before "2 ranks done"): "terminate
     # called without an active exception", from a thread of torch's, not ours. Once (a CI run on a
     # machine busy with other work) a launch ran past its 120 s, where is not known: its output is now
     # kept. Such an abort, or a hang, after the run finished is let through, reported as a warning;
-    # anything before that line fails, with the output.
+    # anything before that line fails, with the output. Before run_bounded, a worker hung that way held
+    # the test for ever (NOTE [torchrun workers]); a CI run on d3e0800 hung at 96%, where is not known.
     if hung:
         warnings.warn(f"torchrun {mode}: a rank hung at exit after finishing (NOTE [gloo teardown])")
-    elif proc.returncode != 0:
+    elif returncode != 0:
         assert "terminate called without an active exception" in stderr, stdout + stderr[-3000:]
         warnings.warn(f"torchrun {mode}: a rank aborted at exit after finishing (NOTE [gloo teardown])")
     return [line for line in stdout.splitlines() if line.startswith("step")]
