@@ -23,7 +23,9 @@ import functools
 import importlib.util
 import os
 import socket
+import sys
 import tempfile
+import time
 import warnings
 
 import _cuda_sim
@@ -326,6 +328,12 @@ def worker(rank, world, port, out_path):
             torch.save(gathered, out_path)
     finally:
         dist.destroy_process_group()
+    # NOTE [gloo teardown] (tests/test_examples.py): a rank that has finished may still abort or hang in
+    # torch's C++ destructors at interpreter exit, after faulthandler's timer above is gone; the results
+    # are saved, so the worker leaves without them (a failure above still raises, through mp's own path).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def free_port():
@@ -342,7 +350,17 @@ def ranks():
     _cuda_sim.register()  # build the simulator library once, before the workers load it
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "results.pt")
-        mp.spawn(worker, args=(2, free_port(), out), nprocs=2, join=True)
+        procs = mp.start_processes(worker, args=(2, free_port(), out), nprocs=2, join=False, start_method="spawn")
+        # Bounded (NOTE [test watchdog] in tests/conftest.py): mp.spawn's join waits for ever on a rank that
+        # neither finishes nor fails; each rank's own timer ends it after WORKER_TIMEOUT_S, this one backs it.
+        deadline = time.monotonic() + WORKER_TIMEOUT_S + 120
+        while not procs.join(timeout=5):  # raises, with the rank's error, when one fails
+            if time.monotonic() > deadline:
+                for proc in procs.processes:
+                    proc.kill()
+                    proc.join(5)
+                pytest.fail(f"the two ranks ran past {WORKER_TIMEOUT_S + 120} s; exit codes "
+                            f"{[proc.exitcode for proc in procs.processes]}, results saved: {os.path.exists(out)}")
         return torch.load(out, weights_only=False)
 
 
