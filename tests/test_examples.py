@@ -145,13 +145,13 @@ def _torchrun(mode, *args):
            "--mode", mode, "--cpu", *(args or ("--steps", "6"))]
     returncode, stdout, stderr, hung = run_bounded(cmd, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert "2 ranks done" in stdout.splitlines(), f"hung: {hung}\n" + stdout + stderr[-3000:]
-    # NOTE [gloo teardown]: in about one launch of six under pytest (none of 16 from a shell), a rank
-    # aborts at exit, after every rank has finished (the barrier before "2 ranks done"): "terminate
-    # called without an active exception", from a thread of torch's, not ours. Once (a CI run on a
-    # machine busy with other work) a launch ran past its 120 s, where is not known: its output is now
-    # kept. Such an abort, or a hang, after the run finished is let through, reported as a warning;
-    # anything before that line fails, with the output. Before run_bounded, a worker hung that way held
-    # the test for ever (NOTE [torchrun workers]); a CI run on d3e0800 hung at 96%, where is not known.
+    # NOTE [gloo teardown]: on a loaded machine a rank may abort at exit, after every rank has finished (the
+    # barrier before "2 ranks done"): "terminate called without an active exception", with no Python frame
+    # left (torch's gloo threads at interpreter shutdown, not ours; about one fsdp launch in 16). A rank also
+    # hung at exit, in 4 ddp launches of 16: DDP's reducer freed the group with the GIL held (gdb), which the
+    # example now avoids (none in 20). An abort or a hang after the run finished is let through, reported as
+    # a warning; anything before that line fails, with the output. Before run_bounded, such a hang held the
+    # test for ever (NOTE [torchrun workers]): the likeliest cause of the CI run on d3e0800 that stopped at 96%.
     if hung:
         warnings.warn(f"torchrun {mode}: a rank hung at exit after finishing (NOTE [gloo teardown])")
     elif returncode != 0:
