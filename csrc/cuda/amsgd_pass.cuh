@@ -8,12 +8,6 @@
 
 namespace amm_cuda {
 
-// The effective gradient of one element (coupled L2 only where the group has weight decay:
-// amm::effective_grad).
-__device__ __forceinline__ float sgd_grad(float grad, float x, float inv_scale, bool maximize, float wd) {
-  return amm::effective_grad(grad, x, inv_scale, maximize, wd);
-}
-
 struct AmsgdSumsOp {
   float inv_scale, wd, lam;
   bool maximize;
@@ -23,7 +17,7 @@ struct AmsgdSumsOp {
   __device__ __forceinline__ void apply(float (&r)[kMaxLists][kVec]) {
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-      const float g = sgd_grad(r[kG][j], r[kX][j], inv_scale, maximize, wd);
+      const float g = amm::effective_grad(r[kG][j], r[kX][j], inv_scale, maximize, wd);
       const amm::AmsgdTerms t = amm::amsgd_terms(g, r[kD][j], lam);
       acc[amm::kSgdGD] += t.gd;
       acc[amm::kSgdB] += t.b;
@@ -41,7 +35,7 @@ struct AmsgdUpdateOp {
 #pragma unroll
     for (int j = 0; j < N; ++j) {
       const float x = r[kX][j];
-      const float g = sgd_grad(r[kG][j], x, inv_scale, maximize, wd);
+      const float g = amm::effective_grad(r[kG][j], x, inv_scale, maximize, wd);
       const float d_new = amm::amsgd_momentum(g, first_step ? 0.f : r[kD][j], beta, lam, first_step);
       r[kD][j] = d_new;
       r[kX][j] = amm::sgd_param(x, d_new, lr);
