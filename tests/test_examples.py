@@ -87,10 +87,9 @@ def run_bounded(cmd, timeout, env=None):
     SubprocessHandler: start_new_session), so killing torchrun's process group leaves a worker that hangs
     at exit (NOTE [gloo teardown]) alive; with the output read from pipes, which that worker holds open,
     the wait for their end then never returned. Here the output goes to files, torchrun is asked to stop
-    (SIGTERM: it ends its workers), then killed, and whatever it started is found by a tag in its
-    environment, which every descendant inherits, and killed."""
+    (SIGTERM: it ends its workers), and then whatever is left of it and of what it started is found by a
+    tag in the environment, which every descendant inherits, and killed."""
     import os
-    import signal
     import subprocess
     import tempfile
     import uuid
@@ -98,7 +97,7 @@ def run_bounded(cmd, timeout, env=None):
     tag = uuid.uuid4().hex
     env = dict(os.environ if env is None else env, AMM_TEST_RUN_TAG=tag)
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True)
         try:
             proc.wait(timeout=timeout)
             hung = False
@@ -108,9 +107,9 @@ def run_bounded(cmd, timeout, env=None):
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        _end_tagged(tag)  # a worker left behind, on either path
+                pass
+        _end_tagged(tag)  # cmd itself if still there, and a worker left behind, on either path
+        proc.wait()
         out.seek(0)
         err.seek(0)
         return proc.returncode, out.read(), err.read(), hung
