@@ -5,8 +5,9 @@ NOTE [test watchdog]: a CI run (d3e0800) stopped printing at 96% of the suite an
 minutes; the suite takes ~12 on that machine. It printed no clue where (the likeliest place, found
 later: NOTE [torchrun workers] in tests/test_examples.py). With this file a hang becomes a failure that
 names its test. Under pytest-xdist the worker's end is reported as "worker 'gwN' crashed while running
-'<test>'", the test fails and a new worker takes the rest; in one process the run ends there. faulthandler's timer runs in a C thread of its own, so it fires even when
-the hang holds the GIL (a C++ destructor, a collective that never completes). The stacks go to a copy
+'<test>'", the test fails and a new worker takes the rest; in one process the run ends there.
+faulthandler's timer runs in a C thread of its own, so it fires even when the hang holds the GIL (a C++
+destructor, a collective that never completes). The stacks go to a copy
 of the process's stderr made before pytest captures it (the capture is lost when the process ends).
 The limit is above every subprocess timeout in the suite (the longest: 1200 s), so those report first.
 """
