@@ -326,7 +326,8 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         fit replaces them and writes none of them."""
         scopes = self._scopes
         layouts = list(self._layout), list(self._group_layout)
-        return scopes, (None if scopes is None else dict(vars(scopes))), layouts, {}
+        fields = None if scopes is None else {name: getattr(scopes, name) for name in scopes.FIELDS}
+        return scopes, fields, layouts, {}
 
     def _keep_scope_values(self, before):
         """`before` with a copy of the values of each field that is still the live one (before a checkpoint's
@@ -339,7 +340,8 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
     def _restore_scopes(self, before) -> None:
         scopes, fields, (layout, group_layout), written = before
         if scopes is not None:  # (the same object: a compiled step keeps it, NOTE [compile])
-            vars(scopes).update(fields)
+            for name, value in fields.items():
+                setattr(scopes, name, value)
             for name, values in written.items():
                 getattr(scopes, name).copy_(values)
         self._scopes = scopes
