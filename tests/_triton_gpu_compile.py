@@ -159,6 +159,16 @@ def _resources(cubin: bytes, cuobjdump: str | None) -> tuple[int, int] | None:
 # and any approximate float32 reciprocal: none may remain (NOTE [IEEE division] in triton_kernels/am_math.py).
 # (float64 ones are left out: the math library seeds exact float64 algorithms with rcp.approx.ftz.f64.)
 INEXACT = re.compile(r"\b(?:div\.full|div\.approx|sqrt\.approx|rcp\.approx|rsqrt\.approx)(?:\.ftz)?\.f32\b")
+# A float negation compiled as a subtraction from +0 (`0 - x`: triton before 3.9 builds unary minus so),
+# which gives +0 where -x is -0 (NOTE [negation] in triton_kernels/am_math.py): the zero as an immediate
+# or as a register set to it.
+ZERO_REGISTER = re.compile(r"\bmov\.b(?:32|64)\s+(%\w+),\s*0[fd]0+;")
+SUBTRACTION = re.compile(r"\bsub(?:\.rn)?\.f(?:32|64)\s+%\w+,\s*(%\w+|0[fd]0+)\s*,")
+
+
+def subtractions_from_zero(ptx: str) -> int:
+    zeros = set(ZERO_REGISTER.findall(ptx))
+    return sum(1 for first in SUBTRACTION.findall(ptx) if first in zeros or not first.startswith("%"))
 
 
 def compile_all(path: str) -> int:
@@ -174,6 +184,7 @@ def compile_all(path: str) -> int:
     vectors = {}  # kernel name -> 16-byte global loads / stores in its float32 sm_90 PTX (NOTE [vector access])
     fmas = {}  # kernel name -> fused multiply-adds in its PTX, every target and specialization (NOTE [no fused multiply-add])
     inexact = {}  # kernel name -> approximate divisions / square roots / reciprocals in its PTX (NOTE [IEEE division])
+    from_zero = {}  # kernel name -> float subtractions from zero in its PTX (NOTE [negation])
     resources = {}  # "name" or "name K=k" -> the most registers and stack-frame bytes of its sm_90 cubins
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     cuobjdump = cuobjdump if os.access(cuobjdump, os.X_OK) else None
@@ -190,6 +201,7 @@ def compile_all(path: str) -> int:
                 continue
             fmas[name] = fmas.get(name, 0) + kernel.asm["ptx"].count("fma.rn.f")
             inexact[name] = inexact.get(name, 0) + len(INEXACT.findall(kernel.asm["ptx"]))
+            from_zero[name] = from_zero.get(name, 0) + subtractions_from_zero(kernel.asm["ptx"])
             if arch == 90 and all(v == 0 for k, v in constexprs.items() if k.endswith("_CODE")):
                 ptx = kernel.asm["ptx"]
                 vectors[name] = [ptx.count("ld.global.v4"), ptx.count("st.global.v4")]
@@ -203,6 +215,7 @@ def compile_all(path: str) -> int:
     print("vector accesses " + json.dumps(vectors, sort_keys=True))
     print("fused multiply-adds " + json.dumps(fmas, sort_keys=True))
     print("inexact divisions " + json.dumps(inexact, sort_keys=True))
+    print("subtractions from zero " + json.dumps(from_zero, sort_keys=True))
     print("registers and stack " + json.dumps(resources, sort_keys=True))
     return failures
 

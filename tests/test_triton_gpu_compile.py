@@ -34,6 +34,8 @@ def launches(tmp_path_factory):
     env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
     rec = subprocess.run([sys.executable, TOOL, "record", str(path)], env=env, capture_output=True, text=True,
                          timeout=600)
+    if rec.returncode == 3:  # _triton_gpu_compile.CANNOT_RECORD: an older triton's interpreter
+        pytest.skip(rec.stdout.strip())
     assert rec.returncode == 0, rec.stdout + rec.stderr
     n = int(rec.stdout.split("recorded ")[1].split()[0])
     assert n >= 20, f"only {n} launches recorded: the workloads no longer reach every kernel"
@@ -68,6 +70,10 @@ def compile_and_check(launches, tmp_path, pythonpath_first=None, version=None):
     # instructions (div.full.f32, sqrt.approx.ftz.f32), where the reference and the interpreter round exactly
     inexact = json.loads(out.stdout.split("inexact divisions ")[1].splitlines()[0])
     assert len(inexact) >= 6 and not any(inexact.values()), inexact
+    # NOTE [negation] (triton_kernels/am_math.py): no float negation compiled as `0 - x` (triton 3.6 builds
+    # unary minus so; +0 then stays +0 where the reference's -x is -0)
+    from_zero = json.loads(out.stdout.split("subtractions from zero ")[1].splitlines()[0])
+    assert len(from_zero) >= 6 and not any(from_zero.values()), from_zero
     # Next to no local memory (register spills, or arrays ptxas could not keep in registers) in what a GPU
     # runs: the launches were recorded at the GPU's BLOCK (at the interpreter's 4096 the AM-AdamW and RLLC
     # kernels took 255 registers and 16-3480-byte frames). Allowed: one word (8 bytes), which triton 3.6

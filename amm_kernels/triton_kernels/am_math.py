@@ -8,6 +8,12 @@ is sqrt.approx.ftz.f32 (approximate, subnormals flushed), where torch, the C++ a
 default -prec-div -prec-sqrt) and the interpreter round exactly. So every float32 division here is
 tl.div_rn and every square root tl.sqrt_rn (div.rn.f32, sqrt.rn.f32); float64 `/` is already div.rn.f64.
 tests/test_triton_gpu_compile.py fails on any approximate division, square root or reciprocal in the PTX.
+
+NOTE [negation]: triton before 3.9 builds unary minus on floats as `0 - x` (its semantic.minus), compiled
+and interpreted, which gives +0 for x = +0, where torch, C++ and CUDA give -0 (the reference keeps the
+signs of zeros: tests/_helpers.py check_signed_zeros_as_the_reference failed with triton 3.5.1's
+interpreter, and triton 3.6 compiles `-x` to `sub.f32 0, x`). So a negation here is `x * -1.0`, exact
+for every x (PTX: a flip of the sign bit); the PTX test fails on any subtraction from zero.
 """
 import triton
 import triton.language as tl
@@ -25,7 +31,7 @@ def effective_grad(grad, x, grad_scale, HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: 
     if HAS_GRAD_SCALE:
         g = tl.div_rn(g, grad_scale)  # a division, as the reference (not a multiply by 1 / grad_scale)
     if MAXIMIZE:
-        g = -g
+        g = g * -1.0  # NOTE [negation]
     return tl.where(coupled_wd != 0.0, g + coupled_wd * x, g)
 
 
@@ -51,7 +57,7 @@ def sgd_param(x, d_new, lr):
 @triton.jit
 def amsgd_weighted(gd, b, dd, lr, prev_lr, lam, FIRST_ORDER: tl.constexpr):
     """Per-tensor weighting (float64): num = (lam + 1) eta_prev <g,d> - eta B, den = eta D."""
-    num = -lr * b
+    num = (lr * -1.0) * b  # NOTE [negation]
     if FIRST_ORDER:
         num = (lam + 1.0) * prev_lr * gd + num
     return num, lr * dd
