@@ -46,8 +46,12 @@ def recorded_launches() -> list:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "launches.json")
         env = dict(os.environ, TRITON_INTERPRET="1")
-        subprocess.run([sys.executable, str(ROOT / "tests" / "_triton_gpu_compile.py"), "record", path], env=env,
-                       check=True, capture_output=True, text=True)
+        rec = subprocess.run([sys.executable, str(ROOT / "tests" / "_triton_gpu_compile.py"), "record", path],
+                             env=env, capture_output=True, text=True)
+        if rec.returncode == 3:  # CANNOT_RECORD: this triton's interpreter cannot be hooked
+            sys.exit(f"triton_occupancy: {rec.stdout.strip()}; give --launches a file recorded elsewhere")
+        if rec.returncode != 0:
+            raise subprocess.CalledProcessError(rec.returncode, rec.args, rec.stdout, rec.stderr)
         return json.load(open(path))
 
 

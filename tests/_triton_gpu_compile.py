@@ -98,10 +98,20 @@ def _workloads():
         triton_backend.PASS1_ITERS = 1
 
 
+# record's exit status where this triton's interpreter has no InterpretedFunction.run to hook (triton 3.5
+# makes it per function): the callers skip, naming the version; the kernels still run there.
+CANNOT_RECORD = 3
+
+
 def record(path: str) -> None:
+    import triton
     import triton.language as tl
     import triton.runtime.interpreter as interpreter
 
+    if not callable(getattr(interpreter.InterpretedFunction, "run", None)):
+        print(f"cannot record launches with triton {triton.__version__}: its interpreter has no "
+              "InterpretedFunction.run to hook (triton 3.6 and newer have one)")
+        sys.exit(CANNOT_RECORD)
     from amm_kernels import triton_backend
 
     seen: dict[str, list] = {}

@@ -135,6 +135,8 @@ def test_triton_occupancy_counts_programs_from_the_registers(tmp_path):
     out = subprocess.run([sys.executable, str(BENCH / "triton_occupancy.py"), "--configs", "1024x4x1,1024x4x2",
                           "--kernels", "amsgd_reduce_kernel", "--out-dir", str(tmp_path)], env=env,
                          capture_output=True, text=True, timeout=600)
+    if "cannot record launches with triton" in out.stderr:  # an older triton's interpreter (3.5)
+        pytest.skip(out.stderr.strip().splitlines()[-1])
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / f"triton_occupancy_sm90_triton{triton.__version__}.csv")))
     assert [(r["BLOCK"], r["ITERS"]) for r in rows] == [("1024", "1"), ("1024", "2")], rows
