@@ -107,6 +107,6 @@ def test_a_wheel_holds_the_whole_package_and_runs_outside_the_tree(tmp_path):
     res = _run([sys.executable, "-c", code, str(target)], tmp_path)
     assert res.stdout.strip().endswith("ok")
     installed = {str(p.relative_to(target)) for p in (target / "amm_kernels").rglob("*.py")}
-    expected = {name for name in _tracked("amm_kernels", (".py",))}
+    expected = set(_tracked("amm_kernels", (".py",)))
     assert expected <= installed, sorted(expected - installed)
     assert not (target / "tests").exists() and not (target / "bench").exists()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from _triton import interpreter_unusable
+from _triton_gpu_compile import CANNOT_RECORD
 
 HERE = Path(__file__).resolve().parent
 TOOL = str(HERE / "_triton_gpu_compile.py")
@@ -34,7 +35,7 @@ def launches(tmp_path_factory):
     env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
     rec = subprocess.run([sys.executable, TOOL, "record", str(path)], env=env, capture_output=True, text=True,
                          timeout=600)
-    if rec.returncode == 3:  # _triton_gpu_compile.CANNOT_RECORD: an older triton's interpreter
+    if rec.returncode == CANNOT_RECORD:  # an older triton's interpreter
         pytest.skip(rec.stdout.strip())
     assert rec.returncode == 0, rec.stdout + rec.stderr
     n = int(rec.stdout.split("recorded ")[1].split()[0])
