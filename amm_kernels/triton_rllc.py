@@ -17,7 +17,6 @@ decides, before triton is first imported, whether the kernels run compiled or in
 """
 from __future__ import annotations
 
-import copy
 
 import torch
 
@@ -48,7 +47,8 @@ def _next_p2(n: int) -> int:
 class _RLLCScratch:
     """Per parameter list (attached to its cached tensor_table.Table) and memory rule: U and b as
     float32 device tensors, the float64 partial sums, the per-scope sums, and the gather index that
-    unfolds the Gram entries into k x k matrices. Fixed addresses across steps (CUDA-graph friendly)."""
+    unfolds the Gram entries into k x k matrices. Fixed addresses across steps (CUDA-graph friendly),
+    shared with the table's rebased copies (NOTE [shared scratch] in triton_kernels/tensor_table.py)."""
 
     def __init__(self, table, hp, device):
         k = hp.k
@@ -59,13 +59,6 @@ class _RLLCScratch:
         self.partials = torch.zeros((max(table.n_slots, 1), self.n_sums), dtype=torch.float64, device=device)
         self.sums = torch.zeros((table.present_scopes.numel(), self.n_sums), dtype=torch.float64, device=device)
         self.full_index = gram_full_index(k, device)
-
-    def rebased(self) -> "_RLLCScratch":
-        """For a rebased table (NOTE [tables and graphs]): U, b and the index shared (they never change),
-        its own sums, made on the device (no host-to-device copy: a capture allows it)."""
-        other = copy.copy(self)
-        other.partials, other.sums = torch.zeros_like(self.partials), torch.zeros_like(self.sums)
-        return other
 
 
 def _scratch(table, hp, device) -> _RLLCScratch:

@@ -69,14 +69,14 @@ class Table:
     weight_decay: torch.Tensor  # float32 [G]
     buckets: list[Bucket]
     n_slots: int
-    # Scratch reused every step (fixed addresses, so a captured CUDA graph stays valid).
+    # Scratch reused every step (fixed addresses, so a captured CUDA graph stays valid), shared by the
+    # tables of one layout (NOTE [shared scratch]).
     partials: torch.Tensor  # float32 [max(n_slots, 1), n_sums]
     terms: torch.Tensor  # float64 [T, 2]: each tensor's weighted numerator and denominator (finalize_kernel.py)
     scope_scratch: torch.Tensor  # float32 [4, S]: beta, first-step flag, bias1, bias2
     addresses: tuple = ()  # the x, grad, d, v addresses meta holds, per tensor (host copy)
     decays: tuple = ()  # the values weight_decay holds (host copy)
-    # Other steps' per-table scratch (triton_rllc.py), by key; each value has .rebased() (a copy with its
-    # own scratch, the rest shared) for the table's rebased copies.
+    # Other steps' per-table scratch (triton_rllc.py), by key; the same dict in the table's rebased copies.
     extras: dict = field(default_factory=dict)
 
 
@@ -127,12 +127,21 @@ def _remember(cache: OrderedDict, key, table: Table) -> None:
 # it is rebased (_rebased): a device copy of the old meta, patched by kernels that take the new
 # addresses as arguments, which a graph records by value. Blocks, slot and scope tables are shared with
 # the old table (they never change); weight decays that differ (a schedule's) are filled in anew on the
-# device; scratch buffers are the new table's own, zeroed on the device. Eager steps whose gradients
-# moved (zero_grad(set_to_none=True)) take the same path. The tables are the optimizer's own (TableCache in StepBatch.device_tables): another
-# optimizer's layouts never evict them. A table that a capture used is kept for the life of the process
-# (_IN_GRAPHS): the graph reads it at every replay, and the LRU must not free it; so is the table a
-# captured one was rebased from, whose meta the graph's clone reads at every replay. A layout never seen
-# before cannot be built during a capture: run a warm-up step.
+# device. Eager steps whose gradients moved (zero_grad(set_to_none=True)) take the same path. The tables
+# are the optimizer's own (TableCache in StepBatch.device_tables): another optimizer's layouts never
+# evict them, and another optimizer never shares their scratch (NOTE [shared scratch]). A table that a
+# capture used is kept for the life of the process (_IN_GRAPHS): the graph reads it at every replay,
+# and the LRU must not free it; so is the table a captured one was rebased from, whose meta the graph's
+# clone reads at every replay. A layout never seen before cannot be built during a capture: run a
+# warm-up step.
+#
+# NOTE [shared scratch]: the scratch buffers (partials, terms, scope_scratch, and RLLC's in extras) are
+# shared by all the tables of one layout. A step writes every entry it reads before reading it (a table
+# found again by its exact key reads what its own last step left, so no kernel relies on zeros), and
+# one optimizer's steps are ordered on its stream, as its state is. So one set serves them, not one per
+# table: with new gradient addresses every step the cache holds 8 tables, whose own scratch would be 8
+# sets (for RLLC with k = 8 on 1e9 parameters, 0.34 GB each; bench/step_memory.py measures what an
+# optimizer holds).
 def get_table(params, grads, d, v, batch, block: int, n_sums: int, state_units: int | None = None,
               span: int = 1) -> Table:
     """The cached table for this exact list of tensors: rebased when only addresses or weight decays
@@ -211,11 +220,8 @@ def _rebased(source: Table, addresses: tuple, decays: tuple) -> Table:
     if decays != source.decays:  # fills, as the lrs (NOTE [no copies from the host] in amm_kernels/_base.py)
         device = weight_decay.device
         weight_decay = torch.stack([torch.full((), w, dtype=torch.float32, device=device) for w in decays])
-    return replace(source, meta=meta, addresses=addresses, decays=decays, weight_decay=weight_decay,
-                   partials=torch.zeros_like(source.partials),
-                   terms=torch.zeros_like(source.terms),
-                   scope_scratch=torch.zeros_like(source.scope_scratch),
-                   extras={key: value.rebased() for key, value in source.extras.items()})
+    # partials, terms, scope_scratch and extras stay source's: NOTE [shared scratch]
+    return replace(source, meta=meta, addresses=addresses, decays=decays, weight_decay=weight_decay)
 
 
 def _rows(i: int, n: int) -> torch.Tensor:
