@@ -44,6 +44,8 @@
 #   variants     persistent vs two-pass CUDA step by size (the threshold for AMM_CUDA_PERSISTENT_MAX_NUMEL)
 #   overhead     a real training step, AdamW vs AMAdamW (issue 5)
 #   bench_full   issue 5's whole throughput ladder (every backend, 1e5..1e9, flat and model)
+#   memory       what each optimizer and backend holds beyond its state and what a steady step allocates
+#                (bench/step_memory.py; tests/test_step_memory.py holds cuda and triton to a bound)
 #   conv         the byte-level LM convergence run, larger than on CPU (not in the default list)
 set -o pipefail
 cd "$(dirname "$0")/.."
@@ -60,12 +62,12 @@ T0=$(date +%s)
 STAMP_T="$(mktemp)"  # results newer than this were written by this call
 JUNIT="$(mktemp -d)"  # pytest's junit files, packed into results.tgz (not left in $OUT: at most 8 files come back)
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(build test_cuda errors chunks test_triton triton_variants bench_core breakdown sanitize variants overhead bench_full)
+[ ${#parts[@]} -eq 0 ] && parts=(build test_cuda errors chunks test_triton triton_variants bench_core breakdown sanitize variants overhead bench_full memory)
 declare -A MAX_S=([build]=240 [test_cuda]=150 [errors]=120 [bench_core]=120 [chunks]=130 [triton_variants]=160 [test_triton]=150 [sanitize]=120 [variants]=90
-                  [breakdown]=60 [overhead]=60 [bench_full]=240 [conv]=300)
+                  [breakdown]=60 [overhead]=60 [bench_full]=240 [memory]=60 [conv]=300)
 # the least a part needs to leave a result (below it the part is skipped, not started and killed)
 declare -A MIN_S=([test_cuda]=60 [errors]=45 [bench_core]=60 [chunks]=40 [triton_variants]=60 [test_triton]=60 [sanitize]=50 [variants]=40 [breakdown]=35
-                  [overhead]=45 [bench_full]=60)
+                  [overhead]=45 [bench_full]=60 [memory]=30)
 RESERVE=15  # seconds kept for packing the results
 status=0
 unfinished=()  # parts skipped or stopped at their limit: what a second call on the still-warm machine would run
@@ -254,6 +256,8 @@ part_breakdown() { bench "$1" bench/bench_kernel_breakdown.py --size 1e8; }
 part_overhead() { bench "$1" bench/train_step_overhead.py --d 1024 --layers 12 --batch 16 --ctx 512; }
 
 part_bench_full() { bench "$1" bench/throughput.py; }
+
+part_memory() { bench "$1" bench/step_memory.py --device cuda; }
 
 part_conv() { bench "$1" bench/conv_lm.py --steps 600 --seeds 2 --d 512 --layers 8 --batch 32 --ctx 256; }
 

@@ -28,6 +28,7 @@ SCRIPTS = [  # (module, files it must write, a numeric CSV column that must be f
     ("conv_rllc", ["conv_rllc.csv", "conv_rllc.json", "conv_rllc.png"], "score", False),  # digits part needs sklearn
     # GPU-only in earnest; --quick runs three variants' children in Triton's interpreter (plumbing only)
     ("bench_triton_variants", ["triton_variants_cpu.csv", "triton_variants_cpu.json"], "step_ms", False),
+    ("step_memory", ["step_memory_cpu.csv", "step_memory_cpu.json"], "step_peak_per_param_bytes", False),
 ]
 
 
@@ -69,7 +70,7 @@ def test_script_quick(module, files, column, needs_sklearn, tmp_path, monkeypatc
             pytest.skip(interpreter_unusable())
     monkeypatch.setenv("TQDM_DISABLE", "1")
     argv = ["--quick", "--out-dir", str(tmp_path)]
-    if module in ("throughput", "bench_kernel_breakdown", "train_step_overhead", "conv_lm"):
+    if module in ("throughput", "bench_kernel_breakdown", "train_step_overhead", "conv_lm", "step_memory"):
         argv += ["--device", "cpu"]
     importlib.import_module(module).main(argv)
     for name in files:
