@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_compiled_kernels import _cuda_ok
+from test_compiled_kernels import BACKENDS as KERNEL_BACKENDS
 
 import amm_kernels
 from amm_kernels import AMAdamW, AMSGD, RLLC
@@ -43,10 +43,7 @@ def _triton_gpu_ok():
     return torch.cuda.is_available() and "triton" in amm_kernels.available_backends("cuda")
 
 
-BACKENDS = [
-    pytest.param("cpu", marks=pytest.mark.skipif("cpu" not in amm_kernels.available_backends("cpu"),
-                                                 reason="amm_kernels._C is not built")),
-    pytest.param("cuda", marks=pytest.mark.skipif(not _cuda_ok(), reason="no CUDA device or no CUDA kernels")),
+BACKENDS = [p for p in KERNEL_BACKENDS if p.values[0] in ("cpu", "cuda")] + [  # (not the simulator's)
     pytest.param("triton", marks=pytest.mark.skipif(not _triton_gpu_ok(),
                                                     reason="Triton on a GPU (its interpreter copies every tensor)")),
 ]
