@@ -577,6 +577,50 @@ def test_moved_gradients_rebase_the_table(monkeypatch, cls):
     assert all(t.extras is latest.extras for t in older) and (cls is not RLLC or latest.extras)
 
 
+def _poison_scratch(opt, value):
+    """Every scratch buffer of every table the optimizer keeps (none before its first step), filled with value."""
+    cache = opt._device_tables.get("triton")
+    for table in cache.exact.values() if cache is not None else ():
+        for t in (table.partials, table.terms, table.scope_scratch):
+            t.fill_(value)
+        for extra in table.extras.values():
+            extra.partials.fill_(value)
+            extra.sums.fill_(value)
+
+
+@pytest.mark.parametrize("cls,kwargs", [
+    (AMSGD, dict(lr=0.05, beta_scope="group")),
+    (AMSGD, dict(lr=0.05, delta_f="loss")),
+    (AMAdamW, dict(lr=1e-2)),  # a beta per tensor
+    (RLLC, dict(lr=0.05, scope="tensor", memory="M(0.8)+M(0.5)+M(0)")),
+], ids=["AMSGD-group", "AMSGD-loss", "AMAdamW", "RLLC-k3"])
+def test_no_step_reads_scratch_it_did_not_write(cls, kwargs):
+    """NOTE [shared scratch]: the tables of one layout share their scratch, which is sound only if a step
+    writes every entry it reads first. Every scratch buffer filled with NaN before each step (gradients
+    at new addresses, so each step rebases; one step skipped by found_inf; a group without gradients):
+    the run is bit-identical to one without."""
+    runs = []
+    for poison in (False, True):
+        params = make_params([(7,), (0,), (4100,), (3, 5)], torch.float32, seed=3, transposed_last=False)
+        idle = make_params([(9,)], torch.float32, seed=4)  # its group never gets a gradient
+        opt = cls([{"params": params[:2]}, {"params": params[2:]}, {"params": idle}], backend="triton", **kwargs)
+        kept = []
+        for step in range(4):
+            for p, g in zip(params, grads_for(params, step, seed=3)):
+                p.grad = g
+            kept.append([p.grad for p in params])  # alive: the next step's gradients get new addresses
+            opt.found_inf = torch.full((), float(step == 2), device=DEV)
+            if poison:
+                _poison_scratch(opt, float("nan"))
+            loss = torch.tensor(2.0 - 0.3 * step) if kwargs.get("delta_f") == "loss" else None
+            opt.step((lambda value=loss: value) if loss is not None else None)
+        runs.append([p.detach().clone() for p in params] + [t.clone() for p in params
+                                                           for t in opt.state[p].values() if torch.is_tensor(t)])
+    assert len(runs[0]) == len(runs[1])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)  # (a NaN that leaked in is unequal to itself)
+
+
 def test_every_patch_launch_has_the_signature_the_first_build_compiled(monkeypatch):
     """_patch_kernel is compiled at a table's first build so that a capture never compiles it; Triton
     types an int argument by its value, so every launch must pass int64 addresses, also when the
