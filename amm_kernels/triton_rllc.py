@@ -17,7 +17,6 @@ decides, before triton is first imported, whether the kernels run compiled or in
 """
 from __future__ import annotations
 
-
 import torch
 
 from ._step import StepBatch

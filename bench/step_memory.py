@@ -1,17 +1,17 @@
-"""Memory of a step: what each optimizer and backend holds beyond the parameters and gradients, and what one
-steady step allocates on top, beside torch's AdamW and SGD in the same run.
+"""Memory of a step: what each optimizer and backend holds beyond the parameters and gradients, and what
+one steady step allocates on top, beside torch's AdamW and SGD in the same run.
 
     python bench/step_memory.py                    # the CPU; on a GPU machine: --device cuda
     python bench/step_memory.py --dtype bfloat16
 
-A LLaMA-shaped list of tensors (bench/common.llama_shapes: 29.9M parameters in 75 tensors; --quick: 0.17M). For each
-optimizer: its state's bytes (the storages of the tensors in opt.state), what it held after two steps beyond the
-parameters and gradients (state, scope rows, cached tables, workspaces), and the peak bytes the third
-step allocated above where it began, with the bytes it left behind (0: nothing accumulates). All
-through torch's allocators (`allocated_while` below): on the CPU the profiler's memory events, which
-see every allocation of torch's CPU allocator (the C++ ops' and their threads' too, not memory a
-kernel keeps off that allocator); on a GPU the caching allocator's allocated bytes (not its cache).
-tests/test_step_memory.py holds the fast backends to a bound with the same measurement. Writes
+A LLaMA-shaped list of tensors (bench/common.llama_shapes: 29.9M parameters in 75 tensors; --quick:
+0.17M). For each optimizer: its state's bytes (the storages of the tensors in opt.state), what it held
+after two steps beyond the parameters and gradients (state, scope rows, cached tables, workspaces), and
+the peak bytes the third step allocated above where it began, with the bytes it left behind (0: nothing
+accumulates). All through torch's allocators (`allocated_while` below): on the CPU the profiler's memory
+events, which see every allocation of torch's CPU allocator (the C++ ops' and their threads' too, not
+memory a kernel keeps off that allocator); on a GPU the caching allocator's allocated bytes (not its
+cache). tests/test_step_memory.py holds the fast backends to a bound with the same measurement. Writes
 bench/results/step_memory_<device>[_<dtype>].{csv,json}.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ def allocated_while(fn, device: torch.device) -> tuple[int, int]:
     return peak, now
 
 
-def _optimizers(device: torch.device, quick: bool):
+def _optimizers(device: torch.device):
     """(name, backend, factory(params) -> optimizer): torch's baselines, then each of ours on each backend
     this machine runs (the Triton one on a GPU only: its interpreter copies every tensor)."""
     import amm_kernels
@@ -114,15 +114,14 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     shapes = llama_shapes(64, 2, 512) if args.quick else llama_shapes(512, 8, 4096)
     env = environment(device)
-    rows = []
+    rows, mib = [], 2.0 ** -20
     print(f"{'optimizer':22s}{'backend':>12s}{'state MiB':>10s}{'held-state KiB':>16s}{'step peak MiB':>14s}"
           f"{'peak/params':>13s}{'left':>6s}   ({device}, {args.dtype})", flush=True)
-    for name, backend, make in _optimizers(device, args.quick):
+    for name, backend, make in _optimizers(device):
         row = measure(name, backend, make, shapes, dtype, device)
         rows.append(row)
-        mb = 2.0 ** -20
-        print(f"{name:22s}{backend:>12s}{row['state_bytes'] * mb:10.2f}{row['held_beyond_state'] / 1024:16.1f}"
-              f"{row['step_peak_bytes'] * mb:14.3f}{row['step_peak_per_param_bytes']:13.3f}{row['step_net_bytes']:6d}",
+        print(f"{name:22s}{backend:>12s}{row['state_bytes'] * mib:10.2f}{row['held_beyond_state'] / 1024:16.1f}"
+              f"{row['step_peak_bytes'] * mib:14.3f}{row['step_peak_per_param_bytes']:13.3f}{row['step_net_bytes']:6d}",
               flush=True)
     stem = f"step_memory_{device_tag(device)}" + ("" if args.dtype == "float32" else f"_{args.dtype}")
     paths = write_results(stem, rows, env, args.out_dir)

@@ -25,7 +25,6 @@ import amm_kernels
 from amm_kernels import AMAdamW, AMSGD, RLLC
 
 
-
 def _load_bench_measurement():
     """bench/step_memory.py's allocated_while: the one measurement, shared with the benchmark (loaded by
     its path: bench/ is not put on sys.path for the whole suite)."""
