@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from operator import attrgetter
 
 import torch
 
@@ -148,6 +149,18 @@ def _as_float32(i: int, g):
     return g.float()
 
 
+_is_contiguous = torch.Tensor.is_contiguous
+_KERNEL_DTYPES = frozenset(DTYPE_CODES)
+
+
+def _all_flat(batch: StepBatch) -> bool:
+    """Every tensor contiguous and every gradient in a dtype the kernels read: _flat_tensors has
+    nothing to copy (each check a loop in C, not a Python call per tensor)."""
+    return (all(map(_is_contiguous, batch.params)) and all(map(_is_contiguous, batch.grads))
+            and all(map(_is_contiguous, batch.d)) and (batch.v is None or all(map(_is_contiguous, batch.v)))
+            and _KERNEL_DTYPES.issuperset(map(attrgetter("dtype"), batch.grads)))
+
+
 def _flat_tensors(batch: StepBatch):
     """params, grads, d, v as dense tensors the kernels can walk as flat arrays, and the write-backs.
 
@@ -156,6 +169,8 @@ def _flat_tensors(batch: StepBatch):
     CUDA glue does the same in C++ (NOTE [working copies] in csrc/cuda/working_copies.h). A tensor to be
     written back whose elements share memory is refused here, before any kernel (check_writable: the
     copy back would fail after the others were written)."""
+    if _all_flat(batch):  # the usual step (NOTE [host time of a key] in triton_kernels/tensor_table.py)
+        return list(batch.params), list(batch.grads), list(batch.d), None if batch.v is None else list(batch.v), []
     writeback = []
 
     def written(i, t, what):  # a tensor the step writes: a copy of it is written back

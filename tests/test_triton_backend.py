@@ -674,6 +674,39 @@ def test_each_optimizer_keeps_its_own_tables(monkeypatch):
         opt.step()
 
 
+def test_a_table_found_again_is_the_most_recent(monkeypatch):
+    """The cache drops its least recently used table. A step that finds the table of the step before
+    changes neither map (TableCache.last); one that finds an older table makes it the most recent, so
+    the next new gradients evict another. Nine sets of gradients kept alive (nine addresses), stepped
+    G0, G0, G1 .. G7, G0, G8: the cache of 8 then holds G0 and G2 .. G8, and G1 needs a new table."""
+    from amm_kernels.triton_kernels import tensor_table
+
+    made = []
+    monkeypatch.setattr(tensor_table, "_rebased", lambda *a, _f=tensor_table._rebased: made.append(1) or _f(*a))
+    assert tensor_table._CACHE_SIZE == 8
+    params = make_params([(7,), (33,)], torch.float32, seed=3)
+    opt = AMSGD(params, lr=0.05, backend="triton")
+    grads = [[torch.randn_like(p) for p in params] for _ in range(9)]
+
+    def step(k):
+        for p, g in zip(params, grads[k]):
+            p.grad = g
+        opt.step()
+
+    tables = opt._device_tables
+    step(0)
+    first = tables["triton"].last
+    step(0)
+    assert tables["triton"].last is first and not made, "the same gradients made a new table"
+    for k in (*range(1, 8), 0, 8):
+        step(k)
+    assert len(made) == 8  # G1 .. G7 and G8 rebased from the latest table of the layout
+    step(0)
+    assert len(made) == 8 and tables["triton"].last is first, "G0's table was evicted: it was not the most recent"
+    step(1)
+    assert len(made) == 9, "G1's table was not the least recently used"
+
+
 @pytest.mark.parametrize("cls", [AMSGD, AMAdamW])
 def test_a_weight_decay_schedule_rebases_the_table(monkeypatch, cls):
     """weight_decay changed every step (a schedule's): the table is built once, its decays refilled on

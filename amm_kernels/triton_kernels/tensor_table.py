@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
+from itertools import repeat
+from operator import attrgetter
 
 import torch
 import triton
@@ -86,31 +88,64 @@ _IN_GRAPHS: dict = {}  # id -> Table: tables a captured CUDA graph reads, never 
 
 class TableCache:
     """One optimizer's tables (StepBatch.device_tables["triton"]), least recently used dropped first:
-    by exact key (addresses and weight decays included), and the latest of each layout."""
+    by exact key (addresses and weight decays included), and the latest of each layout. `last` is the
+    table the latest step used: most recent in both maps, so a step that finds it again changes neither."""
 
     def __init__(self):
         self.exact: OrderedDict = OrderedDict()
         self.by_layout: OrderedDict = OrderedDict()
+        self.last: Table | None = None
+
+
+class _Key:
+    """A key of TableCache's maps, hashed once. A tuple computes its hash again at every dict operation,
+    and these hold a few items per tensor: a step's lookup and its two LRU updates hashed them ~5 times."""
+
+    __slots__ = ("value", "hash")
+
+    def __init__(self, value: tuple):
+        self.value = value
+        self.hash = hash(value)
+
+    def __hash__(self):
+        return self.hash
+
+    def __eq__(self, other):
+        return isinstance(other, _Key) and self.hash == other.hash and self.value == other.value
+
+
+# NOTE [host time of a key]: get_table runs at every step, on every tensor, before the first launch, and
+# a small model's step on a GPU is host-bound (bench/README.md, "Small steps are host-bound"). So _key
+# reads each column by map() over the tensors with the unbound method (a loop in C, not a Python
+# expression per tensor), the keys are hashed once (_Key), and a step that finds the table of the step
+# before leaves the LRU maps alone (TableCache.last). Measured on a 2-vCPU AMD EPYC VM (2026-12-01),
+# 219 tensors, the kernels' launches left out: get_table took 285-301 us -> 148-150 (AMSGD) and
+# 360-366 -> 192-197 (AMAdamW); with _flat_tensors' check in C (triton_backend._all_flat), the whole
+# step's host time 719-778 -> 524-525 and 932-941 -> 704-708 us. What is left is ~11 attribute reads
+# per tensor (~55 ns each), every one needed by the key.
+_data_ptr = torch.Tensor.data_ptr
+_numel = torch.Tensor.numel
+_dtype = attrgetter("dtype")
 
 
 def _key(params, grads, d, v, batch, block, n_sums, span):
     """(addresses per tensor, weight decay per group, the rest): a table serves exactly this key; the
-    rest alone fixes its layout (NOTE [tables and graphs])."""
-    addresses = tuple(
-        (p.data_ptr(), g.data_ptr(), dd.data_ptr(), 0 if v is None else v[i].data_ptr())
-        for i, (p, g, dd) in enumerate(zip(params, grads, d))
-    )
+    rest alone fixes its layout (NOTE [tables and graphs]). Returned as (exact key, layout key, the
+    addresses and decays as tuples)."""
+    v_addresses = repeat(0) if v is None else map(_data_ptr, v)
+    addresses = tuple(zip(map(_data_ptr, params), map(_data_ptr, grads), map(_data_ptr, d), v_addresses))
     # every tensor's element count: one that changed at the same address (p.grad.data = a slice of it)
     # is a new layout, so check_fits looks at it before the kernels could walk past its end (NOTE [state
     # fits]). Counts, not shapes: a torch.Size costs ~10x an int here (~3 ms against ~0.4 ms per 1000
     # tensors), and this runs at every step; a view of another shape with as many elements at the same
     # address is walked as the flat array it is.
-    layout = (tuple((p.numel(), g.numel(), dd.numel(), p.dtype, g.dtype, dd.dtype,
-                     None if v is None else (v[i].numel(), v[i].dtype))
-                    for i, (p, g, dd) in enumerate(zip(params, grads, d))),
-              tuple(batch.group_of), tuple(batch.scope_of), tuple(batch.present_groups),
-              str(params[0].device), block, n_sums, span)
-    return addresses, tuple(batch.weight_decay), layout
+    v_layout = repeat(None) if v is None else zip(map(_numel, v), map(_dtype, v))
+    per_tensor = tuple(zip(map(_numel, params), map(_numel, grads), map(_numel, d),
+                           map(_dtype, params), map(_dtype, grads), map(_dtype, d), v_layout))
+    layout = _Key((per_tensor, tuple(batch.group_of), tuple(batch.scope_of), tuple(batch.present_groups),
+                   str(params[0].device), block, n_sums, span))
+    decays = tuple(batch.weight_decay)
+    return _Key((addresses, decays, layout)), layout, addresses, decays
 
 
 def _remember(cache: OrderedDict, key, table: Table) -> None:
@@ -148,12 +183,15 @@ def get_table(params, grads, d, v, batch, block: int, n_sums: int, state_units: 
     changed, rebuilt when a size, dtype, group or scope did (NOTE [tables and graphs]). `state_units`:
     RLLC's k, where the state tensors are (k, *param.shape) (check_fits). `span`: blocks per pass-1
     program and slot (NOTE [pass-1 spans])."""
-    addresses, decays, layout = _key(params, grads, d, v, batch, block, n_sums, span)
+    key, layout, addresses, decays = _key(params, grads, d, v, batch, block, n_sums, span)
     device = params[0].device
-    key = (addresses, decays, layout)
     cache = batch.device_tables.setdefault("triton", TableCache())
     in_capture = capturing(device)
     table = cache.exact.get(key)
+    if table is not None and table is cache.last:  # most recent in both maps already: nothing to move
+        if in_capture:
+            _IN_GRAPHS[id(table)] = table
+        return table
     if table is None:  # new addresses: a resized parameter or state is among them (NOTE [state fits])
         check_fits(params, grads, [d] if v is None else [d, v], units=state_units)
         source = cache.by_layout.get(layout)
@@ -171,6 +209,7 @@ def get_table(params, grads, d, v, batch, block: int, n_sums: int, state_units: 
             table = _build(params, grads, d, v, batch, block, n_sums, span)
     _remember(cache.exact, key, table)
     _remember(cache.by_layout, layout, table)
+    cache.last = table
     if in_capture:
         _IN_GRAPHS[id(table)] = table
     return table
