@@ -126,44 +126,78 @@ def parse_bench_args(ap: argparse.ArgumentParser, argv=None, threads: int | None
 # --------------------------------------------------------------------------------------------------
 
 
-def time_fn(fn, device: torch.device, warmup: int = 3, repeats: int = 20) -> float:
-    """Median milliseconds of fn() after warm-up.
-
-    GPU: triton.testing.do_bench (median, it flushes the L2 between calls) when triton is present,
-    else CUDA events around each call. CPU: time.perf_counter around each call.
-    """
-    if device.type == "cuda":
+def last_level_cache_bytes() -> int | None:
+    """The largest CPU cache of cpu0 (Linux sysfs), or None where it cannot be read."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
         try:
-            from triton.testing import do_bench
+            text = (index / "size").read_text().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        except (OSError, ValueError):
+            continue
+    return max(sizes) if sizes else None
 
-            # do_bench runs max(1, rep / estimate) timed calls: 100 ms gives ONE sample of a 170 ms training
-            # step and 10 of a 1e9-parameter step. Size rep so that at least `repeats` calls are timed.
-            fn()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            est_ms = (time.perf_counter() - t0) * 1e3
-            return float(do_bench(fn, warmup=max(25.0, warmup * est_ms), rep=max(100.0, repeats * est_ms),
-                                  return_mode="median"))
-        except ImportError:
-            pass
-        for _ in range(warmup):
-            fn()
+
+_FLUSH_BUFFERS: dict = {}
+
+
+def flush_caches(device: torch.device) -> None:
+    """Passes a buffer larger than the device's caches through them, so the next call finds none of its
+    data there: on a GPU writes 256 MiB (as triton's do_bench clears the L2); on a CPU reads twice the
+    last-level cache, at least 64 MiB. Reads, there: a write would leave the cache full of dirty lines,
+    whose write-back to memory the timed call would then pay (by count, 32 MB at ~30 GB/s: ~1 ms; two
+    runs with a write flush on the 2-vCPU VM here did not show it above the noise)."""
+    key = str(device)
+    if key not in _FLUSH_BUFFERS:
+        if device.type == "cpu":
+            nbytes = max(64 << 20, 2 * (last_level_cache_bytes() or 0))
+        else:
+            nbytes = 256 << 20
+        _FLUSH_BUFFERS[key] = torch.zeros(nbytes // 4, dtype=torch.int32, device=device)
+    if device.type == "cpu":
+        _FLUSH_BUFFERS[key].max()
+    else:
+        _FLUSH_BUFFERS[key].zero_()
+
+
+# NOTE [cold caches, host time]: each timed call starts with the caches flushed (flush_caches, not timed),
+# as a step in training runs after forward and backward have filled them with other data; on a CPU a
+# step of 1M parameters (16-18 MB) otherwise runs from the L3 after a warm-up (a review measured fused
+# AdamW 0.48 ms warm, 1.06 ms flushed). On a GPU the device is also synchronised after the flush, so
+# the start event is passed when the host starts the call, and a host-bound step's whole host time is
+# counted. Until 2026-12-01 the GPU path called triton's do_bench, which queues its L2 clear (256 MiB
+# of zeros, ~65 us on an H200) and records the start event behind it without synchronising: up to
+# that much of each call's host time fell outside its timing, so host-bound steps (below ~1e7
+# parameters on the H200) were timed short by up to ~65 us each, every optimizer alike.
+def time_fn(fn, device: torch.device, warmup: int = 3, repeats: int = 20) -> float:
+    """Median milliseconds of fn() after warm-up, each call from cold caches (NOTE [cold caches, host
+    time]). GPU: CUDA events around each call, the device idle when it starts; at least `repeats` calls
+    and 100 ms of them (warm-up: at least `warmup` calls and 25 ms). CPU: time.perf_counter around each call."""
+    if device.type == "cuda":
+        fn()
         torch.cuda.synchronize()
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        est_ms = max((time.perf_counter() - t0) * 1e3, 1e-3)
+        for _ in range(max(warmup, min(1000, int(25.0 / est_ms)))):
+            fn()
+        n = max(repeats, min(1000, int(100.0 / est_ms)))
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for start, end in events:
+            flush_caches(device)
+            torch.cuda.synchronize()
             start.record()
             fn()
             end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
+        torch.cuda.synchronize()
+        return statistics.median(start.elapsed_time(end) for start, end in events)
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        flush_caches(device)
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)

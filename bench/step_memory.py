@@ -9,9 +9,10 @@ A LLaMA-shaped list of tensors (bench/common.llama_shapes: 29.9M parameters in 7
 after two steps beyond the parameters and gradients (state, scope rows, cached tables, workspaces), and
 the peak bytes the third step allocated above where it began, with the bytes it left behind (0: nothing
 accumulates). All through torch's allocators (`allocated_while` below): on the CPU the profiler's memory
-events, which see every allocation of torch's CPU allocator (the C++ ops' and their threads' too, not
-memory a kernel keeps off that allocator); on a GPU the caching allocator's allocated bytes (not its
-cache). tests/test_step_memory.py holds the fast backends to a bound with the same measurement. Writes
+events, which see every allocation of torch's CPU allocator inside ops too (not memory a kernel keeps
+off that allocator), with fn run on one torch thread (NOTE [memory events on one thread]); on a GPU the
+caching allocator's allocated bytes (not its cache), each block rounded up to 512 bytes by the
+allocator, which the state's bytes are then counted in too. tests/test_step_memory.py holds the fast backends to a bound with the same measurement. Writes
 bench/results/step_memory_<device>[_<dtype>].{csv,json}.
 """
 from __future__ import annotations
@@ -37,8 +38,18 @@ def allocated_while(fn, device: torch.device) -> tuple[int, int]:
         return torch.cuda.max_memory_allocated(device) - before, torch.cuda.memory_allocated(device) - before
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+    # NOTE [memory events on one thread]: the profiler's state is per thread, and at::parallel_for's
+    # worker threads do not carry it: an allocation made in a chunk that runs there is not seen (a probe:
+    # two 4 MiB tensors made in a two-chunk parallel_for showed as one). On one torch thread every chunk
+    # runs on the calling thread, so fn runs there: all it allocates is seen, the same allocations but
+    # for buffers a kernel sizes by its thread count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    finally:
+        torch.set_num_threads(threads)
     # NOTE [memory events]: prof.events() keeps as "[memory]" events only those outside any op (an
     # allocation inside an op is folded into the op's totals); the kineto events keep each one, with
     # its size signed (a free is negative) and its time
@@ -90,8 +101,11 @@ def measure(name, backend, make, shapes, dtype, device) -> dict:
     opt = holder["opt"]
     peak, net = allocated_while(opt.step, device)
     param_bytes = sum(p.numel() * p.element_size() for p in params)
-    # each storage once: several entries may share one (this package's per-tensor scope stand-ins do)
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+    # each storage once: several entries may share one (this package's per-tensor scope stand-ins do); on
+    # a GPU as the caching allocator counts it, in blocks of 512 bytes (fused AdamW's 0-d "step" tensors
+    # take 512 bytes each)
+    block = 512 if device.type == "cuda" else 1
+    storages = {t.untyped_storage().data_ptr(): -(-t.untyped_storage().nbytes() // block) * block
                 for st in opt.state.values() for t in st.values() if torch.is_tensor(t)}
     state_bytes = sum(storages.values())
     return dict(optimizer=name, backend=backend, dtype=str(dtype).removeprefix("torch."),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import inspect
 import json
 import math
 import os
@@ -104,6 +105,24 @@ def test_throughput_ratios_name_their_baseline(tmp_path, monkeypatch):
         assert math.isclose(r["ratio_to_baseline"], r["ms_per_step"] / base, rel_tol=1e-2, abs_tol=1e-3), r
     assert any(r["family"] == "adamw0" and r["optimizer"].startswith("AMAdamW") for r in rows) or \
         "cpu" not in importlib.import_module("amm_kernels").available_backends("cpu")
+
+
+def test_each_timed_call_starts_from_flushed_caches(monkeypatch):
+    """NOTE [cold caches, host time] in bench/common.py: time_fn flushes the caches before every timed
+    call (not before a warm-up call), with a buffer larger than the last-level cache; on CUDA also
+    synchronising after it, which needs a GPU (the order of those calls is read, not run, here)."""
+    common = importlib.import_module("common")
+    calls = []
+    monkeypatch.setattr(common, "flush_caches", lambda device: calls.append("flush"))
+    common.time_fn(lambda: calls.append("fn"), torch.device("cpu"), warmup=2, repeats=3)
+    assert calls == ["fn", "fn"] + ["flush", "fn"] * 3
+    monkeypatch.undo()
+    common.flush_caches(torch.device("cpu"))
+    llc = common.last_level_cache_bytes()
+    assert common._FLUSH_BUFFERS["cpu"].nbytes >= max(64 << 20, 2 * (llc or 0))
+    source = inspect.getsource(common.time_fn)
+    cuda_loop = source[source.index("for start, end in events"):]
+    assert cuda_loop.index("flush_caches") < cuda_loop.index("torch.cuda.synchronize()") < cuda_loop.index("start.record()")
 
 
 def test_throughput_replot_draws_the_png_from_its_json(tmp_path, monkeypatch):

@@ -5,8 +5,9 @@ lie: a steady step allocates nothing of the model's size and leaves nothing allo
 after WARM_STEPS steps, which make the state and fill the Triton backend's cache of tables (8 an
 optimizer, one per list of gradient addresses: NOTE [shared scratch] in tensor_table.py). Measured
 through torch's own allocators (bench/step_memory.allocated_while): on the CPU from the profiler's
-memory events (every allocation of torch's CPU allocator, the C++ ops' and their worker threads' too),
-on a GPU from the CUDA caching allocator's peak. The bound is an eighth of the largest parameter's
+memory events (every allocation of torch's CPU allocator, inside ops too, the step run on one torch
+thread so that at::parallel_for's chunks allocate where the profiler sees them: NOTE [memory events on
+one thread] in bench/step_memory.py), on a GPU from the CUDA caching allocator's peak. The bound is an eighth of the largest parameter's
 bytes, so a copy of that one parameter, or of its gradient in any dtype, breaks it. A parameter with
 gaps (a slice) is the case that does get a copy for the step (NOTE [working copies] in
 csrc/cuda/working_copies.h): the first test shows the measurement sees it.
@@ -106,6 +107,27 @@ def test_the_measurement_sees_a_working_copy(backend):
     peak, net = _measure(backend, opt.step)
     assert peak >= big.numel() * big.element_size(), peak
     assert net == 0, net
+
+
+def test_the_cpu_measurement_runs_on_one_thread():
+    """NOTE [memory events on one thread]: the profiler does not see at::parallel_for's worker threads,
+    so the step measured runs on one torch thread (its chunks then run on the caller), and the thread
+    count is given back after it, also when the step raises."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        allocated_while(lambda: seen.append(torch.get_num_threads()), torch.device("cpu"))
+        assert seen == [1] and torch.get_num_threads() == 2
+
+        def fails():
+            raise KeyError("step")
+
+        with pytest.raises(KeyError):
+            allocated_while(fails, torch.device("cpu"))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
