@@ -24,6 +24,8 @@ variant each, in the order run (a part stopped at its time limit keeps the first
                 differ from the reference's rounding, which the product does not allow.
   warps8        8 warps a program: more threads to cover each program's latency (53 registers: 4
                 programs, 64 KiB an SM)
+  base_again    base once more, last: how far two runs of the same step differ (a variant's gain must
+                exceed that to count; METHOD.md asks for a rerun)
 Each variant runs in its own process. They share one Triton cache, so that a variant compiles only the
 kernels it changes (BLOCK and ITERS are constexprs and num_warps an option: all three are in Triton's
 cache key), except approx_math, which gets its own: it patches triton.language, which the key does not
@@ -49,7 +51,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-VARIANTS = ("base", "block4096", "iters4", "iters8", "block2048", "approx_math", "warps8")
+VARIANTS = ("base", "block4096", "iters4", "iters8", "block2048", "approx_math", "warps8", "base_again")
 OPTIMIZERS = ("AMAdamW", "AMAdamW wd=0", "AMSGD")  # bench_kernel_breakdown.PASS_BYTES keys
 OWN_CACHE = ("approx_math",)  # variants whose patch Triton's cache key does not see
 MIN_VARIANT_S = 20  # under this much of --budget left, a variant is not started (importing alone takes ~5 s)

@@ -35,7 +35,8 @@
 #                the 1e8 breakdown of the CUDA steps at 16384 (the part "breakdown" has them at 65536)
 #   test_triton  the Triton backend's tests, compiled at full size
 #   triton_variants  why Triton's pass 1 falls short (bench/bench_triton_variants.py: pass-1 spans, BLOCK,
-#                exact math, warps, each variant in its own process, the likeliest cause first), at 1e8
+#                exact math, warps, each variant in its own process, the likeliest cause first, then the
+#                shipped step again for the run-to-run spread), at 1e8
 #   bench_core   issue 3's figures: AMAdamW (wd 0.01 and 0) and AMSGD, cuda and triton, against fused
 #                AdamW / SGD, at 1e8, 3e8 and 1e9 parameters in a LLaMA-shaped list, with the copy bandwidth
 #                (measured in the first GPU session: after the parts that can say something new)
