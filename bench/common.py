@@ -127,16 +127,22 @@ def parse_bench_args(ap: argparse.ArgumentParser, argv=None, threads: int | None
 
 
 def last_level_cache_bytes() -> int | None:
-    """The largest CPU cache of cpu0 (Linux sysfs), or None where it cannot be read."""
-    sizes = []
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+    """The CPU's last-level caches, added up over the distinct ones (a chiplet CPU or a second socket has
+    several L3s; Linux sysfs), or None where they cannot be read."""
+    caches = {}
+    for index in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cache/index*"):
         try:
+            level = int((index / "level").read_text())
             text = (index / "size").read_text().strip().upper()
+            shared = (index / "shared_cpu_list").read_text().strip()
             scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-            sizes.append(int(text.rstrip("KMG")) * scale)
+            caches[(level, shared)] = int(text.rstrip("KMG")) * scale
         except (OSError, ValueError):
             continue
-    return max(sizes) if sizes else None
+    if not caches:
+        return None
+    top = max(level for level, _ in caches)
+    return sum(size for (level, _), size in caches.items() if level == top)
 
 
 _FLUSH_BUFFERS: dict = {}
@@ -170,10 +176,12 @@ def flush_caches(device: torch.device) -> None:
 # of zeros, ~65 us on an H200) and records the start event behind it without synchronising: up to
 # that much of each call's host time fell outside its timing, so host-bound steps (below ~1e7
 # parameters on the H200) were timed short by up to ~65 us each, every optimizer alike.
-def time_fn(fn, device: torch.device, warmup: int = 3, repeats: int = 20) -> float:
+def time_fn(fn, device: torch.device, warmup: int = 3, repeats: int = 20, host_time: bool = True) -> float:
     """Median milliseconds of fn() after warm-up, each call from cold caches (NOTE [cold caches, host
     time]). GPU: CUDA events around each call, the device idle when it starts; at least `repeats` calls
-    and 100 ms of them (warm-up: at least `warmup` calls and 25 ms). CPU: time.perf_counter around each call."""
+    and 100 ms of them (warm-up: at least `warmup` calls and 25 ms). host_time=False (a CUDA graph's
+    replay: its device time) queues the call behind the flush instead, without waiting, so its launch
+    from the host is not counted. CPU: time.perf_counter around each call."""
     if device.type == "cuda":
         fn()
         torch.cuda.synchronize()
@@ -187,7 +195,8 @@ def time_fn(fn, device: torch.device, warmup: int = 3, repeats: int = 20) -> flo
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
         for start, end in events:
             flush_caches(device)
-            torch.cuda.synchronize()
+            if host_time:
+                torch.cuda.synchronize()
             start.record()
             fn()
             end.record()

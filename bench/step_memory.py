@@ -11,8 +11,8 @@ the peak bytes the third step allocated above where it began, with the bytes it 
 accumulates). All through torch's allocators (`allocated_while` below): on the CPU the profiler's memory
 events, which see every allocation of torch's CPU allocator inside ops too (not memory a kernel keeps
 off that allocator), with fn run on one torch thread (NOTE [memory events on one thread]); on a GPU the
-caching allocator's allocated bytes (not its cache), each block rounded up to 512 bytes by the
-allocator, which the state's bytes are then counted in too. tests/test_step_memory.py holds the fast backends to a bound with the same measurement. Writes
+bytes requested of the caching allocator (not its cache, nor its rounding of blocks). The state's bytes
+are those of its tensors on the measured device. tests/test_step_memory.py holds the fast backends to a bound with the same measurement. Writes
 bench/results/step_memory_<device>[_<dtype>].{csv,json}.
 """
 from __future__ import annotations
@@ -30,12 +30,15 @@ def allocated_while(fn, device: torch.device) -> tuple[int, int]:
     """(peak, net) bytes of torch's allocator on `device` while fn() ran: the most held above where it
     stood when fn began, and where it stood when fn ended (negative: fn freed what was there before)."""
     if device.type == "cuda":
+        # the bytes asked of the caching allocator, not the blocks it handed out (rounded up to 512 bytes,
+        # and a large block unsplit where up to 1 MiB of it is left over): what the tensors hold
         torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
+        before = torch.cuda.memory_stats(device)["requested_bytes.all.current"]
         torch.cuda.reset_peak_memory_stats(device)
         fn()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before, torch.cuda.memory_allocated(device) - before
+        stats = torch.cuda.memory_stats(device)
+        return stats["requested_bytes.all.peak"] - before, stats["requested_bytes.all.current"] - before
     from torch.profiler import ProfilerActivity, profile
 
     # NOTE [memory events on one thread]: the profiler's state is per thread, and at::parallel_for's
@@ -101,12 +104,10 @@ def measure(name, backend, make, shapes, dtype, device) -> dict:
     opt = holder["opt"]
     peak, net = allocated_while(opt.step, device)
     param_bytes = sum(p.numel() * p.element_size() for p in params)
-    # each storage once: several entries may share one (this package's per-tensor scope stand-ins do); on
-    # a GPU as the caching allocator counts it, in blocks of 512 bytes (fused AdamW's 0-d "step" tensors
-    # take 512 bytes each)
-    block = 512 if device.type == "cuda" else 1
-    storages = {t.untyped_storage().data_ptr(): -(-t.untyped_storage().nbytes() // block) * block
-                for st in opt.state.values() for t in st.values() if torch.is_tensor(t)}
+    # each storage once: several entries may share one (this package's per-tensor scope stand-ins do); only
+    # those on `device`, where `held` is measured (foreach AdamW keeps its "step" counts on the CPU)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.device.type == device.type}
     state_bytes = sum(storages.values())
     return dict(optimizer=name, backend=backend, dtype=str(dtype).removeprefix("torch."),
                 numel=sum(p.numel() for p in params),
