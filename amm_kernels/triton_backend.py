@@ -150,6 +150,7 @@ def _as_float32(i: int, g):
 
 
 _is_contiguous = torch.Tensor.is_contiguous
+_dtype_of = attrgetter("dtype")
 _KERNEL_DTYPES = frozenset(DTYPE_CODES)
 
 
@@ -158,7 +159,7 @@ def _all_flat(batch: StepBatch) -> bool:
     nothing to copy (each check a loop in C, not a Python call per tensor)."""
     return (all(map(_is_contiguous, batch.params)) and all(map(_is_contiguous, batch.grads))
             and all(map(_is_contiguous, batch.d)) and (batch.v is None or all(map(_is_contiguous, batch.v)))
-            and _KERNEL_DTYPES.issuperset(map(attrgetter("dtype"), batch.grads)))
+            and _KERNEL_DTYPES.issuperset(map(_dtype_of, batch.grads)))
 
 
 def _flat_tensors(batch: StepBatch):

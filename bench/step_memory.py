@@ -12,8 +12,8 @@ accumulates). All through torch's allocators (`allocated_while` below): on the C
 events, which see every allocation of torch's CPU allocator inside ops too (not memory a kernel keeps
 off that allocator), with fn run on one torch thread (NOTE [memory events on one thread]); on a GPU the
 bytes requested of the caching allocator (not its cache, nor its rounding of blocks). The state's bytes
-are those of its tensors on the measured device. tests/test_step_memory.py holds the fast backends to a bound with the same measurement. Writes
-bench/results/step_memory_<device>[_<dtype>].{csv,json}.
+are those of its tensors on the measured device. tests/test_step_memory.py holds the fast backends to a
+bound with the same measurement. Writes bench/results/step_memory_<device>[_<dtype>].{csv,json}.
 """
 from __future__ import annotations
 
@@ -107,7 +107,8 @@ def measure(name, backend, make, shapes, dtype, device) -> dict:
     # each storage once: several entries may share one (this package's per-tensor scope stand-ins do); only
     # those on `device`, where `held` is measured (foreach AdamW keeps its "step" counts on the CPU)
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.device.type == device.type}
+                for st in opt.state.values() for t in st.values()
+                if torch.is_tensor(t) and t.device.type == device.type}
     state_bytes = sum(storages.values())
     return dict(optimizer=name, backend=backend, dtype=str(dtype).removeprefix("torch."),
                 numel=sum(p.numel() for p in params),
