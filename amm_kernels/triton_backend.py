@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from operator import attrgetter
 
 import torch
 
@@ -90,7 +89,7 @@ from ._hyper import AMAdamWHyper, AMSGDHyper  # noqa: E402
 from ._step import StepBatch, check_real_gradient, check_writable  # noqa: E402
 from .triton_kernels.finalize_kernel import finalize_kernel, tensor_terms_kernel  # noqa: E402
 from .triton_kernels.reduce_kernels import amadamw_reduce_kernel, amsgd_reduce_kernel  # noqa: E402
-from .triton_kernels.tensor_table import DTYPE_CODES, get_table  # noqa: E402
+from .triton_kernels.tensor_table import DTYPE_CODES, dtype_of, get_table  # noqa: E402
 from .triton_kernels.update_kernels import amadamw_update_kernel, amsgd_update_kernel  # noqa: E402
 from .triton_rllc import rllc_step  # noqa: E402,F401  (RLLC, SPEC.md section 4: amm_kernels/triton_rllc.py)
 
@@ -150,7 +149,6 @@ def _as_float32(i: int, g):
 
 
 _is_contiguous = torch.Tensor.is_contiguous
-_dtype_of = attrgetter("dtype")
 _KERNEL_DTYPES = frozenset(DTYPE_CODES)
 
 
@@ -159,7 +157,7 @@ def _all_flat(batch: StepBatch) -> bool:
     nothing to copy (each check a loop in C, not a Python call per tensor)."""
     return (all(map(_is_contiguous, batch.params)) and all(map(_is_contiguous, batch.grads))
             and all(map(_is_contiguous, batch.d)) and (batch.v is None or all(map(_is_contiguous, batch.v)))
-            and _KERNEL_DTYPES.issuperset(map(_dtype_of, batch.grads)))
+            and _KERNEL_DTYPES.issuperset(map(dtype_of, batch.grads)))
 
 
 def _flat_tensors(batch: StepBatch):

@@ -125,7 +125,7 @@ class _Key:
 # per tensor (~55 ns each), every one needed by the key.
 _data_ptr = torch.Tensor.data_ptr
 _numel = torch.Tensor.numel
-_dtype = attrgetter("dtype")
+dtype_of = attrgetter("dtype")  # also triton_backend._all_flat's
 
 
 def _key(params, grads, d, v, batch, block, n_sums, span):
@@ -139,9 +139,9 @@ def _key(params, grads, d, v, batch, block, n_sums, span):
     # fits]). Counts, not shapes: a torch.Size costs ~10x an int here (~3 ms against ~0.4 ms per 1000
     # tensors), and this runs at every step; a view of another shape with as many elements at the same
     # address is walked as the flat array it is.
-    v_layout = repeat(None) if v is None else zip(map(_numel, v), map(_dtype, v))
+    v_layout = repeat(None) if v is None else zip(map(_numel, v), map(dtype_of, v))
     per_tensor = tuple(zip(map(_numel, params), map(_numel, grads), map(_numel, d),
-                           map(_dtype, params), map(_dtype, grads), map(_dtype, d), v_layout))
+                           map(dtype_of, params), map(dtype_of, grads), map(dtype_of, d), v_layout))
     layout = _Key((per_tensor, tuple(batch.group_of), tuple(batch.scope_of), tuple(batch.present_groups),
                    str(params[0].device), block, n_sums, span))
     decays = tuple(batch.weight_decay)
