@@ -18,7 +18,7 @@ from ._aliasing import first_overlap, first_self_overlap
 from ._hyper import (BETA_SCOPES, FOREIGN_GROUP_KEYS, _is_number, check_choice, check_flag, check_group,
                      check_process_group, check_state_dtype, state_dtype_for)
 from ._checkpoint import _ABSENT, CARRIER_KEYS, SCOPE_ENTRY, CheckpointMixin, _carries_row, _needs_stand_ins
-from ._step import DTensor, ScopeState, StepBatch, capturing, local_shard, scope_dtype
+from ._step import ScopeState, StepBatch, capturing, dtensor_class, local_shard, scope_dtype
 
 
 def _on_device(x, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -616,9 +616,10 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         if self.process_group is not None:
             return self.process_group
         name = type(self).__name__
+        dtensor = dtensor_class() or ()  # isinstance(p, ()) is False
         groups = []
         for p in params:
-            if not isinstance(p, DTensor):
+            if not isinstance(p, dtensor):
                 groups.append(None)
                 continue
             dims = [i for i, pl in enumerate(p.placements) if pl.is_shard()]
@@ -670,7 +671,8 @@ class AMOptimizer(CheckpointMixin, torch.optim.Optimizer):
         if len(self._index_cache) > 256:
             self._index_cache.clear()
         keys = params  # the parameters as the user holds them: the keys of self.state
-        sharded = any(isinstance(p, DTensor) for p in params)
+        dtensor = dtensor_class()  # once a step, not per tensor (NOTE [host time])
+        sharded = dtensor is not None and any(isinstance(p, dtensor) for p in params)
         process_group = self._reduce_group(keys) if (sharded or self.process_group is not None) else None
         if sharded:
             # DTensor parameters: the step runs on the local shards (views of the same storage).

@@ -7,6 +7,7 @@ then the elementwise update. The optimizer classes build the batch; backends nev
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -15,15 +16,30 @@ from torch import Tensor
 
 from ._aliasing import repeats_elements
 
-try:  # DTensor parameters (FSDP2 fully_shard, tensor parallel)
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = ()
+
+# NOTE [DTensor, looked up where loaded]: DTensor parameters (FSDP2 fully_shard, tensor parallel) are
+# torch.distributed.tensor's, whose import takes ~0.6 s (sympy, its sharding rules) on the 2-core CI
+# VM: nearly all of `import amm_kernels` (0.59 s after torch; 0.02 s without it). A DTensor exists only
+# once that module is loaded, so the package never imports it: it looks the class up in sys.modules
+# where it asks. What this saves is small: the first torch.optim optimizer a process makes (ours
+# too: Optimizer.add_param_group is wrapped by torch._disable_dynamo) imports torch._dynamo, ~1.1 s,
+# which loads the module anyway. It is saved where the package is imported and no optimizer made
+# (a spawned DataLoader worker re-importing the script, tools asking available_backends()).
+# (Under torch.compile dynamo traces the lookup as a constant.)
+def dtensor_class() -> type | None:
+    """torch's DTensor class where torch.distributed.tensor is loaded, else None."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def is_dtensor(t) -> bool:
+    cls = dtensor_class()
+    return cls is not None and isinstance(t, cls)
 
 
 def local_shard(t: Tensor) -> Tensor:
     """A DTensor's local shard (the same storage: in-place updates reach the DTensor); else t itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def scope_dtype(dtypes) -> torch.dtype:

@@ -15,12 +15,7 @@ from torch import Tensor
 
 from . import backends
 from ._base import AMOptimizer
-from ._step import DTensor, copy_scopes, restart_index
-
-try:
-    from torch.distributed.tensor import Shard
-except ImportError:  # pragma: no cover - torch built without distributed
-    Shard = ()
+from ._step import copy_scopes, is_dtensor, restart_index
 from ._hyper import F32_MAX, _is_number, check_range, state_dtype_for
 from .memory import memory_rule, values_of
 
@@ -199,9 +194,12 @@ class RLLC(AMOptimizer):
     # hooks of AMOptimizer ------------------------------------------------------------------------
     def _new_param_state(self, p: Tensor) -> dict[str, Tensor]:
         dtype = state_dtype_for(p.dtype, self.state_dtype)
-        if isinstance(p, DTensor):
+        if is_dtensor(p):
             # A sharded parameter (FSDP2): its memory is sharded the same way, one dimension later (the
             # k units come first), so each rank holds (k, *local shard) and the state_dict stays a DTensor.
+            # loaded, since p is one (NOTE [DTensor, looked up where loaded] in _step.py)
+            from torch.distributed.tensor import DTensor, Shard
+
             local = p.to_local()
             memory = torch.zeros((self.k, *local.shape), dtype=dtype, device=local.device)
             placements = [Shard(pl.dim + 1) if isinstance(pl, Shard) else pl for pl in p.placements]

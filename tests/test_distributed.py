@@ -546,3 +546,46 @@ def test_sharded_beta_differs_from_a_local_beta(name):
     full_betas, _ = run_hand_sharded(name, "torch")
     local_betas, _ = run_hand_sharded(name, "torch", rank=0, world=2, group=None)
     assert not torch.allclose(full_betas[1:], local_betas[1:], rtol=1e-4, atol=1e-5)
+
+
+LATE_DTENSOR = """
+import sys
+import torch
+import amm_kernels
+from amm_kernels import RLLC, AMAdamW, AMSGD
+assert "torch.distributed.tensor" not in sys.modules, "import amm_kernels loaded torch.distributed.tensor"
+import torch.distributed as dist
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+mesh = init_device_mesh("cpu", (1,))
+for cls in (AMSGD, AMAdamW, RLLC):
+    gen = torch.Generator().manual_seed(0)
+    x, grads = torch.randn(6, 5, generator=gen), [torch.randn(6, 5, generator=gen) for _ in range(3)]
+    p = torch.nn.Parameter(distribute_tensor(x.clone(), mesh, [Shard(0)]))
+    q = torch.nn.Parameter(x.clone())
+    sharded, plain = cls([p], lr=0.1, backend="torch"), cls([q], lr=0.1, backend="torch")
+    assert sharded._reduce_group([p]) is not None and plain._reduce_group([q]) is None, cls.__name__
+    for g in grads:
+        p.grad, q.grad = distribute_tensor(g, mesh, [Shard(0)]), g.clone()
+        sharded.step()
+        plain.step()
+    assert torch.equal(p.to_local(), q.detach()), cls.__name__
+    if cls is RLLC:
+        assert isinstance(sharded.state[p]["memory"], DTensor)
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+def test_import_leaves_dtensor_unloaded_and_a_dtensor_made_later_is_one(tmp_path):
+    """NOTE [DTensor, looked up where loaded] (amm_kernels/_step.py): `import amm_kernels` does not import
+    torch.distributed.tensor (~0.6 s, nearly all of the package's import time), and DTensor parameters
+    made after it, with that module imported later, are still seen as sharded: each optimizer reduces
+    over their mesh's group, RLLC's memory is a DTensor, and one rank's sharded run is the plain one.
+    In a fresh interpreter: this one has long imported the module."""
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-c", LATE_DTENSOR], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout[-2000:] + res.stderr[-4000:]
