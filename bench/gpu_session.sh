@@ -31,8 +31,10 @@
 #                the first GPU session saw a segfault where the simulator raises), with cuda-gdb backtraces,
 #                and whether a one-function extension built by each C++ compiler there raises
 #   chunks       bench_core's CUDA rows at 1e8 and 1e9 with chunks of 16384, 65536 (the default: this run's
-#                baseline) and 32768 (AMM_CUDA_CHUNK; NOTE [chunk size] in csrc/cuda/ops_cuda.cpp), and
-#                the 1e8 breakdown of the CUDA steps at 16384 (the part "breakdown" has them at 65536)
+#                baseline) and 32768 (AMM_CUDA_CHUNK; NOTE [chunk size] in csrc/cuda/ops_cuda.cpp), and at
+#                65536 with the 11-29 tables of 128 tensors (AMM_CUDA_TABLE_TENSORS; NOTE [one launch per
+#                pass] in csrc/cuda/launchers.h); the 1e8 breakdown of the CUDA steps at 16384 (the part
+#                "breakdown" has them at 65536)
 #   test_triton  the Triton backend's tests, compiled at full size
 #   triton_variants  why Triton's pass 1 falls short (bench/bench_triton_variants.py: pass-1 spans, BLOCK,
 #                exact math, warps, each variant in its own process, the likeliest cause first, then the
@@ -64,7 +66,7 @@ STAMP_T="$(mktemp)"  # results newer than this were written by this call
 JUNIT="$(mktemp -d)"  # pytest's junit files, packed into results.tgz (not left in $OUT: at most 8 files come back)
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(build test_cuda errors chunks test_triton triton_variants bench_core breakdown sanitize variants overhead bench_full memory)
-declare -A MAX_S=([build]=240 [test_cuda]=150 [errors]=120 [bench_core]=120 [chunks]=130 [triton_variants]=185 [test_triton]=150 [sanitize]=120 [variants]=90
+declare -A MAX_S=([build]=240 [test_cuda]=150 [errors]=120 [bench_core]=120 [chunks]=170 [triton_variants]=185 [test_triton]=150 [sanitize]=120 [variants]=90
                   [breakdown]=60 [overhead]=60 [bench_full]=240 [memory]=60 [conv]=300)
 # the least a part needs to leave a result (below it the part is skipped, not started and killed)
 declare -A MIN_S=([test_cuda]=60 [errors]=45 [bench_core]=60 [chunks]=40 [triton_variants]=60 [test_triton]=60 [sanitize]=50 [variants]=40 [breakdown]=35
@@ -185,16 +187,21 @@ part_bench_core() {
 }
 
 # Is the two-pass step's shortfall at 1e8 the last wave's idle blocks (NOTE [chunk size])? The same rows
-# with smaller chunks, each beside its own fused baselines; then where the time goes at 16384.
+# with smaller chunks, and with the tables of 11-29 (128 tensors: two launches a pass where the default
+# of 384 makes one, NOTE [one launch per pass] in csrc/cuda/launchers.h), each beside its own fused
+# baselines; then where the time goes at 16384.
 part_chunks() {
   has_cuda_part || { echo "amm_kernels._C has no CUDA part (see build.log)"; return 1; }
-  local t0 chunk rest
+  local t0 run chunk tables rest
   t0=$(date +%s)
-  for chunk in 16384 65536 32768; do
+  for run in 16384:384 65536:384 65536:128 32768:384; do
+    chunk=${run%:*} tables=${run#*:}
     rest=$(( $1 - ($(date +%s) - t0) ))
-    [ "$rest" -ge 20 ] || { echo "chunks: $chunk not run, ${rest} s left"; return 124; }
-    AMM_CUDA_CHUNK=$chunk bench "$rest" bench/throughput.py --layouts model --sizes 1e8,1e9 \
-      --stem-suffix "chunk$chunk" --only "AMAdamW[cuda],AMSGD[cuda]" || return $?
+    [ "$rest" -ge 20 ] || { echo "chunks: $chunk ($tables-tensor tables) not run, ${rest} s left"; return 124; }
+    local suffix="chunk$chunk"
+    [ "$tables" = 384 ] || suffix="chunk${chunk}_tables$tables"
+    AMM_CUDA_CHUNK=$chunk AMM_CUDA_TABLE_TENSORS=$tables bench "$rest" bench/throughput.py --layouts model \
+      --sizes 1e8,1e9 --stem-suffix "$suffix" --only "AMAdamW[cuda],AMSGD[cuda]" || return $?
   done
   rest=$(( $1 - ($(date +%s) - t0) ))
   [ "$rest" -ge 20 ] || { echo "chunks: the breakdown not run, ${rest} s left"; return 124; }

@@ -172,8 +172,10 @@ def test_many_tensors(backend, dtype, cls, kwargs):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scope", ["global", "tensor"])
 @pytest.mark.parametrize("cls,kwargs", OPT_CASES)
-def test_more_tensors_than_one_launch_holds(backend, scope, cls, kwargs):
-    """180 tensors in two groups: the CUDA step splits them over two tables (128 tensors each)."""
+def test_more_tensors_than_one_launch_holds(monkeypatch, backend, scope, cls, kwargs):
+    """180 tensors in two groups: the CUDA step, its tables capped at 64 tensors (AMM_CUDA_TABLE_TENSORS,
+    NOTE [one launch per pass] in csrc/cuda/launchers.h), splits them over three tables."""
+    monkeypatch.setenv("AMM_CUDA_TABLE_TENSORS", "64")
     shapes = [MIXED * 2, MIXED]
     check(backend, cls, {**kwargs, "beta_scope": scope}, shapes, torch.float32, f"tables-{scope}", steps=4,
           lrs=[0.05, 0.02], wds=[0.0, 0.01])
@@ -786,11 +788,24 @@ def test_parameters_at_every_offset_from_16_bytes(backend, dtype, cls, kwargs):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls,kwargs", OPT_CASES)
-def test_more_tensors_than_two_launches_hold(backend, cls, kwargs):
-    """300 tensors under one global scope: the CUDA step splits them over three tables (128 tensors
-    each), so the third table's slots must start after the first two tables' (slot_base)."""
+def test_more_tensors_than_two_launches_hold(monkeypatch, backend, cls, kwargs):
+    """300 tensors under one global scope: the CUDA step, its tables capped at 128 tensors
+    (AMM_CUDA_TABLE_TENSORS), splits them over three tables, so the third table's slots must start
+    after the first two tables' (slot_base)."""
+    monkeypatch.setenv("AMM_CUDA_TABLE_TENSORS", "128")
     shapes = [[(7,), (33,), (1,), (16, 9), (130,)] * 60]
     check(backend, cls, {**kwargs, "beta_scope": "global"}, shapes, torch.float32, "three-tables", steps=4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS[1:])  # cuda, cuda_sim
+def test_a_full_table_and_one_tensor_more(backend):
+    """kMaxTensors (384) tensors fill the CUDA step's first table, the 385th starts a second (NOTE [one
+    launch per pass]), at the default table size, in two groups whose boundary falls inside the first,
+    under one global beta: its sums span both tables."""
+    shapes = [[(7,), (0,), (33,), (1,), (300,)] * 40, [(5,), (4_097,), (2,)] * 61 + [(65_537,), (1,)]]
+    assert sum(map(len, shapes)) == 385
+    check(backend, AMAdamW, {"lr": 1e-2, "weight_decay": 0.05, "beta_scope": "global"}, shapes, torch.float32,
+          "full-table", steps=2, lrs=[0.05, 0.02], wds=[0.0, 0.01])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -181,11 +181,15 @@ def test_found_inf_leaves_everything_unchanged(monkeypatch, backend, cls, kwargs
 def test_forcing_it_where_it_cannot_run_is_an_error(monkeypatch, backend):
     monkeypatch.setenv("AMM_CUDA_STEP", "persistent")
     device = _device(backend)
-    many = [torch.randn(3, device=device, requires_grad=True) for _ in range(200)]  # > one table (128)
+    many = [torch.randn(3, device=device, requires_grad=True) for _ in range(400)]  # > one table (384)
     for p in many:
         p.grad = torch.randn_like(p)
-    with pytest.raises(RuntimeError, match="AMM_CUDA_STEP=persistent.*at most 128 tensors"):
+    with pytest.raises(RuntimeError, match="AMM_CUDA_STEP=persistent.*at most 384 tensors; it has 400"):
         AMSGD(many, backend=backend).step()
+    monkeypatch.setenv("AMM_CUDA_TABLE_TENSORS", "128")  # NOTE [one launch per pass]: tables capped
+    with pytest.raises(RuntimeError, match="AMM_CUDA_STEP=persistent.*at most 128 tensors; it has 200"):
+        AMSGD(many[:200], backend=backend).step()
+    monkeypatch.delenv("AMM_CUDA_TABLE_TENSORS")
     few = [torch.randn(3, device=device, requires_grad=True)]
     few[0].grad = torch.randn_like(few[0])
     with pytest.raises(RuntimeError, match="AMM_CUDA_STEP=persistent"):
@@ -194,9 +198,9 @@ def test_forcing_it_where_it_cannot_run_is_an_error(monkeypatch, backend):
 
 @pytest.mark.parametrize("cls,kwargs", [OPT_CASES[0], OPT_CASES[2]])
 def test_a_step_of_exactly_one_table_runs_as_one_launch(monkeypatch, backend, cls, kwargs):
-    """kMaxTensors (128) tensors, empty ones between the others, fill one TensorTable exactly: a forced
-    persistent step takes them (one more is the error above), bit-identical to the two-pass step."""
-    _both(monkeypatch, backend, cls, kwargs, [[(7,), (0,), (33,), (1,)] * 32], torch.float32, "one-table", steps=2)
+    """kMaxTensors (384) tensors, empty ones between the others, fill one TensorTable exactly: a forced
+    persistent step takes them (more is the error above), bit-identical to the two-pass step."""
+    _both(monkeypatch, backend, cls, kwargs, [[(7,), (0,), (33,), (1,)] * 96], torch.float32, "one-table", steps=2)
 
 
 def test_a_refused_cooperative_launch_falls_back_to_two_pass(monkeypatch, backend):
@@ -255,6 +259,11 @@ def test_bad_settings_name_the_variable(monkeypatch, backend):
     monkeypatch.setenv("AMM_CUDA_CHUNK", "131072")
     with pytest.raises(RuntimeError, match=r"AMM_CUDA_CHUNK must be an integer in \[4096, 65536\]"):
         AMSGD([p], backend=backend).step()
+    monkeypatch.delenv("AMM_CUDA_CHUNK")
+    for bad in ("0", "385", "many"):
+        monkeypatch.setenv("AMM_CUDA_TABLE_TENSORS", bad)
+        with pytest.raises(RuntimeError, match=rf"AMM_CUDA_TABLE_TENSORS must be an integer in \[1, 384\], got '{bad}'"):
+            AMSGD([p], backend=backend).step()
 
 
 @pytest.mark.skipif(not _cuda_ok(), reason="no CUDA device or no CUDA kernels")

@@ -48,3 +48,17 @@ def test_a_chunk_size_cuts_tensors_and_travels_in_the_table(plan_check):
     assert plan_check["chunk_4096_table"] == "4096"
     assert plan_check["default_chunk_table"] == "65536"
     assert plan_check["chunk_5000_throws"] == plan_check["chunk_0_throws"] == plan_check["chunk_131072_throws"] == "yes"
+
+
+def test_a_table_holds_384_tensors_or_fewer_where_capped(plan_check):
+    """NOTE [one launch per pass] in csrc/cuda/launchers.h: 4 x 384 + 1 tensors fill four tables and put
+    one in a fifth, whose slots start after all of theirs; capped at 128 tensors (AMM_CUDA_TABLE_TENSORS),
+    13 tables; a cap of 0 or over 384 is refused, a cap of 1 is one tensor a table."""
+    assert plan_check["max_tensors"] == "384"
+    assert plan_check["full_tables"] == "5"
+    assert plan_check["full_last_tensors"] == "1"
+    assert plan_check["full_last_slot_base"] == str(4 * 384)
+    assert plan_check["capped_tables"] == "13"
+    assert plan_check["capped_first_tensors"] == "128"
+    assert plan_check["table_0_throws"] == plan_check["table_over_max_throws"] == "yes"
+    assert plan_check["table_1_throws"] == "no"

@@ -62,11 +62,23 @@ enum TensorFlag : uint32_t {
 // graph, and no pinned staging buffer has to outlive the launch. Unlike apex there is no per-block
 // table: block_begin[] is the prefix sum of the tensors' chunk counts and a block finds its tensor by
 // binary search (uniform across the block, in the constant bank), so one launch takes any number of
-// chunks and a table fills only by tensor count (kMaxTensors). sizeof(TensorTable) is about 10 KB:
+// chunks and a table fills only by tensor count (kMaxTensors). sizeof(TensorTable) is about 29 KB:
 // above the 4 KB of old toolkits, within the 32 KB that CUDA >= 12.1 allows for sm_70 and newer.
 // When a step has more tensors, the host makes several tables; slot_base keeps the slot numbering
 // global (slot = slot_base + blockIdx.x), so the sums do not depend on how tensors were split.
-constexpr int kMaxTensors = 128;
+//
+// NOTE [one launch per pass]: each table is one launch of each pass, and a launch ends with its last
+// blocks running on a partly idle GPU. On the H200 (2026-11-29) the 219-tensor step at 1e8 parameters,
+// two tables of at most 128 tensors then, ran its update at 0.86 of copy bandwidth where Triton's, one
+// launch, ran at 0.98 (NOTE [chunk size] in ops_cuda.cpp counts the tails). PyTorch measured the same
+// cut on an H200 for its multi-tensor launches (pytorch/pytorch#178641, tables grown from 4 KB to 32 KB
+// of arguments, fewer launches: 4-14% faster). So a table holds 384 tensors (a LLaMA-7B's 291 or a
+// 13B's 363 in one launch per pass), as many as keep the largest kernel's arguments under 32,764
+// bytes with room to spare. Each launch ships the whole table, so small steps send 29 KB where they
+// sent 10; not yet measured. AMM_CUDA_TABLE_TENSORS (read at every step, 1 to kMaxTensors) caps the
+// tensors a table takes, so a GPU session can time 128 against 384 in one run and tests can split
+// small steps over several tables.
+constexpr int kMaxTensors = 384;
 
 struct TensorEntry {
   void* ptr[kMaxLists];  // kX param, kG grad, kD momentum / exp_avg, kV exp_avg_sq (nullptr: absent)

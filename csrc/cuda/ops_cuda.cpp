@@ -143,19 +143,20 @@ Batch describe(at::TensorList params, at::TensorList grads, at::TensorList d, co
   return b;
 }
 
-LaunchPlan plan_or_throw(const std::vector<TensorDesc>& descs, bool one_block_per_tensor, int64_t chunk_size) {
+LaunchPlan plan_or_throw(const std::vector<TensorDesc>& descs, bool one_block_per_tensor, int64_t chunk_size,
+                         int64_t table_tensors) {
   try {
-    return plan_launches(descs, one_block_per_tensor, chunk_size);
+    return plan_launches(descs, one_block_per_tensor, chunk_size, table_tensors);
   } catch (const std::invalid_argument& err) {
     TORCH_CHECK(false, err.what());
   }
   return LaunchPlan{};  // unreachable
 }
 
-// NOTE [step variant]: an adaptive, unsplit step over at most kMaxTensors tensors (one TensorTable) can
-// run as the persistent step (persistent_kernels.cu: one cooperative launch, tiles kept on chip)
-// instead of the two-pass step (three launches). Both give bit-identical results. The environment
-// variable AMM_CUDA_STEP chooses, read at every step:
+// NOTE [step variant]: an adaptive, unsplit step over at most one table of tensors (kMaxTensors, or
+// AMM_CUDA_TABLE_TENSORS) can run as the persistent step (persistent_kernels.cu: one cooperative launch,
+// tiles kept on chip) instead of the two-pass step (three launches). Both give bit-identical results.
+// The environment variable AMM_CUDA_STEP chooses, read at every step:
 //   auto (default)  the persistent step for steps of at most AMM_CUDA_PERSISTENT_MAX_NUMEL elements
 //                   (default kPersistentMaxNumel), where it can run (under stream capture: NOTE
 //                   [cooperative launch under capture]); the two-pass step otherwise;
@@ -199,18 +200,22 @@ int64_t env_int(const char* name, int64_t fallback, int64_t lo, int64_t hi) {
 // AMAdamW update ran at 0.86 of copy bandwidth where Triton's, in blocks of 1,024 elements, ran at 0.98
 // (bench/results/kernel_breakdown_nvidia_h200.csv). By a count (not a measurement): two blocks of 512
 // threads share an SM, so a 65,536-element chunk of the update (28 bytes an element) is ~115 us of one
-// block's time, and the two launches of a 219-tensor step leave about 1.2 waves partly idle, ~140 us
-// of the 0.76 ms. (torch's fused AdamW, in chunks of 65,536 too, moved the same bytes in the same
-// 0.76 ms; at 1e9 parameters, ten times the waves, the whole step ran at 0.96.) AMM_CUDA_CHUNK (a
-// multiple of kChunkQuantum = 4,096, up to 65,536, read at every step) sets the chunk size so a GPU
-// session can measure this (bench/gpu_session.sh, part "chunks") before the default moves. Results
-// depend on it (the sums' grouping), within the tolerances.
+// block's time, and the two launches of a 219-tensor step (two tables then: NOTE [one launch per pass]
+// in launchers.h has one since) leave about 1.2 waves partly idle, ~140 us of the 0.76 ms. (torch's
+// fused AdamW, in chunks of 65,536 too, moved the same bytes in the same 0.76 ms; at 1e9 parameters,
+// ten times the waves, the whole step ran at 0.96.) AMM_CUDA_CHUNK (a multiple of kChunkQuantum =
+// 4,096, up to 65,536, read at every step) sets the chunk size so a GPU session can measure this
+// (bench/gpu_session.sh, part "chunks") before the default moves. Results depend on it (the sums'
+// grouping), within the tolerances.
 int64_t chunk_size() {
   const int64_t size = env_int("AMM_CUDA_CHUNK", kChunkSize, kChunkQuantum, kChunkSize);
   TORCH_CHECK(size % kChunkQuantum == 0, "amm_kernels (CUDA): AMM_CUDA_CHUNK must be a multiple of ", kChunkQuantum,
               " in [", kChunkQuantum, ", ", kChunkSize, "], got ", size);
   return size;
 }
+
+// NOTE [one launch per pass] in launchers.h: AMM_CUDA_TABLE_TENSORS caps the tensors of a table.
+int64_t table_tensors() { return env_int("AMM_CUDA_TABLE_TENSORS", kMaxTensors, 1, kMaxTensors); }
 
 // NOTE [cooperative launch under capture]: outside stream capture a refused cooperative launch costs
 // nothing (NOTE [cooperative refusal] below: the two-pass step runs instead). Under capture
@@ -257,8 +262,8 @@ bool is_capturing(cudaStream_t stream) {
 
 // The persistent step's plan for this step, or a plan with grid 0 where the two-pass step runs.
 // run_pass1 and split are run_step's: whether pass 1 runs here, and whether this is a *_scope_sums op.
-PersistentPlan choose_persistent(int algorithm, const Batch& batch, const LaunchPlan& chunks, const at::Device& device,
-                                 cudaStream_t stream, bool run_pass1, bool split) {
+PersistentPlan choose_persistent(int algorithm, const Batch& batch, const LaunchPlan& chunks, int64_t table_size,
+                                 const at::Device& device, cudaStream_t stream, bool run_pass1, bool split) {
   const StepVariant variant = step_variant();
   if (variant == StepVariant::kTwoPass) return PersistentPlan{};
   int64_t numel = 0;
@@ -269,7 +274,7 @@ PersistentPlan choose_persistent(int algorithm, const Batch& batch, const Launch
   }
   const bool fits = run_pass1 && !split && chunks.tables.size() == 1;
   TORCH_CHECK(fits || !forced, "amm_kernels (CUDA): AMM_CUDA_STEP=persistent, but this step cannot run as one launch ",
-              "(it needs adaptive=True, no process_group split, and at most ", kMaxTensors, " tensors; it has ",
+              "(it needs adaptive=True, no process_group split, and at most ", table_size, " tensors; it has ",
               batch.descs.size(), ")");
   if (!fits) return PersistentPlan{};
   PersistentPlan plan;
@@ -301,9 +306,10 @@ void run_step(int algorithm, const Batch& batch, const at::Device& device, PassA
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
   const int n_sums = algorithm == kAlgoAmsgd ? static_cast<int>(amm::kAmsgdSums) : static_cast<int>(amm::kAmadamwSums);
   const int64_t chunk = chunk_size();
-  const LaunchPlan chunks = plan_or_throw(batch.descs, /*one_block_per_tensor=*/false, chunk);
+  const int64_t table_size = table_tensors();
+  const LaunchPlan chunks = plan_or_throw(batch.descs, /*one_block_per_tensor=*/false, chunk, table_size);
   const LaunchPlan meta_only =
-      run_pass1 ? LaunchPlan{} : plan_or_throw(batch.descs, /*one_block_per_tensor=*/true, chunk);
+      run_pass1 ? LaunchPlan{} : plan_or_throw(batch.descs, /*one_block_per_tensor=*/true, chunk, table_size);
   const int64_t n_slots = run_pass1 ? chunks.total_blocks : 0;
   const int64_t n_tensors = static_cast<int64_t>(batch.descs.size());
   const WorkspaceLayout layout = workspace_layout(n_slots, n_sums, n_tensors, batch.n_scopes);
@@ -320,8 +326,8 @@ void run_step(int algorithm, const Batch& batch, const at::Device& device, PassA
   fin.num_tensors = static_cast<int32_t>(n_tensors);
   fin.algorithm = algorithm;
 
-  const PersistentPlan persistent = choose_persistent(algorithm, batch, chunks, device, stream.stream(), run_pass1,
-                                                       /*split=*/fin.sums_out != nullptr);
+  const PersistentPlan persistent = choose_persistent(algorithm, batch, chunks, table_size, device, stream.stream(),
+                                                       run_pass1, /*split=*/fin.sums_out != nullptr);
   if (persistent.grid > 0) {
     const cudaError_t err = launch_persistent_step(algorithm, persistent, chunks.tables[0], pass, fin, stream.stream());
     if (err == cudaSuccess || err == cudaErrorCooperativeLaunchTooLarge) {

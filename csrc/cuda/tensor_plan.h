@@ -32,14 +32,19 @@ inline int64_t chunks_of(int64_t numel, int64_t chunk_size = kChunkSize) {
 
 // one_block_per_tensor: the launch only writes TensorMeta (adaptive=False), one block per tensor.
 // chunk_size: elements per chunk, a multiple of kChunkQuantum up to kChunkSize.
+// table_tensors: the most tensors a table takes, 1 to kMaxTensors (NOTE [one launch per pass]).
 // Throws std::invalid_argument when a scope's tensors are not contiguous (the StepBatch contract), when
 // one tensor needs more blocks than a grid holds (2^31 - 1 chunks: about 1.4e14 elements at the default
-// chunk size), or for a chunk size outside that range.
+// chunk size), or for a chunk size or table size outside those ranges.
 inline LaunchPlan plan_launches(const std::vector<TensorDesc>& descs, bool one_block_per_tensor,
-                                int64_t chunk_size = kChunkSize) {
+                                int64_t chunk_size = kChunkSize, int64_t table_tensors = kMaxTensors) {
   if (chunk_size < kChunkQuantum || chunk_size > kChunkSize || chunk_size % kChunkQuantum != 0) {
     throw std::invalid_argument("amm_kernels: a chunk size must be a multiple of " + std::to_string(kChunkQuantum) +
                                 " up to " + std::to_string(kChunkSize) + ", got " + std::to_string(chunk_size));
+  }
+  if (table_tensors < 1 || table_tensors > kMaxTensors) {
+    throw std::invalid_argument("amm_kernels: a table holds 1 to " + std::to_string(kMaxTensors) + " tensors, got " +
+                                std::to_string(table_tensors));
   }
   LaunchPlan plan;
   const int64_t n = static_cast<int64_t>(descs.size());
@@ -84,7 +89,7 @@ inline LaunchPlan plan_launches(const std::vector<TensorDesc>& descs, bool one_b
       throw std::invalid_argument("amm_kernels: a tensor of " + std::to_string(d.numel) +
                                   " elements needs more blocks than one launch's grid holds");
     }
-    if (table == nullptr || table->num_tensors == kMaxTensors || blocks_in_table + chunks > INT32_MAX) {
+    if (table == nullptr || table->num_tensors == table_tensors || blocks_in_table + chunks > INT32_MAX) {
       plan.tables.emplace_back();
       table = &plan.tables.back();
       *table = TensorTable{};

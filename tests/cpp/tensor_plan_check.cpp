@@ -16,9 +16,10 @@ static TensorDesc desc(int64_t numel, int32_t group, int32_t scope) {
   return d;
 }
 
-static const char* throws(const std::vector<TensorDesc>& descs, int64_t chunk_size = amm_cuda::kChunkSize) {
+static const char* throws(const std::vector<TensorDesc>& descs, int64_t chunk_size = amm_cuda::kChunkSize,
+                          int64_t table_tensors = amm_cuda::kMaxTensors) {
   try {
-    amm_cuda::plan_launches(descs, false, chunk_size);
+    amm_cuda::plan_launches(descs, false, chunk_size, table_tensors);
   } catch (const std::invalid_argument&) {
     return "yes";
   }
@@ -52,5 +53,17 @@ int main() {
   std::printf("default_chunk_table %d\n", plan.tables[0].chunk_size);
   std::printf("chunk_5000_throws %s\nchunk_0_throws %s\nchunk_131072_throws %s\n", throws({desc(5, 0, 0)}, 5000),
               throws({desc(5, 0, 0)}, 0), throws({desc(5, 0, 0)}, 131072));
+  // NOTE [one launch per pass]: a table holds kMaxTensors tensors, fewer where capped
+  std::vector<TensorDesc> five_tables;
+  for (int32_t i = 0; i < 4 * amm_cuda::kMaxTensors + 1; ++i) five_tables.push_back(desc(3, 0, 0));
+  const amm_cuda::LaunchPlan full = amm_cuda::plan_launches(five_tables, false);
+  const amm_cuda::LaunchPlan capped = amm_cuda::plan_launches(five_tables, false, amm_cuda::kChunkSize, 128);
+  std::printf("max_tensors %d\nfull_tables %zu\nfull_last_tensors %d\nfull_last_slot_base %lld\n", amm_cuda::kMaxTensors,
+              full.tables.size(), full.tables.back().num_tensors, static_cast<long long>(full.tables.back().slot_base));
+  std::printf("capped_tables %zu\ncapped_first_tensors %d\n", capped.tables.size(), capped.tables[0].num_tensors);
+  std::printf("table_0_throws %s\ntable_over_max_throws %s\ntable_1_throws %s\n",
+              throws({desc(5, 0, 0)}, amm_cuda::kChunkSize, 0),
+              throws({desc(5, 0, 0)}, amm_cuda::kChunkSize, amm_cuda::kMaxTensors + 1),
+              throws({desc(5, 0, 0), desc(5, 0, 0)}, amm_cuda::kChunkSize, 1));
   return 0;
 }

@@ -62,7 +62,7 @@ int64_t g_loaded_bytes = 0, g_stored_bytes = 0;
 
 namespace {
 
-constexpr size_t kStackBytes = 256 * 1024;  // a TensorTable argument alone is 10 KB per thread
+constexpr size_t kStackBytes = 256 * 1024;  // a TensorTable argument alone is 29 KB per thread
 constexpr size_t kGuardBytes = 4096;
 constexpr size_t kCanaryBytes = 1024;  // a red zone after every shared buffer
 constexpr unsigned char kCanary = 0xA5;
