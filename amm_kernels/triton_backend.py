@@ -102,6 +102,8 @@ BLOCK = 4096 if INTERPRETED else COMPILED_BLOCK
 # Blocks of BLOCK elements per pass-1 program and slot (NOTE [pass-1 spans] in
 # triton_kernels/reduce_kernels.py): 1 until a GPU measures more (bench/bench_triton_variants.py).
 PASS1_ITERS = 1
+# Software-pipelining stages of a pass-1 span's loop (NOTE [pass-1 stages]): 1 (none) until a GPU measures more.
+PASS1_STAGES = 1
 CHUNK = 512  # tensors summed per load by the finalize kernel (NOTE [finalize in two launches])
 TERMS_CHUNK = 2048  # slots summed per load by the tensor-terms kernel, with 16 warps (NOTE [finalize tiles])
 NUM_WARPS = 4
@@ -227,12 +229,12 @@ def _step(batch: StepBatch, hp, amadamw: bool) -> None:
                     table.meta, bucket.spans, table.partials, table.weight_decay, grad_scale, scratch[2:],
                     n_scopes, lam, float(hp.beta2), 1.0 - float(hp.beta2), float(hp.eps),
                     HAS_GRAD_SCALE=has_scale, MAXIMIZE=maximize, X_CODE=cx, G_CODE=cg, D_CODE=cd, V_CODE=cv,
-                    BLOCK=BLOCK, ITERS=PASS1_ITERS, **LAUNCH)
+                    BLOCK=BLOCK, ITERS=PASS1_ITERS, STAGES=PASS1_STAGES, **LAUNCH)
             else:
                 amsgd_reduce_kernel[(bucket.n_spans,)](
                     table.meta, bucket.spans, table.partials, table.weight_decay, grad_scale, lam,
                     HAS_GRAD_SCALE=has_scale, MAXIMIZE=maximize, X_CODE=cx, G_CODE=cg, D_CODE=cd,
-                    BLOCK=BLOCK, ITERS=PASS1_ITERS, **LAUNCH)
+                    BLOCK=BLOCK, ITERS=PASS1_ITERS, STAGES=PASS1_STAGES, **LAUNCH)
 
     # each tensor's weighted terms, then beta per scope and the scope-state commit
     # (NOTE [finalize in two launches] in triton_kernels/finalize_kernel.py)

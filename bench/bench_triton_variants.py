@@ -18,6 +18,10 @@ variant each, in the order run (a part stopped at its time limit keeps the first
   iters8        amm_kernels/triton_kernels/reduce_kernels.py): each program pays its prologue (the table
                 row, then the addresses in it) and its tl.sum reductions once for 4 or 8 blocks, looping
                 over them, at 128 registers (64 KiB an SM); pass 2 unchanged
+  iters8_staged3  spans of 8 blocks whose loop is software-pipelined over 3 stages (triton_backend.PASS1_STAGES;
+                NOTE [pass-1 stages]): the next blocks' loads copied to shared memory (cp.async) while one is
+                summed; 196 registers with triton 3.6 (168 with 3.9) and 32 KiB of shared memory a program, so
+                2 (3) programs an SM, each with up to 3 blocks in flight: 96 (144) KiB of AM-AdamW's pass 1
   block2048     BLOCK 2048 (both passes): half the programs, 96 KiB of pass 1 an SM
   approx_math   tl.div_rn -> tl.fdiv (div.full.f32) and tl.sqrt_rn -> tl.sqrt (sqrt.approx): the
                 cost of NOTE [IEEE division] (am_math.py). For this measurement only: those results
@@ -27,7 +31,7 @@ variant each, in the order run (a part stopped at its time limit keeps the first
   base_again    base once more, last: how far two runs of the same step differ (a variant's gain must
                 exceed that to count; METHOD.md asks for a rerun)
 Each variant runs in its own process. They share one Triton cache, so that a variant compiles only the
-kernels it changes (BLOCK and ITERS are constexprs and num_warps an option: all three are in Triton's
+kernels it changes (BLOCK, ITERS and STAGES are constexprs and num_warps an option: all are in Triton's
 cache key), except approx_math, which gets its own: it patches triton.language, which the key does not
 see, so a shared cache would hand it the base build. --budget shares a time limit among the variants
 (gpu_session.sh's part): each gets --timeout or what is left, whichever is less, and keeps the rows it
@@ -51,7 +55,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-VARIANTS = ("base", "block4096", "iters4", "iters8", "block2048", "approx_math", "warps8", "base_again")
+VARIANTS = ("base", "block4096", "iters4", "iters8", "iters8_staged3", "block2048", "approx_math", "warps8",
+            "base_again")
 OPTIMIZERS = ("AMAdamW", "AMAdamW wd=0", "AMSGD")  # bench_kernel_breakdown.PASS_BYTES keys
 OWN_CACHE = ("approx_math",)  # variants whose patch Triton's cache key does not see
 MIN_VARIANT_S = 20  # under this much of --budget left, a variant is not started (importing alone takes ~5 s)
@@ -74,7 +79,9 @@ def child(variant: str, size: float, steps: int, quick: bool) -> None:
     if variant.startswith("block"):
         triton_backend.BLOCK = int(variant[len("block"):])
     if variant.startswith("iters"):
-        triton_backend.PASS1_ITERS = int(variant[len("iters"):])
+        iters, _, stages = variant[len("iters"):].partition("_staged")
+        triton_backend.PASS1_ITERS = int(iters)
+        triton_backend.PASS1_STAGES = int(stages or 1)
     if variant == "warps8" and triton_backend.LAUNCH:
         triton_backend.LAUNCH = dict(triton_backend.LAUNCH, num_warps=8)
     device = torch.device("cpu" if quick else "cuda")

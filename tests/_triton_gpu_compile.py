@@ -94,8 +94,11 @@ def _workloads():
     try:
         run(lambda p: AMSGD(p, weight_decay=0.01, backend="triton"))
         run(lambda p: AMAdamW(p, backend="triton"))
+        triton_backend.PASS1_ITERS, triton_backend.PASS1_STAGES = 8, 3  # NOTE [pass-1 stages]: pipelined spans
+        run(lambda p: AMSGD(p, weight_decay=0.01, backend="triton"))
+        run(lambda p: AMAdamW(p, backend="triton"))
     finally:
-        triton_backend.PASS1_ITERS = 1
+        triton_backend.PASS1_ITERS, triton_backend.PASS1_STAGES = 1, 1
 
 
 # record's exit status where this triton's interpreter has no InterpretedFunction.run to hook (triton 3.5
@@ -195,6 +198,7 @@ def compile_all(path: str) -> int:
     fmas = {}  # kernel name -> fused multiply-adds in its PTX, every target and specialization (NOTE [no fused multiply-add])
     inexact = {}  # kernel name -> approximate divisions / square roots / reciprocals in its PTX (NOTE [IEEE division])
     from_zero = {}  # kernel name -> float subtractions from zero in its PTX (NOTE [negation])
+    pipelined = {}  # "name STAGES=s" -> cp.async instructions in its sm_90 PTX (NOTE [pass-1 stages])
     resources = {}  # "name" or "name K=k" -> the most registers and stack-frame bytes of its sm_90 cubins
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     cuobjdump = cuobjdump if os.access(cuobjdump, os.X_OK) else None
@@ -212,6 +216,9 @@ def compile_all(path: str) -> int:
             fmas[name] = fmas.get(name, 0) + kernel.asm["ptx"].count("fma.rn.f")
             inexact[name] = inexact.get(name, 0) + len(INEXACT.findall(kernel.asm["ptx"]))
             from_zero[name] = from_zero.get(name, 0) + subtractions_from_zero(kernel.asm["ptx"])
+            if arch == 90 and "STAGES" in constexprs:
+                key = f"{name} STAGES={constexprs['STAGES']}"
+                pipelined[key] = pipelined.get(key, 0) + kernel.asm["ptx"].count("cp.async")
             if arch == 90 and all(v == 0 for k, v in constexprs.items() if k.endswith("_CODE")):
                 ptx = kernel.asm["ptx"]
                 vectors[name] = [ptx.count("ld.global.v4"), ptx.count("st.global.v4")]
@@ -227,6 +234,7 @@ def compile_all(path: str) -> int:
     print("inexact divisions " + json.dumps(inexact, sort_keys=True))
     print("subtractions from zero " + json.dumps(from_zero, sort_keys=True))
     print("registers and stack " + json.dumps(resources, sort_keys=True))
+    print("pipelined loads " + json.dumps(pipelined, sort_keys=True))
     return failures
 
 

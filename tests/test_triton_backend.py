@@ -108,17 +108,21 @@ def test_parity_unaligned_views(monkeypatch, name, dtype, block):
     assert_same_run(views("torch"), views("triton"), dtype, f"{name} unaligned views")
 
 
-@pytest.mark.parametrize("iters,dtype", [(2, torch.bfloat16), (3, torch.float32)], ids=["2-bf16", "3-f32"])
+@pytest.mark.parametrize("iters,stages,dtype", [(2, 1, torch.bfloat16), (3, 1, torch.float32), (4, 3, torch.float32)],
+                         ids=["2-bf16", "3-f32", "4-f32-staged3"])
 @pytest.mark.parametrize("scope", ["global", "tensor"])
 @pytest.mark.parametrize("name", list(OPTS))
-def test_parity_pass1_spans(monkeypatch, name, scope, iters, dtype):
-    """NOTE [pass-1 spans] (triton_kernels/reduce_kernels.py): pass 1 with spans of 2 and 3 blocks of a
-    GPU's BLOCK. Tensors of exactly one span, of a span and a partial one whose last block is partial,
-    of part of a block, empty, and a view one element into its buffer (the masked path for all its
-    spans); two groups, with and without weight decay (x read or not in pass 1)."""
+def test_parity_pass1_spans(monkeypatch, name, scope, iters, stages, dtype):
+    """NOTE [pass-1 spans] (triton_kernels/reduce_kernels.py): pass 1 with spans of 2, 3 and 4 blocks of a
+    GPU's BLOCK, the last with its loop pipelined over 3 stages (NOTE [pass-1 stages]: the interpreter
+    runs it as the plain loop; tests/test_triton_gpu_compile.py checks the sm_90 build copies ahead).
+    Tensors of exactly one span, of a span and a partial one whose last block is partial, of part of a
+    block, empty, and a view one element into its buffer (the masked path for all its spans); two
+    groups, with and without weight decay (x read or not in pass 1)."""
     block = triton_backend.COMPILED_BLOCK
     monkeypatch.setattr(triton_backend, "BLOCK", block)
     monkeypatch.setattr(triton_backend, "PASS1_ITERS", iters)
+    monkeypatch.setattr(triton_backend, "PASS1_STAGES", stages)
     span = iters * block
 
     def spans(backend):

@@ -91,6 +91,12 @@ def compile_and_check(launches, tmp_path, pythonpath_first=None, version=None):
 
     spilled = {k: v for k, v in resources.items() if v[1] > allowed(k)}
     assert not spilled, f"stack frames (local memory) in sm_90 cubins, [registers, bytes]: {spilled}"
+    # NOTE [pass-1 stages] (triton_kernels/reduce_kernels.py): a pass-1 span loop of STAGES > 1 copies its
+    # next blocks' loads with cp.async (what bench_triton_variants' iters8_staged3 is for); the shipped
+    # STAGES = 1 has none
+    pipelined = json.loads(out.stdout.split("pipelined loads ")[1].splitlines()[0])
+    for name in ("amsgd_reduce_kernel", "amadamw_reduce_kernel"):
+        assert pipelined[f"{name} STAGES=1"] == 0 and pipelined[f"{name} STAGES=3"] > 0, pipelined
 
 
 def test_every_launch_compiles_for_sm80_and_sm90(launches, tmp_path):

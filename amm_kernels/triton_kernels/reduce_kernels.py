@@ -19,6 +19,14 @@ the reductions once for ITERS blocks, looping over them, but takes 128 registers
 Which effect wins is for a GPU to say (bench/bench_triton_variants.py, variants iters4 and iters8,
 beside BLOCK 2048 and 4096, which hold more bytes and pay the prologue less often, but spill at 4096).
 ITERS is triton_backend.PASS1_ITERS: 1 by default, the kernel as it was measured.
+
+NOTE [pass-1 stages]: a span's loop may also be software-pipelined (tl.range's num_stages = STAGES,
+triton_backend.PASS1_STAGES): Triton then copies the next blocks' loads into shared memory with
+cp.async while the current block is summed, so more of a pass is in flight per SM without more
+registers (read off the sm_90 builds of triton 3.6 and 3.9, 2026-12-01: cp.async appears only with
+STAGES > 1; with STAGES = 1 the loop is the plain one, the same PTX but for names and line numbers).
+Its sums are those of the plain loop, in the same order. Whether it pays is for a GPU to say
+(bench/bench_triton_variants.py, variant iters8_staged3); 1 by default.
 """
 import triton
 import triton.language as tl
@@ -76,7 +84,8 @@ def _amsgd_terms_block(x_addr, g_addr, d_addr, start, numel, wd, scale, lam, HAS
 @triton.jit
 def _amsgd_span(row, start, numel, slot, partials, weight_decay, grad_scale_ptr, lam,
                 HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, X_CODE: tl.constexpr, G_CODE: tl.constexpr,
-                D_CODE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, WHOLE: tl.constexpr):
+                D_CODE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, STAGES: tl.constexpr,
+                WHOLE: tl.constexpr):
     """NOTE [pass-1 spans]: the span's blocks summed lane by lane, then over the block into the slot.
     The first block starts the sums (no 0 + term), so with ITERS = 1 this is the kernel as measured."""
     xa, ga, da = tl.load(row + 0), tl.load(row + 1), tl.load(row + 2)  # addresses: read once a span
@@ -84,7 +93,7 @@ def _amsgd_span(row, start, numel, slot, partials, weight_decay, grad_scale_ptr,
     scale = grad_scale_of(grad_scale_ptr, HAS_GRAD_SCALE)
     gd, b, dd = _amsgd_terms_block(xa, ga, da, start, numel, wd, scale, lam, HAS_GRAD_SCALE, MAXIMIZE,
                                    X_CODE, G_CODE, D_CODE, BLOCK, WHOLE)
-    for i in range(1, ITERS):
+    for i in tl.range(1, ITERS, num_stages=STAGES):  # NOTE [pass-1 stages]
         gd_i, b_i, dd_i = _amsgd_terms_block(xa, ga, da, start + i * BLOCK, numel, wd, scale, lam, HAS_GRAD_SCALE,
                                              MAXIMIZE, X_CODE, G_CODE, D_CODE, BLOCK, WHOLE)
         gd += gd_i
@@ -101,15 +110,15 @@ def amsgd_reduce_kernel(
     meta, spans, partials, weight_decay, grad_scale_ptr, lam,
     HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr,
     X_CODE: tl.constexpr, G_CODE: tl.constexpr, D_CODE: tl.constexpr, BLOCK: tl.constexpr,
-    ITERS: tl.constexpr = 1,
+    ITERS: tl.constexpr = 1, STAGES: tl.constexpr = 1,
 ):
     row, start, numel, slot = _span_rows(meta, spans, BLOCK * ITERS)
     if whole_block(row, start, numel, BLOCK * ITERS):  # NOTE [vector access]
         _amsgd_span(row, start, numel, slot, partials, weight_decay, grad_scale_ptr, lam,
-                    HAS_GRAD_SCALE, MAXIMIZE, X_CODE, G_CODE, D_CODE, BLOCK, ITERS, True)
+                    HAS_GRAD_SCALE, MAXIMIZE, X_CODE, G_CODE, D_CODE, BLOCK, ITERS, STAGES, True)
     else:
         _amsgd_span(row, start, numel, slot, partials, weight_decay, grad_scale_ptr, lam,
-                    HAS_GRAD_SCALE, MAXIMIZE, X_CODE, G_CODE, D_CODE, BLOCK, ITERS, False)
+                    HAS_GRAD_SCALE, MAXIMIZE, X_CODE, G_CODE, D_CODE, BLOCK, ITERS, STAGES, False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,7 +146,7 @@ def _amadamw_terms_block(x_addr, g_addr, d_addr, v_addr, start, numel, mu, bias1
 def _amadamw_span(row, start, numel, slot, partials, weight_decay, grad_scale_ptr, bias, n_scopes, lam,
                   beta2, one_minus_beta2, eps, HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr,
                   X_CODE: tl.constexpr, G_CODE: tl.constexpr, D_CODE: tl.constexpr, V_CODE: tl.constexpr,
-                  BLOCK: tl.constexpr, ITERS: tl.constexpr, WHOLE: tl.constexpr):
+                  BLOCK: tl.constexpr, ITERS: tl.constexpr, STAGES: tl.constexpr, WHOLE: tl.constexpr):
     """NOTE [pass-1 spans]: the span's blocks summed lane by lane, then over the block into the slot
     (the first block starts the sums, as in _amsgd_span)."""
     xa, ga, da, va = tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)  # once a span
@@ -149,7 +158,7 @@ def _amadamw_span(row, start, numel, slot, partials, weight_decay, grad_scale_pt
     a, b, c, dd = _amadamw_terms_block(xa, ga, da, va, start, numel, mu, bias1, bias2, scale, lam, beta2,
                                        one_minus_beta2, eps, HAS_GRAD_SCALE, MAXIMIZE, X_CODE, G_CODE, D_CODE,
                                        V_CODE, BLOCK, WHOLE)
-    for i in range(1, ITERS):
+    for i in tl.range(1, ITERS, num_stages=STAGES):  # NOTE [pass-1 stages]
         a_i, b_i, c_i, dd_i = _amadamw_terms_block(xa, ga, da, va, start + i * BLOCK, numel, mu, bias1, bias2,
                                                    scale, lam, beta2, one_minus_beta2, eps, HAS_GRAD_SCALE,
                                                    MAXIMIZE, X_CODE, G_CODE, D_CODE, V_CODE, BLOCK, WHOLE)
@@ -169,14 +178,14 @@ def amadamw_reduce_kernel(
     meta, spans, partials, weight_decay, grad_scale_ptr, bias, n_scopes, lam, beta2, one_minus_beta2, eps,
     HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr,
     X_CODE: tl.constexpr, G_CODE: tl.constexpr, D_CODE: tl.constexpr, V_CODE: tl.constexpr,
-    BLOCK: tl.constexpr, ITERS: tl.constexpr = 1,
+    BLOCK: tl.constexpr, ITERS: tl.constexpr = 1, STAGES: tl.constexpr = 1,
 ):
     row, start, numel, slot = _span_rows(meta, spans, BLOCK * ITERS)
     if whole_block(row, start, numel, BLOCK * ITERS):  # NOTE [vector access]
         _amadamw_span(row, start, numel, slot, partials, weight_decay, grad_scale_ptr, bias, n_scopes,
                       lam, beta2, one_minus_beta2, eps, HAS_GRAD_SCALE, MAXIMIZE, X_CODE, G_CODE, D_CODE,
-                      V_CODE, BLOCK, ITERS, True)
+                      V_CODE, BLOCK, ITERS, STAGES, True)
     else:
         _amadamw_span(row, start, numel, slot, partials, weight_decay, grad_scale_ptr, bias, n_scopes,
                       lam, beta2, one_minus_beta2, eps, HAS_GRAD_SCALE, MAXIMIZE, X_CODE, G_CODE, D_CODE,
-                      V_CODE, BLOCK, ITERS, False)
+                      V_CODE, BLOCK, ITERS, STAGES, False)
