@@ -6,7 +6,7 @@ them (NOTE [step variant] in csrc/cuda/ops_cuda.cpp, kPersistentMaxNumel).
     python bench/bench_cuda_variants.py --quick    # three sizes
 
 For AMAdamW (weight_decay 0.01: 44 B/param over two passes) and AMSGD (28 B/param), on LLaMA-shaped
-lists of at most 384 tensors (one TensorTable, so the persistent step can run), times each variant
+lists of 111 tensors (one TensorTable, so the persistent step can run), times each variant
 two ways: the eager optimizer.step() (what a training loop pays, Python included) and the replay of
 the step captured in a CUDA graph (capturable=True: the GPU time alone, no launch overhead from
 Python). Variants: two_pass; persistent with the largest tile cache; persistent with no cache (the

@@ -89,9 +89,9 @@ def environment(device: torch.device) -> dict:
         threads=torch.get_num_threads(),
         load_before=load_average(),
         python=platform.python_version(),
-        # the package's settings in force (AMM_CUDA_CHUNK, AMM_CUDA_TABLE_TENSORS, ...): a row measured
-        # under a variant says so in its own file
-        settings={k: v for k, v in sorted(os.environ.items()) if k.startswith("AMM_")},
+        # the kernels' settings in force (AMM_CUDA_CHUNK, AMM_CUDA_TABLE_TENSORS, AMM_CPU_BATCH_BYTES, ...):
+        # a row measured under a variant says so in its own file
+        settings={k: v for k, v in sorted(os.environ.items()) if k.startswith(("AMM_CUDA_", "AMM_CPU_"))},
     )
 
 

@@ -801,11 +801,13 @@ def test_more_tensors_than_two_launches_hold(monkeypatch, backend, cls, kwargs):
 def test_a_full_table_and_one_tensor_more(backend):
     """kMaxTensors (384) tensors fill the CUDA step's first table, the 385th starts a second (NOTE [one
     launch per pass]), at the default table size, in two groups whose boundary falls inside the first,
-    under one global beta: its sums span both tables."""
-    shapes = [[(7,), (0,), (33,), (1,), (300,)] * 40, [(5,), (4_097,), (2,)] * 61 + [(65_537,), (1,)]]
+    under one global beta: its sums span both tables. The 385th is the largest (two chunks), so second-table
+    slots written over the first table's (a wrong slot_base) change beta beyond the tolerance: a review's
+    mutant of the planner passed the version with a 1-element 385th tensor and 2 steps."""
+    shapes = [[(7,), (0,), (33,), (1,), (300,)] * 40, [(5,), (4_097,), (2,)] * 61 + [(1,), (65_537,)]]
     assert sum(map(len, shapes)) == 385
     check(backend, AMAdamW, {"lr": 1e-2, "weight_decay": 0.05, "beta_scope": "global"}, shapes, torch.float32,
-          "full-table", steps=2, lrs=[0.05, 0.02], wds=[0.0, 0.01])
+          "full-table", steps=4, lrs=[0.05, 0.02], wds=[0.0, 0.01])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -286,6 +286,16 @@ def test_split_step_is_the_one_op_step(one_rank_group, backend, scope, memory):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_tensors_over_several_tables(monkeypatch, backend, scope):
+    """The CUDA step's tables capped at 2 tensors (AMM_CUDA_TABLE_TENSORS, NOTE [one launch per pass] in
+    csrc/cuda/launchers.h): each pass launches once per table, the slots numbered across them (slot_base).
+    The other backends ignore the variable."""
+    monkeypatch.setenv("AMM_CUDA_TABLE_TENSORS", "2")
+    check(backend, "M(0.9)+M(0.8)", torch.float32, f"tables-{scope}", scope=scope)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_tensor_of_more_than_32_chunks(backend):
     """A tensor of 33 CUDA chunks (65536 elements each, the last partial): the RLLC finalize sums the
     slots of a tensor of more than kSerialSlots (32) with a warp instead of one thread."""

@@ -15,6 +15,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -75,9 +76,12 @@ enum TensorFlag : uint32_t {
 // of arguments, fewer launches: 4-14% faster). So a table holds 384 tensors (a LLaMA-7B's 291 or a
 // 13B's 363 in one launch per pass), as many as keep the largest kernel's arguments under 32,764
 // bytes with room to spare. Each launch ships the whole table, so small steps send 29 KB where they
-// sent 10; not yet measured. AMM_CUDA_TABLE_TENSORS (read at every step, 1 to kMaxTensors) caps the
-// tensors a table takes, so a GPU session can time 128 against 384 in one run and tests can split
-// small steps over several tables.
+// sent 10; not yet measured. (Arguments over 4 KB need a driver of CUDA 12.1 or newer, which the 10 KB
+// tables needed already; PyTorch gates its own on a CUDA 13 build for that reason.) A step of 129 to
+// 384 tensors is now one table, so under AMM_CUDA_STEP=auto it may run as the persistent step, whose
+// threshold was measured on 111-tensor lists (NOTE [step variant] in ops_cuda.cpp).
+// AMM_CUDA_TABLE_TENSORS (read at every step, 1 to kMaxTensors) caps the tensors a table takes, so a GPU
+// session can time 128 against 384 in one run and tests can split small steps over several tables.
 constexpr int kMaxTensors = 384;
 
 struct TensorEntry {
@@ -168,6 +172,11 @@ struct FinalizeArgs {
   double beta2;
   bool adaptive;
 };
+// The largest AM launch's arguments (the persistent step: table, pass, finalize, cache_iters) within
+// what a kernel takes (NOTE [one launch per pass]); rllc_launchers.h checks RLLC's.
+constexpr size_t kMaxKernelArgBytes = 32764;
+static_assert(sizeof(TensorTable) + sizeof(PassArgs) + sizeof(FinalizeArgs) + sizeof(int) <= kMaxKernelArgBytes,
+              "the persistent step's arguments exceed what a kernel takes");
 
 constexpr int kAlgoAmsgd = 0;
 constexpr int kAlgoAmadamw = 1;

@@ -21,6 +21,7 @@
 #include "amm_math.h"
 #include "op_signatures.h"
 #include "cuda/launchers.h"
+#include "cuda/settings.h"
 #include "cuda/tensor_plan.h"
 #include "cuda/working_copies.h"
 #include "writable.h"
@@ -184,16 +185,6 @@ StepVariant step_variant() {
   return StepVariant::kAuto;  // unreachable
 }
 
-int64_t env_int(const char* name, int64_t fallback, int64_t lo, int64_t hi) {
-  const char* v = std::getenv(name);
-  if (v == nullptr || *v == '\0') return fallback;
-  char* end = nullptr;
-  const long long parsed = std::strtoll(v, &end, 10);
-  TORCH_CHECK(end != v && *end == '\0' && parsed >= lo && parsed <= hi, "amm_kernels (CUDA): ", name,
-              " must be an integer in [", lo, ", ", hi, "], got '", v, "'");
-  return parsed;
-}
-
 // NOTE [chunk size]: a block's chunk (kChunkSize = 65,536 elements by default) sets how finely the work
 // is cut, and so the last wave's idle share of a launch (a launch rarely fills a whole number of
 // waves) and the number of pass-1 slots the finalize sums. On an H200 at 1e8 parameters the two-pass
@@ -213,9 +204,6 @@ int64_t chunk_size() {
               " in [", kChunkQuantum, ", ", kChunkSize, "], got ", size);
   return size;
 }
-
-// NOTE [one launch per pass] in launchers.h: AMM_CUDA_TABLE_TENSORS caps the tensors of a table.
-int64_t table_tensors() { return env_int("AMM_CUDA_TABLE_TENSORS", kMaxTensors, 1, kMaxTensors); }
 
 // NOTE [cooperative launch under capture]: outside stream capture a refused cooperative launch costs
 // nothing (NOTE [cooperative refusal] below: the two-pass step runs instead). Under capture

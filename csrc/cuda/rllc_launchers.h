@@ -41,6 +41,8 @@ struct RllcArgs {
   double law_lr;
   double rcond;
 };
+static_assert(sizeof(TensorTable) + sizeof(RllcArgs) <= kMaxKernelArgBytes,
+              "an RLLC pass's arguments exceed what a kernel takes (NOTE [one launch per pass] in launchers.h)");
 
 // Bytes of the step's workspace and the offsets of its parts (16-byte aligned).
 struct RllcWorkspace {

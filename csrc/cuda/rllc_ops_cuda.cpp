@@ -15,6 +15,7 @@
 
 #include "cuda/launchers.h"
 #include "cuda/rllc_launchers.h"
+#include "cuda/settings.h"
 #include "cuda/tensor_plan.h"
 #include "cuda/working_copies.h"
 #include "gradient_dtype.h"
@@ -112,8 +113,9 @@ void rllc_run(AMM_RLLC_PARAMS, const std::optional<at::Tensor>& sums_in, double*
   }
   LaunchPlan plan, meta_only;
   try {
-    plan = plan_launches(descs, /*one_block_per_tensor=*/false);
-    if (given) meta_only = plan_launches(descs, /*one_block_per_tensor=*/true);
+    const int64_t table_size = table_tensors();  // NOTE [one launch per pass]
+    plan = plan_launches(descs, /*one_block_per_tensor=*/false, kChunkSize, table_size);
+    if (given) meta_only = plan_launches(descs, /*one_block_per_tensor=*/true, kChunkSize, table_size);
   } catch (const std::invalid_argument& err) {
     TORCH_CHECK(false, err.what());
   }
