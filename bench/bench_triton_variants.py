@@ -21,7 +21,7 @@ variant each, in the order run (a part stopped at its time limit keeps the first
   iters8_staged3  spans of 8 blocks whose loop is software-pipelined over 3 stages (triton_backend.PASS1_STAGES;
                 NOTE [pass-1 stages]): the next blocks' loads copied to shared memory (cp.async) while one is
                 summed; 196 registers with triton 3.6 (168 with 3.9) and 32 KiB of shared memory a program, so
-                2 (3) programs an SM, each with up to 3 blocks in flight: 96 (144) KiB of AM-AdamW's pass 1
+                2 (3) programs an SM, each with at most 2 blocks outstanding: 64 (96) KiB of AM-AdamW's pass 1
   block2048     BLOCK 2048 (both passes): half the programs, 96 KiB of pass 1 an SM
   approx_math   tl.div_rn -> tl.fdiv (div.full.f32) and tl.sqrt_rn -> tl.sqrt (sqrt.approx): the
                 cost of NOTE [IEEE division] (am_math.py). For this measurement only: those results
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
                 out, err, code = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or ""), "", "timeout"
         got = [json.loads(line[4:]) for line in out.splitlines() if line.startswith("ROW ")]
         for row in got:
-            print(f"{row['variant']:12s} {row['optimizer']:13s} step {row['step_ms']:8.3f} ms  pass1 {row['pass1_ms']:7.3f} ms "
+            print(f"{row['variant']:14s} {row['optimizer']:13s} step {row['step_ms']:8.3f} ms  pass1 {row['pass1_ms']:7.3f} ms "
                   f"({row['pass1_of_copy']} of copy)  pass2 {row['pass2_ms']:7.3f} ms ({row['pass2_of_copy']})  "
                   f"finalize {row['finalize_ms']:.3f} ms", flush=True)
         rows += got

@@ -9,7 +9,7 @@ registers allocated 8 a thread at a time) how many programs share an SM, and so 
 and bytes of the benchmark's cases, are in an SM's programs at once: what it can have in flight.
 A count, not a timing (bench/README.md, "Pass 1 by the registers").
 
-    python bench/triton_occupancy.py            # the variants of bench_triton_variants.py
+    python bench/triton_occupancy.py            # the variants of bench_triton_variants.py but iters8_staged3
     python bench/triton_occupancy.py --triton-dir .ci-triton-gpu   # compiled by the GPU machine's triton
 Writes bench/results/triton_occupancy_sm90_triton<version>.{csv,json}. The launches compiled are
 recorded from real steps in Triton's interpreter (tests/_triton_gpu_compile.py record), with this
