@@ -76,8 +76,12 @@ enum TensorFlag : uint32_t {
 // of arguments, fewer launches: 4-14% faster). So a table holds 384 tensors (a LLaMA-7B's 291 or a
 // 13B's 363 in one launch per pass), as many as keep the largest kernel's arguments under 32,764
 // bytes with room to spare. Each launch ships the whole table, so small steps send 29 KB where they
-// sent 10; not yet measured. (Arguments over 4 KB need a driver of CUDA 12.1 or newer, which the 10 KB
-// tables needed already; PyTorch gates its own on a CUDA 13 build for that reason.) A step of 129 to
+// sent 10; not yet measured. So does torch's own fused AdamW where it is built with CUDA 13: torch
+// 2.13's MultiTensorApply.cuh (in its wheel's headers) then sizes every multi-tensor launch's table
+// for 32 KB (336 tensors of 4 lists), whatever the step, where torch 2.11 on the H200 of 2026-11-29
+// launched its fused AdamW 7 times for 219 tensors (4 KB tables; kernel_breakdown_nvidia_h200.csv).
+// (Arguments over 4 KB need a driver of CUDA 12.1 or newer, which the 10 KB tables needed already;
+// PyTorch gates its own on a CUDA 13 build for that reason.) A step of 129 to
 // 384 tensors is now one table, so under AMM_CUDA_STEP=auto it may run as the persistent step, whose
 // threshold was measured on 111-tensor lists (NOTE [step variant] in ops_cuda.cpp).
 // AMM_CUDA_TABLE_TENSORS (read at every step, 1 to kMaxTensors) caps the tensors a table takes, so a GPU

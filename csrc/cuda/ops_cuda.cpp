@@ -14,7 +14,6 @@
 #include <map>
 #include <mutex>
 #include <optional>
-#include <stdexcept>
 #include <tuple>
 #include <vector>
 
@@ -142,16 +141,6 @@ Batch describe(at::TensorList params, at::TensorList grads, at::TensorList d, co
     }
   }
   return b;
-}
-
-LaunchPlan plan_or_throw(const std::vector<TensorDesc>& descs, bool one_block_per_tensor, int64_t chunk_size,
-                         int64_t table_tensors) {
-  try {
-    return plan_launches(descs, one_block_per_tensor, chunk_size, table_tensors);
-  } catch (const std::invalid_argument& err) {
-    TORCH_CHECK(false, err.what());
-  }
-  return LaunchPlan{};  // unreachable
 }
 
 // NOTE [step variant]: an adaptive, unsplit step over at most one table of tensors (kMaxTensors, or

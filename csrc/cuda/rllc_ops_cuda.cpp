@@ -10,7 +10,6 @@
 #include <torch/library.h>
 
 #include <optional>
-#include <stdexcept>
 #include <vector>
 
 #include "cuda/launchers.h"
@@ -111,14 +110,10 @@ void rllc_run(AMM_RLLC_PARAMS, const std::optional<at::Tensor>& sums_in, double*
                 kOwner, ": scope_sums must be a contiguous float64 tensor of shape [", S, ", ", n_sums, "] on ",
                 device);
   }
-  LaunchPlan plan, meta_only;
-  try {
-    const int64_t table_size = table_tensors();  // NOTE [one launch per pass]
-    plan = plan_launches(descs, /*one_block_per_tensor=*/false, kChunkSize, table_size);
-    if (given) meta_only = plan_launches(descs, /*one_block_per_tensor=*/true, kChunkSize, table_size);
-  } catch (const std::invalid_argument& err) {
-    TORCH_CHECK(false, err.what());
-  }
+  const int64_t table_size = table_tensors();  // NOTE [one launch per pass]
+  const LaunchPlan plan = plan_or_throw(descs, /*one_block_per_tensor=*/false, kChunkSize, table_size);
+  const LaunchPlan meta_only =
+      given ? plan_or_throw(descs, /*one_block_per_tensor=*/true, kChunkSize, table_size) : LaunchPlan{};
 
   const RllcWorkspace layout = rllc_workspace(given ? 0 : plan.total_blocks, n_sums, static_cast<int64_t>(T));
   // The caching allocator makes this stream-ordered and capture-safe; every byte read is written first.
