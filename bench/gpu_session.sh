@@ -35,6 +35,10 @@
 #                65536 with the 11-29 tables of 128 tensors (AMM_CUDA_TABLE_TENSORS; NOTE [one launch per
 #                pass] in csrc/cuda/launchers.h); the 1e8 breakdown of the CUDA steps at 16384 (the part
 #                "breakdown" has them at 65536)
+#   ncu          Nsight Compute on one step of each optimizer at 1e8 (bench/ncu_kernels.py): per kernel the
+#                DRAM bytes, issue-slot use, instructions per parameter, occupancy and stall reasons, which
+#                tell an instruction-bound pass from one waiting on memory or idle in its last wave (NOTE
+#                [what the counters decide] there); the raw CSVs come back too
 #   test_triton  the Triton backend's tests, compiled at full size
 #   triton_variants  why Triton's pass 1 falls short (bench/bench_triton_variants.py: pass-1 spans, BLOCK,
 #                exact math, warps, each variant in its own process, the likeliest cause first, then the
@@ -65,11 +69,11 @@ T0=$(date +%s)
 STAMP_T="$(mktemp)"  # results newer than this were written by this call
 JUNIT="$(mktemp -d)"  # pytest's junit files, packed into results.tgz (not left in $OUT: at most 8 files come back)
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(build test_cuda errors chunks test_triton triton_variants bench_core breakdown sanitize variants overhead bench_full memory)
-declare -A MAX_S=([build]=240 [test_cuda]=150 [errors]=120 [bench_core]=120 [chunks]=170 [triton_variants]=210 [test_triton]=150 [sanitize]=120 [variants]=90
+[ ${#parts[@]} -eq 0 ] && parts=(build test_cuda errors chunks ncu test_triton triton_variants bench_core breakdown sanitize variants overhead bench_full memory)
+declare -A MAX_S=([build]=240 [test_cuda]=150 [errors]=120 [bench_core]=120 [chunks]=170 [ncu]=120 [triton_variants]=210 [test_triton]=150 [sanitize]=120 [variants]=90
                   [breakdown]=60 [overhead]=60 [bench_full]=240 [memory]=60 [conv]=300)
 # the least a part needs to leave a result (below it the part is skipped, not started and killed)
-declare -A MIN_S=([test_cuda]=60 [errors]=45 [bench_core]=60 [chunks]=40 [triton_variants]=60 [test_triton]=60 [sanitize]=50 [variants]=40 [breakdown]=35
+declare -A MIN_S=([test_cuda]=60 [errors]=45 [bench_core]=60 [chunks]=40 [ncu]=45 [triton_variants]=60 [test_triton]=60 [sanitize]=50 [variants]=40 [breakdown]=35
                   [overhead]=45 [bench_full]=60 [memory]=30)
 RESERVE=15  # seconds kept for packing the results
 status=0
@@ -207,6 +211,11 @@ part_chunks() {
   [ "$rest" -ge 20 ] || { echo "chunks: the breakdown not run, ${rest} s left"; return 124; }
   AMM_CUDA_CHUNK=16384 bench "$rest" bench/bench_kernel_breakdown.py --size 1e8 --only "[cuda]" --out-dir bench/results/chunk16384
 }
+
+# ncu's cases one after another, each in its own process (not yet timed: a fresh python, three steps,
+# Triton's compiles for its cases, ncu's replay passes over the step's main kernels), the likeliest to
+# explain a shortfall first; no permission for the counters ends the part after the first case
+part_ncu() { bench "$1" bench/ncu_kernels.py --timeout 75 --budget $(( $1 - 5 )) --keep-raw; }
 
 # compute-sanitizer (racecheck, synccheck, memcheck) on small steps of the main kernel paths
 # (bench/sanitize_step.py: shared-memory hazards, barriers, out-of-bounds and misaligned accesses on
