@@ -84,9 +84,11 @@ DRAM_METRICS = r"regex:^dram__bytes(_op)?(_read|_write)?(\.sum)?$"
 # What ncu is asked to collect: the sections and DRAM metrics, or, where this ncu refuses one of those,
 # its 'detailed' set (no stall reasons, DRAM bytes from their rate).
 TRIES = (("sections", ["--section", SECTIONS, "--metrics", DRAM_METRICS]), ("detailed", ["--set", "detailed"]))
-# ncu's words for a machine where no case can be profiled: stop at the first
-FATAL = ("ERR_NVGPUCTRPERM", "LibraryNotLoaded", "Failed to initialize the profiler", "No kernels were profiled",
-         "Device not supported")
+# ncu's words for a machine where no case can be profiled: stop at the first. Also fatal: no kernels
+# profiled in a step that ran (PROFILED printed: the profiler range is not honoured here); a case whose
+# step failed (a backend missing) fails alone.
+FATAL = ("ERR_NVGPUCTRPERM", "LibraryNotLoaded", "Failed to initialize the profiler", "Device not supported")
+PROFILED = "ncu_kernels: profiled one step"
 REFUSED = re.compile(r"==ERROR==.*(section|metric)", re.IGNORECASE)
 IMPORT_S = 15  # seconds kept for importing a case's report
 
@@ -280,7 +282,7 @@ def inner(name: str, size: float) -> int:
     opt.step()
     torch.cuda.synchronize()
     torch.cuda.profiler.stop()
-    print(f"ncu_kernels: profiled one step of {name}")
+    print(f"{PROFILED} of {name}")
     return 0
 
 
@@ -322,11 +324,13 @@ def end_group(proc: subprocess.Popen) -> str:
     return out or ""
 
 
-def ncu_lines(out: str, n: int = 6) -> str:
-    """ncu's own errors and warnings in `out`, or else its last lines, on one line."""
+def ncu_lines(out: str, n: int = 4) -> str:
+    """ncu's last errors and warnings in `out` and the last lines of the rest (the profiled Python's
+    traceback, say), on one line."""
     lines = [line.strip() for line in out.splitlines() if line.strip()]
-    picked = [line for line in lines if line.startswith(("==ERROR==", "==WARNING=="))] or lines
-    return " / ".join(picked[-n:])[:600]
+    marked = [line for line in lines if line.startswith(("==ERROR==", "==WARNING=="))]
+    rest = [line for line in lines if not line.startswith("==")]
+    return " / ".join(marked[-n:] + rest[-3:])[:800]
 
 
 class Profiler:
@@ -369,7 +373,7 @@ class Profiler:
                 errors.append(f"ncu did not finish in {left:.0f} s: {ncu_lines(out)}")
                 break
             if not rep.exists():
-                if any(f in out for f in FATAL):
+                if any(f in out for f in FATAL) or ("No kernels were profiled" in out and PROFILED in out):
                     self.fatal = f"{name}: {ncu_lines(out)}"
                     errors.append(f"no report (fatal for every case): {ncu_lines(out)}")
                 elif REFUSED.search(out) and len(self.tries) > 1:

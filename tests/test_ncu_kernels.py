@@ -211,6 +211,20 @@ def test_no_permission_for_the_counters_stops_every_later_case(ncu_kernels, tmp_
     assert len(calls(tmp_path)) == 1
 
 
+def test_a_step_that_failed_fails_its_case_alone_but_a_step_never_profiled_stops_the_run(ncu_kernels, tmp_path):
+    mod, _ = ncu_kernels
+    names = ["AMAdamW[cuda]", "AdamW fused"]
+    fake = fake_ncu(tmp_path, 'echo "RuntimeError: amm_kernels._C has no CUDA part"; '
+                              'echo "==WARNING== No kernels were profiled."; exit 1')
+    done, failed, _ = mod.run_cases(names, mod.Profiler(str(fake), 1e8, tmp_path, None), 600, 60, time.time())
+    assert list(failed) == names and "no CUDA part" in failed["AMAdamW[cuda]"]
+    assert not failed["AdamW fused"].startswith("not run:")  # the second case was tried
+    (tmp_path / "calls").unlink()
+    fake = fake_ncu(tmp_path, f'echo "{mod.PROFILED} of x"; echo "==WARNING== No kernels were profiled."; exit 0')
+    done, failed, _ = mod.run_cases(names, mod.Profiler(str(fake), 1e8, tmp_path, None), 600, 60, time.time())
+    assert failed["AdamW fused"].startswith("not run:") and len(calls(tmp_path)) == 1
+
+
 def test_cases_that_would_not_fit_the_budget_are_left_out_not_failed(ncu_kernels):
     mod, _ = ncu_kernels
     now = [0.0]
