@@ -364,7 +364,7 @@ class Profiler:
                 errors.append(f"{left + IMPORT_S:.0f} s left: not tried with '{label}'")
                 break
             rep.unlink(missing_ok=True)
-            cmd = [self.ncu, *extra, "--profile-from-start", "off", "--clock-control", "none", "--apply-rules", "no",
+            cmd = [self.ncu, *extra, "--profile-from-start", "off", "--clock-control", "none",
                    "-k", KERNELS, "-f", "-o", str(report),
                    sys.executable, str(Path(__file__).resolve()), "--inner", name, "--size", str(self.size)]
             rc, out = run_group(cmd, left)
