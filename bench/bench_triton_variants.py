@@ -9,23 +9,27 @@ Triton AMAdamW step's pass 1 at 0.72 of copy bandwidth (0.55 without weight deca
 same time), where its pass 2 ran at 0.98 and CUDA's pass 1, the same math, at 0.80-0.91. So pass 1 is
 bound by something other than memory. Read off its sm_90 build (bench/triton_occupancy.py), 5 of its
 programs share an SM, 80 KiB of loads (60 without weight decay), against 96-168 KiB for the AM
-kernels that ran at 0.89-1.00 (bench/README.md, "Pass 1 by the registers"). The candidates, one
-variant each, in the order run (a part stopped at its time limit keeps the first):
+kernels that ran at 0.89-1.00 (bench/README.md, "Pass 1 by the registers"). Counted in its sm_90 SASS
+(bench/README.md, "AM-AdamW's pass 1 by its instructions"), it issues ~96 instructions an element where
+its 12 bytes at the copy bandwidth leave time for ~95: it may be bound by instruction issue instead, so
+the variants that cut instructions run first. The candidates, one variant each, in the order run (a
+part stopped at its time limit keeps the first):
   base          as shipped: BLOCK 1024 elements a program, 4 warps, exact division and square root
+  iters8        pass 1 in spans of 8 and 4 blocks (triton_backend.PASS1_ITERS; NOTE [pass-1 spans] in
+  iters4        amm_kernels/triton_kernels/reduce_kernels.py): each program pays its prologue (the table
+                row, then the addresses in it) and its tl.sum reductions once for 8 or 4 blocks, looping
+                over them (iters8: ~80 instructions an element, 15% fewer), at 128 registers (64 KiB an
+                SM); pass 2 unchanged
+  approx_math   tl.div_rn -> tl.fdiv (div.full.f32) and tl.sqrt_rn -> tl.sqrt (sqrt.approx): the
+                cost of NOTE [IEEE division] (am_math.py). For this measurement only: those results
+                differ from the reference's rounding, which the product does not allow.
   block4096     BLOCK 4096 (both passes): a quarter of the programs, 128 KiB of pass 1 an SM (96 without
                 weight decay), but 255 registers and a 72-byte spill
-  iters4        pass 1 in spans of 4 and 8 blocks (triton_backend.PASS1_ITERS; NOTE [pass-1 spans] in
-  iters8        amm_kernels/triton_kernels/reduce_kernels.py): each program pays its prologue (the table
-                row, then the addresses in it) and its tl.sum reductions once for 4 or 8 blocks, looping
-                over them, at 128 registers (64 KiB an SM); pass 2 unchanged
   iters8_staged3  spans of 8 blocks whose loop is software-pipelined over 3 stages (triton_backend.PASS1_STAGES;
                 NOTE [pass-1 stages]): the next blocks' loads copied to shared memory (cp.async) while one is
                 summed; 196 registers with triton 3.6 (168 with 3.9) and 32 KiB of shared memory a program, so
                 2 (3) programs an SM, each with at most 2 blocks outstanding: 64 (96) KiB of AM-AdamW's pass 1
   block2048     BLOCK 2048 (both passes): half the programs, 96 KiB of pass 1 an SM
-  approx_math   tl.div_rn -> tl.fdiv (div.full.f32) and tl.sqrt_rn -> tl.sqrt (sqrt.approx): the
-                cost of NOTE [IEEE division] (am_math.py). For this measurement only: those results
-                differ from the reference's rounding, which the product does not allow.
   warps8        8 warps a program: more threads to cover each program's latency (53 registers: 4
                 programs, 64 KiB an SM)
   base_again    base once more, last: how far two runs of the same step differ (a variant's gain must
@@ -55,7 +59,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-VARIANTS = ("base", "block4096", "iters4", "iters8", "iters8_staged3", "block2048", "approx_math", "warps8",
+VARIANTS = ("base", "iters8", "iters4", "approx_math", "block4096", "iters8_staged3", "block2048", "warps8",
             "base_again")
 OPTIMIZERS = ("AMAdamW", "AMAdamW wd=0", "AMSGD")  # bench_kernel_breakdown.PASS_BYTES keys
 OWN_CACHE = ("approx_math",)  # variants whose patch Triton's cache key does not see
