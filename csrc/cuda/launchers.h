@@ -78,7 +78,7 @@ enum TensorFlag : uint32_t {
 // bytes with room to spare. Each launch ships the whole table, so small steps send 29 KB where they
 // sent 10; not yet measured. So does torch's own fused AdamW where it is built with CUDA 13: torch
 // 2.13's MultiTensorApply.cuh (in its wheel's headers) then sizes every multi-tensor launch's table
-// for 32 KB (336 tensors of 4 lists), whatever the step, where torch 2.11 on the H200 of 2026-11-29
+// for 32 KB (252 tensors of 4 lists), whatever the step, where torch 2.11 on the H200 of 2026-11-29
 // launched its fused AdamW 7 times for 219 tensors (4 KB tables; kernel_breakdown_nvidia_h200.csv).
 // (Arguments over 4 KB need a driver of CUDA 12.1 or newer, which the 10 KB tables needed already;
 // PyTorch gates its own on a CUDA 13 build for that reason.) A step of 129 to
