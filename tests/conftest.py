@@ -1,5 +1,6 @@
-"""A watchdog for every test: one that runs past AMM_TEST_TIMEOUT_S (default 1500 s; 0 turns it off) ends
-its process with every thread's stack, instead of hanging the run.
+"""Two settings for the whole suite: each pytest-xdist worker's share of the cores (NOTE [threads per
+worker], below), and a watchdog for every test: one that runs past AMM_TEST_TIMEOUT_S (default 1500 s;
+0 turns it off) ends its process with every thread's stack, instead of hanging the run.
 
 NOTE [test watchdog]: a CI run (d3e0800) stopped printing at 96% of the suite and was killed at its 90
 minutes; the suite takes ~12 on that machine. It printed no clue where (the likeliest place, found
@@ -25,6 +26,26 @@ def pytest_configure(config):
     global _stacks_to
     if LIMIT_S > 0:
         _stacks_to = os.fdopen(os.dup(sys.stderr.fileno()), "w")
+    _share_the_cores()
+
+
+# NOTE [threads per worker]: torch sizes its CPU thread pool for the whole machine, in every process. Under
+# pytest-xdist each worker did so: 2 workers x 2 threads on 2 cores, and the CPU tests ran at half speed
+# (test_pinv.py and test_compiled_kernels.py: 132 s with -n 2 as they were, 70 s with one thread a worker,
+# 2026-12-01). So a worker takes its share of the cores, and hands it to the programs it starts (bench
+# scripts, torchrun, the AddressSanitizer run) through OMP_NUM_THREADS. An OMP_NUM_THREADS set by the user
+# is left as it is, and one process (no -n) keeps torch's default. The CPU kernels' parallel paths are
+# still run: the tests that compare thread counts set theirs (test_compiled_kernels.py, test_rllc_kernels.py).
+def _share_the_cores():
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers < 1 or "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = max(1, cores // workers)
+    os.environ["OMP_NUM_THREADS"] = str(share)
+    import torch
+
+    torch.set_num_threads(share)
 
 
 @pytest.hookimpl(hookwrapper=True)

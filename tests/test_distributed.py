@@ -18,6 +18,7 @@ is skipped. Where a GPU is present, the hand-sharded cases also run with the par
 "cuda" and "triton" backends: both ranks share the one GPU and gloo all-reduces the CUDA sums tensor
 (NCCL refuses two ranks on one device; tests/_dist.py's one-rank NCCL group covers NCCL itself).
 """
+import fcntl
 import faulthandler
 import functools
 import importlib.util
@@ -324,8 +325,9 @@ def worker(rank, world, port, out_path):
                     results[("late", name, f"{backend}@cuda")] = run_late_join(name, backend, rank, world, group, "cuda")
         gathered = [None] * world
         dist.all_gather_object(gathered, results)
-        if rank == 0:
-            torch.save(gathered, out_path)
+        if rank == 0:  # whole or not at all: another pytest worker may read it (NOTE [one spawn a run])
+            torch.save(gathered, out_path + ".part")
+            os.replace(out_path + ".part", out_path)
     finally:
         dist.destroy_process_group()
     # NOTE [gloo teardown] (tests/test_examples.py): a rank that has finished may still abort or hang in
@@ -342,26 +344,52 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ranks():
-    """The results of every case on each of the two ranks (one spawn for the whole module)."""
+def spawn_ranks(out: str) -> None:
+    """Runs worker() on two ranks, which saves every case's results on each rank at out."""
     import torch.multiprocessing as mp
 
     _cuda_sim.register()  # build the simulator library once, before the workers load it
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "results.pt")
-        procs = mp.start_processes(worker, args=(2, free_port(), out), nprocs=2, join=False, start_method="spawn")
-        # Bounded (NOTE [test watchdog] in tests/conftest.py): mp.spawn's join waits for ever on a rank that
-        # neither finishes nor fails; each rank's own timer ends it after WORKER_TIMEOUT_S, this one backs it.
-        deadline = time.monotonic() + WORKER_TIMEOUT_S + 120
-        while not procs.join(timeout=5):  # raises, with the rank's error, when one fails
-            if time.monotonic() > deadline:
-                for proc in procs.processes:
-                    proc.kill()
-                    proc.join(5)
-                pytest.fail(f"the two ranks ran past {WORKER_TIMEOUT_S + 120} s; exit codes "
-                            f"{[proc.exitcode for proc in procs.processes]}, results saved: {os.path.exists(out)}")
-        return torch.load(out, weights_only=False)
+    procs = mp.start_processes(worker, args=(2, free_port(), out), nprocs=2, join=False, start_method="spawn")
+    # Bounded (NOTE [test watchdog] in tests/conftest.py): mp.spawn's join waits for ever on a rank that
+    # neither finishes nor fails; each rank's own timer ends it after WORKER_TIMEOUT_S, this one backs it.
+    deadline = time.monotonic() + WORKER_TIMEOUT_S + 120
+    while not procs.join(timeout=5):  # raises, with the rank's error, when one fails
+        if time.monotonic() > deadline:
+            for proc in procs.processes:
+                proc.kill()
+                proc.join(5)
+            pytest.fail(f"the two ranks ran past {WORKER_TIMEOUT_S + 120} s; exit codes "
+                        f"{[proc.exitcode for proc in procs.processes]}, results saved: {os.path.exists(out)}")
+
+
+# NOTE [one spawn a run]: the module fixture below is set up by every pytest-xdist worker that runs a test
+# of this module. Both did, concurrently: 109 s and 97 s of setup in CI's 13 minutes (2026-12-01). (The
+# xdist_group mark does not keep a module on one worker with pytest 9: pytest-xdist 3.8 renames
+# item._nodeid, which pytest 9 no longer reads.) So under xdist the first worker spawns the ranks and
+# saves their results in the run's shared temporary folder, under a lock; another worker waits for the
+# lock and reads them, or fails at once with the first one's error.
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """The results of every case on each of the two ranks (one spawn for the whole run)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:  # one process
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "results.pt")
+            spawn_ranks(out)
+            return torch.load(out, weights_only=False)
+    folder = tmp_path_factory.getbasetemp().parent / "two_ranks"  # the workers' basetemps share this parent
+    folder.mkdir(exist_ok=True)
+    out, failed = folder / "results.pt", folder / "failed.txt"
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if failed.exists():
+            pytest.fail(f"the two ranks failed in another worker: {failed.read_text()}")
+        if not out.exists():
+            try:
+                spawn_ranks(str(out))
+            except BaseException as e:
+                failed.write_text(f"{os.environ['PYTEST_XDIST_WORKER']}: {type(e).__name__}: {e}"[:4000])
+                raise
+    return torch.load(out, weights_only=False)
 
 
 def assert_close(actual, expected):
