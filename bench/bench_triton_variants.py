@@ -10,15 +10,16 @@ same time), where its pass 2 ran at 0.98 and CUDA's pass 1, the same math, at 0.
 bound by something other than memory. Read off its sm_90 build (bench/triton_occupancy.py), 5 of its
 programs share an SM, 80 KiB of loads (60 without weight decay), against 96-168 KiB for the AM
 kernels that ran at 0.89-1.00 (bench/README.md, "Pass 1 by the registers"). Counted in its sm_90 SASS
-(bench/README.md, "AM-AdamW's pass 1 by its instructions"), it issues ~96 instructions an element where
-its 12 bytes at the copy bandwidth leave time for ~95: it may be bound by instruction issue instead, so
+(bench/README.md, "AM-AdamW's pass 1 by its instructions"), it issued ~96 instructions an element (~89
+since its whole path lost the mask: NOTE [no mask on the whole path]) where its 12 bytes at the copy
+bandwidth leave time for ~95: it may be bound by instruction issue instead, so
 the variants that cut instructions run first. The candidates, one variant each, in the order run (a
 part stopped at its time limit keeps the first):
   base          as shipped: BLOCK 1024 elements a program, 4 warps, exact division and square root
   iters8        pass 1 in spans of 8 and 4 blocks (triton_backend.PASS1_ITERS; NOTE [pass-1 spans] in
   iters4        amm_kernels/triton_kernels/reduce_kernels.py): each program pays its prologue (the table
                 row, then the addresses in it) and its tl.sum reductions once for 8 or 4 blocks, looping
-                over them (iters8: ~80 instructions an element, 15% fewer), at 128 registers (64 KiB an
+                over them (iters8: ~72.5 instructions an element, 18% fewer), at 128 registers (64 KiB an
                 SM); pass 2 unchanged
   approx_math   tl.div_rn -> tl.fdiv (div.full.f32) and tl.sqrt_rn -> tl.sqrt (sqrt.approx): the
                 cost of NOTE [IEEE division] (am_math.py). For this measurement only: those results

@@ -39,7 +39,7 @@ skips x's load, the 16-bit loads and the divisions' slow paths, and issues about
 4 schedulers x 1.98 GHz, one warp instruction each a cycle); with decay, 16 bytes leave about 126.
 At the measured times both come to 52-60% of the issue slots (two blocks of 512 threads an SM), as do
 Triton's (~96 an element with or without decay, and the same time for both: bench/README.md, "AM-AdamW's
-pass 1 by its instructions"). So pass 1 may be bound by instruction issue rather than memory.
+pass 1 by its instructions"; ~89 since its whole path lost the mask, NOTE [no mask on the whole path]). So pass 1 may be bound by instruction issue rather than memory.
 A high issue percent with DRAM well under its peak says so; a low one with few warps eligible
 (long_scoreboard stalls) says latency; SMs active for a small share of the elapsed cycles say the
 last wave's idle SMs (NOTE [chunk size] in csrc/cuda/ops_cuda.cpp).
