@@ -25,14 +25,14 @@ part stopped at its time limit keeps the first):
                 cost of NOTE [IEEE division] (am_math.py). For this measurement only: those results
                 differ from the reference's rounding, which the product does not allow.
   block4096     BLOCK 4096 (both passes): a quarter of the programs, 128 KiB of pass 1 an SM (96 without
-                weight decay), but 255 registers and a 72-byte spill
+                weight decay), but 255 registers and a 120-byte spill (triton 3.6; 104 with 3.9)
   iters8_staged3  spans of 8 blocks whose loop is software-pipelined over 3 stages (triton_backend.PASS1_STAGES;
                 NOTE [pass-1 stages]): the next blocks' loads copied to shared memory (cp.async) while one is
-                summed; 196 registers with triton 3.6 (168 with 3.9) and 32 KiB of shared memory a program, so
-                2 (3) programs an SM, each with at most 2 blocks outstanding: 64 (96) KiB of AM-AdamW's pass 1
+                summed; 168 registers with triton 3.6 (162 with 3.9) and 32 KiB of shared memory a program, so
+                3 programs an SM, each with at most 2 blocks outstanding: 96 KiB of AM-AdamW's pass 1
   block2048     BLOCK 2048 (both passes): half the programs, 96 KiB of pass 1 an SM
-  warps8        8 warps a program: more threads to cover each program's latency (53 registers: 4
-                programs, 64 KiB an SM)
+  warps8        8 warps a program: more threads to cover each program's latency (48 registers: 5
+                programs, 80 KiB an SM, as base)
   base_again    base once more, last: how far two runs of the same step differ (a variant's gain must
                 exceed that to count; METHOD.md asks for a rerun)
 Each variant runs in its own process. They share one Triton cache, so that a variant compiles only the

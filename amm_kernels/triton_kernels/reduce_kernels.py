@@ -23,11 +23,12 @@ ITERS is triton_backend.PASS1_ITERS: 1 by default, the kernel as it was measured
 NOTE [pass-1 stages]: a span's loop may also be software-pipelined (tl.range's num_stages = STAGES,
 triton_backend.PASS1_STAGES): Triton then copies the next blocks' loads into shared memory with
 cp.async while the current block is summed, so a block's loads are issued ahead of its arithmetic.
-It costs registers (read off the sm_90 builds, 2026-12-01, AM-AdamW at ITERS = 8: 128 plain, 196 with
-3 stages on triton 3.6, 168 on 3.9), so fewer programs share an SM (4 -> 2, or 3), and at most two
-blocks a program are outstanding: by the count of bench/README.md ("Pass 1 by the registers") 64 KiB
-an SM on 3.6 and 96 on 3.9 against the shipped 80. The count does not favour it on the GPU machine's
-triton; the variant tests whether loads issued ahead help beyond what the count sees. With STAGES = 1
+It costs registers (read off the sm_90 builds, AM-AdamW at ITERS = 8: 128 plain, 196 with 3 stages on
+triton 3.6, 168 on 3.9 before the whole path lost its mask (NOTE [no mask on the whole path]); 127
+plain, 168 and 162 since), so fewer programs share an SM (4 -> 3), and at most two blocks a program
+are outstanding: by the count of bench/README.md ("Pass 1 by the registers") 96 KiB an SM on both
+tritons against the shipped 80 (on 3.6 it was 2 programs, 64 KiB, with the mask). The variant tests
+whether loads issued ahead help beyond what the count sees. With STAGES = 1
 the loop is the plain one (the same SASS as before STAGES existed, both tritons). Its sums are those
 of the plain loop, in the same order. Whether it pays is for a GPU to say (bench/bench_triton_variants.py,
 variant iters8_staged3); 1 by default.
