@@ -19,7 +19,7 @@ part stopped at its time limit keeps the first):
   iters8        pass 1 in spans of 8 and 4 blocks (triton_backend.PASS1_ITERS; NOTE [pass-1 spans] in
   iters4        amm_kernels/triton_kernels/reduce_kernels.py): each program pays its prologue (the table
                 row, then the addresses in it) and its tl.sum reductions once for 8 or 4 blocks, looping
-                over them (iters8: ~72.5 instructions an element, 18% fewer), at 128 registers (64 KiB an
+                over them (iters8: ~72.5 instructions an element, 16-18% fewer), at 128 registers (64 KiB an
                 SM); pass 2 unchanged
   approx_math   tl.div_rn -> tl.fdiv (div.full.f32) and tl.sqrt_rn -> tl.sqrt (sqrt.approx): the
                 cost of NOTE [IEEE division] (am_math.py). For this measurement only: those results

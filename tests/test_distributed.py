@@ -18,7 +18,6 @@ is skipped. Where a GPU is present, the hand-sharded cases also run with the par
 "cuda" and "triton" backends: both ranks share the one GPU and gloo all-reduces the CUDA sums tensor
 (NCCL refuses two ranks on one device; tests/_dist.py's one-rank NCCL group covers NCCL itself).
 """
-import fcntl
 import faulthandler
 import functools
 import importlib.util
@@ -367,7 +366,9 @@ def spawn_ranks(out: str) -> None:
 # xdist_group mark does not keep a module on one worker with pytest 9: pytest-xdist 3.8 renames
 # item._nodeid, which pytest 9 no longer reads.) So under xdist the first worker spawns the ranks and
 # saves their results in the run's shared temporary folder, under a lock; another worker waits for the
-# lock and reads them, or fails at once with the first one's error.
+# lock and reads them, or fails at once with the first one's error. The folder is named by the run's id
+# (workers started elsewhere share a basetemp parent across runs), and each spawn works in a folder of its
+# own: the ranks of a worker killed mid-spawn outlive it, and must not write where the next spawn does.
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """The results of every case on each of the two ranks (one spawn for the whole run)."""
@@ -376,19 +377,25 @@ def ranks(tmp_path_factory):
             out = os.path.join(tmp, "results.pt")
             spawn_ranks(out)
             return torch.load(out, weights_only=False)
-    folder = tmp_path_factory.getbasetemp().parent / "two_ranks"  # the workers' basetemps share this parent
+    import fcntl
+
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID", "run")
+    folder = tmp_path_factory.getbasetemp().parent / f"two_ranks-{run}"  # the workers' basetemps share this parent
     folder.mkdir(exist_ok=True)
-    out, failed = folder / "results.pt", folder / "failed.txt"
+    done, failed = folder / "done.txt", folder / "failed.txt"  # the results' path; the first spawn's error
     with open(folder / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if failed.exists():
             pytest.fail(f"the two ranks failed in another worker: {failed.read_text()}")
-        if not out.exists():
+        if not done.exists():
+            out = os.path.join(tempfile.mkdtemp(dir=folder, prefix="spawn-"), "results.pt")
             try:
-                spawn_ranks(str(out))
+                spawn_ranks(out)
             except BaseException as e:
                 failed.write_text(f"{os.environ['PYTEST_XDIST_WORKER']}: {type(e).__name__}: {e}"[:4000])
                 raise
+            done.write_text(out)
+        out = done.read_text()
     return torch.load(out, weights_only=False)
 
 
