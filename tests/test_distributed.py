@@ -324,9 +324,8 @@ def worker(rank, world, port, out_path):
                     results[("late", name, f"{backend}@cuda")] = run_late_join(name, backend, rank, world, group, "cuda")
         gathered = [None] * world
         dist.all_gather_object(gathered, results)
-        if rank == 0:  # whole or not at all: another pytest worker may read it (NOTE [one spawn a run])
-            torch.save(gathered, out_path + ".part")
-            os.replace(out_path + ".part", out_path)
+        if rank == 0:
+            torch.save(gathered, out_path)
     finally:
         dist.destroy_process_group()
     # NOTE [gloo teardown] (tests/test_examples.py): a rank that has finished may still abort or hang in
