@@ -1,5 +1,6 @@
-"""Hugging Face Trainer with AMAdamW: a tiny randomly initialised Llama (built from a config, nothing
-downloaded) trains on a few hundred sequences. Skipped when transformers is not installed."""
+"""Hugging Face Trainer: a tiny randomly initialised Llama (built from a config, nothing downloaded) trains
+with AMAdamW on a few hundred sequences, and with each optimizer a run resumed from its checkpoint matches
+the run without one. Skipped when transformers is not installed."""
 import math
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # Trainer needs it
 
-from amm_kernels import AMAdamW  # noqa: E402
+from amm_kernels import RLLC, AMAdamW, AMSGD  # noqa: E402
 
 VOCAB, SEQ, N = 64, 32, 256
 
@@ -29,13 +30,17 @@ class Sequences(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def test_trainer_trains_a_tiny_llama_with_amadamw(tmp_path):
+def _tiny_llama():
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=SEQ,
     )
-    model = transformers.LlamaForCausalLM(config)
+    return transformers.LlamaForCausalLM(config)
+
+
+def test_trainer_trains_a_tiny_llama_with_amadamw(tmp_path):
+    model = _tiny_llama()
     opt = AMAdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=16, num_train_epochs=2, logging_steps=4,
@@ -48,3 +53,34 @@ def test_trainer_trains_a_tiny_llama_with_amadamw(tmp_path):
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0] - 0.5, losses  # it learns (ln 64 = 4.16 at the start)
     assert torch.isfinite(opt.beta).all() and bool((opt._scopes.step == result.global_step).all())
+
+
+def _train(make_opt, output_dir, save_steps=None, resume=None, max_steps=12):
+    model = _tiny_llama()
+    opt = make_opt(model.parameters())
+    args = transformers.TrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=16, max_steps=max_steps, logging_steps=1000,
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or max_steps, report_to=[],
+        use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0,
+    )
+    transformers.Trainer(model=model, args=args, train_dataset=Sequences(), optimizers=(opt, None)).train(
+        resume_from_checkpoint=resume)
+    return model, opt
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda params: AMAdamW(params, lr=3e-3, weight_decay=0.01),
+    lambda params: AMSGD(params, lr=0.1),
+    lambda params: RLLC(params, lr=0.1),
+], ids=["AMAdamW", "AMSGD", "RLLC"])
+def test_trainer_resumed_from_its_checkpoint_matches_the_run_without_one(make_opt, tmp_path):
+    """resume_from_checkpoint: the Trainer saves optimizer.state_dict() with torch.save and loads it into a
+    fresh optimizer; 6 steps, a checkpoint, 6 more give the parameters of 12 steps without one, bit for bit."""
+    straight, straight_opt = _train(make_opt, tmp_path / "straight")
+    _train(make_opt, tmp_path / "saving", save_steps=6)
+    resumed, resumed_opt = _train(make_opt, tmp_path / "resumed", resume=tmp_path / "saving" / "checkpoint-6")
+    assert not all(torch.equal(a, b) for a, b in zip(straight.parameters(), _tiny_llama().parameters()))
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    what = "law" if isinstance(straight_opt, RLLC) else "beta"
+    assert torch.equal(getattr(straight_opt, what), getattr(resumed_opt, what))
