@@ -56,8 +56,11 @@ def test_trainer_trains_a_tiny_llama_with_amadamw(tmp_path):
 
 
 def _train(make_opt, output_dir, save_steps=None, resume=None, max_steps=12):
+    """The model, the optimizer, and how many times this run called its step()."""
     model = _tiny_llama()
     opt = make_opt(model.parameters())
+    calls = []
+    opt.register_step_post_hook(lambda *args: calls.append(1))
     args = transformers.TrainingArguments(
         output_dir=str(output_dir), per_device_train_batch_size=16, max_steps=max_steps, logging_steps=1000,
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or max_steps, report_to=[],
@@ -65,7 +68,7 @@ def _train(make_opt, output_dir, save_steps=None, resume=None, max_steps=12):
     )
     transformers.Trainer(model=model, args=args, train_dataset=Sequences(), optimizers=(opt, None)).train(
         resume_from_checkpoint=resume)
-    return model, opt
+    return model, opt, len(calls)
 
 
 @pytest.mark.parametrize("make_opt", [
@@ -76,9 +79,10 @@ def _train(make_opt, output_dir, save_steps=None, resume=None, max_steps=12):
 def test_trainer_resumed_from_its_checkpoint_matches_the_run_without_one(make_opt, tmp_path):
     """resume_from_checkpoint: the Trainer saves optimizer.state_dict() with torch.save and loads it into a
     fresh optimizer; 6 steps, a checkpoint, 6 more give the parameters of 12 steps without one, bit for bit."""
-    straight, straight_opt = _train(make_opt, tmp_path / "straight")
+    straight, straight_opt, _ = _train(make_opt, tmp_path / "straight")
     _train(make_opt, tmp_path / "saving", save_steps=6)
-    resumed, resumed_opt = _train(make_opt, tmp_path / "resumed", resume=tmp_path / "saving" / "checkpoint-6")
+    resumed, resumed_opt, steps = _train(make_opt, tmp_path / "resumed", resume=tmp_path / "saving" / "checkpoint-6")
+    assert steps == 6  # it resumed (a run that ignored the checkpoint would step 12 times, to the same parameters)
     assert not all(torch.equal(a, b) for a, b in zip(straight.parameters(), _tiny_llama().parameters()))
     for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
