@@ -126,6 +126,15 @@ def vector_initial_params(vec):
 
 # --------------------------------------------------------------------------------------------------
 # optimizer state helpers shared by the behaviour tests (test_optimizer_api.py, test_rllc.py, ...)
+def coefficients(opt):
+    """What a step's sums decide, as a copy: beta (AMSGD, AMAdamW) or the learning law (RLLC); under
+    ZeroRedundancyOptimizer, its rank's optimizer's."""
+    from amm_kernels import RLLC
+
+    opt = getattr(opt, "optim", opt)
+    return (opt.law if isinstance(opt, RLLC) else opt.beta).clone()
+
+
 def model_params(seed=0, dtype=None, device="cpu"):
     """Four parameters of mixed shapes, one of them empty."""
     import torch

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import amm_kernels
+from _helpers import coefficients
 from amm_kernels import AMAdamW, AMSGD
 
 BACKENDS = [b for b in amm_kernels.available_backends("cpu") if b != "triton"]  # triton: interpreter only on CPU
@@ -23,7 +24,7 @@ def run(cls, backend, compile_backend=None, steps=5, dtype=torch.float32, **kwar
         ((-1) ** t * torch.nn.functional.mse_loss(model(x), y)).backward()  # alternating: beta moves
         step()
         opt.zero_grad()
-        betas.append((opt.law if isinstance(opt, amm_kernels.RLLC) else opt.beta).clone())
+        betas.append(coefficients(opt))
     assert {t.dtype for st in opt.state.values() for t in st.values()} == {kwargs.get("state_dtype") or dtype}
     return torch.stack(betas), [p.detach().clone() for p in model.parameters()]
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import amm_kernels
+from _helpers import coefficients
 from amm_kernels import RLLC, AMAdamW, AMSGD
 
 CUDA = torch.cuda.is_available()
@@ -52,11 +53,6 @@ def make(cls, backend):
     lr = torch.tensor(0.005 if cls is AMAdamW else 0.02, device="cuda")
     extra = dict(law_lr=0.05, memory="M(0.9)+M(0.5)") if cls is RLLC else {}
     return model, cls(model.parameters(), lr=lr, backend=backend, capturable=True, **extra)
-
-
-def coefficients(opt):
-    """beta (AMSGD, AMAdamW) or the learning law (RLLC), as a device tensor."""
-    return (opt.law if isinstance(opt, RLLC) else opt.beta).clone()
 
 
 def batches():

@@ -33,7 +33,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from _helpers import tolerance
+from _helpers import coefficients, tolerance
 from amm_kernels import RLLC, AMAdamW, AMSGD, available_backends
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
@@ -69,12 +69,6 @@ MODEL_OPTS = {  # FSDP2 / DDP runs: class and kwargs
     "AMAdamW-bf16": (AMAdamW, dict(lr=0.01, state_dtype=torch.float32)),
     "RLLC-bf16": (RLLC, dict(lr=0.05, law_lr=0.05, memory="M(0.9)+M(0.5)", state_dtype=torch.float32)),
 }
-
-
-def coefficients(opt):
-    """What the sums decide: beta (AMSGD, AMAdamW) or the learning law (RLLC)."""
-    opt = getattr(opt, "optim", opt)  # ZeroRedundancyOptimizer: this rank's optimizer
-    return (opt.law if isinstance(opt, RLLC) else opt.beta).clone()
 
 
 # --------------------------------------------------------------------------------------------------

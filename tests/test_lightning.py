@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 
+from _helpers import coefficients
 from amm_kernels import RLLC, AMAdamW, AMSGD
 
 if importlib.util.find_spec("lightning") is None:
@@ -149,8 +150,7 @@ def _assert_same(model, other, opt=None, other_opt=None):
     for a, b in zip(model.parameters(), other.parameters(), strict=True):
         assert torch.equal(a, b)
     if opt is not None:
-        what = "law" if isinstance(opt, RLLC) else "beta"
-        assert torch.equal(getattr(opt, what), getattr(other_opt, what))
+        assert torch.equal(coefficients(opt), coefficients(other_opt))
 
 
 def _moved(model):
