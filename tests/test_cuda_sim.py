@@ -204,19 +204,21 @@ def _asan_env():
                 ASAN_OPTIONS="detect_leaks=0:detect_stack_use_after_return=0")
 
 
-def test_asan_sees_a_write_past_a_tensor():
+def test_the_cuda_kernels_stay_inside_their_tensors_under_asan():
+    """First that this build of AddressSanitizer sees an overrun at all (a kernel that writes one element
+    past its tensor aborts the process with its report), then the CUDA kernels' tests under it. One test,
+    not two: each needs the sanitized build (~1 minute on 2 cores), and as two tests under xdist one worker
+    sat idle on the build's lock while the other built it."""
+    env = _asan_env()
     code = ("import sys; sys.path.insert(0, 'tests'); import _cuda_sim, torch; _cuda_sim.ensure(); "
             "torch.ops.amm_cuda_sim_selftest.run('global_overrun')")
-    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_asan_env(), capture_output=True, text=True,
-                         timeout=900)
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode != 0 and "heap-buffer-overflow" in res.stderr, res.stderr[-3000:]
 
-
-def test_the_cuda_kernels_stay_inside_their_tensors_under_asan():
     # --capture=sys: pytest's default capture of fd 2 would swallow AddressSanitizer's report (written by
     # the C runtime, then the process aborts): the failure showed empty stdout and stderr (checked)
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--capture=sys",
-                          *ASAN_TESTS, "-k", ASAN_SELECTION], cwd=REPO, env=_asan_env(), capture_output=True,
+                          *ASAN_TESTS, "-k", ASAN_SELECTION], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=1200)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "AddressSanitizer" not in res.stderr
